@@ -1,0 +1,125 @@
+"""`create_app`: the FastAPI application and the lifespan that owns its clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.auth import KeyRing
+from api.catalog import ModelCatalog
+from api.enqueue import JobQueue, create_producer
+from api.errors import PayloadTooLarge, error_response, install_error_handlers
+from api.event_hub import JobEventHub
+from api.reconciler import Reconciler
+from api.routes import chat, jobs, models, ops
+from api.settings import ApiSettings, get_api_settings
+from api.state import AppState
+from storage.db import create_db_engine, create_session_factory
+from storage.events import JobEventStream
+from storage.migrate import upgrade_async
+from storage.registry import ModelRegistry
+from storage.repositories import api_keys
+from storage.settings import StorageSettings, get_storage_settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ApiSettings = app.state.settings
+    storage: StorageSettings = app.state.storage
+    if settings.migrate_on_start:
+        await upgrade_async(storage.database_url)
+    db = create_db_engine(storage)
+    sessions = create_session_factory(db)
+    async with sessions.begin() as session:
+        await api_keys.ensure_keys(session, settings.api_keys)
+    redis = Redis.from_url(storage.redis_url, max_connections=256)
+    registry = ModelRegistry(redis)
+    queue = JobQueue(create_producer(storage.redis_url), redis)
+    hub = JobEventHub(redis)
+    state = AppState(
+        settings=settings,
+        storage=storage,
+        db=db,
+        sessions=sessions,
+        redis=redis,
+        events=JobEventStream(redis, maxlen=storage.event_stream_maxlen,
+                              ttl_seconds=storage.event_stream_ttl_seconds),
+        hub=hub,
+        registry=registry,
+        queue=queue,
+        keys=KeyRing(sessions),
+        catalog=ModelCatalog(registry),
+    )
+    reconciler = Reconciler(sessions, redis, queue,
+                            interval_seconds=settings.reconcile_interval_seconds,
+                            grace_seconds=settings.reconcile_grace_seconds)
+    app.state.ferry = state
+    queue.start()
+    await hub.start()
+    reconciler.start()
+    try:
+        yield
+    finally:
+        await reconciler.stop()
+        await hub.stop()
+        await queue.stop()
+        await redis.aclose()
+        await db.dispose()
+
+
+class BodySizeLimit:
+    """Refuse bodies over the limit with 413, by header or while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes.")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> dict[str, object]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return dict(message)
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(
+    settings: ApiSettings | None = None, storage: StorageSettings | None = None
+) -> FastAPI:
+    settings = settings or get_api_settings()
+    app = FastAPI(
+        title="Ferry",
+        summary="Asynchronous inference for chat and multimodal LLMs",
+        description=(
+            "Submit jobs and poll them, stream their tokens over Server-Sent Events, or use "
+            "the OpenAI-compatible chat completions API; every request is a job on a queue "
+            "served by GPU workers that batch continuously."
+        ),
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.storage = storage or get_storage_settings()
+    install_error_handlers(app)
+    for module in (jobs, chat, models, ops):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,133 @@
+"""A job's events for one subscriber: missed ones first, then live ones, exactly once.
+
+Order of sources: subscribe to the live channel (confirmed), then read the Redis Stream
+after the client's Last-Event-ID, then live events, skipping any already sent. When the
+stream has expired (or Redis lost it) the job row in SQL rebuilds the same events with
+the same ids. If a job ends in SQL but no terminal event arrives (its worker died while
+it was being cancelled), the SQL row ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.event_hub import JobEventHub
+from storage.events import EventType, JobEvent, JobEventStream, events_from_job
+from storage.models import JobStatus
+from storage.repositories import jobs as jobs_repo
+
+# What the generator yields while nothing happens, so the caller can send a keep-alive.
+KEEPALIVE = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventSources:
+    hub: JobEventHub
+    stream: JobEventStream
+    sessions: async_sessionmaker[AsyncSession]
+
+
+async def job_events(
+    sources: EventSources,
+    job_id: str,
+    after: tuple[int, int] | None,
+    *,
+    keepalive_seconds: float,
+    max_seconds: float,
+) -> AsyncIterator[JobEvent | None]:
+    """Yield the job's events after `after`, ending with its terminal event.
+
+    Yields None (KEEPALIVE) every `keepalive_seconds` of silence.
+    """
+    last = after or (-1, 0)
+    deadline = time.monotonic() + max_seconds
+    async with sources.hub.subscribe(job_id) as live:
+        for event in await _backlog(sources, job_id, last):
+            yield event
+            last = event.order
+            if event.type.is_terminal:
+                return
+        while time.monotonic() < deadline:
+            try:
+                event = await asyncio.wait_for(live.get(), timeout=keepalive_seconds)
+            except TimeoutError:
+                ending = await _ended_in_sql(sources, job_id, last)
+                for event in ending:
+                    yield event
+                if ending:
+                    return
+                yield KEEPALIVE
+                continue
+            if event.order <= last:
+                continue
+            if not _follows(last, event.order):
+                # A gap (a publish we missed): the stream has everything, read it.
+                for missed in await _backlog(sources, job_id, last):
+                    if missed.order < event.order:
+                        yield missed
+                        last = missed.order
+            yield event
+            last = event.order
+            if event.type.is_terminal:
+                return
+
+
+def _follows(last: tuple[int, int], order: tuple[int, int]) -> bool:
+    attempt, seq = order
+    return (attempt == last[0] and seq == last[1] + 1) or (attempt > last[0] and seq == 1)
+
+
+async def _backlog(sources: EventSources, job_id: str, last: tuple[int, int]) -> list[JobEvent]:
+    after_id = f"{last[0]}-{last[1]}" if last[0] >= 0 else None
+    events = await sources.stream.read_after(job_id, after_id)
+    if events is not None:
+        return events
+    async with sources.sessions() as session:
+        job = await jobs_repo.get_job(session, job_id)
+    if job is None or not job.job_status.is_terminal:
+        return []
+    return [e for e in events_from_job(job) if e.order > last]
+
+
+async def _ended_in_sql(
+    sources: EventSources, job_id: str, last: tuple[int, int]
+) -> list[JobEvent]:
+    """After a silence: if SQL says the job is over, the rest of its events from SQL."""
+    async with sources.sessions() as session:
+        job = await jobs_repo.get_job(session, job_id)
+    if job is None or not job.job_status.is_terminal:
+        return []
+    worker_still_recording = (
+        job.status == JobStatus.CANCELLED
+        and job.deltas is None
+        and job.lease_expires_at is not None
+        and job.lease_expires_at.timestamp() > time.time()
+    )
+    if worker_still_recording:
+        # Cancelled while running; its worker is alive and will record its output and
+        # send `cancelled` itself. Wait another silence interval for it.
+        return []
+    pending = [e for e in events_from_job(job) if e.order > last]
+    if pending and pending[-1].type.is_terminal:
+        return pending
+    # Our client already saw more than SQL knows (output the worker never recorded):
+    # close with a terminal event numbered after what was sent.
+    terminal = events_from_job(job)[-1]
+    return [JobEvent(f"{last[0]}-{last[1] + 1}", terminal.type, terminal.data)]
+
+
+def parse_last_event_id(raw: str | None) -> tuple[int, int] | None:
+    if raw is None or raw == "":
+        return None
+    attempt, sep, seq = raw.partition("-")
+    if not sep or not attempt.isdigit() or not seq.isdigit():
+        raise ValueError(raw)
+    return int(attempt), int(seq)
+
+
+__all__ = ["KEEPALIVE", "EventSources", "EventType", "job_events", "parse_last_event_id"]

@@ -1,0 +1,102 @@
+"""Submitting and cancelling jobs: the logic shared by /v1/jobs and /v1/chat/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.enqueue import QueuedJob
+from api.errors import Conflict, InvalidRequest
+from api.schemas.openai import ChatCompletionRequest, ChatMessage, SamplingFields, TextPart
+from api.state import AppState
+from storage.events import EventType, JobEvent
+from storage.keys import CANCEL_CHANNEL, Lane
+from storage.models import Job, JobStatus
+from storage.registry import ServedModel
+from storage.repositories import jobs as jobs_repo
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    parts = []
+    for part in message.content:
+        if not isinstance(part, TextPart):
+            raise InvalidRequest(
+                "Image content parts are not supported by this server yet.",
+                param="messages", code="unsupported_content",
+            )
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def sampling_request(
+    body: SamplingFields, model: ServedModel, default_max_tokens: int
+) -> dict[str, Any]:
+    """The engine-facing fields of a request, checked against the model."""
+    max_tokens = body.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, model.max_model_len - 1)
+    if max_tokens >= model.max_model_len:
+        raise InvalidRequest(
+            f"max_tokens={max_tokens} does not fit the model's context of "
+            f"{model.max_model_len} tokens.",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    fields = body.model_dump(
+        include={"temperature", "top_p", "top_k", "stop", "seed",
+                 "presence_penalty", "frequency_penalty"},
+        exclude_none=True,
+    )
+    return {"model": body.model, "max_tokens": max_tokens, **fields}
+
+
+async def build_chat_job(
+    state: AppState,
+    owner_id: str,
+    body: ChatCompletionRequest,
+    *,
+    lane: Lane = "interactive",
+    priority: int = 0,
+    metadata: dict[str, str] | None = None,
+) -> Job:
+    model = await state.catalog.get(body.model)
+    request = sampling_request(body, model, state.settings.default_max_tokens)
+    request["messages"] = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+    return Job(
+        id=jobs_repo.new_job_id(),
+        owner_id=owner_id,
+        model=body.model,
+        kind="chat",
+        lane=lane,
+        status=JobStatus.QUEUED,
+        priority=priority,
+        request=request,
+        metadata_=metadata,
+        attempts=0,
+    )
+
+
+async def submit(state: AppState, session: AsyncSession, jobs: list[Job]) -> None:
+    """Commit the rows, then hand them to the queue: an accepted job is always in SQL."""
+    await jobs_repo.insert_jobs(session, jobs)
+    await session.commit()
+    state.queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority) for j in jobs])  # type: ignore[arg-type]
+
+
+async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
+    """Queued: it will never run. Running: its worker aborts it in the engine."""
+    previous = await jobs_repo.cancel_job(session, job.id)
+    if previous is None:
+        raise Conflict(f"Job `{job.id}` has already finished ({job.status}).",
+                       param="job_id", code="job_finished")
+    await session.commit()
+    if previous == JobStatus.QUEUED:
+        # No worker will ever touch it: the API ends its stream itself.
+        await state.events.publish([(job.id, JobEvent("0-1", EventType.CANCELLED, {}))])
+    else:
+        await state.redis.publish(CANCEL_CHANNEL, job.id)
+    refreshed = await jobs_repo.get_job(session, job.id)
+    assert refreshed is not None
+    return refreshed

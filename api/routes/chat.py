@@ -1,0 +1,149 @@
+"""OpenAI-compatible `POST /v1/chat/completions`: a job underneath, waited on or streamed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from api import jobs_service
+from api.deps import CurrentKey, SessionDep, StateDep
+from api.errors import FerryError, ServiceUnavailable
+from api.job_events import job_events
+from api.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Usage,
+    chunk,
+)
+from api.state import AppState
+from storage.events import EventType, JobEvent
+from storage.models import Job, JobStatus
+from storage.repositories import jobs as jobs_repo
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["openai"])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def create_chat_completion(
+    body: ChatCompletionRequest, key: CurrentKey, state: StateDep, session: SessionDep
+) -> Any:
+    """OpenAI chat completions, through the same queue and workers as `/v1/jobs`.
+
+    With `stream: true` the answer is `chat.completion.chunk` events ending in
+    `data: [DONE]`; `stream_options.include_usage` adds a final usage chunk. The
+    completion id is the job id (`GET /v1/jobs/{id}` works on it). A streaming client
+    that disconnects cancels its job, as in vLLM.
+    """
+    job = await jobs_service.build_chat_job(state, key, body)
+    await jobs_service.submit(state, session, [job])
+    headers = {"X-Ferry-Job-Id": job.id}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(state, job, include_usage), media_type="text/event-stream", headers=headers
+        )
+    await _wait_for_end(state, job.id)
+    async with state.sessions() as read:
+        final = await jobs_repo.get_job(read, job.id)
+    assert final is not None
+    if final.status == JobStatus.FAILED:
+        raise FerryError(final.error or "generation failed", code="generation_failed")
+    return _completion(final)
+
+
+async def _wait_for_end(state: AppState, job_id: str) -> None:
+    async for event in job_events(
+        state.event_sources, job_id, None,
+        keepalive_seconds=state.settings.sse_keepalive_seconds,
+        max_seconds=state.settings.sync_timeout_seconds,
+    ):
+        if event is not None and event.type.is_terminal:
+            return
+    raise ServiceUnavailable(f"Job `{job_id}` did not finish in time; poll /v1/jobs/{job_id}.")
+
+
+def _completion(job: Job) -> ChatCompletion:
+    prompt, completion = job.prompt_tokens or 0, job.completion_tokens or 0
+    return ChatCompletion(
+        id=job.id,
+        created=int(job.created_at.timestamp()),
+        model=job.model,
+        choices=[ChatChoice(
+            message=AssistantMessage(content=job.result_text or ""),
+            finish_reason=job.finish_reason if job.status == JobStatus.SUCCEEDED else "abort",
+        )],
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
+                    total_tokens=prompt + completion),
+    )
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+    created = int(job.created_at.timestamp())
+    yield _sse(chunk(job.id, created, job.model, {"role": "assistant", "content": ""}))
+    finished = False
+    try:
+        async for event in job_events(
+            state.event_sources, job.id, None,
+            keepalive_seconds=state.settings.sse_keepalive_seconds,
+            max_seconds=state.settings.sse_max_seconds,
+        ):
+            if event is None:
+                yield b": keep-alive\n\n"
+                continue
+            for payload in _chunks_for(job, created, event, include_usage):
+                yield _sse(payload)
+            if event.type.is_terminal:
+                finished = True
+        yield _sse("[DONE]")
+    finally:
+        if not finished:
+            # The client left (we are being cancelled): shield the clean-up.
+            with anyio.CancelScope(shield=True):
+                await _cancel_quietly(state, job.id)
+
+
+def _chunks_for(
+    job: Job, created: int, event: JobEvent, include_usage: bool
+) -> list[dict[str, Any]]:
+    if event.type == EventType.DELTA:
+        return [chunk(job.id, created, job.model, {"content": event.data["text"]})]
+    if event.type == EventType.USAGE:
+        if not include_usage:
+            return []
+        return [{**chunk(job.id, created, job.model, {}), "choices": [], "usage": event.data}]
+    if event.type == EventType.DONE:
+        return [chunk(job.id, created, job.model, {}, event.data.get("finish_reason"))]
+    if event.type == EventType.CANCELLED:
+        return [chunk(job.id, created, job.model, {}, "abort")]
+    if event.type == EventType.ERROR:
+        message = event.data.get("message", "generation failed")
+        return [{"error": {"message": message, "type": "server_error", "param": None,
+                           "code": "generation_failed"}}]
+    # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
+    # text, so it is not announced here (the job's own event stream does).
+    return []
+
+
+async def _cancel_quietly(state: AppState, job_id: str) -> None:
+    with contextlib.suppress(Exception):
+        async with state.sessions() as session:
+            job = await jobs_repo.get_job(session, job_id)
+            if job is not None and not job.job_status.is_terminal:
+                await jobs_service.cancel(state, session, job)
+                log.info("client left: cancelled job %s", job_id)
+

@@ -1,0 +1,115 @@
+"""Submit and poll: `/v1/jobs`, and the job's Server-Sent Events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from api import jobs_service
+from api.deps import CurrentKey, OwnedJob, SessionDep, StateDep
+from api.errors import InvalidRequest
+from api.job_events import job_events, parse_last_event_id
+from api.schemas.jobs import JobCreate, JobList, JobPublic
+from storage.models import JobStatus
+from storage.repositories import jobs as jobs_repo
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+async def create_job(
+    body: JobCreate, key: CurrentKey, state: StateDep, session: SessionDep
+) -> JobPublic:
+    """Accept an OpenAI chat-completions request to run asynchronously.
+
+    The job is stored before this returns (202) and runs on a worker serving `model`.
+    Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`.
+    """
+    if body.metadata is not None and len(body.metadata) > 16:
+        raise InvalidRequest("metadata: at most 16 keys", param="metadata")
+    job = await jobs_service.build_chat_job(
+        state, key, body, priority=body.priority, metadata=body.metadata
+    )
+    await jobs_service.submit(state, session, [job])
+    return JobPublic.from_row(job)
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(
+    key: CurrentKey,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """This key's jobs, newest first, `limit` at a time."""
+    rows = await jobs_repo.list_owned_jobs(
+        session, key, status=status, after=after, limit=limit + 1
+    )
+    page = rows[:limit]
+    return JobList(
+        data=[JobPublic.from_row(j) for j in page],
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(rows) > limit,
+    )
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+async def get_job(job: OwnedJob) -> JobPublic:
+    """Status, result, usage and timings of one job."""
+    return JobPublic.from_row(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> JobPublic:
+    """Cancel a queued job (it never runs) or a running one (aborted in the engine).
+
+    Its event stream ends with a `cancelled` event. A finished job answers 409.
+    """
+    return JobPublic.from_row(await jobs_service.cancel(state, session, job))
+
+
+def _last_event_id(
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_query: Annotated[str | None, Query(alias="last_event_id")] = None,
+) -> tuple[int, int] | None:
+    raw = last_event_id if last_event_id is not None else last_event_id_query
+    try:
+        return parse_last_event_id(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"Last-Event-ID `{raw}` is not an event id of the form `<attempt>-<seq>`.",
+            param="Last-Event-ID",
+        ) from None
+
+
+# Parsed in a dependency: a bad id is a 400 before the stream starts.
+LastEventId = Annotated[tuple[int, int] | None, Depends(_last_event_id)]
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def job_event_stream(
+    job: OwnedJob,
+    state: StateDep,
+    after: LastEventId,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: `delta`, `usage`, then one of `done`, `error`, `cancelled`.
+
+    Every event has an `id:`. Reconnect with `Last-Event-ID` (header, or the
+    `last_event_id` query parameter) to any API process, also after the job has finished,
+    and you get exactly the events you missed. A `retry` event means the job's worker
+    died and a new attempt starts over. The connection closes after the terminal event.
+    """
+    settings = state.settings
+    async for event in job_events(
+        state.event_sources, job.id, after,
+        keepalive_seconds=settings.sse_keepalive_seconds, max_seconds=settings.sse_max_seconds,
+    ):
+        if event is None:
+            yield ServerSentEvent(comment="keep-alive")
+        else:
+            yield ServerSentEvent(data=event.data, event=event.type.value, id=event.id)

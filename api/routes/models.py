@@ -1,0 +1,25 @@
+"""`GET /v1/models`: the models live workers announce."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastapi import APIRouter
+
+from api.deps import CurrentKey, StateDep
+from api.schemas.openai import ModelCard, ModelList
+
+router = APIRouter(tags=["openai"])
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
+    """Models served by this deployment, as OpenAI's list, with vLLM's `max_model_len`
+    and Ferry's `engine`, `supports_images` and live `workers` count."""
+    models = await state.registry.models()
+    workers = Counter(beat.model for beat in await state.registry.live_workers())
+    return ModelList(data=[
+        ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len,
+                  engine=m.engine, supports_images=m.supports_images, workers=workers[m.name])
+        for m in sorted(models.values(), key=lambda m: m.name)
+    ])

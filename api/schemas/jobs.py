@@ -1,0 +1,103 @@
+"""Wire types of the jobs API: submit, poll, list."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from api.schemas.openai import ChatCompletionRequest, Usage
+from storage.models import Job, JobStatus
+
+
+class JobCreate(ChatCompletionRequest):
+    """An OpenAI chat-completions request, run asynchronously."""
+
+    priority: int = Field(
+        0, ge=0, le=9, description="0 is served first, 9 last (vLLM's convention)"
+    )
+    metadata: dict[str, str] | None = Field(
+        None, description="Up to 16 string pairs, returned with the job"
+    )
+
+
+class JobResult(BaseModel):
+    text: str
+    finish_reason: str | None
+
+
+class JobError(BaseModel):
+    message: str
+
+
+class JobTimings(BaseModel):
+    queue_seconds: float | None = Field(description="created -> started (final attempt)")
+    ttft_seconds: float | None = Field(description="started -> first token")
+    total_seconds: float | None = Field(description="created -> finished")
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    model: str
+    status: JobStatus
+    priority: int
+    created_at: float
+    started_at: float | None
+    first_token_at: float | None
+    finished_at: float | None
+    attempts: int
+    result: JobResult | None
+    usage: Usage | None
+    error: JobError | None
+    metadata: dict[str, Any] | None
+    timings: JobTimings
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobPublic:
+        done = job.status == JobStatus.SUCCEEDED or job.result_text is not None
+        usage = None
+        if job.completion_tokens is not None:
+            prompt = job.prompt_tokens or 0
+            usage = Usage(prompt_tokens=prompt, completion_tokens=job.completion_tokens,
+                          total_tokens=prompt + job.completion_tokens)
+        return cls(
+            id=job.id,
+            model=job.model,
+            status=JobStatus(job.status),
+            priority=job.priority,
+            created_at=job.created_at.timestamp(),
+            started_at=_ts(job.started_at),
+            first_token_at=_ts(job.first_token_at),
+            finished_at=_ts(job.finished_at),
+            attempts=job.attempts,
+            result=JobResult(text=job.result_text or "", finish_reason=job.finish_reason)
+            if done else None,
+            usage=usage,
+            error=JobError(message=job.error) if job.error else None,
+            metadata=job.metadata_,
+            timings=JobTimings(
+                queue_seconds=_between(job.created_at, job.started_at),
+                ttft_seconds=job.ttft_ms / 1000 if job.ttft_ms is not None else None,
+                total_seconds=_between(job.created_at, job.finished_at),
+            ),
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _between(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 6)

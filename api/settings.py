@@ -1,0 +1,44 @@
+"""API settings, read once from the environment (FERRY_ prefix)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FERRY_", extra="ignore")
+
+    # Bearer tokens accepted at start, comma-separated; stored hashed.
+    api_keys: Annotated[list[str], NoDecode] = []
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Run Alembic migrations when the API starts.
+    migrate_on_start: bool = True
+    # max_tokens when a request gives none.
+    default_max_tokens: int = 256
+    # Request bodies larger than this are refused with 413 before they are read whole.
+    max_request_bytes: int = 16 * 1024 * 1024
+    # Reconciler: how often it looks, and how long a job may sit before it is re-sent.
+    reconcile_interval_seconds: float = 10.0
+    reconcile_grace_seconds: float = 30.0
+    # SSE: keep-alive comment interval and the longest a connection is held open.
+    sse_keepalive_seconds: float = 15.0
+    sse_max_seconds: float = 3600.0
+    # How long a non-streaming chat completion waits for its job.
+    sync_timeout_seconds: float = 600.0
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_api_settings() -> ApiSettings:
+    return ApiSettings()

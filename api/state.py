@@ -1,0 +1,37 @@
+"""The clients the API process owns, created once in the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from api.auth import KeyRing
+from api.catalog import ModelCatalog
+from api.enqueue import JobQueue
+from api.event_hub import JobEventHub
+from api.job_events import EventSources
+from api.settings import ApiSettings
+from storage.events import JobEventStream
+from storage.registry import ModelRegistry
+from storage.settings import StorageSettings
+
+
+@dataclass
+class AppState:
+    settings: ApiSettings
+    storage: StorageSettings
+    db: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: Redis
+    events: JobEventStream
+    hub: JobEventHub
+    registry: ModelRegistry
+    queue: JobQueue
+    keys: KeyRing
+    catalog: ModelCatalog
+
+    @property
+    def event_sources(self) -> EventSources:
+        return EventSources(self.hub, self.events, self.sessions)

@@ -1,0 +1,1 @@
+"""Ferry storage: SQL models and repositories, Redis event streams, migrations."""

@@ -1,0 +1,44 @@
+"""Every Redis key, channel, Celery task and queue name Ferry uses, in one place."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Lane = Literal["interactive", "bulk"]
+
+# Celery task the API enqueues by name (the API never imports worker/).
+RUN_JOB_TASK = "ferry.run_job"
+
+# Sorted set of job ids whose Celery message has been sent and not yet claimed
+# (score = send time). If Redis loses it, the reconciler knows to send again.
+PENDING_JOBS = "ferry:jobs:pending"
+
+# Held by the API process doing a reconciler pass (short expiry).
+RECONCILER_LOCK = "ferry:reconciler:lock"
+
+# Channel on which the API asks workers to abort a running job (payload: job id).
+CANCEL_CHANNEL = "ferry:cancel"
+
+# Model registry: hash model name -> ModelInfo JSON (kept across worker restarts),
+# and one expiring key per live worker.
+MODELS_HASH = "ferry:models"
+WORKER_KEY_PREFIX = "ferry:worker:"
+
+
+def job_stream(job_id: str) -> str:
+    """Redis Stream holding a job's events (replay source)."""
+    return f"ferry:job:{job_id}:events"
+
+
+def job_channel(job_id: str) -> str:
+    """Pub/sub channel carrying a job's events live."""
+    return f"ferry:job:{job_id}:live"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{WORKER_KEY_PREFIX}{worker_id}"
+
+
+def queue_name(model: str, lane: Lane) -> str:
+    """Celery queue for a model's interactive or bulk work."""
+    return f"{model}.{lane}"

@@ -1,0 +1,70 @@
+"""Which models are served, and by which live workers (heartbeats in Redis).
+
+A worker writes its heartbeat key (expiring) and its model's entry in the models hash
+(persistent, so a model stays known to the API while its workers restart).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from redis.asyncio import Redis
+
+from storage.keys import MODELS_HASH, WORKER_KEY_PREFIX, worker_key
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str
+    max_model_len: int
+    engine: str
+    supports_images: bool = False
+    created: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ServedModel:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBeat:
+    worker_id: str
+    model: str
+    engine: str
+    in_flight: int
+    at: float
+
+
+class ModelRegistry:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def heartbeat(self, beat: WorkerBeat, model: ServedModel, ttl_seconds: float) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(worker_key(beat.worker_id), json.dumps(asdict(beat)), px=int(ttl_seconds * 1000))
+        pipe.hset(MODELS_HASH, model.name, model.to_json())
+        await pipe.execute()
+
+    async def forget_worker(self, worker_id: str) -> None:
+        await self._redis.delete(worker_key(worker_id))
+
+    async def models(self) -> dict[str, ServedModel]:
+        raw = await self._redis.hgetall(MODELS_HASH)
+        models = (ServedModel.from_json(v) for v in raw.values())
+        return {m.name: m for m in models}
+
+    async def live_workers(self) -> list[WorkerBeat]:
+        keys = [k async for k in self._redis.scan_iter(match=f"{WORKER_KEY_PREFIX}*", count=500)]
+        if not keys:
+            return []
+        values = await self._redis.mget(keys)
+        return [WorkerBeat(**json.loads(v)) for v in values if v is not None]
+
+
+def now_epoch() -> int:
+    return int(time.time())

@@ -1,0 +1,260 @@
+"""Every query on jobs. Routes and tasks call these; they never build SQL themselves.
+
+State changes are conditional updates, so two workers (or a worker and a cancelling API
+process) racing on one job can never both win.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import Job, JobStatus, utcnow
+
+
+def new_job_id() -> str:
+    """Time-ordered id: 12 hex digits of milliseconds, then 12 random ones."""
+    return f"job_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+async def insert_jobs(session: AsyncSession, jobs: Sequence[Job]) -> None:
+    session.add_all(jobs)
+    await session.flush()
+
+
+async def get_job(session: AsyncSession, job_id: str) -> Job | None:
+    return await session.get(Job, job_id)
+
+
+async def get_owned_job(session: AsyncSession, job_id: str, owner_id: str) -> Job | None:
+    """A job only exists for the key that owns it."""
+    job = await session.get(Job, job_id)
+    if job is None or job.owner_id != owner_id:
+        return None
+    return job
+
+
+async def list_owned_jobs(
+    session: AsyncSession,
+    owner_id: str,
+    *,
+    status: JobStatus | None,
+    after: str | None,
+    limit: int,
+) -> list[Job]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(Job).where(Job.owner_id == owner_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        query = query.where(Job.id < after)
+    query = query.order_by(Job.id.desc()).limit(limit)
+    return list((await session.scalars(query)).all())
+
+
+async def mark_enqueued(session: AsyncSession, job_ids: Sequence[str], at: datetime) -> None:
+    if job_ids:
+        await session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=at))
+
+
+async def claim_job(
+    session: AsyncSession, job_id: str, worker_id: str, lease_seconds: float
+) -> Job | None:
+    """Take a queued job, or one whose worker's lease ran out; None if not ours to run.
+
+    Finished and cancelled jobs, and jobs under another worker's live lease, are left alone:
+    that is what makes a duplicate Celery delivery harmless.
+    """
+    now = utcnow()
+    claimable = or_(
+        Job.status == JobStatus.QUEUED,
+        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+    )
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable)
+        .values(
+            status=JobStatus.RUNNING,
+            worker_id=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Job.attempts + 1,
+            started_at=now,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    if result.scalar_one_or_none() is None:
+        return None
+    job = await session.get(Job, job_id, populate_existing=True)
+    return job
+
+
+async def renew_leases(
+    session: AsyncSession, worker_id: str, job_ids: Sequence[str], lease_seconds: float
+) -> None:
+    if not job_ids:
+        return
+    await session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(job_ids), Job.worker_id == worker_id, Job.status == JobStatus.RUNNING
+        )
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What a worker records when its attempt ends."""
+
+    status: JobStatus
+    deltas: list[str]
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int
+    first_token_at: datetime | None
+    error: str | None = None
+
+
+async def finish_job(
+    session: AsyncSession, job_id: str, worker_id: str, outcome: JobOutcome
+) -> bool:
+    """Record the end of this worker's attempt.
+
+    A succeeded/failed outcome only lands while the job is still ours and running. A job
+    cancelled under us keeps status `cancelled`, but its partial output is recorded.
+    """
+    now = utcnow()
+    job = await session.get(Job, job_id)
+    started_at = job.started_at if job else None
+    ttft_ms = None
+    if outcome.first_token_at is not None and started_at is not None:
+        ttft_ms = int((outcome.first_token_at - started_at).total_seconds() * 1000)
+    values: dict[str, Any] = {
+        "deltas": outcome.deltas,
+        "result_text": "".join(outcome.deltas),
+        "finish_reason": outcome.finish_reason,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "first_token_at": outcome.first_token_at,
+        "ttft_ms": ttft_ms,
+        "error": outcome.error,
+        "finished_at": now,
+        "lease_expires_at": None,
+    }
+    ours = and_(Job.id == job_id, Job.worker_id == worker_id)
+    if outcome.status == JobStatus.CANCELLED:
+        where = and_(ours, Job.status.in_([JobStatus.RUNNING, JobStatus.CANCELLED]))
+    else:
+        where = and_(ours, Job.status == JobStatus.RUNNING)
+        values["status"] = outcome.status
+    result = await session.execute(
+        update(Job).where(where).values(**values).execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def is_cancelled(session: AsyncSession, job_id: str) -> bool:
+    status = await session.scalar(select(Job.status).where(Job.id == job_id))
+    return status == JobStatus.CANCELLED
+
+
+async def cancelled_among(session: AsyncSession, job_ids: Sequence[str]) -> list[str]:
+    """Which of these jobs have been cancelled (a worker's check on its own jobs)."""
+    rows = await session.scalars(
+        select(Job.id).where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLED)
+    )
+    return list(rows)
+
+
+async def cancel_job(session: AsyncSession, job_id: str) -> JobStatus | None:
+    """Cancel a queued or running job; returns the status it had, None if already final."""
+    for previous in (JobStatus.QUEUED, JobStatus.RUNNING):
+        result = await session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == previous)
+            .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount:  # type: ignore[attr-defined]
+            return previous
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class StrandedJob:
+    id: str
+    model: str
+    lane: str
+    priority: int
+    status: str
+
+
+async def find_stranded_jobs(
+    session: AsyncSession, *, queued_before: datetime, lease_expired_before: datetime, limit: int
+) -> list[StrandedJob]:
+    """Jobs that may have lost their Celery message: old `queued` ones, and `running` ones
+    whose worker stopped renewing its lease."""
+    query = (
+        select(Job.id, Job.model, Job.lane, Job.priority, Job.status)
+        .where(
+            or_(
+                and_(
+                    Job.status == JobStatus.QUEUED,
+                    func.coalesce(Job.enqueued_at, Job.created_at) < queued_before,
+                ),
+                and_(
+                    Job.status == JobStatus.RUNNING,
+                    Job.lease_expires_at < lease_expired_before,
+                ),
+            )
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    )
+    rows = (await session.execute(query)).all()
+    return [StrandedJob(r.id, r.model, r.lane, r.priority, r.status) for r in rows]
+
+
+async def count_by_status(session: AsyncSession) -> dict[str, int]:
+    rows = (await session.execute(select(Job.status, func.count()).group_by(Job.status))).all()
+    return {status: count for status, count in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTotals:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def token_totals(session: AsyncSession) -> TokenTotals:
+    row = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(Job.prompt_tokens), 0),
+                func.coalesce(func.sum(Job.completion_tokens), 0),
+            )
+        )
+    ).one()
+    return TokenTotals(int(row[0] or 0), int(row[1] or 0))
+
+
+async def ttft_histogram(
+    session: AsyncSession, bounds_ms: Sequence[int]
+) -> tuple[list[int], int, int]:
+    """Cumulative counts of jobs with ttft <= each bound, plus total count and sum (ms)."""
+    columns = [func.sum(case((Job.ttft_ms <= bound, 1), else_=0)) for bound in bounds_ms]
+    row = (
+        await session.execute(
+            select(*columns, func.count(Job.ttft_ms), func.coalesce(func.sum(Job.ttft_ms), 0))
+        )
+    ).one()
+    values = [int(v or 0) for v in row]
+    return values[: len(bounds_ms)], values[-2], values[-1]

@@ -1,0 +1,176 @@
+"""One attempt at one job: claim it, stream the engine's deltas out, record the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from storage.events import EventType, JobEvent, usage_data
+from storage.models import Job, JobStatus, utcnow
+from storage.repositories import jobs as jobs_repo
+from worker.engines.base import (
+    Engine,
+    EngineRequestError,
+    GenerationRequest,
+    SamplingOptions,
+)
+from worker.publisher import EventPublisher
+
+log = logging.getLogger(__name__)
+
+
+def generation_request(job: Job, request_id: str, bulk_priority: int) -> GenerationRequest:
+    """Map the stored OpenAI-style request onto the engine's request."""
+    body: dict[str, Any] = job.request
+    stop = body.get("stop") or ()
+    sampling = SamplingOptions(
+        max_tokens=int(body["max_tokens"]),
+        temperature=body.get("temperature"),
+        top_p=body.get("top_p"),
+        top_k=body.get("top_k"),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        seed=body.get("seed"),
+        presence_penalty=body.get("presence_penalty"),
+        frequency_penalty=body.get("frequency_penalty"),
+    )
+    # Engine priority: interactive first; within a lane the job's own priority orders it.
+    priority = job.priority + (bulk_priority if job.lane == "bulk" else 0)
+    if job.kind == "completion":
+        return GenerationRequest(request_id, prompt=body["prompt"], sampling=sampling,
+                                 priority=priority)
+    return GenerationRequest(request_id, messages=body["messages"], sampling=sampling,
+                             priority=priority)
+
+
+@dataclass
+class JobAttempt:
+    """The live state of one claimed job inside the runner."""
+
+    job_id: str
+    attempt: int
+    request_id: str
+    deltas: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    first_token_at: datetime | None = None
+    cancel_requested: bool = False
+    _seq: int = 0
+
+    def next_id(self) -> str:
+        self._seq += 1
+        return f"{self.attempt}-{self._seq}"
+
+
+async def run_attempt(
+    *,
+    job_id: str,
+    worker_id: str,
+    engine: Engine,
+    sessions: async_sessionmaker[AsyncSession],
+    publisher: EventPublisher,
+    lease_seconds: float,
+    bulk_priority: int,
+    in_flight: dict[str, JobAttempt],
+    on_claimed: Callable[[str], Awaitable[object]],
+) -> str:
+    """Run the job if it is ours to run; returns what happened, for the task's log."""
+    async with sessions.begin() as session:
+        job = await jobs_repo.claim_job(session, job_id, worker_id, lease_seconds)
+        if job is None:
+            return "skipped"
+        request = generation_request(job, f"{job_id}:{job.attempts}", bulk_priority)
+        state = JobAttempt(job_id, job.attempts, request.request_id)
+    in_flight[job_id] = state
+    await on_claimed(job_id)
+    try:
+        if state.attempt > 1:
+            publisher.emit(job_id, JobEvent(state.next_id(), EventType.RETRY,
+                                            {"attempt": state.attempt}))
+        status, error = await _generate(engine, request, state, publisher)
+        return await _record_end(sessions, publisher, worker_id, state, status, error)
+    finally:
+        in_flight.pop(job_id, None)
+
+
+async def _generate(
+    engine: Engine, request: GenerationRequest, state: JobAttempt, publisher: EventPublisher
+) -> tuple[JobStatus, str | None]:
+    try:
+        async for delta in engine.generate(request):
+            if delta.prompt_tokens is not None:
+                state.prompt_tokens = delta.prompt_tokens
+            state.completion_tokens += delta.new_tokens
+            if delta.finish_reason is not None:
+                state.finish_reason = delta.finish_reason
+            if delta.text:
+                if state.first_token_at is None:
+                    state.first_token_at = utcnow()
+                state.deltas.append(delta.text)
+                publisher.emit(state.job_id, JobEvent(
+                    state.next_id(), EventType.DELTA, {"text": delta.text, "ts": time.time()}
+                ))
+    except EngineRequestError as exc:
+        return JobStatus.FAILED, str(exc)
+    except Exception as exc:
+        log.exception("engine failed on job %s", state.job_id)
+        return JobStatus.FAILED, f"engine error: {exc}"
+    if state.cancel_requested or state.finish_reason == "abort":
+        return JobStatus.CANCELLED, None
+    return JobStatus.SUCCEEDED, None
+
+
+async def _record_end(
+    sessions: async_sessionmaker[AsyncSession],
+    publisher: EventPublisher,
+    worker_id: str,
+    state: JobAttempt,
+    status: JobStatus,
+    error: str | None,
+) -> str:
+    """SQL first, then the terminal events: a client that sees `done` finds the result."""
+    outcome = jobs_repo.JobOutcome(
+        status=status,
+        deltas=state.deltas,
+        finish_reason=state.finish_reason,
+        prompt_tokens=state.prompt_tokens,
+        completion_tokens=state.completion_tokens,
+        first_token_at=state.first_token_at,
+        error=error,
+    )
+    async with sessions.begin() as session:
+        recorded = await jobs_repo.finish_job(session, state.job_id, worker_id, outcome)
+        if not recorded and status != JobStatus.CANCELLED:
+            # Lost the job while generating: cancelled under us, or our lease lapsed and
+            # another worker took over (then that worker owns the stream from here on).
+            if not await jobs_repo.is_cancelled(session, state.job_id):
+                return "lost"
+            status = JobStatus.CANCELLED
+            cancelled = dataclasses.replace(outcome, status=status)
+            recorded = await jobs_repo.finish_job(session, state.job_id, worker_id, cancelled)
+    if not recorded:
+        return "lost"
+    for event_type, data in _terminal_events(status, state, error):
+        publisher.emit(state.job_id, JobEvent(state.next_id(), event_type, data))
+    return status.value
+
+
+def _terminal_events(
+    status: JobStatus, state: JobAttempt, error: str | None
+) -> list[tuple[EventType, dict[str, Any]]]:
+    """Must match storage.events.events_from_job, which rebuilds them from SQL."""
+    if status == JobStatus.SUCCEEDED:
+        return [
+            (EventType.USAGE, usage_data(state.prompt_tokens, state.completion_tokens)),
+            (EventType.DONE, {"finish_reason": state.finish_reason}),
+        ]
+    if status == JobStatus.FAILED:
+        return [(EventType.ERROR, {"message": error or "job failed"})]
+    return [(EventType.CANCELLED, {})]

@@ -1,0 +1,90 @@
+"""The one interface every engine speaks.
+
+The runner owns exactly one engine per worker process and drives it from one asyncio
+loop; many Celery task threads hand it requests, so the engine sees them all at once and
+batches them continuously. An engine never touches SQL or Redis: it turns a
+`GenerationRequest` into a stream of `Delta`s and can abort a request by id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """OpenAI-style sampling knobs; None means the engine's default."""
+
+    max_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    # OpenAI chat messages ({"role": ..., "content": str}); rendered with the model's
+    # chat template by the engine. Exactly one of `messages` / `prompt` is set.
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # Lower value = served first (vLLM's convention). Bulk work uses a larger number.
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New output since the previous delta of the same request."""
+
+    text: str
+    # Number of new tokens this delta carries (may be >1 when the engine coalesces).
+    new_tokens: int
+    # Set once, on the delta that carries it (normally the first one).
+    prompt_tokens: int | None = None
+    # Set on the last delta: "stop", "length", "abort".
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What workers announce about the model they serve (read by the API)."""
+
+    name: str
+    max_model_len: int
+    engine: str
+    supports_images: bool = False
+
+
+class Engine(Protocol):
+    """Start once, generate many requests concurrently, stop once."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    async def start(self) -> None:
+        """Load the model; must be awaited inside the loop that will call generate."""
+
+    async def stop(self) -> None:
+        """Release the model and any engine processes."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas until the request finishes or is aborted.
+
+        An aborted request ends with a delta whose finish_reason is "abort" (or simply
+        ends); invalid requests raise `EngineRequestError`.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a running request; unknown ids are ignored."""
+
+
+class EngineRequestError(ValueError):
+    """The request cannot run on this engine (too long, bad parameters)."""

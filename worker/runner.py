@@ -1,0 +1,189 @@
+"""The runner: one asyncio loop thread and ONE engine per worker process.
+
+Celery runs tasks on a pool of threads (`--pool threads`); each task thread hands its job
+to this loop with `run_coroutine_threadsafe` and blocks until the job ends. So every job in
+flight on this worker is inside the same engine at once, and the engine batches them
+continuously. Beside the jobs, the loop runs the worker's housekeeping: heartbeat, lease
+renewal (which also notices jobs cancelled while the cancel message was missed), the cancel
+listener, and the event publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+
+from storage.db import create_db_engine, create_session_factory
+from storage.events import JobEventStream
+from storage.keys import CANCEL_CHANNEL, PENDING_JOBS
+from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
+from storage.repositories import jobs as jobs_repo
+from storage.settings import StorageSettings
+from worker.attempt import JobAttempt, run_attempt
+from worker.engines.base import Engine
+from worker.publisher import EventPublisher
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        storage: StorageSettings,
+        engine_factory: Callable[[WorkerSettings], Engine],
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.worker_id = new_worker_id()
+        self._engine_factory = engine_factory
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ferry-runner",
+                                        daemon=True)
+        self._in_flight: dict[str, JobAttempt] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    # -- lifecycle, called from Celery's threads -------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._call(self._start())
+        log.info("worker %s serving %s on %s", self.worker_id, self.settings.model_name,
+                 self.settings.engine)
+
+    def stop(self) -> None:
+        if self._stopped or not self._thread.is_alive():
+            return
+        self._stopped = True
+        try:
+            self._call(self._stop(), timeout=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def run_job(self, job_id: str) -> str:
+        """Block the calling (Celery task) thread until the job's attempt ends."""
+        return self._call(self._run_job(job_id))
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- on the loop -------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._db = create_db_engine(self.storage)
+        self._sessions = create_session_factory(self._db)
+        self._redis = Redis.from_url(self.storage.redis_url)
+        self._publisher = EventPublisher(JobEventStream(
+            self._redis,
+            maxlen=self.storage.event_stream_maxlen,
+            ttl_seconds=self.storage.event_stream_ttl_seconds,
+        ))
+        self._publisher.start()
+        self.engine = self._engine_factory(self.settings)
+        await self.engine.start()
+        self._registry = ModelRegistry(self._redis)
+        await self._heartbeat_once()
+        for loop_fn in (self._heartbeat_loop, self._lease_loop, self._cancel_listener):
+            self._background.append(asyncio.create_task(loop_fn(), name=loop_fn.__name__))
+
+    async def _stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for state in list(self._in_flight.values()):
+            await self.engine.abort(state.request_id)
+        await self._publisher.stop()
+        await self._registry.forget_worker(self.worker_id)
+        await self.engine.stop()
+        await self._redis.aclose()
+        await self._db.dispose()
+
+    async def _run_job(self, job_id: str) -> str:
+        try:
+            return await run_attempt(
+                job_id=job_id,
+                worker_id=self.worker_id,
+                engine=self.engine,
+                sessions=self._sessions,
+                publisher=self._publisher,
+                lease_seconds=self.settings.lease_seconds,
+                bulk_priority=self.settings.bulk_priority,
+                in_flight=self._in_flight,
+                on_claimed=self._unmark_pending,
+            )
+        finally:
+            await self._redis.zrem(PENDING_JOBS, job_id)
+
+    async def _unmark_pending(self, job_id: str) -> None:
+        """The message was delivered: from now on the job's lease guards it."""
+        await self._redis.zrem(PENDING_JOBS, job_id)
+
+    async def _heartbeat_once(self) -> None:
+        info = self.engine.info
+        model = ServedModel(name=self.settings.model_name, max_model_len=info.max_model_len,
+                            engine=info.engine, supports_images=info.supports_images,
+                            created=now_epoch())
+        beat = WorkerBeat(self.worker_id, model.name, info.engine, len(self._in_flight),
+                          time.time())
+        await self._registry.heartbeat(beat, model, ttl_seconds=3 * self.settings.heartbeat_seconds)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                await self._heartbeat_once()
+            except Exception:
+                log.exception("heartbeat failed")
+
+    async def _lease_loop(self) -> None:
+        """Renew the leases of every job in flight, and abort those cancelled meanwhile."""
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            ids = list(self._in_flight)
+            if not ids:
+                continue
+            try:
+                async with self._sessions.begin() as session:
+                    await jobs_repo.renew_leases(session, self.worker_id, ids,
+                                                 self.settings.lease_seconds)
+                    cancelled = await jobs_repo.cancelled_among(session, ids)
+                for job_id in cancelled:
+                    await self._abort(job_id)
+            except Exception:
+                log.exception("lease renewal failed")
+
+    async def _cancel_listener(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CANCEL_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            await self._abort(message["data"].decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cancel listener lost Redis; retrying")
+                await asyncio.sleep(1)
+
+    async def _abort(self, job_id: str) -> None:
+        state = self._in_flight.get(job_id)
+        if state is not None and not state.cancel_requested:
+            state.cancel_requested = True
+            await self.engine.abort(state.request_id)

@@ -1,0 +1,43 @@
+"""Worker settings, read once from the environment (FERRY_ prefix)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "ferry-tiny-chat"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FERRY_", extra="ignore")
+
+    # A hub id, a local directory, or one of the tiny models Ferry builds offline.
+    model: str = DEFAULT_MODEL
+    # Name under which the model is served; defaults to `model`.
+    served_model_name: str | None = None
+    engine: Literal["vllm", "transformers"] = "vllm"
+    # Where tiny models are built and cached.
+    model_cache_dir: Path = Path.home() / ".cache" / "ferry" / "models"
+    # Task threads = jobs in flight in the one engine.
+    concurrency: int = 64
+    max_model_len: int = 2048
+    # vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.
+    cpu_kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.9
+    # A claimed job is ours while the lease lives; renewed every lease/3 seconds.
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 5.0
+    # Bulk (batch) jobs get this engine priority; interactive jobs get 0.
+    bulk_priority: int = 10
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+@lru_cache(maxsize=1)
+def get_worker_settings() -> WorkerSettings:
+    return WorkerSettings()

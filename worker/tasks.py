@@ -1,0 +1,46 @@
+"""Thin Celery tasks: take a job id, hand it to the process's runner."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_init, worker_shutdown
+
+from storage.keys import RUN_JOB_TASK
+from storage.settings import get_storage_settings
+from worker.celery_app import app
+from worker.engines import build_engine
+from worker.runner import JobRunner
+from worker.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+_runner: JobRunner | None = None
+
+
+def get_runner() -> JobRunner:
+    if _runner is None:
+        raise RuntimeError("the worker's runner is not started")
+    return _runner
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _start_runner(**_: Any) -> None:
+    """Load the one engine before the worker takes its first message."""
+    global _runner
+    _runner = JobRunner(get_worker_settings(), get_storage_settings(), build_engine)
+    _runner.start()
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_runner(**_: Any) -> None:
+    # Without this the engine's loop thread would keep the process alive past SIGTERM.
+    if _runner is not None:
+        _runner.stop()
+
+
+@app.task(name=RUN_JOB_TASK)  # type: ignore[untyped-decorator]
+def run_job(job_id: str) -> str:
+    outcome = get_runner().run_job(job_id)
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
