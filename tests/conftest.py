@@ -1,0 +1,152 @@
+"""Fixtures on real services: PostgreSQL and Redis on this machine, real Ferry processes.
+
+Each test session gets its own PostgreSQL database (dropped at the end) and its own Redis
+database numbers, so a run never sees another run's data.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.procs import Proc, start_api, start_worker
+
+PG_ADMIN = os.environ.get("FERRY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("FERRY_TEST_REDIS", "redis://127.0.0.1:6379")
+TINY = "ferry-tiny-chat"
+KEY_A = "sk-test-a-" + secrets.token_hex(4)
+KEY_B = "sk-test-b-" + secrets.token_hex(4)
+
+
+def _psql(sql: str) -> None:
+    subprocess.run(["psql", PG_ADMIN, "-q", "-c", sql], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"ferry_test_{os.getpid()}_{secrets.token_hex(3)}"
+    _psql(f"CREATE DATABASE {name}")
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        yield f"{url}/{name}"
+    finally:
+        _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def migrated_pg(pg_url: str) -> str:
+    from storage.migrate import upgrade
+
+    upgrade(pg_url)
+    return pg_url
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models are built once per machine; FERRY_TEST_MODEL_CACHE may point elsewhere."""
+    default = Path.home() / ".cache" / "ferry" / "models"
+    return Path(os.environ.get("FERRY_TEST_MODEL_CACHE", str(default)))
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@dataclass
+class Stack:
+    """One Ferry deployment: API process(es), worker(s), their database and Redis."""
+
+    database_url: str
+    redis_url: str
+    env: dict[str, str]
+    api_urls: list[str]
+    procs: list[Proc]
+
+    @property
+    def url(self) -> str:
+        return self.api_urls[0]
+
+    def client(self, key: str = KEY_A, url: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=url or self.url, timeout=60,
+                            headers={"Authorization": f"Bearer {key}"})
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def worker_registered(self, marker: str) -> bool:
+        r = self.redis()
+        return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
+
+    def add_worker(self, name: str, served_name: str, engine: str, logs: Path) -> Proc:
+        proc = start_worker(name, TINY, served_name, engine, self.env, logs,
+                            self.worker_registered)
+        self.procs.append(proc)
+        return proc
+
+    def add_api(self, name: str, logs: Path) -> str:
+        proc, url = start_api(name, self.env, logs)
+        self.procs.append(proc)
+        self.api_urls.append(url)
+        return url
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def stack_env(database_url: str, redis_url: str, model_cache: Path) -> dict[str, str]:
+    return {
+        "FERRY_DATABASE_URL": database_url,
+        "FERRY_REDIS_URL": redis_url,
+        "FERRY_API_KEYS": f"{KEY_A},{KEY_B}",
+        "FERRY_MODEL_CACHE_DIR": str(model_cache),
+        # Fast failure detection, so recovery tests take seconds, not minutes.
+        "FERRY_LEASE_SECONDS": "3",
+        "FERRY_HEARTBEAT_SECONDS": "0.5",
+        "FERRY_RECONCILE_INTERVAL_SECONDS": "1",
+        "FERRY_RECONCILE_GRACE_SECONDS": "2",
+        "FERRY_SSE_KEEPALIVE_SECONDS": "2",
+        "FERRY_CONCURRENCY": "16",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+
+
+def fresh_redis_url(db: int) -> str:
+    url = f"{REDIS_BASE}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="session")
+def stack(migrated_pg: str, model_cache: Path, logs: Path) -> Iterator[Stack]:
+    """Two API processes and one vLLM worker serving the tiny chat model, on PostgreSQL."""
+    env = stack_env(migrated_pg, fresh_redis_url(11), model_cache)
+    s = Stack(migrated_pg, env["FERRY_REDIS_URL"], env, [], [])
+    try:
+        s.add_api("api-1", logs)
+        s.add_api("api-2", logs)
+        s.add_worker("worker-vllm", TINY, "vllm", logs)
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+async def pg_sessions(migrated_pg: str) -> AsyncIterator[object]:
+    from storage.db import create_db_engine, create_session_factory
+    from storage.settings import StorageSettings
+
+    engine = create_db_engine(StorageSettings(database_url=migrated_pg))
+    try:
+        yield create_session_factory(engine)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,88 @@
+"""Small client-side helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from httpx_sse import connect_sse
+
+TERMINAL = {"done", "error", "cancelled"}
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def order(self) -> tuple[int, int]:
+        attempt, seq = self.id.split("-")
+        return int(attempt), int(seq)
+
+
+def chat_body(model: str, content: str = "Tell me a story.", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} did not finish")
+
+
+def read_events(
+    client: httpx.Client,
+    job_id: str,
+    *,
+    last_event_id: str | None = None,
+    limit: int | None = None,
+) -> list[Event]:
+    """Read the job's SSE stream until its terminal event (or `limit` events)."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events: list[Event] = []
+    with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as source:
+        assert source.response.status_code == 200, source.response.read()
+        for sse in source.iter_sse():
+            events.append(Event(sse.id, sse.event, json.loads(sse.data)))
+            if sse.event in TERMINAL or (limit is not None and len(events) >= limit):
+                break
+    return events
+
+
+def text_of(events: list[Event]) -> str:
+    """The output text, honouring `retry` (a new attempt starts the text over)."""
+    text = ""
+    for event in events:
+        if event.type == "retry":
+            text = ""
+        elif event.type == "delta":
+            text += event.data["text"]
+    return text
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error

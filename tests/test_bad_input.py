@@ -1,0 +1,128 @@
+"""Bad input gets a clear 4xx in OpenAI's envelope, and nothing is persisted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import TINY, Stack
+from tests.helpers import assert_error, chat_body, submit, wait_job
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture
+def job_count(stack: Stack) -> Iterator[Any]:
+    url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
+
+    def count() -> int:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT count(*) FROM jobs").fetchone()
+            assert row is not None
+            return int(row[0])
+
+    yield count
+
+
+BAD_BODIES: list[tuple[str, Any, int, str | None, str | None]] = [
+    # (case, body, status, error code, param)
+    ("empty messages", {"model": TINY, "messages": []}, 400, None, "messages"),
+    ("messages not a list", {"model": TINY, "messages": "hi"}, 400, None, "messages"),
+    ("no model", {"messages": [{"role": "user", "content": "x"}]}, 400, None, "model"),
+    ("bad role", {"model": TINY, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     None, "messages.0.role"),
+    ("temperature wrong type", chat_body(TINY, temperature="hot"), 400, None, "temperature"),
+    ("temperature < 0", chat_body(TINY, temperature=-0.5), 400, None, "temperature"),
+    ("max_tokens 0", chat_body(TINY, max_tokens=0), 400, None, "max_tokens"),
+    ("max_tokens negative", chat_body(TINY, max_completion_tokens=-3), 400, None,
+     "max_completion_tokens"),
+    ("max_tokens over context", chat_body(TINY, max_tokens=10**7), 400,
+     "context_length_exceeded", "max_tokens"),
+    ("top_p 0", chat_body(TINY, top_p=0), 400, None, "top_p"),
+    ("n > 1", chat_body(TINY, n=2), 400, None, "n"),
+    ("priority out of range", chat_body(TINY, priority=42), 400, None, "priority"),
+    ("metadata not strings", chat_body(TINY, metadata={"a": 1}), 400, None, "metadata.a"),
+    ("unknown model", chat_body("no-such-model"), 404, "model_not_found", "model"),
+    ("image part", {"model": TINY, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+     400, "unsupported_content", "messages"),
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/jobs", "/v1/chat/completions"])
+@pytest.mark.parametrize(("case", "body", "status", "code", "param"), BAD_BODIES,
+                         ids=[c[0] for c in BAD_BODIES])
+def test_bad_request_bodies(
+    stack: Stack, job_count: Any, route: str, case: str, body: Any, status: int,
+    code: str | None, param: str | None,
+) -> None:
+    before = job_count()
+    with stack.client() as client:
+        error = assert_error(client.post(route, json=body), status, code)
+    assert error["param"] == param, error
+    assert job_count() == before
+
+
+@pytest.mark.parametrize("route", ["/v1/jobs", "/v1/chat/completions"])
+def test_malformed_json(stack: Stack, job_count: Any, route: str) -> None:
+    before = job_count()
+    with stack.client() as client:
+        response = client.post(route, content=b'{"model": "x", "messages": [',
+                               headers={"Content-Type": "application/json"})
+    assert "JSON" in assert_error(response, 400)["message"]
+    assert job_count() == before
+
+
+def test_oversized_body_is_413(stack: Stack, job_count: Any) -> None:
+    before = job_count()
+    huge = chat_body(TINY, "x" * (17 * 1024 * 1024))
+    with stack.client() as client:
+        assert_error(client.post("/v1/jobs", json=huge), 413, "payload_too_large")
+    assert job_count() == before
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"},
+                                     {"Authorization": "Basic abc"}])
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/job_x"),
+    ("POST", "/v1/jobs/job_x/cancel"), ("GET", "/v1/jobs/job_x/events"),
+    ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+])
+def test_missing_or_wrong_key_is_401(
+    stack: Stack, job_count: Any, headers: dict[str, str], method: str, path: str
+) -> None:
+    before = job_count()
+    with httpx.Client(base_url=stack.url, headers=headers) as client:
+        response = client.request(method, path, json=chat_body(TINY))
+    assert_error(response, 401, "invalid_api_key")
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert job_count() == before
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/jobs/job_doesnotexist"),
+    ("POST", "/v1/jobs/job_doesnotexist/cancel"),
+    ("GET", "/v1/jobs/job_doesnotexist/events"),
+])
+def test_unknown_job_is_404(stack: Stack, method: str, path: str) -> None:
+    with stack.client() as client:
+        assert_error(client.request(method, path), 404, "not_found")
+
+
+def test_bad_last_event_id_is_400(stack: Stack) -> None:
+    with stack.client() as client:
+        job = submit(client, chat_body(TINY, max_tokens=2))
+        response = client.get(f"/v1/jobs/{job['id']}/events",
+                              headers={"Last-Event-ID": "banana"})
+        wait_job(client, job["id"])
+    assert assert_error(response, 400)["param"] == "Last-Event-ID"
+
+
+def test_bad_list_parameters(stack: Stack) -> None:
+    with stack.client() as client:
+        assert assert_error(client.get("/v1/jobs?status=sleeping"), 400)["param"] == "status"
+        assert assert_error(client.get("/v1/jobs?limit=0"), 400)["param"] == "limit"

@@ -1,0 +1,92 @@
+"""Losing a worker or Redis loses no accepted job; queued and cancelled jobs behave.
+
+These tests run their own deployment (own Redis database, one API process) with
+transformers-engine workers that they start, kill and restart themselves, under a model
+name no other test's worker serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import Stack, fresh_redis_url, stack_env
+from tests.helpers import chat_body, read_events, submit, text_of, wait_job
+from tests.procs import wait_until
+
+pytestmark = pytest.mark.timeout(900)
+MODEL = "tiny-recovery"
+
+
+@pytest.fixture(scope="module")
+def own_stack(migrated_pg: str, model_cache: Path, logs: Path) -> Iterator[Stack]:
+    env = stack_env(migrated_pg, fresh_redis_url(12), model_cache)
+    s = Stack(migrated_pg, env["FERRY_REDIS_URL"], env, [], [])
+    try:
+        s.add_api("recovery-api", logs)
+        yield s
+    finally:
+        s.close()
+
+
+def test_queued_job_cancelled_never_runs(own_stack: Stack, logs: Path) -> None:
+    # A worker announces the model, then stops: jobs now wait in the queue.
+    own_stack.add_worker("recovery-w0", MODEL, "transformers", logs).stop()
+    with own_stack.client() as client:
+        doomed = submit(client, chat_body(MODEL, max_tokens=8))
+        kept = submit(client, chat_body(MODEL, max_tokens=8))
+        response = client.post(f"/v1/jobs/{doomed['id']}/cancel")
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        events = read_events(client, doomed["id"])
+        assert [(e.id, e.type) for e in events] == [("0-1", "cancelled")]
+        own_stack.add_worker("recovery-w1", MODEL, "transformers", logs)
+        assert wait_job(client, kept["id"])["status"] == "succeeded"
+        final = client.get(f"/v1/jobs/{doomed['id']}").json()
+    assert final["status"] == "cancelled"
+    assert final["attempts"] == 0 and final["started_at"] is None and final["result"] is None
+    own_stack.procs.pop().stop()
+
+
+def test_worker_killed_mid_job_is_redelivered_and_completes(
+    own_stack: Stack, logs: Path
+) -> None:
+    first = own_stack.add_worker("recovery-w2", MODEL, "transformers", logs)
+    with own_stack.client() as client:
+        job = submit(client, chat_body(MODEL, max_tokens=1500, temperature=0))
+        head = read_events(client, job["id"], limit=2)
+        assert [e.type for e in head] == ["delta", "delta"]
+        first.kill()
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+        own_stack.add_worker("recovery-w3", MODEL, "transformers", logs)
+        final = wait_job(client, job["id"], timeout=300)
+        events = read_events(client, job["id"])
+        resumed = read_events(client, job["id"], last_event_id=head[-1].id)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2
+    assert events[0].type == "retry" and events[0].id == "2-1"
+    assert text_of(events) == final["result"]["text"]
+    # A client that saw attempt 1's first deltas is told to start over, then gets it all.
+    assert resumed[0].type == "retry"
+    assert text_of(head + resumed) == final["result"]["text"]
+    own_stack.procs.pop().stop()
+
+
+def test_redis_flushed_after_accept_reconciler_reruns_job(own_stack: Stack, logs: Path) -> None:
+    with own_stack.client() as client:
+        job = submit(client, chat_body(MODEL, max_tokens=8))
+        redis = own_stack.redis()
+        wait_until(lambda: redis.llen(f"{MODEL}.interactive") == 1, 10, "the message")
+        # Everything Redis held is gone: the Celery message, the pending mark, the registry.
+        own_stack.redis().flushdb()
+        own_stack.add_worker("recovery-w4", MODEL, "transformers", logs)
+        final = wait_job(client, job["id"], timeout=120)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 1
+    url = own_stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT enqueued_at FROM jobs WHERE id = %s", (job["id"],)).fetchone()
+    assert row is not None and row[0] is not None  # the reconciler sent it again
+    own_stack.procs.pop().stop()

@@ -1,0 +1,184 @@
+"""Repositories and event streams on real PostgreSQL, SQLite (file) and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from storage.db import create_db_engine, create_session_factory
+from storage.events import EventType, JobEvent, JobEventStream, events_from_job
+from storage.migrate import upgrade
+from storage.models import Job, JobStatus
+from storage.repositories import api_keys, jobs
+from storage.settings import StorageSettings
+from tests.conftest import REDIS_BASE
+
+pytestmark = pytest.mark.timeout(120)
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def sessions(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_pg: str
+) -> AsyncIterator[Sessions]:
+    if request.param == "postgresql":
+        url = migrated_pg
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'ferry.db'}"
+        await asyncio.to_thread(upgrade, url)
+    engine = create_db_engine(StorageSettings(database_url=url))
+    try:
+        yield create_session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _job(sessions: Sessions) -> Job:
+    async with sessions.begin() as session:
+        (key,) = await api_keys.ensure_keys(session, [f"sk-{secrets.token_hex(4)}"])
+        job = Job(id=jobs.new_job_id(), owner_id=key.id, model="m", kind="chat",
+                  lane="interactive", status=JobStatus.QUEUED, priority=0,
+                  request={"messages": [], "max_tokens": 4}, attempts=0)
+        await jobs.insert_jobs(session, [job])
+    return job
+
+
+async def test_api_keys_store_only_a_hash(sessions: Sessions) -> None:
+    token = f"sk-secret-{secrets.token_hex(8)}"
+    async with sessions.begin() as session:
+        (first,) = await api_keys.ensure_keys(session, [token])
+        (again,) = await api_keys.ensure_keys(session, [token])
+    assert first.id == again.id
+    assert first.key_hash == api_keys.hash_key(token) and token not in first.key_hash
+    async with sessions() as session:
+        assert (await api_keys.find_key(session, token)) is not None
+        assert (await api_keys.find_key(session, token + "x")) is None
+
+
+async def test_claim_is_exclusive_until_the_lease_expires(sessions: Sessions) -> None:
+    job = await _job(sessions)
+    async with sessions.begin() as session:
+        claimed = await jobs.claim_job(session, job.id, "w1", lease_seconds=0.3)
+    assert claimed is not None and claimed.attempts == 1 and claimed.worker_id == "w1"
+    async with sessions.begin() as session:
+        assert await jobs.claim_job(session, job.id, "w2", lease_seconds=30) is None
+    await asyncio.sleep(0.4)
+    async with sessions.begin() as session:
+        taken = await jobs.claim_job(session, job.id, "w2", lease_seconds=30)
+    assert taken is not None and taken.attempts == 2 and taken.worker_id == "w2"
+    # The first worker's late result no longer lands.
+    outcome = jobs.JobOutcome(JobStatus.SUCCEEDED, ["a"], "stop", 1, 1, None)
+    async with sessions.begin() as session:
+        assert not await jobs.finish_job(session, job.id, "w1", outcome)
+        assert await jobs.finish_job(session, job.id, "w2", outcome)
+    async with sessions.begin() as session:
+        assert await jobs.claim_job(session, job.id, "w3", lease_seconds=30) is None
+
+
+async def test_concurrent_claims_have_one_winner(sessions: Sessions) -> None:
+    job = await _job(sessions)
+
+    async def claim(worker: str) -> bool:
+        async with sessions.begin() as session:
+            return await jobs.claim_job(session, job.id, worker, lease_seconds=30) is not None
+
+    wins = await asyncio.gather(*(claim(f"w{i}") for i in range(8)))
+    assert sum(wins) == 1
+
+
+async def test_cancel_transitions(sessions: Sessions) -> None:
+    queued, running = await _job(sessions), await _job(sessions)
+    async with sessions.begin() as session:
+        await jobs.claim_job(session, running.id, "w1", lease_seconds=30)
+    async with sessions.begin() as session:
+        assert await jobs.cancel_job(session, queued.id) == JobStatus.QUEUED
+        assert await jobs.cancel_job(session, running.id) == JobStatus.RUNNING
+        assert await jobs.cancel_job(session, running.id) is None
+        assert await jobs.claim_job(session, queued.id, "w1", lease_seconds=30) is None
+    # The worker's partial output lands on the cancelled job; status stays cancelled.
+    partial = jobs.JobOutcome(JobStatus.CANCELLED, ["x", "y"], "abort", 3, 2, None)
+    async with sessions.begin() as session:
+        found = await jobs.cancelled_among(session, [running.id, queued.id])
+        assert set(found) == {running.id, queued.id}
+        assert await jobs.finish_job(session, running.id, "w1", partial)
+        row = await jobs.get_job(session, running.id)
+    assert row is not None and row.status == JobStatus.CANCELLED and row.result_text == "xy"
+
+
+async def test_stranded_jobs_are_old_queued_and_expired_leases(sessions: Sessions) -> None:
+    from datetime import timedelta
+
+    from storage.models import utcnow
+
+    queued, running, fresh = await _job(sessions), await _job(sessions), await _job(sessions)
+    async with sessions.begin() as session:
+        await jobs.claim_job(session, running.id, "w1", lease_seconds=0.01)
+        await jobs.claim_job(session, fresh.id, "w1", lease_seconds=60)
+    await asyncio.sleep(0.05)
+    async with sessions() as session:
+        found = await jobs.find_stranded_jobs(
+            session, queued_before=utcnow() + timedelta(seconds=1),
+            lease_expired_before=utcnow(), limit=1000)
+    ids = {j.id for j in found}
+    assert queued.id in ids and running.id in ids and fresh.id not in ids
+
+
+async def test_events_rebuilt_from_sql_match_worker_numbering(sessions: Sessions) -> None:
+    job = await _job(sessions)
+    async with sessions.begin() as session:
+        await jobs.claim_job(session, job.id, "w1", lease_seconds=0.01)
+    await asyncio.sleep(0.05)
+    async with sessions.begin() as session:
+        await jobs.claim_job(session, job.id, "w2", lease_seconds=30)
+        outcome = jobs.JobOutcome(JobStatus.SUCCEEDED, ["He", "llo"], "length", 5, 2, None)
+        await jobs.finish_job(session, job.id, "w2", outcome)
+        row = await jobs.get_job(session, job.id)
+    assert row is not None
+    events = events_from_job(row)
+    assert [(e.id, e.type) for e in events] == [
+        ("2-1", EventType.RETRY), ("2-2", EventType.DELTA), ("2-3", EventType.DELTA),
+        ("2-4", EventType.USAGE), ("2-5", EventType.DONE)]
+    assert events[3].data == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[Redis]:
+    client = Redis.from_url(f"{REDIS_BASE}/14")
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+async def test_event_stream_appends_publishes_and_replays(redis_client: Redis) -> None:
+    stream = JobEventStream(redis_client, maxlen=1000, ttl_seconds=60)
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe("ferry:job:j1:live")
+    batch = [("j1", JobEvent(f"1-{i}", EventType.DELTA, {"text": str(i)})) for i in range(1, 4)]
+    batch.append(("j1", JobEvent("1-4", EventType.DONE, {"finish_reason": "stop"})))
+    await stream.publish(batch)
+    assert [e.id for e in await stream.read_after("j1", None) or []] == ["1-1", "1-2", "1-3",
+                                                                         "1-4"]
+    assert [e.id for e in await stream.read_after("j1", "1-2") or []] == ["1-3", "1-4"]
+    assert await stream.read_after("nope", None) is None
+    assert 0 < await redis_client.ttl("ferry:job:j1:events") <= 60  # terminal event sets TTL
+    live = []
+    while len(live) < 4:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if message:
+            live.append(JobEvent.from_json(message["data"]).id)
+    assert live == ["1-1", "1-2", "1-3", "1-4"]
+    await pubsub.aclose()
+
+
+async def test_sqlite_memory_is_refused() -> None:
+    with pytest.raises(ValueError, match="file"):
+        create_db_engine(StorageSettings(database_url="sqlite+aiosqlite:///:memory:"))

@@ -1,0 +1,263 @@
+"""Tiny random-weight models that Ferry builds offline.
+
+No model can be downloaded on the machines Ferry is tested on, so tests, benchmarks and
+the embedded default serve models built here: a real architecture (so vLLM and
+transformers run their real code paths), random weights from a fixed seed (so builds are
+reproducible), and a byte-level BPE tokenizer trained on text generated in code.
+
+Each name in `TINY_MODELS` maps to a builder that writes a complete Hugging Face model
+directory. `ensure_tiny_model` builds a model once per cache directory and is safe to call
+from many processes at once (a worker and the API may both ask on start-up).
+
+Manual use:  python -m worker.models.tiny ferry-tiny-chat /tmp/models
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+# Bump when a builder's output changes: cached directories are keyed by it, so an old
+# build is never served under a new builder (the old directory is simply left behind).
+BUILD_VERSION = 1
+SEED = 1234
+STAMP_FILE = "ferry-tiny.json"
+
+# ChatML special tokens (the Qwen family's), so the chat model looks like a real one.
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+CHAT_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# ChatML. Content may be a string or a list of OpenAI content parts (text parts are
+# joined), so callers can pass OpenAI messages through unchanged.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('Unsupported role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- elif message['content'] is not none -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+_WORDS = (
+    "the a an of to in and or but is are was were be been have has had do does did will "
+    "would can could should may might must shall not no yes this that these those it its "
+    "he she they we you i me him her them us my your our their what which who whom whose "
+    "when where why how all any both each few more most other some such only own same so "
+    "than too very just now then here there about above after again against before below "
+    "between into through during under over up down out off on at by for from with "
+    "model token batch queue worker engine request stream event job image text chat reply "
+    "hello world ferry river boat water light sound cloud storage server client message "
+    "system user assistant question answer number time day year people way thing man woman "
+    "child life hand part place case week company group problem fact good new first last "
+    "long great little old right big high different small large next early young important "
+    "public bad able say get make go know take see come think look want give use find tell "
+    "ask work seem feel try leave call run write read learn change follow stop create speak"
+).split()
+
+
+_SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ar", "en")]
+
+
+def _corpus(n_lines: int = 4000) -> Iterator[str]:
+    """Deterministic training text: sentences, numbers, code-ish lines, a little Unicode."""
+    rng = random.Random(SEED)
+    for i in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        kind = i % 5
+        if kind == 0:
+            yield " ".join(words).capitalize() + rng.choice([".", "?", "!"])
+        elif kind == 1:
+            yield f"{rng.choice(_WORDS)} = {rng.randint(0, 10_000)} + {rng.random():.3f}"
+        elif kind == 2:
+            yield f"def {words[0]}_{words[1]}({words[2]}): return {words[3]}[{i % 97}]"
+        elif kind == 3:
+            yield "Über café naïve — “quoted” 東京 ✓ " + " ".join(words)
+        else:
+            yield "\n".join(" ".join(words[j : j + 4]) for j in range(0, len(words), 4))
+        # Made-up words give the BPE trainer enough distinct merges to reach its vocab size.
+        yield " ".join(
+            "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(3, 10))
+        )
+
+
+def train_tokenizer(
+    special_tokens: Sequence[str], vocab_size: int, chat_template: str, eos_token: str
+) -> Any:
+    """A byte-level BPE tokenizer (any text encodes, nothing is <unk>) as a transformers
+    fast tokenizer. Built directly rather than saved from a processor, so its
+    tokenizer_config carries no `processor_class` (which would make AutoProcessor look
+    for an image processor)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Exactly Qwen2's pipeline: AutoTokenizer picks the tokenizer class registered for the
+    # model type (Qwen2Tokenizer here), which rebuilds normalizer and pre-tokenizer from
+    # code; any other pipeline would tokenize differently from how it was trained.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    others = [t for t in special_tokens if t not in (eos_token, ENDOFTEXT)]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos_token,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=others,
+        chat_template=chat_template,
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _build_tiny_chat(out: Path) -> None:
+    """Qwen2-shaped causal LM: hidden 128, 2 heads of size 64 (vLLM's CPU attention
+    rejects head size 16), 2 layers, ChatML template, eos <|im_end|>."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_tokenizer(CHAT_SPECIAL_TOKENS, 2048, CHATML_TEMPLATE, IM_END)
+    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
+    pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype="float32",
+    )
+    # fork_rng: a fixed seed for reproducible weights without disturbing the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, max_new_tokens=256
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# name -> builder writing a complete model directory. Issue 3 adds "ferry-tiny-vision".
+Builder = Callable[[Path], None]
+TINY_MODELS: dict[str, Builder] = {
+    "ferry-tiny-chat": _build_tiny_chat,
+}
+
+
+def is_tiny_model(name: str) -> bool:
+    return name in TINY_MODELS
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    # One builder per name at a time across processes; the atomic rename below keeps
+    # readers safe even without the lock (e.g. a reader that never builds).
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _is_complete(path: Path, name: str) -> bool:
+    try:
+        stamp = json.loads((path / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(stamp.get("name") == name and stamp.get("version") == BUILD_VERSION)
+
+
+def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
+    """Return the directory of tiny model `name`, building it into `cache_dir` once."""
+    builder = TINY_MODELS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODELS)}")
+    cache_dir = Path(cache_dir).expanduser()
+    final = cache_dir / f"{name}-v{BUILD_VERSION}"
+    if _is_complete(final, name):
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / f".{name}.lock"):
+        if _is_complete(final, name):  # another process built it while we waited
+            return final
+        # Leftovers of a builder that died mid-build (we hold the lock: nobody else builds).
+        for stale in cache_dir.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # incomplete: never stamped, so never served
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+        try:
+            builder(tmp)
+            stamp = {"name": name, "version": BUILD_VERSION, "seed": SEED}
+            (tmp / STAMP_FILE).write_text(json.dumps(stamp) + "\n")
+            tmp.chmod(0o755)  # mkdtemp makes it private; the model is for every user
+            os.rename(tmp, final)  # atomic on one filesystem: readers see all or nothing
+        except OSError:
+            # A builder that does not take the lock may have won the race.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _is_complete(final, name):
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] not in TINY_MODELS:
+        print(f"usage: python -m worker.models.tiny {{{','.join(TINY_MODELS)}}} DIR")
+        return 2
+    print(ensure_tiny_model(args[0], Path(args[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
