@@ -1,0 +1,65 @@
+"""`ferry serve`: the embedded default starts with no servers installed and answers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import ROOT, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env.update({"FERRY_MODEL_CACHE_DIR": str(model_cache), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(data_dir),
+             "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: (data_dir / "api-key").exists(), 60, "the API key file")
+        key = (data_dir / "api-key").read_text().strip()
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def model_ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                models = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json()
+            except httpx.HTTPError:
+                return False
+            return any(m["workers"] for m in models["data"])
+
+        wait_until(model_ready, 600, "the embedded worker", interval=1)
+        response = httpx.post(
+            f"{url}/v1/chat/completions", headers=headers, timeout=120,
+            json={"model": "ferry-tiny-chat", "max_tokens": 8,
+                  "messages": [{"role": "user", "content": "Hello!"}]},
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["choices"][0]["message"]["content"]
+        assert body["usage"]["completion_tokens"] > 0
+        assert (data_dir / "ferry.db").exists()  # SQLite file in the data directory
+        log_text = log_path.read_text()
+        assert "RANDOM-WEIGHT" in log_text and "FERRY_MODEL" in log_text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
