@@ -14,6 +14,7 @@ from api.catalog import ModelCatalog
 from api.enqueue import JobQueue, create_producer
 from api.errors import PayloadTooLarge, error_response, install_error_handlers
 from api.event_hub import JobEventHub
+from api.intake import JobIntake
 from api.reconciler import Reconciler
 from api.routes import chat, jobs, models, ops
 from api.settings import ApiSettings, get_api_settings
@@ -51,6 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub=hub,
         registry=registry,
         queue=queue,
+        intake=JobIntake(sessions, queue),
         keys=KeyRing(sessions),
         catalog=ModelCatalog(registry),
     )
@@ -59,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             grace_seconds=settings.reconcile_grace_seconds)
     app.state.ferry = state
     queue.start()
+    state.intake.start()
     await hub.start()
     reconciler.start()
     try:
@@ -66,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await reconciler.stop()
         await hub.stop()
+        await state.intake.stop()
         await queue.stop()
         await redis.aclose()
         await db.dispose()

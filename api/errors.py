@@ -80,6 +80,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "Request body is not valid JSON.", None
+    if tuple(first.get("loc", ())) == ("body",):
+        return ("Request body must be a JSON object, sent with "
+                "Content-Type: application/json."), None
     message = first.get("msg", "Invalid request")
     return (f"{param}: {message}" if param else message), param
 

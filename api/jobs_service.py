@@ -6,7 +6,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.enqueue import QueuedJob
 from api.errors import Conflict, InvalidRequest
 from api.schemas.openai import ChatCompletionRequest, ChatMessage, SamplingFields, TextPart
 from api.state import AppState
@@ -78,11 +77,10 @@ async def build_chat_job(
     )
 
 
-async def submit(state: AppState, session: AsyncSession, jobs: list[Job]) -> None:
-    """Commit the rows, then hand them to the queue: an accepted job is always in SQL."""
-    await jobs_repo.insert_jobs(session, jobs)
-    await session.commit()
-    state.queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority) for j in jobs])  # type: ignore[arg-type]
+async def submit(state: AppState, jobs: list[Job]) -> None:
+    """Commit the rows (grouped with concurrent submits), then queue them: an accepted
+    job is always in SQL before its message is sent."""
+    await state.intake.accept(jobs)
 
 
 async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:

@@ -11,6 +11,7 @@ from api.auth import KeyRing
 from api.catalog import ModelCatalog
 from api.enqueue import JobQueue
 from api.event_hub import JobEventHub
+from api.intake import JobIntake
 from api.job_events import EventSources
 from api.settings import ApiSettings
 from storage.events import JobEventStream
@@ -29,6 +30,7 @@ class AppState:
     hub: JobEventHub
     registry: ModelRegistry
     queue: JobQueue
+    intake: JobIntake
     keys: KeyRing
     catalog: ModelCatalog
 

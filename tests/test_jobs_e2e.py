@@ -205,9 +205,11 @@ def test_many_subscribers_get_the_same_stream(stack: Stack) -> None:
         results: list[list[str]] = []
 
         def follow() -> None:
-            with stack.client() as own:
-                with connect_sse(own, "GET", f"/v1/jobs/{job['id']}/events") as source:
-                    results.append([s.id for s in source.iter_sse()])
+            with (
+                stack.client() as own,
+                connect_sse(own, "GET", f"/v1/jobs/{job['id']}/events") as source,
+            ):
+                results.append([s.id for s in source.iter_sse()])
 
         threads = [threading.Thread(target=follow) for _ in range(6)]
         for t in threads:

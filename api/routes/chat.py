@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from api import jobs_service
-from api.deps import CurrentKey, SessionDep, StateDep
+from api.deps import CurrentKey, StateDep
 from api.errors import FerryError, ServiceUnavailable
 from api.job_events import job_events
 from api.schemas.openai import (
@@ -35,7 +35,7 @@ router = APIRouter(tags=["openai"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(
-    body: ChatCompletionRequest, key: CurrentKey, state: StateDep, session: SessionDep
+    body: ChatCompletionRequest, key: CurrentKey, state: StateDep
 ) -> Any:
     """OpenAI chat completions, through the same queue and workers as `/v1/jobs`.
 
@@ -45,7 +45,7 @@ async def create_chat_completion(
     that disconnects cancels its job, as in vLLM.
     """
     job = await jobs_service.build_chat_job(state, key, body)
-    await jobs_service.submit(state, session, [job])
+    await jobs_service.submit(state, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -20,9 +20,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=202, response_model=JobPublic)
-async def create_job(
-    body: JobCreate, key: CurrentKey, state: StateDep, session: SessionDep
-) -> JobPublic:
+async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
 
     The job is stored before this returns (202) and runs on a worker serving `model`.
@@ -33,7 +31,7 @@ async def create_job(
     job = await jobs_service.build_chat_job(
         state, key, body, priority=body.priority, metadata=body.metadata
     )
-    await jobs_service.submit(state, session, [job])
+    await jobs_service.submit(state, [job])
     return JobPublic.from_row(job)
 
 
