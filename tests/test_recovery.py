@@ -55,7 +55,7 @@ def test_worker_killed_mid_job_is_redelivered_and_completes(
 ) -> None:
     first = own_stack.add_worker("recovery-w2", MODEL, "transformers", logs)
     with own_stack.client() as client:
-        job = submit(client, chat_body(MODEL, max_tokens=1500, temperature=0))
+        job = submit(client, chat_body(MODEL, max_tokens=400, temperature=0))
         head = read_events(client, job["id"], limit=2)
         assert [e.type for e in head] == ["delta", "delta"]
         first.kill()
@@ -66,10 +66,16 @@ def test_worker_killed_mid_job_is_redelivered_and_completes(
         resumed = read_events(client, job["id"], last_event_id=head[-1].id)
     assert final["status"] == "succeeded", final
     assert final["attempts"] == 2
-    assert events[0].type == "retry" and events[0].id == "2-1"
+    # The full stream: what attempt 1 sent before it died, then attempt 2 from the start.
+    retry_at = [e.type for e in events].index("retry")
+    assert events[retry_at].id == "2-1"
+    assert all(e.order[0] == 1 and e.type == "delta" for e in events[:retry_at])
+    assert all(e.order[0] == 2 for e in events[retry_at:])
     assert text_of(events) == final["result"]["text"]
-    # A client that saw attempt 1's first deltas is told to start over, then gets it all.
-    assert resumed[0].type == "retry"
+    # A client that saw attempt 1's first deltas gets the rest of attempt 1, is told to
+    # start over, then gets attempt 2: exactly the events after its Last-Event-ID.
+    assert [e.id for e in resumed] == [e.id for e in events if e.order > head[-1].order]
+    assert "retry" in [e.type for e in resumed]
     assert text_of(head + resumed) == final["result"]["text"]
     own_stack.procs.pop().stop()
 

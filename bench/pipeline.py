@@ -1,0 +1,89 @@
+"""Tokens/s of 64 concurrent jobs through Ferry (HTTP submit -> SSE) divided by tokens/s of
+the same engine driven directly with the same prompts, in one run.
+
+Target (issue 2): ratio >= 0.95. Greedy decoding, so both sides generate the same tokens.
+Ferry runs first (API + worker processes); then, with the worker stopped, this process
+starts the same engine with the same settings and drives it directly.
+
+    .venv/bin/python bench/pipeline.py [--jobs 64] [--max-tokens 128] [--engine vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from bench.engine_direct import drive_engine  # noqa: E402
+from bench.sse_clients import submit_and_follow  # noqa: E402
+from bench.stack import KEY, bench_stack  # noqa: E402
+from worker.engines import build_engine  # noqa: E402
+from worker.settings import WorkerSettings  # noqa: E402
+
+MODEL = "ferry-tiny-chat"
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about the number {i}." for i in range(n)]
+
+
+async def through_ferry(url: str, texts: list[str], max_tokens: int) -> tuple[int, float]:
+    limits = httpx.Limits(max_connections=2 * len(texts) + 8)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+        def body(text: str) -> dict[str, object]:
+            return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": text}]}
+
+        await asyncio.gather(*(submit_and_follow(client, body(t)) for t in texts[:4]))  # warm
+        started = time.perf_counter()
+        results = await asyncio.gather(*(submit_and_follow(client, body(t)) for t in texts))
+        elapsed = max(r.finished_at for r in results) - started
+    return sum(r.completion_tokens for r in results), elapsed
+
+
+async def directly(engine_name: str, texts: list[str], max_tokens: int) -> dict[str, float]:
+    settings = WorkerSettings(model=MODEL, engine=engine_name,  # type: ignore[arg-type]
+                              concurrency=64, cpu_kv_cache_gib=2)
+    engine = build_engine(settings)
+    await engine.start()
+    try:
+        await drive_engine(engine, texts[:4], max_tokens)  # warm-up, as on the Ferry side
+        return await drive_engine(engine, texts, max_tokens)
+    finally:
+        await engine.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    args = parser.parse_args()
+    texts = prompts(args.jobs)
+    with tempfile.TemporaryDirectory() as logs, bench_stack(Path(logs)) as stack:
+        url = stack.add_api("api")
+        worker = stack.add_worker(MODEL, args.engine)
+        tokens, elapsed = asyncio.run(through_ferry(url, texts, args.max_tokens))
+        worker.stop()
+    ferry_rate = tokens / elapsed
+    direct = asyncio.run(directly(args.engine, texts, args.max_tokens))
+    direct_rate = direct["tokens"] / direct["seconds"]
+    print(f"pipeline: {args.jobs} concurrent jobs x {args.max_tokens} max tokens, "
+          f"{args.engine} engine, greedy")
+    print(f"pipeline: through Ferry (HTTP submit -> SSE): {tokens} tokens in {elapsed:.2f} s "
+          f"= {ferry_rate:,.0f} tok/s")
+    print(f"pipeline: engine driven directly:            {direct['tokens']:.0f} tokens in "
+          f"{direct['seconds']:.2f} s = {direct_rate:,.0f} tok/s")
+    print(f"pipeline: ratio {ferry_rate / direct_rate:.3f} (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Both engines for real, on the tiny chat model built offline into a temporary directory.
+
+One engine start per engine for the whole module: the `engine` fixture is module-scoped
+and parametrized, so pytest runs every test for vLLM, stops it, then every test for
+transformers. Everything runs on the session event loop (the engine must live on the loop
+that calls it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from worker.engines import (
+    Delta,
+    Engine,
+    EngineRequestError,
+    GenerationRequest,
+    SamplingOptions,
+    build_engine,
+)
+from worker.models import tiny
+from worker.models.tiny import ensure_tiny_model, is_tiny_model
+from worker.settings import WorkerSettings
+
+# asyncio_mode = "auto" with session-scoped loops (pyproject): async tests need no mark.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.engine]
+
+TINY = "ferry-tiny-chat"
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_cache: Path) -> Path:
+    return ensure_tiny_model(TINY, model_cache)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", params=["vllm", "transformers"])
+async def engine(request: pytest.FixtureRequest, model_cache: Path) -> AsyncIterator[Engine]:
+    settings = WorkerSettings(
+        model=TINY,
+        engine=request.param,
+        model_cache_dir=model_cache,
+        max_model_len=MAX_MODEL_LEN,
+        concurrency=16,
+        cpu_kv_cache_gib=1,
+    )
+    eng = build_engine(settings)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.stop()
+
+
+def chat(content: str, **sampling: Any) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        messages=[{"role": "user", "content": content}],
+        sampling=SamplingOptions(**sampling),
+    )
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> list[Delta]:
+    return [delta async for delta in engine.generate(request)]
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def check_stream(deltas: list[Delta], max_tokens: int, prompt_tokens: int | None = None) -> None:
+    assert deltas, "no deltas"
+    assert deltas[0].prompt_tokens is not None and deltas[0].prompt_tokens > 0
+    if prompt_tokens is not None:
+        assert deltas[0].prompt_tokens == prompt_tokens
+    assert all(d.prompt_tokens is None for d in deltas[1:])
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    # Empty deltas are only allowed to carry the finish reason.
+    assert all(d.text for d in deltas[:-1])
+    total = sum(d.new_tokens for d in deltas)
+    assert deltas[-1].finish_reason in ("stop", "length")
+    if deltas[-1].finish_reason == "length":
+        assert total == max_tokens
+    else:
+        assert 0 < total <= max_tokens
+
+
+# --- the builder -----------------------------------------------------------------------
+
+
+def test_builder_reuses_cache(model_cache: Path, model_dir: Path, monkeypatch: Any) -> None:
+    stamp = model_dir / tiny.STAMP_FILE
+    before = stamp.stat().st_mtime_ns
+
+    def must_not_build(out: Path) -> None:
+        raise AssertionError("rebuilt a cached model")
+
+    monkeypatch.setitem(tiny.TINY_MODELS, TINY, must_not_build)
+    assert ensure_tiny_model(TINY, model_cache) == model_dir
+    assert stamp.stat().st_mtime_ns == before
+    assert is_tiny_model(TINY) and not is_tiny_model("Qwen/Qwen2-0.5B")
+    with pytest.raises(ValueError):
+        ensure_tiny_model("no-such-model", model_cache)
+
+
+def test_builder_concurrent_callers_share_one_build(tmp_path: Path) -> None:
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            results.append(ensure_tiny_model(TINY, tmp_path))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(results)) == 1
+    # Only the final directory (and the lock file) remain: no temporary build left over.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{TINY}.lock", results[0].name]
+
+
+def test_builder_is_reproducible(model_dir: Path, tmp_path: Path) -> None:
+    again = ensure_tiny_model(TINY, tmp_path)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (model_dir / name).read_bytes(), name
+
+
+def test_tokenizer_and_chat_template(model_dir: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(model_dir)
+    for text in ("Hello, world!", "  two  spaces\nand lines", "Über café 東京 ✓ 12345"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+    assert tok.eos_token == "<|im_end|>"
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tok.encode(special, add_special_tokens=False)) == 1
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": [{"type": "text", "text": "Again"}]},
+    ]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nAgain<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    no_prompt = tok.apply_chat_template(messages[:2], tokenize=False)
+    assert not no_prompt.endswith("<|im_start|>assistant\n")
+    config = AutoConfig.from_pretrained(model_dir)
+    assert config.head_dim == 64 and config.vocab_size == len(tok)
+    assert config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert "processor_class" not in tok_config
+    gen_config = json.loads((model_dir / "generation_config.json").read_text())
+    assert gen_config["eos_token_id"] == config.eos_token_id
+
+
+# --- the engines -----------------------------------------------------------------------
+
+
+async def test_info(engine: Engine) -> None:
+    assert engine.info.name == TINY
+    assert engine.info.max_model_len == MAX_MODEL_LEN
+    assert engine.info.engine in ("vllm", "transformers")
+
+
+async def test_concurrent_requests(engine: Engine, model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(model_dir)
+    requests = [
+        chat(f"Request number {i}: tell me about the river.", max_tokens=24, temperature=0.8)
+        for i in range(6)
+    ]
+    requests.append(GenerationRequest(uuid.uuid4().hex, prompt="Once upon a time", priority=10))
+    requests.append(chat("Bulk work", max_tokens=24, temperature=0))
+    results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    for request, deltas in zip(requests, results, strict=True):
+        if request.messages is not None:
+            expected = len(
+                tok.apply_chat_template(
+                    request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        else:
+            assert request.prompt is not None
+            expected = len(tok.encode(request.prompt))
+        check_stream(deltas, request.sampling.max_tokens, expected)
+        if deltas[-1].finish_reason == "length":
+            assert text_of(deltas).strip()
+
+
+async def test_greedy_is_deterministic(engine: Engine) -> None:
+    first = text_of(await collect(engine, chat("Same prompt", max_tokens=32, temperature=0)))
+    second = text_of(await collect(engine, chat("Same prompt", max_tokens=32, temperature=0)))
+    assert first and first == second
+    together = await asyncio.gather(
+        *(collect(engine, chat("Same prompt", max_tokens=32, temperature=0)) for _ in range(3))
+    )
+    assert len({text_of(d) for d in together}) == 1
+
+
+async def test_stop_string(engine: Engine) -> None:
+    full = text_of(await collect(engine, chat("Stop here", max_tokens=32, temperature=0)))
+    # A stop string from the middle of the greedy text (not a replacement character,
+    # which stands for undecodable bytes and is not stable across token boundaries).
+    start = next(i for i in range(8, len(full) - 3) if "\ufffd" not in full[i : i + 3])
+    stop = full[start : start + 3]
+    deltas = await collect(engine, chat("Stop here", max_tokens=32, temperature=0, stop=(stop,)))
+    assert deltas[-1].finish_reason == "stop"
+    assert text_of(deltas) == full[: full.find(stop)]
+    assert len(text_of(deltas)) >= 8
+
+
+async def test_abort_running_request(engine: Engine) -> None:
+    max_tokens = MAX_MODEL_LEN - 64
+    request = chat("Go on forever", max_tokens=max_tokens, temperature=0)
+    deltas: list[Delta] = []
+    async for delta in engine.generate(request):
+        deltas.append(delta)
+        if len(deltas) == 1:
+            await engine.abort(request.request_id)
+    assert deltas[-1].finish_reason == "abort"
+    assert deltas[0].prompt_tokens
+    assert sum(d.new_tokens for d in deltas) < max_tokens
+    await engine.abort(request.request_id)  # finished: ignored
+    await engine.abort("never-existed")
+
+
+async def test_consumer_leaving_early_frees_the_request(engine: Engine) -> None:
+    request = chat("Walk away", max_tokens=MAX_MODEL_LEN - 64, temperature=0)
+    stream = engine.generate(request)
+    async for _ in stream:
+        break
+    await stream.aclose()  # type: ignore[attr-defined]
+    # The engine still serves new work.
+    deltas = await collect(engine, chat("Still alive?", max_tokens=8, temperature=0))
+    check_stream(deltas, 8)
+
+
+@pytest.mark.parametrize(
+    ("content", "max_tokens"),
+    [("word " * MAX_MODEL_LEN, 16), ("short", MAX_MODEL_LEN)],
+    ids=["prompt-too-long", "prompt-plus-max-tokens-too-long"],
+)
+async def test_too_long_is_refused(engine: Engine, content: str, max_tokens: int) -> None:
+    with pytest.raises(EngineRequestError, match="context"):
+        await collect(engine, chat(content, max_tokens=max_tokens))
+
+
+async def test_bad_requests_are_refused(engine: Engine) -> None:
+    with pytest.raises(EngineRequestError):
+        await collect(engine, GenerationRequest(uuid.uuid4().hex))  # neither messages nor prompt
+    with pytest.raises(EngineRequestError):
+        await collect(engine, chat("x", top_p=1.5))
+    with pytest.raises(EngineRequestError):
+        await collect(
+            engine,
+            GenerationRequest(uuid.uuid4().hex, messages=[{"role": "robot", "content": "x"}]),
+        )

@@ -1,0 +1,64 @@
+"""Request checks shared by the engines: prompt rendering and length limits.
+
+Both engines render chat messages with the model's own chat template into token ids and
+check lengths before anything is submitted, so a bad request fails fast with
+`EngineRequestError` instead of failing (or silently truncating) inside the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.engines.base import EngineRequestError, GenerationRequest
+
+
+def _as_ids(rendered: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True) unless
+    # return_dict=False; older versions return a list. Accept both shapes.
+    if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
+        rendered = rendered["input_ids"]
+    return [int(i) for i in rendered]
+
+
+def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """Token ids of the request's prompt: chat messages through the chat template (with the
+    assistant generation prompt), or plain text tokenized as is."""
+    if (request.messages is None) == (request.prompt is None):
+        raise EngineRequestError("exactly one of `messages` and `prompt` must be set")
+    if request.messages is not None:
+        if not request.messages:
+            raise EngineRequestError("`messages` is empty")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise EngineRequestError("this model has no chat template; send `prompt` instead")
+        try:
+            rendered = tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja errors (bad roles, bad content) are the caller's
+            msg = f"cannot render messages with the chat template: {exc}"
+            raise EngineRequestError(msg) from exc
+        ids = _as_ids(rendered)
+    else:
+        assert request.prompt is not None
+        ids = _as_ids(tokenizer.encode(request.prompt))
+    if not ids:
+        raise EngineRequestError("the prompt is empty")
+    return ids
+
+
+def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """Refuse requests the model's context cannot hold (vLLM would reject them later, with
+    a less useful message; transformers would run past its position embeddings)."""
+    if max_tokens < 1:
+        raise EngineRequestError(f"max_tokens must be at least 1, got {max_tokens}")
+    if prompt_tokens >= max_model_len:
+        raise EngineRequestError(
+            f"the prompt has {prompt_tokens} tokens; this model's context is "
+            f"{max_model_len} tokens (prompt plus completion)"
+        )
+    if prompt_tokens + max_tokens > max_model_len:
+        raise EngineRequestError(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
+            f"this model's context of {max_model_len} tokens; lower max_tokens to at most "
+            f"{max_model_len - prompt_tokens}"
+        )

@@ -1,0 +1,294 @@
+"""The light engine: transformers' continuous batching, for machines without vLLM.
+
+`model.init_continuous_batching()` returns a manager whose background thread batches
+every queued request into one forward pass per step. This module bridges it to asyncio:
+each request registers a result handler (transformers calls it on our loop through
+`call_soon_threadsafe`), and `generate()` turns the cumulative token lists it receives
+into text deltas.
+
+What transformers' continuous batching can and cannot do per request (5.x):
+
+- temperature, top_p, top_k: yes, via its per-request logits processors. They only exist
+  if the generation config enables them at start, so the engine starts with neutral
+  values (temperature 1 + 2**-23, top_k = vocabulary, top_p = 1 - 2**-24) and passes every
+  request's own values. Greedy (temperature 0) is top_k = 1, which is exact argmax.
+  Defaults match vLLM's: temperature 1, no top_p / top_k cut.
+- stop strings: not in transformers; done here on the decoded text (text after the
+  stop string is never emitted, the request is cancelled in the batch).
+- seed, presence_penalty, frequency_penalty: not supported per request; ignored. The
+  sampler is seeded once per engine start.
+- images: transformers does not continuously batch image models; not handled here yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from worker.engines.base import (
+    Delta,
+    EngineRequestError,
+    GenerationRequest,
+    ModelInfo,
+    SamplingOptions,
+)
+from worker.engines.common import check_fits, prompt_token_ids
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+# Tokens per forward pass on CPU. The SDPA path allocates an attention mask of
+# max_batch_tokens x (cache tokens + max_batch_tokens) up front and longer prompts are
+# prefilled in chunks, so a small value costs little and keeps memory bounded.
+CPU_MAX_BATCH_TOKENS = 512
+_ABORT = object()  # queued by abort(): ends the request's stream with "abort"
+
+
+class _RequestStream:
+    """Per-request state on the loop: the queue the result handler feeds, and the
+    incremental detokenizer + stop-string scanner that turns tokens into deltas."""
+
+    def __init__(self, backend_tokenizer: Any, stop: tuple[str, ...], prompt_tokens: int) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._tok = backend_tokenizer
+        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._stop = stop
+        # Text that might be the start of a stop string is held back until it is not.
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._text = ""
+        self._emitted = 0
+        self._seen = 0  # generated tokens already consumed
+        self._pending_tokens = 0
+        self._prompt_tokens: int | None = prompt_tokens
+        self.finished = False
+
+    def _delta(self, text: str, finish: str | None) -> Delta:
+        delta = Delta(text, self._pending_tokens, self._prompt_tokens, finish)
+        self._prompt_tokens, self._pending_tokens = None, 0
+        return delta
+
+    def consume(self, token_ids: list[int], done: bool, eos_ids: set[int]) -> Delta | None:
+        """Fold the new tail of a cumulative token list into a delta (None: nothing to
+        say yet). Sets `finished` when the request is over (length, eos or stop)."""
+        new = token_ids[self._seen :]
+        self._seen = len(token_ids)
+        for token_id in new:
+            self._pending_tokens += 1
+            chunk = self._decoder.step(self._tok, token_id)
+            if chunk:
+                self._text += chunk
+            if self._stop:
+                hit = self._find_stop()
+                if hit is not None:
+                    self.finished = True
+                    return self._delta(self._text[self._emitted : hit], "stop")
+        if done:
+            self.finished = True
+            reason = "stop" if token_ids and token_ids[-1] in eos_ids else "length"
+            return self._delta(self._text[self._emitted :], reason)
+        end = len(self._text) - self._hold
+        if end <= self._emitted:
+            return None
+        text, self._emitted = self._text[self._emitted : end], end
+        return self._delta(text, None)
+
+    def _find_stop(self) -> int | None:
+        start = max(0, self._emitted - self._hold)
+        found = [i for s in self._stop if (i := self._text.find(s, start)) >= 0]
+        return min(found) if found else None
+
+    def abort(self) -> Delta:
+        self.finished = True
+        return self._delta(self._text[self._emitted :], "abort")
+
+
+class TransformersEngine:
+    """`Engine` on transformers' continuous batching (see the module docstring for the
+    sampling options it honours)."""
+
+    def __init__(self, model_path: str | Path, settings: WorkerSettings) -> None:
+        self._model_path = str(model_path)
+        self._settings = settings
+        self._manager: Any = None
+        self._tokenizer: Any = None
+        self._vocab_size = 0
+        self._eos_ids: set[int] = set()
+        self._streams: dict[str, _RequestStream] = {}
+        self._info = ModelInfo(
+            name=settings.model_name, max_model_len=settings.max_model_len, engine="transformers"
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def start(self) -> None:
+        if self._manager is not None:
+            return
+        # Importing torch/transformers and loading weights block for seconds: off the loop.
+        manager = await asyncio.to_thread(self._load)
+        manager.start()
+        self._manager = manager
+
+    def _load(self) -> Any:
+        """Load tokenizer and model and build the (not yet started) batching manager."""
+        import torch
+
+        # Used as an untyped module: transformers' annotations are partial and its
+        # decorated classmethods confuse mypy.
+        tf: Any = importlib.import_module("transformers")
+        tokenizer = tf.AutoTokenizer.from_pretrained(self._model_path)
+        on_gpu = torch.cuda.is_available()
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            self._model_path, dtype="auto", attn_implementation="sdpa"
+        )
+        model = model.to("cuda" if on_gpu else "cpu").eval()
+        text_config = model.config.get_text_config()
+        max_len = min(
+            self._settings.max_model_len,
+            int(getattr(text_config, "max_position_embeddings", self._settings.max_model_len)),
+        )
+        self._vocab_size = int(text_config.vocab_size)
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        gen_config = tf.GenerationConfig(
+            do_sample=True,
+            # Neutral values that still make transformers build the per-request
+            # processors (it skips temperature == 1, top_p == 1, top_k == 0).
+            temperature=1.0 + 2.0**-23,
+            top_k=self._vocab_size,
+            top_p=1.0 - 2.0**-24,
+            max_new_tokens=max_len,
+            eos_token_id=sorted(self._eos_ids) or None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        cb_kwargs: dict[str, Any] = {
+            "per_request_processors": True,
+            "max_requests_per_batch": max(self._settings.concurrency, 1),
+        }
+        if on_gpu:
+            cb_kwargs["max_memory_percent"] = self._settings.gpu_memory_utilization
+        else:
+            # On CPU transformers would size the KV cache from 80% of *system* RAM (and
+            # zero it): cap it to what `concurrency` requests of max_model_len need, within
+            # the cpu_kv_cache_gib budget. No CUDA graphs on CPU.
+            cb_kwargs["use_cuda_graph"] = False
+            cb_kwargs["max_batch_tokens"] = CPU_MAX_BATCH_TOKENS
+            cb_kwargs["num_blocks"] = self._cpu_num_blocks(text_config, model.dtype, max_len)
+        manager = model.init_continuous_batching(
+            generation_config=gen_config,
+            continuous_batching_config=tf.ContinuousBatchingConfig(**cb_kwargs),
+        )
+        self._tokenizer = tokenizer
+        self._info = ModelInfo(
+            name=self._settings.model_name, max_model_len=max_len, engine="transformers"
+        )
+        return manager
+
+    def _cpu_num_blocks(self, text_config: Any, dtype: Any, max_len: int) -> int:
+        page_size = 256  # ContinuousBatchingConfig's default page size
+        heads = int(text_config.num_attention_heads)
+        kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+        layers = int(text_config.num_hidden_layers)
+        bytes_per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize  # K and V
+        budget_tokens = self._settings.cpu_kv_cache_gib * 2**30 // bytes_per_token
+        wanted_tokens = max(self._settings.concurrency, 1) * max_len
+        return max(1, math.ceil(int(min(budget_tokens, wanted_tokens)) / page_size))
+
+    async def stop(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is None:
+            return
+        for request_id in list(self._streams):
+            await self.abort(request_id)
+        # A hard stop drops whatever is still queued instead of finishing it first.
+        await asyncio.to_thread(manager.stop, block=True, timeout=30, hard_stop=True)
+        manager.destroy()
+
+    def _sampling_kwargs(self, s: SamplingOptions) -> dict[str, Any]:
+        temperature = 1.0 if s.temperature is None else float(s.temperature)
+        top_p = 1.0 if s.top_p is None else float(s.top_p)
+        top_k = self._vocab_size if s.top_k is None or s.top_k <= 0 else int(s.top_k)
+        if temperature < 0:
+            raise EngineRequestError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise EngineRequestError(f"top_p must be in (0, 1], got {top_p}")
+        if temperature == 0:  # greedy: keep only the argmax token, sampling becomes exact
+            temperature, top_k = 1.0, 1
+        return {"temperature": temperature, "top_p": top_p, "top_k": min(top_k, self._vocab_size)}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        manager = self._manager
+        if manager is None:
+            raise RuntimeError("TransformersEngine.generate() before start()")
+        fatal = manager.background_thread_status.fatal_error
+        if fatal is not None:
+            raise RuntimeError(f"the generation thread died: {fatal}")
+        request_id = request.request_id
+        if request_id in self._streams:
+            raise EngineRequestError(f"request id {request_id!r} is already running")
+        ids = prompt_token_ids(self._tokenizer, request)
+        check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
+        sampling = self._sampling_kwargs(request.sampling)
+        stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids))
+        self._streams[request_id] = stream
+        # Register before adding: a fast request could otherwise finish unseen.
+        manager.register_result_handler(request_id, stream.queue.put_nowait)
+        running = False
+        try:
+            added = manager.add_request(
+                ids,
+                request_id=request_id,
+                max_new_tokens=request.sampling.max_tokens,
+                streaming=True,
+                **sampling,
+            )
+            if added is None:
+                raise RuntimeError("the transformers engine is stopping")
+            running = True  # in the batch, from transformers' point of view
+            while not stream.finished:
+                item = await stream.queue.get()
+                if item is _ABORT:  # abort() already cancelled it in the batch
+                    running = False
+                    yield stream.abort()
+                    return
+                if item.error is not None:
+                    running = False
+                    raise RuntimeError(f"generation failed: {item.error}")
+                running = not item.is_finished()
+                delta = stream.consume(list(item.generated_tokens), not running, self._eos_ids)
+                if delta is not None and (delta.text or delta.finish_reason):
+                    yield delta
+        finally:
+            # Ended by a stop string, or the consumer went away: free its batch slot.
+            if running:
+                manager.cancel_request(request_id)
+            self._streams.pop(request_id, None)
+            self._forget_handler(manager, request_id)
+
+    def _forget_handler(self, manager: Any, request_id: str) -> None:
+        # transformers drops a handler when its request finishes, but a cancelled request
+        # never finishes: remove it ourselves so a long-lived worker does not leak them.
+        router = getattr(manager, "output_router", None)
+        handlers = getattr(router, "result_handlers", None)
+        lock = getattr(router, "_lock", None)
+        if handlers is not None and lock is not None:
+            with lock:
+                handlers.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None or stream.finished or self._manager is None:
+            return
+        self._manager.cancel_request(request_id)
+        stream.queue.put_nowait(_ABORT)

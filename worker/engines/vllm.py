@@ -1,0 +1,170 @@
+"""The production engine: vLLM's `AsyncLLM`, continuously batching every request the
+runner hands it.
+
+vLLM runs its engine core in a separate process (started by `start()`), so the process
+that starts it must be importable under `spawn`: scripts need an
+`if __name__ == "__main__":` guard. `import vllm` alone takes 10-14 s and an engine start
+20-45 s on a small CPU machine, so the import happens in `start()`, never at module import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from worker.engines.base import (
+    Delta,
+    EngineRequestError,
+    GenerationRequest,
+    ModelInfo,
+    SamplingOptions,
+)
+from worker.engines.common import check_fits, prompt_token_ids
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class VllmEngine:
+    """`Engine` on vLLM's AsyncLLM: delta outputs, priority scheduling, abort by id."""
+
+    def __init__(self, model_path: str | Path, settings: WorkerSettings) -> None:
+        self._model_path = str(model_path)
+        self._settings = settings
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._info = ModelInfo(
+            name=settings.model_name, max_model_len=settings.max_model_len, engine="vllm"
+        )
+        # vllm.SamplingParams / RequestOutputKind, bound in start() (lazy import).
+        self._sampling_params: Any = None
+        self._delta_kind: Any = None
+        self._tokens_input: Any = None
+        # Exceptions that mean "this request is bad", not "the engine is broken".
+        self._request_errors: tuple[type[Exception], ...] = (ValueError,)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def engine_args(self) -> dict[str, Any]:
+        """AsyncEngineArgs keywords derived from the settings (public for tests/bench)."""
+        s = self._settings
+        return {
+            "model": self._model_path,
+            "served_model_name": s.model_name,
+            "max_model_len": s.max_model_len,
+            # Every task thread's request must fit in one batch, or jobs queue inside vLLM
+            # where priority can no longer be seen by anyone.
+            "max_num_seqs": max(s.concurrency, 1),
+            "gpu_memory_utilization": s.gpu_memory_utilization,
+            # Lower `priority` value runs first; bulk work uses a larger number.
+            "scheduling_policy": "priority",
+            # Per-request stats logging costs time and floods worker logs; Ferry keeps its
+            # own metrics.
+            "disable_log_stats": True,
+            "enable_log_requests": False,
+        }
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        # The CPU build sizes its KV cache from this variable (GiB); it is read when the
+        # engine core process starts, so it must be in the environment before that.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._settings.cpu_kv_cache_gib))
+        # The import takes 10-14 s: do it off the loop so heartbeats keep running.
+        await asyncio.to_thread(importlib.import_module, "vllm")
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs.engine import tokens_input
+        from vllm.platforms import current_platform
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = self.engine_args()
+        if current_platform.is_cpu():
+            # torch.compile of the model costs tens of seconds per start on CPU and buys
+            # little for the small models CPU machines can serve; CUDA graphs do not exist.
+            kwargs["enforce_eager"] = True
+        args = AsyncEngineArgs(**kwargs)
+        # Constructing AsyncLLM starts the engine core process and waits for it (blocking);
+        # it must happen on the loop that will call generate(): its output handler task
+        # and ZMQ sockets belong to that loop.
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._sampling_params = SamplingParams
+        self._delta_kind = RequestOutputKind.DELTA
+        self._tokens_input = tokens_input
+        self._request_errors = (ValueError, VLLMClientError)
+        self._info = ModelInfo(
+            name=self._settings.model_name,
+            max_model_len=int(self._llm.model_config.max_model_len),
+            engine="vllm",
+        )
+
+    async def stop(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    def _params(self, s: SamplingOptions) -> Any:
+        try:
+            return self._sampling_params.from_optional(
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,  # None -> vLLM's 1.0; 0 -> greedy
+                top_p=s.top_p,
+                top_k=0 if s.top_k is None else s.top_k,  # 0: no top-k
+                stop=list(s.stop) or None,
+                seed=s.seed,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                output_kind=self._delta_kind,
+            )
+        except self._request_errors as exc:  # vLLM validates ranges (e.g. top_p in (0, 1])
+            raise EngineRequestError(str(exc)) from exc
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if self._llm is None:
+            raise RuntimeError("VllmEngine.generate() before start()")
+        ids = prompt_token_ids(self._tokenizer, request)
+        check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
+        params = self._params(request.sampling)
+        prompt_tokens: int | None = len(ids)
+        # Tokens of outputs without text (a partial UTF-8 character, a special token) are
+        # carried into the next delta, so new_tokens still add up to the completion length.
+        carried = 0
+        # Already tokenized: a TokensInput skips vLLM's (deprecated) raw-prompt path.
+        stream = self._llm.generate(
+            self._tokens_input(ids), params, request.request_id, priority=request.priority
+        )
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                carried += len(completion.token_ids)
+                finish = completion.finish_reason
+                if not completion.text and finish is None:
+                    continue
+                yield Delta(
+                    text=completion.text,
+                    new_tokens=carried,
+                    prompt_tokens=prompt_tokens,
+                    finish_reason=None if finish is None else str(finish),
+                )
+                prompt_tokens, carried = None, 0
+                if finish is not None:
+                    return
+        except self._request_errors as exc:  # validation inside vLLM
+            raise EngineRequestError(str(exc)) from exc
+        finally:
+            # Closing our generator early (consumer gone) closes vLLM's, which aborts.
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
