@@ -80,7 +80,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "Request body is not valid JSON.", None
-    if tuple(first.get("loc", ())) == ("body",):
+    not_an_object = first.get("type") in ("model_attributes_type", "dict_type", "model_type")
+    if tuple(first.get("loc", ())) == ("body",) and not_an_object:
         return ("Request body must be a JSON object, sent with "
                 "Content-Type: application/json."), None
     message = first.get("msg", "Invalid request")

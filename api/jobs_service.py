@@ -57,8 +57,6 @@ async def build_chat_job(
     body: ChatCompletionRequest,
     *,
     lane: Lane = "interactive",
-    priority: int = 0,
-    metadata: dict[str, str] | None = None,
 ) -> Job:
     model = await state.catalog.get(body.model)
     request = sampling_request(body, model, state.settings.default_max_tokens)
@@ -70,9 +68,9 @@ async def build_chat_job(
         kind="chat",
         lane=lane,
         status=JobStatus.QUEUED,
-        priority=priority,
+        priority=body.priority,
         request=request,
-        metadata_=metadata,
+        metadata_=body.metadata,
         attempts=0,
     )
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.engine_direct import drive_engine  # noqa: E402
-from bench.sse_clients import submit_and_follow  # noqa: E402
-from bench.stack import KEY, bench_stack  # noqa: E402
-from worker.engines import build_engine  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
+from bench.engine_direct import drive_engine
+from bench.sse_clients import submit_and_follow
+from bench.stack import KEY, bench_stack
+from worker.engines import build_engine
+from worker.settings import WorkerSettings
 
 MODEL = "ferry-tiny-chat"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.sse_clients import submit_and_follow  # noqa: E402
-from bench.stack import KEY, bench_stack, percentile  # noqa: E402
+from bench.sse_clients import submit_and_follow
+from bench.stack import KEY, bench_stack, percentile
 
 MODEL = "ferry-tiny-chat"
 

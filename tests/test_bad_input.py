@@ -46,6 +46,9 @@ BAD_BODIES: list[tuple[str, Any, int, str | None, str | None]] = [
     ("n > 1", chat_body(TINY, n=2), 400, None, "n"),
     ("priority out of range", chat_body(TINY, priority=42), 400, None, "priority"),
     ("metadata not strings", chat_body(TINY, metadata={"a": 1}), 400, None, "metadata.a"),
+    ("metadata too many keys", chat_body(TINY, metadata={str(i): "v" for i in range(17)}),
+     400, None, None),
+    ("stop not strings", chat_body(TINY, stop=[1, 2]), 400, None, "stop.str"),
     ("unknown model", chat_body("no-such-model"), 404, "model_not_found", "model"),
     ("image part", {"model": TINY, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
@@ -120,6 +123,17 @@ def test_bad_last_event_id_is_400(stack: Stack) -> None:
                               headers={"Last-Event-ID": "banana"})
         wait_job(client, job["id"])
     assert assert_error(response, 400)["param"] == "Last-Event-ID"
+
+
+def test_body_that_is_not_a_json_object(stack: Stack, job_count: Any) -> None:
+    before = job_count()
+    with stack.client() as client:
+        as_form = client.post("/v1/jobs", content=b"model=x",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+        as_list = client.post("/v1/jobs", json=[1, 2])
+    assert "JSON object" in assert_error(as_form, 400)["message"]
+    assert "JSON object" in assert_error(as_list, 400)["message"]
+    assert job_count() == before
 
 
 def test_bad_list_parameters(stack: Stack) -> None:

@@ -96,6 +96,7 @@ async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterat
     created = int(job.created_at.timestamp())
     yield _sse(chunk(job.id, created, job.model, {"role": "assistant", "content": ""}))
     finished = False
+    usage: dict[str, Any] | None = None
     try:
         async for event in job_events(
             state.event_sources, job.id, None,
@@ -105,8 +106,15 @@ async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterat
             if event is None:
                 yield b": keep-alive\n\n"
                 continue
-            for payload in _chunks_for(job, created, event, include_usage):
+            if event.type == EventType.USAGE:
+                # OpenAI sends usage last, after the chunk that carries finish_reason.
+                usage = event.data if include_usage else None
+                continue
+            for payload in _chunks_for(job, created, event):
                 yield _sse(payload)
+            if event.type.is_terminal and usage is not None:
+                yield _sse({**chunk(job.id, created, job.model, {}), "choices": [],
+                            "usage": usage})
             if event.type.is_terminal:
                 finished = True
         yield _sse("[DONE]")
@@ -117,15 +125,9 @@ async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterat
                 await _cancel_quietly(state, job.id)
 
 
-def _chunks_for(
-    job: Job, created: int, event: JobEvent, include_usage: bool
-) -> list[dict[str, Any]]:
+def _chunks_for(job: Job, created: int, event: JobEvent) -> list[dict[str, Any]]:
     if event.type == EventType.DELTA:
         return [chunk(job.id, created, job.model, {"content": event.data["text"]})]
-    if event.type == EventType.USAGE:
-        if not include_usage:
-            return []
-        return [{**chunk(job.id, created, job.model, {}), "choices": [], "usage": event.data}]
     if event.type == EventType.DONE:
         return [chunk(job.id, created, job.model, {}, event.data.get("finish_reason"))]
     if event.type == EventType.CANCELLED:

@@ -26,11 +26,7 @@ async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPu
     The job is stored before this returns (202) and runs on a worker serving `model`.
     Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`.
     """
-    if body.metadata is not None and len(body.metadata) > 16:
-        raise InvalidRequest("metadata: at most 16 keys", param="metadata")
-    job = await jobs_service.build_chat_job(
-        state, key, body, priority=body.priority, metadata=body.metadata
-    )
+    job = await jobs_service.build_chat_job(state, key, body)
     await jobs_service.submit(state, [job])
     return JobPublic.from_row(job)
 

@@ -12,14 +12,8 @@ from storage.models import Job, JobStatus
 
 
 class JobCreate(ChatCompletionRequest):
-    """An OpenAI chat-completions request, run asynchronously."""
-
-    priority: int = Field(
-        0, ge=0, le=9, description="0 is served first, 9 last (vLLM's convention)"
-    )
-    metadata: dict[str, str] | None = Field(
-        None, description="Up to 16 string pairs, returned with the job"
-    )
+    """An OpenAI chat-completions request (with `priority` and `metadata`), run
+    asynchronously."""
 
 
 class JobResult(BaseModel):

@@ -70,6 +70,18 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    priority: int = Field(
+        0, ge=0, le=9, description="vLLM extension: 0 is served first, 9 last"
+    )
+    metadata: dict[str, str] | None = Field(
+        None, description="Up to 16 string pairs, kept with the job"
+    )
+
+    @model_validator(mode="after")
+    def _metadata_size(self) -> ChatCompletionRequest:
+        if self.metadata is not None and len(self.metadata) > 16:
+            raise ValueError("metadata: at most 16 keys")
+        return self
 
 
 class Usage(BaseModel):
