@@ -74,9 +74,15 @@ def error_response(exc: FerryError) -> JSONResponse:
     )
 
 
+_LOC_NOISE = {"body", "query", "path", "header", "str", "int", "float", "bool", "list", "dict",
+              "none"}
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    # Drop the request part and pydantic's union-member tags ("str", "list[str]", ...).
+    loc = [str(p) for p in first.get("loc", ())
+           if p not in _LOC_NOISE and "[" not in str(p) and "-" not in str(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "Request body is not valid JSON.", None

@@ -48,7 +48,7 @@ BAD_BODIES: list[tuple[str, Any, int, str | None, str | None]] = [
     ("metadata not strings", chat_body(TINY, metadata={"a": 1}), 400, None, "metadata.a"),
     ("metadata too many keys", chat_body(TINY, metadata={str(i): "v" for i in range(17)}),
      400, None, None),
-    ("stop not strings", chat_body(TINY, stop=[1, 2]), 400, None, "stop.str"),
+    ("stop not strings", chat_body(TINY, stop=[1, 2]), 400, None, "stop"),
     ("unknown model", chat_body("no-such-model"), 404, "model_not_found", "model"),
     ("image part", {"model": TINY, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},

@@ -1,4 +1,4 @@
-"""Request checks shared by the engines: prompt rendering and length limits.
+"""Shared by the engines: prompt rendering, length limits, start-up warm-up.
 
 Both engines render chat messages with the model's own chat template into token ids and
 check lengths before anything is submitted, so a bad request fails fast with
@@ -7,9 +7,10 @@ check lengths before anything is submitted, so a bad request fails fast with
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from worker.engines.base import EngineRequestError, GenerationRequest
+from worker.engines.base import Engine, EngineRequestError, GenerationRequest, SamplingOptions
 
 
 def _as_ids(rendered: Any) -> list[int]:
@@ -62,3 +63,15 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
             f"this model's context of {max_model_len} tokens; lower max_tokens to at most "
             f"{max_model_len - prompt_tokens}"
         )
+
+
+async def warm_up(engine: Engine) -> None:
+    """One short request at start-up: the first batch pays one-off costs (allocations,
+    kernel selection) that would otherwise land on the first user's time to first token."""
+    request = GenerationRequest(
+        request_id=f"ferry-warm-up-{uuid.uuid4().hex}",
+        prompt="Warm up.",  # plain text: base models have no chat template
+        sampling=SamplingOptions(max_tokens=4, temperature=0),
+    )
+    async for _ in engine.generate(request):
+        pass

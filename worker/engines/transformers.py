@@ -26,6 +26,7 @@ import asyncio
 import importlib
 import logging
 import math
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from worker.engines.base import (
     ModelInfo,
     SamplingOptions,
 )
-from worker.engines.common import check_fits, prompt_token_ids
+from worker.engines.common import check_fits, prompt_token_ids, warm_up
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class TransformersEngine:
         manager = await asyncio.to_thread(self._load)
         manager.start()
         self._manager = manager
+        await warm_up(self)
 
     def _load(self) -> Any:
         """Load tokenizer and model and build the (not yet started) batching manager."""
@@ -146,6 +148,8 @@ class TransformersEngine:
         tf: Any = importlib.import_module("transformers")
         tokenizer = tf.AutoTokenizer.from_pretrained(self._model_path)
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            torch.set_num_threads(self._cpu_threads())
         model = tf.AutoModelForCausalLM.from_pretrained(
             self._model_path, dtype="auto", attn_implementation="sdpa"
         )
@@ -193,6 +197,17 @@ class TransformersEngine:
             name=self._settings.model_name, max_model_len=max_len, engine="transformers"
         )
         return manager
+
+    def _cpu_threads(self) -> int:
+        # Process-wide, which is fine: one engine per worker process. OMP threads spin
+        # between parallel regions; with every core in use by torch, a busy neighbour
+        # (another process, our own loop thread) stalls each region.
+        if self._settings.torch_threads is not None:
+            return max(1, self._settings.torch_threads)
+        from_env = os.environ.get("OMP_NUM_THREADS", "")
+        if from_env.isdigit() and int(from_env) > 0:
+            return int(from_env)
+        return max(1, (os.cpu_count() or 1) - 1)
 
     def _cpu_num_blocks(self, text_config: Any, dtype: Any, max_len: int) -> int:
         page_size = 256  # ContinuousBatchingConfig's default page size

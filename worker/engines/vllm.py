@@ -24,7 +24,7 @@ from worker.engines.base import (
     ModelInfo,
     SamplingOptions,
 )
-from worker.engines.common import check_fits, prompt_token_ids
+from worker.engines.common import check_fits, prompt_token_ids, warm_up
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class VllmEngine:
     async def start(self) -> None:
         if self._llm is not None:
             return
-        # The CPU build sizes its KV cache from this variable (GiB); it is read when the
-        # engine core process starts, so it must be in the environment before that.
+        # The CPU build sizes its KV cache from this variable (GiB, default: a share of
+        # RAM); it is read when the engine config is created, just below.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._settings.cpu_kv_cache_gib))
         # The import takes 10-14 s: do it off the loop so heartbeats keep running.
         await asyncio.to_thread(importlib.import_module, "vllm")
@@ -107,6 +107,7 @@ class VllmEngine:
             max_model_len=int(self._llm.model_config.max_model_len),
             engine="vllm",
         )
+        await warm_up(self)
 
     async def stop(self) -> None:
         llm, self._llm = self._llm, None
