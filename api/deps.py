@@ -14,7 +14,8 @@ from storage.models import Job
 from storage.repositories import jobs as jobs_repo
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async on purpose: FastAPI runs a sync dependency on a thread pool, per request.
     state: AppState = request.app.state.ferry
     return state
 

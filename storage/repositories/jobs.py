@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, insert, inspect, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import Job, JobStatus, utcnow
@@ -24,9 +24,20 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
+_JOB_COLUMNS = [(attr.key, attr.columns[0].key) for attr in inspect(Job).column_attrs]
+
+
 async def insert_jobs(session: AsyncSession, jobs: Sequence[Job]) -> None:
-    session.add_all(jobs)
-    await session.flush()
+    """One multi-row INSERT (Core, not the unit of work: this is the submit hot path)."""
+    if not jobs:
+        return
+    now = utcnow()
+    rows = []
+    for job in jobs:
+        if job.created_at is None:
+            job.created_at = now
+        rows.append({attr: getattr(job, attr) for attr, _ in _JOB_COLUMNS})
+    await session.execute(insert(Job), rows)
 
 
 async def get_job(session: AsyncSession, job_id: str) -> Job | None:
