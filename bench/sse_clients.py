@@ -29,6 +29,8 @@ async def submit_and_follow(
     async with aconnect_sse(client, "GET", f"/v1/jobs/{result.job_id}/events") as source:
         async for sse in source.aiter_sse():
             received = time.time()
+            if not sse.data:  # a keep-alive comment
+                continue
             data = json.loads(sse.data)
             if sse.event == "delta":
                 result.text += data["text"]

@@ -54,7 +54,7 @@ def _migrate(_: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default=os.environ.get("FERRY_LOG_LEVEL", "info"))
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="embedded default: API + worker + Redis + SQLite")

@@ -59,6 +59,8 @@ def read_events(
     with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as source:
         assert source.response.status_code == 200, source.response.read()
         for sse in source.iter_sse():
+            if not sse.event and not sse.data:  # a keep-alive comment
+                continue
             events.append(Event(sse.id, sse.event, json.loads(sse.data)))
             if sse.event in TERMINAL or (limit is not None and len(events) >= limit):
                 break

@@ -78,6 +78,7 @@ async def run_attempt(
     publisher: EventPublisher,
     lease_seconds: float,
     bulk_priority: int,
+    max_attempts: int,
     in_flight: dict[str, JobAttempt],
     on_claimed: Callable[[str], Awaitable[object]],
 ) -> str:
@@ -94,8 +95,20 @@ async def run_attempt(
         if state.attempt > 1:
             publisher.emit(job_id, JobEvent(state.next_id(), EventType.RETRY,
                                             {"attempt": state.attempt}))
-        status, error = await _generate(engine, request, state, publisher)
-        return await _record_end(sessions, publisher, worker_id, state, status, error)
+        error: str | None
+        if state.attempt > max_attempts:
+            # A poison job (its workers keep dying on it): stop the loop here.
+            status, error = JobStatus.FAILED, f"gave up after {max_attempts} attempts"
+        else:
+            status, error = await _generate(engine, request, state, publisher)
+        try:
+            return await _record_end(sessions, publisher, worker_id, state, status, error)
+        except Exception as exc:
+            log.exception("could not record the end of job %s", job_id)
+            state.deltas = []
+            message = f"could not record the result: {exc.__class__.__name__}"
+            return await _record_end(sessions, publisher, worker_id, state,
+                                     JobStatus.FAILED, message)
     finally:
         in_flight.pop(job_id, None)
 
@@ -113,9 +126,12 @@ async def _generate(
             if delta.text:
                 if state.first_token_at is None:
                     state.first_token_at = utcnow()
-                state.deltas.append(delta.text)
+                # PostgreSQL text cannot hold NUL; replace it here, at the source, so the
+                # live stream and the SQL replay carry the same text.
+                text = delta.text.replace("\x00", "\ufffd")
+                state.deltas.append(text)
                 publisher.emit(state.job_id, JobEvent(
-                    state.next_id(), EventType.DELTA, {"text": delta.text, "ts": time.time()}
+                    state.next_id(), EventType.DELTA, {"text": text, "ts": time.time()}
                 ))
     except EngineRequestError as exc:
         return JobStatus.FAILED, str(exc)

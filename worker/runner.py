@@ -124,6 +124,7 @@ class JobRunner:
                 publisher=self._publisher,
                 lease_seconds=self.settings.lease_seconds,
                 bulk_priority=self.settings.bulk_priority,
+                max_attempts=self.settings.max_attempts,
                 in_flight=self._in_flight,
                 on_claimed=self._unmark_pending,
             )

@@ -36,6 +36,8 @@ class WorkerSettings(BaseSettings):
     heartbeat_seconds: float = 5.0
     # Bulk (batch) jobs get this engine priority; interactive jobs get 0.
     bulk_priority: int = 10
+    # A job whose workers died this many times is failed instead of run again.
+    max_attempts: int = 3
 
     @property
     def model_name(self) -> str:
