@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import httpx
 
 from bench.engine_direct import drive_engine
 from bench.sse_clients import submit_and_follow
-from bench.stack import KEY, bench_stack
+from bench.stack import KEY, bench_logs, bench_stack
 from worker.engines import build_engine
 from worker.settings import WorkerSettings
 
@@ -68,7 +67,7 @@ def main() -> None:
     parser.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     args = parser.parse_args()
     texts = prompts(args.jobs)
-    with tempfile.TemporaryDirectory() as logs, bench_stack(Path(logs)) as stack:
+    with bench_stack(bench_logs()) as stack:
         url = stack.add_api("api")
         worker = stack.add_worker(MODEL, args.engine)
         tokens, elapsed = asyncio.run(through_ferry(url, texts, args.max_tokens))

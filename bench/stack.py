@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,13 @@ def bench_stack(logs: Path, **env: str) -> Iterator[BenchStack]:
         subprocess.run(["psql", PG_ADMIN, "-q", "-c",
                         f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=False)
         redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+def bench_logs() -> Path:
+    """A fresh folder for the processes' logs, kept after the run (its path is printed)."""
+    path = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
+    print(f"logs: {path}", flush=True)
+    return path
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 
 from bench.sse_clients import submit_and_follow
-from bench.stack import KEY, bench_stack, percentile
+from bench.stack import KEY, bench_logs, bench_stack, percentile
 
 MODEL = "ferry-tiny-chat"
 
@@ -45,7 +44,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--engine", default="vllm")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as logs, bench_stack(Path(logs)) as stack:
+    with bench_stack(bench_logs()) as stack:
         url = stack.add_api("api")
         stack.add_worker(MODEL, args.engine)
         delays = asyncio.run(run(url, args.streams, args.max_tokens))

@@ -17,14 +17,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
-from bench.stack import KEY, bench_stack
+from bench.stack import KEY, bench_logs, bench_stack
 
 MODEL = "bench-model"
 LUA = """
@@ -49,13 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench/submit.py needs wrk: apt-get install -y wrk")
-    with tempfile.TemporaryDirectory() as tmp, bench_stack(Path(tmp)) as stack:
+    with bench_stack(bench_logs()) as stack:
         url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
         redis.Redis.from_url(stack.env["FERRY_REDIS_URL"]).hset(
             "ferry:models", MODEL, json.dumps({"name": MODEL, "max_model_len": 2048,
                                                "engine": "vllm", "supports_images": False,
                                                "created": 0}))
-        script = Path(tmp) / "post.lua"
+        script = stack.logs / "post.lua"
         script.write_text(LUA % (MODEL, KEY))
         run_wrk(url, 3, args.connections, script)  # warm-up
         out = run_wrk(url, args.seconds, args.connections, script)

@@ -182,3 +182,15 @@ async def test_event_stream_appends_publishes_and_replays(redis_client: Redis) -
 async def test_sqlite_memory_is_refused() -> None:
     with pytest.raises(ValueError, match="file"):
         create_db_engine(StorageSettings(database_url="sqlite+aiosqlite:///:memory:"))
+
+
+async def test_release_gives_a_running_job_back_to_the_queue(sessions: Sessions) -> None:
+    job = await _job(sessions)
+    async with sessions.begin() as session:
+        await jobs.claim_job(session, job.id, "w1", lease_seconds=30)
+        await jobs.release_job(session, job.id, "w2")  # not w2's job: no effect
+        assert (await jobs.get_job(session, job.id)).status == JobStatus.RUNNING  # type: ignore[union-attr]
+        await jobs.release_job(session, job.id, "w1")
+    async with sessions.begin() as session:
+        again = await jobs.claim_job(session, job.id, "w2", lease_seconds=30)
+    assert again is not None and again.attempts == 2

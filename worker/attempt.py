@@ -49,6 +49,10 @@ def generation_request(job: Job, request_id: str, bulk_priority: int) -> Generat
                              priority=priority)
 
 
+class EngineBroken(RuntimeError):
+    """The engine failed in a way no request explains; this worker should stop."""
+
+
 @dataclass
 class JobAttempt:
     """The live state of one claimed job inside the runner."""
@@ -100,7 +104,12 @@ async def run_attempt(
             # A poison job (its workers keep dying on it): stop the loop here.
             status, error = JobStatus.FAILED, f"gave up after {max_attempts} attempts"
         else:
-            status, error = await _generate(engine, request, state, publisher)
+            try:
+                status, error = await _generate(engine, request, state, publisher)
+            except EngineBroken:
+                async with sessions.begin() as session:
+                    await jobs_repo.release_job(session, job_id, worker_id)
+                raise
         try:
             return await _record_end(sessions, publisher, worker_id, state, status, error)
         except Exception as exc:
@@ -136,8 +145,9 @@ async def _generate(
     except EngineRequestError as exc:
         return JobStatus.FAILED, str(exc)
     except Exception as exc:
-        log.exception("engine failed on job %s", state.job_id)
-        return JobStatus.FAILED, f"engine error: {exc}"
+        # Not this request's fault: the engine itself is broken (vLLM's EngineDeadError,
+        # a crashed kernel). The job goes back to the queue for a healthy worker.
+        raise EngineBroken(str(exc)) from exc
     if state.cancel_requested or state.finish_reason == "abort":
         return JobStatus.CANCELLED, None
     return JobStatus.SUCCEEDED, None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -28,7 +29,7 @@ from storage.keys import CANCEL_CHANNEL, PENDING_JOBS
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
-from worker.attempt import JobAttempt, run_attempt
+from worker.attempt import EngineBroken, JobAttempt, run_attempt
 from worker.engines.base import Engine
 from worker.publisher import EventPublisher
 from worker.settings import WorkerSettings
@@ -128,6 +129,12 @@ class JobRunner:
                 in_flight=self._in_flight,
                 on_claimed=self._unmark_pending,
             )
+        except EngineBroken:
+            log.critical("the engine is broken; stopping this worker so a healthy one (or a "
+                         "restarted one) takes its jobs", exc_info=True)
+            # Celery's warm shutdown: no new messages; worker_shutdown stops the runner.
+            os.kill(os.getpid(), signal.SIGTERM)
+            return "released"
         finally:
             await self._redis.zrem(PENDING_JOBS, job_id)
 

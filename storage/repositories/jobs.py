@@ -172,6 +172,17 @@ async def finish_job(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+async def release_job(session: AsyncSession, job_id: str, worker_id: str) -> None:
+    """Give a running job back to the queue (its worker's engine broke); the reconciler
+    sends it to another worker."""
+    await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, worker_id=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def is_cancelled(session: AsyncSession, job_id: str) -> bool:
     status = await session.scalar(select(Job.status).where(Job.id == job_id))
     return status == JobStatus.CANCELLED
