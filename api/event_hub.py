@@ -83,15 +83,16 @@ class JobEventHub:
         assert self._pubsub is not None
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                # listen() blocks on the socket and drains what redis-py has already
+                # buffered; get_message(timeout=...) polls the socket first and can leave
+                # a buffered message waiting for the next packet (~100 ms under load).
+                async for message in self._pubsub.listen():
+                    self._dispatch(message)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("event hub lost its Redis connection; reconnecting")
                 await asyncio.sleep(0.5)
-                continue
-            if message is not None:
-                self._dispatch(message)
 
     def _dispatch(self, message: dict[str, object]) -> None:
         raw_channel = message.get("channel")
