@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +86,9 @@ def serve(args: argparse.Namespace) -> int:
     )
     threading.Thread(target=_announce_when_ready, args=(args, key, settings.model_name),
                      daemon=True).start()
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; turn that into a
+    # normal exit so the `finally` below stops the worker and Redis.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         import uvicorn
 

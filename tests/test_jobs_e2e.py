@@ -171,14 +171,20 @@ def test_streaming_client_that_leaves_cancels_its_job(stack: Stack) -> None:
 
 
 def test_concurrent_jobs_share_the_engine(stack: Stack) -> None:
-    """16 jobs in flight at once all finish, and their runs overlap in time."""
+    """16 jobs submitted together all finish, and (nearly) all run at the same moment:
+    the worker's threads feed one engine, which batches them."""
     with stack.client() as client:
-        jobs = [submit(client, chat_body(TINY, f"story {i}", max_tokens=64)) for i in range(16)]
+        jobs = [submit(client, chat_body(TINY, f"story {i}", max_tokens=400, temperature=0.9,
+                                          seed=i)) for i in range(16)]
         finals = [wait_job(client, j["id"]) for j in jobs]
     assert all(f["status"] == "succeeded" for f in finals)
-    latest_start = max(f["started_at"] for f in finals)
-    earliest_end = min(f["finished_at"] for f in finals)
-    assert latest_start < earliest_end  # all were running at one moment: one batch
+    edges = sorted([(f["started_at"], 1) for f in finals] + [(f["finished_at"], -1)
+                                                                for f in finals])
+    running, most = 0, 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    assert most >= 12, most
 
 
 def test_models_health_metrics(stack: Stack) -> None:

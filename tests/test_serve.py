@@ -63,3 +63,13 @@ def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert proc.returncode == 0, log_path.read_text()[-3000:]
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    # Its worker (and the engine's processes) and the embedded Redis went with it.
+    wait_until(group_gone, 30, "the worker and Redis to exit")
