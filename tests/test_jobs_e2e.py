@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 from httpx_sse import connect_sse
 
-from tests.conftest import KEY_B, TINY, Stack
+from tests.conftest import KEY_A, KEY_B, TINY, Stack
 from tests.helpers import (
     assert_error,
     chat_body,
@@ -17,6 +20,7 @@ from tests.helpers import (
     text_of,
     wait_job,
 )
+from tests.procs import ROOT
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -225,3 +229,19 @@ def test_many_subscribers_get_the_same_stream(stack: Stack) -> None:
         final = wait_job(client, job["id"])
     assert final["status"] == "succeeded"
     assert len(results) == 6 and all(r == results[0] for r in results)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ferry_submit_prints_the_answer(stack: Stack, stream: bool) -> None:
+    args = [sys.executable, "-m", "cli.main", "submit", "Hello there", "--max-tokens", "12",
+            "--model", TINY, "--server", stack.url, "--api-key", KEY_A]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(args + (["--stream"] if stream else []), cwd=ROOT, timeout=120,
+                          capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stderr.decode().split()[1]
+    with stack.client() as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded"
+    # The answer, then the newline print() ends it with.
+    assert done.stdout.decode("utf-8") == job["result"]["text"] + "\n"
