@@ -20,7 +20,7 @@ from tests.helpers import (
     text_of,
     wait_job,
 )
-from tests.procs import ROOT
+from tests.procs import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -62,8 +62,9 @@ def test_reconnect_with_last_event_id_on_another_api(stack: Stack) -> None:
     first_api, second_api = stack.api_urls[:2]
     with stack.client(url=first_api) as one, stack.client(url=second_api) as two:
         job = submit(one, chat_body(TINY, max_tokens=300))
-        head = read_events(one, job["id"], limit=5)
-        assert len(head) == 5 and all(e.type == "delta" for e in head)
+        # Leave after the first delta (the worker may coalesce text into few events).
+        head = read_events(one, job["id"], limit=1)
+        assert [e.type for e in head] == ["delta"]
         rest = read_events(two, job["id"], last_event_id=head[-1].id)
         everything = read_events(two, job["id"])  # a full replay, after the end
         final = wait_job(two, job["id"])
@@ -78,27 +79,30 @@ def test_replay_after_stream_expired_comes_from_sql(stack: Stack) -> None:
         # What the TTL does after an hour: the stream is gone, SQL remains.
         assert stack.redis().delete(f"ferry:job:{job['id']}:events") == 1
         from_sql = read_events(client, job["id"])
-        tail_from_sql = read_events(client, job["id"], last_event_id=from_redis[3].id)
+        middle = len(from_redis) // 2
+        tail_from_sql = read_events(client, job["id"], last_event_id=from_redis[middle].id)
+    assert len(from_redis) >= 3  # at least one delta, usage, done
     strip = [(e.id, e.type, e.data.get("text")) for e in from_redis]
     assert [(e.id, e.type, e.data.get("text")) for e in from_sql] == strip
-    assert [e.id for e in tail_from_sql] == [e.id for e in from_redis[4:]]
+    assert [e.id for e in tail_from_sql] == [e.id for e in from_redis[middle + 1:]]
 
 
 def test_cancel_running_job_aborts_it_in_the_engine(stack: Stack) -> None:
     with stack.client() as client:
-        job = submit(client, chat_body(TINY, max_tokens=1800))
-        head = read_events(client, job["id"], limit=3)
+        job = submit(client, chat_body(TINY, max_tokens=2000))
+        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
+                   30, "the job to start", interval=0.02)
         cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert cancelled.status_code == 200, cancelled.text
         assert cancelled.json()["status"] == "cancelled"
-        rest = read_events(client, job["id"], last_event_id=head[-1].id)
+        events = read_events(client, job["id"])
         final = wait_job(client, job["id"])
         again = client.post(f"/v1/jobs/{job['id']}/cancel")
-    assert rest[-1].type == "cancelled"
+    assert events[-1].type == "cancelled"
     assert final["status"] == "cancelled"
-    # Aborted well before its 1800 tokens, and the partial output is kept.
-    assert final["usage"]["completion_tokens"] < 1800
-    assert final["result"]["text"] == text_of(head + rest)
+    # Aborted well before its 2000 tokens, and the partial output is kept.
+    assert final["usage"]["completion_tokens"] < 2000
+    assert final["result"]["text"] == text_of(events)
     assert_error(again, 409, "job_finished")
 
 
@@ -163,15 +167,14 @@ def test_chat_completion_streaming_openai_chunks(stack: Stack) -> None:
 
 
 def test_streaming_client_that_leaves_cancels_its_job(stack: Stack) -> None:
-    body = chat_body(TINY, max_tokens=1800, stream=True)
+    body = chat_body(TINY, max_tokens=2000, stream=True)
     with stack.client() as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             job_id = response.headers["x-ferry-job-id"]
-            for _ in zip(range(4), response.iter_lines(), strict=False):
-                pass
+            next(response.iter_lines())  # the role chunk: the job is accepted; now leave
         final = wait_job(client, job_id)
     assert final["status"] == "cancelled"
-    assert final["usage"] is None or final["usage"]["completion_tokens"] < 1800
+    assert final["usage"] is None or final["usage"]["completion_tokens"] < 2000
 
 
 def test_concurrent_jobs_share_the_engine(stack: Stack) -> None:

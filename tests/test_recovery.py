@@ -56,8 +56,8 @@ def test_worker_killed_mid_job_is_redelivered_and_completes(
     first = own_stack.add_worker("recovery-w2", MODEL, "transformers", logs)
     with own_stack.client() as client:
         job = submit(client, chat_body(MODEL, max_tokens=400, temperature=0))
-        head = read_events(client, job["id"], limit=2)
-        assert [e.type for e in head] == ["delta", "delta"]
+        head = read_events(client, job["id"], limit=1)
+        assert [e.type for e in head] == ["delta"]
         first.kill()
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
         own_stack.add_worker("recovery-w3", MODEL, "transformers", logs)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -21,6 +18,7 @@ from worker.engines.base import (
     GenerationRequest,
     SamplingOptions,
 )
+from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
@@ -53,24 +51,6 @@ class EngineBroken(RuntimeError):
     """The engine failed in a way no request explains; this worker should stop."""
 
 
-@dataclass
-class JobAttempt:
-    """The live state of one claimed job inside the runner."""
-
-    job_id: str
-    attempt: int
-    request_id: str
-    deltas: list[str] = field(default_factory=list)
-    completion_tokens: int = 0
-    prompt_tokens: int | None = None
-    finish_reason: str | None = None
-    first_token_at: datetime | None = None
-    cancel_requested: bool = False
-    _seq: int = 0
-
-    def next_id(self) -> str:
-        self._seq += 1
-        return f"{self.attempt}-{self._seq}"
 
 
 async def run_attempt(
@@ -114,7 +94,7 @@ async def run_attempt(
             return await _record_end(sessions, publisher, worker_id, state, status, error)
         except Exception as exc:
             log.exception("could not record the end of job %s", job_id)
-            state.deltas = []
+            state.deltas, state.pending = [], []
             message = f"could not record the result: {exc.__class__.__name__}"
             return await _record_end(sessions, publisher, worker_id, state,
                                      JobStatus.FAILED, message)
@@ -137,11 +117,7 @@ async def _generate(
                     state.first_token_at = utcnow()
                 # PostgreSQL text cannot hold NUL; replace it here, at the source, so the
                 # live stream and the SQL replay carry the same text.
-                text = delta.text.replace("\x00", "\ufffd")
-                state.deltas.append(text)
-                publisher.emit(state.job_id, JobEvent(
-                    state.next_id(), EventType.DELTA, {"text": text, "ts": time.time()}
-                ))
+                publisher.add_text(state, delta.text.replace("\x00", "\ufffd"))
     except EngineRequestError as exc:
         return JobStatus.FAILED, str(exc)
     except Exception as exc:
@@ -162,6 +138,7 @@ async def _record_end(
     error: str | None,
 ) -> str:
     """SQL first, then the terminal events: a client that sees `done` finds the result."""
+    publisher.settle(state)  # every delta has its event id before the deltas are stored
     outcome = jobs_repo.JobOutcome(
         status=status,
         deltas=state.deltas,

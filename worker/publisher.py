@@ -2,17 +2,26 @@
 
 An engine step yields one delta for each of up to N running requests at once; writing each
 as its own pipeline would cost N round trips a step on the loop that also feeds the
-engine. Instead `emit` only appends to a buffer, and one task flushes whatever has
-gathered since its last write, so a busy step costs one pipeline and an idle one adds
+engine. Instead `emit` and `add_text` only append to buffers, and one task flushes whatever
+has gathered since its last write, so a busy step costs one pipeline and an idle one adds
 no delay.
+
+Text is coalesced too: a job's text that arrives while a write is in flight becomes ONE
+delta event at the next flush. Idle, every engine delta is its own event at once; under
+load (a slow Redis, a busy CPU) events grow instead of queueing, so every hop after this
+one (Redis, the API's fan-out, SSE clients) does less work exactly when it is behind.
+Event ids are given at flush time, in order, and the same chunks are what the job stores
+in SQL, so replays from SQL match the live stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-from storage.events import JobEvent, JobEventStream
+from storage.events import EventType, JobEvent, JobEventStream
+from worker.job_state import JobAttempt
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +30,8 @@ class EventPublisher:
     def __init__(self, stream: JobEventStream) -> None:
         self._stream = stream
         self._buffer: list[tuple[str, JobEvent]] = []
+        # Jobs with text not yet turned into an event (insertion-ordered).
+        self._dirty: dict[str, JobAttempt] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -39,6 +50,26 @@ class EventPublisher:
         self._idle.clear()
         self._wake.set()
 
+    def add_text(self, state: JobAttempt, text: str) -> None:
+        """New engine text for a job; it becomes a delta event at the next flush."""
+        if not state.pending:
+            state.pending_since = time.time()
+        state.pending.append(text)
+        self._dirty[state.job_id] = state
+        self._idle.clear()
+        self._wake.set()
+
+    def settle(self, state: JobAttempt) -> None:
+        """Turn the job's pending text into its delta event now (before its end)."""
+        self._dirty.pop(state.job_id, None)
+        if not state.pending:
+            return
+        text = "".join(state.pending)
+        state.pending.clear()
+        state.deltas.append(text)
+        data = {"text": text, "ts": state.pending_since}
+        self._buffer.append((state.job_id, JobEvent(state.next_id(), EventType.DELTA, data)))
+
     async def drain(self) -> None:
         """Wait until everything emitted so far has been written."""
         await self._idle.wait()
@@ -47,6 +78,8 @@ class EventPublisher:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            for state in list(self._dirty.values()):
+                self.settle(state)
             batch, self._buffer = self._buffer, []
             try:
                 await self._stream.publish(batch)
@@ -54,5 +87,5 @@ class EventPublisher:
                 # Redis is transport: a lost event is recovered from SQL on replay, and
                 # must never fail the job that produced it.
                 log.exception("publishing %d job events failed", len(batch))
-            if not self._buffer:
+            if not self._buffer and not self._dirty:
                 self._idle.set()

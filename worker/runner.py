@@ -29,8 +29,9 @@ from storage.keys import CANCEL_CHANNEL, PENDING_JOBS
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
-from worker.attempt import EngineBroken, JobAttempt, run_attempt
+from worker.attempt import EngineBroken, run_attempt
 from worker.engines.base import Engine
+from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
 from worker.settings import WorkerSettings
 

@@ -1,0 +1,29 @@
+"""The live state of one claimed job inside the runner (shared by attempt and publisher)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass
+class JobAttempt:
+    """The live state of one claimed job inside the runner."""
+
+    job_id: str
+    attempt: int
+    request_id: str
+    deltas: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    first_token_at: datetime | None = None
+    cancel_requested: bool = False
+    # Text from the engine not yet turned into an event, and when its first piece came.
+    pending: list[str] = field(default_factory=list)
+    pending_since: float | None = None
+    _seq: int = 0
+
+    def next_id(self) -> str:
+        self._seq += 1
+        return f"{self.attempt}-{self._seq}"
