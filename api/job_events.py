@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.event_hub import JobEventHub
-from storage.events import EventType, JobEvent, JobEventStream, events_from_job
+from storage.events import JobEvent, JobEventStream, events_from_job
 from storage.models import JobStatus
 from storage.repositories import jobs as jobs_repo
 
@@ -129,5 +129,3 @@ def parse_last_event_id(raw: str | None) -> tuple[int, int] | None:
         raise ValueError(raw)
     return int(attempt), int(seq)
 
-
-__all__ = ["KEEPALIVE", "EventSources", "EventType", "job_events", "parse_last_event_id"]

@@ -9,6 +9,7 @@ real one); the API runs in this process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import secrets
@@ -42,12 +43,7 @@ def _api_key(data_dir: Path) -> str:
 
 
 def _default_engine() -> str:
-    try:
-        import importlib.util
-
-        return "vllm" if importlib.util.find_spec("vllm") else "transformers"
-    except ValueError:
-        return "transformers"
+    return "vllm" if importlib.util.find_spec("vllm") else "transformers"
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -68,8 +69,8 @@ class Stack:
     database_url: str
     redis_url: str
     env: dict[str, str]
-    api_urls: list[str]
-    procs: list[Proc]
+    api_urls: list[str] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -120,33 +121,24 @@ def stack_env(database_url: str, redis_url: str, model_cache: Path) -> dict[str,
     }
 
 
-def fresh_redis_url(db: int) -> str:
-    url = f"{REDIS_BASE}/{db}"
-    redis.Redis.from_url(url).flushdb()
-    return url
-
-
-@pytest.fixture(scope="session")
-def stack(migrated_pg: str, model_cache: Path, logs: Path) -> Iterator[Stack]:
-    """Two API processes and one vLLM worker serving the tiny chat model, on PostgreSQL."""
-    env = stack_env(migrated_pg, fresh_redis_url(11), model_cache)
-    s = Stack(migrated_pg, env["FERRY_REDIS_URL"], env, [], [])
+@contextmanager
+def open_stack(database_url: str, redis_db: int, model_cache: Path) -> Iterator[Stack]:
+    """An empty deployment on its own (flushed) Redis database; its processes stop on exit."""
+    redis_url = f"{REDIS_BASE}/{redis_db}"
+    redis.Redis.from_url(redis_url).flushdb()
+    s = Stack(database_url, redis_url, stack_env(database_url, redis_url, model_cache))
     try:
-        s.add_api("api-1", logs)
-        s.add_api("api-2", logs)
-        s.add_worker("worker-vllm", TINY, "vllm", logs)
         yield s
     finally:
         s.close()
 
 
-@pytest.fixture
-async def pg_sessions(migrated_pg: str) -> AsyncIterator[object]:
-    from storage.db import create_db_engine, create_session_factory
-    from storage.settings import StorageSettings
+@pytest.fixture(scope="session")
+def stack(migrated_pg: str, model_cache: Path, logs: Path) -> Iterator[Stack]:
+    """Two API processes and one vLLM worker serving the tiny chat model, on PostgreSQL."""
+    with open_stack(migrated_pg, 11, model_cache) as s:
+        s.add_api("api-1", logs)
+        s.add_api("api-2", logs)
+        s.add_worker("worker-vllm", TINY, "vllm", logs)
+        yield s
 
-    engine = create_db_engine(StorageSettings(database_url=migrated_pg))
-    try:
-        yield create_session_factory(engine)
-    finally:
-        await engine.dispose()

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import Stack, fresh_redis_url, stack_env
+from tests.conftest import Stack, open_stack
 from tests.helpers import chat_body, read_events, submit, text_of, wait_job
 from tests.procs import wait_until
 
@@ -23,13 +23,9 @@ MODEL = "tiny-recovery"
 
 @pytest.fixture(scope="module")
 def own_stack(migrated_pg: str, model_cache: Path, logs: Path) -> Iterator[Stack]:
-    env = stack_env(migrated_pg, fresh_redis_url(12), model_cache)
-    s = Stack(migrated_pg, env["FERRY_REDIS_URL"], env, [], [])
-    try:
+    with open_stack(migrated_pg, 12, model_cache) as s:
         s.add_api("recovery-api", logs)
         yield s
-    finally:
-        s.close()
 
 
 def test_queued_job_cancelled_never_runs(own_stack: Stack, logs: Path) -> None:

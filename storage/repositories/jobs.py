@@ -24,7 +24,7 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
-_JOB_COLUMNS = [(attr.key, attr.columns[0].key) for attr in inspect(Job).column_attrs]
+_JOB_ATTRIBUTES = [attr.key for attr in inspect(Job).column_attrs]
 
 
 async def insert_jobs(session: AsyncSession, jobs: Sequence[Job]) -> None:
@@ -36,7 +36,7 @@ async def insert_jobs(session: AsyncSession, jobs: Sequence[Job]) -> None:
     for job in jobs:
         if job.created_at is None:
             job.created_at = now
-        rows.append({attr: getattr(job, attr) for attr, _ in _JOB_COLUMNS})
+        rows.append({attr: getattr(job, attr) for attr in _JOB_ATTRIBUTES})
     await session.execute(insert(Job), rows)
 
 
