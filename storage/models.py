@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -109,7 +109,52 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # started -> first token of the final attempt, for the metrics histogram.
     ttft_ms: Mapped[int | None] = mapped_column(Integer)
+    # Set when the job continues a stored conversation: its prompt is that history plus
+    # the new turn, and its reply is appended there when (and only when) it succeeds.
+    conversation_id: Mapped[str | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="SET NULL")
+    )
 
     @property
     def job_status(self) -> JobStatus:
         return JobStatus(self.status)
+
+
+class Conversation(Base):
+    """Chat history owned by one API key (OpenAI-style jobs, PAI-EAS /infer_forward)."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_owner_id_id", "owner_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    title: Mapped[str | None] = mapped_column(String(200))
+    # The owner's id when this is their default conversation (the one PAI-EAS's
+    # /infer_forward, /get_history and /clear_history use); unique, so one per key.
+    default_for: Mapped[str | None] = mapped_column(String(40), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Message(Base):
+    """One turn of a conversation; images are object-store references, never bytes."""
+
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
+
+    # Autoincrement: a conversation's messages in insertion order are ORDER BY id.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    conversation_id: Mapped[str] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text, default="")
+    # [{"sha256": ..., "mime": ...}, ...] in the order the images appear in the turn.
+    images: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    # The model's reasoning (text inside <think>…</think>) for assistant turns.
+    reasoning: Mapped[str | None] = mapped_column(Text)
+    # The job that produced (assistant) or carried (user) this turn.
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from tests.procs import Proc, start_api, start_worker
+from tests.procs import Proc, free_port, start_api, start_worker, wait_until
 
 PG_ADMIN = os.environ.get("FERRY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("FERRY_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -62,6 +63,45 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
+@pytest.fixture(scope="session")
+def s3_url(logs: Path) -> Iterator[str]:
+    """A real S3-compatible HTTP server (moto's server mode) on loopback, for the session."""
+    port = free_port()
+    log_path = logs / "moto.log"
+    with log_path.open("ab") as log_file:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    proc = Proc("moto", popen, log_path)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"moto exited:\n{proc.log_tail()}")
+        try:
+            return httpx.get(f"{url}/moto-api/", timeout=2).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 60, "moto server to answer")
+        yield url
+    finally:
+        proc.stop()
+
+
+def s3_env(s3_url: str, bucket: str) -> dict[str, str]:
+    """Settings that point a Ferry process (or ObjectStoreSettings) at the moto server."""
+    return {
+        "FERRY_OBJECT_STORE": "s3",
+        "FERRY_S3_ENDPOINT_URL": s3_url,
+        "FERRY_S3_BUCKET": bucket,
+        "FERRY_S3_ACCESS_KEY_ID": "test",
+        "FERRY_S3_SECRET_ACCESS_KEY": "test",
+    }
+
+
 @dataclass
 class Stack:
     """One Ferry deployment: API process(es), worker(s), their database and Redis."""
@@ -87,8 +127,10 @@ class Stack:
         r = self.redis()
         return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
 
-    def add_worker(self, name: str, served_name: str, engine: str, logs: Path) -> Proc:
-        proc = start_worker(name, TINY, served_name, engine, self.env, logs,
+    def add_worker(
+        self, name: str, served_name: str, engine: str, logs: Path, model: str = TINY
+    ) -> Proc:
+        proc = start_worker(name, model, served_name, engine, self.env, logs,
                             self.worker_registered)
         self.procs.append(proc)
         return proc
@@ -104,8 +146,11 @@ class Stack:
             proc.stop()
 
 
-def stack_env(database_url: str, redis_url: str, model_cache: Path) -> dict[str, str]:
+def stack_env(
+    database_url: str, redis_url: str, model_cache: Path, s3_url: str, bucket: str
+) -> dict[str, str]:
     return {
+        **s3_env(s3_url, bucket),
         "FERRY_DATABASE_URL": database_url,
         "FERRY_REDIS_URL": redis_url,
         "FERRY_API_KEYS": f"{KEY_A},{KEY_B}",
@@ -122,11 +167,16 @@ def stack_env(database_url: str, redis_url: str, model_cache: Path) -> dict[str,
 
 
 @contextmanager
-def open_stack(database_url: str, redis_db: int, model_cache: Path) -> Iterator[Stack]:
-    """An empty deployment on its own (flushed) Redis database; its processes stop on exit."""
+def open_stack(
+    database_url: str, redis_db: int, model_cache: Path, s3_url: str
+) -> Iterator[Stack]:
+    """An empty deployment on its own (flushed) Redis database and its own S3 bucket; its
+    processes stop on exit."""
     redis_url = f"{REDIS_BASE}/{redis_db}"
     redis.Redis.from_url(redis_url).flushdb()
-    s = Stack(database_url, redis_url, stack_env(database_url, redis_url, model_cache))
+    bucket = f"ferry-{redis_db}-{secrets.token_hex(3)}"
+    env = stack_env(database_url, redis_url, model_cache, s3_url, bucket)
+    s = Stack(database_url, redis_url, env)
     try:
         yield s
     finally:
@@ -134,9 +184,9 @@ def open_stack(database_url: str, redis_db: int, model_cache: Path) -> Iterator[
 
 
 @pytest.fixture(scope="session")
-def stack(migrated_pg: str, model_cache: Path, logs: Path) -> Iterator[Stack]:
+def stack(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
     """Two API processes and one vLLM worker serving the tiny chat model, on PostgreSQL."""
-    with open_stack(migrated_pg, 11, model_cache) as s:
+    with open_stack(migrated_pg, 11, model_cache, s3_url) as s:
         s.add_api("api-1", logs)
         s.add_api("api-2", logs)
         s.add_worker("worker-vllm", TINY, "vllm", logs)

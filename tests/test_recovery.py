@@ -22,8 +22,10 @@ MODEL = "tiny-recovery"
 
 
 @pytest.fixture(scope="module")
-def own_stack(migrated_pg: str, model_cache: Path, logs: Path) -> Iterator[Stack]:
-    with open_stack(migrated_pg, 12, model_cache) as s:
+def own_stack(
+    migrated_pg: str, model_cache: Path, logs: Path, s3_url: str
+) -> Iterator[Stack]:
+    with open_stack(migrated_pg, 12, model_cache, s3_url) as s:
         s.add_api("recovery-api", logs)
         yield s
 
