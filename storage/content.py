@@ -47,3 +47,22 @@ def plain_text(content: str | list[dict[str, Any]] | None) -> str:
     if isinstance(content, str):
         return content
     return "".join(part["text"] for part in content if part.get("type") == "text")
+
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """Split a reply into (reasoning, content) at `<think>…</think>`, as vLLM's and
+    FastDeploy's reasoning parsers do: text before `</think>` is reasoning (with or
+    without the opening tag, which some chat templates put in the prompt); a reply with
+    no `</think>` but an opening tag is all reasoning (it was cut off while thinking);
+    otherwise there is no reasoning."""
+    if THINK_CLOSE in text:
+        reasoning, _, content = text.partition(THINK_CLOSE)
+        reasoning = reasoning.split(THINK_OPEN, 1)[-1]
+        return reasoning.strip("\n") or None, content.lstrip("\n")
+    if text.lstrip().startswith(THINK_OPEN):
+        return text.lstrip()[len(THINK_OPEN):].lstrip("\n"), ""
+    return None, text
