@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.errors import Conflict, InvalidRequest
+from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
+from api.job_events import job_events
 from api.schemas.openai import ChatCompletionRequest, ChatMessage, SamplingFields, TextPart
 from api.state import AppState
 from storage.events import EventType, JobEvent
@@ -14,6 +17,8 @@ from storage.keys import CANCEL_CHANNEL, Lane
 from storage.models import Job, JobStatus
 from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
+
+log = logging.getLogger(__name__)
 
 
 def message_text(message: ChatMessage) -> str:
@@ -96,3 +101,37 @@ async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
     refreshed = await jobs_repo.get_job(session, job.id)
     assert refreshed is not None
     return refreshed
+
+
+async def wait_for_end(state: AppState, job_id: str) -> Job:
+    """Wait (on the job's events, not by polling SQL) until the job ends; its final row.
+
+    A failed job raises `FerryError` with its error; one that outlives
+    `sync_timeout_seconds` raises `ServiceUnavailable` (the job itself goes on)."""
+    async for event in job_events(
+        state.event_sources, job_id, None,
+        keepalive_seconds=state.settings.sse_keepalive_seconds,
+        max_seconds=state.settings.sync_timeout_seconds,
+    ):
+        if event is not None and event.type.is_terminal:
+            break
+    else:
+        raise ServiceUnavailable(
+            f"Job `{job_id}` did not finish in time; poll /v1/jobs/{job_id}."
+        )
+    async with state.sessions() as read:
+        final = await jobs_repo.get_job(read, job_id)
+    assert final is not None
+    if final.status == JobStatus.FAILED:
+        raise FerryError(final.error or "generation failed", code="generation_failed")
+    return final
+
+
+async def cancel_quietly(state: AppState, job_id: str) -> None:
+    """Cancel a job whose client went away (best effort; never raises)."""
+    with contextlib.suppress(Exception):
+        async with state.sessions() as session:
+            job = await jobs_repo.get_job(session, job_id)
+            if job is not None and not job.job_status.is_terminal:
+                await cancel(state, session, job)
+                log.info("client left: cancelled job %s", job_id)

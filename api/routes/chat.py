@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -14,7 +13,6 @@ from fastapi.responses import StreamingResponse
 
 from api import jobs_service
 from api.deps import CurrentKey, StateDep
-from api.errors import FerryError, ServiceUnavailable
 from api.job_events import job_events
 from api.schemas.openai import (
     AssistantMessage,
@@ -27,7 +25,6 @@ from api.schemas.openai import (
 from api.state import AppState
 from storage.events import EventType, JobEvent
 from storage.models import Job, JobStatus
-from storage.repositories import jobs as jobs_repo
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -52,24 +49,8 @@ async def create_chat_completion(
         return StreamingResponse(
             _stream(state, job, include_usage), media_type="text/event-stream", headers=headers
         )
-    await _wait_for_end(state, job.id)
-    async with state.sessions() as read:
-        final = await jobs_repo.get_job(read, job.id)
-    assert final is not None
-    if final.status == JobStatus.FAILED:
-        raise FerryError(final.error or "generation failed", code="generation_failed")
+    final = await jobs_service.wait_for_end(state, job.id)
     return _completion(final)
-
-
-async def _wait_for_end(state: AppState, job_id: str) -> None:
-    async for event in job_events(
-        state.event_sources, job_id, None,
-        keepalive_seconds=state.settings.sse_keepalive_seconds,
-        max_seconds=state.settings.sync_timeout_seconds,
-    ):
-        if event is not None and event.type.is_terminal:
-            return
-    raise ServiceUnavailable(f"Job `{job_id}` did not finish in time; poll /v1/jobs/{job_id}.")
 
 
 def _completion(job: Job) -> ChatCompletion:
@@ -122,7 +103,7 @@ async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterat
         if not finished:
             # The client left (we are being cancelled): shield the clean-up.
             with anyio.CancelScope(shield=True):
-                await _cancel_quietly(state, job.id)
+                await jobs_service.cancel_quietly(state, job.id)
 
 
 def _chunks_for(job: Job, created: int, event: JobEvent) -> list[dict[str, Any]]:
@@ -139,13 +120,3 @@ def _chunks_for(job: Job, created: int, event: JobEvent) -> list[dict[str, Any]]
     # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
     # text, so it is not announced here (the job's own event stream does).
     return []
-
-
-async def _cancel_quietly(state: AppState, job_id: str) -> None:
-    with contextlib.suppress(Exception):
-        async with state.sessions() as session:
-            job = await jobs_repo.get_job(session, job_id)
-            if job is not None and not job.job_status.is_terminal:
-                await jobs_service.cancel(state, session, job)
-                log.info("client left: cancelled job %s", job_id)
-
