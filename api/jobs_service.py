@@ -10,7 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
 from api.job_events import job_events
-from api.schemas.openai import ChatCompletionRequest, ChatMessage, SamplingFields, TextPart
+from api.schemas.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    TextPart,
+)
 from api.state import AppState
 from storage.events import EventType, JobEvent
 from storage.keys import CANCEL_CHANNEL, Lane
@@ -53,6 +59,15 @@ def sampling_request(
                  "presence_penalty", "frequency_penalty"},
         exclude_none=True,
     )
+    structured = body.structured_output
+    if structured is not None:
+        if not model.supports_structured_output:
+            raise InvalidRequest(
+                f"Model `{model.name}` runs on the `{model.engine}` engine, which cannot "
+                "constrain output to JSON; response_format needs a vLLM worker.",
+                param="response_format", code="unsupported_response_format",
+            )
+        fields["structured_output"] = structured
     return {"model": body.model, "max_tokens": max_tokens, **fields}
 
 
@@ -66,6 +81,14 @@ async def build_chat_job(
     model = await state.catalog.get(body.model)
     request = sampling_request(body, model, state.settings.default_max_tokens)
     request["messages"] = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.thinking:
+        # The template decides how thinking starts (Qwen3-style templates read this flag);
+        # the API splits `<think>…</think>` out of the reply as `reasoning_content`.
+        template_kwargs["enable_thinking"] = True
+        request["thinking"] = True
+    if template_kwargs:
+        request["chat_template_kwargs"] = template_kwargs
     return Job(
         id=jobs_repo.new_job_id(),
         owner_id=owner_id,
@@ -78,6 +101,48 @@ async def build_chat_job(
         metadata_=body.metadata,
         attempts=0,
     )
+
+
+async def build_completion_jobs(
+    state: AppState,
+    owner_id: str,
+    body: CompletionRequest,
+    *,
+    lane: Lane = "interactive",
+) -> list[Job]:
+    """One job per prompt (kind "completion": the prompt goes to the model as is)."""
+    for name in ("suffix", "logprobs", "best_of"):
+        if getattr(body, name) is not None:
+            raise InvalidRequest(f"`{name}` is not supported by this server.", param=name,
+                                 code="unsupported_parameter")
+    model = await state.catalog.get(body.model)
+    base = sampling_request(body, model, state.settings.default_max_tokens)
+    jobs = []
+    for prompt in body.prompts:
+        request = {**base, "prompt": await completion_prompt(state, model, prompt)}
+        if body.echo:
+            request["echo"] = True
+        jobs.append(Job(
+            id=jobs_repo.new_job_id(),
+            owner_id=owner_id,
+            model=body.model,
+            kind="completion",
+            lane=lane,
+            status=JobStatus.QUEUED,
+            priority=body.priority,
+            request=request,
+            metadata_=body.metadata,
+            attempts=0,
+        ))
+    return jobs
+
+
+async def completion_prompt(
+    state: AppState, model: ServedModel, prompt: str
+) -> str | list[dict[str, Any]]:
+    """A completion prompt as stored: plain text, or text and image parts when it carries
+    Qwen-VL `<img>…</img>` tags (the images are pulled into the object store first)."""
+    return prompt
 
 
 async def submit(state: AppState, jobs: list[Job]) -> None:

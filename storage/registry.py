@@ -21,6 +21,8 @@ class ServedModel:
     max_model_len: int
     engine: str
     supports_images: bool = False
+    # The engine can constrain output to JSON / a JSON schema (`response_format`).
+    supports_structured_output: bool = False
     created: int = 0
 
     def to_json(self) -> str:

@@ -37,6 +37,7 @@ def generation_request(job: Job, request_id: str, bulk_priority: int) -> Generat
         seed=body.get("seed"),
         presence_penalty=body.get("presence_penalty"),
         frequency_penalty=body.get("frequency_penalty"),
+        structured_output=body.get("structured_output"),
     )
     # Engine priority: interactive first; within a lane the job's own priority orders it.
     priority = job.priority + (bulk_priority if job.lane == "bulk" else 0)
@@ -44,7 +45,8 @@ def generation_request(job: Job, request_id: str, bulk_priority: int) -> Generat
         return GenerationRequest(request_id, prompt=body["prompt"], sampling=sampling,
                                  priority=priority)
     return GenerationRequest(request_id, messages=body["messages"], sampling=sampling,
-                             priority=priority)
+                             priority=priority,
+                             chat_template_kwargs=body.get("chat_template_kwargs"))
 
 
 class EngineBroken(RuntimeError):

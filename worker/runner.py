@@ -147,6 +147,7 @@ class JobRunner:
         info = self.engine.info
         model = ServedModel(name=self.settings.model_name, max_model_len=info.max_model_len,
                             engine=info.engine, supports_images=info.supports_images,
+                            supports_structured_output=info.supports_structured_output,
                             created=now_epoch())
         beat = WorkerBeat(self.worker_id, model.name, info.engine, len(self._in_flight),
                           time.time())

@@ -20,6 +20,7 @@ async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
     workers = Counter(beat.model for beat in await state.registry.live_workers())
     return ModelList(data=[
         ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len,
-                  engine=m.engine, supports_images=m.supports_images, workers=workers[m.name])
+                  engine=m.engine, supports_images=m.supports_images,
+                  supports_structured_output=m.supports_structured_output, workers=workers[m.name])
         for m in sorted(models.values(), key=lambda m: m.name)
     ])

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from api.schemas.openai import ChatCompletionRequest, Usage
+from storage.content import split_reasoning
 from storage.models import Job, JobStatus
 
 
@@ -19,6 +20,8 @@ class JobCreate(ChatCompletionRequest):
 class JobResult(BaseModel):
     text: str
     finish_reason: str | None
+    # With thinking on: the `<think>…</think>` part, split out of `text`.
+    reasoning_content: str | None = None
 
 
 class JobError(BaseModel):
@@ -66,8 +69,7 @@ class JobPublic(BaseModel):
             first_token_at=_ts(job.first_token_at),
             finished_at=_ts(job.finished_at),
             attempts=job.attempts,
-            result=JobResult(text=job.result_text or "", finish_reason=job.finish_reason)
-            if done else None,
+            result=_result(job) if done else None,
             usage=usage,
             error=JobError(message=job.error) if job.error else None,
             metadata=job.metadata_,
@@ -85,6 +87,15 @@ class JobList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+def _result(job: Job) -> JobResult:
+    text = job.result_text or ""
+    if job.request.get("thinking"):
+        reasoning, content = split_reasoning(text)
+        return JobResult(text=content, finish_reason=job.finish_reason,
+                         reasoning_content=reasoning)
+    return JobResult(text=text, finish_reason=job.finish_reason)
 
 
 def _ts(value: datetime | None) -> float | None:

@@ -37,6 +37,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormatText(BaseModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+    Field(discriminator="type"),
+]
+
+# Ferry keeps OpenAI's metadata (string pairs) and also takes FastDeploy's flags in it,
+# such as `{"enable_thinking": true}`.
+Metadata = dict[str, str | bool | int | float]
+
+
 class SamplingFields(BaseModel):
     """The sampling knobs shared by chat completions and jobs."""
 
@@ -54,6 +86,19 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request")
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="`json_object` or `json_schema`: output constrained by the engine's "
+        "structured outputs (vLLM). A model whose engine cannot constrain output answers "
+        "400.",
+    )
+    priority: int = Field(
+        0, ge=0, le=9, description="vLLM extension: 0 is served first, 9 last"
+    )
+    metadata: Metadata | None = Field(
+        None, description="Up to 16 pairs, kept with the job (FastDeploy flags such as "
+        "`enable_thinking` are read from here too)"
+    )
 
     @model_validator(mode="after")
     def _stop_list(self) -> SamplingFields:
@@ -61,27 +106,74 @@ class SamplingFields(BaseModel):
             raise ValueError("stop: at most 16 sequences")
         return self
 
+    @model_validator(mode="after")
+    def _metadata_size(self) -> SamplingFields:
+        if self.metadata is not None and len(self.metadata) > 16:
+            raise ValueError("metadata: at most 16 keys")
+        return self
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def structured_output(self) -> dict[str, Any] | None:
+        """The stored constraint for the engine: {"json": schema} or {"json_object": True}."""
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJsonSchema):
+            return {"json": fmt.json_schema.schema_ or {"type": "object"}}
+        if isinstance(fmt, ResponseFormatJsonObject):
+            return {"json_object": True}
+        return None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    priority: int = Field(
-        0, ge=0, le=9, description="vLLM extension: 0 is served first, 9 last"
-    )
-    metadata: dict[str, str] | None = Field(
-        None, description="Up to 16 string pairs, kept with the job"
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM extension: extra variables for the chat template, e.g. "
+        "`{\"enable_thinking\": true}`"
     )
 
+    @property
+    def thinking(self) -> bool:
+        """Thinking is on when asked for the vLLM way (`chat_template_kwargs`) or the
+        FastDeploy way (`metadata.enable_thinking`); then `<think>…</think>` text is
+        returned as `reasoning_content`."""
+        for source in (self.chat_template_kwargs, self.metadata):
+            if source and source.get("enable_thinking") is True:
+                return True
+        return False
+
+
+class CompletionRequest(SamplingFields):
+    """OpenAI (legacy) completions, as vLLM serves them: for base models, no chat template.
+
+    `prompt` may carry Qwen-VL `<img>…</img>` tags (URL or base64) for image models."""
+
+    prompt: str | list[str] = Field(
+        description="A prompt, or a list of up to 16 prompts (one choice each)"
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = Field(False, description="Return the prompt before the completion")
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
     @model_validator(mode="after")
-    def _metadata_size(self) -> ChatCompletionRequest:
-        if self.metadata is not None and len(self.metadata) > 16:
-            raise ValueError("metadata: at most 16 keys")
+    def _prompts(self) -> CompletionRequest:
+        prompts = self.prompts
+        if not 1 <= len(prompts) <= 16:
+            raise ValueError("prompt: give 1 to 16 prompts")
+        if any(not p for p in prompts):
+            raise ValueError("prompt: must not be empty")
         return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class Usage(BaseModel):
@@ -93,6 +185,8 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # vLLM/FastDeploy: the model's thinking, when thinking is on (null otherwise).
+    reasoning_content: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -111,6 +205,22 @@ class ChatCompletion(BaseModel):
     usage: Usage | None
 
 
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -120,6 +230,7 @@ class ModelCard(BaseModel):
     # Ferry extensions: which engine serves it, whether it takes images, live workers.
     engine: str
     supports_images: bool
+    supports_structured_output: bool
     workers: int
 
 

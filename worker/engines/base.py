@@ -25,6 +25,9 @@ class SamplingOptions:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # {"json": schema} or {"json_object": True} (OpenAI `response_format`): output is
+    # constrained by the engine; only engines whose ModelInfo says so accept it.
+    structured_output: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,8 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Lower value = served first (vLLM's convention). Bulk work uses a larger number.
     priority: int = 0
+    # Extra variables for the chat template (e.g. {"enable_thinking": True}).
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,8 @@ class ModelInfo:
     max_model_len: int
     engine: str
     supports_images: bool = False
+    # Can constrain output with `SamplingOptions.structured_output` (JSON / JSON schema).
+    supports_structured_output: bool = False
 
 
 class Engine(Protocol):

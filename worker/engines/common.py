@@ -33,7 +33,8 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
             raise EngineRequestError("this model has no chat template; send `prompt` instead")
         try:
             rendered = tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                **(request.chat_template_kwargs or {}),
             )
         except Exception as exc:  # jinja errors (bad roles, bad content) are the caller's
             msg = f"cannot render messages with the chat template: {exc}"

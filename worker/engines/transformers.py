@@ -259,6 +259,8 @@ class TransformersEngine:
         request_id = request.request_id
         if request_id in self._streams:
             raise EngineRequestError(f"request id {request_id!r} is already running")
+        if request.sampling.structured_output is not None:
+            raise EngineRequestError("the transformers engine cannot constrain output to JSON")
         ids = prompt_token_ids(self._tokenizer, request)
         check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
         sampling = self._sampling_kwargs(request.sampling)

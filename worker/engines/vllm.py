@@ -107,6 +107,7 @@ class VllmEngine:
             name=self._settings.model_name,
             max_model_len=int(self._llm.model_config.max_model_len),
             engine="vllm",
+            supports_structured_output=True,
         )
         await warm_up(self)
 
@@ -122,6 +123,13 @@ class VllmEngine:
         # Blocks a few seconds (the engine core and worker processes exit).
         llm.shutdown()
 
+    def _structured(self, spec: dict[str, Any] | None) -> Any:
+        if spec is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams(**spec)
+
     def _params(self, s: SamplingOptions) -> Any:
         try:
             return self._sampling_params.from_optional(
@@ -133,6 +141,7 @@ class VllmEngine:
                 seed=s.seed,
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
+                structured_outputs=self._structured(s.structured_output),
                 output_kind=self._delta_kind,
             )
         except self._request_errors as exc:  # vLLM validates ranges (e.g. top_p in (0, 1])
