@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from api.state import AppState
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.migrate import upgrade_async
+from storage.objects import build_object_store
 from storage.registry import ModelRegistry
 from storage.repositories import api_keys
 from storage.settings import StorageSettings, get_storage_settings
@@ -55,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         intake=JobIntake(sessions, queue),
         keys=KeyRing(sessions),
         catalog=ModelCatalog(registry),
+        objects=await asyncio.to_thread(build_object_store),
     )
     reconciler = Reconciler(sessions, redis, queue,
                             interval_seconds=settings.reconcile_interval_seconds,

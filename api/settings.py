@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -30,12 +31,31 @@ class ApiSettings(BaseSettings):
     sse_max_seconds: float = 3600.0
     # How long a non-streaming chat completion waits for its job.
     sync_timeout_seconds: float = 600.0
+    # Images (api/images), per request: how many, bytes per image (decoded or downloaded),
+    # pixels per image (width x height), and bytes of all the request's images together.
+    image_max_per_request: int = Field(8, ge=0)
+    image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    image_max_pixels: int = Field(25_000_000, ge=1)
+    image_max_request_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    # Fetching image URLs: the whole fetch (all redirect hops) must end within the timeout.
+    image_fetch_timeout_seconds: float = Field(10.0, gt=0)
+    image_fetch_max_redirects: int = Field(3, ge=0)
+    # CIDRs the fetcher may reach although they are private or loopback (an internal image
+    # server), comma-separated; empty by default. Cloud metadata addresses stay refused.
+    image_fetch_allow_networks: Annotated[list[str], NoDecode] = []
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "image_fetch_allow_networks", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("image_fetch_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
         return value
 
 

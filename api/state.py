@@ -15,6 +15,7 @@ from api.intake import JobIntake
 from api.job_events import EventSources
 from api.settings import ApiSettings
 from storage.events import JobEventStream
+from storage.objects import ObjectStore
 from storage.registry import ModelRegistry
 from storage.settings import StorageSettings
 
@@ -33,6 +34,8 @@ class AppState:
     intake: JobIntake
     keys: KeyRing
     catalog: ModelCatalog
+    # Images and files (S3 or a local directory); blocking calls: use asyncio.to_thread.
+    objects: ObjectStore
 
     @property
     def event_sources(self) -> EventSources:
