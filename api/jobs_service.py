@@ -9,14 +9,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
+from api.images import ImageIntake, ingest_parts
+from api.images.chat import chat_messages
 from api.job_events import job_events
-from api.schemas.openai import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    SamplingFields,
-    TextPart,
-)
+from api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 from api.state import AppState
 from storage.events import EventType, JobEvent
 from storage.keys import CANCEL_CHANNEL, Lane
@@ -25,20 +21,6 @@ from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
 
 log = logging.getLogger(__name__)
-
-
-def message_text(message: ChatMessage) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
-    parts = []
-    for part in message.content:
-        if not isinstance(part, TextPart):
-            raise InvalidRequest(
-                "Image content parts are not supported by this server yet.",
-                param="messages", code="unsupported_content",
-            )
-        parts.append(part.text)
-    return "".join(parts)
 
 
 def sampling_request(
@@ -80,7 +62,8 @@ async def build_chat_job(
 ) -> Job:
     model = await state.catalog.get(body.model)
     request = sampling_request(body, model, state.settings.default_max_tokens)
-    request["messages"] = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+    images = ImageIntake.for_state(state)
+    request["messages"] = await chat_messages(images, body, model)
     template_kwargs = dict(body.chat_template_kwargs or {})
     if body.thinking:
         # The template decides how thinking starts (Qwen3-style templates read this flag);
@@ -89,6 +72,8 @@ async def build_chat_job(
         request["thinking"] = True
     if template_kwargs:
         request["chat_template_kwargs"] = template_kwargs
+    # Last, once every check has passed: a refused request stores no image.
+    await images.store()
     return Job(
         id=jobs_repo.new_job_id(),
         owner_id=owner_id,
@@ -141,8 +126,11 @@ async def completion_prompt(
     state: AppState, model: ServedModel, prompt: str
 ) -> str | list[dict[str, Any]]:
     """A completion prompt as stored: plain text, or text and image parts when it carries
-    Qwen-VL `<img>…</img>` tags (the images are pulled into the object store first)."""
-    return prompt
+    Qwen-VL `<img>…</img>` tags (the images are pulled into the object store first).
+    For a model that takes no images, tags are plain text."""
+    if not model.supports_images or "<img>" not in prompt:
+        return prompt
+    return await ingest_parts(state, prompt, param="prompt")
 
 
 async def submit(state: AppState, jobs: list[Job]) -> None:

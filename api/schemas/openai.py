@@ -135,6 +135,12 @@ class ChatCompletionRequest(SamplingFields):
         None, description="vLLM extension: extra variables for the chat template, e.g. "
         "`{\"enable_thinking\": true}`"
     )
+    images: list[str] | None = Field(
+        None, description="swift extension: images (http(s) URL, data URL or base64) for "
+        "models that take them. Each `<image>` placeholder in the user messages takes the "
+        "next one; with no placeholder they all go before the last user message's text. "
+        "Images can also come as `image_url` parts or Qwen-VL `<img>…</img>` tags."
+    )
 
     @property
     def thinking(self) -> bool:
