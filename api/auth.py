@@ -1,4 +1,7 @@
-"""Bearer API keys: the token's SHA-256 is looked up once, then cached briefly."""
+"""API keys: the token's SHA-256 is looked up once, then cached briefly.
+
+Sent as `Authorization: Bearer <key>` (OpenAI) or as the bare key,
+`Authorization: <key>` (how PAI-EAS clients send their service token)."""
 
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ class KeyRing:
         self._cache: dict[str, tuple[str, float]] = {}
 
     async def owner_of(self, authorization: str | None) -> str:
-        """The key id behind an `Authorization: Bearer ...` header, or 401."""
-        if not authorization or not authorization.lower().startswith("bearer "):
+        """The key id behind an `Authorization: Bearer <key>` or `Authorization: <key>`
+        header, or 401."""
+        token = token_of(authorization)
+        if not token:
             raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
-        token = authorization[7:].strip()
         hit = self._cache.get(token)
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
@@ -31,3 +35,12 @@ class KeyRing:
             raise Unauthorized("Incorrect API key provided.")
         self._cache[token] = (key.id, time.monotonic() + _CACHE_SECONDS)
         return key.id
+
+
+def token_of(authorization: str | None) -> str:
+    """The key in an Authorization header value: after `Bearer `, or the bare value."""
+    value = (authorization or "").strip()
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() == "bearer":
+        return rest.strip()
+    return value

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api import history
 from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
 from api.images import ImageIntake, ingest_parts
 from api.images.chat import chat_messages
@@ -72,6 +73,8 @@ async def build_chat_job(
         request["thinking"] = True
     if template_kwargs:
         request["chat_template_kwargs"] = template_kwargs
+    if body.conversation_id is not None:
+        await history.prepend_history(state, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
     return Job(
@@ -85,6 +88,7 @@ async def build_chat_job(
         request=request,
         metadata_=body.metadata,
         attempts=0,
+        conversation_id=body.conversation_id,
     )
 
 

@@ -31,6 +31,10 @@ class ApiSettings(BaseSettings):
     sse_max_seconds: float = 3600.0
     # How long a non-streaming chat completion waits for its job.
     sync_timeout_seconds: float = 600.0
+    # The served model the PAI-EAS routes (/infer_forward, POST /, WebSocket /) use, as
+    # their requests name none. Unset: the first served model by name (for a request
+    # with an image, the first that takes images).
+    eas_model: str | None = None
     # Images (api/images), per request: how many, bytes per image (decoded or downloaded),
     # pixels per image (width x height), and bytes of all the request's images together.
     image_max_per_request: int = Field(8, ge=0)

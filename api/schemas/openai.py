@@ -141,6 +141,13 @@ class ChatCompletionRequest(SamplingFields):
         "next one; with no placeholder they all go before the last user message's text. "
         "Images can also come as `image_url` parts or Qwen-VL `<img>…</img>` tags."
     )
+    conversation_id: str | None = Field(
+        None, max_length=40,
+        description="Ferry extension: continue a stored conversation (`POST "
+        "/v1/conversations`). The prompt is its history plus `messages`; when the job "
+        "succeeds, the new turn and the reply are appended to it (not when it fails or "
+        "is cancelled).",
+    )
 
     @property
     def thinking(self) -> bool:

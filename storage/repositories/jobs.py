@@ -17,6 +17,7 @@ from sqlalchemy import and_, case, func, insert, inspect, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import Job, JobStatus, utcnow
+from storage.repositories import conversations
 
 
 def new_job_id() -> str:
@@ -141,6 +142,8 @@ async def finish_job(
 
     A succeeded/failed outcome only lands while the job is still ours and running. A job
     cancelled under us keeps status `cancelled`, but its partial output is recorded.
+    A success that lands appends the job's turn and reply to its conversation, in this
+    same transaction: exactly once, and never for a failed or cancelled job.
     """
     now = utcnow()
     job = await session.get(Job, job_id)
@@ -169,7 +172,10 @@ async def finish_job(
     result = await session.execute(
         update(Job).where(where).values(**values).execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    recorded = bool(result.rowcount)  # type: ignore[attr-defined]
+    if recorded and outcome.status == JobStatus.SUCCEEDED and job is not None:
+        await conversations.record_reply(session, job, values["result_text"])
+    return recorded
 
 
 async def release_job(session: AsyncSession, job_id: str, worker_id: str) -> None:
@@ -231,6 +237,9 @@ async def find_stranded_jobs(
                 and_(
                     Job.status == JobStatus.QUEUED,
                     func.coalesce(Job.enqueued_at, Job.created_at) < queued_before,
+                    # A batch line not sent yet waits for the batch feeder (api/batches),
+                    # which sends a window at a time; it is not stranded.
+                    or_(Job.batch_id.is_(None), Job.enqueued_at.is_not(None)),
                 ),
                 and_(
                     Job.status == JobStatus.RUNNING,

@@ -1,0 +1,129 @@
+"""The PAI-EAS APIs' path onto Ferry's queue: which model, the job, its text as it comes.
+
+EAS requests name no model: `FERRY_EAS_MODEL` picks one, else the first served model by
+name (the first that takes images, for a request that carries one). Their token limits
+(`max_new_tokens`, `max_output_tokens`) are ceilings, as on EAS: the oldest history turns
+and the limit itself give way to the model's context (`api.history.fit_to_context`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from api import history, jobs_service
+from api.errors import FerryError, InvalidRequest, ServiceUnavailable
+from api.job_events import job_events
+from api.schemas.openai import ChatCompletionRequest, ChatMessage
+from api.state import AppState
+from storage.content import ImageRef, image_part, text_part
+from storage.events import EventType
+from storage.models import Job
+from storage.registry import ServedModel
+
+
+class GenerationFailed(FerryError):
+    status_code = 500
+    type = "server_error"
+    code = "generation_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One EAS question with its sampling knobs."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None = None
+    system_prompt: str = ""
+    image: ImageRef | None = None
+
+
+async def pick_model(state: AppState, *, with_image: bool) -> ServedModel:
+    if state.settings.eas_model:
+        return await state.catalog.get(state.settings.eas_model)
+    served = sorted((await state.registry.models()).values(), key=lambda m: m.name)
+    if not served:
+        raise ServiceUnavailable("No model is served yet: start a worker.")
+    if with_image:
+        for model in served:
+            if model.supports_images:
+                return model
+    return served[0]
+
+
+def check_takes_images(model: ServedModel) -> None:
+    if not model.supports_images:
+        raise InvalidRequest(
+            f"The model `{model.name}` does not take images; serve one that does (or set "
+            "FERRY_EAS_MODEL to it).", param="image", code="unsupported_content",
+        )
+
+
+async def build_job(
+    state: AppState,
+    owner_id: str,
+    model: ServedModel,
+    turn: Turn,
+    past: Sequence[dict[str, Any]],
+    conversation_id: str | None,
+) -> Job:
+    """The job for one EAS turn, through `build_chat_job` like every chat request.
+
+    `past` is the history (prompt messages); with a `conversation_id` the turn and its
+    reply are appended to that conversation when the job succeeds."""
+    messages = []
+    if turn.system_prompt:
+        messages.append(ChatMessage(role="system", content=turn.system_prompt))
+    messages.append(ChatMessage(role="user", content=turn.prompt))
+    body = ChatCompletionRequest(
+        model=model.name, messages=messages, temperature=turn.temperature,
+        top_p=turn.top_p, top_k=turn.top_k,
+        max_tokens=max(1, min(turn.max_tokens, model.max_model_len - 1)),
+    )
+    job = await jobs_service.build_chat_job(state, owner_id, body)
+    if turn.image is not None:
+        job.request["messages"][-1]["content"] = [image_part(turn.image),
+                                                  text_part(turn.prompt)]
+    history.attach(job, past, conversation_id)
+    history.fit_to_context(job.request, model.max_model_len, turn.max_tokens)
+    return job
+
+
+async def text_deltas(state: AppState, job_id: str) -> AsyncGenerator[str, None]:
+    """The job's text as it is generated. Ends when the job ends; a failed job raises
+    `GenerationFailed` with its error. A client that goes away (this generator closed or
+    cancelled before the end) cancels the job."""
+    finished = False
+    try:
+        async for event in job_events(
+            state.event_sources, job_id, None,
+            keepalive_seconds=state.settings.sse_keepalive_seconds,
+            max_seconds=state.settings.sse_max_seconds,
+        ):
+            if event is None:
+                continue
+            if event.type == EventType.DELTA and event.data["text"]:
+                yield event.data["text"]
+            elif event.type == EventType.ERROR:
+                finished = True
+                raise GenerationFailed(event.data.get("message") or "generation failed")
+            elif event.type.is_terminal:
+                finished = True
+                return
+        finished = True
+    finally:
+        if not finished:
+            with anyio.CancelScope(shield=True):
+                await jobs_service.cancel_quietly(state, job_id)
+
+
+async def final_text(state: AppState, job_id: str) -> str:
+    """Wait for the job; its text (a failed job raises `FerryError`)."""
+    job = await jobs_service.wait_for_end(state, job_id)
+    return job.result_text or ""

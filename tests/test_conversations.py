@@ -1,0 +1,206 @@
+"""Chat history in SQL: conversations continued by jobs, owned by one key, kept across
+API restarts; a reply is appended only when its job succeeds."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import KEY_A, KEY_B, TINY, Stack, open_stack
+from tests.helpers import assert_error, chat_body, submit, wait_job
+from tests.procs import wait_until
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def stored_job(database_url: str, job_id: str) -> tuple[dict[str, Any], str | None]:
+    """The job's stored request and conversation id, read from SQL."""
+    url = database_url.replace("postgresql+asyncpg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT request, conversation_id FROM jobs WHERE id = %s",
+                           (job_id,)).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def new_conversation(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/conversations", json=body or None)
+    assert response.status_code == 201, response.text
+    conversation: dict[str, Any] = response.json()
+    return conversation
+
+
+def messages_of(client: httpx.Client, conversation_id: str) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/conversations/{conversation_id}")
+    assert response.status_code == 200, response.text
+    messages: list[dict[str, Any]] = response.json()["messages"]
+    return messages
+
+
+def run_turn(client: httpx.Client, model: str, conversation_id: str, text: str) -> dict[str, Any]:
+    job = submit(client, chat_body(model, text, max_tokens=12, conversation_id=conversation_id))
+    final = wait_job(client, job["id"])
+    assert final["status"] == "succeeded", final
+    return final
+
+
+def test_two_turns_second_prompt_contains_first_reply(stack: Stack) -> None:
+    with stack.client() as client:
+        conversation = new_conversation(client)
+        assert conversation["title"] is None and conversation["default"] is False
+        first = run_turn(client, TINY, conversation["id"], "Name a colour.")
+        reply = first["result"]["text"]
+        assert reply  # the tiny model always says something in 12 tokens
+        after_one = messages_of(client, conversation["id"])
+        # The second turn through the OpenAI route, with a system prompt of its own.
+        response = client.post("/v1/chat/completions", json={
+            "model": TINY, "max_tokens": 12, "conversation_id": conversation["id"],
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Another one?"}],
+        })
+        assert response.status_code == 200, response.text
+        second_id = response.json()["id"]
+        second_reply = response.json()["choices"][0]["message"]["content"]
+        after_two = messages_of(client, conversation["id"])
+        title = client.get(f"/v1/conversations/{conversation['id']}").json()["title"]
+
+    assert [(m["role"], m["content"]) for m in after_one] == [
+        ("user", "Name a colour."), ("assistant", reply)]
+    assert after_one[1]["job_id"] == first["id"] and after_one[1]["reasoning_content"] is None
+    request, linked = stored_job(stack.database_url, second_id)
+    assert linked == conversation["id"]
+    # System prompt first, then the stored history, then the new turn.
+    assert [(m["role"], m["content"]) for m in request["messages"]] == [
+        ("system", "Be brief."), ("user", "Name a colour."), ("assistant", reply),
+        ("user", "Another one?")]
+    assert [(m["role"], m["content"]) for m in after_two] == [
+        ("user", "Name a colour."), ("assistant", reply),
+        ("user", "Another one?"), ("assistant", second_reply)]
+    assert title == "Name a colour."
+
+
+def test_failed_and_cancelled_jobs_append_nothing(stack: Stack) -> None:
+    with stack.client() as client:
+        conversation = new_conversation(client, title="kept clean")
+        run_turn(client, TINY, conversation["id"], "Hello there.")
+        before = messages_of(client, conversation["id"])
+        # Prompt + 2047 new tokens cannot fit the 2048-token context: the engine fails it.
+        failing = submit(client, chat_body(TINY, "This one fails.", max_tokens=2047,
+                                           conversation_id=conversation["id"]))
+        cancelled = submit(client, chat_body(TINY, "This one is cancelled.", max_tokens=2000,
+                                             conversation_id=conversation["id"]))
+        wait_until(lambda: client.get(f"/v1/jobs/{cancelled['id']}").json()["status"]
+                   == "running", 30, "the job to start", interval=0.02)
+        assert client.post(f"/v1/jobs/{cancelled['id']}/cancel").status_code == 200
+        assert wait_job(client, failing["id"])["status"] == "failed"
+        assert wait_job(client, cancelled["id"])["status"] == "cancelled"
+        after = messages_of(client, conversation["id"])
+        # The next turn's prompt has no trace of them either.
+        last = run_turn(client, TINY, conversation["id"], "Still there?")
+    assert after == before
+    request, _ = stored_job(stack.database_url, last["id"])
+    contents = [m["content"] for m in request["messages"]]
+    assert contents == [before[0]["content"], before[1]["content"], "Still there?"]
+
+
+def test_another_keys_conversation_is_not_found_on_every_route(stack: Stack) -> None:
+    with stack.client() as owner, stack.client(KEY_B) as other:
+        conversation = new_conversation(owner)
+        conversation_id = conversation["id"]
+        jobs_before = other.get("/v1/jobs", params={"limit": 1}).json()["first_id"]
+        for missing in (conversation_id, "conv_does_not_exist"):
+            assert_error(other.get(f"/v1/conversations/{missing}"), 404, "not_found")
+            assert_error(other.delete(f"/v1/conversations/{missing}"), 404, "not_found")
+            body = chat_body(TINY, "Hi", max_tokens=4, conversation_id=missing)
+            for path in ("/v1/jobs", "/v1/chat/completions"):
+                error = assert_error(other.post(path, json=body), 404, "not_found")
+                assert missing in error["message"]
+                assert error["param"] == "conversation_id"
+        listed = [c["id"] for c in other.get("/v1/conversations?limit=100").json()["data"]]
+        jobs_after = other.get("/v1/jobs", params={"limit": 1}).json()["first_id"]
+        still_there = owner.get(f"/v1/conversations/{conversation_id}")
+    assert conversation_id not in listed
+    assert jobs_after == jobs_before  # no job was created
+    assert still_there.status_code == 200 and still_there.json()["messages"] == []
+
+
+def test_delete_conversation_keeps_its_jobs(stack: Stack) -> None:
+    with stack.client() as client:
+        conversation = new_conversation(client)
+        job = run_turn(client, TINY, conversation["id"], "Remember me.")
+        deleted = client.delete(f"/v1/conversations/{conversation['id']}")
+        gone = client.get(f"/v1/conversations/{conversation['id']}")
+        again = client.delete(f"/v1/conversations/{conversation['id']}")
+        job_after = client.get(f"/v1/jobs/{job['id']}")
+        listed = [c["id"] for c in client.get("/v1/conversations?limit=100").json()["data"]]
+        continuing = client.post("/v1/jobs", json=chat_body(
+            TINY, "Hi", max_tokens=4, conversation_id=conversation["id"]))
+    assert deleted.status_code == 200
+    assert deleted.json() == {"id": conversation["id"], "object": "conversation.deleted",
+                              "deleted": True}
+    assert_error(gone, 404, "not_found")
+    assert_error(again, 404, "not_found")
+    assert_error(continuing, 404, "not_found")
+    assert conversation["id"] not in listed
+    assert job_after.status_code == 200 and job_after.json()["status"] == "succeeded"
+    _, linked = stored_job(stack.database_url, job["id"])
+    assert linked is None
+
+
+def test_list_conversations_newest_first_in_pages(stack: Stack) -> None:
+    key = f"sk-test-c-{secrets.token_hex(4)}"  # not a configured key: 401
+    with stack.client(key) as stranger:
+        assert_error(stranger.get("/v1/conversations"), 401)
+    with stack.client(KEY_B) as client:
+        ids = [new_conversation(client, title=f"t{i}")["id"] for i in range(3)]
+        page1 = client.get("/v1/conversations", params={"limit": 2}).json()
+        page2 = client.get("/v1/conversations",
+                           params={"limit": 2, "after": page1["last_id"]}).json()
+        bad = client.post("/v1/conversations", json={"title": "x" * 201})
+    seen = [c["id"] for c in page1["data"] + page2["data"]]
+    assert seen[:3] == list(reversed(ids))
+    assert page1["has_more"] is True and page1["first_id"] == ids[-1]
+    assert all(c["messages"] is None for c in page1["data"])
+    assert_error(bad, 400)
+
+
+MODEL = "tiny-history"
+
+
+@pytest.fixture(scope="module")
+def own_stack(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
+    """One API process that the test restarts, and a transformers worker, on their own
+    Redis database."""
+    with open_stack(migrated_pg, 14, model_cache, s3_url) as s:
+        s.add_api("history-api", logs)
+        s.add_worker("history-worker", MODEL, "transformers", logs)
+        yield s
+
+
+def test_history_survives_an_api_restart(own_stack: Stack, logs: Path) -> None:
+    with own_stack.client(KEY_A) as client:
+        conversation = new_conversation(client)
+        first = run_turn(client, MODEL, conversation["id"], "Before the restart.")
+        before = messages_of(client, conversation["id"])
+    api = own_stack.procs[0]
+    api.stop()
+    assert not api.alive()
+    own_stack.api_urls.clear()
+    own_stack.procs.remove(api)
+    own_stack.add_api("history-api-2", logs)
+    with own_stack.client(KEY_A) as client:
+        after = messages_of(client, conversation["id"])
+        listed = [c["id"] for c in client.get("/v1/conversations").json()["data"]]
+        second = run_turn(client, MODEL, conversation["id"], "After the restart.")
+    assert after == before
+    assert [m["content"] for m in after] == ["Before the restart.", first["result"]["text"]]
+    assert conversation["id"] in listed
+    request, _ = stored_job(own_stack.database_url, second["id"])
+    assert [m["content"] for m in request["messages"]] == [
+        "Before the restart.", first["result"]["text"], "After the restart."]
