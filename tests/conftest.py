@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from tests.imaging import ImageStack, start_image_stack
 from tests.procs import Proc, free_port, start_api, start_worker, wait_until
 
 PG_ADMIN = os.environ.get("FERRY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -191,4 +192,14 @@ def stack(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Itera
         s.add_api("api-2", logs)
         s.add_worker("worker-vllm", TINY, "vllm", logs)
         yield s
+
+
+@pytest.fixture(scope="session")
+def image_stack(
+    migrated_pg: str, model_cache: Path, logs: Path, s3_url: str
+) -> Iterator[ImageStack]:
+    """API processes for image intake (safe and 127.0.0.1-allowing fetch policies) with a
+    model announced as taking images, on Redis database 13 and their own bucket."""
+    with open_stack(migrated_pg, 13, model_cache, s3_url) as s:
+        yield start_image_stack(s, logs)
 

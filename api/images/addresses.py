@@ -61,18 +61,19 @@ def address_refusal(ip: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | N
     `allowed` networks (operator settings: an internal image server, tests) pass although
     they are private; cloud metadata addresses never pass.
     """
-    if isinstance(ip, IPv6Address) and ip.scope_id:
-        ip = IPv6Address(ip.compressed.split("%", 1)[0])
-    if ip in METADATA_ADDRESSES:
-        return "a cloud metadata address"
     allowed = tuple(allowed)
-    if any(ip in net for net in allowed if net.version == ip.version):
-        return None
     if isinstance(ip, IPv6Address):
+        if ip.scope_id:
+            ip = IPv6Address(ip.compressed.split("%", 1)[0])
         inner = embedded_ipv4(ip)
         if inner is not None:
+            # Where the packets really go: judged as that IPv4 address, allow-list too.
             reason = address_refusal(inner, allowed)
             return f"an IPv6 form of {reason}" if reason else None
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if any(ip in net for net in allowed if net.version == ip.version):
+        return None
     return _special_use(ip)
 
 

@@ -54,8 +54,8 @@ def verify_image(data: bytes, *, max_pixels: int, param: str) -> VerifiedImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(
-            f"Image has more than {max_pixels} pixels (limit FERRY_IMAGE_MAX_PIXELS); "
-            "refused as a possible decompression bomb.", param=param) from None
+            "Image claims more pixels than Pillow will decode (a decompression bomb); "
+            f"the limit is FERRY_IMAGE_MAX_PIXELS={max_pixels}.", param=param) from None
     except UnidentifiedImageError:
         raise InvalidImage(
             "Data is not an image in an accepted format (PNG, JPEG, WEBP, GIF, BMP).",
