@@ -17,7 +17,7 @@ from api.errors import PayloadTooLarge, error_response, install_error_handlers
 from api.event_hub import JobEventHub
 from api.intake import JobIntake
 from api.reconciler import Reconciler
-from api.routes import chat, conversations, eas, images, jobs, models, ops
+from api.routes import chat, completions, conversations, eas, images, jobs, models, ops
 from api.settings import ApiSettings, get_api_settings
 from api.state import AppState
 from storage.db import create_db_engine, create_session_factory
@@ -126,7 +126,7 @@ def create_app(
     app.state.settings = settings
     app.state.storage = storage or get_storage_settings()
     install_error_handlers(app)
-    for module in (jobs, chat, images, models, ops, conversations, eas):
+    for module in (jobs, chat, completions, images, models, ops, conversations, eas):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -54,15 +54,83 @@ THINK_CLOSE = "</think>"
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
-    """Split a reply into (reasoning, content) at `<think>…</think>`, as vLLM's and
-    FastDeploy's reasoning parsers do: text before `</think>` is reasoning (with or
-    without the opening tag, which some chat templates put in the prompt); a reply with
-    no `</think>` but an opening tag is all reasoning (it was cut off while thinking);
-    otherwise there is no reasoning."""
-    if THINK_CLOSE in text:
-        reasoning, _, content = text.partition(THINK_CLOSE)
-        reasoning = reasoning.split(THINK_OPEN, 1)[-1]
-        return reasoning.strip("\n") or None, content.lstrip("\n")
-    if text.lstrip().startswith(THINK_OPEN):
-        return text.lstrip()[len(THINK_OPEN):].lstrip("\n"), ""
-    return None, text
+    """Split a reply into (reasoning, content), as vLLM's and FastDeploy's reasoning
+    parsers do for models that think inside `<think>…</think>`.
+
+    A reply that opens with `<think>` (after whitespace) is reasoning up to `</think>`
+    and content after it; one cut off before `</think>` is all reasoning. Any other reply
+    is all content (so templates that open `<think>` inside the prompt are not split).
+    `ReasoningSplitter` gives the same split incrementally, for streams."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return None, text
+    body = stripped[len(THINK_OPEN):]
+    reasoning, closed, content = body.partition(THINK_CLOSE)
+    reasoning = reasoning.strip("\n")
+    return reasoning or None, content.lstrip("\n") if closed else ""
+
+
+class ReasoningSplitter:
+    """`split_reasoning` for a stream: feed text deltas, get (reasoning, content) pieces
+    whose concatenations equal what `split_reasoning` gives for the whole text."""
+
+    def __init__(self) -> None:
+        self._state = "start"  # start -> reasoning -> content, or start -> content
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self._held += text
+        reasoning = content = ""
+        if self._state == "start":
+            stripped = self._held.lstrip()
+            if stripped.startswith(THINK_OPEN):
+                self._state = "think-start"
+                self._held = stripped[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(stripped):
+                return "", ""  # whitespace or a partial "<think": wait for more
+            else:
+                self._state = "content"
+        if self._state == "think-start":
+            self._held = self._held.lstrip("\n")
+            if not self._held:
+                return "", ""
+            self._state = "reasoning"
+        if self._state == "reasoning":
+            if THINK_CLOSE in self._held:
+                before, _, after = self._held.partition(THINK_CLOSE)
+                reasoning = before.rstrip("\n")
+                self._state = "after-think"
+                self._held = after
+            else:
+                reasoning, self._held = _hold_back(self._held)
+                return reasoning, ""
+        if self._state == "after-think":
+            self._held = self._held.lstrip("\n")
+            if not self._held:
+                return reasoning, ""
+            self._state = "content"
+        if self._state == "content":
+            content, self._held = self._held, ""
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """The end of the stream: what was held back (a trailing newline, a partial tag)."""
+        held, self._held = self._held, ""
+        if self._state == "start":
+            return "", held
+        if self._state == "reasoning":
+            return held.rstrip("\n"), ""
+        return "", ""  # think-start / after-think hold only newlines
+
+
+def _hold_back(text: str) -> tuple[str, str]:
+    """Split reasoning text into what is safe to emit now and what must wait: trailing
+    newlines (dropped if `</think>` follows) and a partial `</think>`."""
+    keep = 0
+    for size in range(min(len(THINK_CLOSE) - 1, len(text)), 0, -1):
+        if THINK_CLOSE.startswith(text[-size:]):
+            keep = size
+            break
+    body, tail = text[:len(text) - keep], text[len(text) - keep:]
+    stripped = body.rstrip("\n")
+    return stripped, body[len(stripped):] + tail

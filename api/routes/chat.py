@@ -23,6 +23,7 @@ from api.schemas.openai import (
     chunk,
 )
 from api.state import AppState
+from storage.content import ReasoningSplitter, split_reasoning
 from storage.events import EventType, JobEvent
 from storage.models import Job, JobStatus
 
@@ -40,6 +41,12 @@ async def create_chat_completion(
     `data: [DONE]`; `stream_options.include_usage` adds a final usage chunk. The
     completion id is the job id (`GET /v1/jobs/{id}` works on it). A streaming client
     that disconnects cancels its job, as in vLLM.
+
+    Thinking (`chat_template_kwargs.enable_thinking` or FastDeploy's
+    `metadata.enable_thinking`): a reply that opens with `<think>` is split into
+    `reasoning_content` (up to `</think>`) and `content`, streamed or not.
+    `response_format` (`json_object`, `json_schema`) constrains the output through vLLM's
+    structured outputs; a model served by an engine that cannot is a 400.
     """
     job = await jobs_service.build_chat_job(state, key, body)
     await jobs_service.submit(state, [job])
@@ -47,20 +54,24 @@ async def create_chat_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(state, job, include_usage), media_type="text/event-stream", headers=headers
+            _stream(state, job, include_usage, body.thinking), media_type="text/event-stream",
+            headers=headers,
         )
     final = await jobs_service.wait_for_end(state, job.id)
-    return _completion(final)
+    return _completion(final, body.thinking)
 
 
-def _completion(job: Job) -> ChatCompletion:
+def _completion(job: Job, thinking: bool) -> ChatCompletion:
     prompt, completion = job.prompt_tokens or 0, job.completion_tokens or 0
+    reasoning, content = None, job.result_text or ""
+    if thinking:
+        reasoning, content = split_reasoning(content)
     return ChatCompletion(
         id=job.id,
         created=int(job.created_at.timestamp()),
         model=job.model,
         choices=[ChatChoice(
-            message=AssistantMessage(content=job.result_text or ""),
+            message=AssistantMessage(content=content, reasoning_content=reasoning),
             finish_reason=job.finish_reason if job.status == JobStatus.SUCCEEDED else "abort",
         )],
         usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
@@ -73,8 +84,11 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    state: AppState, job: Job, include_usage: bool, thinking: bool
+) -> AsyncIterator[bytes]:
     created = int(job.created_at.timestamp())
+    splitter = ReasoningSplitter() if thinking else None
     yield _sse(chunk(job.id, created, job.model, {"role": "assistant", "content": ""}))
     finished = False
     usage: dict[str, Any] | None = None
@@ -91,7 +105,7 @@ async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterat
                 # OpenAI sends usage last, after the chunk that carries finish_reason.
                 usage = event.data if include_usage else None
                 continue
-            for payload in _chunks_for(job, created, event):
+            for payload in _chunks_for(job, created, event, splitter):
                 yield _sse(payload)
             if event.type.is_terminal and usage is not None:
                 yield _sse({**chunk(job.id, created, job.model, {}), "choices": [],
@@ -106,13 +120,17 @@ async def _stream(state: AppState, job: Job, include_usage: bool) -> AsyncIterat
                 await jobs_service.cancel_quietly(state, job.id)
 
 
-def _chunks_for(job: Job, created: int, event: JobEvent) -> list[dict[str, Any]]:
+def _chunks_for(
+    job: Job, created: int, event: JobEvent, splitter: ReasoningSplitter | None
+) -> list[dict[str, Any]]:
     if event.type == EventType.DELTA:
-        return [chunk(job.id, created, job.model, {"content": event.data["text"]})]
-    if event.type == EventType.DONE:
-        return [chunk(job.id, created, job.model, {}, event.data.get("finish_reason"))]
-    if event.type == EventType.CANCELLED:
-        return [chunk(job.id, created, job.model, {}, "abort")]
+        if splitter is None:
+            return [chunk(job.id, created, job.model, {"content": event.data["text"]})]
+        return _split_delta(job, created, *splitter.feed(event.data["text"]))
+    if event.type in (EventType.DONE, EventType.CANCELLED):
+        held = _split_delta(job, created, *splitter.finish()) if splitter else []
+        reason = event.data.get("finish_reason") if event.type == EventType.DONE else "abort"
+        return [*held, chunk(job.id, created, job.model, {}, reason)]
     if event.type == EventType.ERROR:
         message = event.data.get("message", "generation failed")
         return [{"error": {"message": message, "type": "server_error", "param": None,
@@ -120,3 +138,12 @@ def _chunks_for(job: Job, created: int, event: JobEvent) -> list[dict[str, Any]]
     # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
     # text, so it is not announced here (the job's own event stream does).
     return []
+
+
+def _split_delta(job: Job, created: int, reasoning: str, content: str) -> list[dict[str, Any]]:
+    delta: dict[str, str] = {}
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if content:
+        delta["content"] = content
+    return [chunk(job.id, created, job.model, delta)] if delta else []

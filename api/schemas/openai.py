@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TextPart(BaseModel):
@@ -175,14 +175,15 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     best_of: int | None = None
 
-    @model_validator(mode="after")
-    def _prompts(self) -> CompletionRequest:
-        prompts = self.prompts
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, prompt: str | list[str]) -> str | list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
         if not 1 <= len(prompts) <= 16:
-            raise ValueError("prompt: give 1 to 16 prompts")
+            raise ValueError("give 1 to 16 prompts")
         if any(not p for p in prompts):
-            raise ValueError("prompt: must not be empty")
-        return self
+            raise ValueError("a prompt must not be empty")
+        return prompt
 
     @property
     def prompts(self) -> list[str]:
