@@ -24,6 +24,10 @@ class WorkerSettings(BaseSettings):
     # Task threads = jobs in flight in the one engine.
     concurrency: int = 64
     max_model_len: int = 2048
+    # Structured outputs (response_format): allow free whitespace between JSON tokens?
+    # Off by default (compact JSON, as OpenAI answers): weak models otherwise tend to emit
+    # whitespace until max_tokens.
+    structured_output_any_whitespace: bool = False
     # vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.
     cpu_kv_cache_gib: int = 1
     # CPU threads for the transformers engine's torch ops. None: OMP_NUM_THREADS if set,
