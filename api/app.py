@@ -11,13 +11,25 @@ from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import KeyRing
+from api.batches.supervisor import BatchSupervisor
 from api.catalog import ModelCatalog
 from api.enqueue import JobQueue, create_producer
 from api.errors import PayloadTooLarge, error_response, install_error_handlers
 from api.event_hub import JobEventHub
 from api.intake import JobIntake
 from api.reconciler import Reconciler
-from api.routes import chat, completions, conversations, eas, images, jobs, models, ops
+from api.routes import (
+    batches,
+    chat,
+    completions,
+    conversations,
+    eas,
+    files,
+    images,
+    jobs,
+    models,
+    ops,
+)
 from api.settings import ApiSettings, get_api_settings
 from api.state import AppState
 from storage.db import create_db_engine, create_session_factory
@@ -67,9 +79,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.intake.start()
     await hub.start()
     reconciler.start()
+    batch_supervisor = BatchSupervisor(state)
+    app.state.batch_supervisor = batch_supervisor
+    batch_supervisor.start()
     try:
         yield
     finally:
+        await batch_supervisor.stop()
         await reconciler.stop()
         await hub.stop()
         await state.intake.stop()
@@ -79,19 +95,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class BodySizeLimit:
-    """Refuse bodies over the limit with 413, by header or while streaming in."""
+    """Refuse bodies over the limit with 413, by header or while streaming in.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    `path_limits` gives routes under a path prefix their own limit (batch file uploads)."""
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes.")
+        max_bytes = next((limit for prefix, limit in self.path_limits.items()
+                          if scope["path"].startswith(prefix)), self.max_bytes)
+        too_large = PayloadTooLarge(f"Request body is larger than {max_bytes} bytes.")
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
                 await error_response(too_large)(scope, receive, send)
                 return
         seen = 0
@@ -101,7 +124,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     raise too_large
             return dict(message)
 
@@ -126,7 +149,12 @@ def create_app(
     app.state.settings = settings
     app.state.storage = storage or get_storage_settings()
     install_error_handlers(app)
-    for module in (jobs, chat, completions, images, models, ops, conversations, eas):
+    for module in (jobs, chat, completions, images, models, ops, conversations, eas, files,
+                   batches):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # A batch file may be far larger than a request: the route checks its own limit, this
+    # one only bounds the multipart body around it.
+    upload_limit = settings.batch_max_file_bytes + 1024 * 1024
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
+                       path_limits={"/v1/files": upload_limit})
     return app

@@ -17,7 +17,7 @@ from celery import Celery
 from redis.asyncio import Redis
 
 from storage.broker import celery_conf, celery_priority
-from storage.keys import PENDING_JOBS, RUN_JOB_TASK, Lane, queue_name
+from storage.keys import PENDING_JOBS, RUN_BULK_JOB_TASK, RUN_JOB_TASK, Lane, queue_name
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class JobQueue:
         with self._celery.producer_or_acquire() as producer:
             for job in jobs:
                 self._celery.send_task(
-                    RUN_JOB_TASK,
+                    # Bulk jobs' task also tells the batch feeder a slot came free.
+                    RUN_BULK_JOB_TASK if job.lane == "bulk" else RUN_JOB_TASK,
                     args=[job.id],
                     queue=queue_name(job.model, job.lane),
                     priority=celery_priority(job.priority),

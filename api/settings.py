@@ -47,6 +47,17 @@ class ApiSettings(BaseSettings):
     # CIDRs the fetcher may reach although they are private or loopback (an internal image
     # server), comma-separated; empty by default. Cloud metadata addresses stay refused.
     image_fetch_allow_networks: Annotated[list[str], NoDecode] = []
+    # Batches (api/batches): input file limits, the longest completion window accepted.
+    batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    batch_max_lines: int = Field(50_000, ge=1)
+    batch_max_completion_window_seconds: int = Field(7 * 24 * 3600, ge=1)
+    # Share of each worker's task threads the feeder fills with batch lines; the rest stay
+    # free for interactive jobs. Lines are sent a window at a time, never all at once.
+    batch_bulk_share: float = Field(0.75, gt=0.0, le=1.0)
+    # The feeder's pass interval (workers also wake it whenever a batch line ends).
+    batch_feed_interval_seconds: float = Field(1.0, gt=0)
+    # An API process expanding a batch holds it this long; then another may take it over.
+    batch_expand_lease_seconds: float = Field(300.0, gt=0)
 
     @field_validator("api_keys", "image_fetch_allow_networks", mode="before")
     @classmethod

@@ -61,6 +61,9 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.update({
         "FERRY_DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'ferry.db'}",
         "FERRY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        # Images and batch files, under the data directory like everything else.
+        "FERRY_OBJECT_STORE": "local",
+        "FERRY_OBJECT_DIR": str(data_dir / "objects"),
         "FERRY_API_KEYS": os.environ.get("FERRY_API_KEYS") or key,
         "FERRY_ENGINE": args.engine or os.environ.get("FERRY_ENGINE") or _default_engine(),
     })

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cli import client, embedded
+from cli import batch, client, embedded
 
 DEFAULT_ENGINE = "vllm"
 
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-tokens", type=int, default=None)
     client.add_connection_args(submit)
     submit.set_defaults(func=client.submit)
+
+    batch.add_parser(commands)
     return parser
 
 

@@ -9,6 +9,16 @@ Lane = Literal["interactive", "bulk"]
 # Celery task the API enqueues by name (the API never imports worker/).
 RUN_JOB_TASK = "ferry.run_job"
 
+# Batch lines run through this task: the same run as RUN_JOB_TASK, then a word on
+# BATCH_WAKE_CHANNEL so the batch feeder refills the bulk window at once.
+RUN_BULK_JOB_TASK = "ferry.run_bulk_job"
+
+# Workers publish here (payload: the job id) when a batch line ends; API processes listen.
+BATCH_WAKE_CHANNEL = "ferry:batches:wake"
+
+# Held by the API process doing a batch supervisor pass (expand, feed, expire, finalise).
+BATCH_SUPERVISOR_LOCK = "ferry:batches:lock"
+
 # Sorted set of job ids whose Celery message has been sent and not yet claimed
 # (score = send time). If Redis loses it, the reconciler knows to send again.
 PENDING_JOBS = "ferry:jobs:pending"

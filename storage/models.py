@@ -9,7 +9,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -68,11 +78,27 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+# Partial-index predicates (SQL text, shared by the model, the migration and the queries
+# that must repeat them word for word for the planner to use the index).
+BATCH_UNSENT = "batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NULL"
+BATCH_OUTSTANDING = (
+    "batch_id IS NOT NULL AND enqueued_at IS NOT NULL AND status IN ('queued', 'running')"
+)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_owner_id_id", "owner_id", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ux_jobs_batch_id_custom_id", "batch_id", "custom_id", unique=True),
+        Index("ix_jobs_batch_id_status", "batch_id", "status"),
+        # Batch lines the feeder has not sent yet, and those sent and not finished: the
+        # feeder reads both every pass (storage/repositories/batches.py).
+        Index("ix_jobs_batch_unsent", "model", "id",
+              postgresql_where=text(BATCH_UNSENT), sqlite_where=text(BATCH_UNSENT)),
+        Index("ix_jobs_batch_outstanding", "model",
+              postgresql_where=text(BATCH_OUTSTANDING), sqlite_where=text(BATCH_OUTSTANDING)),
     )
 
     # Time-ordered ids, so "newest first" and cursor pagination are ORDER BY id.
@@ -114,6 +140,10 @@ class Job(Base):
     conversation_id: Mapped[str | None] = mapped_column(
         ForeignKey("conversations.id", ondelete="SET NULL")
     )
+    # Set for the lines of a batch: at most one job per (batch, custom_id), which is what
+    # makes a batch's results exactly-once however often expansion or delivery repeats.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    custom_id: Mapped[str | None] = mapped_column(String(256))
 
     @property
     def job_status(self) -> JobStatus:
@@ -158,3 +188,105 @@ class Message(Base):
     # The job that produced (assistant) or carried (user) this turn.
     job_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class File(Base):
+    """An uploaded batch input, or a batch's output or error file; the bytes live in the
+    object store under `storage.objects.file_key(id)`."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_owner_id_id", "owner_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    # "batch" (uploaded input) or "batch_output" (written by Ferry).
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    # Non-blank lines, and the distinct `url`s they call (checked against a batch's
+    # endpoint when the batch is created).
+    line_count: Mapped[int] = mapped_column(Integer, default=0)
+    urls: Mapped[list[str] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"  # created; its lines are not yet jobs
+    FAILED = "failed"  # no line could run (see `errors`), or the input was unreadable
+    IN_PROGRESS = "in_progress"  # its lines are jobs, running on the bulk lane
+    FINALIZING = "finalizing"  # every line ended (or the window passed); files being written
+    COMPLETED = "completed"  # output and error files are ready
+    EXPIRED = "expired"  # the completion window passed; finished lines' results kept
+    CANCELLING = "cancelling"  # cancel asked; queued lines dropped, running ones aborting
+    CANCELLED = "cancelled"  # cancelled; finished lines' results kept
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED,
+                        BatchStatus.CANCELLED)
+
+
+class Batch(Base):
+    """An OpenAI-style batch: one input file, one job per valid line."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_owner_id_id", "owner_id", "id"),
+        Index("ix_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    # No foreign key: the input file may be deleted while the batch's record stays.
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.VALIDATING)
+    # What the batch ends as once its jobs have all stopped: completed, cancelled, expired.
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    # The lines' model when they all name one.
+    model: Mapped[str | None] = mapped_column(String(255))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
+    # Batch-level errors (OpenAI `errors.data`): [{"code", "message", "param", "line"}].
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    # Non-blank input lines, and how many of them were invalid (never became jobs).
+    request_total: Mapped[int] = mapped_column(Integer, default=0)
+    invalid_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Chosen when finalizing starts, so that writing the files can be repeated after a crash
+    # and land under the same ids; shown once the batch has ended.
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    # Whoever expands the batch holds it until then (a crashed API's batch is taken over).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    @property
+    def batch_status(self) -> BatchStatus:
+        return BatchStatus(self.status)
+
+
+class BatchLineError(Base):
+    """An input line that never became a job (bad JSON, a repeated custom_id, an invalid
+    body...): it goes to the batch's error file with its line number."""
+
+    __tablename__ = "batch_line_errors"
+    __table_args__ = (Index("ix_batch_line_errors_batch_id_line", "batch_id", "line"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    line: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(String(256))
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    param: Mapped[str | None] = mapped_column(String(255))

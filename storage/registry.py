@@ -40,6 +40,9 @@ class WorkerBeat:
     engine: str
     in_flight: int
     at: float
+    # Task threads (= engine slots): the batch feeder fills only a share of them with
+    # bulk work, so interactive jobs always find a free one. 0: not announced.
+    concurrency: int = 0
 
 
 class ModelRegistry:

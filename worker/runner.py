@@ -150,7 +150,7 @@ class JobRunner:
                             supports_structured_output=info.supports_structured_output,
                             created=now_epoch())
         beat = WorkerBeat(self.worker_id, model.name, info.engine, len(self._in_flight),
-                          time.time())
+                          time.time(), concurrency=self.settings.concurrency)
         await self._registry.heartbeat(beat, model, ttl_seconds=3 * self.settings.heartbeat_seconds)
 
     async def _heartbeat_loop(self) -> None:

@@ -1,0 +1,145 @@
+"""Finalisation: a batch whose jobs have all stopped gets its output and error files,
+assembled from SQL (never from anything held in memory while the batch ran).
+
+Every custom_id appears exactly once across the two files: a job per valid line (its
+result, its failure, or `batch_cancelled` / `batch_expired` if it never finished) and a
+stored error per invalid line. The file ids are fixed in the batch row before anything is
+written, so a finalisation cut short by a crash is simply done again: the same objects are
+overwritten, the file rows are added once, and the batch ends by a conditional update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from typing import IO, Any
+
+from sqlalchemy.engine import Row
+
+from api.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    Completion,
+    CompletionChoice,
+    Usage,
+)
+from api.state import AppState
+from storage.content import plain_text, split_reasoning
+from storage.models import BatchStatus, File, JobStatus
+from storage.objects import file_key
+from storage.repositories import batches as batches_repo
+from storage.repositories import files as files_repo
+
+_PAGE = 1000
+_SPOOL_BYTES = 8 * 1024 * 1024
+_NOT_FINISHED = {
+    BatchStatus.CANCELLED: ("batch_cancelled", "The batch was cancelled before this request "
+                            "finished."),
+    BatchStatus.EXPIRED: ("batch_expired", "The batch's completion window passed before this "
+                          "request finished."),
+    BatchStatus.COMPLETED: ("request_cancelled", "This request was cancelled."),
+}
+
+
+async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
+    """Write the files and end the batch; None if it was not (or no longer) ours to end."""
+    async with state.sessions.begin() as session:
+        batch = await batches_repo.begin_finalizing(
+            session, batch_id, files_repo.new_file_id(), files_repo.new_file_id())
+    if batch is None:
+        return None
+    assert batch.output_file_id is not None and batch.error_file_id is not None
+    final = BatchStatus(batch.outcome or BatchStatus.COMPLETED)
+    with (tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as out,
+          tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as err):
+        await _write_lines(state, batch_id, final, out, err)
+        written = []
+        for file_id, spool, suffix in ((batch.output_file_id, out, "output"),
+                                       (batch.error_file_id, err, "errors")):
+            size = spool.tell()
+            if size == 0:
+                continue
+            spool.seek(0)
+            await asyncio.to_thread(state.objects.put_stream, file_key(file_id), spool,
+                                    "application/jsonl")
+            written.append(File(id=file_id, owner_id=batch.owner_id, purpose="batch_output",
+                                filename=f"{batch_id}_{suffix}.jsonl", bytes=size,
+                                line_count=0, urls=None))
+    async with state.sessions.begin() as session:
+        for file in written:
+            await files_repo.add_file_once(session, file)
+        ids = {f.id for f in written}
+        ended = await batches_repo.end_batch(
+            session, batch_id, final,
+            output_file_id=batch.output_file_id if batch.output_file_id in ids else None,
+            error_file_id=batch.error_file_id if batch.error_file_id in ids else None,
+        )
+    return final if ended else None
+
+
+async def _write_lines(
+    state: AppState, batch_id: str, final: BatchStatus, out: IO[bytes], err: IO[bytes]
+) -> None:
+    async with state.sessions() as session:
+        after_line = 0
+        while page := await batches_repo.line_errors_page(session, batch_id, after_line, _PAGE):
+            for e in page:
+                error = {"code": e.code, "message": e.message, "param": e.param,
+                         "line": e.line}
+                _write(err, {"id": f"batch_req_line{e.line}", "custom_id": e.custom_id,
+                             "response": None, "error": error})
+            after_line = page[-1].line
+        after_id: str | None = None
+        while rows := await batches_repo.job_results_page(session, batch_id, after_id, _PAGE):
+            for row in rows:
+                target, line = _result_line(row, final)
+                _write(out if target == "output" else err, line)
+            after_id = rows[-1].id
+
+
+def _result_line(row: Row[Any], final: BatchStatus) -> tuple[str, dict[str, Any]]:
+    base = {"id": f"batch_req_{row.id}", "custom_id": row.custom_id}
+    if row.status == JobStatus.SUCCEEDED:
+        response = {"status_code": 200, "request_id": row.id, "body": _body(row)}
+        return "output", {**base, "response": response, "error": None}
+    if row.status == JobStatus.FAILED:
+        message = row.error or "generation failed"
+        body = {"error": {"message": message, "type": "server_error", "param": None,
+                          "code": "generation_failed"}}
+        response = {"status_code": 500, "request_id": row.id, "body": body}
+        return "errors", {**base, "response": response,
+                          "error": {"code": "generation_failed", "message": message}}
+    code, message = _NOT_FINISHED[final]
+    return "errors", {**base, "response": None, "error": {"code": code, "message": message}}
+
+
+def _body(row: Row[Any]) -> dict[str, Any]:
+    """The response the interactive route would have given (chat or text completion)."""
+    prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
+    usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
+                  total_tokens=prompt + completion)
+    created = int(row.created_at.timestamp())
+    text = row.result_text or ""
+    request: dict[str, Any] = row.request or {}
+    if row.kind == "completion":
+        if request.get("echo"):
+            text = plain_text(request.get("prompt")) + text
+        return Completion(
+            id=row.id, created=created, model=row.model, usage=usage,
+            choices=[CompletionChoice(index=0, text=text, finish_reason=row.finish_reason)],
+        ).model_dump(mode="json")
+    reasoning = None
+    if request.get("thinking"):
+        reasoning, text = split_reasoning(text)
+    return ChatCompletion(
+        id=row.id, created=created, model=row.model, usage=usage,
+        choices=[ChatChoice(message=AssistantMessage(content=text, reasoning_content=reasoning),
+                            finish_reason=row.finish_reason)],
+    ).model_dump(mode="json")
+
+
+def _write(target: IO[bytes], line: dict[str, Any]) -> None:
+    target.write(json.dumps(line, ensure_ascii=False).encode())
+    target.write(b"\n")

@@ -1,0 +1,185 @@
+"""The batch supervisor: one loop per API process that moves batches along.
+
+Every step keeps its state in SQL and is safe to repeat, so any API process can take over
+from one that died (see the modules it calls):
+- expansion (`expansion.py`) — the creating process starts it at once; a batch still
+  `validating` after its holder's lease lapsed is taken over here;
+- expiry — a batch past its completion window drops its queued lines, aborts running ones,
+  and ends `expired` with what finished;
+- feeding (`feeder.py`) — batch lines go to the bulk queue a window at a time;
+- finalisation (`output.py`) — a batch none of whose lines is open gets its files.
+
+Passes are serialised across API processes by a short Redis lock. Workers wake the loop
+when a batch line ends, and then it only feeds; the other steps run on a timer
+(`batch_feed_interval_seconds`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from redis.exceptions import LockError, RedisError
+
+from api.batches.expansion import expand_batch
+from api.batches.feeder import BatchFeeder
+from api.batches.output import finalize_batch
+from api.state import AppState
+from storage.keys import BATCH_SUPERVISOR_LOCK, BATCH_WAKE_CHANNEL, CANCEL_CHANNEL
+from storage.repositories import batches as batches_repo
+
+log = logging.getLogger(__name__)
+# Wakes come as often as lines end (hundreds a second): passes are at least this far apart.
+_MIN_GAP_SECONDS = 0.05
+_LIMIT = 100
+# Writing a batch's files takes seconds; a finalisation cut short is retried after this.
+_FINALIZE_LEASE_SECONDS = 120.0
+
+
+class BatchSupervisor:
+    def __init__(self, state: AppState) -> None:
+        self._state = state
+        settings = state.settings
+        self._interval = settings.batch_feed_interval_seconds
+        self._lease = settings.batch_expand_lease_seconds
+        self._feeder = BatchFeeder(state.sessions, state.registry, state.queue,
+                                   bulk_share=settings.batch_bulk_share)
+        self._wake = asyncio.Event()
+        self._full_due = True
+        self._tasks: list[asyncio.Task[None]] = []
+        # Expansions and finalisations this process is running, by batch id.
+        self._busy: dict[str, asyncio.Task[None]] = {}
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run(), name="batch-supervisor"),
+                       asyncio.create_task(self._listen(), name="batch-wake-listener")]
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._busy.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._busy.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def wake(self, *, full: bool = False) -> None:
+        """Feed now; `full` also runs the timed steps (expiry, finalisation)."""
+        self._full_due = self._full_due or full
+        self._wake.set()
+
+    def expand_soon(self, batch_id: str) -> None:
+        """Start expanding a batch this process has just created (it holds the lease)."""
+        self._spawn(batch_id, self._expand(batch_id))
+
+    async def _expand(self, batch_id: str) -> None:
+        await expand_batch(self._state, batch_id)
+        self.wake(full=True)
+
+    def _spawn(self, batch_id: str, work: Coroutine[Any, Any, None]) -> None:
+        if batch_id in self._busy:
+            work.close()
+            return
+        task = asyncio.create_task(work, name=f"batch-{batch_id}")
+        self._busy[batch_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._busy.pop(batch_id, None)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("batch %s step failed", batch_id, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def _run(self) -> None:
+        last_full = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            self._wake.clear()
+            full = self._full_due or time.monotonic() - last_full >= self._interval
+            if full:
+                self._full_due, last_full = False, time.monotonic()
+            try:
+                await self._locked_pass(full)
+            except Exception:
+                log.exception("batch supervisor pass failed")
+            await asyncio.sleep(_MIN_GAP_SECONDS)
+
+    async def _locked_pass(self, full: bool) -> None:
+        lock = self._state.redis.lock(BATCH_SUPERVISOR_LOCK, timeout=max(5.0, self._interval * 5),
+                                      blocking=False)
+        if not await lock.acquire():
+            return
+        try:
+            await self.pass_once(full=full)
+        finally:
+            with contextlib.suppress(LockError):
+                await lock.release()
+
+    async def pass_once(self, *, full: bool = True) -> None:
+        if full:
+            await self._take_over_expansions()
+            await self._expire()
+        await self._feeder.feed_once()
+        if full:
+            await self._finalize_ready()
+
+    async def _take_over_expansions(self) -> None:
+        sessions = self._state.sessions
+        async with sessions() as session:
+            stale = await batches_repo.unclaimed_validating(session, _LIMIT)
+        for batch_id in stale:
+            if batch_id in self._busy:
+                continue
+            async with sessions.begin() as session:
+                claimed = await batches_repo.claim_expansion(session, batch_id, self._lease)
+            if claimed:
+                log.warning("taking over the expansion of batch %s", batch_id)
+                self._spawn(batch_id, self._expand(batch_id))
+
+    async def _expire(self) -> None:
+        state = self._state
+        async with state.sessions() as session:
+            due = await batches_repo.past_window(session, _LIMIT)
+        for batch_id in due:
+            async with state.sessions.begin() as session:
+                if not await batches_repo.begin_expiry(session, batch_id):
+                    continue
+                running = await batches_repo.cancel_open_jobs(session, batch_id)
+            log.info("batch %s expired; aborting %d running lines", batch_id, len(running))
+            for job_id in running:
+                await state.redis.publish(CANCEL_CHANNEL, job_id)
+
+    async def _finalize_ready(self) -> None:
+        sessions = self._state.sessions
+        async with sessions() as session:
+            ready = await batches_repo.ready_to_finalize(session, _LIMIT)
+        for batch_id in ready:
+            if batch_id in self._busy:
+                continue
+            async with sessions.begin() as session:
+                claimed = await batches_repo.claim_settling(session, batch_id,
+                                                            _FINALIZE_LEASE_SECONDS)
+            if claimed:
+                self._spawn(batch_id, self._finalize(batch_id))
+
+    async def _finalize(self, batch_id: str) -> None:
+        final = await finalize_batch(self._state, batch_id)
+        if final is not None:
+            log.info("batch %s %s", batch_id, final)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._state.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(BATCH_WAKE_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self.wake()
+            except asyncio.CancelledError:
+                raise
+            except RedisError:
+                log.warning("batch wake listener lost Redis; retrying")
+                await asyncio.sleep(1)

@@ -1,0 +1,395 @@
+"""Every query on batches, their line errors, and the batch side of jobs.
+
+Each state change is a conditional UPDATE on the batch's current status, so API processes
+racing on one batch (an expansion taken over after a crash, a cancel against the window
+expiring) can never both win.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import exists, func, insert, or_, select, text, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import (
+    BATCH_OUTSTANDING,
+    BATCH_UNSENT,
+    Batch,
+    BatchLineError,
+    BatchStatus,
+    Job,
+    JobStatus,
+    utcnow,
+)
+
+# Batches whose jobs may still be running: they end once none of their jobs is open.
+SETTLING = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING, BatchStatus.FINALIZING)
+OPEN_JOB = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def new_batch_id() -> str:
+    return f"batch_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+def batch_job_id_prefix() -> str:
+    """A prefix for one expansion's job ids: `prefix + f"{line:06x}"` orders a batch's jobs
+    by input line (its output file keeps the input's order) and after older jobs."""
+    return f"job_{int(time.time() * 1000):012x}{secrets.token_hex(3)}"
+
+
+async def add_batch(session: AsyncSession, batch: Batch) -> None:
+    session.add(batch)
+    await session.flush()
+
+
+async def get_batch(session: AsyncSession, batch_id: str) -> Batch | None:
+    return await session.get(Batch, batch_id, populate_existing=True)
+
+
+async def get_owned_batch(session: AsyncSession, batch_id: str, owner_id: str) -> Batch | None:
+    batch = await get_batch(session, batch_id)
+    if batch is None or batch.owner_id != owner_id:
+        return None
+    return batch
+
+
+async def list_owned_batches(
+    session: AsyncSession, owner_id: str, *, after: str | None, limit: int
+) -> list[Batch]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(Batch).where(Batch.owner_id == owner_id)
+    if after is not None:
+        query = query.where(Batch.id < after)
+    return list((await session.scalars(query.order_by(Batch.id.desc()).limit(limit))).all())
+
+
+# -- expansion (validating -> in_progress | failed) -------------------------------------
+
+
+async def claim_expansion(session: AsyncSession, batch_id: str, lease_seconds: float) -> bool:
+    """Take a validating batch whose expansion nobody holds (or whose holder died)."""
+    now = utcnow()
+    result = await session.execute(
+        update(Batch)
+        .where(
+            Batch.id == batch_id,
+            Batch.status == BatchStatus.VALIDATING,
+            or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def claim_settling(session: AsyncSession, batch_id: str, lease_seconds: float) -> bool:
+    """Take the finalisation of a batch whose lines have all stopped."""
+    now = utcnow()
+    result = await session.execute(
+        update(Batch)
+        .where(
+            Batch.id == batch_id,
+            Batch.status.in_(SETTLING),
+            or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def unclaimed_validating(session: AsyncSession, limit: int) -> list[str]:
+    now = utcnow()
+    query = (
+        select(Batch.id)
+        .where(
+            Batch.status == BatchStatus.VALIDATING,
+            or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now),
+            Batch.expires_at > now,
+        )
+        .order_by(Batch.id)
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def insert_line_errors(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows of {batch_id, line, custom_id, code, message, param}, in one statement."""
+    if rows:
+        await session.execute(insert(BatchLineError), list(rows))
+
+
+async def start_batch(
+    session: AsyncSession, batch_id: str, *, total: int, invalid: int, model: str | None
+) -> bool:
+    """validating -> in_progress, in the transaction that stored its jobs; False (and the
+    caller rolls back) when the batch was cancelled or taken over meanwhile."""
+    return await _move(
+        session, batch_id, [BatchStatus.VALIDATING],
+        status=BatchStatus.IN_PROGRESS, in_progress_at=utcnow(), request_total=total,
+        invalid_count=invalid, model=model, lease_expires_at=None,
+    )
+
+
+async def fail_batch(
+    session: AsyncSession,
+    batch_id: str,
+    errors: list[dict[str, Any]],
+    *,
+    total: int = 0,
+    invalid: int = 0,
+) -> bool:
+    return await _move(
+        session, batch_id, [BatchStatus.VALIDATING],
+        status=BatchStatus.FAILED, failed_at=utcnow(), errors=errors, request_total=total,
+        invalid_count=invalid, lease_expires_at=None,
+    )
+
+
+# -- cancel and expiry -------------------------------------------------------------------
+
+
+async def request_cancel(session: AsyncSession, batch_id: str) -> bool:
+    """validating / in_progress -> cancelling. False if the batch is past that."""
+    return await _move(
+        session, batch_id, [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS],
+        status=BatchStatus.CANCELLING, outcome=BatchStatus.CANCELLED, cancelling_at=utcnow(),
+    )
+
+
+async def past_window(session: AsyncSession, limit: int) -> list[str]:
+    query = (
+        select(Batch.id)
+        .where(
+            Batch.status.in_([BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]),
+            Batch.expires_at < utcnow(),
+        )
+        .order_by(Batch.id)
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def begin_expiry(session: AsyncSession, batch_id: str) -> bool:
+    """The completion window passed: finalizing, to end as expired."""
+    return await _move(
+        session, batch_id, [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS],
+        status=BatchStatus.FINALIZING, outcome=BatchStatus.EXPIRED, finalizing_at=utcnow(),
+        lease_expires_at=None,
+    )
+
+
+async def cancel_open_jobs(session: AsyncSession, batch_id: str) -> list[str]:
+    """Cancel the batch's queued jobs (they will never run) and running ones; returns the
+    ids of those that were running, for their workers to abort."""
+    now = utcnow()
+    await session.execute(
+        update(Job)
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    running = await session.execute(
+        update(Job)
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.CANCELLED, finished_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(running.scalars().all())
+
+
+# -- finalisation ------------------------------------------------------------------------
+
+
+async def ready_to_finalize(session: AsyncSession, limit: int) -> list[str]:
+    """Batches none of whose jobs is still queued or running."""
+    open_jobs = exists().where(Job.batch_id == Batch.id, Job.status.in_(OPEN_JOB))
+    query = (
+        select(Batch.id)
+        .where(Batch.status.in_(SETTLING), ~open_jobs)
+        .order_by(Batch.id)
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def begin_finalizing(
+    session: AsyncSession, batch_id: str, output_file_id: str, error_file_id: str
+) -> Batch | None:
+    """Fix the ids the batch's files will have (kept if already chosen, so a repeated
+    finalisation overwrites the same objects) and move in_progress -> finalizing."""
+    batch = await get_batch(session, batch_id)
+    if batch is None or batch.status not in SETTLING:
+        return None
+    batch.output_file_id = batch.output_file_id or output_file_id
+    batch.error_file_id = batch.error_file_id or error_file_id
+    if batch.status == BatchStatus.IN_PROGRESS:
+        batch.status = BatchStatus.FINALIZING
+        batch.finalizing_at = utcnow()
+    await session.flush()
+    return batch
+
+
+async def end_batch(
+    session: AsyncSession,
+    batch_id: str,
+    status: BatchStatus,
+    *,
+    output_file_id: str | None,
+    error_file_id: str | None,
+) -> bool:
+    """finalizing / cancelling -> completed | cancelled | expired, with the files written."""
+    stamp = {
+        BatchStatus.COMPLETED: "completed_at",
+        BatchStatus.CANCELLED: "cancelled_at",
+        BatchStatus.EXPIRED: "expired_at",
+    }[status]
+    return await _move(
+        session, batch_id, list(SETTLING),
+        status=status, output_file_id=output_file_id, error_file_id=error_file_id,
+        **{stamp: utcnow()},
+    )
+
+
+RESULT_COLUMNS = (
+    Job.id, Job.custom_id, Job.kind, Job.model, Job.status, Job.request, Job.result_text,
+    Job.finish_reason, Job.prompt_tokens, Job.completion_tokens, Job.error, Job.created_at,
+)
+
+
+async def job_results_page(
+    session: AsyncSession, batch_id: str, after_id: str | None, limit: int
+) -> list[Row[Any]]:
+    """One page of the batch's jobs in input order (keyset: id > after_id)."""
+    query = select(*RESULT_COLUMNS).where(Job.batch_id == batch_id)
+    if after_id is not None:
+        query = query.where(Job.id > after_id)
+    return list((await session.execute(query.order_by(Job.id).limit(limit))).all())
+
+
+async def line_errors_page(
+    session: AsyncSession, batch_id: str, after_line: int, limit: int
+) -> list[BatchLineError]:
+    query = (
+        select(BatchLineError)
+        .where(BatchLineError.batch_id == batch_id, BatchLineError.line > after_line)
+        .order_by(BatchLineError.line)
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
+
+
+# -- progress ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """A batch's jobs by status, and the tokens they used (from SQL, never a cache)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    open: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def progress(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, BatchProgress]:
+    if not batch_ids:
+        return {}
+    query = (
+        select(
+            Job.batch_id, Job.status, func.count(),
+            func.coalesce(func.sum(Job.prompt_tokens), 0),
+            func.coalesce(func.sum(Job.completion_tokens), 0),
+        )
+        .where(Job.batch_id.in_(batch_ids))
+        .group_by(Job.batch_id, Job.status)
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for batch_id, status, count, prompt, completion in (await session.execute(query)).all():
+        c = counts.setdefault(str(batch_id), {"prompt": 0, "completion": 0})
+        c[status] = c.get(status, 0) + int(count)
+        c["prompt"] += int(prompt or 0)
+        c["completion"] += int(completion or 0)
+    return {
+        batch_id: BatchProgress(
+            succeeded=c.get(JobStatus.SUCCEEDED, 0),
+            failed=c.get(JobStatus.FAILED, 0),
+            cancelled=c.get(JobStatus.CANCELLED, 0),
+            open=c.get(JobStatus.QUEUED, 0) + c.get(JobStatus.RUNNING, 0),
+            prompt_tokens=c["prompt"],
+            completion_tokens=c["completion"],
+        )
+        for batch_id, c in counts.items()
+    }
+
+
+# -- feeding the bulk queue --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnsentJob:
+    id: str
+    model: str
+    lane: str
+    priority: int
+
+
+async def outstanding_by_model(session: AsyncSession) -> dict[str, int]:
+    """Batch jobs sent to the bulk queue and not finished, per model."""
+    query = (
+        select(Job.model, func.count())
+        .where(text(BATCH_OUTSTANDING))
+        .group_by(Job.model)
+    )
+    return {model: int(n) for model, n in (await session.execute(query)).all()}
+
+
+async def unsent_models(session: AsyncSession) -> list[str]:
+    query = select(Job.model).where(text(BATCH_UNSENT)).distinct()
+    return list((await session.scalars(query)).all())
+
+
+async def next_unsent(session: AsyncSession, model: str, limit: int) -> list[UnsentJob]:
+    """The oldest batch jobs of a model not yet sent (older batches first, in line order)."""
+    query = (
+        select(Job.id, Job.model, Job.lane, Job.priority)
+        .where(text(BATCH_UNSENT), Job.model == model)
+        .order_by(Job.id)
+        .limit(limit)
+    )
+    rows = (await session.execute(query)).all()
+    return [UnsentJob(r.id, r.model, r.lane, r.priority) for r in rows]
+
+
+async def mark_sent(session: AsyncSession, job_ids: Sequence[str], at: datetime) -> None:
+    """Only still-queued, still-unsent jobs: a job cancelled meanwhile stays as it is."""
+    if job_ids:
+        await session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED,
+                   Job.enqueued_at.is_(None))
+            .values(enqueued_at=at)
+            .execution_options(synchronize_session=False)
+        )
+
+
+async def _move(
+    session: AsyncSession, batch_id: str, from_statuses: Sequence[str], **values: Any
+) -> bool:
+    result = await session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.in_(list(from_statuses)))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
