@@ -91,7 +91,7 @@ def start_api(name: str, env: dict[str, str], log_dir: Path) -> tuple[Proc, str]
         except httpx.HTTPError:
             return False
 
-    wait_until(up, 60, f"{name} to answer")
+    _started_or_killed(proc, lambda: wait_until(up, 60, f"{name} to answer"))
     return proc, url
 
 
@@ -107,8 +107,20 @@ def start_worker(
             raise RuntimeError(f"{name} exited:\n{proc.log_tail()}")
         return registered(proc_worker_marker(proc))
 
-    wait_until(ready, timeout, f"{name} to announce {served_name}", interval=0.5)
+    _started_or_killed(
+        proc, lambda: wait_until(ready, timeout, f"{name} to announce {served_name}", 0.5)
+    )
     return proc
+
+
+def _started_or_killed(proc: Proc, wait: Callable[[], None]) -> None:
+    """A process that never came up (or a test timeout while waiting) must not outlive the
+    test run: nobody else holds its handle yet."""
+    try:
+        wait()
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def proc_worker_marker(proc: Proc) -> str:
