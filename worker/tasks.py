@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import traceback
 from typing import Any
 
 from celery.signals import worker_init, worker_shutdown
@@ -30,7 +33,14 @@ def _start_runner(**_: Any) -> None:
     """Load the one engine before the worker takes its first message."""
     global _runner
     _runner = JobRunner(get_worker_settings(), get_storage_settings(), build_engine)
-    _runner.start()
+    try:
+        _runner.start()
+    except BaseException:
+        # Celery would log this and carry on as a worker with no engine, taking messages
+        # it can never run. Exit instead, so the supervisor (or test) sees the failure.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
