@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.enqueue import JobQueue, QueuedJob
-from storage.keys import PENDING_JOBS, RECONCILER_LOCK
+from storage.broker import priority_lists
+from storage.keys import PENDING_JOBS, RECONCILER_LOCK, queue_name
 from storage.models import utcnow
 from storage.repositories import jobs as jobs_repo
 
@@ -73,8 +74,14 @@ class Reconciler:
         for job in stranded:
             pipe.zscore(PENDING_JOBS, job.id)
         marks = await pipe.execute()
-        # A mark means a message is still on its way (e.g. a long bulk backlog).
-        lost = [job for job, mark in zip(stranded, marks, strict=True) if mark is None]
+        # A mark means a message is still on its way (e.g. a long interactive backlog)...
+        # unless its queue is empty: then the message went to a worker that died before
+        # claiming the job (Redis would hand it back only after the visibility timeout).
+        old_marks = {(j.model, j.lane) for j, mark in zip(stranded, marks, strict=True)
+                     if mark is not None and mark < cutoff.timestamp()}
+        drained = await self._empty_queues(old_marks)
+        lost = [job for job, mark in zip(stranded, marks, strict=True)
+                if mark is None or (mark < cutoff.timestamp() and (job.model, job.lane) in drained)]
         if not lost:
             return 0
         await self._queue.send_now(
@@ -83,3 +90,17 @@ class Reconciler:
         async with self._sessions.begin() as session:
             await jobs_repo.mark_enqueued(session, [j.id for j in lost], utcnow())
         return len(lost)
+
+    async def _empty_queues(self, queues: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (model, lane) Celery queues hold no message at all."""
+        if not queues:
+            return set()
+        ordered = sorted(queues)
+        pipe = self._redis.pipeline(transaction=False)
+        for model, lane in ordered:
+            for name in priority_lists(queue_name(model, lane)):  # type: ignore[arg-type]
+                pipe.llen(name)
+        lengths = await pipe.execute()
+        steps = len(lengths) // len(ordered)
+        return {q for i, q in enumerate(ordered)
+                if not any(lengths[i * steps:(i + 1) * steps])}

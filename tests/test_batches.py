@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from openai import OpenAI
 from openai.types import Batch, Completion
 from openai.types.chat import ChatCompletion
 
-from tests.conftest import KEY_A, KEY_B, TINY, Stack
+from tests.conftest import KEY_A, KEY_B, TINY, Stack, open_stack
 from tests.helpers import assert_error
 from tests.procs import wait_until
 
@@ -228,7 +229,7 @@ def test_bad_input_is_refused_and_nothing_is_stored(stack: Stack) -> None:
         assert_error(http.post("/v1/batches/batch_nope/cancel"), 404)
 
 
-def test_upload_limits_come_from_settings(stack: Stack, logs: Any) -> None:
+def test_upload_limits_come_from_settings(stack: Stack, logs: Path) -> None:
     from tests.procs import start_api
 
     proc, url = start_api("batch-limits-api", {
@@ -318,3 +319,47 @@ def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:
     assert len(output) + len(errors) == 40
     assert all(status in ("succeeded", "cancelled")
                for status, _, _ in job_rows(stack, batch_id).values())
+
+
+def test_worker_sigkill_and_api_restart_mid_batch_give_each_custom_id_exactly_once(
+    migrated_pg: str, model_cache: Path, logs: Path, s3_url: str
+) -> None:
+    model = "tiny-batch-recovery"
+    with open_stack(migrated_pg, 14, model_cache, s3_url) as own:
+        own.add_api("batch-api-1", logs)
+        worker = own.add_worker("batch-worker-1", model, "transformers", logs)
+        lines = [chat_line(f"k{i}", f"Tell story {i}.", model=model, max_tokens=64)
+                 for i in range(40)]
+        client = sdk(own)
+        batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)),
+                                         endpoint=CHAT, completion_window="24h").id
+
+        def some_done_some_running() -> bool:
+            statuses = [s for s, _, _ in job_rows(own, batch_id).values()]
+            return statuses.count("succeeded") >= 5 and "running" in statuses
+
+        wait_until(some_done_some_running, 300, "finished and running lines")
+        worker.kill()
+        # The API goes too (SIGKILL), and a new one takes over from what is in SQL.
+        old_api = own.procs[0]
+        old_api.kill()
+        own.api_urls.remove(own.api_urls[0])
+        own.add_api("batch-api-2", logs)
+        before = {cid: row for cid, row in job_rows(own, batch_id).items()
+                  if row[0] == "succeeded"}
+        interrupted = {cid for cid, row in job_rows(own, batch_id).items() if row[0] == "running"}
+        assert interrupted
+        own.add_worker("batch-worker-2", model, "transformers", logs)
+        batch = wait_batch(sdk(own), batch_id, timeout=600)
+        after = job_rows(own, batch_id)
+        output = read_jsonl(sdk(own), batch.output_file_id)
+
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None and batch.request_counts.completed == 40
+    # Every custom_id exactly once, in input order; none in an error file.
+    assert [o["custom_id"] for o in output] == [line["custom_id"] for line in lines]
+    assert batch.error_file_id is None
+    # Lines that had succeeded were never generated again...
+    assert all(after[cid] == row for cid, row in before.items())
+    # ...and the lines the dead worker was running ran again, to success.
+    assert all(after[cid][0] == "succeeded" and after[cid][1] >= 2 for cid in interrupted)
