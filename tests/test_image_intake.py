@@ -66,6 +66,9 @@ from tests.imaging import (
     png_bomb,
 )
 
+# End-to-end cases start Ferry processes (and, for some, vLLM) on a shared machine.
+pytestmark = pytest.mark.timeout(900)
+
 PNG = image_bytes("PNG", (16, 12))
 LIMITS = ImageLimits(
     max_per_request=3, max_bytes=256 * 1024, max_pixels=1_000_000,
@@ -607,3 +610,4 @@ def test_ferry_errors_are_400s() -> None:
     for exc in (InvalidImage("x"), ImageTooLarge("x"), TooManyImages("x"),
                 ImageUrlRefused("x"), ImagesNotSupported("m", param="images")):
         assert isinstance(exc, FerryError) and exc.status_code == 400
+

@@ -28,6 +28,9 @@ from tests.conftest import KEY_A, TINY, Stack
 from tests.helpers import assert_error
 from tests.imaging import ImageStack, RecordingServer, Route, data_url, image_bytes
 
+# End-to-end cases start Ferry processes (and, for some, vLLM) on a shared machine.
+pytestmark = pytest.mark.timeout(900)
+
 # ---------------------------------------------------------------- the address check
 
 REFUSED = [
