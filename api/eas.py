@@ -72,11 +72,13 @@ async def build_job(
     turn: Turn,
     past: Sequence[dict[str, Any]],
     conversation_id: str | None,
+    past_tokens: Sequence[int | None] = (),
 ) -> Job:
     """The job for one EAS turn, through `build_chat_job` like every chat request.
 
-    `past` is the history (prompt messages); with a `conversation_id` the turn and its
-    reply are appended to that conversation when the job succeeds."""
+    `past` is the history (prompt messages; `past_tokens` their token counts where
+    known); with a `conversation_id` the turn and its reply are appended to that
+    conversation when the job succeeds."""
     messages = []
     if turn.system_prompt:
         messages.append(ChatMessage(role="system", content=turn.system_prompt))
@@ -91,7 +93,7 @@ async def build_job(
         job.request["messages"][-1]["content"] = [image_part(turn.image),
                                                   text_part(turn.prompt)]
     history.attach(job, past, conversation_id)
-    history.fit_to_context(job.request, model.max_model_len, turn.max_tokens)
+    history.fit_to_context(job.request, model.max_model_len, turn.max_tokens, past_tokens)
     return job
 
 
@@ -123,7 +125,6 @@ async def text_deltas(state: AppState, job_id: str) -> AsyncGenerator[str, None]
                 await jobs_service.cancel_quietly(state, job_id)
 
 
-async def final_text(state: AppState, job_id: str) -> str:
-    """Wait for the job; its text (a failed job raises `FerryError`)."""
-    job = await jobs_service.wait_for_end(state, job_id)
-    return job.result_text or ""
+async def finished(state: AppState, job_id: str) -> Job:
+    """Wait for the job to end; its row (a failed job raises `FerryError`)."""
+    return await jobs_service.wait_for_end(state, job_id)

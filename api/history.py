@@ -125,42 +125,57 @@ def _leading_instructions(messages: Sequence[dict[str, Any]]) -> int:
 
 # A conservative prompt-size estimate for APIs whose token limit is a ceiling (PAI-EAS):
 # text costs at most one token per UTF-8 byte with byte-level tokenizers; a chat template
-# adds a few tokens per message; an image costs what its vision encoder makes of it.
+# adds a few tokens per message; an image costs what its vision encoder makes of it. A
+# stored reply's size is known exactly: its job counted its tokens.
 _TEMPLATE_TOKENS = 64
 _MESSAGE_TOKENS = 8
 IMAGE_TOKENS = 1024
 
 
-def estimated_tokens(messages: Sequence[dict[str, Any]]) -> int:
-    total = _TEMPLATE_TOKENS
-    for message in messages:
-        content = message.get("content")
-        total += (_MESSAGE_TOKENS + len(plain_text(content).encode())
-                  + IMAGE_TOKENS * len(image_refs(content)))
-    return total
+def estimated_tokens(message: dict[str, Any]) -> int:
+    content = message.get("content")
+    return (_MESSAGE_TOKENS + len(plain_text(content).encode())
+            + IMAGE_TOKENS * len(image_refs(content)))
 
 
-def fit_to_context(request: dict[str, Any], max_model_len: int, wanted: int) -> None:
+def known_tokens(stored: Sequence[Message], reply_tokens: dict[str, int]) -> list[int | None]:
+    """For each stored message, its token count when its job counted it (replies)."""
+    return [reply_tokens.get(m.job_id) if m.role == "assistant" and m.job_id else None
+            for m in stored]
+
+
+def fit_to_context(
+    request: dict[str, Any],
+    max_model_len: int,
+    wanted: int,
+    history_tokens: Sequence[int | None] = (),
+) -> None:
     """Make a prompt and its output ceiling fit the model's context, PAI-EAS style.
 
     The oldest history turns are left out of the prompt (never out of the stored
     conversation) until the prompt leaves room for `min(wanted, context / 4)` tokens;
     then `max_tokens` is `wanted`, lowered to what is left. A new turn that does not fit
-    on its own is a 400.
+    on its own is a 400. `history_tokens` gives the history messages' token counts where
+    they are known (else they are estimated).
     """
     messages: list[dict[str, Any]] = request["messages"]
     lead = _leading_instructions(messages)
     start = int(request.get("turn_start", lead))
+    history = messages[lead:start]
+    known = [*history_tokens, *([None] * len(history))][:len(history)]
+    sizes = [estimated_tokens(m) if n is None else _MESSAGE_TOKENS + n
+             for m, n in zip(history, known, strict=True)]
+    fixed = _TEMPLATE_TOKENS + sum(estimated_tokens(m) for m in messages[:lead] + messages[start:])
     room = min(wanted, max(1, max_model_len // 4))
-    while start > lead and estimated_tokens(messages) + room > max_model_len:
-        del messages[lead]
-        start -= 1
+    drop = 0
+    while drop < len(history) and fixed + sum(sizes[drop:]) + room > max_model_len:
+        drop += 1
         # History always opens with a user turn.
-        while start > lead and messages[lead]["role"] != "user":
-            del messages[lead]
-            start -= 1
-    request["turn_start"] = start
-    left = max_model_len - estimated_tokens(messages)
+        while drop < len(history) and history[drop]["role"] != "user":
+            drop += 1
+    del messages[lead:lead + drop]
+    request["turn_start"] = start - drop
+    left = max_model_len - fixed - sum(sizes[drop:])
     if left < 1:
         raise InvalidRequest(
             f"The prompt is too long for the model's context of {max_model_len} tokens.",

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from api import eas, history, jobs_service
 from api.deps import CurrentKey, StateDep
@@ -28,6 +29,7 @@ from api.schemas.eas import (
     TransformersChatResponse,
 )
 from api.state import AppState
+from storage.models import Job
 from storage.repositories import conversations as conversations_repo
 
 router = APIRouter(tags=["pai-eas"])
@@ -58,20 +60,23 @@ async def infer_forward(body: InferForwardRequest, key: CurrentKey, state: State
     async with state.sessions.begin() as session:
         conversation = await conversations_repo.default_conversation(session, key)
         stored = await conversations_repo.messages_of(session, conversation.id)
-    # The EAS client sends back what /get_history gave it: then the stored history
-    # (images included) is the one to use.
-    same = [list(pair) for pair in pairs] == history.pairs_of(stored)
-    past = (history.prompt_messages(stored) if not pairs or same
-            else history.messages_from_pairs(pairs))
+        counted = await conversations_repo.reply_tokens(session, stored)
     turn = eas.Turn(prompt=body.prompt, image=image, max_tokens=body.max_output_tokens,
                     temperature=body.temperature, top_p=body.top_p)
-    job = await eas.build_job(state, key, model, turn, past, conversation.id)
+    # The EAS client sends back what /get_history gave it: then the stored history
+    # (images included) is the one to use.
+    if not pairs or [list(pair) for pair in pairs] == history.pairs_of(stored):
+        job = await eas.build_job(state, key, model, turn, history.prompt_messages(stored),
+                                  conversation.id, history.known_tokens(stored, counted))
+    else:
+        job = await eas.build_job(state, key, model, turn, history.messages_from_pairs(pairs),
+                                  conversation.id)
     await jobs_service.submit(state, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream:
         return StreamingResponse(_mllm_stream(state, job.id),
                                  media_type="text/plain; charset=utf-8", headers=headers)
-    text = await eas.final_text(state, job.id)
+    text = (await eas.finished(state, job.id)).result_text or ""
     return InferForwardResponse(response=text, chat_history=await _history_of(state, key))
 
 
@@ -158,7 +163,7 @@ async def transformers_chat(request: Request, key: CurrentKey, state: StateDep) 
     if body.use_stream_chat:
         return StreamingResponse(_nul_stream(state, job.id, body.prompt, pairs),
                                  media_type="application/octet-stream", headers=headers)
-    text = await eas.final_text(state, job.id)
+    text = (await eas.finished(state, job.id)).result_text or ""
     return TransformersChatResponse(response=text, history=_with_turn(pairs, body.prompt, text))
 
 
@@ -191,15 +196,21 @@ def _parse_message(data: Any) -> TransformersChatRequest:
 
 
 async def _transformers_job(
-    state: AppState, key: str, body: TransformersChatRequest, pairs: list[tuple[str, str]]
-) -> Any:
+    state: AppState,
+    key: str,
+    body: TransformersChatRequest,
+    pairs: list[tuple[str, str]],
+    pair_tokens: list[int | None] | None = None,
+) -> Job:
     model = await eas.pick_model(state, with_image=False)
     turn = eas.Turn(prompt=body.prompt, system_prompt=body.system_prompt,
                     max_tokens=body.max_new_tokens,
                     temperature=body.temperature if body.do_sample else 0.0,
                     top_p=body.top_p, top_k=body.top_k)
+    # A message's known size: a reply the connection got (None: estimate it).
+    known = [n for reply in pair_tokens or [] for n in (None, reply)]
     return await eas.build_job(state, key, model, turn, history.messages_from_pairs(pairs),
-                               None)
+                               None, known)
 
 
 def _with_turn(pairs: list[tuple[str, str]], prompt: str, answer: str) -> list[list[str]]:
@@ -232,10 +243,10 @@ async def _nul_stream(
 @router.websocket("/")
 async def transformers_websocket(websocket: WebSocket) -> None:
     """PAI-EAS "Transformers standard" over a WebSocket: each message is a JSON request
-    (as for `POST /`; plain text is a prompt); the answer comes back as text messages
-    (pieces when `use_stream_chat`, the default; else whole), then `<EOS>`. The
-    connection keeps its history across rounds unless a message sends its own. A bad
-    message gets an error object, then `<EOS>`."""
+    (as for `POST /`; plain text is a prompt). With `use_stream_chat` (the default) the
+    answer comes back as text messages, one per piece, then `<EOS>`; without, as one
+    message. The connection keeps its history across rounds unless a message sends its
+    own. A bad message gets one `{"error": ...}` message (then `<EOS>` if streamed)."""
     state: AppState = websocket.app.state.ferry
     try:
         key = await state.keys.owner_of(websocket.headers.get("authorization"))
@@ -243,41 +254,69 @@ async def transformers_websocket(websocket: WebSocket) -> None:
         await websocket.close(code=1008, reason="invalid API key")
         return
     await websocket.accept()
-    pairs: list[tuple[str, str]] = []
+    past = _WebSocketHistory()
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
             raw = message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
-            pairs = await _websocket_round(websocket, state, key, raw, pairs)
+            await _websocket_round(websocket, state, key, raw, past)
     except WebSocketDisconnect:
         return
 
 
+@dataclass
+class _WebSocketHistory:
+    """A connection's rounds, and the tokens each answer took (None: not known)."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    reply_tokens: list[int | None] = field(default_factory=list)
+
+
 async def _websocket_round(
-    websocket: WebSocket, state: AppState, key: str, raw: str, pairs: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """Answer one message; the connection's history after it."""
+    websocket: WebSocket, state: AppState, key: str, raw: str, past: _WebSocketHistory
+) -> None:
+    """Answer one message, and add the round to the connection's history.
+
+    Streamed (the default): text pieces, then `<EOS>`. Not streamed: the whole answer
+    as one message and nothing after it (the seed's non-streaming client closes on the
+    first message it gets). An error is one message, `{"error": ...}`, followed by
+    `<EOS>` when the request was (or would have been) streamed."""
+    streamed = _streamed(raw)
     try:
         body = _websocket_message(raw)
         if body.history is not None:
             pairs = history.parse_pairs(body.history, "history")
-        job = await _transformers_job(state, key, body, pairs)
+            past.pairs, past.reply_tokens = pairs, [None] * len(pairs)
+        job = await _transformers_job(state, key, body, past.pairs, past.reply_tokens)
         await jobs_service.submit(state, [job])
-        if body.use_stream_chat:
+        if streamed:
             async with contextlib.aclosing(eas.text_deltas(state, job.id)) as deltas:
                 async for delta in deltas:
                     await websocket.send_text(delta)
-        answer = await eas.final_text(state, job.id)
-        if not body.use_stream_chat:
-            await websocket.send_text(answer)
+        final = await eas.finished(state, job.id)
+        await websocket.send_text(EOS if streamed else final.result_text or "")
     except (FerryError, RequestValidationError) as exc:
         await websocket.send_text(json.dumps(_error_of(exc)))
-        await websocket.send_text(EOS)
-        return pairs
-    await websocket.send_text(EOS)
-    return [*pairs, (body.prompt, answer)]
+        if streamed:
+            await websocket.send_text(EOS)
+        return
+    past.pairs.append((body.prompt, final.result_text or ""))
+    past.reply_tokens.append(final.completion_tokens)
+
+
+def _streamed(raw: str) -> bool:
+    """Whether a message asks for a streamed answer (read even when it is invalid)."""
+    try:
+        data = json.loads(raw)
+        return not isinstance(data, dict) or _BOOL.validate_python(
+            data.get("use_stream_chat", True))
+    except (ValueError, ValidationError):
+        return True
+
+
+_BOOL = TypeAdapter(bool)
 
 
 def _websocket_message(raw: str) -> TransformersChatRequest:

@@ -75,6 +75,18 @@ async def messages_of(session: AsyncSession, conversation_id: str) -> list[Messa
     return list((await session.scalars(query)).all())
 
 
+async def reply_tokens(session: AsyncSession, messages: Sequence[Message]) -> dict[str, int]:
+    """How many tokens each reply among `messages` took, as its job counted them."""
+    job_ids = {m.job_id for m in messages if m.role == "assistant" and m.job_id}
+    if not job_ids:
+        return {}
+    rows = await session.execute(
+        select(Job.id, Job.completion_tokens)
+        .where(Job.id.in_(job_ids), Job.completion_tokens.is_not(None))
+    )
+    return {job_id: tokens for job_id, tokens in rows.all() if tokens is not None}
+
+
 async def append(
     session: AsyncSession,
     conversation_id: str,
