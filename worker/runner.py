@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.keys import CANCEL_CHANNEL, PENDING_JOBS
+from storage.objects import get_object_store
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
@@ -65,7 +66,13 @@ class JobRunner:
 
     def start(self) -> None:
         self._thread.start()
-        self._call(self._start())
+        try:
+            self._call(self._start())
+        except Exception as exc:
+            # Celery swallows (and, before its logging is set up, hides) what a worker_init
+            # handler raises, and would consume jobs with no engine: exit instead, loudly.
+            log.critical("the worker cannot start: %r", exc, exc_info=True)
+            raise SystemExit(1) from exc
         log.info("worker %s serving %s on %s", self.worker_id, self.settings.model_name,
                  self.settings.engine)
 
@@ -98,6 +105,9 @@ class JobRunner:
             ttl_seconds=self.storage.event_stream_ttl_seconds,
         ))
         self._publisher.start()
+        # One object store per process (boto3's client is thread-safe); building an S3 one
+        # checks the bucket over the network, so off the loop.
+        self._objects = await asyncio.to_thread(get_object_store)
         self.engine = self._engine_factory(self.settings)
         await self.engine.start()
         self._registry = ModelRegistry(self._redis)
@@ -129,6 +139,7 @@ class JobRunner:
                 max_attempts=self.settings.max_attempts,
                 in_flight=self._in_flight,
                 on_claimed=self._unmark_pending,
+                objects=self._objects,
             )
         except EngineBroken:
             log.critical("the engine is broken; stopping this worker so a healthy one (or a "

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,15 +36,20 @@ class SamplingOptions:
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     request_id: str
-    # OpenAI chat messages ({"role": ..., "content": str}); rendered with the model's
-    # chat template by the engine. Exactly one of `messages` / `prompt` is set.
+    # OpenAI chat messages; rendered with the model's chat template by the engine. Content
+    # is a string or a list of parts: {"type": "text", "text": ...} and {"type": "image"}
+    # (a placeholder for the next of `images`). Exactly one of `messages` / `prompt` is set.
     messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
+    # A completion prompt: text, or a list of the same parts (each image part becomes the
+    # model's image placeholder).
+    prompt: str | list[dict[str, Any]] | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Lower value = served first (vLLM's convention). Bulk work uses a larger number.
     priority: int = 0
     # Extra variables for the chat template (e.g. {"enable_thinking": True}).
     chat_template_kwargs: dict[str, Any] | None = None
+    # Decoded RGB images, in the order their placeholders appear in messages / prompt.
+    images: tuple[Image, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

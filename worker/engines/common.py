@@ -1,4 +1,4 @@
-"""Shared by the engines: prompt rendering, length limits, start-up warm-up.
+"""Shared by the engines: prompt rendering, image placeholders, length limits, warm-up.
 
 Both engines render chat messages with the model's own chat template into token ids and
 check lengths before anything is submitted, so a bad request fails fast with
@@ -8,9 +8,30 @@ check lengths before anything is submitted, so a bad request fails fast with
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from worker.engines.base import Engine, EngineRequestError, GenerationRequest, SamplingOptions
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSupport:
+    """How a model takes images: the text a prompt carries for each image, and the token id
+    that text becomes (counted to match placeholders with images)."""
+
+    placeholder: str
+    token_id: int
+
+
+def image_support(processor: Any) -> ImageSupport | None:
+    """Read it off a Hugging Face processor (Idefics3, LLaVA, ... name `image_token`); None
+    for text-only models and processors without an image token."""
+    token = getattr(processor, "image_token", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if not isinstance(token, str) or tokenizer is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return ImageSupport(token, int(token_id)) if isinstance(token_id, int) else None
 
 
 def _as_ids(rendered: Any) -> list[int]:
@@ -21,30 +42,79 @@ def _as_ids(rendered: Any) -> list[int]:
     return [int(i) for i in rendered]
 
 
-def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
-    """Token ids of the request's prompt: chat messages through the chat template (with the
-    assistant generation prompt), or plain text tokenized as is."""
+def _prompt_text(parts: list[dict[str, Any]], images: ImageSupport | None) -> str:
+    """A completion prompt given as parts: text as is, each image as the model's image
+    placeholder."""
+    pieces: list[str] = []
+    for part in parts:
+        if part.get("type") == "text":
+            pieces.append(str(part.get("text", "")))
+        elif part.get("type") == "image":
+            if images is None:
+                raise EngineRequestError("this model does not take images")
+            pieces.append(images.placeholder)
+        else:
+            raise EngineRequestError(f"unknown prompt part type {part.get('type')!r}")
+    return "".join(pieces)
+
+
+def _check_request(request: GenerationRequest, images: ImageSupport | None) -> None:
     if (request.messages is None) == (request.prompt is None):
         raise EngineRequestError("exactly one of `messages` and `prompt` must be set")
+    if request.messages is not None and not request.messages:
+        raise EngineRequestError("`messages` is empty")
+    if request.images and images is None:
+        raise EngineRequestError("this model does not take images")
+
+
+def _render_messages(tokenizer: Any, request: GenerationRequest, tokenize: bool) -> Any:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise EngineRequestError("this model has no chat template; send `prompt` instead")
+    try:
+        return tokenizer.apply_chat_template(
+            request.messages, add_generation_prompt=True, tokenize=tokenize, return_dict=False,
+            **(request.chat_template_kwargs or {}),
+        )
+    except Exception as exc:  # jinja errors (bad roles, bad content) are the caller's
+        raise EngineRequestError(f"cannot render messages with the chat template: {exc}") from exc
+
+
+def prompt_text(
+    tokenizer: Any, request: GenerationRequest, images: ImageSupport | None = None
+) -> str:
+    """The request's prompt as text (what a processor expands image placeholders in)."""
+    _check_request(request, images)
     if request.messages is not None:
-        if not request.messages:
-            raise EngineRequestError("`messages` is empty")
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise EngineRequestError("this model has no chat template; send `prompt` instead")
-        try:
-            rendered = tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                **(request.chat_template_kwargs or {}),
-            )
-        except Exception as exc:  # jinja errors (bad roles, bad content) are the caller's
-            msg = f"cannot render messages with the chat template: {exc}"
-            raise EngineRequestError(msg) from exc
-        ids = _as_ids(rendered)
+        return str(_render_messages(tokenizer, request, tokenize=False))
+    if isinstance(request.prompt, list):
+        return _prompt_text(request.prompt, images)
+    return str(request.prompt)
+
+
+def prompt_token_ids(
+    tokenizer: Any, request: GenerationRequest, images: ImageSupport | None = None
+) -> list[int]:
+    """Token ids of the request's prompt: chat messages through the chat template (with the
+    assistant generation prompt), or plain text tokenized as is. For an image model
+    (`images`), each image is one placeholder here (the engine expands it), and there must
+    be exactly one placeholder per image."""
+    _check_request(request, images)
+    if request.messages is not None:
+        ids = _as_ids(_render_messages(tokenizer, request, tokenize=True))
+    elif isinstance(request.prompt, list):
+        ids = _as_ids(tokenizer.encode(_prompt_text(request.prompt, images)))
     else:
         assert request.prompt is not None
         ids = _as_ids(tokenizer.encode(request.prompt))
     if not ids:
         raise EngineRequestError("the prompt is empty")
+    if images is not None:
+        placeholders = ids.count(images.token_id)
+        if placeholders != len(request.images):
+            raise EngineRequestError(
+                f"the prompt has {placeholders} image placeholder(s) ({images.placeholder}) "
+                f"but the request carries {len(request.images)} image(s)"
+            )
     return ids
 
 

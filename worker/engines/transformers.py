@@ -17,7 +17,11 @@ What transformers' continuous batching can and cannot do per request (5.x):
   stop string is never emitted, the request is cancelled in the batch).
 - seed, presence_penalty, frequency_penalty: not supported per request; ignored. The
   sampler is seeded once per engine start.
-- images: transformers does not continuously batch image models; not handled here yet.
+- images: transformers does not continuously batch image models, so image+text models
+  (Idefics3, LLaVA, ...) run on Ferry's own batching loop instead (`image_batching`), which
+  honours the same options and per-request seeds. Every request to such a model (with
+  images or not) goes through it; its Hugging Face processor turns the prompt and images
+  into model inputs.
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ from worker.engines.base import (
     ModelInfo,
     SamplingOptions,
 )
-from worker.engines.common import check_fits, prompt_token_ids, warm_up
+from worker.engines.common import (
+    ImageSupport,
+    check_fits,
+    image_support,
+    prompt_text,
+    prompt_token_ids,
+    warm_up,
+)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -122,6 +133,9 @@ class TransformersEngine:
         self._vocab_size = 0
         self._eos_ids: set[int] = set()
         self._streams: dict[str, _RequestStream] = {}
+        # Image+text models: their processor and placeholder (None for text models).
+        self._processor: Any = None
+        self._images: ImageSupport | None = None
         self._info = ModelInfo(
             name=settings.model_name, max_model_len=settings.max_model_len, engine="transformers"
         )
@@ -150,12 +164,17 @@ class TransformersEngine:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             torch.set_num_threads(self._cpu_threads())
+        auto_model = tf.AutoModelForCausalLM
+        self._processor = self._image_processor(tf)
+        if self._processor is not None:
+            self._images = image_support(self._processor)
+            auto_model = tf.AutoModelForImageTextToText
         try:
-            model = tf.AutoModelForCausalLM.from_pretrained(
+            model = auto_model.from_pretrained(
                 self._model_path, dtype="auto", attn_implementation="sdpa"
             )
         except ValueError:  # no SDPA for this architecture: batching falls back to eager
-            model = tf.AutoModelForCausalLM.from_pretrained(
+            model = auto_model.from_pretrained(
                 self._model_path, dtype="auto", attn_implementation="eager"
             )
         model = model.to("cuda" if on_gpu else "cpu").eval()
@@ -169,6 +188,15 @@ class TransformersEngine:
         if eos is None:
             eos = tokenizer.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._tokenizer = tokenizer
+        self._info = ModelInfo(
+            name=self._settings.model_name, max_model_len=max_len, engine="transformers",
+            supports_images=self._images is not None,
+        )
+        if self._images is not None:
+            from worker.engines.image_batching import ImageBatcher
+
+            return ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1))
         gen_config = tf.GenerationConfig(
             do_sample=True,
             # Neutral values that still make transformers build the per-request
@@ -193,15 +221,23 @@ class TransformersEngine:
             cb_kwargs["use_cuda_graph"] = False
             cb_kwargs["max_batch_tokens"] = CPU_MAX_BATCH_TOKENS
             cb_kwargs["num_blocks"] = self._cpu_num_blocks(text_config, model.dtype, max_len)
-        manager = model.init_continuous_batching(
+        return model.init_continuous_batching(
             generation_config=gen_config,
             continuous_batching_config=tf.ContinuousBatchingConfig(**cb_kwargs),
         )
-        self._tokenizer = tokenizer
-        self._info = ModelInfo(
-            name=self._settings.model_name, max_model_len=max_len, engine="transformers"
+
+    def _image_processor(self, tf: Any) -> Any:
+        """The processor of an image+text architecture whose processor names an image
+        token; None for anything else (served as a text model)."""
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
         )
-        return manager
+
+        config = tf.AutoConfig.from_pretrained(self._model_path)
+        if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            return None
+        processor = tf.AutoProcessor.from_pretrained(self._model_path)
+        return processor if image_support(processor) is not None else None
 
     def _cpu_threads(self) -> int:
         # Process-wide, which is fine: one engine per worker process. OMP threads spin
@@ -253,7 +289,7 @@ class TransformersEngine:
         manager = self._manager
         if manager is None:
             raise RuntimeError("TransformersEngine.generate() before start()")
-        fatal = manager.background_thread_status.fatal_error
+        fatal = self._fatal_error(manager)
         if fatal is not None:
             raise RuntimeError(f"the generation thread died: {fatal}")
         request_id = request.request_id
@@ -261,7 +297,12 @@ class TransformersEngine:
             raise EngineRequestError(f"request id {request_id!r} is already running")
         if request.sampling.structured_output is not None:
             raise EngineRequestError("the transformers engine cannot constrain output to JSON")
-        ids = prompt_token_ids(self._tokenizer, request)
+        ids = prompt_token_ids(self._tokenizer, request, self._images)
+        extra: dict[str, Any] = {}
+        if self._images is not None:  # the image batcher: processor inputs, seeds
+            inputs = await self._model_inputs(request)
+            ids = [int(i) for i in inputs["input_ids"][0]]
+            extra = {"model_inputs": inputs, "seed": request.sampling.seed}
         check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
         sampling = self._sampling_kwargs(request.sampling)
         stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids))
@@ -276,6 +317,7 @@ class TransformersEngine:
                 max_new_tokens=request.sampling.max_tokens,
                 streaming=True,
                 **sampling,
+                **extra,
             )
             if added is None:
                 raise RuntimeError("the transformers engine is stopping")
@@ -299,6 +341,26 @@ class TransformersEngine:
                 manager.cancel_request(request_id)
             self._streams.pop(request_id, None)
             self._forget_handler(manager, request_id)
+
+    @staticmethod
+    def _fatal_error(manager: Any) -> BaseException | None:
+        status = getattr(manager, "background_thread_status", None)  # transformers' manager
+        error: BaseException | None = getattr(status or manager, "fatal_error", None)
+        return error
+
+    async def _model_inputs(self, request: GenerationRequest) -> Any:
+        """The processor's tensors for one request (image placeholders expanded, pixels
+        resized and normalised), computed off the loop: resizing large images takes time."""
+        text = prompt_text(self._tokenizer, request, self._images)
+        images = [list(request.images)] if request.images else None
+
+        def process() -> Any:
+            return self._processor(text=[text], images=images, return_tensors="pt")
+
+        try:
+            return await asyncio.to_thread(process)
+        except (ValueError, OSError) as exc:  # an image the processor cannot take
+            raise EngineRequestError(f"cannot process the images: {exc}") from exc
 
     def _forget_handler(self, manager: Any, request_id: str) -> None:
         # transformers drops a handler when its request finishes, but a cancelled request

@@ -24,7 +24,13 @@ from worker.engines.base import (
     ModelInfo,
     SamplingOptions,
 )
-from worker.engines.common import check_fits, prompt_token_ids, warm_up
+from worker.engines.common import (
+    ImageSupport,
+    check_fits,
+    image_support,
+    prompt_token_ids,
+    warm_up,
+)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,7 @@ class VllmEngine:
         self._delta_kind: Any = None
         self._tokens_input: Any = None
         self._running: set[str] = set()  # request ids in flight, aborted by stop()
+        self._images: ImageSupport | None = None  # set in start() for image models
         # Exceptions that mean "this request is bad", not "the engine is broken".
         self._request_errors: tuple[type[Exception], ...] = (ValueError,)
 
@@ -70,6 +77,13 @@ class VllmEngine:
             # own metrics.
             "disable_log_stats": True,
             "enable_log_requests": False,
+            # response_format: compact JSON unless the settings allow free whitespace (an
+            # engine-wide choice in vLLM; weak models otherwise pad with whitespace).
+            # (vLLM allows the switch only with a named grammar backend.)
+            "structured_outputs_config": {
+                "backend": "xgrammar",
+                "disable_any_whitespace": not s.structured_output_any_whitespace,
+            },
         }
 
     async def start(self) -> None:
@@ -103,13 +117,25 @@ class VllmEngine:
         self._delta_kind = RequestOutputKind.DELTA
         self._tokens_input = tokens_input
         self._request_errors = (ValueError, VLLMClientError)
+        self._images = await asyncio.to_thread(self._image_support)
         self._info = ModelInfo(
             name=self._settings.model_name,
             max_model_len=int(self._llm.model_config.max_model_len),
             engine="vllm",
+            supports_images=self._images is not None,
             supports_structured_output=True,
         )
         await warm_up(self)
+
+    def _image_support(self) -> ImageSupport | None:
+        """The model's image placeholder, read from the Hugging Face processor vLLM itself
+        uses (same revision and trust_remote_code); None for text-only models."""
+        model_config = self._llm.model_config
+        if not model_config.is_multimodal_model:
+            return None
+        from vllm.transformers_utils.processor import cached_processor_from_config
+
+        return image_support(cached_processor_from_config(model_config))
 
     async def stop(self) -> None:
         llm = self._llm
@@ -150,16 +176,17 @@ class VllmEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._llm is None:
             raise RuntimeError("VllmEngine.generate() before start()")
-        ids = prompt_token_ids(self._tokenizer, request)
-        check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
+        ids = prompt_token_ids(self._tokenizer, request, self._images)
+        engine_input = await self._engine_input(ids, request)
+        prompt_tokens: int | None = len(engine_input["prompt_token_ids"])
+        assert prompt_tokens is not None
+        check_fits(prompt_tokens, request.sampling.max_tokens, self._info.max_model_len)
         params = self._params(request.sampling)
-        prompt_tokens: int | None = len(ids)
         # Tokens of outputs without text (a partial UTF-8 character, a special token) are
         # carried into the next delta, so new_tokens still add up to the completion length.
         carried = 0
-        # Already tokenized: a TokensInput skips vLLM's (deprecated) raw-prompt path.
         stream = self._llm.generate(
-            self._tokens_input(ids), params, request.request_id, priority=request.priority
+            engine_input, params, request.request_id, priority=request.priority
         )
         self._running.add(request.request_id)
         try:
@@ -184,6 +211,20 @@ class VllmEngine:
             self._running.discard(request.request_id)
             # Closing our generator early (consumer gone) closes vLLM's, which aborts.
             await stream.aclose()
+
+    async def _engine_input(self, ids: list[int], request: GenerationRequest) -> Any:
+        """What AsyncLLM.generate takes: the token ids as they are, or, with images, the ids
+        plus `multi_modal_data` rendered by vLLM's own renderer (it runs the image processor
+        on its thread pool and expands each placeholder to the image's tokens)."""
+        if not request.images:
+            # Already tokenized: a TokensInput skips vLLM's (deprecated) raw-prompt path.
+            return self._tokens_input(ids)
+        prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": list(request.images)}}
+        try:
+            (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
+        except self._request_errors as exc:  # e.g. an image the processor cannot take
+            raise EngineRequestError(f"cannot process the images: {exc}") from exc
+        return engine_input
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

