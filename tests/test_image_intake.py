@@ -52,8 +52,8 @@ from storage.objects import (
     sha256_hex,
 )
 from storage.registry import ServedModel
-from tests.conftest import KEY_A, KEY_B, s3_env
-from tests.helpers import assert_error
+from tests.conftest import KEY_A, KEY_B, Stack, s3_env
+from tests.helpers import assert_error, submit, wait_job
 from tests.imaging import (
     ImageStack,
     RecordingServer,
@@ -611,3 +611,47 @@ def test_ferry_errors_are_400s() -> None:
                 ImageUrlRefused("x"), ImagesNotSupported("m", param="images")):
         assert isinstance(exc, FerryError) and exc.status_code == 400
 
+
+def test_the_three_carriers_run_alike_on_the_vision_worker(
+    stack: Stack, vision_model: str
+) -> None:
+    """`image_url` part, `<img>` tag and swift `images` store the same message; the worker
+    reads the image back from S3 and the engine answers all three the same way."""
+    noise = Image.frombytes("RGB", (64, 48), os.urandom(64 * 48 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    png = buffer.getvalue()
+    question = "What is this?"
+    sampling = {"max_tokens": 6, "temperature": 0}
+    bodies = [
+        {"model": vision_model, **sampling, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png)}},
+            {"type": "text", "text": question}]}]},
+        {"model": vision_model, **sampling, "messages": [
+            {"role": "user", "content": f"<img>{b64(png)}</img>{question}"}]},
+        {"model": vision_model, **sampling, "images": [b64(png)],
+         "messages": [{"role": "user", "content": question}]},
+    ]
+    with stack.client() as client:
+        jobs = [submit(client, body) for body in bodies]
+        text_only = submit(client, {"model": vision_model, **sampling,
+                                    "messages": [{"role": "user", "content": question}]})
+        finals = [wait_job(client, job["id"], timeout=300) for job in jobs]
+        plain = wait_job(client, text_only["id"], timeout=300)
+    assert [f["status"] for f in finals] == ["succeeded"] * 3, finals
+    assert len({f["result"]["text"] for f in finals}) == 1
+    assert len({f["usage"]["prompt_tokens"] for f in finals}) == 1
+    assert finals[0]["usage"]["prompt_tokens"] >= plain["usage"]["prompt_tokens"] + 16
+    keys = stack_image_keys(stack)
+    assert keys.count(image_key(sha256_hex(png))) == 1
+
+
+def stack_image_keys(stack: Stack) -> list[str]:
+    import boto3
+
+    env = stack.env
+    s3 = boto3.client("s3", endpoint_url=env["FERRY_S3_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id=env["FERRY_S3_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["FERRY_S3_SECRET_ACCESS_KEY"])
+    listed = s3.list_objects_v2(Bucket=env["FERRY_S3_BUCKET"], Prefix="images/")
+    return [o["Key"] for o in listed.get("Contents", [])]
