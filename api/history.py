@@ -65,6 +65,15 @@ def prompt_messages(stored: Sequence[Message]) -> list[dict[str, Any]]:
     return messages
 
 
+def has_images(messages: Sequence[dict[str, Any]]) -> bool:
+    return any(image_refs(m.get("content")) for m in messages)
+
+
+def without_images(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as text, for a model that takes no images."""
+    return [{**m, "content": plain_text(m.get("content"))} for m in messages]
+
+
 def pairs_of(stored: Sequence[Message]) -> list[list[str]]:
     """A conversation as PAI-EAS `chat_history`: `[[user, assistant], ...]` (text only)."""
     pairs: list[list[str]] = []

@@ -3,15 +3,22 @@ API restarts; a reply is appended only when its job succeeds."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage.db import create_db_engine, create_session_factory
+from storage.migrate import upgrade
+from storage.models import Job, JobStatus
+from storage.repositories import api_keys, conversations, jobs
+from storage.settings import StorageSettings
 from tests.conftest import KEY_A, KEY_B, TINY, Stack, open_stack
 from tests.helpers import assert_error, chat_body, submit, wait_job
 from tests.procs import wait_until
@@ -204,3 +211,124 @@ def test_history_survives_an_api_restart(own_stack: Stack, logs: Path) -> None:
     request, _ = stored_job(own_stack.database_url, second["id"])
     assert [m["content"] for m in request["messages"]] == [
         "Before the restart.", first["result"]["text"], "After the restart."]
+
+
+# --- The repository, on PostgreSQL and SQLite -------------------------------------------
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def sessions(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_pg: str
+) -> AsyncIterator[Sessions]:
+    if request.param == "postgresql":
+        url = migrated_pg
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'ferry.db'}"
+        await asyncio.to_thread(upgrade, url)
+    engine = create_db_engine(StorageSettings(database_url=url))
+    try:
+        yield create_session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _owner(sessions: Sessions) -> str:
+    async with sessions.begin() as session:
+        (key,) = await api_keys.ensure_keys(session, [f"sk-{secrets.token_hex(4)}"])
+    return key.id
+
+
+async def _running_job(sessions: Sessions, owner: str, conversation_id: str, text: str) -> str:
+    job = Job(id=jobs.new_job_id(), owner_id=owner, model="m", kind="chat", lane="interactive",
+              status=JobStatus.QUEUED, priority=0, attempts=0, conversation_id=conversation_id,
+              request={"max_tokens": 4, "turn_start": 1, "messages": [
+                  {"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [
+                      {"type": "image", "image": {"sha256": "ab" * 32, "mime": "image/png",
+                                                  "width": 2, "height": 3}},
+                      {"type": "text", "text": text}]}]})
+    async with sessions.begin() as session:
+        await jobs.insert_jobs(session, [job])
+        assert await jobs.claim_job(session, job.id, "w1", lease_seconds=30) is not None
+    return job.id
+
+
+async def test_default_conversation_is_one_per_key_under_races(sessions: Sessions) -> None:
+    owner = await _owner(sessions)
+
+    async def default_id() -> str:
+        async with sessions.begin() as session:
+            return (await conversations.default_conversation(session, owner)).id
+
+    ids = await asyncio.gather(*(default_id() for _ in range(8)))
+    async with sessions() as session:
+        listed = await conversations.list_owned(session, owner, after=None, limit=100)
+    assert len(set(ids)) == 1
+    assert [(c.id, c.default_for) for c in listed] == [(ids[0], owner)]
+
+
+async def test_a_success_appends_its_turn_once_with_reasoning_apart(sessions: Sessions) -> None:
+    owner = await _owner(sessions)
+    async with sessions.begin() as session:
+        conversation = await conversations.create(session, owner)
+    job_id = await _running_job(sessions, owner, conversation.id, "What is this?")
+    done = jobs.JobOutcome(JobStatus.SUCCEEDED, ["<think>A square", ".</think>", "A dot."],
+                           "stop", 9, 3, None)
+    async with sessions.begin() as session:
+        assert await jobs.finish_job(session, job_id, "w1", done)
+        assert not await jobs.finish_job(session, job_id, "w1", done)  # already final
+    async with sessions() as session:
+        stored = await conversations.messages_of(session, conversation.id)
+        tokens = await conversations.reply_tokens(session, stored)
+        row = await conversations.get_owned(session, conversation.id, owner)
+    assert [(m.role, m.content, m.reasoning, m.job_id) for m in stored] == [
+        ("user", "What is this?", None, job_id), ("assistant", "A dot.", "A square.", job_id)]
+    assert stored[0].images == [{"sha256": "ab" * 32, "mime": "image/png",
+                                 "width": 2, "height": 3}]
+    assert tokens == {job_id: 3}
+    assert row is not None and row.title == "What is this?"
+
+
+async def test_failed_cancelled_and_orphaned_jobs_append_nothing(sessions: Sessions) -> None:
+    owner = await _owner(sessions)
+    async with sessions.begin() as session:
+        conversation = await conversations.create(session, owner)
+    failed = await _running_job(sessions, owner, conversation.id, "fails")
+    cancelled = await _running_job(sessions, owner, conversation.id, "cancelled")
+    orphan = await _running_job(sessions, owner, conversation.id, "orphan")
+    async with sessions.begin() as session:
+        await jobs.finish_job(session, failed, "w1", jobs.JobOutcome(
+            JobStatus.FAILED, [], None, None, 0, None, error="boom"))
+        await jobs.cancel_job(session, cancelled)
+        await jobs.finish_job(session, cancelled, "w1", jobs.JobOutcome(
+            JobStatus.CANCELLED, ["part"], "abort", 2, 1, None))
+    async with sessions() as session:
+        assert await conversations.messages_of(session, conversation.id) == []
+    # Deleted while its last job ran: the success still lands, into nothing.
+    async with sessions.begin() as session:
+        assert await conversations.delete_owned(session, conversation.id, owner)
+    async with sessions.begin() as session:
+        assert await jobs.finish_job(session, orphan, "w1", jobs.JobOutcome(
+            JobStatus.SUCCEEDED, ["ok"], "stop", 2, 1, None))
+        row = await jobs.get_job(session, orphan)
+        assert await conversations.messages_of(session, conversation.id) == []
+    assert row is not None and row.status == JobStatus.SUCCEEDED and row.conversation_id is None
+
+
+async def test_clear_keeps_the_conversation_and_owner_checks(sessions: Sessions) -> None:
+    owner, other = await _owner(sessions), await _owner(sessions)
+    async with sessions.begin() as session:
+        conversation = await conversations.default_conversation(session, owner)
+        await conversations.append(session, conversation.id, [
+            conversations.NewMessage("user", "hi"), conversations.NewMessage("assistant", "yo")])
+    async with sessions.begin() as session:
+        assert await conversations.get_owned(session, conversation.id, other) is None
+        assert not await conversations.delete_owned(session, conversation.id, other)
+        assert len(await conversations.messages_of(session, conversation.id)) == 2
+        await conversations.clear(session, conversation.id)
+    async with sessions() as session:
+        again = await conversations.find_default(session, owner)
+        assert again is not None and again.id == conversation.id
+        assert await conversations.messages_of(session, conversation.id) == []

@@ -4,6 +4,7 @@ token filled in) against a running Ferry, plus history and bad-input checks."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ import websocket
 
 from tests.conftest import KEY_A, KEY_B, Stack
 from tests.helpers import assert_error
+from tests.imaging import image_bytes
 
 pytestmark = pytest.mark.timeout(600)
 SEEDS = Path(__file__).parent / "eas_seeds"
@@ -145,6 +147,54 @@ def test_mllm_history_sent_by_the_client_replaces_the_stored_one(stack: Stack) -
     # The caller's stored history records the turn (not the client's made-up past).
     assert stored == {"chat_history": [["Go on.", reply]]}
     assert response.json()["chat_history"] == [["Go on.", reply]]
+    requests.post(f"{stack.url}/clear_history", headers=head, timeout=60)
+
+
+def test_mllm_seed_main_describes_an_image(
+    stack: Stack, vision_model: str, tmp_path: Path
+) -> None:
+    png = image_bytes(size=(64, 48), color=(10, 120, 200))
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(png)
+    head = {"Authorization": KEY_B}
+    requests.post(f"{stack.url}/clear_history", headers=head, timeout=60)
+    # The seed's own main: its image path is one of the parameters it says to replace.
+    seed = seed_copy("mllm_infer.py", tmp_path, {**mllm_placeholders(stack, KEY_B),
+                                                 "'path_to_your_image'": repr(str(picture))})
+    answer = json.loads(run_seed(seed))
+    assert answer["chat_history"] == [["Please describe the image", answer["response"]]]
+
+    with stack.client(KEY_B) as client:
+        listed = client.get("/v1/conversations", params={"limit": 100}).json()["data"]
+        (default,) = [c for c in listed if c["default"]]
+        messages = client.get(f"/v1/conversations/{default['id']}").json()["messages"]
+        (image,) = messages[0]["images"]
+        served = client.get(image["url"])
+    assert image["sha256"] == hashlib.sha256(png).hexdigest()
+    assert (image["width"], image["height"], image["mime"]) == (64, 48, "image/png")
+    assert image["url"] == f"{stack.url}/v1/images/{image['sha256']}"
+    assert served.status_code == 200 and served.content == png
+    assert messages[1]["images"] == [] and messages[1]["content"] == answer["response"]
+
+    # A text-only follow-up: the stored image comes back into its prompt, so the model
+    # that takes images answers it.
+    follow_up = requests.post(f"{stack.url}/infer_forward", headers=head, timeout=120,
+                              json={"prompt": "What colour is it?", "max_output_tokens": 8})
+    assert follow_up.status_code == 200, follow_up.text
+    url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT request, model FROM jobs WHERE id = %s",
+                           (follow_up.headers["x-ferry-job-id"],)).fetchone()
+    assert row is not None
+    request, model = row
+    assert model == vision_model
+    assert request["messages"][0]["content"] == [
+        {"type": "image", "image": {"sha256": image["sha256"], "mime": "image/png",
+                                    "width": 64, "height": 48}},
+        {"type": "text", "text": "Please describe the image"}]
+    assert request["messages"][1:] == [
+        {"role": "assistant", "content": answer["response"]},
+        {"role": "user", "content": "What colour is it?"}]
     requests.post(f"{stack.url}/clear_history", headers=head, timeout=60)
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from api import eas, history, jobs_service
 from api.deps import CurrentKey, StateDep
 from api.errors import FerryError, InvalidRequest, error_body
-from api.images import ingest_image
+from api.images import ImageIntake
 from api.schemas.eas import (
     ChatHistory,
     InferForwardRequest,
@@ -41,7 +41,9 @@ _MAX_WRITE_BYTES = 100
 
 
 @router.post("/infer_forward", response_model=InferForwardResponse)
-async def infer_forward(body: InferForwardRequest, key: CurrentKey, state: StateDep) -> Any:
+async def infer_forward(
+    body: InferForwardRequest, key: CurrentKey, state: StateDep, response: Response
+) -> Any:
     """PAI-EAS MLLM: answer `prompt` (about `image`, if given) in the caller's default
     conversation, which keeps the history (`/get_history`, `/clear_history`, and
     `GET /v1/conversations`, where it is the one marked `default`).
@@ -49,33 +51,44 @@ async def infer_forward(body: InferForwardRequest, key: CurrentKey, state: State
     Not streamed: `{"response", "chat_history"}`. With `use_stream: true`: plain text,
     the answer so far followed by `##END`, repeated as it grows (the EAS client prints
     what each part adds); a failure ends it with `[error] <message>`. The turn is stored
-    when the answer succeeds.
+    when the answer succeeds; the job's id is in the `X-Ferry-Job-Id` header.
+
+    The model: `FERRY_EAS_MODEL`, else the first served model by name, or the first that
+    takes images when the prompt carries one (this request's or the history's).
     """
     pairs = history.parse_pairs(body.chat_history, "chat_history")
-    model = await eas.pick_model(state, with_image=body.image is not None)
+    async with state.sessions() as session:
+        found = await conversations_repo.find_default(session, key)
+        stored = await conversations_repo.messages_of(session, found.id) if found else []
+        counted = await conversations_repo.reply_tokens(session, stored)
+    # The EAS client sends back what /get_history gave it: then the stored history
+    # (images included) is the one to use; any other history replaces it for this prompt.
+    if not pairs or [list(pair) for pair in pairs] == history.pairs_of(stored):
+        past, known = history.prompt_messages(stored), history.known_tokens(stored, counted)
+    else:
+        past, known = history.messages_from_pairs(pairs), []
+    model = await eas.pick_model(
+        state, with_image=body.image is not None or history.has_images(past))
+    images = ImageIntake.for_state(state)
     image = None
     if body.image is not None:
         eas.check_takes_images(model)
-        image = await ingest_image(state, body.image, param="image")
-    async with state.sessions.begin() as session:
-        conversation = await conversations_repo.default_conversation(session, key)
-        stored = await conversations_repo.messages_of(session, conversation.id)
-        counted = await conversations_repo.reply_tokens(session, stored)
+        image = await images.add(body.image, param="image")
+    if not model.supports_images:
+        past = history.without_images(past)
     turn = eas.Turn(prompt=body.prompt, image=image, max_tokens=body.max_output_tokens,
                     temperature=body.temperature, top_p=body.top_p)
-    # The EAS client sends back what /get_history gave it: then the stored history
-    # (images included) is the one to use.
-    if not pairs or [list(pair) for pair in pairs] == history.pairs_of(stored):
-        job = await eas.build_job(state, key, model, turn, history.prompt_messages(stored),
-                                  conversation.id, history.known_tokens(stored, counted))
-    else:
-        job = await eas.build_job(state, key, model, turn, history.messages_from_pairs(pairs),
-                                  conversation.id)
+    job = await eas.build_job(state, key, model, turn, past, None, known)
+    # Every check has passed: only now is anything stored.
+    async with state.sessions.begin() as session:
+        job.conversation_id = (await conversations_repo.default_conversation(session, key)).id
+    await images.store()
     await jobs_service.submit(state, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream:
         return StreamingResponse(_mllm_stream(state, job.id),
                                  media_type="text/plain; charset=utf-8", headers=headers)
+    response.headers.update(headers)
     text = (await eas.finished(state, job.id)).result_text or ""
     return InferForwardResponse(response=text, chat_history=await _history_of(state, key))
 
@@ -143,7 +156,9 @@ _TRANSFORMERS_BODY = {
 
 
 @router.post("/", response_model=TransformersChatResponse, openapi_extra=_TRANSFORMERS_BODY)
-async def transformers_chat(request: Request, key: CurrentKey, state: StateDep) -> Any:
+async def transformers_chat(
+    request: Request, key: CurrentKey, state: StateDep, response: Response
+) -> Any:
     """PAI-EAS "Transformers standard": a plain-text body is the prompt (answered
     whole); a JSON body (`Content-Type: application/json`) takes `prompt`,
     `system_prompt`, `history`, `temperature`, `top_k`, `top_p`, `max_new_tokens`,
@@ -153,7 +168,8 @@ async def transformers_chat(request: Request, key: CurrentKey, state: StateDep) 
     appended. Streamed: the same objects, each ending in a NUL byte, one per piece of
     text (`response` is the piece; `history` holds the answer so far); a failure ends
     the stream with an object carrying `error`. Nothing is stored: the client keeps the
-    history.
+    history. The job's id is in the `X-Ferry-Job-Id` header; the model is
+    `FERRY_EAS_MODEL`, else the first served model by name.
     """
     body = await _transformers_body(request)
     pairs = history.parse_pairs(body.history, "history")
@@ -163,6 +179,7 @@ async def transformers_chat(request: Request, key: CurrentKey, state: StateDep) 
     if body.use_stream_chat:
         return StreamingResponse(_nul_stream(state, job.id, body.prompt, pairs),
                                  media_type="application/octet-stream", headers=headers)
+    response.headers.update(headers)
     text = (await eas.finished(state, job.id)).result_text or ""
     return TransformersChatResponse(response=text, history=_with_turn(pairs, body.prompt, text))
 
