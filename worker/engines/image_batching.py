@@ -151,7 +151,7 @@ class ImageBatcher:
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     for seq in self._take_waiting(block=not self._rows):
-                        self._prefill(seq)
+                        self._prefill_or_fail(seq)
                     self._drop_finished_and_cancelled()
                     if self._rows:
                         self._decode_step()
@@ -159,8 +159,11 @@ class ImageBatcher:
         except BaseException as exc:
             log.exception("the image batching thread died")
             self.fatal_error = exc
-            for seq in self._rows:
-                self._emit(seq, finished=True, error=f"{exc.__class__.__name__}: {exc}")
+            # Every request still waiting for output (running or queued) learns of it.
+            with self._lock:
+                ids = list(self._handlers)
+            for request_id in ids:
+                self._emit_to(request_id, BatchOutput(request_id, [], True, repr(exc)))
 
     def _take_waiting(self, block: bool) -> list[_Sequence]:
         taken: list[_Sequence] = []
@@ -186,6 +189,17 @@ class ImageBatcher:
             self._active -= gone
         if gone:
             self._keep([i for i, s in enumerate(self._rows) if s.request_id not in gone])
+
+    def _prefill_or_fail(self, seq: _Sequence) -> None:
+        """A prefill that fails (an input this model cannot take) fails its request only."""
+        try:
+            self._prefill(seq)
+        except Exception as exc:
+            log.exception("prefill of %s failed", seq.request_id)
+            with self._lock:
+                self._active.discard(seq.request_id)
+                self._cancelled.discard(seq.request_id)
+            self._emit_to(seq.request_id, BatchOutput(seq.request_id, [], True, repr(exc)))
 
     def _prefill(self, seq: _Sequence) -> None:
         """Run the prompt (and its images) alone, sample the first token, join the batch."""
@@ -302,14 +316,16 @@ class ImageBatcher:
             tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
         return tokens
 
-    def _emit(self, seq: _Sequence, finished: bool, error: str | None = None) -> None:
+    def _emit(self, seq: _Sequence, finished: bool) -> None:
+        self._emit_to(seq.request_id, BatchOutput(seq.request_id, list(seq.tokens), finished))
+
+    def _emit_to(self, request_id: str, output: BatchOutput) -> None:
         with self._lock:
-            target = self._handlers.get(seq.request_id)
-            if target is not None and finished:
-                del self._handlers[seq.request_id]
+            target = self._handlers.get(request_id)
+            if target is not None and output.finished:
+                del self._handlers[request_id]
         if target is None:
             return
         loop, handler = target
-        output = BatchOutput(seq.request_id, list(seq.tokens), finished, error)
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
             loop.call_soon_threadsafe(handler, output)
