@@ -327,6 +327,21 @@ def test_image_job_answer_depends_on_the_image(stack: Stack, vision_model: str) 
     assert finals[0]["usage"]["prompt_tokens"] > TOKENS_PER_IMAGE
 
 
+def test_completion_prompt_with_an_image_tag(stack: Stack, vision_model: str) -> None:
+    """A completion prompt's Qwen-VL `<img>` tag becomes an image part; the worker puts the
+    model's image placeholder there, and the image's tokens count in the prompt."""
+    with stack.client() as client:
+        plain = client.post("/v1/completions", json={
+            "model": vision_model, "prompt": "Look: ", "max_tokens": 8, "temperature": 0})
+        tagged = client.post("/v1/completions", json={
+            "model": vision_model, "prompt": f"Look: <img>{data_url(noise(14))}</img>",
+            "max_tokens": 8, "temperature": 0})
+    assert plain.status_code == 200, plain.text
+    assert tagged.status_code == 200, tagged.text
+    assert tagged.json()["usage"]["prompt_tokens"] == (
+        plain.json()["usage"]["prompt_tokens"] + TOKENS_PER_IMAGE)
+
+
 @pytest.fixture
 def pg(stack: Stack) -> Iterator[psycopg.Connection[Any]]:
     url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
