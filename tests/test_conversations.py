@@ -80,6 +80,7 @@ def test_two_turns_second_prompt_contains_first_reply(stack: Stack) -> None:
     assert [(m["role"], m["content"]) for m in after_one] == [
         ("user", "Name a colour."), ("assistant", reply)]
     assert after_one[1]["job_id"] == first["id"] and after_one[1]["reasoning_content"] is None
+    assert first["conversation_id"] == conversation["id"]
     request, linked = stored_job(stack.database_url, second_id)
     assert linked == conversation["id"]
     # System prompt first, then the stored history, then the new turn.
@@ -156,6 +157,8 @@ def test_delete_conversation_keeps_its_jobs(stack: Stack) -> None:
     assert_error(continuing, 404, "not_found")
     assert conversation["id"] not in listed
     assert job_after.status_code == 200 and job_after.json()["status"] == "succeeded"
+    assert job["conversation_id"] == conversation["id"]
+    assert job_after.json()["conversation_id"] is None
     _, linked = stored_job(stack.database_url, job["id"])
     assert linked is None
 

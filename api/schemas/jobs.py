@@ -49,6 +49,8 @@ class JobPublic(BaseModel):
     usage: Usage | None
     error: JobError | None
     metadata: dict[str, Any] | None
+    # The conversation the job continues (null once that conversation is deleted).
+    conversation_id: str | None = None
     timings: JobTimings
 
     @classmethod
@@ -73,6 +75,7 @@ class JobPublic(BaseModel):
             usage=usage,
             error=JobError(message=job.error) if job.error else None,
             metadata=job.metadata_,
+            conversation_id=job.conversation_id,
             timings=JobTimings(
                 queue_seconds=_between(job.created_at, job.started_at),
                 ttft_seconds=job.ttft_ms / 1000 if job.ttft_ms is not None else None,

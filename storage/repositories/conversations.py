@@ -26,9 +26,16 @@ _TITLE_CHARS = 80
 INSTRUCTION_ROLES = frozenset({"system", "developer"})
 
 
+_last_micros = 0
+
+
 def new_conversation_id() -> str:
-    """Time-ordered like job ids, so "newest first" and cursors are ORDER BY id."""
-    return f"conv_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+    """Time-ordered, so "newest first" and cursors are ORDER BY id: microseconds (never
+    repeated within a process, so one client's conversations keep their order), then
+    random digits."""
+    global _last_micros
+    _last_micros = max(time.time_ns() // 1000, _last_micros + 1)
+    return f"conv_{_last_micros:014x}{secrets.token_hex(5)}"
 
 
 @dataclass(frozen=True, slots=True)
