@@ -289,6 +289,9 @@ def test_other_bad_requests(stack: Stack) -> None:
         bad_knob = client.post("/", json={"prompt": "Hi", "temperature": 5}, headers=auth)
         bad_image = client.post("/infer_forward", json={"prompt": "Hi", "image": "bm90IGFu"},
                                 headers=auth)
+        # The bare token works on every route, Bearer on the EAS ones too.
+        bare_on_v1 = client.get("/v1/jobs", headers=auth)
+        bearer_on_eas = client.post("/get_history", headers={"Authorization": f"Bearer {KEY_B}"})
     assert_error(no_key, 401)
     assert_error(wrong_key, 401)
     assert assert_error(not_json, 400)["message"] == "Request body is not valid JSON."
@@ -298,6 +301,7 @@ def test_other_bad_requests(stack: Stack) -> None:
     # The session stack serves a text-only model: an image is refused before it is stored.
     assert assert_error(bad_image, 400)["param"] == "image"
     assert latest_job_id(stack, KEY_B) == before
+    assert bare_on_v1.status_code == 200 and bearer_on_eas.status_code == 200
 
 
 # --- PAI-EAS "Transformers standard": WebSocket ------------------------------------------
