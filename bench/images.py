@@ -181,13 +181,13 @@ def main() -> None:
         ferry_rate, ferry_tokens = asyncio.run(
             through_ferry(url, jpegs, args.max_tokens, args.repeats))
         worker.stop()
-    direct_rate, direct_tokens = asyncio.run(
-        directly(args.engine, jpegs, args.max_tokens, args.repeats))
     kb = statistics.mean(len(j) for j in jpegs) / 1024
     print(f"images: {args.jobs} concurrent image jobs (640x480 JPEG, {kb:.0f} KB each) x "
           f"{args.max_tokens} max tokens, {args.engine} engine, greedy, best of {args.repeats}")
     print(f"images: through Ferry (HTTP submit with data URL -> SSE): {ferry_rate:.2f} jobs/s "
-          f"({ferry_tokens} tokens per round)")
+          f"({ferry_tokens} tokens per round)", flush=True)
+    direct_rate, direct_tokens = asyncio.run(
+        directly(args.engine, jpegs, args.max_tokens, args.repeats))
     print(f"images: engine driven directly (images decoded):      {direct_rate:.2f} jobs/s "
           f"({direct_tokens} tokens per round)")
     print(f"images: ratio {ferry_rate / direct_rate:.3f}")
