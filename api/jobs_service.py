@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import history
 from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
-from api.images import ImageIntake, ingest_parts
+from api.images import ImageIntake
 from api.images.chat import chat_messages
 from api.job_events import job_events
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -77,18 +77,26 @@ async def build_chat_job(
         await history.prepend_history(state, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
+    return _queued_job(owner_id, body, "chat", lane, request,
+                       conversation_id=body.conversation_id)
+
+
+def _queued_job(
+    owner_id: str, body: SamplingFields, kind: str, lane: Lane, request: dict[str, Any],
+    conversation_id: str | None = None,
+) -> Job:
     return Job(
         id=jobs_repo.new_job_id(),
         owner_id=owner_id,
         model=body.model,
-        kind="chat",
+        kind=kind,
         lane=lane,
         status=JobStatus.QUEUED,
         priority=body.priority,
         request=request,
         metadata_=body.metadata,
         attempts=0,
-        conversation_id=body.conversation_id,
+        conversation_id=conversation_id,
     )
 
 
@@ -106,35 +114,28 @@ async def build_completion_jobs(
                                  code="unsupported_parameter")
     model = await state.catalog.get(body.model)
     base = sampling_request(body, model, state.settings.default_max_tokens)
-    jobs = []
-    for prompt in body.prompts:
-        request = {**base, "prompt": await completion_prompt(state, model, prompt)}
-        if body.echo:
-            request["echo"] = True
-        jobs.append(Job(
-            id=jobs_repo.new_job_id(),
-            owner_id=owner_id,
-            model=body.model,
-            kind="completion",
-            lane=lane,
-            status=JobStatus.QUEUED,
-            priority=body.priority,
-            request=request,
-            metadata_=body.metadata,
-            attempts=0,
-        ))
-    return jobs
+    # One intake for all prompts: the request's image limits span them, and nothing is
+    # stored unless every prompt passed.
+    images = ImageIntake.for_state(state)
+    if body.echo:
+        base["echo"] = True  # the answer starts with the prompt (batch output reads it)
+    requests = [
+        {**base, "prompt": await completion_prompt(images, model, prompt)}
+        for prompt in body.prompts
+    ]
+    await images.store()
+    return [_queued_job(owner_id, body, "completion", lane, request) for request in requests]
 
 
 async def completion_prompt(
-    state: AppState, model: ServedModel, prompt: str
+    images: ImageIntake, model: ServedModel, prompt: str
 ) -> str | list[dict[str, Any]]:
     """A completion prompt as stored: plain text, or text and image parts when it carries
-    Qwen-VL `<img>…</img>` tags (the images are pulled into the object store first).
+    Qwen-VL `<img>…</img>` tags (checked into `images`; stored by the caller).
     For a model that takes no images, tags are plain text."""
     if not model.supports_images or "<img>" not in prompt:
         return prompt
-    return await ingest_parts(state, prompt, param="prompt")
+    return await images.add_text(prompt, param="prompt")
 
 
 async def submit(state: AppState, jobs: list[Job]) -> None:
