@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 from httpx_sse import connect_sse
+
+from worker.engines import build_engine
+from worker.engines.base import Engine
+from worker.settings import WorkerSettings
 
 TERMINAL = {"done", "error", "cancelled"}
 
@@ -88,3 +95,24 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+@contextlib.asynccontextmanager
+async def running_engine(
+    model: str, engine: str, model_cache: Path, max_model_len: int
+) -> AsyncIterator[Engine]:
+    """One real engine on a tiny model, started and stopped around the block."""
+    settings = WorkerSettings(
+        model=model,
+        engine=engine,
+        model_cache_dir=model_cache,
+        max_model_len=max_model_len,
+        concurrency=16,
+        cpu_kv_cache_gib=1,
+    )
+    eng = build_engine(settings)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.stop()

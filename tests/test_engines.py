@@ -19,17 +19,16 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.helpers import running_engine
 from worker.engines import (
     Delta,
     Engine,
     EngineRequestError,
     GenerationRequest,
     SamplingOptions,
-    build_engine,
 )
 from worker.models import tiny
 from worker.models.tiny import ensure_tiny_model, is_tiny_model
-from worker.settings import WorkerSettings
 
 # asyncio_mode = "auto" with session-scoped loops (pyproject): async tests need no mark.
 pytestmark = [pytest.mark.timeout(600), pytest.mark.engine]
@@ -50,20 +49,8 @@ def model_dir(model_cache: Path) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=["vllm", "transformers"])
 async def engine(request: pytest.FixtureRequest, model_cache: Path) -> AsyncIterator[Engine]:
-    settings = WorkerSettings(
-        model=TINY,
-        engine=request.param,
-        model_cache_dir=model_cache,
-        max_model_len=MAX_MODEL_LEN,
-        concurrency=16,
-        cpu_kv_cache_gib=1,
-    )
-    eng = build_engine(settings)
-    await eng.start()
-    try:
+    async with running_engine(TINY, request.param, model_cache, MAX_MODEL_LEN) as eng:
         yield eng
-    finally:
-        await eng.stop()
 
 
 def chat(content: str, **sampling: Any) -> GenerationRequest:

@@ -25,19 +25,17 @@ from PIL import Image
 
 from storage.repositories.jobs import new_job_id
 from tests.conftest import Stack
-from tests.helpers import submit, wait_job
+from tests.helpers import running_engine, submit, wait_job
 from worker.engines import (
     Delta,
     Engine,
     EngineRequestError,
     GenerationRequest,
     SamplingOptions,
-    build_engine,
 )
 from worker.engines.common import ImageSupport, prompt_token_ids
 from worker.models import tiny
 from worker.models.tiny import ensure_tiny_model
-from worker.settings import WorkerSettings
 
 pytestmark = [pytest.mark.timeout(900)]
 
@@ -140,20 +138,8 @@ def test_prompt_placeholders_must_match_images(vision_dir: Path) -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=["vllm", "transformers"])
 async def engine(request: pytest.FixtureRequest, model_cache: Path) -> AsyncIterator[Engine]:
-    settings = WorkerSettings(
-        model=VISION,
-        engine=request.param,
-        model_cache_dir=model_cache,
-        max_model_len=MAX_MODEL_LEN,
-        concurrency=16,
-        cpu_kv_cache_gib=1,
-    )
-    eng = build_engine(settings)
-    await eng.start()
-    try:
+    async with running_engine(VISION, request.param, model_cache, MAX_MODEL_LEN) as eng:
         yield eng
-    finally:
-        await eng.stop()
 
 
 @pytest.mark.engine
