@@ -6,11 +6,12 @@ database numbers, so a run never sees another run's data.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage.db import create_db_engine, create_session_factory
+from storage.settings import StorageSettings
 from tests.imaging import ImageStack, start_image_stack
 from tests.procs import Proc, free_port, start_api, start_worker, wait_until
 
@@ -204,6 +208,15 @@ def image_stack(
         yield start_image_stack(s, logs)
 
 
+@pytest.fixture(scope="session")
+def hf_model(stack: Stack, logs: Path) -> str:
+    """A transformers-engine worker on the session stack, serving the tiny chat model under
+    its own name (added on first use)."""
+    name = "ferry-tiny-chat-hf"
+    stack.add_worker("worker-transformers", name, "transformers", logs)
+    return name
+
+
 VISION = "ferry-tiny-vision"
 
 
@@ -213,3 +226,26 @@ def vision_model(stack: Stack, logs: Path) -> str:
     built offline), added on first use; its name, as jobs give it."""
     stack.add_worker("worker-vision", VISION, "vllm", logs, model=VISION)
     return VISION
+
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def sessions(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_pg: str
+) -> AsyncIterator[Sessions]:
+    """Repository tests run on both backends: the session's PostgreSQL database and a
+    fresh SQLite file."""
+    from storage.migrate import upgrade
+
+    if request.param == "postgresql":
+        url = migrated_pg
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'ferry.db'}"
+        await asyncio.to_thread(upgrade, url)
+    engine = create_db_engine(StorageSettings(database_url=url))
+    try:
+        yield create_session_factory(engine)
+    finally:
+        await engine.dispose()

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.db import create_db_engine, create_session_factory
-from storage.migrate import upgrade
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, conversations, jobs
-from storage.settings import StorageSettings
-from tests.conftest import KEY_A, KEY_B, TINY, Stack, open_stack
+from tests.conftest import KEY_A, KEY_B, TINY, Sessions, Stack, open_stack
 from tests.helpers import assert_error, chat_body, submit, wait_job
 from tests.procs import wait_until
 
@@ -218,23 +214,7 @@ def test_history_survives_an_api_restart(own_stack: Stack, logs: Path) -> None:
 
 # --- The repository, on PostgreSQL and SQLite -------------------------------------------
 
-Sessions = async_sessionmaker[AsyncSession]
 
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def sessions(
-    request: pytest.FixtureRequest, tmp_path: Path, migrated_pg: str
-) -> AsyncIterator[Sessions]:
-    if request.param == "postgresql":
-        url = migrated_pg
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'ferry.db'}"
-        await asyncio.to_thread(upgrade, url)
-    engine = create_db_engine(StorageSettings(database_url=url))
-    try:
-        yield create_session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 async def _owner(sessions: Sessions) -> str:

@@ -5,38 +5,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.db import create_db_engine, create_session_factory
+from storage.db import create_db_engine
 from storage.events import EventType, JobEvent, JobEventStream, events_from_job
-from storage.migrate import upgrade
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, jobs
 from storage.settings import StorageSettings
-from tests.conftest import REDIS_BASE
+from tests.conftest import REDIS_BASE, Sessions
 
 pytestmark = pytest.mark.timeout(120)
-Sessions = async_sessionmaker[AsyncSession]
 
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def sessions(
-    request: pytest.FixtureRequest, tmp_path: Path, migrated_pg: str
-) -> AsyncIterator[Sessions]:
-    if request.param == "postgresql":
-        url = migrated_pg
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'ferry.db'}"
-        await asyncio.to_thread(upgrade, url)
-    engine = create_db_engine(StorageSettings(database_url=url))
-    try:
-        yield create_session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 async def _job(sessions: Sessions) -> Job:
