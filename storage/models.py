@@ -84,6 +84,7 @@ BATCH_UNSENT = "batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NU
 BATCH_OUTSTANDING = (
     "batch_id IS NOT NULL AND enqueued_at IS NOT NULL AND status IN ('queued', 'running')"
 )
+INTERACTIVE_OPEN = "lane = 'interactive' AND status IN ('queued', 'running')"
 
 
 class Job(Base):
@@ -99,6 +100,10 @@ class Job(Base):
               postgresql_where=text(BATCH_UNSENT), sqlite_where=text(BATCH_UNSENT)),
         Index("ix_jobs_batch_outstanding", "model",
               postgresql_where=text(BATCH_OUTSTANDING), sqlite_where=text(BATCH_OUTSTANDING)),
+        # Interactive jobs in flight: while a model has some, batch lines get a narrower
+        # window on it (api/batches/feeder.py).
+        Index("ix_jobs_interactive_open", "model",
+              postgresql_where=text(INTERACTIVE_OPEN), sqlite_where=text(INTERACTIVE_OPEN)),
     )
 
     # Time-ordered ids, so "newest first" and cursor pagination are ORDER BY id.

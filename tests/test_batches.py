@@ -6,7 +6,11 @@ Redis, moto S3)."""
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from openai import OpenAI
 from openai.types import Batch, Completion
 from openai.types.chat import ChatCompletion
 
-from tests.conftest import KEY_A, KEY_B, TINY, Stack, open_stack
+from tests.conftest import KEY_A, KEY_B, PG_ADMIN, TINY, Stack, open_stack
 from tests.helpers import assert_error
 from tests.procs import wait_until
 
@@ -305,8 +309,8 @@ def test_cancel_mid_run_keeps_finished_lines_and_never_runs_queued_ones(stack: S
 
 def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:
     client = sdk(stack)
-    lines = [chat_line(f"e{i}", max_tokens=4 if i < 3 else 500, temperature=0.9, seed=i)
-             for i in range(40)]
+    lines = [chat_line(f"e{i}", max_tokens=4 if i < 3 else 1000, temperature=0.9, seed=i)
+             for i in range(200)]
     batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=CHAT,
                                      completion_window="8s").id
     batch = wait_batch(client, batch_id, timeout=120)
@@ -316,16 +320,34 @@ def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:
     errors = read_jsonl(client, batch.error_file_id)
     assert {"e0", "e1", "e2"} <= {o["custom_id"] for o in output}
     assert errors and all(e["error"]["code"] == "batch_expired" for e in errors)
-    assert len(output) + len(errors) == 40
+    assert len(output) + len(errors) == 200
     assert all(status in ("succeeded", "cancelled")
                for status, _, _ in job_rows(stack, batch_id).values())
 
 
+@pytest.fixture(scope="module")
+def own_database() -> Iterator[str]:
+    """A database of its own: API processes of other deployments on the session database
+    would otherwise take part in this deployment's batches (their supervisors share SQL,
+    not this deployment's Redis or bucket)."""
+    from storage.migrate import upgrade
+
+    name = f"ferry_test_batches_{os.getpid()}_{secrets.token_hex(3)}"
+    subprocess.run(["psql", PG_ADMIN, "-q", "-c", f"CREATE DATABASE {name}"], check=True)
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        upgrade(f"{url}/{name}")
+        yield f"{url}/{name}"
+    finally:
+        subprocess.run(["psql", PG_ADMIN, "-q", "-c",
+                        f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=False)
+
+
 def test_worker_sigkill_and_api_restart_mid_batch_give_each_custom_id_exactly_once(
-    migrated_pg: str, model_cache: Path, logs: Path, s3_url: str
+    own_database: str, model_cache: Path, logs: Path, s3_url: str
 ) -> None:
     model = "tiny-batch-recovery"
-    with open_stack(migrated_pg, 14, model_cache, s3_url) as own:
+    with open_stack(own_database, 15, model_cache, s3_url) as own:
         own.add_api("batch-api-1", logs)
         worker = own.add_worker("batch-worker-1", model, "transformers", logs)
         lines = [chat_line(f"k{i}", f"Tell story {i}.", model=model, max_tokens=64)

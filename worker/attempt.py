@@ -101,12 +101,14 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
     )
     # Engine priority: interactive first; within a lane the job's own priority orders it.
     priority = job.priority + (bulk_priority if job.lane == "bulk" else 0)
+    # Bulk (batch) lines are read from SQL when they end: their text need not stream.
+    streamed = job.lane != "bulk"
     if job.kind == "completion":
         return GenerationRequest(request_id, prompt=_placeholders(body["prompt"]),
-                                 sampling=sampling, priority=priority)
+                                 sampling=sampling, priority=priority, stream=streamed)
     messages = [{**m, "content": _placeholders(m.get("content"))} for m in body["messages"]]
     return GenerationRequest(request_id, messages=messages, sampling=sampling,
-                             priority=priority,
+                             priority=priority, stream=streamed,
                              chat_template_kwargs=body.get("chat_template_kwargs"))
 
 

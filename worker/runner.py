@@ -11,6 +11,7 @@ listener, and the event publisher.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -110,6 +111,10 @@ class JobRunner:
         self._objects = await asyncio.to_thread(get_object_store)
         self.engine = self._engine_factory(self.settings)
         await self.engine.start()
+        # The model's libraries leave millions of long-lived objects; without this every
+        # full garbage collection walks them all, stalling the loop (and each job) for
+        # tens of milliseconds, many times a second under load.
+        gc.freeze()
         self._registry = ModelRegistry(self._redis)
         await self._heartbeat_once()
         for loop_fn in (self._heartbeat_loop, self._lease_loop, self._cancel_listener):

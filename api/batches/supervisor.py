@@ -11,7 +11,9 @@ from one that died (see the modules it calls):
 
 Passes are serialised across API processes by a short Redis lock. Workers wake the loop
 when a batch line ends, and then it only feeds; the other steps run on a timer
-(`batch_feed_interval_seconds`).
+(`batch_feed_interval_seconds`). A deployment expires and finalises only the batches of
+models its registry knows: deployments that share a database but not Redis and object
+storage (test suites do) then never write each other's files into the wrong bucket.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class BatchSupervisor:
         settings = state.settings
         self._interval = settings.batch_feed_interval_seconds
         self._lease = settings.batch_expand_lease_seconds
-        self._feeder = BatchFeeder(state.sessions, state.registry, state.queue,
-                                   bulk_share=settings.batch_bulk_share)
+        self._feeder = BatchFeeder(
+            state.sessions, state.registry, state.queue,
+            bulk_share=settings.batch_bulk_share, busy_share=settings.batch_bulk_share_busy,
+            cooldown_seconds=settings.batch_interactive_cooldown_seconds)
         self._wake = asyncio.Event()
         self._full_due = True
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,10 +143,18 @@ class BatchSupervisor:
                 log.warning("taking over the expansion of batch %s", batch_id)
                 self._spawn(batch_id, self._expand(batch_id))
 
+    async def _ours(self, batches: list[tuple[str, str | None]]) -> list[str]:
+        """The batches this deployment looks after: those of models its registry knows (a
+        batch of several models has none: anyone's)."""
+        if not batches:
+            return []
+        known = await self._state.registry.models()
+        return [batch_id for batch_id, model in batches if model is None or model in known]
+
     async def _expire(self) -> None:
         state = self._state
         async with state.sessions() as session:
-            due = await batches_repo.past_window(session, _LIMIT)
+            due = await self._ours(await batches_repo.past_window(session, _LIMIT))
         for batch_id in due:
             async with state.sessions.begin() as session:
                 if not await batches_repo.begin_expiry(session, batch_id):
@@ -155,7 +167,7 @@ class BatchSupervisor:
     async def _finalize_ready(self) -> None:
         sessions = self._state.sessions
         async with sessions() as session:
-            ready = await batches_repo.ready_to_finalize(session, _LIMIT)
+            ready = await self._ours(await batches_repo.ready_to_finalize(session, _LIMIT))
         for batch_id in ready:
             if batch_id in self._busy:
                 continue

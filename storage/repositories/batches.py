@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage.models import (
     BATCH_OUTSTANDING,
     BATCH_UNSENT,
+    INTERACTIVE_OPEN,
     Batch,
     BatchLineError,
     BatchStatus,
@@ -164,9 +165,10 @@ async def request_cancel(session: AsyncSession, batch_id: str) -> bool:
     )
 
 
-async def past_window(session: AsyncSession, limit: int) -> list[str]:
+async def past_window(session: AsyncSession, limit: int) -> list[tuple[str, str | None]]:
+    """(id, model) of batches whose completion window has passed."""
     query = (
-        select(Batch.id)
+        select(Batch.id, Batch.model)
         .where(
             Batch.status.in_([BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]),
             Batch.expires_at < utcnow(),
@@ -174,7 +176,7 @@ async def past_window(session: AsyncSession, limit: int) -> list[str]:
         .order_by(Batch.id)
         .limit(limit)
     )
-    return list((await session.scalars(query)).all())
+    return [(r.id, r.model) for r in (await session.execute(query)).all()]
 
 
 async def begin_expiry(session: AsyncSession, batch_id: str) -> bool:
@@ -209,16 +211,16 @@ async def cancel_open_jobs(session: AsyncSession, batch_id: str) -> list[str]:
 # -- finalisation ------------------------------------------------------------------------
 
 
-async def ready_to_finalize(session: AsyncSession, limit: int) -> list[str]:
-    """Batches none of whose jobs is still queued or running."""
+async def ready_to_finalize(session: AsyncSession, limit: int) -> list[tuple[str, str | None]]:
+    """(id, model) of batches none of whose jobs is still queued or running."""
     open_jobs = exists().where(Job.batch_id == Batch.id, Job.status.in_(OPEN_JOB))
     query = (
-        select(Batch.id)
+        select(Batch.id, Batch.model)
         .where(Batch.status.in_(SETTLING), ~open_jobs)
         .order_by(Batch.id)
         .limit(limit)
     )
-    return list((await session.scalars(query)).all())
+    return [(r.id, r.model) for r in (await session.execute(query)).all()]
 
 
 async def begin_finalizing(
@@ -352,6 +354,12 @@ async def outstanding_by_model(session: AsyncSession) -> dict[str, int]:
         .group_by(Job.model)
     )
     return {model: int(n) for model, n in (await session.execute(query)).all()}
+
+
+async def models_with_interactive_work(session: AsyncSession) -> set[str]:
+    """Models with interactive jobs queued or running right now."""
+    query = select(Job.model).where(text(INTERACTIVE_OPEN)).distinct()
+    return set((await session.scalars(query)).all())
 
 
 async def unsent_models(session: AsyncSession) -> list[str]:

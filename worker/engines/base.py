@@ -50,6 +50,9 @@ class GenerationRequest:
     chat_template_kwargs: dict[str, Any] | None = None
     # Decoded RGB images, in the order their placeholders appear in messages / prompt.
     images: tuple[Image, ...] = ()
+    # False: nobody watches the text as it comes (batch lines), so the engine may hand it
+    # over in one piece at the end, sparing the worker a wake-up per token.
+    stream: bool = True
 
 
 @dataclass(frozen=True, slots=True)

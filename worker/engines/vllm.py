@@ -50,6 +50,7 @@ class VllmEngine:
         # vllm.SamplingParams / RequestOutputKind, bound in start() (lazy import).
         self._sampling_params: Any = None
         self._delta_kind: Any = None
+        self._final_kind: Any = None
         self._tokens_input: Any = None
         self._running: set[str] = set()  # request ids in flight, aborted by stop()
         self._images: ImageSupport | None = None  # set in start() for image models
@@ -115,6 +116,7 @@ class VllmEngine:
         self._tokenizer = self._llm.get_tokenizer()
         self._sampling_params = SamplingParams
         self._delta_kind = RequestOutputKind.DELTA
+        self._final_kind = RequestOutputKind.FINAL_ONLY
         self._tokens_input = tokens_input
         self._request_errors = (ValueError, VLLMClientError)
         self._images = await asyncio.to_thread(self._image_support)
@@ -156,7 +158,7 @@ class VllmEngine:
 
         return StructuredOutputsParams(**spec)
 
-    def _params(self, s: SamplingOptions) -> Any:
+    def _params(self, s: SamplingOptions, stream: bool = True) -> Any:
         try:
             return self._sampling_params.from_optional(
                 max_tokens=s.max_tokens,
@@ -168,7 +170,7 @@ class VllmEngine:
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
                 structured_outputs=self._structured(s.structured_output),
-                output_kind=self._delta_kind,
+                output_kind=self._delta_kind if stream else self._final_kind,
             )
         except self._request_errors as exc:  # vLLM validates ranges (e.g. top_p in (0, 1])
             raise EngineRequestError(str(exc)) from exc
@@ -181,7 +183,7 @@ class VllmEngine:
         prompt_tokens: int | None = len(engine_input["prompt_token_ids"])
         assert prompt_tokens is not None
         check_fits(prompt_tokens, request.sampling.max_tokens, self._info.max_model_len)
-        params = self._params(request.sampling)
+        params = self._params(request.sampling, request.stream)
         # Tokens of outputs without text (a partial UTF-8 character, a special token) are
         # carried into the next delta, so new_tokens still add up to the completion length.
         carried = 0

