@@ -60,8 +60,9 @@ class ApiSettings(BaseSettings):
     batch_interactive_cooldown_seconds: float = Field(5.0, ge=0)
     # The feeder's pass interval (workers also wake it whenever a batch line ends).
     batch_feed_interval_seconds: float = Field(1.0, gt=0)
-    # An API process expanding a batch holds it this long; then another may take it over.
-    batch_expand_lease_seconds: float = Field(300.0, gt=0)
+    # An API process expanding a batch holds it (renewed as it goes) this long; if it dies,
+    # another takes the batch over once the lease has lapsed.
+    batch_expand_lease_seconds: float = Field(60.0, gt=0)
 
     @field_validator("api_keys", "image_fetch_allow_networks", mode="before")
     @classmethod

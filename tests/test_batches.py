@@ -385,3 +385,34 @@ def test_worker_sigkill_and_api_restart_mid_batch_give_each_custom_id_exactly_on
     assert all(after[cid] == row for cid, row in before.items())
     # ...and the lines the dead worker was running ran again, to success.
     assert all(after[cid][0] == "succeeded" and after[cid][1] >= 2 for cid in interrupted)
+
+
+def test_api_killed_mid_expansion_another_takes_the_batch_over(
+    own_database: str, model_cache: Path, logs: Path, s3_url: str
+) -> None:
+    model = "tiny-batch-expansion"
+    lines = [chat_line(f"x{i}", model=model) for i in range(20_000)]
+    with open_stack(own_database, 15, model_cache, s3_url) as own:
+        own.env["FERRY_BATCH_EXPAND_LEASE_SECONDS"] = "3"
+        # The model is known (as a worker would announce it) but nothing runs it: the
+        # lines stay queued, which is all this test looks at.
+        own.redis().hset("ferry:models", model, json.dumps(
+            {"name": model, "max_model_len": 2048, "engine": "vllm", "created": 0}))
+        own.add_api("expand-api-1", logs)
+        client = sdk(own)
+        batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)),
+                                         endpoint=CHAT, completion_window="24h").id
+        time.sleep(1.0)
+        assert client.batches.retrieve(batch_id).status == "validating"
+        own.procs[0].kill()
+        own.api_urls.remove(own.api_urls[0])
+        assert job_rows(own, batch_id) == {}  # its expansion's transaction never committed
+        own.add_api("expand-api-2", logs)
+        client = sdk(own)
+        wait_until(lambda: client.batches.retrieve(batch_id).status != "validating", 300,
+                   "the batch to be expanded by the new API process")
+        batch = client.batches.retrieve(batch_id)
+        rows = job_rows(own, batch_id)
+    assert batch.status == "in_progress"
+    assert batch.request_counts is not None and batch.request_counts.total == 20_000
+    assert sorted(rows) == sorted(line["custom_id"] for line in lines)

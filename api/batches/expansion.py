@@ -45,6 +45,7 @@ async def expand_batch(state: AppState, batch_id: str) -> None:
         await _fail(state, batch_id, "input_file_missing",
                     f"The input file `{batch.input_file_id}` was deleted before the batch ran.")
         return
+    holding = asyncio.create_task(_hold(state, batch_id), name=f"hold-{batch_id}")
     try:
         await _store_lines(state, batch)
     except _Superseded:
@@ -52,6 +53,20 @@ async def expand_batch(state: AppState, batch_id: str) -> None:
     except ObjectNotFound:
         await _fail(state, batch_id, "input_file_missing",
                     f"The input file `{batch.input_file_id}` is gone from the object store.")
+    finally:
+        holding.cancel()
+
+
+async def _hold(state: AppState, batch_id: str) -> None:
+    """Renew the expansion lease while it runs: only a dead process's batch is taken over."""
+    lease = state.settings.batch_expand_lease_seconds
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            async with state.sessions.begin() as session:
+                await batches_repo.extend_expansion(session, batch_id, lease)
+        except Exception:
+            log.warning("could not renew the expansion lease of batch %s", batch_id)
 
 
 async def _store_lines(state: AppState, batch: Batch) -> None:

@@ -106,6 +106,16 @@ async def claim_settling(session: AsyncSession, batch_id: str, lease_seconds: fl
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+async def extend_expansion(session: AsyncSession, batch_id: str, lease_seconds: float) -> None:
+    """The expansion is still going: keep holding the batch."""
+    await session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def unclaimed_validating(session: AsyncSession, limit: int) -> list[str]:
     now = utcnow()
     query = (
