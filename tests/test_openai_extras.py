@@ -197,7 +197,11 @@ def test_thinking_answers_carry_reasoning_content(stack: Stack, flags: dict[str,
     raw = (job["result"]["reasoning_content"], job["result"]["text"])
     assert (message["reasoning_content"], message["content"]) == raw
     # Streamed, the same split arrives in pieces.
-    stream = sdk(stack).chat.completions.create(stream=True, **body)
+    stream = sdk(stack).chat.completions.create(
+        model=TINY, messages=body["messages"], max_tokens=12, temperature=0, stream=True,
+        metadata=flags.get("metadata"),
+        extra_body={k: v for k, v in flags.items() if k != "metadata"},
+    )
     reasoning = content = ""
     for c in stream:
         if c.choices:

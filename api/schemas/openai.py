@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 
 class TextPart(BaseModel):
@@ -66,7 +73,7 @@ ResponseFormat = Annotated[
 
 # Ferry keeps OpenAI's metadata (string pairs) and also takes FastDeploy's flags in it,
 # such as `{"enable_thinking": true}`.
-Metadata = dict[str, str | bool | int | float]
+Metadata = dict[str, str | StrictBool]
 
 
 class SamplingFields(BaseModel):
