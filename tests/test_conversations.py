@@ -97,7 +97,9 @@ def test_failed_and_cancelled_jobs_append_nothing(stack: Stack) -> None:
         # Prompt + 2047 new tokens cannot fit the 2048-token context: the engine fails it.
         failing = submit(client, chat_body(TINY, "This one fails.", max_tokens=2047,
                                            conversation_id=conversation["id"]))
-        cancelled = submit(client, chat_body(TINY, "This one is cancelled.", max_tokens=2000,
+        # 1800 leaves room for the history's prompt (the reply above is up to 12 tokens): a
+        # request that does not fit would fail at once and never be seen running.
+        cancelled = submit(client, chat_body(TINY, "This one is cancelled.", max_tokens=1800,
                                              conversation_id=conversation["id"]))
         wait_until(lambda: client.get(f"/v1/jobs/{cancelled['id']}").json()["status"]
                    == "running", 30, "the job to start", interval=0.02)
