@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from httpx_sse import connect_sse
@@ -181,9 +182,11 @@ def test_streaming_client_that_leaves_cancels_its_job(stack: Stack) -> None:
 def test_concurrent_jobs_share_the_engine(stack: Stack) -> None:
     """16 jobs submitted together all finish, and (nearly) all run at the same moment:
     the worker's threads feed one engine, which batches them."""
-    with stack.client() as client:
-        jobs = [submit(client, chat_body(TINY, f"story {i}", max_tokens=400, temperature=0.9,
-                                          seed=i)) for i in range(16)]
+    with stack.client() as client, ThreadPoolExecutor(16) as pool:
+        # Submitted together (not one after another): a random model's replies can end in
+        # well under a second, so sequential submits would measure submit latency instead.
+        jobs = list(pool.map(lambda i: submit(client, chat_body(
+            TINY, f"story {i}", max_tokens=400, temperature=0.9, seed=i)), range(16)))
         finals = [wait_job(client, j["id"]) for j in jobs]
     assert all(f["status"] == "succeeded" for f in finals)
     edges = sorted([(f["started_at"], 1) for f in finals] + [(f["finished_at"], -1)
