@@ -67,13 +67,7 @@ class JobRunner:
 
     def start(self) -> None:
         self._thread.start()
-        try:
-            self._call(self._start())
-        except Exception as exc:
-            # Celery swallows (and, before its logging is set up, hides) what a worker_init
-            # handler raises, and would consume jobs with no engine: exit instead, loudly.
-            log.critical("the worker cannot start: %r", exc, exc_info=True)
-            raise SystemExit(1) from exc
+        self._call(self._start())  # a failure ends the process: see worker/tasks.py
         log.info("worker %s serving %s on %s", self.worker_id, self.settings.model_name,
                  self.settings.engine)
 

@@ -36,8 +36,9 @@ def _start_runner(**_: Any) -> None:
     try:
         _runner.start()
     except BaseException:
-        # Celery would log this and carry on as a worker with no engine, taking messages
-        # it can never run. Exit instead, so the supervisor (or test) sees the failure.
+        # Celery swallows (and, before its logging is set up, hides) what a worker_init
+        # handler raises, and would carry on as a worker with no engine, taking messages it
+        # can never run. Exit instead, loudly, so the supervisor (or test) sees the failure.
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)

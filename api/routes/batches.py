@@ -11,6 +11,7 @@ from api.batches.supervisor import BatchSupervisor
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.errors import NotFound
 from api.schemas.batches import BatchCreate, BatchList, BatchPublic
+from api.schemas.pages import split_page
 from storage.models import Batch
 from storage.repositories import batches as batches_repo
 
@@ -67,10 +68,8 @@ async def list_batches(
 ) -> BatchList:
     """This key's batches, newest first, `limit` at a time."""
     rows = await batches_repo.list_owned_batches(session, key, after=after, limit=limit + 1)
-    page = rows[:limit]
-    return BatchList(data=await service.public(session, page),
-                     first_id=page[0].id if page else None,
-                     last_id=page[-1].id if page else None, has_more=len(rows) > limit)
+    page, has_more = split_page(rows, limit)
+    return BatchList.of(page, await service.public(session, list(page)), has_more)
 
 
 @router.get("/{batch_id}", response_model=BatchPublic)

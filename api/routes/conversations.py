@@ -14,6 +14,7 @@ from api.schemas.conversations import (
     ConversationList,
     ConversationPublic,
 )
+from api.schemas.pages import split_page
 from storage.models import Conversation
 from storage.repositories import conversations as conversations_repo
 
@@ -44,13 +45,8 @@ async def list_conversations(
 ) -> ConversationList:
     """This key's conversations, newest first, `limit` at a time (without messages)."""
     rows = await conversations_repo.list_owned(session, key, after=after, limit=limit + 1)
-    page = rows[:limit]
-    return ConversationList(
-        data=[ConversationPublic.from_row(c) for c in page],
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-        has_more=len(rows) > limit,
-    )
+    page, has_more = split_page(rows, limit)
+    return ConversationList.of(page, [ConversationPublic.from_row(c) for c in page], has_more)
 
 
 @router.get("/{conversation_id}", response_model=ConversationPublic)

@@ -13,6 +13,7 @@ from api.batches.upload import scan_jsonl
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.errors import InvalidRequest, NotFound
 from api.schemas.batches import FileDeleted, FileList, FilePublic
+from api.schemas.pages import split_page
 from storage.models import File as FileRow
 from storage.objects import ObjectNotFound, file_key
 from storage.repositories import files as files_repo
@@ -73,10 +74,8 @@ async def list_files(
     """This key's files (inputs and batch outputs), newest first unless `order=asc`."""
     rows = await files_repo.list_owned_files(session, key, purpose=purpose, after=after,
                                              limit=limit + 1, newest_first=order == "desc")
-    page = rows[:limit]
-    return FileList(data=[FilePublic.from_row(f) for f in page],
-                    first_id=page[0].id if page else None,
-                    last_id=page[-1].id if page else None, has_more=len(rows) > limit)
+    page, has_more = split_page(rows, limit)
+    return FileList.of(page, [FilePublic.from_row(f) for f in page], has_more)
 
 
 async def _owned(session: SessionDep, key: CurrentKey, file_id: str) -> FileRow:

@@ -13,6 +13,7 @@ from api.deps import CurrentKey, OwnedJob, SessionDep, StateDep
 from api.errors import InvalidRequest
 from api.job_events import job_events, parse_last_event_id
 from api.schemas.jobs import JobCreate, JobList, JobPublic
+from api.schemas.pages import split_page
 from storage.models import JobStatus
 from storage.repositories import jobs as jobs_repo
 
@@ -43,13 +44,8 @@ async def list_jobs(
     rows = await jobs_repo.list_owned_jobs(
         session, key, status=status, after=after, limit=limit + 1
     )
-    page = rows[:limit]
-    return JobList(
-        data=[JobPublic.from_row(j) for j in page],
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-        has_more=len(rows) > limit,
-    )
+    page, has_more = split_page(rows, limit)
+    return JobList.of(page, [JobPublic.from_row(j) for j in page], has_more)
 
 
 @router.get("/{job_id}", response_model=JobPublic)

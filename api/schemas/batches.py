@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from api.schemas.pages import CursorPage
 from storage.models import Batch, BatchStatus, File
 from storage.repositories.batches import BatchProgress
 
@@ -31,12 +32,8 @@ class FilePublic(BaseModel):
                    filename=file.filename, purpose=file.purpose)
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FilePublic]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
+class FileList(CursorPage[FilePublic]):
+    pass
 
 
 class FileDeleted(BaseModel):
@@ -163,12 +160,8 @@ class BatchPublic(BaseModel):
         )
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[BatchPublic]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
+class BatchList(CursorPage[BatchPublic]):
+    pass
 
 
 def _ts(value: datetime) -> int:

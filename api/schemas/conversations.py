@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.schemas.pages import CursorPage
 from storage.models import Conversation, Message
 
 
@@ -83,12 +84,8 @@ class ConversationPublic(BaseModel):
         )
 
 
-class ConversationList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ConversationPublic]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
+class ConversationList(CursorPage[ConversationPublic]):
+    pass
 
 
 class ConversationDeleted(BaseModel):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from api.schemas.openai import ChatCompletionRequest, Usage
+from api.schemas.pages import CursorPage
 from storage.content import split_reasoning
 from storage.models import Job, JobStatus
 
@@ -84,12 +85,8 @@ class JobPublic(BaseModel):
         )
 
 
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobPublic]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
+class JobList(CursorPage[JobPublic]):
+    pass
 
 
 def _result(job: Job) -> JobResult:
