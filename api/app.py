@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -82,6 +83,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batch_supervisor = BatchSupervisor(state)
     app.state.batch_supervisor = batch_supervisor
     batch_supervisor.start()
+    # What start-up imported and built lives as long as the process: out of the garbage
+    # collector's sight, a full collection no longer walks it (a pause every request
+    # in flight would wait out).
+    gc.freeze()
     try:
         yield
     finally:

@@ -12,14 +12,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 from redis.asyncio import Redis
 
 from storage.broker import celery_conf, celery_priority
-from storage.keys import PENDING_JOBS, RUN_BULK_JOB_TASK, RUN_JOB_TASK, Lane, queue_name
+from storage.keys import PENDING_JOBS, RUN_BULK_JOBS_TASK, RUN_JOB_TASK, Lane, queue_name
 
 log = logging.getLogger(__name__)
+# Batch lines go this many to a Celery message (see storage.keys.RUN_BULK_JOBS_TASK).
+BULK_LINES_PER_MESSAGE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +88,25 @@ class JobQueue:
 
     def _publish(self, jobs: Sequence[QueuedJob]) -> None:
         with self._celery.producer_or_acquire() as producer:
-            for job in jobs:
+            for task, args, first in _messages(jobs):
                 self._celery.send_task(
-                    # Bulk jobs' task also tells the batch feeder a slot came free.
-                    RUN_BULK_JOB_TASK if job.lane == "bulk" else RUN_JOB_TASK,
-                    args=[job.id],
-                    queue=queue_name(job.model, job.lane),
-                    priority=celery_priority(job.priority),
-                    producer=producer,
+                    task, args=args, queue=queue_name(first.model, first.lane),
+                    priority=celery_priority(first.priority), producer=producer,
                 )
+
+
+def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[str, list[Any], QueuedJob]]:
+    """(task, args, a job giving queue and priority) per message: one per interactive
+    job; bulk jobs of the same model and priority up to BULK_LINES_PER_MESSAGE a message."""
+    messages: list[tuple[str, list[Any], QueuedJob]] = []
+    bulk: dict[tuple[str, int], list[QueuedJob]] = {}
+    for job in jobs:
+        if job.lane == "bulk":
+            bulk.setdefault((job.model, job.priority), []).append(job)
+        else:
+            messages.append((RUN_JOB_TASK, [job.id], job))
+    for group in bulk.values():
+        for i in range(0, len(group), BULK_LINES_PER_MESSAGE):
+            chunk = group[i:i + BULK_LINES_PER_MESSAGE]
+            messages.append((RUN_BULK_JOBS_TASK, [[j.id for j in chunk]], chunk[0]))
+    return messages

@@ -51,12 +51,9 @@ class ApiSettings(BaseSettings):
     batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
     batch_max_lines: int = Field(50_000, ge=1)
     batch_max_completion_window_seconds: int = Field(7 * 24 * 3600, ge=1)
-    # Share of each worker's task threads the feeder fills with batch lines; the rest stay
-    # free for interactive jobs. Lines are sent a window at a time, never all at once.
-    batch_bulk_share: float = Field(0.75, gt=0.0, le=1.0)
-    # ...and while the model has interactive jobs (or had, within the cooldown), only
-    # this share: fewer batch lines in the engine keep interactive first tokens fast.
-    batch_bulk_share_busy: float = Field(0.125, gt=0.0, le=1.0)
+    # Batch lines go out a window at a time (each worker announces its own, see
+    # api/batches/feeder.py); the narrower one while the model has interactive jobs, or
+    # had within this many seconds.
     batch_interactive_cooldown_seconds: float = Field(5.0, ge=0)
     # The feeder's pass interval (workers also wake it whenever a batch line ends).
     batch_feed_interval_seconds: float = Field(1.0, gt=0)

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--bulk-share", default=None,
-                        help="FERRY_BATCH_BULK_SHARE for the API (default: its own)")
+                        help="FERRY_BULK_SHARE for the worker (default: its own)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-bulk-"))
     source = work / "input.jsonl"
@@ -81,10 +81,9 @@ def main() -> None:
                      FERRY_OBJECT_DIR=str(work / "objects"),
                      FERRY_CONCURRENCY=str(CONCURRENCY),
                      VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB) as stack:
-        api_env = {"FERRY_LOG_LEVEL": "warning"}
+        url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
         if args.bulk_share:
-            api_env["FERRY_BATCH_BULK_SHARE"] = args.bulk_share
-        url = stack.add_api("api", **api_env)
+            stack.env["FERRY_BULK_SHARE"] = args.bulk_share
         stack.add_worker(MODEL, "vllm")
         with httpx.Client(base_url=url, timeout=600,
                           headers={"Authorization": f"Bearer {KEY}"}) as http:

@@ -36,7 +36,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     name = settings.model_name
     app.worker_main([
-        "worker", "--pool", "threads", "--concurrency", str(settings.concurrency),
+        "worker", "--pool", "threads", "--concurrency", str(settings.task_threads),
         "-Q", f"{queue_name(name, 'interactive')},{queue_name(name, 'bulk')}",
         "--hostname", f"ferry-{name.replace('/', '_')}@%h-{os.getpid()}",
         "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",

@@ -31,7 +31,7 @@ def create_db_engine(settings: StorageSettings) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
+        max_overflow=settings.db_pool_overflow,
         pool_pre_ping=True,
     )
 

@@ -9,8 +9,12 @@ Lane = Literal["interactive", "bulk"]
 # Celery task the API enqueues by name (the API never imports worker/).
 RUN_JOB_TASK = "ferry.run_job"
 
-# Batch lines run through this task: the same run as RUN_JOB_TASK, then a word on
-# BATCH_WAKE_CHANNEL so the batch feeder refills the bulk window at once.
+# Batch lines run through this task, several per message (args: a list of job ids): each
+# the same run as RUN_JOB_TASK, then a word on BATCH_WAKE_CHANNEL so the batch feeder
+# refills the bulk window at once. One message per line cost more CPU than the line's own
+# bookkeeping (a Celery message is a push, a pop and two Redis transactions).
+RUN_BULK_JOBS_TASK = "ferry.run_bulk_jobs"
+# The one-line form earlier versions sent; workers still run it.
 RUN_BULK_JOB_TASK = "ferry.run_bulk_job"
 
 # Workers publish here (payload: the job id) when a batch line ends; API processes listen.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from redis.asyncio import Redis
 
@@ -40,9 +40,13 @@ class WorkerBeat:
     engine: str
     in_flight: int
     at: float
-    # Task threads (= engine slots): the batch feeder fills only a share of them with
-    # bulk work, so interactive jobs always find a free one. 0: not announced.
+    # Engine slots (jobs in the engine at once). 0: not announced.
     concurrency: int = 0
+    # How many batch lines the worker takes at once (in its engine or waiting at its
+    # gate, worker/admission.py): while it has no interactive job, and while it has.
+    # The batch feeder keeps that many out. 0: not announced.
+    bulk_window: int = 0
+    bulk_window_busy: int = 0
 
 
 class ModelRegistry:
@@ -68,7 +72,10 @@ class ModelRegistry:
         if not keys:
             return []
         values = await self._redis.mget(keys)
-        return [WorkerBeat(**json.loads(v)) for v in values if v is not None]
+        known = {f.name for f in fields(WorkerBeat)}
+        # Fields a newer worker announces and this process does not know are ignored.
+        return [WorkerBeat(**{k: v for k, v in json.loads(raw).items() if k in known})
+                for raw in values if raw is not None]
 
 
 def now_epoch() -> int:

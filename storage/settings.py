@@ -17,7 +17,11 @@ class StorageSettings(BaseSettings):
     event_stream_maxlen: int = 20_000
     # After a job ends its stream lives this long; later replays come from SQL.
     event_stream_ttl_seconds: int = 3600
+    # Connections each process keeps open. Callers beyond it wait for one (briefly: every
+    # transaction is short) rather than opening more: a connection opened and closed per
+    # burst costs PostgreSQL a backend fork each time, more than the wait.
     db_pool_size: int = 20
+    db_pool_overflow: int = 0
 
 
 @lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from worker.engines import build_engine
-from worker.engines.base import Engine
+from worker.engines.base import Delta, Engine, GenerationRequest
 from worker.settings import WorkerSettings
 
 TERMINAL = {"done", "error", "cancelled"}
@@ -116,3 +116,13 @@ async def running_engine(
         yield eng
     finally:
         await eng.stop()
+
+
+async def abort_after_first_delta(engine: Engine, request: GenerationRequest) -> list[Delta]:
+    """Generate, abort the request as soon as its first delta arrives; every delta seen."""
+    deltas: list[Delta] = []
+    async for delta in engine.generate(request):
+        deltas.append(delta)
+        if len(deltas) == 1:
+            await engine.abort(request.request_id)
+    return deltas

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.helpers import running_engine
+from tests.helpers import abort_after_first_delta, running_engine
 from worker.engines import (
     Delta,
     Engine,
@@ -232,11 +232,7 @@ async def test_stop_string(engine: Engine) -> None:
 async def test_abort_running_request(engine: Engine) -> None:
     max_tokens = MAX_MODEL_LEN - 64
     request = chat("Go on forever", max_tokens=max_tokens, temperature=0)
-    deltas: list[Delta] = []
-    async for delta in engine.generate(request):
-        deltas.append(delta)
-        if len(deltas) == 1:
-            await engine.abort(request.request_id)
+    deltas = await abort_after_first_delta(engine, request)
     assert deltas[-1].finish_reason == "abort"
     assert deltas[0].prompt_tokens
     assert sum(d.new_tokens for d in deltas) < max_tokens

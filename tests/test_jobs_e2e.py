@@ -90,7 +90,9 @@ def test_replay_after_stream_expired_comes_from_sql(stack: Stack) -> None:
 
 def test_cancel_running_job_aborts_it_in_the_engine(stack: Stack) -> None:
     with stack.client() as client:
-        job = submit(client, chat_body(TINY, max_tokens=2000))
+        # Greedy: this prompt runs the tiny model to its token limit, so the job is still
+        # running when the cancel lands (sampled, it could end early on an end token).
+        job = submit(client, chat_body(TINY, max_tokens=2000, temperature=0))
         wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
                    30, "the job to start", interval=0.02)
         cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")

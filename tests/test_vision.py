@@ -25,7 +25,7 @@ from PIL import Image
 
 from storage.repositories.jobs import new_job_id
 from tests.conftest import Stack
-from tests.helpers import running_engine, submit, wait_job
+from tests.helpers import abort_after_first_delta, running_engine, submit, wait_job
 from worker.engines import (
     Delta,
     Engine,
@@ -220,11 +220,7 @@ async def test_image_requests_mix_with_text_requests(engine: Engine) -> None:
 @pytest.mark.engine
 async def test_abort_an_image_request(engine: Engine) -> None:
     request = ask([noise(9)], max_tokens=MAX_MODEL_LEN - 64)
-    deltas: list[Delta] = []
-    async for delta in engine.generate(request):
-        deltas.append(delta)
-        if len(deltas) == 1:
-            await engine.abort(request.request_id)
+    deltas = await abort_after_first_delta(engine, request)
     assert deltas[-1].finish_reason == "abort"
     assert sum(d.new_tokens for d in deltas) < MAX_MODEL_LEN - 64
 

@@ -16,6 +16,7 @@ from storage.events import EventType, JobEvent, usage_data
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
 from storage.repositories import jobs as jobs_repo
+from worker.admission import EngineAdmission, WorkerStopping
 from worker.engines.base import (
     Engine,
     EngineRequestError,
@@ -129,6 +130,7 @@ async def run_attempt(
     bulk_priority: int,
     max_attempts: int,
     in_flight: dict[str, JobAttempt],
+    admission: EngineAdmission,
     on_claimed: Callable[[str], Awaitable[object]],
     objects: ObjectStore,
 ) -> str:
@@ -137,7 +139,8 @@ async def run_attempt(
         job = await jobs_repo.claim_job(session, job_id, worker_id, lease_seconds)
         if job is None:
             return "skipped"
-        state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}")
+        state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
+                           started_at=job.started_at)
     in_flight[job_id] = state
     await on_claimed(job_id)
     try:
@@ -153,7 +156,8 @@ async def run_attempt(
                 # Images are read after the claim's transaction, which holds a row lock.
                 request = await generation_request(job, state.request_id, bulk_priority,
                                                    objects)
-                status, error = await _generate(engine, request, state, publisher)
+                status, error = await _admitted(job.lane, admission, engine, request, state,
+                                                publisher)
             except ImageUnavailable as exc:
                 status, error = JobStatus.FAILED, str(exc)
             except Exception:
@@ -172,6 +176,24 @@ async def run_attempt(
                                      JobStatus.FAILED, message)
     finally:
         in_flight.pop(job_id, None)
+
+
+async def _admitted(
+    lane: str,
+    admission: EngineAdmission,
+    engine: Engine,
+    request: GenerationRequest,
+    state: JobAttempt,
+    publisher: EventPublisher,
+) -> tuple[JobStatus, str | None]:
+    """Generate once the engine admits the job (bulk jobs may wait for a slot)."""
+    if lane != "bulk":
+        async with admission.interactive():
+            return await _generate(engine, request, state, publisher)
+    async with admission.bulk(lambda: state.cancel_requested) as admitted:
+        if not admitted:
+            return JobStatus.CANCELLED, None
+        return await _generate(engine, request, state, publisher)
 
 
 async def _generate(
@@ -196,8 +218,12 @@ async def _generate(
         # Not this request's fault: the engine itself is broken (vLLM's EngineDeadError,
         # a crashed kernel). The job goes back to the queue for a healthy worker.
         raise EngineBroken(str(exc)) from exc
-    if state.cancel_requested or state.finish_reason == "abort":
+    if state.cancel_requested:
         return JobStatus.CANCELLED, None
+    if state.finish_reason == "abort":
+        # Aborted in the engine, but nobody cancelled it: the worker is stopping. The job
+        # goes back to the queue (run_attempt releases it) instead of ending half-done.
+        raise WorkerStopping("the worker stopped while the job was generating")
     return JobStatus.SUCCEEDED, None
 
 
@@ -219,6 +245,7 @@ async def _record_end(
         completion_tokens=state.completion_tokens,
         first_token_at=state.first_token_at,
         error=error,
+        started_at=state.started_at,
     )
     async with sessions.begin() as session:
         recorded = await jobs_repo.finish_job(session, state.job_id, worker_id, outcome)

@@ -13,6 +13,7 @@ class JobAttempt:
     job_id: str
     attempt: int
     request_id: str
+    started_at: datetime | None = None
     deltas: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int | None = None

@@ -3,9 +3,10 @@
 Celery runs tasks on a pool of threads (`--pool threads`); each task thread hands its job
 to this loop with `run_coroutine_threadsafe` and blocks until the job ends. So every job in
 flight on this worker is inside the same engine at once, and the engine batches them
-continuously. Beside the jobs, the loop runs the worker's housekeeping: heartbeat, lease
-renewal (which also notices jobs cancelled while the cancel message was missed), the cancel
-listener, and the event publisher.
+continuously, batch lines through the admission gate (worker/admission.py) that keeps
+slots for interactive jobs. Beside the jobs, the loop runs the worker's housekeeping:
+heartbeat, lease renewal (which also notices jobs cancelled while the cancel message was
+missed), the cancel listener, and the event publisher.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
-from storage.keys import CANCEL_CHANNEL, PENDING_JOBS
+from storage.keys import BATCH_WAKE_CHANNEL, CANCEL_CHANNEL, PENDING_JOBS
 from storage.objects import get_object_store
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
+from worker.admission import EngineAdmission
 from worker.attempt import EngineBroken, run_attempt
 from worker.engines.base import Engine
 from worker.job_state import JobAttempt
@@ -60,7 +63,11 @@ class JobRunner:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ferry-runner",
                                         daemon=True)
         self._in_flight: dict[str, JobAttempt] = {}
+        self._admission = EngineAdmission(
+            idle_limit=settings.bulk_slots, busy_limit=settings.bulk_slots_busy,
+            cooldown_seconds=settings.interactive_cooldown_seconds)
         self._background: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
     # -- lifecycle, called from Celery's threads -------------------------------------
@@ -84,6 +91,12 @@ class JobRunner:
     def run_job(self, job_id: str) -> str:
         """Block the calling (Celery task) thread until the job's attempt ends."""
         return self._call(self._run_job(job_id))
+
+    def run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
+        """Run batch lines together; block until all have ended. Each line's end wakes
+        the batch feeder. A line whose attempt raised was given back to the queue (see
+        attempt.py): its outcome is `released`."""
+        return self._call(self._run_bulk_jobs(job_ids))
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -117,8 +130,12 @@ class JobRunner:
     async def _stop(self) -> None:
         for task in self._background:
             task.cancel()
+        self._admission.close()
         for state in list(self._in_flight.values()):
             await self.engine.abort(state.request_id)
+        # Jobs stopped here go back to the queue (attempt.py): let them say so in SQL.
+        if self._jobs:
+            await asyncio.wait(self._jobs, timeout=5)
         await self._publisher.stop()
         await self._registry.forget_worker(self.worker_id)
         await self.engine.stop()
@@ -126,6 +143,10 @@ class JobRunner:
         await self._db.dispose()
 
     async def _run_job(self, job_id: str) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
         try:
             return await run_attempt(
                 job_id=job_id,
@@ -137,6 +158,7 @@ class JobRunner:
                 bulk_priority=self.settings.bulk_priority,
                 max_attempts=self.settings.max_attempts,
                 in_flight=self._in_flight,
+                admission=self._admission,
                 on_claimed=self._unmark_pending,
                 objects=self._objects,
             )
@@ -149,6 +171,21 @@ class JobRunner:
         finally:
             await self._redis.zrem(PENDING_JOBS, job_id)
 
+    async def _run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
+        async def one(job_id: str) -> str:
+            try:
+                return await self._run_job(job_id)
+            except Exception:
+                log.exception("batch line %s was given back to the queue", job_id)
+                return "released"
+            finally:
+                try:
+                    await self._redis.publish(BATCH_WAKE_CHANNEL, job_id)
+                except RedisError:
+                    log.warning("could not wake the batch feeder (it passes on its timer)")
+
+        return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+
     async def _unmark_pending(self, job_id: str) -> None:
         """The message was delivered: from now on the job's lease guards it."""
         await self._redis.zrem(PENDING_JOBS, job_id)
@@ -159,8 +196,10 @@ class JobRunner:
                             engine=info.engine, supports_images=info.supports_images,
                             supports_structured_output=info.supports_structured_output,
                             created=now_epoch())
+        s = self.settings
         beat = WorkerBeat(self.worker_id, model.name, info.engine, len(self._in_flight),
-                          time.time(), concurrency=self.settings.concurrency)
+                          time.time(), concurrency=s.concurrency,
+                          bulk_window=s.bulk_window, bulk_window_busy=s.bulk_window_busy)
         await self._registry.heartbeat(beat, model, ttl_seconds=3 * self.settings.heartbeat_seconds)
 
     async def _heartbeat_loop(self) -> None:
@@ -206,4 +245,5 @@ class JobRunner:
         state = self._in_flight.get(job_id)
         if state is not None and not state.cancel_requested:
             state.cancel_requested = True
+            self._admission.wake()  # if it waits to enter the engine, it stops waiting
             await self.engine.abort(state.request_id)

@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "ferry-tiny-chat"
@@ -21,8 +22,16 @@ class WorkerSettings(BaseSettings):
     engine: Literal["vllm", "transformers"] = "vllm"
     # Where tiny models are built and cached.
     model_cache_dir: Path = Path.home() / ".cache" / "ferry" / "models"
-    # Task threads = jobs in flight in the one engine.
+    # Jobs inside the one engine at once (vLLM's max_num_seqs).
     concurrency: int = 64
+    # Batch lines claimed and waiting at the worker to enter the engine, so a line that
+    # ends is replaced at once (worker/admission.py).
+    bulk_backlog: int = Field(32, ge=0)
+    # Share of the engine's slots batch lines may fill while this worker has no
+    # interactive job, and while it has one (or had one in the last cooldown seconds).
+    bulk_share: float = Field(1.0, gt=0.0, le=1.0)
+    bulk_share_busy: float = Field(0.03, gt=0.0, le=1.0)
+    interactive_cooldown_seconds: float = Field(5.0, ge=0)
     max_model_len: int = 2048
     # Structured outputs (response_format): allow free whitespace between JSON tokens?
     # Off by default (compact JSON, as OpenAI answers): weak models otherwise tend to emit
@@ -46,6 +55,33 @@ class WorkerSettings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def bulk_slots(self) -> int:
+        """Engine slots batch lines may fill (never fewer than one), with no interactive
+        job around..."""
+        return max(1, int(self.concurrency * self.bulk_share))
+
+    @property
+    def bulk_slots_busy(self) -> int:
+        """...and while there is one."""
+        return max(1, int(self.concurrency * self.bulk_share_busy))
+
+    @property
+    def bulk_window(self) -> int:
+        """Batch lines this worker takes at once (in the engine or waiting at its gate)."""
+        return self.bulk_slots + self.bulk_backlog
+
+    @property
+    def bulk_window_busy(self) -> int:
+        return self.bulk_slots_busy + self.bulk_backlog
+
+    @property
+    def task_threads(self) -> int:
+        """Celery task threads: batch lines hold at most `bulk_window` of them, so
+        interactive jobs always find `concurrency` threads free (blocked threads are cheap;
+        how many jobs are *in the engine* is the admission gate's and the engine's call)."""
+        return self.concurrency + self.bulk_window
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from storage.keys import RUN_JOB_TASK
 from storage.settings import get_storage_settings
-from worker import batches  # noqa: F401  (registers ferry.run_bulk_job)
+from worker import batches  # noqa: F401  (registers the bulk tasks)
 from worker.celery_app import app
 from worker.engines import build_engine
 from worker.runner import JobRunner

@@ -3,13 +3,13 @@
 Sending all 50,000 lines of a batch to Celery at once would let workers' task threads
 fill up with bulk work, and an interactive job arriving then would wait for a thread to
 come free. So the lines stay in SQL (jobs `queued`, `enqueued_at` NULL) and the feeder
-keeps, per model, at most `batch_bulk_share` of the live workers' task threads busy with
-them: the other threads (and engine slots) stay free for interactive jobs, which also run
-at a better engine priority. While a model has interactive jobs in flight (and for
-`batch_interactive_cooldown_seconds` after), the share drops to `batch_bulk_share_busy`:
-on a small machine a full bulk window makes every engine step and every process slower,
-and interactive first tokens with it. Each pass tops the windows up; workers wake the
-feeder when a line ends (`BATCH_WAKE_CHANNEL`), so a freed slot is refilled at once.
+keeps, per model, only as many out as the live workers say they take: each announces its
+`bulk_window` (the engine slots batch lines may fill, plus a backlog of lines claimed and
+waiting at its admission gate so a slot that frees is refilled at once; see
+worker/admission.py). While a model has interactive jobs in flight (and for
+`batch_interactive_cooldown_seconds` after) the window is the smaller `bulk_window_busy`,
+so the workers' remaining threads stay free for interactive jobs. Each pass tops the
+windows up; workers wake the feeder when a line ends (`BATCH_WAKE_CHANNEL`).
 
 A line is marked sent (`enqueued_at`) before its message goes out: if the process dies in
 between, the reconciler finds it `queued` with no pending mark and sends it again, and
@@ -24,10 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.enqueue import JobQueue, QueuedJob
 from storage.models import utcnow
-from storage.registry import ModelRegistry
+from storage.registry import ModelRegistry, WorkerBeat
 from storage.repositories import batches as batches_repo
 
-# A worker that does not announce its threads gets this many batch lines at once.
+# A worker that does not announce its window gets this many batch lines at once.
 _DEFAULT_WINDOW = 8
 _WORKERS_CACHE_SECONDS = 1.0
 
@@ -39,35 +39,31 @@ class BatchFeeder:
         registry: ModelRegistry,
         queue: JobQueue,
         *,
-        bulk_share: float,
-        busy_share: float,
         cooldown_seconds: float,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
         self._queue = queue
-        self._share = bulk_share
-        self._busy_share = busy_share
         self._cooldown = cooldown_seconds
-        self._threads: dict[str, list[int]] = {}
-        self._threads_at = 0.0
+        self._workers: dict[str, list[WorkerBeat]] = {}
+        self._workers_at = 0.0
         # model -> monotonic time until which it counts as serving interactive traffic
         self._busy_until: dict[str, float] = {}
 
-    async def workers(self) -> dict[str, list[int]]:
-        """Each model's live workers, by their task threads (0: not announced)."""
-        if time.monotonic() - self._threads_at > _WORKERS_CACHE_SECONDS:
-            threads: dict[str, list[int]] = {}
+    async def workers(self) -> dict[str, list[WorkerBeat]]:
+        """Each model's live workers."""
+        if time.monotonic() - self._workers_at > _WORKERS_CACHE_SECONDS:
+            workers: dict[str, list[WorkerBeat]] = {}
             for beat in await self._registry.live_workers():
-                threads.setdefault(beat.model, []).append(beat.concurrency)
-            self._threads, self._threads_at = threads, time.monotonic()
-        return self._threads
+                workers.setdefault(beat.model, []).append(beat)
+            self._workers, self._workers_at = workers, time.monotonic()
+        return self._workers
 
-    def window(self, model: str, threads: list[int]) -> int:
+    def window(self, model: str, workers: list[WorkerBeat]) -> int:
         """How many of the model's batch lines may be out at once right now."""
         busy = self._busy_until.get(model, 0.0) > time.monotonic()
-        share = self._busy_share if busy else self._share
-        return sum(max(1, int(n * share)) if n else _DEFAULT_WINDOW for n in threads)
+        return sum((w.bulk_window_busy if busy else w.bulk_window) or _DEFAULT_WINDOW
+                   for w in workers)
 
     async def feed_once(self) -> int:
         """Top every model's window up; returns how many lines were sent."""

@@ -50,7 +50,6 @@ class BatchSupervisor:
         self._lease = settings.batch_expand_lease_seconds
         self._feeder = BatchFeeder(
             state.sessions, state.registry, state.queue,
-            bulk_share=settings.batch_bulk_share, busy_share=settings.batch_bulk_share_busy,
             cooldown_seconds=settings.batch_interactive_cooldown_seconds)
         self._wake = asyncio.Event()
         self._full_due = True

@@ -14,6 +14,7 @@ from api.errors import InvalidRequest
 from api.job_events import job_events, parse_last_event_id
 from api.schemas.jobs import JobCreate, JobList, JobPublic
 from api.schemas.pages import split_page
+from storage.keys import Lane
 from storage.models import JobStatus
 from storage.repositories import jobs as jobs_repo
 
@@ -37,12 +38,17 @@ async def list_jobs(
     key: CurrentKey,
     session: SessionDep,
     status: JobStatus | None = None,
+    lane: Annotated[Lane | None, Query(
+        description="`interactive` (jobs sent to the API) or `bulk` (batch lines)")] = None,
+    batch_id: Annotated[str | None, Query(description="Only this batch's lines")] = None,
     after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
-    """This key's jobs, newest first, `limit` at a time."""
+    """This key's jobs, newest first, `limit` at a time. Batch lines are jobs too (up to
+    50,000 per batch): `lane=interactive` leaves them out, `batch_id` lists one batch's."""
     rows = await jobs_repo.list_owned_jobs(
-        session, key, status=status, after=after, limit=limit + 1
+        session, key, status=status, after=after, limit=limit + 1, lane=lane,
+        batch_id=batch_id,
     )
     page, has_more = split_page(rows, limit)
     return JobList.of(page, [JobPublic.from_row(j) for j in page], has_more)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from api.schemas.openai import ChatCompletionRequest, Usage
 from api.schemas.pages import CursorPage
 from storage.content import split_reasoning
+from storage.keys import Lane
 from storage.models import Job, JobStatus
 
 
@@ -52,6 +53,10 @@ class JobPublic(BaseModel):
     metadata: dict[str, Any] | None
     # The conversation the job continues (null once that conversation is deleted).
     conversation_id: str | None = None
+    # `bulk` for a batch line, which also names its batch and custom_id.
+    lane: Lane = "interactive"
+    batch_id: str | None = None
+    custom_id: str | None = None
     timings: JobTimings
 
     @classmethod
@@ -77,6 +82,9 @@ class JobPublic(BaseModel):
             error=JobError(message=job.error) if job.error else None,
             metadata=job.metadata_,
             conversation_id=job.conversation_id,
+            lane="bulk" if job.lane == "bulk" else "interactive",
+            batch_id=job.batch_id,
+            custom_id=job.custom_id,
             timings=JobTimings(
                 queue_seconds=_between(job.created_at, job.started_at),
                 ttft_seconds=job.ttft_ms / 1000 if job.ttft_ms is not None else None,

@@ -60,11 +60,17 @@ async def list_owned_jobs(
     status: JobStatus | None,
     after: str | None,
     limit: int,
+    lane: str | None = None,
+    batch_id: str | None = None,
 ) -> list[Job]:
     """Newest first; `after` is the last id of the previous page."""
     query = select(Job).where(Job.owner_id == owner_id)
     if status is not None:
         query = query.where(Job.status == status)
+    if lane is not None:
+        query = query.where(Job.lane == lane)
+    if batch_id is not None:
+        query = query.where(Job.batch_id == batch_id)
     if after is not None:
         query = query.where(Job.id < after)
     query = query.order_by(Job.id.desc()).limit(limit)
@@ -89,7 +95,8 @@ async def claim_job(
         Job.status == JobStatus.QUEUED,
         and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
     )
-    result = await session.execute(
+    # One statement: the updated row comes back with RETURNING.
+    claimed = await session.scalars(
         update(Job)
         .where(Job.id == job_id, claimable)
         .values(
@@ -99,13 +106,10 @@ async def claim_job(
             attempts=Job.attempts + 1,
             started_at=now,
         )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
+        .returning(Job),
+        execution_options={"populate_existing": True},
     )
-    if result.scalar_one_or_none() is None:
-        return None
-    job = await session.get(Job, job_id, populate_existing=True)
-    return job
+    return claimed.one_or_none()
 
 
 async def renew_leases(
@@ -133,6 +137,9 @@ class JobOutcome:
     completion_tokens: int
     first_token_at: datetime | None
     error: str | None = None
+    # When this attempt's claim started it (the claimed row's started_at): with
+    # first_token_at it gives the job's time to first token.
+    started_at: datetime | None = None
 
 
 async def finish_job(
@@ -146,11 +153,9 @@ async def finish_job(
     same transaction: exactly once, and never for a failed or cancelled job.
     """
     now = utcnow()
-    job = await session.get(Job, job_id)
-    started_at = job.started_at if job else None
     ttft_ms = None
-    if outcome.first_token_at is not None and started_at is not None:
-        ttft_ms = int((outcome.first_token_at - started_at).total_seconds() * 1000)
+    if outcome.first_token_at is not None and outcome.started_at is not None:
+        ttft_ms = int((outcome.first_token_at - outcome.started_at).total_seconds() * 1000)
     values: dict[str, Any] = {
         "deltas": outcome.deltas,
         "result_text": "".join(outcome.deltas),
@@ -169,13 +174,14 @@ async def finish_job(
     else:
         where = and_(ours, Job.status == JobStatus.RUNNING)
         values["status"] = outcome.status
-    result = await session.execute(
-        update(Job).where(where).values(**values).execution_options(synchronize_session=False)
-    )
-    recorded = bool(result.rowcount)  # type: ignore[attr-defined]
-    if recorded and outcome.status == JobStatus.SUCCEEDED and job is not None:
+    # One statement: the row comes back (RETURNING) only when the update landed.
+    job = (await session.scalars(
+        update(Job).where(where).values(**values).returning(Job),
+        execution_options={"populate_existing": True},
+    )).one_or_none()
+    if job is not None and outcome.status == JobStatus.SUCCEEDED:
         await conversations.record_reply(session, job, values["result_text"])
-    return recorded
+    return job is not None
 
 
 async def release_job(session: AsyncSession, job_id: str, worker_id: str) -> None:

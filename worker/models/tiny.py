@@ -151,10 +151,25 @@ def train_tokenizer(
     )
 
 
+def _save_random_model(model_class: Any, config: Any, eos_id: int, pad_id: int,
+                       out: Path) -> None:
+    """Random weights from the fixed seed (fork_rng: reproducible without disturbing the
+    caller's RNG), a generation config that stops at the model's end token, saved."""
+    import torch
+
+    tf: Any = importlib.import_module("transformers")  # untyped use: partial annotations
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = model_class(config)
+    model.generation_config = tf.GenerationConfig(
+        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, max_new_tokens=256
+    )
+    model.save_pretrained(out)
+
+
 def _build_tiny_chat(out: Path) -> None:
     """Qwen2-shaped causal LM: hidden 128, 2 heads of size 64 (vLLM's CPU attention
     rejects head size 16), 2 layers, ChatML template, eos <|im_end|>."""
-    import torch
 
     tf: Any = importlib.import_module("transformers")  # untyped use: partial annotations
 
@@ -181,14 +196,7 @@ def _build_tiny_chat(out: Path) -> None:
         pad_token_id=pad_id,
         dtype="float32",
     )
-    # fork_rng: a fixed seed for reproducible weights without disturbing the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = tf.Qwen2ForCausalLM(config)
-    model.generation_config = tf.GenerationConfig(
-        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, max_new_tokens=256
-    )
-    model.save_pretrained(out)
+    _save_random_model(tf.Qwen2ForCausalLM, config, eos_id, pad_id, out)
     tokenizer.save_pretrained(out)
 
 
@@ -246,7 +254,6 @@ def _build_tiny_vision(out: Path) -> None:
     2 heads of size 64) behind a small SigLIP-style vision tower (hidden 64, 2 layers,
     112 px images in 14 px patches), with Idefics3Processor and its PIL image processor
     (no image splitting)."""
-    import torch
 
     tf: Any = importlib.import_module("transformers")  # untyped use: partial annotations
 
@@ -290,13 +297,7 @@ def _build_tiny_vision(out: Path) -> None:
         tie_word_embeddings=False,
         dtype="float32",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = tf.Idefics3ForConditionalGeneration(config)
-    model.generation_config = tf.GenerationConfig(
-        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, max_new_tokens=256
-    )
-    model.save_pretrained(out)
+    _save_random_model(tf.Idefics3ForConditionalGeneration, config, eos_id, pad_id, out)
     side = {"longest_edge": VISION_IMAGE_SIZE}
     image_processor = tf.Idefics3ImageProcessorPil(
         do_image_splitting=False, size=side, max_image_size=side

@@ -1,0 +1,34 @@
+"""How accepted jobs become Celery messages (api/enqueue.py): one per interactive job,
+batch lines several to a message, never mixing models or priorities (a message goes to
+one queue at one priority)."""
+
+from __future__ import annotations
+
+from api.enqueue import BULK_LINES_PER_MESSAGE, QueuedJob, _messages
+from storage.keys import RUN_BULK_JOBS_TASK, RUN_JOB_TASK
+
+
+def test_batch_lines_share_messages_by_model_and_priority() -> None:
+    n = BULK_LINES_PER_MESSAGE
+    bulk_a = [QueuedJob(f"a{i}", "m1", "bulk", 0) for i in range(n + 3)]
+    bulk_b = [QueuedJob(f"b{i}", "m2", "bulk", 0) for i in range(2)]
+    bulk_c = [QueuedJob(f"c{i}", "m1", "bulk", 5) for i in range(1)]
+    interactive = [QueuedJob(f"i{i}", "m1", "interactive", 0) for i in range(3)]
+    jobs = [*interactive[:1], *bulk_a[:4], *bulk_b, *interactive[1:], *bulk_c, *bulk_a[4:]]
+
+    messages = _messages(jobs)
+
+    singles = [(args, first) for task, args, first in messages if task == RUN_JOB_TASK]
+    assert [args for args, _ in singles] == [["i0"], ["i1"], ["i2"]]
+    grouped = [(args[0], first) for task, args, first in messages if task == RUN_BULK_JOBS_TASK]
+    assert [ids for ids, _ in grouped] == [
+        [f"a{i}" for i in range(n)], [f"a{i}" for i in range(n, n + 3)],
+        ["b0", "b1"], ["c0"],
+    ]
+    for ids, first in grouped:
+        # Every line of a message has the model and priority the message is sent with.
+        members = [j for j in jobs if j.id in ids]
+        assert {(j.model, j.priority, j.lane) for j in members} == {
+            (first.model, first.priority, "bulk")}
+    sent = [i for _, args, _ in messages for i in (args[0] if isinstance(args[0], list) else args)]
+    assert sorted(sent) == sorted(j.id for j in jobs)  # each job exactly once
