@@ -42,6 +42,8 @@ def sampling_request(
                  "presence_penalty", "frequency_penalty"},
         exclude_none=True,
     )
+    if body.ignore_eos:
+        fields["ignore_eos"] = True
     structured = body.structured_output
     if structured is not None:
         if not model.supports_structured_output:

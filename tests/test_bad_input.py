@@ -44,6 +44,7 @@ BAD_BODIES: list[tuple[str, Any, int, str | None, str | None]] = [
      "context_length_exceeded", "max_tokens"),
     ("top_p 0", chat_body(TINY, top_p=0), 400, None, "top_p"),
     ("n > 1", chat_body(TINY, n=2), 400, None, "n"),
+    ("ignore_eos not a bool", chat_body(TINY, ignore_eos="yes"), 400, None, "ignore_eos"),
     ("priority out of range", chat_body(TINY, priority=42), 400, None, "priority"),
     ("metadata not strings", chat_body(TINY, metadata={"a": 1}), 400, None, "metadata.a"),
     ("metadata too many keys", chat_body(TINY, metadata={str(i): "v" for i in range(17)}),

@@ -297,7 +297,7 @@ def test_cancel_mid_run_keeps_finished_lines_and_never_runs_queued_ones(stack: S
     # Well over the worker's bulk window (engine slots for bulk + the lines it keeps claimed
     # at its gate: 16 + 32 here), so lines are still unsent when the cancel comes.
     lines = [chat_line(f"q{i}", f"Write a long story number {i}.", max_tokens=4 if i < 4 else 400,
-                       temperature=0.9, seed=i) for i in range(160)]
+                       temperature=0.9, seed=i, ignore_eos=i >= 4) for i in range(160)]
     batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=CHAT,
                                      completion_window="24h").id
 
@@ -332,7 +332,8 @@ def test_cancel_mid_run_keeps_finished_lines_and_never_runs_queued_ones(stack: S
 
 def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:
     client = sdk(stack)
-    lines = [chat_line(f"e{i}", max_tokens=4 if i < 3 else 1000, temperature=0.9, seed=i)
+    lines = [chat_line(f"e{i}", max_tokens=4 if i < 3 else 1000, temperature=0.9, seed=i,
+                        ignore_eos=i >= 3)
              for i in range(200)]
     batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=CHAT,
                                      completion_window="8s").id

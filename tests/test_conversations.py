@@ -98,9 +98,10 @@ def test_failed_and_cancelled_jobs_append_nothing(stack: Stack) -> None:
         failing = submit(client, chat_body(TINY, "This one fails.", max_tokens=2047,
                                            conversation_id=conversation["id"]))
         # 1800 leaves room for the history's prompt (the reply above is up to 12 tokens): a
-        # request that does not fit would fail at once and never be seen running.
+        # request that does not fit would fail at once and never be seen running. ignore_eos:
+        # sampled, the tiny model could end on an end token before the cancel lands.
         cancelled = submit(client, chat_body(TINY, "This one is cancelled.", max_tokens=1800,
-                                             conversation_id=conversation["id"]))
+                                             ignore_eos=True, conversation_id=conversation["id"]))
         wait_until(lambda: client.get(f"/v1/jobs/{cancelled['id']}").json()["status"]
                    == "running", 30, "the job to start", interval=0.02)
         assert client.post(f"/v1/jobs/{cancelled['id']}/cancel").status_code == 200

@@ -90,9 +90,9 @@ def test_replay_after_stream_expired_comes_from_sql(stack: Stack) -> None:
 
 def test_cancel_running_job_aborts_it_in_the_engine(stack: Stack) -> None:
     with stack.client() as client:
-        # Greedy: this prompt runs the tiny model to its token limit, so the job is still
-        # running when the cancel lands (sampled, it could end early on an end token).
-        job = submit(client, chat_body(TINY, max_tokens=2000, temperature=0))
+        # ignore_eos: the job is still running when the cancel lands (sampled, the tiny model
+        # could end early on an end token).
+        job = submit(client, chat_body(TINY, max_tokens=2000, ignore_eos=True))
         wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
                    30, "the job to start", interval=0.02)
         cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
@@ -171,7 +171,7 @@ def test_chat_completion_streaming_openai_chunks(stack: Stack) -> None:
 
 
 def test_streaming_client_that_leaves_cancels_its_job(stack: Stack) -> None:
-    body = chat_body(TINY, max_tokens=2000, stream=True)
+    body = chat_body(TINY, max_tokens=2000, ignore_eos=True, stream=True)
     with stack.client() as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             job_id = response.headers["x-ferry-job-id"]
@@ -188,9 +188,12 @@ def test_concurrent_jobs_share_the_engine(stack: Stack) -> None:
         # Submitted together (not one after another): a random model's replies can end in
         # well under a second, so sequential submits would measure submit latency instead.
         jobs = list(pool.map(lambda i: submit(client, chat_body(
-            TINY, f"story {i}", max_tokens=400, temperature=0.9, seed=i)), range(16)))
+            TINY, f"story {i}", max_tokens=400, ignore_eos=True, seed=i)), range(16)))
         finals = [wait_job(client, j["id"]) for j in jobs]
     assert all(f["status"] == "succeeded" for f in finals)
+    # ignore_eos reached the engine: every job ran to its limit.
+    assert all(f["usage"]["completion_tokens"] == 400 and f["result"]["finish_reason"] == "length"
+               for f in finals)
     edges = sorted([(f["started_at"], 1) for f in finals] + [(f["finished_at"], -1)
                                                                 for f in finals])
     running, most = 0, 0

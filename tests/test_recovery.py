@@ -53,7 +53,7 @@ def test_worker_killed_mid_job_is_redelivered_and_completes(
 ) -> None:
     first = own_stack.add_worker("recovery-w2", MODEL, "transformers", logs)
     with own_stack.client() as client:
-        job = submit(client, chat_body(MODEL, max_tokens=400, temperature=0))
+        job = submit(client, chat_body(MODEL, max_tokens=400, temperature=0, ignore_eos=True))
         head = read_events(client, job["id"], limit=1)
         assert [e.type for e in head] == ["delta"]
         first.kill()

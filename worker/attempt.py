@@ -98,6 +98,7 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
         seed=body.get("seed"),
         presence_penalty=body.get("presence_penalty"),
         frequency_penalty=body.get("frequency_penalty"),
+        ignore_eos=bool(body.get("ignore_eos", False)),
         structured_output=body.get("structured_output"),
     )
     # Engine priority: interactive first; within a lane the job's own priority orders it.

@@ -92,6 +92,10 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request")
+    ignore_eos: StrictBool = Field(
+        False, description="vLLM extension: keep generating past the model's end token, up "
+        "to max_tokens (benchmarks, load tests)"
+    )
     user: str | None = None
     response_format: ResponseFormat | None = Field(
         None,

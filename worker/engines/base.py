@@ -28,6 +28,8 @@ class SamplingOptions:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # vLLM's extension: keep generating past end tokens, up to max_tokens.
+    ignore_eos: bool = False
     # {"json": schema} or {"json_object": True} (OpenAI `response_format`): output is
     # constrained by the engine; only engines whose ModelInfo says so accept it.
     structured_output: dict[str, Any] | None = None

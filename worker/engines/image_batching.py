@@ -56,6 +56,7 @@ class _Sequence:
     top_p: float
     top_k: int
     generator: Any  # torch.Generator or None (the global RNG)
+    eos_ids: set[int]  # the batcher's end tokens, or none (ignore_eos)
     tokens: list[int] = field(default_factory=list)
     position: int = 0  # next token's position (= tokens in this row's cache)
 
@@ -106,10 +107,12 @@ class ImageBatcher:
         top_k: int = 0,
         seed: int | None = None,
         model_inputs: dict[str, Any] | None = None,
+        eos_token_id: list[int] | None = None,
     ) -> str | None:
         """Queue a request; None if the batcher is stopping. `model_inputs` is the
         processor's output (input_ids and pixel tensors, batch of one); without it the
-        request is text only."""
+        request is text only. `eos_token_id` overrides the model's end tokens, as in
+        transformers' manager (`[]`: generate to max_new_tokens)."""
         import torch
 
         if self._stopping.is_set() or self.fatal_error is not None:
@@ -122,8 +125,9 @@ class ImageBatcher:
             generator = torch.Generator(device=self._model.device).manual_seed(seed)
         with self._lock:
             self._active.add(request_id)
+        eos_ids = self._eos_ids if eos_token_id is None else set(eos_token_id)
         self._waiting.put(_Sequence(request_id, inputs, max_new_tokens, temperature, top_p,
-                                    top_k, generator))
+                                    top_k, generator, eos_ids))
         return request_id
 
     def cancel_request(self, request_id: str) -> None:
@@ -271,7 +275,7 @@ class ImageBatcher:
 
     def _done(self, seq: _Sequence) -> bool:
         return len(seq.tokens) >= seq.max_new_tokens or (
-            bool(seq.tokens) and seq.tokens[-1] in self._eos_ids
+            bool(seq.tokens) and seq.tokens[-1] in seq.eos_ids
         )
 
     def _keep(self, rows: list[int]) -> None:

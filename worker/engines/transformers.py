@@ -15,6 +15,7 @@ What transformers' continuous batching can and cannot do per request (5.x):
   Defaults match vLLM's: temperature 1, no top_p / top_k cut.
 - stop strings: not in transformers; done here on the decoded text (text after the
   stop string is never emitted, the request is cancelled in the batch).
+- ignore_eos: yes, as a per-request empty `eos_token_id` list.
 - seed, presence_penalty, frequency_penalty: not supported per request; ignored. The
   sampler is seeded once per engine start.
 - images: transformers does not continuously batch image models, so image+text models
@@ -305,6 +306,10 @@ class TransformersEngine:
             extra = {"model_inputs": inputs, "seed": request.sampling.seed}
         check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
         sampling = self._sampling_kwargs(request.sampling)
+        # ignore_eos: no end token for this request (both managers take a per-request list).
+        eos_ids = set() if request.sampling.ignore_eos else self._eos_ids
+        if request.sampling.ignore_eos:
+            extra["eos_token_id"] = []
         stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids))
         self._streams[request_id] = stream
         # Register before adding: a fast request could otherwise finish unseen.
@@ -332,7 +337,7 @@ class TransformersEngine:
                     running = False
                     raise RuntimeError(f"generation failed: {item.error}")
                 running = not item.is_finished()
-                delta = stream.consume(list(item.generated_tokens), not running, self._eos_ids)
+                delta = stream.consume(list(item.generated_tokens), not running, eos_ids)
                 if delta is not None and (delta.text or delta.finish_reason):
                     yield delta
         finally:

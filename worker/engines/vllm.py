@@ -169,6 +169,7 @@ class VllmEngine:
                 seed=s.seed,
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
+                ignore_eos=s.ignore_eos,
                 structured_outputs=self._structured(s.structured_output),
                 output_kind=self._delta_kind if stream else self._final_kind,
             )
