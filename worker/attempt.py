@@ -24,6 +24,7 @@ from worker.engines.base import (
     SamplingOptions,
 )
 from worker.job_state import JobAttempt
+from worker.outcomes import OutcomeWriter
 from worker.publisher import EventPublisher
 
 if TYPE_CHECKING:
@@ -118,65 +119,78 @@ class EngineBroken(RuntimeError):
     """The engine failed in a way no request explains; this worker should stop."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttemptContext:
+    """What every attempt on this worker shares (the runner builds it once)."""
+
+    worker_id: str
+    engine: Engine
+    sessions: async_sessionmaker[AsyncSession]
+    publisher: EventPublisher
+    outcomes: OutcomeWriter
+    lease_seconds: float
+    bulk_priority: int
+    max_attempts: int
+    in_flight: dict[str, JobAttempt]
+    admission: EngineAdmission
+    objects: ObjectStore
 
 
 async def run_attempt(
-    *,
-    job_id: str,
-    worker_id: str,
-    engine: Engine,
-    sessions: async_sessionmaker[AsyncSession],
-    publisher: EventPublisher,
-    lease_seconds: float,
-    bulk_priority: int,
-    max_attempts: int,
-    in_flight: dict[str, JobAttempt],
-    admission: EngineAdmission,
-    on_claimed: Callable[[str], Awaitable[object]],
-    objects: ObjectStore,
+    ctx: AttemptContext, job_id: str, on_claimed: Callable[[str], Awaitable[object]]
 ) -> str:
     """Run the job if it is ours to run; returns what happened, for the task's log."""
-    async with sessions.begin() as session:
-        job = await jobs_repo.claim_job(session, job_id, worker_id, lease_seconds)
-        if job is None:
-            return "skipped"
-        state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
-                           started_at=job.started_at)
-    in_flight[job_id] = state
-    await on_claimed(job_id)
+    async with ctx.sessions.begin() as session:
+        job = await jobs_repo.claim_job(session, job_id, ctx.worker_id, ctx.lease_seconds)
+    if job is None:
+        return "skipped"
+    return await run_claimed(ctx, job, on_claimed)
+
+
+async def run_claimed(
+    ctx: AttemptContext, job: Job,
+    on_claimed: Callable[[str], Awaitable[object]] | None = None,
+) -> str:
+    """Run a job this worker has just claimed (`jobs_repo.claim_job(s)`). `on_claimed`
+    runs once the job is in flight (where a cancel finds it)."""
+    job_id = job.id
+    state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
+                       started_at=job.started_at)
+    ctx.in_flight[job_id] = state
     try:
+        if on_claimed is not None:
+            await on_claimed(job_id)
         if state.attempt > 1:
-            publisher.emit(job_id, JobEvent(state.next_id(), EventType.RETRY,
-                                            {"attempt": state.attempt}))
+            ctx.publisher.emit(job_id, JobEvent(state.next_id(), EventType.RETRY,
+                                                {"attempt": state.attempt}))
         error: str | None
-        if state.attempt > max_attempts:
+        if state.attempt > ctx.max_attempts:
             # A poison job (its workers keep dying on it): stop the loop here.
-            status, error = JobStatus.FAILED, f"gave up after {max_attempts} attempts"
+            status, error = JobStatus.FAILED, f"gave up after {ctx.max_attempts} attempts"
         else:
             try:
                 # Images are read after the claim's transaction, which holds a row lock.
-                request = await generation_request(job, state.request_id, bulk_priority,
-                                                   objects)
-                status, error = await _admitted(job.lane, admission, engine, request, state,
-                                                publisher)
+                request = await generation_request(job, state.request_id, ctx.bulk_priority,
+                                                   ctx.objects)
+                status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
+                                                state, ctx.publisher)
             except ImageUnavailable as exc:
                 status, error = JobStatus.FAILED, str(exc)
             except Exception:
                 # The engine broke, or the object store could not be reached: the job goes
                 # back to the queue (for another worker, or this one once it recovers).
-                async with sessions.begin() as session:
-                    await jobs_repo.release_job(session, job_id, worker_id)
+                async with ctx.sessions.begin() as session:
+                    await jobs_repo.release_job(session, job_id, ctx.worker_id)
                 raise
         try:
-            return await _record_end(sessions, publisher, worker_id, state, status, error)
+            return await _record_end(ctx, state, status, error)
         except Exception as exc:
             log.exception("could not record the end of job %s", job_id)
             state.deltas, state.pending = [], []
             message = f"could not record the result: {exc.__class__.__name__}"
-            return await _record_end(sessions, publisher, worker_id, state,
-                                     JobStatus.FAILED, message)
+            return await _record_end(ctx, state, JobStatus.FAILED, message)
     finally:
-        in_flight.pop(job_id, None)
+        ctx.in_flight.pop(job_id, None)
 
 
 async def _admitted(
@@ -229,15 +243,10 @@ async def _generate(
 
 
 async def _record_end(
-    sessions: async_sessionmaker[AsyncSession],
-    publisher: EventPublisher,
-    worker_id: str,
-    state: JobAttempt,
-    status: JobStatus,
-    error: str | None,
+    ctx: AttemptContext, state: JobAttempt, status: JobStatus, error: str | None
 ) -> str:
     """SQL first, then the terminal events: a client that sees `done` finds the result."""
-    publisher.settle(state)  # every delta has its event id before the deltas are stored
+    ctx.publisher.settle(state)  # every delta has its event id before the deltas are stored
     outcome = jobs_repo.JobOutcome(
         status=status,
         deltas=state.deltas,
@@ -248,21 +257,12 @@ async def _record_end(
         error=error,
         started_at=state.started_at,
     )
-    async with sessions.begin() as session:
-        recorded = await jobs_repo.finish_job(session, state.job_id, worker_id, outcome)
-        if not recorded and status != JobStatus.CANCELLED:
-            # Lost the job while generating: cancelled under us, or our lease lapsed and
-            # another worker took over (then that worker owns the stream from here on).
-            if not await jobs_repo.is_cancelled(session, state.job_id):
-                return "lost"
-            status = JobStatus.CANCELLED
-            cancelled = dataclasses.replace(outcome, status=status)
-            recorded = await jobs_repo.finish_job(session, state.job_id, worker_id, cancelled)
-    if not recorded:
+    recorded = await ctx.outcomes.record(state.job_id, ctx.worker_id, outcome)
+    if recorded is None:
         return "lost"
-    for event_type, data in _terminal_events(status, state, error):
-        publisher.emit(state.job_id, JobEvent(state.next_id(), event_type, data))
-    return status.value
+    for event_type, data in _terminal_events(recorded, state, error):
+        ctx.publisher.emit(state.job_id, JobEvent(state.next_id(), event_type, data))
+    return recorded.value
 
 
 def _terminal_events(

@@ -34,9 +34,10 @@ from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
-from worker.attempt import EngineBroken, run_attempt
+from worker.attempt import AttemptContext, EngineBroken, run_attempt, run_claimed
 from worker.engines.base import Engine
 from worker.job_state import JobAttempt
+from worker.outcomes import OutcomeWriter
 from worker.publisher import EventPublisher
 from worker.settings import WorkerSettings
 
@@ -122,6 +123,16 @@ class JobRunner:
         # full garbage collection walks them all, stalling the loop (and each job) for
         # tens of milliseconds, many times a second under load.
         gc.freeze()
+        self._outcomes = OutcomeWriter(self._sessions)
+        self._outcomes.start()
+        s = self.settings
+        self._ctx = AttemptContext(
+            worker_id=self.worker_id, engine=self.engine, sessions=self._sessions,
+            publisher=self._publisher, outcomes=self._outcomes,
+            lease_seconds=s.lease_seconds, bulk_priority=s.bulk_priority,
+            max_attempts=s.max_attempts, in_flight=self._in_flight,
+            admission=self._admission, objects=self._objects,
+        )
         self._registry = ModelRegistry(self._redis)
         await self._heartbeat_once()
         for loop_fn in (self._heartbeat_loop, self._lease_loop, self._cancel_listener):
@@ -136,6 +147,7 @@ class JobRunner:
         # Jobs stopped here go back to the queue (attempt.py): let them say so in SQL.
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=5)
+        await self._outcomes.stop()
         await self._publisher.stop()
         await self._registry.forget_worker(self.worker_id)
         await self.engine.stop()
@@ -143,38 +155,43 @@ class JobRunner:
         await self._db.dispose()
 
     async def _run_job(self, job_id: str) -> str:
+        try:
+            return await self._tracked(run_attempt(self._ctx, job_id, self._unmark_pending))
+        finally:
+            await self._redis.zrem(PENDING_JOBS, job_id)
+
+    async def _tracked(self, attempt: Coroutine[Any, Any, str]) -> str:
+        """Run one attempt as a job of this runner (`_stop` waits for them)."""
         task = asyncio.current_task()
         assert task is not None
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         try:
-            return await run_attempt(
-                job_id=job_id,
-                worker_id=self.worker_id,
-                engine=self.engine,
-                sessions=self._sessions,
-                publisher=self._publisher,
-                lease_seconds=self.settings.lease_seconds,
-                bulk_priority=self.settings.bulk_priority,
-                max_attempts=self.settings.max_attempts,
-                in_flight=self._in_flight,
-                admission=self._admission,
-                on_claimed=self._unmark_pending,
-                objects=self._objects,
-            )
+            return await attempt
         except EngineBroken:
             log.critical("the engine is broken; stopping this worker so a healthy one (or a "
                          "restarted one) takes its jobs", exc_info=True)
             # Celery's warm shutdown: no new messages; worker_shutdown stops the runner.
             os.kill(os.getpid(), signal.SIGTERM)
             return "released"
-        finally:
-            await self._redis.zrem(PENDING_JOBS, job_id)
 
     async def _run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
+        """The lines of one message are claimed in one statement, then run side by side."""
+        async with self._sessions.begin() as session:
+            claimed = await jobs_repo.claim_jobs(session, job_ids, self.worker_id,
+                                                 self.settings.lease_seconds)
+        # Delivered: from here on the claimed lines' leases guard them.
+        try:
+            await self._redis.zrem(PENDING_JOBS, *job_ids)
+        except RedisError:
+            log.warning("could not unmark delivered batch lines (the reconciler checks SQL)")
+
         async def one(job_id: str) -> str:
+            job = claimed.get(job_id)
             try:
-                return await self._run_job(job_id)
+                if job is None:
+                    return "skipped"
+                return await self._tracked(run_claimed(self._ctx, job))
             except Exception:
                 log.exception("batch line %s was given back to the queue", job_id)
                 return "released"

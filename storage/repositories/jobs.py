@@ -90,15 +90,26 @@ async def claim_job(
     Finished and cancelled jobs, and jobs under another worker's live lease, are left alone:
     that is what makes a duplicate Celery delivery harmless.
     """
+    return (await claim_jobs(session, [job_id], worker_id, lease_seconds)).get(job_id)
+
+
+async def claim_jobs(
+    session: AsyncSession, job_ids: Sequence[str], worker_id: str, lease_seconds: float
+) -> dict[str, Job]:
+    """`claim_job` for several jobs in one statement (a Celery message of batch lines):
+    the claimed ones by id; the others are not ours to run."""
+    if not job_ids:
+        return {}
     now = utcnow()
     claimable = or_(
         Job.status == JobStatus.QUEUED,
         and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
     )
-    # One statement: the updated row comes back with RETURNING.
+    # One statement: the updated rows come back with RETURNING. The session holds none of
+    # them yet, so it need not evaluate the WHERE clause against its own objects.
     claimed = await session.scalars(
         update(Job)
-        .where(Job.id == job_id, claimable)
+        .where(Job.id.in_(job_ids) if len(job_ids) > 1 else Job.id == job_ids[0], claimable)
         .values(
             status=JobStatus.RUNNING,
             worker_id=worker_id,
@@ -107,9 +118,9 @@ async def claim_job(
             started_at=now,
         )
         .returning(Job),
-        execution_options={"populate_existing": True},
+        execution_options={"populate_existing": True, "synchronize_session": False},
     )
-    return claimed.one_or_none()
+    return {job.id: job for job in claimed}
 
 
 async def renew_leases(
@@ -177,7 +188,7 @@ async def finish_job(
     # One statement: the row comes back (RETURNING) only when the update landed.
     job = (await session.scalars(
         update(Job).where(where).values(**values).returning(Job),
-        execution_options={"populate_existing": True},
+        execution_options={"populate_existing": True, "synchronize_session": False},
     )).one_or_none()
     if job is not None and outcome.status == JobStatus.SUCCEEDED:
         await conversations.record_reply(session, job, values["result_text"])
