@@ -23,8 +23,8 @@ from worker.engines.base import (
     GenerationRequest,
     SamplingOptions,
 )
+from worker.group_commit import Claim, GroupCommit, Outcome
 from worker.job_state import JobAttempt
-from worker.outcomes import OutcomeWriter
 from worker.publisher import EventPublisher
 
 if TYPE_CHECKING:
@@ -127,7 +127,8 @@ class AttemptContext:
     engine: Engine
     sessions: async_sessionmaker[AsyncSession]
     publisher: EventPublisher
-    outcomes: OutcomeWriter
+    claims: GroupCommit[Claim, Job | None]
+    outcomes: GroupCommit[Outcome, JobStatus | None]
     lease_seconds: float
     bulk_priority: int
     max_attempts: int
@@ -140,8 +141,7 @@ async def run_attempt(
     ctx: AttemptContext, job_id: str, on_claimed: Callable[[str], Awaitable[object]]
 ) -> str:
     """Run the job if it is ours to run; returns what happened, for the task's log."""
-    async with ctx.sessions.begin() as session:
-        job = await jobs_repo.claim_job(session, job_id, ctx.worker_id, ctx.lease_seconds)
+    job = await ctx.claims.submit(Claim(job_id, ctx.worker_id, ctx.lease_seconds))
     if job is None:
         return "skipped"
     return await run_claimed(ctx, job, on_claimed)
@@ -257,7 +257,7 @@ async def _record_end(
         error=error,
         started_at=state.started_at,
     )
-    recorded = await ctx.outcomes.record(state.job_id, ctx.worker_id, outcome)
+    recorded = await ctx.outcomes.submit(Outcome(state.job_id, ctx.worker_id, outcome))
     if recorded is None:
         return "lost"
     for event_type, data in _terminal_events(recorded, state, error):

@@ -36,8 +36,8 @@ from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
 from worker.attempt import AttemptContext, EngineBroken, run_attempt, run_claimed
 from worker.engines.base import Engine
+from worker.group_commit import Claim, claim_committer, outcome_committer
 from worker.job_state import JobAttempt
-from worker.outcomes import OutcomeWriter
 from worker.publisher import EventPublisher
 from worker.settings import WorkerSettings
 
@@ -123,12 +123,14 @@ class JobRunner:
         # full garbage collection walks them all, stalling the loop (and each job) for
         # tens of milliseconds, many times a second under load.
         gc.freeze()
-        self._outcomes = OutcomeWriter(self._sessions)
+        self._claims = claim_committer(self._sessions)
+        self._outcomes = outcome_committer(self._sessions)
+        self._claims.start()
         self._outcomes.start()
         s = self.settings
         self._ctx = AttemptContext(
             worker_id=self.worker_id, engine=self.engine, sessions=self._sessions,
-            publisher=self._publisher, outcomes=self._outcomes,
+            publisher=self._publisher, claims=self._claims, outcomes=self._outcomes,
             lease_seconds=s.lease_seconds, bulk_priority=s.bulk_priority,
             max_attempts=s.max_attempts, in_flight=self._in_flight,
             admission=self._admission, objects=self._objects,
@@ -148,6 +150,7 @@ class JobRunner:
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=5)
         await self._outcomes.stop()
+        await self._claims.stop()
         await self._publisher.stop()
         await self._registry.forget_worker(self.worker_id)
         await self.engine.stop()
@@ -176,10 +179,12 @@ class JobRunner:
             return "released"
 
     async def _run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
-        """The lines of one message are claimed in one statement, then run side by side."""
-        async with self._sessions.begin() as session:
-            claimed = await jobs_repo.claim_jobs(session, job_ids, self.worker_id,
-                                                 self.settings.lease_seconds)
+        """The lines of one message are claimed together (one statement), then run side
+        by side."""
+        lease = self.settings.lease_seconds
+        got = await asyncio.gather(*(self._claims.submit(Claim(job_id, self.worker_id, lease))
+                                     for job_id in job_ids))
+        claimed = {job.id: job for job in got if job is not None}
         # Delivered: from here on the claimed lines' leases guard them.
         try:
             await self._redis.zrem(PENDING_JOBS, *job_ids)

@@ -1,5 +1,5 @@
-"""Claiming batch lines together and recording job ends many to a transaction
-(worker/outcomes.py), on real PostgreSQL and SQLite (file)."""
+"""Claims and job ends written many to a transaction (worker/group_commit.py), on real
+PostgreSQL and SQLite (file)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, jobs
 from tests.conftest import Sessions
-from worker.outcomes import OutcomeWriter
+from worker.group_commit import Claim, Outcome, claim_committer, outcome_committer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,14 +59,27 @@ async def test_claim_jobs_takes_only_the_claimable_ones_once(sessions: Sessions)
         assert await jobs.claim_jobs(session, ids, "w2", lease_seconds=30) == {}
 
 
+async def test_concurrent_claims_share_one_statement(sessions: Sessions) -> None:
+    made = await _jobs(sessions, 8)
+    commits = _count_commits(sessions)
+    claims = claim_committer(sessions)
+    claims.start()
+    ids = [j.id for j in made] + [made[0].id, "job_does_not_exist"]
+    got = await asyncio.gather(*(claims.submit(Claim(i, "w1", 30)) for i in ids))
+    await claims.stop()
+    assert [j.id if j else None for j in got] == [j.id for j in made] + [None, None]
+    assert commits[0] <= 2, commits  # one per claim would be 10
+    assert all(j is not None and j.attempts == 1 for j in got[:8])
+
+
 async def test_concurrent_ends_share_one_transaction(sessions: Sessions) -> None:
     made = await _jobs(sessions, 10)
     async with sessions.begin() as session:
         await jobs.claim_jobs(session, [j.id for j in made], "w1", lease_seconds=30)
     commits = _count_commits(sessions)
-    writer = OutcomeWriter(sessions)
+    writer = outcome_committer(sessions)
     writer.start()
-    statuses = await asyncio.gather(*(writer.record(j.id, "w1", _ok(f"reply {i}"))
+    statuses = await asyncio.gather(*(writer.submit(Outcome(j.id, "w1", _ok(f"reply {i}")))
                                       for i, j in enumerate(made)))
     await writer.stop()
     assert statuses == [JobStatus.SUCCEEDED] * 10
@@ -82,14 +95,14 @@ async def test_a_bad_outcome_fails_alone(sessions: Sessions) -> None:
     made = await _jobs(sessions, 4)
     async with sessions.begin() as session:
         await jobs.claim_jobs(session, [j.id for j in made], "w1", lease_seconds=30)
-    writer = OutcomeWriter(sessions)
+    writer = outcome_committer(sessions)
     writer.start()
     # Deltas that cannot be stored as JSON: the grouped transaction fails, and each outcome
     # is written again on its own.
     bad = jobs.JobOutcome(JobStatus.SUCCEEDED, [object()], "stop", 3, 1, None)  # type: ignore[list-item]
+    outcomes = [_ok("a"), bad, _ok("c"), _ok("d")]
     results = await asyncio.gather(
-        writer.record(made[0].id, "w1", _ok("a")), writer.record(made[1].id, "w1", bad),
-        writer.record(made[2].id, "w1", _ok("c")), writer.record(made[3].id, "w1", _ok("d")),
+        *(writer.submit(Outcome(j.id, "w1", o)) for j, o in zip(made, outcomes, strict=True)),
         return_exceptions=True)
     await writer.stop()
     assert results[0] == results[2] == results[3] == JobStatus.SUCCEEDED
@@ -109,10 +122,10 @@ async def test_cancelled_under_the_worker_and_lost_jobs(sessions: Sessions) -> N
     async with sessions.begin() as session:
         assert await jobs.cancel_job(session, cancelled.id) == JobStatus.RUNNING
         assert await jobs.claim_job(session, taken.id, "w2", lease_seconds=30) is not None
-    writer = OutcomeWriter(sessions)
+    writer = outcome_committer(sessions)
     writer.start()
-    got = await asyncio.gather(writer.record(cancelled.id, "w1", _ok("partial")),
-                               writer.record(taken.id, "w1", _ok("late")))
+    got = await asyncio.gather(writer.submit(Outcome(cancelled.id, "w1", _ok("partial"))),
+                               writer.submit(Outcome(taken.id, "w1", _ok("late"))))
     await writer.stop()
     # Cancelled under us: stays cancelled, its partial output kept; taken over: not ours.
     assert got == [JobStatus.CANCELLED, None]
@@ -124,9 +137,9 @@ async def test_cancelled_under_the_worker_and_lost_jobs(sessions: Sessions) -> N
     assert other is not None and other.status == JobStatus.RUNNING and other.worker_id == "w2"
 
 
-async def test_record_after_stop_is_refused(sessions: Sessions) -> None:
-    writer = OutcomeWriter(sessions)
+async def test_submit_after_stop_is_refused(sessions: Sessions) -> None:
+    writer = outcome_committer(sessions)
     writer.start()
     await writer.stop()
     with pytest.raises(RuntimeError):
-        await writer.record("job_x", "w1", _ok("x"))
+        await writer.submit(Outcome("job_x", "w1", _ok("x")))
