@@ -34,7 +34,11 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
             raise
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# Function scope: the commit runs when the route returns, before the response is sent. (The
+# default, request scope, runs it after the response has gone: a client could be told 201
+# and then not find what it created. It would also hold the connection while a response
+# streams.)
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 async def current_key(
