@@ -373,7 +373,7 @@ def test_websocket_seed_client(stack: Stack, tmp_path: Path) -> None:
     # 15 processes share one stdout and print() writes its pieces separately, so lines can
     # interleave: count the error reports and the normal-close texts instead of lines.
     normal = "Connection closed normally (code 1000)"
-    # Once (1 CI run in 5 today) a client's own close frame, sent after it had received
+    # Once (in four full runs on 2026-11-22) a client's own close frame, sent after it had received
     # `<EOS>`, hit `[Errno 32] Broken pipe` with every round already answered; the cause was
     # not found (no error in the API log). Any other error report fails the test.
     broken_pipe = "[Errno 32] Broken pipe"
