@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, jobs
 from tests.conftest import Sessions
-from worker.group_commit import Claim, Outcome, claim_committer, outcome_committer
+from worker.group_commit import claim_committer, outcome_committer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,10 +62,10 @@ async def test_claim_jobs_takes_only_the_claimable_ones_once(sessions: Sessions)
 async def test_concurrent_claims_share_one_statement(sessions: Sessions) -> None:
     made = await _jobs(sessions, 8)
     commits = _count_commits(sessions)
-    claims = claim_committer(sessions)
+    claims = claim_committer(sessions, "w1", 30)
     claims.start()
     ids = [j.id for j in made] + [made[0].id, "job_does_not_exist"]
-    got = await asyncio.gather(*(claims.submit(Claim(i, "w1", 30)) for i in ids))
+    got = await asyncio.gather(*(claims.submit(i) for i in ids))
     await claims.stop()
     assert [j.id if j else None for j in got] == [j.id for j in made] + [None, None]
     assert commits[0] <= 2, commits  # one per claim would be 10
@@ -77,9 +77,9 @@ async def test_concurrent_ends_share_one_transaction(sessions: Sessions) -> None
     async with sessions.begin() as session:
         await jobs.claim_jobs(session, [j.id for j in made], "w1", lease_seconds=30)
     commits = _count_commits(sessions)
-    writer = outcome_committer(sessions)
+    writer = outcome_committer(sessions, "w1")
     writer.start()
-    statuses = await asyncio.gather(*(writer.submit(Outcome(j.id, "w1", _ok(f"reply {i}")))
+    statuses = await asyncio.gather(*(writer.submit((j.id, _ok(f"reply {i}")))
                                       for i, j in enumerate(made)))
     await writer.stop()
     assert statuses == [JobStatus.SUCCEEDED] * 10
@@ -95,14 +95,14 @@ async def test_a_bad_outcome_fails_alone(sessions: Sessions) -> None:
     made = await _jobs(sessions, 4)
     async with sessions.begin() as session:
         await jobs.claim_jobs(session, [j.id for j in made], "w1", lease_seconds=30)
-    writer = outcome_committer(sessions)
+    writer = outcome_committer(sessions, "w1")
     writer.start()
     # Deltas that cannot be stored as JSON: the grouped transaction fails, and each outcome
     # is written again on its own.
     bad = jobs.JobOutcome(JobStatus.SUCCEEDED, [object()], "stop", 3, 1, None)  # type: ignore[list-item]
     outcomes = [_ok("a"), bad, _ok("c"), _ok("d")]
     results = await asyncio.gather(
-        *(writer.submit(Outcome(j.id, "w1", o)) for j, o in zip(made, outcomes, strict=True)),
+        *(writer.submit((j.id, o)) for j, o in zip(made, outcomes, strict=True)),
         return_exceptions=True)
     await writer.stop()
     assert results[0] == results[2] == results[3] == JobStatus.SUCCEEDED
@@ -122,10 +122,10 @@ async def test_cancelled_under_the_worker_and_lost_jobs(sessions: Sessions) -> N
     async with sessions.begin() as session:
         assert await jobs.cancel_job(session, cancelled.id) == JobStatus.RUNNING
         assert await jobs.claim_job(session, taken.id, "w2", lease_seconds=30) is not None
-    writer = outcome_committer(sessions)
+    writer = outcome_committer(sessions, "w1")
     writer.start()
-    got = await asyncio.gather(writer.submit(Outcome(cancelled.id, "w1", _ok("partial"))),
-                               writer.submit(Outcome(taken.id, "w1", _ok("late"))))
+    got = await asyncio.gather(writer.submit((cancelled.id, _ok("partial"))),
+                               writer.submit((taken.id, _ok("late"))))
     await writer.stop()
     # Cancelled under us: stays cancelled, its partial output kept; taken over: not ours.
     assert got == [JobStatus.CANCELLED, None]
@@ -138,8 +138,8 @@ async def test_cancelled_under_the_worker_and_lost_jobs(sessions: Sessions) -> N
 
 
 async def test_submit_after_stop_is_refused(sessions: Sessions) -> None:
-    writer = outcome_committer(sessions)
+    writer = outcome_committer(sessions, "w1")
     writer.start()
     await writer.stop()
     with pytest.raises(RuntimeError):
-        await writer.submit(Outcome("job_x", "w1", _ok("x")))
+        await writer.submit(("job_x", _ok("x")))

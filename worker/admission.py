@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 
 class WorkerStopping(RuntimeError):
     """The worker stopped while the job waited to enter the engine: it goes back to the
-    queue (see attempt.run_attempt)."""
+    queue (see attempt.run_claimed)."""
 
 
 class EngineAdmission:

@@ -23,7 +23,7 @@ from worker.engines.base import (
     GenerationRequest,
     SamplingOptions,
 )
-from worker.group_commit import Claim, GroupCommit, Outcome
+from worker.group_commit import GroupCommit
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
 
@@ -127,9 +127,8 @@ class AttemptContext:
     engine: Engine
     sessions: async_sessionmaker[AsyncSession]
     publisher: EventPublisher
-    claims: GroupCommit[Claim, Job | None]
-    outcomes: GroupCommit[Outcome, JobStatus | None]
-    lease_seconds: float
+    claims: GroupCommit[str, Job | None]
+    outcomes: GroupCommit[tuple[str, jobs_repo.JobOutcome], JobStatus | None]
     bulk_priority: int
     max_attempts: int
     in_flight: dict[str, JobAttempt]
@@ -141,7 +140,7 @@ async def run_attempt(
     ctx: AttemptContext, job_id: str, on_claimed: Callable[[str], Awaitable[object]]
 ) -> str:
     """Run the job if it is ours to run; returns what happened, for the task's log."""
-    job = await ctx.claims.submit(Claim(job_id, ctx.worker_id, ctx.lease_seconds))
+    job = await ctx.claims.submit(job_id)
     if job is None:
         return "skipped"
     return await run_claimed(ctx, job, on_claimed)
@@ -151,7 +150,7 @@ async def run_claimed(
     ctx: AttemptContext, job: Job,
     on_claimed: Callable[[str], Awaitable[object]] | None = None,
 ) -> str:
-    """Run a job this worker has just claimed (`jobs_repo.claim_job(s)`). `on_claimed`
+    """Run a job this worker has just claimed (`ctx.claims`). `on_claimed`
     runs once the job is in flight (where a cancel finds it)."""
     job_id = job.id
     state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
@@ -257,7 +256,7 @@ async def _record_end(
         error=error,
         started_at=state.started_at,
     )
-    recorded = await ctx.outcomes.submit(Outcome(state.job_id, ctx.worker_id, outcome))
+    recorded = await ctx.outcomes.submit((state.job_id, outcome))
     if recorded is None:
         return "lost"
     for event_type, data in _terminal_events(recorded, state, error):

@@ -92,7 +92,8 @@ class GroupCommit(Generic[T, R]):
         except Exception as exc:
             if len(group) == 1 or not self._retry_alone:
                 for pending in group:
-                    _settle(pending, exc=exc)
+                    if not pending.done.done():
+                        pending.done.set_exception(exc)
                 return
             log.warning("%s: writing %d items together failed; one by one instead",
                         self._name, len(group), exc_info=True)
@@ -100,45 +101,27 @@ class GroupCommit(Generic[T, R]):
                 await self._write(group=[pending])
             return
         for pending, result in zip(group, results, strict=True):
-            _settle(pending, result=result)
-
-
-def _settle(pending: _Pending[T, R], *, result: R | None = None,
-            exc: BaseException | None = None) -> None:
-    if pending.done.done():
-        return
-    if exc is not None:
-        pending.done.set_exception(exc)
-    else:
-        pending.done.set_result(result)  # type: ignore[arg-type]
+            if not pending.done.done():
+                pending.done.set_result(result)
 
 
 # -- the two writes a worker groups -------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Claim:
-    job_id: str
-    worker_id: str
-    lease_seconds: float
+def claim_committer(
+    sessions: async_sessionmaker[AsyncSession], worker_id: str, lease_seconds: float
+) -> GroupCommit[str, Job | None]:
+    """Claims by job id, one UPDATE per group (`jobs_repo.claim_jobs`): the job, or None
+    when it is not ours to run (a job asked for twice in a group is claimed once)."""
 
+    async def write(session: AsyncSession, job_ids: Sequence[str]) -> list[Job | None]:
+        claimed = await jobs_repo.claim_jobs(session, list(dict.fromkeys(job_ids)),
+                                             worker_id, lease_seconds)
+        return [claimed.pop(job_id, None) for job_id in job_ids]
 
-async def write_claims(session: AsyncSession, claims: Sequence[Claim]) -> list[Job | None]:
-    """One UPDATE for the group (`jobs_repo.claim_jobs`); None for a job not ours to run.
-    A worker's claims share its id and lease; a job asked for twice is claimed once."""
-    first = claims[0]
-    assert all((c.worker_id, c.lease_seconds) == (first.worker_id, first.lease_seconds)
-               for c in claims)
-    ids = list(dict.fromkeys(c.job_id for c in claims))
-    claimed = await jobs_repo.claim_jobs(session, ids, first.worker_id, first.lease_seconds)
-    return [claimed.pop(c.job_id, None) for c in claims]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
-    job_id: str
-    worker_id: str
-    outcome: jobs_repo.JobOutcome
+    # A failed claim is not retried alone: the job stays queued and its message (or the
+    # reconciler) brings it back.
+    return GroupCommit("claims", sessions, write, retry_alone=False)
 
 
 async def record_outcome(
@@ -160,19 +143,15 @@ async def record_outcome(
     return None
 
 
-async def write_outcomes(
-    session: AsyncSession, outcomes: Sequence[Outcome]
-) -> list[JobStatus | None]:
-    return [await record_outcome(session, o.job_id, o.worker_id, o.outcome) for o in outcomes]
-
-
-def claim_committer(sessions: async_sessionmaker[AsyncSession]) -> GroupCommit[Claim, Job | None]:
-    # A failed claim is not retried alone: the job stays queued and its message (or the
-    # reconciler) brings it back.
-    return GroupCommit("claims", sessions, write_claims, retry_alone=False)
-
-
 def outcome_committer(
-    sessions: async_sessionmaker[AsyncSession],
-) -> GroupCommit[Outcome, JobStatus | None]:
-    return GroupCommit("outcomes", sessions, write_outcomes)
+    sessions: async_sessionmaker[AsyncSession], worker_id: str
+) -> GroupCommit[tuple[str, jobs_repo.JobOutcome], JobStatus | None]:
+    """Job ends as (job id, outcome), `record_outcome` each, one transaction per group."""
+
+    async def write(
+        session: AsyncSession, outcomes: Sequence[tuple[str, jobs_repo.JobOutcome]]
+    ) -> list[JobStatus | None]:
+        return [await record_outcome(session, job_id, worker_id, outcome)
+                for job_id, outcome in outcomes]
+
+    return GroupCommit("outcomes", sessions, write)

@@ -36,7 +36,7 @@ from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
 from worker.attempt import AttemptContext, EngineBroken, run_attempt, run_claimed
 from worker.engines.base import Engine
-from worker.group_commit import Claim, claim_committer, outcome_committer
+from worker.group_commit import claim_committer, outcome_committer
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
 from worker.settings import WorkerSettings
@@ -123,15 +123,15 @@ class JobRunner:
         # full garbage collection walks them all, stalling the loop (and each job) for
         # tens of milliseconds, many times a second under load.
         gc.freeze()
-        self._claims = claim_committer(self._sessions)
-        self._outcomes = outcome_committer(self._sessions)
+        s = self.settings
+        self._claims = claim_committer(self._sessions, self.worker_id, s.lease_seconds)
+        self._outcomes = outcome_committer(self._sessions, self.worker_id)
         self._claims.start()
         self._outcomes.start()
-        s = self.settings
         self._ctx = AttemptContext(
             worker_id=self.worker_id, engine=self.engine, sessions=self._sessions,
             publisher=self._publisher, claims=self._claims, outcomes=self._outcomes,
-            lease_seconds=s.lease_seconds, bulk_priority=s.bulk_priority,
+            bulk_priority=s.bulk_priority,
             max_attempts=s.max_attempts, in_flight=self._in_flight,
             admission=self._admission, objects=self._objects,
         )
@@ -181,9 +181,7 @@ class JobRunner:
     async def _run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
         """The lines of one message are claimed together (one statement), then run side
         by side."""
-        lease = self.settings.lease_seconds
-        got = await asyncio.gather(*(self._claims.submit(Claim(job_id, self.worker_id, lease))
-                                     for job_id in job_ids))
+        got = await asyncio.gather(*(self._claims.submit(job_id) for job_id in job_ids))
         claimed = {job.id: job for job in got if job is not None}
         # Delivered: from here on the claimed lines' leases guard them.
         try:

@@ -109,7 +109,7 @@ async def claim_jobs(
     # them yet, so it need not evaluate the WHERE clause against its own objects.
     claimed = await session.scalars(
         update(Job)
-        .where(Job.id.in_(job_ids) if len(job_ids) > 1 else Job.id == job_ids[0], claimable)
+        .where(Job.id.in_(job_ids), claimable)
         .values(
             status=JobStatus.RUNNING,
             worker_id=worker_id,
