@@ -44,37 +44,80 @@ async def job_events(
 
     Yields None (KEEPALIVE) every `keepalive_seconds` of silence.
     """
+    async for batch in job_event_batches(sources, job_id, after,
+                                         keepalive_seconds=keepalive_seconds,
+                                         max_seconds=max_seconds):
+        if batch is None:
+            yield KEEPALIVE
+            continue
+        for event in batch:
+            yield event
+
+
+async def job_event_batches(
+    sources: EventSources,
+    job_id: str,
+    after: tuple[int, int] | None,
+    *,
+    keepalive_seconds: float,
+    max_seconds: float,
+) -> AsyncIterator[list[JobEvent] | None]:
+    """`job_events`, a list at a time: every event that has arrived by the time the
+    caller asks for more. A subscriber that falls behind (a busy API process, a slow
+    client) then catches up in one write instead of one write per event; one that keeps
+    up gets each event alone, at once. Lists are never empty; None is KEEPALIVE.
+    """
     last = after or (-1, 0)
     deadline = time.monotonic() + max_seconds
     async with sources.hub.subscribe(job_id) as live:
-        for event in await _backlog(sources, job_id, last):
-            yield event
-            last = event.order
-            if event.type.is_terminal:
+        backlog = await _backlog(sources, job_id, last)
+        ended = _through_terminal(backlog)
+        if ended:
+            yield ended
+            last = ended[-1].order
+            if ended[-1].type.is_terminal:
                 return
         while time.monotonic() < deadline:
             try:
-                event = await asyncio.wait_for(live.get(), timeout=keepalive_seconds)
-            except TimeoutError:
-                ending = await _ended_in_sql(sources, job_id, last)
-                for event in ending:
-                    yield event
-                if ending:
+                arrived = [live.get_nowait()]
+            except asyncio.QueueEmpty:
+                try:
+                    async with asyncio.timeout(keepalive_seconds):
+                        arrived = [await live.get()]
+                except TimeoutError:
+                    ending = await _ended_in_sql(sources, job_id, last)
+                    if ending:
+                        yield ending
+                        return
+                    yield KEEPALIVE
+                    continue
+            while not live.empty():
+                arrived.append(live.get_nowait())
+            batch: list[JobEvent] = []
+            for event in arrived:
+                if event.order <= last:
+                    continue
+                if not _follows(last, event.order):
+                    # A gap (a publish we missed): the stream has everything, read it.
+                    for missed in await _backlog(sources, job_id, last):
+                        if missed.order < event.order:
+                            batch.append(missed)
+                            last = missed.order
+                batch.append(event)
+                last = event.order
+                if event.type.is_terminal:
+                    yield batch
                     return
-                yield KEEPALIVE
-                continue
-            if event.order <= last:
-                continue
-            if not _follows(last, event.order):
-                # A gap (a publish we missed): the stream has everything, read it.
-                for missed in await _backlog(sources, job_id, last):
-                    if missed.order < event.order:
-                        yield missed
-                        last = missed.order
-            yield event
-            last = event.order
-            if event.type.is_terminal:
-                return
+            if batch:
+                yield batch
+
+
+def _through_terminal(events: list[JobEvent]) -> list[JobEvent]:
+    """The events up to and including the first terminal one."""
+    for i, event in enumerate(events):
+        if event.type.is_terminal:
+            return events[:i + 1]
+    return events
 
 
 def _follows(last: tuple[int, int], order: tuple[int, int]) -> bool:

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
+from bench.cpu import CpuSplit
 from bench.engine_direct import drive_engine
 from bench.sse_clients import submit_and_follow
-from bench.stack import KEY, bench_logs, bench_stack
+from bench.stack import KEY, bench_logs, bench_stack, percentile
 from worker.engines import build_engine
 from worker.settings import WorkerSettings
 
@@ -33,7 +34,9 @@ def prompts(n: int) -> list[str]:
     return [f"Write a short story about the number {i}." for i in range(n)]
 
 
-async def through_ferry(url: str, texts: list[str], max_tokens: int) -> tuple[int, float]:
+async def through_ferry(
+    url: str, texts: list[str], max_tokens: int
+) -> tuple[int, float, dict[str, list[float]]]:
     limits = httpx.Limits(max_connections=2 * len(texts) + 8)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600,
                                  headers={"Authorization": f"Bearer {KEY}"}) as client:
@@ -42,10 +45,17 @@ async def through_ferry(url: str, texts: list[str], max_tokens: int) -> tuple[in
                     "messages": [{"role": "user", "content": text}]}
 
         await asyncio.gather(*(submit_and_follow(client, body(t)) for t in texts[:4]))  # warm
+        started_wall = time.time()
         started = time.perf_counter()
         results = await asyncio.gather(*(submit_and_follow(client, body(t)) for t in texts))
         elapsed = max(r.finished_at for r in results) - started
-    return sum(r.completion_tokens for r in results), elapsed
+        rows = [(await client.get(f"/v1/jobs/{r.job_id}")).json() for r in results]
+    phases = {
+        name: sorted(row[name] - started_wall for row in rows)
+        for name in ("created_at", "started_at", "first_token_at", "finished_at")
+    }
+    phases["client_done"] = sorted(r.finished_at - started for r in results)
+    return sum(r.completion_tokens for r in results), elapsed, phases
 
 
 async def directly(engine_name: str, texts: list[str], max_tokens: int) -> dict[str, float]:
@@ -70,7 +80,8 @@ def main() -> None:
     with bench_stack(bench_logs()) as stack:
         url = stack.add_api("api")
         worker = stack.add_worker(MODEL, args.engine)
-        tokens, elapsed = asyncio.run(through_ferry(url, texts, args.max_tokens))
+        with CpuSplit() as cpu:
+            tokens, elapsed, phases = asyncio.run(through_ferry(url, texts, args.max_tokens))
         worker.stop()
     ferry_rate = tokens / elapsed
     direct = asyncio.run(directly(args.engine, texts, args.max_tokens))
@@ -81,6 +92,14 @@ def main() -> None:
           f"= {ferry_rate:,.0f} tok/s")
     print(f"pipeline: engine driven directly:            {direct['tokens']:.0f} tokens in "
           f"{direct['seconds']:.2f} s = {direct_rate:,.0f} tok/s")
+    # When each job reached each point, seconds after the first submit (from the job rows;
+    # client_done is when its SSE client saw `done`): where Ferry's extra time goes.
+    for name, values in phases.items():
+        print(f"pipeline: {name:>14}: first {values[0]:6.3f}  p50 {percentile(values, 50):6.3f}"
+              f"  last {values[-1]:6.3f} s")
+    print(cpu.report("pipeline: "))
+    print(f"pipeline: direct run: ttft p50 {direct['ttft_p50_s']:.3f} s, "
+          f"latency p50 {direct['latency_p50_s']:.3f} s")
     print(f"pipeline: ratio {ferry_rate / direct_rate:.3f} (target >= 0.95)")
 
 

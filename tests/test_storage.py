@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from storage.db import create_db_engine
 from storage.events import EventType, JobEvent, JobEventStream, events_from_job
+from storage.keys import job_channel
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, jobs
 from storage.settings import StorageSettings
@@ -175,3 +176,39 @@ async def test_release_gives_a_running_job_back_to_the_queue(sessions: Sessions)
     async with sessions.begin() as session:
         again = await jobs.claim_job(session, job.id, "w2", lease_seconds=30)
     assert again is not None and again.attempts == 2
+
+
+async def test_events_that_arrive_together_come_out_as_one_batch(
+    redis_client: Redis, sessions: Sessions
+) -> None:
+    """A subscriber that falls behind gets everything queued for it in one batch (one
+    SSE write), in order, with no duplicates; one that keeps up gets each event alone."""
+    from api.event_hub import JobEventHub
+    from api.job_events import EventSources, job_event_batches
+
+    job = await _job(sessions)
+    stream = JobEventStream(redis_client, maxlen=1000, ttl_seconds=60)
+    hub = JobEventHub(redis_client)
+    await hub.start()
+    try:
+        batches = job_event_batches(EventSources(hub, stream, sessions), job.id, None,
+                                    keepalive_seconds=30, max_seconds=60)
+        first = asyncio.create_task(anext(batches))
+        async with hub.subscribe(job.id) as witness:
+            await stream.publish([(job.id, JobEvent("1-1", EventType.DELTA, {"text": "a"}))])
+            assert [e.id for e in await first or []] == ["1-1"]
+            await witness.get()
+            # Three more arrive while nobody reads; a repeat of 1-1 is dropped.
+            later = [JobEvent("1-2", EventType.DELTA, {"text": "b"}),
+                     JobEvent("1-1", EventType.DELTA, {"text": "a"}),
+                     JobEvent("1-3", EventType.USAGE, {"completion_tokens": 2}),
+                     JobEvent("1-4", EventType.DONE, {"finish_reason": "stop"})]
+            for event in later:
+                await redis_client.publish(job_channel(job.id), event.to_json())
+            for _ in later:  # the hub fans out to both queues in the same step
+                await witness.get()
+        assert [e.id for e in await anext(batches) or []] == ["1-2", "1-3", "1-4"]
+        with pytest.raises(StopAsyncIteration):  # it ended with the terminal event
+            await anext(batches)
+    finally:
+        await hub.stop()

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from api import jobs_service
 from api.deps import CurrentKey, StateDep
-from api.job_events import job_events
+from api.job_events import job_event_batches
 from api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -93,25 +93,30 @@ async def _stream(
     finished = False
     usage: dict[str, Any] | None = None
     try:
-        async for event in job_events(
+        # Events that arrived together go out in one write (see api/job_events.py).
+        async for batch in job_event_batches(
             state.event_sources, job.id, None,
             keepalive_seconds=state.settings.sse_keepalive_seconds,
             max_seconds=state.settings.sse_max_seconds,
         ):
-            if event is None:
+            if batch is None:
                 yield b": keep-alive\n\n"
                 continue
-            if event.type == EventType.USAGE:
-                # OpenAI sends usage last, after the chunk that carries finish_reason.
-                usage = event.data if include_usage else None
-                continue
-            for payload in _chunks_for(job, created, event, splitter):
-                yield _sse(payload)
-            if event.type.is_terminal and usage is not None:
-                yield _sse({**chunk(job.id, created, job.model, {}), "choices": [],
-                            "usage": usage})
-            if event.type.is_terminal:
-                finished = True
+            out: list[bytes] = []
+            for event in batch:
+                if event.type == EventType.USAGE:
+                    # OpenAI sends usage last, after the chunk that carries finish_reason.
+                    usage = event.data if include_usage else None
+                    continue
+                out.extend(_sse(payload) for payload in _chunks_for(job, created, event,
+                                                                    splitter))
+                if event.type.is_terminal and usage is not None:
+                    out.append(_sse({**chunk(job.id, created, job.model, {}), "choices": [],
+                                     "usage": usage}))
+                if event.type.is_terminal:
+                    finished = True
+            if out:
+                yield b"".join(out)
         yield _sse("[DONE]")
     finally:
         if not finished:
