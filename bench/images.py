@@ -28,11 +28,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx
 import numpy as np
 from PIL import Image
 
-from bench.sse_clients import submit_and_follow
+from bench.sse_clients import bench_client, submit_and_follow
 from bench.stack import KEY, bench_logs, bench_stack
 from worker.engines import Engine, GenerationRequest, SamplingOptions, build_engine
 from worker.settings import WorkerSettings
@@ -64,9 +63,7 @@ def data_url(data: bytes, mime: str = "image/jpeg") -> str:
 async def through_ferry(url: str, images: list[bytes], max_tokens: int,
                         repeats: int) -> tuple[float, int]:
     """Best jobs/s over `repeats` rounds of all jobs at once; and the tokens of one round."""
-    limits = httpx.Limits(max_connections=2 * len(images) + 8)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600,
-                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+    async with bench_client(url, KEY) as client:
         def body(jpeg: bytes) -> dict[str, object]:
             return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": [

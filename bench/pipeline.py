@@ -18,11 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx
-
 from bench.cpu import CpuSplit
 from bench.engine_direct import drive_engine
-from bench.sse_clients import submit_and_follow
+from bench.sse_clients import bench_client, submit_and_follow
 from bench.stack import KEY, bench_logs, bench_stack, percentile
 from worker.engines import build_engine
 from worker.settings import WorkerSettings
@@ -37,9 +35,7 @@ def prompts(n: int) -> list[str]:
 async def through_ferry(
     url: str, texts: list[str], max_tokens: int
 ) -> tuple[int, float, dict[str, list[float]]]:
-    limits = httpx.Limits(max_connections=2 * len(texts) + 8)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600,
-                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+    async with bench_client(url, KEY) as client:
         def body(text: str) -> dict[str, object]:
             return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": text}]}
@@ -49,7 +45,10 @@ async def through_ferry(
         started = time.perf_counter()
         results = await asyncio.gather(*(submit_and_follow(client, body(t)) for t in texts))
         elapsed = max(r.finished_at for r in results) - started
-        rows = [(await client.get(f"/v1/jobs/{r.job_id}")).json() for r in results]
+        rows = []
+        for r in results:
+            async with client.get(f"/v1/jobs/{r.job_id}") as response:
+                rows.append(await response.json())
     phases = {
         name: sorted(row[name] - started_wall for row in rows)
         for name in ("created_at", "started_at", "first_token_at", "finished_at")

@@ -1,13 +1,20 @@
-"""Async Ferry clients for benchmarks: submit a job, follow its SSE stream to the end."""
+"""Async Ferry clients for benchmarks: submit a job, follow its SSE stream to the end.
+
+aiohttp rather than httpx + httpx-sse: the benchmarks run their clients on the machine
+they measure, and on a 2-core machine httpx's per-chunk overhead took more CPU than
+Ferry's API process did for the same streams (`bench/pipeline.py` prints the CPU each
+process used).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import httpx
-from httpx_sse import aconnect_sse
+import aiohttp
 
 
 @dataclass
@@ -20,17 +27,58 @@ class StreamResult:
     finished_at: float = 0.0
 
 
+@contextlib.asynccontextmanager
+async def bench_client(url: str, key: str) -> AsyncIterator[aiohttp.ClientSession]:
+    """A session for `submit_and_follow`: no connection limit, long timeouts."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        base_url=url, connector=connector, timeout=aiohttp.ClientTimeout(total=600),
+        headers={"Authorization": f"Bearer {key}"},
+    ) as session:
+        yield session
+
+
+@dataclass
+class Sse:
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[Sse]:
+    """Events of a text/event-stream body (comments skipped), per the WHATWG rules that
+    Ferry's streams use: `field: value` lines, a blank line ends an event."""
+    current, data = Sse(), []
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                current.data = "\n".join(data)
+                yield current
+            current, data = Sse(), []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            current.event = value
+        elif name == "id":
+            current.id = value
+
+
 async def submit_and_follow(
-    client: httpx.AsyncClient, body: dict[str, object]
+    client: aiohttp.ClientSession, body: dict[str, object]
 ) -> StreamResult:
-    response = await client.post("/v1/jobs", json=body)
-    response.raise_for_status()
-    result = StreamResult(response.json()["id"])
-    async with aconnect_sse(client, "GET", f"/v1/jobs/{result.job_id}/events") as source:
-        async for sse in source.aiter_sse():
+    async with client.post("/v1/jobs", json=body) as response:
+        response.raise_for_status()
+        result = StreamResult((await response.json())["id"])
+    async with client.get(f"/v1/jobs/{result.job_id}/events") as response:
+        response.raise_for_status()
+        async for sse in sse_events(response):
             received = time.time()
-            if not sse.data:  # a keep-alive comment
-                continue
             data = json.loads(sse.data)
             if sse.event == "delta":
                 result.text += data["text"]

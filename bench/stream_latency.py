@@ -16,18 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx
-
-from bench.sse_clients import submit_and_follow
+from bench.sse_clients import bench_client, submit_and_follow
 from bench.stack import KEY, bench_logs, bench_stack, percentile
 
 MODEL = "ferry-tiny-chat"
 
 
 async def run(url: str, streams: int, max_tokens: int) -> list[float]:
-    limits = httpx.Limits(max_connections=2 * streams + 8)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300,
-                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+    async with bench_client(url, KEY) as client:
         def body(i: int) -> dict[str, object]:
             return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": f"Tell story number {i}."}]}

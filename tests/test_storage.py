@@ -212,3 +212,27 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
             await anext(batches)
     finally:
         await hub.stop()
+
+
+async def test_any_open_batch_sees_open_batches_only(sessions: Sessions) -> None:
+    """The batch supervisor's idle check: a batch counts until it reaches a final state."""
+    from datetime import timedelta
+
+    from storage.models import Batch, BatchStatus, utcnow
+    from storage.repositories import batches
+
+    async with sessions() as session:
+        before = await batches.any_open(session)  # False unless another test left one
+    job = await _job(sessions)  # for an API key
+    batch = Batch(id=batches.new_batch_id(), owner_id=job.owner_id, endpoint="/v1/completions",
+                  input_file_id="file-x", completion_window="24h",
+                  expires_at=utcnow() + timedelta(hours=24))
+    async with sessions.begin() as session:
+        await batches.add_batch(session, batch)
+    for status in BatchStatus:
+        async with sessions.begin() as session:
+            row = await batches.get_batch(session, batch.id)
+            assert row is not None
+            row.status = status
+        async with sessions() as session:
+            assert await batches.any_open(session) == (before or not status.is_terminal)

@@ -111,6 +111,11 @@ class BatchSupervisor:
             await asyncio.sleep(_MIN_GAP_SECONDS)
 
     async def _locked_pass(self, full: bool) -> None:
+        # No open batch anywhere (the usual state of an interactive deployment): one
+        # indexed query instead of a lock and a query per step, every interval.
+        async with self._state.sessions() as session:
+            if not await batches_repo.any_open(session):
+                return
         lock = self._state.redis.lock(BATCH_SUPERVISOR_LOCK, timeout=max(5.0, self._interval * 5),
                                       blocking=False)
         if not await lock.acquire():

@@ -33,6 +33,8 @@ from storage.models import (
 # Batches whose jobs may still be running: they end once none of their jobs is open.
 SETTLING = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING, BatchStatus.FINALIZING)
 OPEN_JOB = (JobStatus.QUEUED, JobStatus.RUNNING)
+# Every status a batch can leave (the supervisor has work while one exists).
+OPEN_BATCH = (BatchStatus.VALIDATING, *SETTLING)
 
 
 def new_batch_id() -> str:
@@ -114,6 +116,12 @@ async def extend_expansion(session: AsyncSession, batch_id: str, lease_seconds: 
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
+
+
+async def any_open(session: AsyncSession) -> bool:
+    """Is any batch not yet in a final state? (One index probe: ix_batches_status.)"""
+    query = select(exists().where(Batch.status.in_(OPEN_BATCH)))
+    return bool(await session.scalar(query))
 
 
 async def unclaimed_validating(session: AsyncSession, limit: int) -> list[str]:
