@@ -18,11 +18,23 @@ from celery import Celery
 from redis.asyncio import Redis
 
 from storage.broker import celery_conf, celery_priority
-from storage.keys import PENDING_JOBS, RUN_BULK_JOBS_TASK, RUN_JOB_TASK, Lane, queue_name
+from storage.keys import (
+    PENDING_JOBS,
+    RUN_BULK_JOBS_TASK,
+    RUN_JOB_TASK,
+    RUN_JOBS_TASK,
+    Lane,
+    queue_name,
+)
 
 log = logging.getLogger(__name__)
 # Batch lines go this many to a Celery message (see storage.keys.RUN_BULK_JOBS_TASK).
 BULK_LINES_PER_MESSAGE = 8
+# Interactive jobs sent together share messages (storage.keys.RUN_JOBS_TASK), but a burst
+# is always spread over at least this many messages, so that as many workers can share
+# it; a job that arrives alone is a message of its own.
+INTERACTIVE_MIN_MESSAGES = 8
+INTERACTIVE_JOBS_PER_MESSAGE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,17 +108,37 @@ class JobQueue:
 
 
 def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[str, list[Any], QueuedJob]]:
-    """(task, args, a job giving queue and priority) per message: one per interactive
-    job; bulk jobs of the same model and priority up to BULK_LINES_PER_MESSAGE a message."""
+    """(task, args, a job giving queue and priority) per message. Jobs of one message share
+    model, lane and priority. Batch lines go up to BULK_LINES_PER_MESSAGE a message.
+    Interactive jobs of one model and priority go one per message up to
+    INTERACTIVE_MIN_MESSAGES of them; more are spread evenly over that many messages (or
+    more, so that none carries over INTERACTIVE_JOBS_PER_MESSAGE)."""
     messages: list[tuple[str, list[Any], QueuedJob]] = []
-    bulk: dict[tuple[str, int], list[QueuedJob]] = {}
+    groups: dict[tuple[str, str, int], list[QueuedJob]] = {}
     for job in jobs:
-        if job.lane == "bulk":
-            bulk.setdefault((job.model, job.priority), []).append(job)
-        else:
-            messages.append((RUN_JOB_TASK, [job.id], job))
-    for group in bulk.values():
-        for i in range(0, len(group), BULK_LINES_PER_MESSAGE):
-            chunk = group[i:i + BULK_LINES_PER_MESSAGE]
-            messages.append((RUN_BULK_JOBS_TASK, [[j.id for j in chunk]], chunk[0]))
+        groups.setdefault((job.lane, job.model, job.priority), []).append(job)
+    for (lane, _, _), group in groups.items():
+        if lane == "bulk":
+            for i in range(0, len(group), BULK_LINES_PER_MESSAGE):
+                chunk = group[i:i + BULK_LINES_PER_MESSAGE]
+                messages.append((RUN_BULK_JOBS_TASK, [[j.id for j in chunk]], chunk[0]))
+            continue
+        count = max(min(len(group), INTERACTIVE_MIN_MESSAGES),
+                    -(-len(group) // INTERACTIVE_JOBS_PER_MESSAGE))
+        for chunk in _split_evenly(group, count):
+            if len(chunk) == 1:
+                messages.append((RUN_JOB_TASK, [chunk[0].id], chunk[0]))
+            else:
+                messages.append((RUN_JOBS_TASK, [[j.id for j in chunk]], chunk[0]))
     return messages
+
+
+def _split_evenly(items: list[QueuedJob], count: int) -> list[list[QueuedJob]]:
+    """`count` consecutive runs of `items` whose lengths differ by at most one."""
+    size, extra = divmod(len(items), count)
+    runs, start = [], 0
+    for k in range(count):
+        end = start + size + (1 if k < extra else 0)
+        runs.append(items[start:end])
+        start = end
+    return runs

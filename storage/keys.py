@@ -8,6 +8,11 @@ Lane = Literal["interactive", "bulk"]
 
 # Celery task the API enqueues by name (the API never imports worker/).
 RUN_JOB_TASK = "ferry.run_job"
+# Interactive jobs that reached the API together (a burst), several per message (args: a
+# list of job ids), each run exactly as RUN_JOB_TASK. A worker's Celery consumer takes one
+# message at a time, with two Redis round trips each; on a busy machine that spread a
+# burst of 64 jobs' starts over seconds (api/enqueue.py says how jobs are grouped).
+RUN_JOBS_TASK = "ferry.run_jobs"
 
 # Batch lines run through this task, several per message (args: a list of job ids): each
 # the same run as RUN_JOB_TASK, then a word on BATCH_WAKE_CHANNEL so the batch feeder

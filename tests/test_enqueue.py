@@ -1,11 +1,13 @@
-"""How accepted jobs become Celery messages (api/enqueue.py): one per interactive job,
-batch lines several to a message, never mixing models or priorities (a message goes to
-one queue at one priority)."""
+"""How accepted jobs become Celery messages (api/enqueue.py): interactive jobs one per
+message unless a burst arrives together, batch lines several to a message, never mixing
+models or priorities (a message goes to one queue at one priority)."""
 
 from __future__ import annotations
 
+import pytest
+
 from api.enqueue import BULK_LINES_PER_MESSAGE, QueuedJob, _messages
-from storage.keys import RUN_BULK_JOBS_TASK, RUN_JOB_TASK
+from storage.keys import RUN_BULK_JOBS_TASK, RUN_JOB_TASK, RUN_JOBS_TASK
 
 
 def test_batch_lines_share_messages_by_model_and_priority() -> None:
@@ -32,3 +34,31 @@ def test_batch_lines_share_messages_by_model_and_priority() -> None:
             (first.model, first.priority, "bulk")}
     sent = [i for _, args, _ in messages for i in (args[0] if isinstance(args[0], list) else args)]
     assert sorted(sent) == sorted(j.id for j in jobs)  # each job exactly once
+
+
+@pytest.mark.parametrize(("n", "messages", "largest"), [
+    (1, 1, 1), (8, 8, 1), (9, 8, 2), (64, 8, 8), (65, 9, 8), (100, 13, 8),
+])
+def test_interactive_bursts_spread_over_at_least_eight_messages(
+    n: int, messages: int, largest: int
+) -> None:
+    jobs = [QueuedJob(f"j{i}", "m1", "interactive", 0) for i in range(n)]
+    out = _messages(jobs)
+    ids = [args[0] if task == RUN_JOBS_TASK else args for task, args, _ in out]
+    assert len(out) == messages
+    assert max(len(group) for group in ids) == largest
+    assert max(map(len, ids)) - min(map(len, ids)) <= 1  # evenly spread
+    assert [i for group in ids for i in group] == [j.id for j in jobs]  # in order, once
+    # A message of one job is the plain single-job task, as before.
+    assert all((task == RUN_JOB_TASK) == (len(group) == 1)
+               for (task, _, _), group in zip(out, ids, strict=True))
+
+
+def test_interactive_jobs_of_other_models_or_priorities_never_share_a_message() -> None:
+    jobs = [QueuedJob(f"a{i}", "m1", "interactive", 0) for i in range(20)]
+    jobs += [QueuedJob(f"b{i}", "m2", "interactive", 0) for i in range(20)]
+    jobs += [QueuedJob(f"c{i}", "m1", "interactive", 3) for i in range(20)]
+    for task, args, first in _messages(jobs):
+        group = args[0] if task == RUN_JOBS_TASK else args
+        members = [j for j in jobs if j.id in group]
+        assert {(j.model, j.priority) for j in members} == {(first.model, first.priority)}

@@ -54,6 +54,24 @@ def test_completion_prompt_list_gives_one_choice_per_prompt(stack: Stack) -> Non
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
+def test_a_burst_of_jobs_shares_messages_and_every_job_answers(stack: Stack) -> None:
+    """12 prompts in one request are 12 jobs sent together: api/enqueue.py spreads them
+    over 8 Celery messages, some carrying two jobs (`ferry.run_jobs`). Each job still gets
+    its own answer, in its prompt's place."""
+    prompts = [f"Item {i}:" for i in range(12)]
+    out = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=5,
+                                        temperature=0)
+    assert [c.index for c in out.choices] == list(range(12))
+    assert all(c.finish_reason in ("stop", "length") for c in out.choices)
+    for i in (0, 1, 11):  # 0 and 1 share a message; 11 travels alone
+        alone = sdk(stack).completions.create(model=TINY, prompt=prompts[i], max_tokens=5,
+                                              temperature=0)
+        assert out.choices[i].text == alone.choices[0].text
+    worker_logs = "".join(p.log_path.read_text(errors="replace") for p in stack.procs
+                          if p.name == "worker-vllm")
+    assert "ferry.run_jobs[" in worker_logs, "no Celery message carried several jobs"
+
+
 def test_completion_streaming_interleaves_prompts_and_ends_with_usage(stack: Stack) -> None:
     prompts = ["Hello there", "Goodbye now"]
     stream = sdk(stack).completions.create(

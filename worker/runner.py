@@ -93,11 +93,15 @@ class JobRunner:
         """Block the calling (Celery task) thread until the job's attempt ends."""
         return self._call(self._run_job(job_id))
 
+    def run_jobs(self, job_ids: list[str]) -> list[str]:
+        """Run interactive jobs that came in one message together; block until all have
+        ended. A job whose attempt raised was given back to the queue (see attempt.py):
+        its outcome is `released`."""
+        return self._call(self._run_jobs(job_ids, wake_feeder=False))
+
     def run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
-        """Run batch lines together; block until all have ended. Each line's end wakes
-        the batch feeder. A line whose attempt raised was given back to the queue (see
-        attempt.py): its outcome is `released`."""
-        return self._call(self._run_bulk_jobs(job_ids))
+        """`run_jobs` for batch lines: each line's end also wakes the batch feeder."""
+        return self._call(self._run_jobs(job_ids, wake_feeder=True))
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -178,8 +182,8 @@ class JobRunner:
             os.kill(os.getpid(), signal.SIGTERM)
             return "released"
 
-    async def _run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
-        """The lines of one message are claimed together (one statement), then run side
+    async def _run_jobs(self, job_ids: list[str], *, wake_feeder: bool) -> list[str]:
+        """The jobs of one message are claimed together (one statement), then run side
         by side."""
         got = await asyncio.gather(*(self._claims.submit(job_id) for job_id in job_ids))
         claimed = {job.id: job for job in got if job is not None}
@@ -187,7 +191,7 @@ class JobRunner:
         try:
             await self._redis.zrem(PENDING_JOBS, *job_ids)
         except RedisError:
-            log.warning("could not unmark delivered batch lines (the reconciler checks SQL)")
+            log.warning("could not unmark delivered jobs (the reconciler checks SQL)")
 
         async def one(job_id: str) -> str:
             job = claimed.get(job_id)
@@ -196,13 +200,14 @@ class JobRunner:
                     return "skipped"
                 return await self._tracked(run_claimed(self._ctx, job))
             except Exception:
-                log.exception("batch line %s was given back to the queue", job_id)
+                log.exception("job %s was given back to the queue", job_id)
                 return "released"
             finally:
-                try:
-                    await self._redis.publish(BATCH_WAKE_CHANNEL, job_id)
-                except RedisError:
-                    log.warning("could not wake the batch feeder (it passes on its timer)")
+                if wake_feeder:
+                    try:
+                        await self._redis.publish(BATCH_WAKE_CHANNEL, job_id)
+                    except RedisError:
+                        log.warning("could not wake the batch feeder (it passes on its timer)")
 
         return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.signals import worker_init, worker_shutdown
 
-from storage.keys import RUN_JOB_TASK
+from storage.keys import RUN_JOB_TASK, RUN_JOBS_TASK
 from storage.settings import get_storage_settings
 from worker import batches  # noqa: F401  (registers the bulk tasks)
 from worker.celery_app import app
@@ -56,3 +56,11 @@ def run_job(job_id: str) -> str:
     outcome = get_runner().run_job(job_id)
     log.info("job %s: %s", job_id, outcome)
     return outcome
+
+
+@app.task(name=RUN_JOBS_TASK)  # type: ignore[untyped-decorator]
+def run_jobs(job_ids: list[str]) -> list[str]:
+    """Interactive jobs sent in one message (a burst): run side by side, as run_job."""
+    outcomes = get_runner().run_jobs(job_ids)
+    log.info("jobs %s: %s", ",".join(job_ids), ",".join(outcomes))
+    return outcomes
