@@ -357,6 +357,37 @@ def test_websocket_rounds_keep_history(stack: Stack) -> None:
         ("user", "q"), ("assistant", "a"), ("user", f"delta {marker}")]
 
 
+def test_websocket_keeps_reading_while_queued_rounds_wait(stack: Stack) -> None:
+    """A client that sends several rounds at once (as PAI-EAS's llm_websocket.py does) is
+    still read during the first round: a ping sent then is answered before that round ends.
+    (uvicorn stops reading while a message waits for the app, and drops a connection whose
+    keepalive pong it cannot read.) The rounds are answered in order."""
+    ws = websocket.create_connection(ws_url(stack), header=[f"Authorization: {KEY_A}"],
+                                     timeout=120)
+    try:
+        long_round = {"prompt": "one", "max_new_tokens": 300, "do_sample": False}
+        ws.send(json.dumps(long_round))
+        ws.send(json.dumps({"prompt": "two", "max_new_tokens": 2}))
+        first = ws.recv()  # round one is streaming
+        ws.ping("mid-round")
+        frames = []
+        while True:
+            opcode, data = ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_PONG:
+                break
+            frames.append(data.decode())
+        assert "<EOS>" not in frames, "the ping was only answered after the round ended"
+        rest = []
+        while (message := ws.recv()) != "<EOS>":
+            rest.append(message)
+        second = []
+        while (message := ws.recv()) != "<EOS>":
+            second.append(message)
+    finally:
+        ws.close()
+    assert first and second  # both rounds answered, the second after the first's <EOS>
+
+
 def test_websocket_refuses_a_wrong_key(stack: Stack) -> None:
     with pytest.raises(websocket.WebSocketBadStatusException):
         websocket.create_connection(ws_url(stack), header=["Authorization: sk-wrong"],

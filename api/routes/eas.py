@@ -6,6 +6,7 @@ Same queue, same engines, same keys as `/v1` (the token may be sent bare:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -272,15 +273,35 @@ async def transformers_websocket(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     past = _WebSocketHistory()
+    # Messages are read as they arrive, not only between rounds, and answered in order.
+    # uvicorn stops reading the socket while a received message waits for the app, so it
+    # would not see the pong to its keepalive ping either and would drop the connection
+    # (ping timeout, 20 s) in the middle of a long round. PAI-EAS's own client
+    # (llm_websocket.py) sends all five of its rounds at once.
+    inbox: asyncio.Queue[str | None] = asyncio.Queue()
+    reader = asyncio.create_task(_read_messages(websocket, inbox))
+    try:
+        while (raw := await inbox.get()) is not None:
+            await _websocket_round(websocket, state, key, raw, past)
+    except WebSocketDisconnect:
+        return
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+            await reader
+
+
+async def _read_messages(websocket: WebSocket, inbox: asyncio.Queue[str | None]) -> None:
+    """Every message's text into `inbox`, then None once the client has gone."""
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            raw = message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
-            await _websocket_round(websocket, state, key, raw, past)
-    except WebSocketDisconnect:
-        return
+            inbox.put_nowait(message.get("text")
+                             or (message.get("bytes") or b"").decode(errors="replace"))
+    finally:
+        inbox.put_nowait(None)
 
 
 @dataclass
