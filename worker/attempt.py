@@ -1,4 +1,4 @@
-"""One attempt at one job: claim it, stream the engine's deltas out, record the end."""
+"""One attempt at one job the worker has claimed: stream the engine's deltas out, record the end."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import io
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -136,29 +135,14 @@ class AttemptContext:
     objects: ObjectStore
 
 
-async def run_attempt(
-    ctx: AttemptContext, job_id: str, on_claimed: Callable[[str], Awaitable[object]]
-) -> str:
-    """Run the job if it is ours to run; returns what happened, for the task's log."""
-    job = await ctx.claims.submit(job_id)
-    if job is None:
-        return "skipped"
-    return await run_claimed(ctx, job, on_claimed)
-
-
-async def run_claimed(
-    ctx: AttemptContext, job: Job,
-    on_claimed: Callable[[str], Awaitable[object]] | None = None,
-) -> str:
-    """Run a job this worker has just claimed (`ctx.claims`). `on_claimed`
-    runs once the job is in flight (where a cancel finds it)."""
+async def run_claimed(ctx: AttemptContext, job: Job) -> str:
+    """Run a job this worker has just claimed (`ctx.claims`); returns what happened, for
+    the task's log."""
     job_id = job.id
     state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
                        started_at=job.started_at)
     ctx.in_flight[job_id] = state
     try:
-        if on_claimed is not None:
-            await on_claimed(job_id)
         if state.attempt > 1:
             ctx.publisher.emit(job_id, JobEvent(state.next_id(), EventType.RETRY,
                                                 {"attempt": state.attempt}))
@@ -236,7 +220,7 @@ async def _generate(
         return JobStatus.CANCELLED, None
     if state.finish_reason == "abort":
         # Aborted in the engine, but nobody cancelled it: the worker is stopping. The job
-        # goes back to the queue (run_attempt releases it) instead of ending half-done.
+        # goes back to the queue (run_claimed releases it) instead of ending half-done.
         raise WorkerStopping("the worker stopped while the job was generating")
     return JobStatus.SUCCEEDED, None
 

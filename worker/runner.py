@@ -34,7 +34,7 @@ from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
-from worker.attempt import AttemptContext, EngineBroken, run_attempt, run_claimed
+from worker.attempt import AttemptContext, EngineBroken, run_claimed
 from worker.engines.base import Engine
 from worker.group_commit import claim_committer, outcome_committer
 from worker.job_state import JobAttempt
@@ -91,7 +91,7 @@ class JobRunner:
 
     def run_job(self, job_id: str) -> str:
         """Block the calling (Celery task) thread until the job's attempt ends."""
-        return self._call(self._run_job(job_id))
+        return self.run_jobs([job_id])[0]
 
     def run_jobs(self, job_ids: list[str]) -> list[str]:
         """Run interactive jobs that came in one message together; block until all have
@@ -161,12 +161,6 @@ class JobRunner:
         await self._redis.aclose()
         await self._db.dispose()
 
-    async def _run_job(self, job_id: str) -> str:
-        try:
-            return await self._tracked(run_attempt(self._ctx, job_id, self._unmark_pending))
-        finally:
-            await self._redis.zrem(PENDING_JOBS, job_id)
-
     async def _tracked(self, attempt: Coroutine[Any, Any, str]) -> str:
         """Run one attempt as a job of this runner (`_stop` waits for them)."""
         task = asyncio.current_task()
@@ -187,7 +181,7 @@ class JobRunner:
         by side."""
         got = await asyncio.gather(*(self._claims.submit(job_id) for job_id in job_ids))
         claimed = {job.id: job for job in got if job is not None}
-        # Delivered: from here on the claimed lines' leases guard them.
+        # Delivered: from here on the claimed jobs' leases guard them.
         try:
             await self._redis.zrem(PENDING_JOBS, *job_ids)
         except RedisError:
@@ -210,10 +204,6 @@ class JobRunner:
                         log.warning("could not wake the batch feeder (it passes on its timer)")
 
         return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
-
-    async def _unmark_pending(self, job_id: str) -> None:
-        """The message was delivered: from now on the job's lease guards it."""
-        await self._redis.zrem(PENDING_JOBS, job_id)
 
     async def _heartbeat_once(self) -> None:
         info = self.engine.info
