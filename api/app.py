@@ -54,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await api_keys.ensure_keys(session, settings.api_keys)
     redis = Redis.from_url(storage.redis_url, max_connections=256)
     registry = ModelRegistry(redis)
-    queue = JobQueue(create_producer(storage.redis_url), redis)
+    queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
     hub = JobEventHub(redis)
     state = AppState(
         settings=settings,

@@ -1,21 +1,29 @@
 """Sends jobs' Celery messages, after their rows are committed.
 
-Celery's producer is blocking, so sends run on a worker thread, batched: whatever jobs
-arrive while one batch is being sent go out together on one producer connection. A job
+Celery's producer is blocking, so sending happens on one thread of its own, fed through a
+thread-safe queue: `enqueue` hands jobs over without waiting, and whatever jobs arrive
+while one batch is being sent go out together on one producer connection. The thread
+needs nothing from the API's event loop (it marks jobs pending with its own Redis
+client), so a burst of requests keeping the loop busy does not hold back the messages of
+jobs already committed: before, each send waited its turn on the loop, and a 64-job burst's
+messages left ~1.2 s after the first ones (bench/pipeline.py, `redis-cli monitor`). A job
 whose send fails stays `queued` in SQL and the reconciler sends it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import queue
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from redis.asyncio import Redis
+from redis import Redis
 
 from storage.broker import celery_conf, celery_priority
 from storage.keys import (
@@ -51,54 +59,78 @@ def create_producer(redis_url: str) -> Celery:
     return app
 
 
+@dataclass(frozen=True, slots=True)
+class _Send:
+    jobs: list[QueuedJob]
+    # Set once the batch holding these jobs has gone out (send_now waits on it).
+    done: concurrent.futures.Future[None] | None
+
+
 class JobQueue:
-    def __init__(self, celery: Celery, redis: Redis) -> None:
+    def __init__(self, celery: Celery, redis_url: str) -> None:
         self._celery = celery
-        self._redis = redis
-        self._pending: list[QueuedJob] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._redis = Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10)
+        self._inbox: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="job-queue", daemon=True)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="job-queue")
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._pending:
-            await self._send(self._pending)
-            self._pending = []
-        if self._task is not None:
-            self._task.cancel()
+        """Send what was handed over, then end the thread."""
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, 60)
+        self._redis.close()
 
     def enqueue(self, jobs: Sequence[QueuedJob]) -> None:
-        """Hand committed jobs over for sending; returns at once."""
-        self._pending.extend(jobs)
-        self._wake.set()
+        """Hand committed jobs over for sending; returns at once (any thread)."""
+        if jobs:
+            self._inbox.put(_Send(list(jobs), None))
 
     async def send_now(self, jobs: Sequence[QueuedJob]) -> None:
-        """Send and wait (the reconciler's path)."""
-        await self._send(jobs)
+        """Send and wait; raises what sending raised (the reconciler's and batch feeder's
+        path)."""
+        if not jobs:
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._inbox.put(_Send(list(jobs), done))
+        await asyncio.wrap_future(done)
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            items = [self._inbox.get()]
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in items
+            sends = [item for item in items if item is not None]
+            error: Exception | None = None
             try:
-                await self._send(batch)
-            except Exception:
+                self._send([job for send in sends for job in send.jobs])
+            except Exception as exc:
                 # The rows are in SQL: the reconciler re-sends what did not go out.
-                log.exception("sending %d jobs failed; the reconciler will retry", len(batch))
+                log.exception("sending %d jobs failed; the reconciler will retry",
+                              sum(len(send.jobs) for send in sends))
+                error = exc
+            for send in sends:
+                if send.done is None:
+                    continue
+                if error is None:
+                    send.done.set_result(None)
+                else:
+                    send.done.set_exception(error)
 
-    async def _send(self, jobs: Sequence[QueuedJob]) -> None:
+    def _send(self, jobs: Sequence[QueuedJob]) -> None:
         if not jobs:
             return
         now = time.time()
         # Mark first: a worker that claims the job removes the mark, so the mark must not
         # land after the claim.
-        await self._redis.zadd(PENDING_JOBS, {job.id: now for job in jobs})
-        await asyncio.to_thread(self._publish, jobs)
-
-    def _publish(self, jobs: Sequence[QueuedJob]) -> None:
+        self._redis.zadd(PENDING_JOBS, {job.id: now for job in jobs})
         with self._celery.producer_or_acquire() as producer:
             for task, args, first in _messages(jobs):
                 self._celery.send_task(

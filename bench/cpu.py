@@ -3,7 +3,10 @@
 On a small machine Ferry's processes share cores with the engine, so "where did the CPU
 go" explains a throughput ratio better than any one timing. `CpuSplit` snapshots every
 process's user + system time when it starts and when it stops, and groups the difference
-by role (the label of the first matching pattern of its command line).
+by role (the label of the first matching pattern of its command line). It also reports
+the machine's idle time and, on a virtual machine, its steal time (CPU the host gave to
+someone else while this machine had work: a figure that moves from run to run with the
+host's load, not Ferry's).
 
     with CpuSplit() as cpu:
         ...
@@ -52,6 +55,13 @@ def _snapshot() -> dict[int, tuple[str, float]]:
     return seen
 
 
+def _machine() -> tuple[float, float]:
+    """(idle, steal) CPU seconds of the whole machine so far (/proc/stat's first line)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    idle, steal = int(fields[3]) + int(fields[4]), int(fields[7]) if len(fields) > 7 else 0
+    return idle / _TICKS, steal / _TICKS
+
+
 def role(cmdline: str) -> str:
     for label, pattern in ROLES:
         if pattern in cmdline:
@@ -65,12 +75,16 @@ class CpuSplit:
 
     def __enter__(self) -> CpuSplit:
         self._before = _snapshot()
+        self._machine_before = _machine()
         self._started = os.times().elapsed
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.wall = os.times().elapsed - self._started
         after = _snapshot()
+        idle, steal = _machine()
+        self.idle = idle - self._machine_before[0]
+        self.steal = steal - self._machine_before[1]
         totals: dict[str, float] = defaultdict(float)
         for pid, (cmdline, seconds) in after.items():
             # A process that started during the run counts from zero. One that ended
@@ -86,4 +100,6 @@ class CpuSplit:
         for label, seconds in self.seconds.items():
             if seconds >= 0.01:
                 lines.append(f"{prefix}  {label:<38} {seconds:7.2f}")
+        lines.append(f"{prefix}  {'(machine idle)':<38} {self.idle:7.2f}")
+        lines.append(f"{prefix}  {'(VM steal: taken by the host)':<38} {self.steal:7.2f}")
         return "\n".join(lines)

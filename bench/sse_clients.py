@@ -48,7 +48,7 @@ class Sse:
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[Sse]:
     """Events of a text/event-stream body (comments skipped), per the WHATWG rules that
     Ferry's streams use: `field: value` lines, a blank line ends an event."""
-    current, data = Sse(), []
+    current, data = Sse(), list[str]()
     async for raw in response.content:
         line = raw.decode().rstrip("\r\n")
         if not line:

@@ -1,13 +1,28 @@
 """How accepted jobs become Celery messages (api/enqueue.py): interactive jobs one per
 message unless a burst arrives together, batch lines several to a message, never mixing
-models or priorities (a message goes to one queue at one priority)."""
+models or priorities (a message goes to one queue at one priority); and the thread that
+sends them."""
 
 from __future__ import annotations
 
-import pytest
+import base64
+import json
+import time
+from collections.abc import Iterator
 
-from api.enqueue import BULK_LINES_PER_MESSAGE, QueuedJob, _messages
-from storage.keys import RUN_BULK_JOBS_TASK, RUN_JOB_TASK, RUN_JOBS_TASK
+import pytest
+import redis
+
+from api.enqueue import BULK_LINES_PER_MESSAGE, JobQueue, QueuedJob, _messages, create_producer
+from storage.broker import priority_lists
+from storage.keys import (
+    PENDING_JOBS,
+    RUN_BULK_JOBS_TASK,
+    RUN_JOB_TASK,
+    RUN_JOBS_TASK,
+    queue_name,
+)
+from tests.conftest import REDIS_BASE
 
 
 def test_batch_lines_share_messages_by_model_and_priority() -> None:
@@ -62,3 +77,76 @@ def test_interactive_jobs_of_other_models_or_priorities_never_share_a_message() 
         group = args[0] if task == RUN_JOBS_TASK else args
         members = [j for j in jobs if j.id in group]
         assert {(j.model, j.priority) for j in members} == {(first.model, first.priority)}
+
+
+# -- the sender thread (JobQueue), against a real Redis broker ---------------------------
+
+QUEUE_REDIS_URL = f"{REDIS_BASE}/7"  # no test stack uses db 7
+
+
+def _sent_job_ids(client: redis.Redis, queue: str) -> list[str]:
+    """Job ids in the Celery messages waiting on `queue` (every priority list)."""
+    ids: list[str] = []
+    for name in priority_lists(queue):
+        for raw in client.lrange(name, 0, -1):
+            args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+            ids.extend(args[0] if isinstance(args[0], list) else args)
+    return ids
+
+
+@pytest.fixture
+def broker() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(QUEUE_REDIS_URL)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+async def test_messages_go_out_while_the_event_loop_is_busy(broker: redis.Redis) -> None:
+    queue = JobQueue(create_producer(QUEUE_REDIS_URL), QUEUE_REDIS_URL)
+    queue.start()
+    try:
+        jobs = [QueuedJob(f"j{i}", "m1", "interactive", 0) for i in range(12)]
+        queue.enqueue(jobs)
+        # Block this event loop on purpose (as a burst of requests would keep it busy):
+        # the sender needs nothing from it.
+        deadline = time.monotonic() + 20
+        while (len(_sent_job_ids(broker, queue_name("m1", "interactive"))) < len(jobs)
+               and time.monotonic() < deadline):
+            time.sleep(0.01)  # noqa: ASYNC251 (the point of the test)
+        assert sorted(_sent_job_ids(broker, queue_name("m1", "interactive"))) == sorted(
+            j.id for j in jobs)
+        # Each job was marked pending (for the reconciler) before its message went out.
+        assert all(broker.zscore(PENDING_JOBS, j.id) is not None for j in jobs)
+    finally:
+        await queue.stop()
+
+
+async def test_send_now_waits_for_its_messages_and_stop_sends_what_is_left(
+    broker: redis.Redis,
+) -> None:
+    queue = JobQueue(create_producer(QUEUE_REDIS_URL), QUEUE_REDIS_URL)
+    queue.start()
+    await queue.send_now([QueuedJob("b1", "m1", "bulk", 3), QueuedJob("b2", "m1", "bulk", 3)])
+    assert sorted(_sent_job_ids(broker, queue_name("m1", "bulk"))) == ["b1", "b2"]
+
+    queue.enqueue([QueuedJob("late", "m1", "interactive", 0)])
+    await queue.stop()
+    assert _sent_job_ids(broker, queue_name("m1", "interactive")) == ["late"]
+
+
+async def test_a_send_that_fails_raises_to_send_now_and_the_sender_lives_on() -> None:
+    # Nothing listens on port 1 of loopback: every send fails at once.
+    unreachable = "redis://127.0.0.1:1/0"
+    queue = JobQueue(create_producer(unreachable), unreachable)
+    queue.start()
+    try:
+        queue.enqueue([QueuedJob("x", "m1", "interactive", 0)])  # logged, not raised
+        for _ in range(2):
+            with pytest.raises(redis.ConnectionError):
+                await queue.send_now([QueuedJob("y", "m1", "interactive", 0)])
+    finally:
+        await queue.stop()
