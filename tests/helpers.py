@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from httpx_sse import connect_sse
+from redis.asyncio import Redis
 
 from worker.engines import build_engine
 from worker.engines.base import Delta, Engine, GenerationRequest
@@ -126,3 +127,15 @@ async def abort_after_first_delta(engine: Engine, request: GenerationRequest) ->
         if len(deltas) == 1:
             await engine.abort(request.request_id)
     return deltas
+
+
+@contextlib.asynccontextmanager
+async def empty_redis_db(url: str) -> AsyncIterator[Redis]:
+    """A client on a Redis db (one no test stack uses) emptied before and after."""
+    client = Redis.from_url(url)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()

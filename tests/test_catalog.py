@@ -15,6 +15,7 @@ from api.errors import ModelNotFound
 from storage.keys import MODELS_HASH
 from storage.registry import ModelRegistry, ServedModel
 from tests.conftest import REDIS_BASE
+from tests.helpers import empty_redis_db
 
 REDIS_URL = f"{REDIS_BASE}/6"  # no test stack uses db 6
 
@@ -31,13 +32,8 @@ class CountingRegistry(ModelRegistry):
 
 @pytest.fixture
 async def redis() -> AsyncIterator[Redis]:
-    client = Redis.from_url(REDIS_URL)
-    await client.flushdb()
-    try:
+    async with empty_redis_db(REDIS_URL) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 async def announce(redis: Redis, name: str) -> None:

@@ -16,6 +16,7 @@ from storage.models import Job, JobStatus
 from storage.repositories import api_keys, jobs
 from storage.settings import StorageSettings
 from tests.conftest import REDIS_BASE, Sessions
+from tests.helpers import empty_redis_db
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,13 +132,8 @@ async def test_events_rebuilt_from_sql_match_worker_numbering(sessions: Sessions
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[Redis]:
-    client = Redis.from_url(f"{REDIS_BASE}/14")
-    await client.flushdb()
-    try:
+    async with empty_redis_db(f"{REDIS_BASE}/14") as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 async def test_event_stream_appends_publishes_and_replays(redis_client: Redis) -> None:
