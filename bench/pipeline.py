@@ -22,7 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu import CpuSplit
 from bench.engine_direct import drive_engine
-from bench.sse_clients import bench_client, submit_and_follow
+from bench.sse_clients import (
+    WARM_TOKENS,
+    bench_client,
+    submit_and_follow,
+    warm_prompts,
+    warm_up,
+)
 from bench.stack import KEY, bench_logs, bench_stack, percentile
 from worker.engines import build_engine
 from worker.settings import WorkerSettings
@@ -30,27 +36,19 @@ from worker.settings import WorkerSettings
 MODEL = "ferry-tiny-chat"
 
 
-WARM_TOKENS = 4
-
-
 def prompts(n: int) -> list[str]:
     return [f"Write a short story about the number {i}." for i in range(n)]
-
-
-def warm_prompts(n: int) -> list[str]:
-    return [f"Say hello to visitor {i}." for i in range(n)]
 
 
 async def through_ferry(
     url: str, texts: list[str], max_tokens: int, cpu: CpuSplit
 ) -> tuple[int, float, dict[str, list[float]]]:
     async with bench_client(url, KEY) as client:
-        def body(text: str, tokens: int = max_tokens) -> dict[str, object]:
-            return {"model": MODEL, "max_tokens": tokens, "temperature": 0,
+        def body(text: str) -> dict[str, object]:
+            return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": text}]}
 
-        await asyncio.gather(*(submit_and_follow(client, body(t, WARM_TOKENS))
-                               for t in warm_prompts(len(texts))))
+        await warm_up(client, MODEL, len(texts))
         started_wall = time.time()
         started = time.perf_counter()
         with cpu:

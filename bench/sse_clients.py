@@ -8,6 +8,7 @@ process used).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -92,3 +93,22 @@ async def submit_and_follow(
                 break
     result.finished_at = time.perf_counter()
     return result
+
+
+# Warm-up jobs' length: enough to go through the whole path, short enough to cost little.
+WARM_TOKENS = 4
+
+
+def warm_prompts(n: int) -> list[str]:
+    """Prompts no measured run uses (so nothing it measures is already in a cache)."""
+    return [f"Say hello to visitor {i}." for i in range(n)]
+
+
+async def warm_up(client: aiohttp.ClientSession, model: str, n: int) -> None:
+    """A burst of `n` short jobs, so that a measured burst of `n` finds a warm service:
+    connections open (client, API's database and Redis pools), worker threads started,
+    the engine past its first steps."""
+    await asyncio.gather(*(
+        submit_and_follow(client, {"model": model, "max_tokens": WARM_TOKENS, "temperature": 0,
+                                   "messages": [{"role": "user", "content": text}]})
+        for text in warm_prompts(n)))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -27,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis.asyncio import Redis
 
-from bench.sse_clients import bench_client, submit_and_follow
+from bench.sse_clients import bench_client, submit_and_follow, warm_up
 from bench.stack import KEY, bench_logs, bench_stack, percentile
+from storage.events import EventType, JobEvent
 from storage.keys import job_channel
 
 MODEL = "ferry-tiny-chat"
@@ -47,9 +47,9 @@ async def redis_delays(redis_url: str) -> AsyncIterator[list[float]]:
             if message["type"] != "pmessage":
                 continue
             received = time.time()
-            event = json.loads(message["data"])
-            if event["type"] == "delta" and "ts" in event["data"]:
-                delays.append(received - event["data"]["ts"])
+            event = JobEvent.from_json(message["data"])
+            if event.type == EventType.DELTA and "ts" in event.data:
+                delays.append(received - event.data["ts"])
 
     reader = asyncio.create_task(read())
     try:
@@ -65,15 +65,11 @@ async def redis_delays(redis_url: str) -> AsyncIterator[list[float]]:
 async def run(url: str, redis_url: str, streams: int,
               max_tokens: int) -> tuple[list[float], list[float]]:
     async with bench_client(url, KEY) as client, redis_delays(redis_url) as at_redis:
-        def body(i: int, tokens: int = max_tokens, text: str = "Tell story number") -> dict[
-                str, object]:
-            return {"model": MODEL, "max_tokens": tokens, "temperature": 0,
-                    "messages": [{"role": "user", "content": f"{text} {i}."}]}
+        def body(i: int) -> dict[str, object]:
+            return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": f"Tell story number {i}."}]}
 
-        # Warm (connection pools, worker threads, engine) with a burst as wide as the
-        # measured one: bench/pipeline.py does the same.
-        await asyncio.gather(*(submit_and_follow(client, body(i, 4, "Say hello to visitor"))
-                               for i in range(streams)))
+        await warm_up(client, MODEL, streams)  # as bench/pipeline.py does
         at_redis.clear()
         results = await asyncio.gather(*(submit_and_follow(client, body(i))
                                          for i in range(streams)))
@@ -93,13 +89,13 @@ def main() -> None:
                                            args.max_tokens))
     print(f"stream_latency: {len(delays)} deltas over {args.streams} streams "
           f"({args.engine} engine)")
-    print(f"stream_latency: p50 {percentile(delays, 50) * 1000:.2f} ms, "
-          f"p90 {percentile(delays, 90) * 1000:.2f} ms, "
-          f"p99 {percentile(delays, 99) * 1000:.2f} ms (targets p50 <= 2, p99 <= 10)")
+    print(f"stream_latency: {spread(delays)} (targets p50 <= 2, p99 <= 10)")
     print(f"stream_latency: of which engine -> Redis subscriber (worker's share): "
-          f"p50 {percentile(at_redis, 50) * 1000:.2f} ms, "
-          f"p90 {percentile(at_redis, 90) * 1000:.2f} ms, "
-          f"p99 {percentile(at_redis, 99) * 1000:.2f} ms ({len(at_redis)} deltas)")
+          f"{spread(at_redis)} ({len(at_redis)} deltas)")
+
+
+def spread(seconds: list[float]) -> str:
+    return ", ".join(f"p{q} {percentile(seconds, q) * 1000:.2f} ms" for q in (50, 90, 99))
 
 
 if __name__ == "__main__":
