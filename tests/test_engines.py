@@ -284,6 +284,20 @@ async def test_bad_requests_are_refused(engine: Engine) -> None:
         )
 
 
+async def test_vllm_runs_the_model_in_its_engine_core_process(engine: Engine) -> None:
+    """On a CPU machine vLLM's engine core process runs the model itself: no model process
+    of its own beside it, which the engine core would busy-wait on (worker/engines/vllm.py)."""
+    if engine.info.engine != "vllm":
+        pytest.skip("vLLM's processes only")
+    import psutil
+
+    cores = [p for p in psutil.Process().children() if p.name() == "VLLM::EngineCore"]
+    assert len(cores) == 1, cores
+    assert cores[0].children(recursive=True) == []
+    # ...and it still answers.
+    check_stream(await collect(engine, chat("Still there?", max_tokens=8)), 8)
+
+
 # Keep last: it stops the module's engine (the fixture's own stop() is then a no-op), and
 # pytest runs a parametrized module fixture's tests in file order.
 async def test_stop_aborts_running_requests(engine: Engine) -> None:

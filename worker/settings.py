@@ -39,9 +39,10 @@ class WorkerSettings(BaseSettings):
     structured_output_any_whitespace: bool = False
     # vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.
     cpu_kv_cache_gib: int = 1
-    # CPU threads for the transformers engine's torch ops. None: OMP_NUM_THREADS if set,
-    # else all cores but one (the loop, Celery threads and vLLM's own processes need a
-    # core; spinning OMP threads on a busy machine made generation ~10x slower).
+    # CPU threads the engine computes with on a machine without a GPU (transformers' torch
+    # ops; vLLM's engine core process). None: OMP_NUM_THREADS if set, else all cores but
+    # one (the loop, Celery threads, the API and the databases need a core; spinning OMP
+    # threads on a busy machine made generation ~10x slower).
     torch_threads: int | None = None
     gpu_memory_utilization: float = 0.9
     # A claimed job is ours while the lease lives; renewed every lease/3 seconds.

@@ -7,11 +7,26 @@ check lengths before anything is submitted, so a bad request fails fast with
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from worker.engines.base import Engine, EngineRequestError, GenerationRequest, SamplingOptions
+from worker.settings import WorkerSettings
+
+
+def cpu_threads(settings: WorkerSettings) -> int:
+    """Threads an engine computes with on a CPU machine: `torch_threads`, else
+    OMP_NUM_THREADS, else all cores but one. OMP threads spin between parallel regions, so
+    with every core in use by torch, a busy neighbour (the worker's loop and Celery threads,
+    the API, the databases) stalls each region; the core left over is theirs."""
+    if settings.torch_threads is not None:
+        return max(1, settings.torch_threads)
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 @dataclass(frozen=True, slots=True)

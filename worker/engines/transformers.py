@@ -31,7 +31,6 @@ import asyncio
 import importlib
 import logging
 import math
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from worker.engines.base import (
 from worker.engines.common import (
     ImageSupport,
     check_fits,
+    cpu_threads,
     image_support,
     prompt_text,
     prompt_token_ids,
@@ -164,7 +164,7 @@ class TransformersEngine:
         tokenizer = tf.AutoTokenizer.from_pretrained(self._model_path)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
-            torch.set_num_threads(self._cpu_threads())
+            torch.set_num_threads(cpu_threads(self._settings))
         auto_model = tf.AutoModelForCausalLM
         self._processor = self._image_processor(tf)
         if self._processor is not None:
@@ -239,17 +239,6 @@ class TransformersEngine:
             return None
         processor = tf.AutoProcessor.from_pretrained(self._model_path)
         return processor if image_support(processor) is not None else None
-
-    def _cpu_threads(self) -> int:
-        # Process-wide, which is fine: one engine per worker process. OMP threads spin
-        # between parallel regions; with every core in use by torch, a busy neighbour
-        # (another process, our own loop thread) stalls each region.
-        if self._settings.torch_threads is not None:
-            return max(1, self._settings.torch_threads)
-        from_env = os.environ.get("OMP_NUM_THREADS", "")
-        if from_env.isdigit() and int(from_env) > 0:
-            return int(from_env)
-        return max(1, (os.cpu_count() or 1) - 1)
 
     def _cpu_num_blocks(self, text_config: Any, dtype: Any, max_len: int) -> int:
         page_size = 256  # ContinuousBatchingConfig's default page size
