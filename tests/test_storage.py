@@ -157,6 +157,37 @@ async def test_event_stream_appends_publishes_and_replays(redis_client: Redis) -
     await pubsub.aclose()
 
 
+async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: Redis) -> None:
+    """Events of several jobs in one call each reach their own stream and channel, with
+    their data intact whatever the text holds; a repeated id is refused by the stream (the
+    replay stays as it was) and still published."""
+    stream = JobEventStream(redis_client, maxlen=1000, ttl_seconds=60)
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe("ferry:job:a:live", "ferry:job:b:live")
+    texts = ['say "hi"\n', "\u00e9t\u00e9 \U0001f600 \\ end", "}{", "<think>"]
+    batch = [(job, JobEvent(f"1-{i}", EventType.DELTA, {"text": text, "ts": 1.5}))
+             for i, text in enumerate(texts, 1) for job in ("a", "b")]
+    batch.append(("a", JobEvent("1-5", EventType.DONE, {"finish_reason": "length"})))
+    await stream.publish(batch)
+    await stream.publish([("b", JobEvent("1-2", EventType.DELTA, {"text": "again"}))])
+    live: dict[str, list[JobEvent]] = {"a": [], "b": []}
+    while sum(map(len, live.values())) < len(batch) + 1:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if message:
+            live[message["channel"].decode().split(":")[2]].append(
+                JobEvent.from_json(message["data"]))
+    for job in ("a", "b"):
+        stored = await stream.read_after(job, None) or []
+        assert [e.data["text"] for e in stored if e.type == EventType.DELTA] == texts
+        assert all(e.data["ts"] == 1.5 for e in stored if e.type == EventType.DELTA)
+    assert [e.data.get("text") for e in live["a"]] == [*texts, None]
+    assert live["a"][-1] == JobEvent("1-5", EventType.DONE, {"finish_reason": "length"})
+    assert [e.id for e in live["b"]] == ["1-1", "1-2", "1-3", "1-4", "1-2"]
+    assert 0 < await redis_client.ttl("ferry:job:a:events") <= 60
+    assert await redis_client.ttl("ferry:job:b:events") == -1  # no terminal event yet
+    await pubsub.aclose()
+
+
 async def test_sqlite_memory_is_refused() -> None:
     with pytest.raises(ValueError, match="file"):
         create_db_engine(StorageSettings(database_url="sqlite+aiosqlite:///:memory:"))
