@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cpu import CpuSplit
 from bench.stack import KEY, bench_logs, bench_stack
 from worker.engines import resolve_model_path
 from worker.settings import WorkerSettings
@@ -59,24 +61,32 @@ def completion_tokens(path: Path) -> tuple[int, int]:
     return lines, tokens
 
 
-def through_ferry(source: Path, out: Path, objects: Path) -> float:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def through_ferry(source: Path, out: Path, objects: Path, cpu: CpuSplit) -> float:
     with bench_stack(bench_logs(), FERRY_OBJECT_STORE="local", FERRY_OBJECT_DIR=str(objects),
                      FERRY_CONCURRENCY=str(CONCURRENCY),
                      VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB) as stack:
         url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
         stack.add_worker(MODEL, "vllm")
         started = time.perf_counter()
-        run = subprocess.run(
-            [sys.executable, "-m", "cli.main", "batch", "run", str(source), "-o", str(out),
-             "--server", url, "--api-key", KEY, "--poll-seconds", "0.2"],
-            cwd=ROOT, capture_output=True, text=True, check=False)
+        cli_before = children_cpu()
+        with cpu:
+            run = subprocess.run(
+                [sys.executable, "-m", "cli.main", "batch", "run", str(source), "-o", str(out),
+                 "--server", url, "--api-key", KEY, "--poll-seconds", "0.2"],
+                cwd=ROOT, capture_output=True, text=True, check=False)
         elapsed = time.perf_counter() - started
+        cpu.add("ferry batch run (the client)", children_cpu() - cli_before)
         if run.returncode != 0:
             raise SystemExit(f"ferry batch run failed:\n{run.stderr[-3000:]}")
     return elapsed
 
 
-def through_vllm(source: Path, out: Path, lines: int, log: Path) -> float:
+def through_vllm(source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit) -> float:
     model_path = resolve_model_path(WorkerSettings(model=MODEL))
     command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
                "-i", str(source), "-o", str(out), "--model", model_path,
@@ -100,9 +110,14 @@ def through_vllm(source: Path, out: Path, lines: int, log: Path) -> float:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     finished = 0.0
+    measuring = False
     while not finished:
+        if reading.is_set() and not measuring:
+            cpu.__enter__()  # from its engine being up (as Ferry's server is) to the end
+            measuring = True
         if reading.is_set() and out.exists() and out.read_bytes().count(b"\n") >= lines:
             finished = time.perf_counter()
+            cpu.__exit__(None, None, None)
         elif proc.poll() is not None:
             break
         else:
@@ -123,8 +138,10 @@ def main() -> None:
     source = work / "input.jsonl"
     write_lines(source, args.lines, args.max_tokens)
     ferry_out, vllm_out = work / "ferry.jsonl", work / "vllm.jsonl"
-    ferry_seconds = through_ferry(source, ferry_out, work / "objects")
-    vllm_seconds = through_vllm(source, vllm_out, args.lines, work / "vllm-run-batch.log")
+    ferry_cpu, vllm_cpu = CpuSplit(), CpuSplit()
+    ferry_seconds = through_ferry(source, ferry_out, work / "objects", ferry_cpu)
+    vllm_seconds = through_vllm(source, vllm_out, args.lines, work / "vllm-run-batch.log",
+                                vllm_cpu)
     ferry_lines, ferry_tokens = completion_tokens(ferry_out)
     vllm_lines, vllm_tokens = completion_tokens(vllm_out)
     ferry_rate, vllm_rate = ferry_tokens / ferry_seconds, vllm_tokens / vllm_seconds
@@ -134,6 +151,11 @@ def main() -> None:
           f"in {ferry_seconds:.2f} s = {ferry_rate:,.0f} tok/s")
     print(f"batch_vs_runbatch: vllm run-batch:  {vllm_lines} lines, {vllm_tokens:,} tokens "
           f"in {vllm_seconds:.2f} s = {vllm_rate:,.0f} tok/s")
+    print("batch_vs_runbatch: where the CPU went during `ferry batch run`:")
+    print(ferry_cpu.report("batch_vs_runbatch: "))
+    print("batch_vs_runbatch: ...and during `vllm run-batch` (its engine core and model "
+          "processes count as engine core; its own front end as other):")
+    print(vllm_cpu.report("batch_vs_runbatch: "))
     print(f"batch_vs_runbatch: ratio {ferry_rate / vllm_rate:.3f} (target >= 1.0)")
 
 

@@ -93,6 +93,12 @@ class CpuSplit:
             totals[role(cmdline)] += max(0.0, seconds - before)
         self.seconds = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
+    def add(self, label: str, seconds: float) -> None:
+        """Count CPU the snapshots could not see (a child process that ended inside the
+        run, measured by the caller with `resource.getrusage(RUSAGE_CHILDREN)`)."""
+        self.seconds[label] = self.seconds.get(label, 0.0) + seconds
+        self.seconds = dict(sorted(self.seconds.items(), key=lambda kv: -kv[1]))
+
     def report(self, prefix: str = "") -> str:
         cores = os.cpu_count() or 1
         lines = [f"{prefix}CPU seconds by process over {self.wall:.2f} s wall "

@@ -440,3 +440,25 @@ def test_api_killed_mid_expansion_another_takes_the_batch_over(
     assert batch.status == "in_progress"
     assert batch.request_counts is not None and batch.request_counts.total == 20_000
     assert sorted(rows) == sorted(line["custom_id"] for line in lines)
+
+
+def test_a_batch_is_finalised_when_its_last_line_ends_not_on_the_timer(
+    own_database: str, model_cache: Path, logs: Path, s3_url: str
+) -> None:
+    """With the supervisor's timed pass an hour away, a batch still completes: the wake
+    its last line sends finalises it, also while another batch of the database has lines
+    left to send (in a whole-module run, the expansion test's 20,000 lines that no worker
+    takes)."""
+    model = "tiny-batch-finalise"
+    lines = [chat_line(f"f{i}", f"Line {i}.", model=model, max_tokens=4) for i in range(6)]
+    with open_stack(own_database, 15, model_cache, s3_url) as own:
+        own.env["FERRY_BATCH_FEED_INTERVAL_SECONDS"] = "3600"
+        own.add_api("finalise-api", logs)
+        own.add_worker("finalise-worker", model, "transformers", logs)
+        client = sdk(own)
+        batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)),
+                                         endpoint=CHAT, completion_window="24h").id
+        batch = wait_batch(client, batch_id, timeout=120)
+        output = read_jsonl(client, batch.output_file_id)
+    assert batch.status == "completed", batch
+    assert [o["custom_id"] for o in output] == [line["custom_id"] for line in lines]

@@ -10,10 +10,11 @@ from one that died (see the modules it calls):
 - finalisation (`output.py`) — a batch none of whose lines is open gets its files.
 
 Passes are serialised across API processes by a short Redis lock. Workers wake the loop
-when a batch line ends, and then it only feeds; the other steps run on a timer
-(`batch_feed_interval_seconds`). A deployment expires and finalises only the batches of
-models its registry knows: deployments that share a database but not Redis and object
-storage (test suites do) then never write each other's files into the wrong bucket.
+when a batch line ends, and then it feeds and finalises what is ready; the other steps
+run on a timer (`batch_feed_interval_seconds`). A deployment expires and finalises only
+the batches of models its registry knows: deployments that share a database but not
+Redis and object storage (test suites do) then never write each other's files into the
+wrong bucket.
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ class BatchSupervisor:
             await self._take_over_expansions()
             await self._expire()
         await self._feeder.feed_once()
-        if full:
-            await self._finalize_ready()
+        # Any line's end may be its batch's last: look at once (one indexed query) rather
+        # than on the next timed pass, up to `batch_feed_interval_seconds` later.
+        await self._finalize_ready()
 
     async def _take_over_expansions(self) -> None:
         sessions = self._state.sessions
