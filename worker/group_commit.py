@@ -124,13 +124,20 @@ def claim_committer(
     return GroupCommit("claims", sessions, write, retry_alone=False)
 
 
-async def record_outcome(
+async def record_outcomes(
+    session: AsyncSession, worker_id: str, outcomes: Sequence[tuple[str, jobs_repo.JobOutcome]]
+) -> list[JobStatus | None]:
+    """Record attempts' ends (one statement for all); for each, the status the job ended
+    with, or None when the job is no longer this worker's (its lease lapsed and another
+    worker took it over)."""
+    landed = await jobs_repo.finish_jobs(session, worker_id, outcomes)
+    return [outcome.status if ok else await _not_landed(session, job_id, worker_id, outcome)
+            for (job_id, outcome), ok in zip(outcomes, landed, strict=True)]
+
+
+async def _not_landed(
     session: AsyncSession, job_id: str, worker_id: str, outcome: jobs_repo.JobOutcome
 ) -> JobStatus | None:
-    """Record one attempt's end; the status the job ended with, or None when the job is
-    no longer this worker's (its lease lapsed and another worker took it over)."""
-    if await jobs_repo.finish_job(session, job_id, worker_id, outcome):
-        return outcome.status
     if outcome.status == JobStatus.CANCELLED:
         return None
     # Lost the job while generating: cancelled under us (then its partial output is still
@@ -146,12 +153,11 @@ async def record_outcome(
 def outcome_committer(
     sessions: async_sessionmaker[AsyncSession], worker_id: str
 ) -> GroupCommit[tuple[str, jobs_repo.JobOutcome], JobStatus | None]:
-    """Job ends as (job id, outcome), `record_outcome` each, one transaction per group."""
+    """Job ends as (job id, outcome), `record_outcomes` of a group in one transaction."""
 
     async def write(
         session: AsyncSession, outcomes: Sequence[tuple[str, jobs_repo.JobOutcome]]
     ) -> list[JobStatus | None]:
-        return [await record_outcome(session, job_id, worker_id, outcome)
-                for job_id, outcome in outcomes]
+        return await record_outcomes(session, worker_id, outcomes)
 
     return GroupCommit("outcomes", sessions, write)
