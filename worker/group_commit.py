@@ -7,7 +7,9 @@ bench/batch_vs_runbatch.py). So each kind of write goes through one `GroupCommit
 worker: a caller hands over its item and waits; the committer writes everything that
 arrived while its previous transaction ran, in one transaction. There is no timer: a lone
 item is written at once, and under load (64 jobs arriving, a batch's lines ending in the
-same engine step) N items share one transaction.
+same engine step) N items share one transaction, and one statement: claims are one
+`UPDATE ... WHERE id IN (...)`, job ends one executemany UPDATE and one SELECT of the rows
+it changed (`jobs_repo.finish_jobs`).
 
 If a grouped transaction fails, each item is written again in a transaction of its own
 (when the writer allows it), so one bad row fails only its own caller.
