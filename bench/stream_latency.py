@@ -7,7 +7,7 @@ API, Redis and the clients share this machine's clock (and its 2 cores).
 To say which hop the time goes to, this process also subscribes to every job's Redis
 channel itself (as the API's hub does) and prints the delay to that point too: engine ->
 Redis subscriber is the worker's share (runner, publisher, Redis), the rest is the API's
-(hub, SSE) and the client's.
+(hub, SSE) and the client's. It also prints the CPU each process used meanwhile.
 
     .venv/bin/python bench/stream_latency.py [--streams 64] [--max-tokens 128]
 """
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis.asyncio import Redis
 
+from bench.cpu import CpuSplit
 from bench.sse_clients import bench_client, submit_and_follow, warm_up
 from bench.stack import KEY, bench_logs, bench_stack, percentile
 from storage.events import EventType, JobEvent
@@ -63,7 +64,7 @@ async def redis_delays(redis_url: str) -> AsyncIterator[list[float]]:
 
 
 async def run(url: str, redis_url: str, streams: int,
-              max_tokens: int) -> tuple[list[float], list[float]]:
+              max_tokens: int, cpu: CpuSplit) -> tuple[list[float], list[float]]:
     async with bench_client(url, KEY) as client, redis_delays(redis_url) as at_redis:
         def body(i: int) -> dict[str, object]:
             return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
@@ -71,8 +72,9 @@ async def run(url: str, redis_url: str, streams: int,
 
         await warm_up(client, MODEL, streams)  # as bench/pipeline.py does
         at_redis.clear()
-        results = await asyncio.gather(*(submit_and_follow(client, body(i))
-                                         for i in range(streams)))
+        with cpu:
+            results = await asyncio.gather(*(submit_and_follow(client, body(i))
+                                             for i in range(streams)))
         return [d for r in results for d in r.delays], list(at_redis)
 
 
@@ -85,13 +87,15 @@ def main() -> None:
     with bench_stack(bench_logs()) as stack:
         url = stack.add_api("api")
         stack.add_worker(MODEL, args.engine)
+        cpu = CpuSplit()
         delays, at_redis = asyncio.run(run(url, stack.env["FERRY_REDIS_URL"], args.streams,
-                                           args.max_tokens))
+                                           args.max_tokens, cpu))
     print(f"stream_latency: {len(delays)} deltas over {args.streams} streams "
           f"({args.engine} engine)")
     print(f"stream_latency: {spread(delays)} (targets p50 <= 2, p99 <= 10)")
     print(f"stream_latency: of which engine -> Redis subscriber (worker's share): "
           f"{spread(at_redis)} ({len(at_redis)} deltas)")
+    print(cpu.report("stream_latency: "))
 
 
 def spread(seconds: list[float]) -> str:
