@@ -39,7 +39,7 @@ MODEL = "ferry-tiny-chat"
 async def redis_delays(redis_url: str) -> AsyncIterator[list[float]]:
     """Engine -> Redis subscriber delay of every delta published while the context is open."""
     delays: list[float] = []
-    redis = Redis.from_url(redis_url)
+    redis = Redis.from_url(redis_url, protocol=2)  # as the API's hub (api/app.py)
     pubsub = redis.pubsub()
     await pubsub.psubscribe(job_channel("*"))
 

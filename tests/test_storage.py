@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator
 
@@ -186,6 +187,32 @@ async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: R
     assert 0 < await redis_client.ttl("ferry:job:a:events") <= 60
     assert await redis_client.ttl("ferry:job:b:events") == -1  # no terminal event yet
     await pubsub.aclose()
+
+
+@pytest.mark.parametrize("event", [
+    JobEvent("1-1", EventType.DELTA, {"text": 'a "quoted", "data": } text\n', "ts": 1.25}),
+    JobEvent("2-17", EventType.USAGE, {"prompt_tokens": 3, "completion_tokens": 4,
+                                       "total_tokens": 7}),
+    JobEvent("1-9", EventType.DONE, {"finish_reason": None}),
+    JobEvent("0-1", EventType.CANCELLED, {}),
+])
+def test_an_event_survives_the_wire_with_its_data_as_sent(event: JobEvent) -> None:
+    """What is published (to_json, the publish script's shape) comes back equal, with the
+    data's JSON text kept as it was (the API forwards it to SSE clients unchanged)."""
+    wire = event.to_json()
+    back = JobEvent.from_json(wire.encode())
+    assert back == event and back.order == event.order
+    assert back.data_json == json.dumps(event.data)
+    assert json.loads(wire) == {"id": event.id, "type": event.type.value, "data": event.data}
+
+
+def test_an_event_in_another_json_shape_is_still_read() -> None:
+    """JSON of the same event written another way (key order, spacing) is parsed in full;
+    an unknown type is refused."""
+    compact = '{"type":"delta","data":{"text":"x"},"id":"1-2"}'
+    assert JobEvent.from_json(compact) == JobEvent("1-2", EventType.DELTA, {"text": "x"})
+    with pytest.raises(ValueError):
+        JobEvent.from_json('{"id": "1-2", "type": "nope", "data": {}}')
 
 
 async def test_sqlite_memory_is_refused() -> None:

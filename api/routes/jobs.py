@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -110,7 +109,7 @@ async def _sse_writes(batches: AsyncIterator[list[JobEvent] | None]) -> AsyncIte
             yield b": keep-alive\n\n"
         else:
             yield "".join(
-                f"id: {e.id}\nevent: {e.type.value}\ndata: {json.dumps(e.data)}\n\n"
+                f"id: {e.id}\nevent: {e.type.value}\ndata: {e.data_json}\n\n"
                 for e in batch
             ).encode()
 
