@@ -2,6 +2,13 @@
 
 Subscribing to a job's channel waits for Redis to confirm the subscription, so a caller
 that reads the job's stream backlog afterwards cannot miss an event published in between.
+
+Every token of every stream arrives here as one message, so the reader takes messages off
+redis-py's connection itself (`Connection.read_response`) and passes only the others
+(subscription confirmations) through `PubSub.handle_message`, which keeps the channel list
+that redis-py resubscribes after a reconnect. `PubSub.listen()` would add a retry wrapper,
+observability hooks and a dict to every message (bench/fanout.py: 33-45 against 37-49 us
+of API CPU per event streamed, interleaved).
 """
 
 from __future__ import annotations
@@ -9,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -80,39 +89,54 @@ class JobEventHub:
         return len(self._subscribers)
 
     async def _read(self) -> None:
-        assert self._pubsub is not None
+        pubsub = self._pubsub
+        assert pubsub is not None and pubsub.connection is not None
+        connection = pubsub.connection
         while True:
             try:
-                # listen() blocks on the socket and drains what redis-py has already
-                # buffered; get_message(timeout=...) polls the socket first and can leave
-                # a buffered message waiting for the next packet (~100 ms under load).
-                async for message in self._pubsub.listen():
-                    self._dispatch(message)
+                if not connection.is_connected:
+                    # Connecting again resubscribes every channel (PubSub.on_connect); what
+                    # was published meanwhile comes from the streams (a gap in the ids).
+                    await connection.connect()
+                while True:
+                    # Blocks on the socket (math.inf: no timeout); returns at once while
+                    # hiredis holds buffered messages (a whole publish arrives together).
+                    response = await connection.read_response(timeout=math.inf,
+                                                              push_request=True)
+                    if (isinstance(response, list) and len(response) == 3
+                            and response[0] == b"message"):
+                        self._deliver(response[1], response[2])
+                    else:
+                        self._control(await pubsub.handle_message(response))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("event hub lost its Redis connection; reconnecting")
                 await asyncio.sleep(0.5)
 
-    def _dispatch(self, message: dict[str, object]) -> None:
-        raw_channel = message.get("channel")
-        channel = raw_channel.decode() if isinstance(raw_channel, bytes) else str(raw_channel)
-        kind = message.get("type")
-        if kind == "subscribe":
-            confirmed = self._confirmations.get(channel)
-            if confirmed is not None and not confirmed.done():
-                confirmed.set_result(None)
-            return
-        if kind != "message":
-            return
-        subscribers = self._subscribers.get(channel)
+    def _deliver(self, raw_channel: bytes, data: bytes) -> None:
+        subscribers = self._subscribers.get(raw_channel.decode())
         if not subscribers:
             return
-        data = message["data"]
-        assert isinstance(data, bytes | str)
         event = JobEvent.from_json(data)
         for queue in subscribers:
             queue.put_nowait(event)
+
+    def _control(self, message: dict[str, Any] | None) -> None:
+        """A message as redis-py parsed it: a confirmation, or (on a RESP3 connection,
+        where messages are push notifications of another type) an event."""
+        if message is None:
+            return
+        if message.get("type") == "message":
+            self._deliver(message["channel"], message["data"])
+            return
+        if message.get("type") != "subscribe":
+            return
+        raw_channel = message.get("channel")
+        channel = raw_channel.decode() if isinstance(raw_channel, bytes) else str(raw_channel)
+        confirmed = self._confirmations.get(channel)
+        if confirmed is not None and not confirmed.done():
+            confirmed.set_result(None)
 
 
 def _done_future() -> asyncio.Future[None]:

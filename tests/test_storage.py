@@ -268,6 +268,49 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
         await hub.stop()
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_the_event_hub_reconnects_and_resubscribes_after_losing_redis(
+    redis_client: Redis, protocol: int
+) -> None:
+    """Redis drops the hub's pub/sub connection (CLIENT KILL): the hub connects again,
+    its subscriptions are renewed, and events published afterwards reach the subscriber.
+    (The API's hub speaks RESP2; on RESP3 messages arrive as push notifications.)"""
+    from api.event_hub import JobEventHub
+
+    name = f"hub-reconnect-{secrets.token_hex(3)}"
+    hub_redis = Redis.from_url(f"{REDIS_BASE}/14", protocol=protocol, client_name=name)
+    hub = JobEventHub(hub_redis)
+    await hub.start()
+    stream = JobEventStream(redis_client, maxlen=1000, ttl_seconds=60)
+    try:
+        async with hub.subscribe("j-reconnect") as live:
+            await stream.publish([("j-reconnect", JobEvent("1-1", EventType.DELTA, {"text": "a"}))])
+            assert (await asyncio.wait_for(live.get(), 5)).id == "1-1"
+            # Only this hub's connection (other deployments' hubs share the server).
+            ids = [c["id"] for c in await redis_client.client_list(_type="pubsub")
+                   if c.get("name") == name]
+            assert len(ids) == 1
+            await redis_client.client_kill_filter(_id=ids[0])
+
+            async def delivered_after_reconnect() -> JobEvent:
+                seq = 2
+                while True:  # publish until the renewed subscription hears one
+                    await stream.publish([("j-reconnect", JobEvent(
+                        f"1-{seq}", EventType.DELTA, {"text": "b"}))])
+                    try:
+                        return await asyncio.wait_for(live.get(), 0.2)
+                    except TimeoutError:
+                        seq += 1
+
+            event = await asyncio.wait_for(delivered_after_reconnect(), 15)
+            assert event.data == {"text": "b"}
+            assert await redis_client.pubsub_numsub("ferry:job:j-reconnect:live") == [
+                (b"ferry:job:j-reconnect:live", 1)]
+    finally:
+        await hub.stop()
+        await hub_redis.aclose()
+
+
 async def test_any_open_batch_sees_open_batches_only(sessions: Sessions) -> None:
     """The batch supervisor's idle check: a batch counts until it reaches a final state."""
     from datetime import timedelta
