@@ -26,26 +26,12 @@ import redis
 import uvloop
 from redis.asyncio import Redis
 
-from bench.sse_clients import StreamResult, bench_client, sse_events
+from bench.sse_clients import StreamResult, bench_client, follow
 from bench.stack import KEY, bench_logs, bench_stack, percentile
 from storage.events import EventType, JobEvent, JobEventStream
 from storage.keys import MODELS_HASH
 
 MODEL = "bench-model"
-
-
-async def follow(client: object, job_id: str, result: StreamResult) -> None:
-    async with client.get(f"/v1/jobs/{job_id}/events") as response:  # type: ignore[attr-defined]
-        response.raise_for_status()
-        async for sse in sse_events(response):
-            received = time.time()
-            data = json.loads(sse.data)
-            if sse.event == "delta":
-                result.text += data["text"]
-                result.delays.append(received - data["ts"])
-            elif sse.event == "done":
-                break
-    result.finished_at = time.perf_counter()
 
 
 async def run(url: str, redis_url: str, api_pid: int, jobs: int, steps: int,
@@ -61,8 +47,7 @@ async def run(url: str, redis_url: str, api_pid: int, jobs: int, steps: int,
                 response.raise_for_status()
                 ids.append((await response.json())["id"])
         results = [StreamResult(job_id) for job_id in ids]
-        followers = [asyncio.create_task(follow(client, job_id, result))
-                     for job_id, result in zip(ids, results, strict=True)]
+        followers = [asyncio.create_task(follow(client, result)) for result in results]
         await asyncio.sleep(1.0)  # every stream subscribed
         before = api.cpu_times()
         started = time.perf_counter()

@@ -76,6 +76,11 @@ async def submit_and_follow(
     async with client.post("/v1/jobs", json=body) as response:
         response.raise_for_status()
         result = StreamResult((await response.json())["id"])
+    return await follow(client, result)
+
+
+async def follow(client: aiohttp.ClientSession, result: StreamResult) -> StreamResult:
+    """Read the job's SSE stream to its end into `result`."""
     async with client.get(f"/v1/jobs/{result.job_id}/events") as response:
         response.raise_for_status()
         async for sse in sse_events(response):
