@@ -116,7 +116,7 @@ class VllmEngine:
             # adds a model process and leaves the engine core busy-waiting for its results
             # (sched_yield in a loop: a whole core) while async scheduling is off on CPU
             # anyway; an executor class is taken as given. Measured on 2 cores, 64
-            # requests: 7,100-8,200 tok/s with the extra process, 10,700-14,600 without,
+            # requests: 7,100-8,200 tok/s with the extra process, 10,700-14,800 without,
             # and the second core half idle instead of full (bench/engine_direct.py).
             from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
