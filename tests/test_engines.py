@@ -291,9 +291,10 @@ async def test_vllm_runs_the_model_in_its_engine_core_process(engine: Engine) ->
         pytest.skip("vLLM's processes only")
     import psutil
 
+    # (Any other engine this test process runs is held to the same.)
     cores = [p for p in psutil.Process().children() if p.name() == "VLLM::EngineCore"]
-    assert len(cores) == 1, cores
-    assert cores[0].children(recursive=True) == []
+    assert cores
+    assert [p.children(recursive=True) for p in cores] == [[] for _ in cores]
     # ...and it still answers.
     check_stream(await collect(engine, chat("Still there?", max_tokens=8)), 8)
 
