@@ -50,7 +50,7 @@ def parse_event_id(event_id: str) -> tuple[int, int]:
 
 # Event type by wire value, without the Enum call's overhead (once per token streamed).
 _TYPES = {kind.value: kind for kind in EventType}
-# The shape `JobEvent.to_json` and the publish script write: id, type, then the data.
+# The shape `JobEvent.to_json` writes (and workers publish): id, type, then the data.
 _HEAD, _TYPE, _DATA = '{"id": "', '", "type": "', '", "data": '
 
 
@@ -115,23 +115,21 @@ class JobEvent:
 
 
 # KEYS: one stream per event. ARGV: maxlen, ttl, then for each event its id, type, data
-# (JSON), channel and "1" if the stream expires after it. What is published is
-# `JobEvent.to_json()`'s shape. Returns how many appends the stream refused (an id not
-# above its last: a duplicate; published all the same, subscribers drop repeats). One
-# Redis server, not a cluster: the streams may live on different slots.
+# (JSON), channel, what to publish (`JobEvent.to_json()`: the one place that shape is
+# written) and "1" if the stream expires after it. Returns how many appends the stream
+# refused (an id not above its last: a duplicate; published all the same, subscribers drop
+# repeats). One Redis server, not a cluster: the streams may live on different slots.
 _APPEND_AND_PUBLISH = """
 local refused = 0
 for i = 1, #KEYS do
-  local a = 2 + (i - 1) * 5
-  local id, kind, data = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], id,
-                            'type', kind, 'data', data)
+  local a = 2 + (i - 1) * 6
+  local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], ARGV[a + 1],
+                            'type', ARGV[a + 2], 'data', ARGV[a + 3])
   if type(added) == 'table' and added.err then
     refused = refused + 1
   end
-  redis.call('PUBLISH', ARGV[a + 4],
-             '{"id": "' .. id .. '", "type": "' .. kind .. '", "data": ' .. data .. '}')
-  if ARGV[a + 5] == '1' then
+  redis.call('PUBLISH', ARGV[a + 4], ARGV[a + 5])
+  if ARGV[a + 6] == '1' then
     redis.call('EXPIRE', KEYS[i], ARGV[2])
   end
 end
@@ -157,7 +155,7 @@ class JobEventStream:
         for job_id, event in batch:
             keys.append(job_stream(job_id))
             args += (event.id, event.type.value, event.data_json, job_channel(job_id),
-                     "1" if event.type.is_terminal else "")
+                     event.to_json(), "1" if event.type.is_terminal else "")
         refused = await self._append_and_publish(keys=keys, args=args)
         if refused:
             # Ids at or below their stream's last one: duplicate writes of events already
