@@ -1,12 +1,12 @@
 """Interactive time to first token on an idle worker vs while a 2,000-line batch runs on
-the same worker (one API process, one vLLM worker). Target (issue 4): <= 2x.
+the same worker (one API process, one worker; vLLM unless --engine says otherwise). Target (issue 4): <= 2x.
 
 TTFT is what a client sees: from sending a streaming `POST /v1/chat/completions` to the
 first chunk carrying text. Requests go one at a time (a person at a chat box), the same
 prompts idle and under load; the batch's lines are short chat requests like
 bench/batch_vs_runbatch.py's.
 
-    .venv/bin/python bench/interactive_under_bulk.py [--samples 30] [--lines 2000]
+    .venv/bin/python bench/interactive_under_bulk.py [--samples 30] [--lines 2000] [--engine vllm]
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--bulk-share", default=None,
                         help="FERRY_BULK_SHARE for the worker (default: its own)")
+    parser.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-bulk-"))
     source = work / "input.jsonl"
@@ -84,7 +85,7 @@ def main() -> None:
         url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
         if args.bulk_share:
             stack.env["FERRY_BULK_SHARE"] = args.bulk_share
-        stack.add_worker(MODEL, "vllm")
+        stack.add_worker(MODEL, args.engine)
         with httpx.Client(base_url=url, timeout=600,
                           headers={"Authorization": f"Bearer {KEY}"}) as http:
             measure(http, 3)  # warm-up
