@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import KeyRing
@@ -37,6 +36,7 @@ from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.migrate import upgrade_async
 from storage.objects import build_object_store
+from storage.redis_client import redis_from_url
 from storage.registry import ModelRegistry
 from storage.repositories import api_keys
 from storage.settings import StorageSettings, get_storage_settings
@@ -52,14 +52,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sessions = create_session_factory(db)
     async with sessions.begin() as session:
         await api_keys.ensure_keys(session, settings.api_keys)
-    redis = Redis.from_url(storage.redis_url, max_connections=256)
+    redis = redis_from_url(storage.redis_url, max_connections=256)
     registry = ModelRegistry(redis)
     queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
     # The hub's own client, on RESP2: under RESP3 (redis-py's default) every pub/sub
     # message is a push notification, which redis-py's hiredis parser logs at debug level,
     # formatting the whole message first, and the hub reads one per token per stream
     # (bench/fanout.py: 55-60 against 65-68 us of API CPU per event streamed).
-    hub_redis = Redis.from_url(storage.redis_url, protocol=2)
+    hub_redis = redis_from_url(storage.redis_url, protocol=2)
     hub = JobEventHub(hub_redis)
     state = AppState(
         settings=settings,

@@ -1,5 +1,6 @@
 """Interactive time to first token on an idle worker vs while a 2,000-line batch runs on
-the same worker (one API process, one worker; vLLM unless --engine says otherwise). Target (issue 4): <= 2x.
+the same worker (one API process, one worker: vLLM unless --engine says otherwise).
+Target (issue 4): <= 2x.
 
 TTFT is what a client sees: from sending a streaming `POST /v1/chat/completions` to the
 first chunk carrying text. Requests go one at a time (a person at a chat box), the same

@@ -5,7 +5,7 @@ Writes `--rounds` batches of one delta for each of `--jobs` jobs (an engine step
 events) to Redis db 9, as the worker's event publisher does, and prints CPU and wall time
 per event.
 
-    .venv/bin/python bench/publish.py [--jobs 64] [--rounds 400]
+    .venv/bin/python bench/publish.py [--jobs 64] [--rounds 400] [--packer hiredis|python]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from bench.stack import REDIS_URL
 from storage.events import EventType, JobEvent, JobEventStream
+from storage.redis_client import redis_from_url
 
 
 def cpu_seconds() -> float:
@@ -30,8 +31,10 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def run(jobs: int, rounds: int) -> None:
-    redis = Redis.from_url(REDIS_URL)
+async def run(jobs: int, rounds: int, packer: str) -> None:
+    # Ferry's client packs commands with hiredis (storage/redis_client.py); "python" is
+    # redis-py's own asyncio packing, for comparison.
+    redis = redis_from_url(REDIS_URL) if packer == "hiredis" else Redis.from_url(REDIS_URL)
     await redis.flushdb()
     stream = JobEventStream(redis, maxlen=1000, ttl_seconds=60)
     ids = [f"bench-{i:04d}" for i in range(jobs)]
@@ -41,14 +44,14 @@ async def run(jobs: int, rounds: int) -> None:
         cpu, wall = cpu_seconds(), time.perf_counter()
         for seq in range(1, rounds + 1):
             await stream.publish([
-                (job, JobEvent(f"1-{seq}", EventType.DELTA, {"text": " word", "ts": time.time()}))
+                (job, JobEvent.delta(f"1-{seq}", " word", time.time()))
                 for job in ids])
         cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
     finally:
         await redis.flushdb()
         await redis.aclose()
     events = jobs * rounds
-    print(f"publish: {events} events ({rounds} batches of {jobs}): "
+    print(f"publish: {events} events ({rounds} batches of {jobs}, {packer} packing): "
           f"{cpu / events * 1e6:.1f} us CPU and {wall / events * 1e6:.1f} us wall per event")
 
 
@@ -56,8 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--packer", choices=["hiredis", "python"], default="hiredis")
     args = parser.parse_args()
-    uvloop.run(run(args.jobs, args.rounds))
+    uvloop.run(run(args.jobs, args.rounds, args.packer))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from redis.asyncio import Redis
@@ -39,7 +40,10 @@ class EventType(StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in (EventType.DONE, EventType.ERROR, EventType.CANCELLED)
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset((EventType.DONE, EventType.ERROR, EventType.CANCELLED))
 
 
 def parse_event_id(event_id: str) -> tuple[int, int]:
@@ -47,6 +51,8 @@ def parse_event_id(event_id: str) -> tuple[int, int]:
     attempt, _, seq = event_id.partition("-")
     return int(attempt), int(seq)
 
+
+_json_string = encode_basestring_ascii  # what json.dumps does to a str
 
 # Event type by wire value, without the Enum call's overhead (once per token streamed).
 _TYPES = {kind.value: kind for kind in EventType}
@@ -81,6 +87,15 @@ class JobEvent:
         if self._json is None:
             self._json = json.dumps(self._data)
         return self._json
+
+    @classmethod
+    def delta(cls, id: str, text: str, ts: float | None) -> JobEvent:
+        """A `delta` event, its JSON written directly: what `json.dumps` gives for
+        `{"text": text, "ts": ts}` at a quarter of its cost (once per event a worker
+        publishes)."""
+        return cls(id, EventType.DELTA, {"text": text, "ts": ts},
+                   data_json=f'{{"text": {_json_string(text)}, "ts": '
+                             f'{"null" if ts is None else repr(ts)}}}')
 
     @property
     def order(self) -> tuple[int, int]:

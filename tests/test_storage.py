@@ -166,7 +166,7 @@ async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: R
     pubsub = redis_client.pubsub()
     await pubsub.subscribe("ferry:job:a:live", "ferry:job:b:live")
     texts = ['say "hi"\n', "\u00e9t\u00e9 \U0001f600 \\ end", "}{", "<think>"]
-    batch = [(job, JobEvent(f"1-{i}", EventType.DELTA, {"text": text, "ts": 1.5}))
+    batch = [(job, JobEvent.delta(f"1-{i}", text, 1.5))
              for i, text in enumerate(texts, 1) for job in ("a", "b")]
     batch.append(("a", JobEvent("1-5", EventType.DONE, {"finish_reason": "length"})))
     await stream.publish(batch)
@@ -204,6 +204,17 @@ def test_an_event_survives_the_wire_with_its_data_as_sent(event: JobEvent) -> No
     assert back == event and back.order == event.order
     assert back.data_json == json.dumps(event.data)
     assert json.loads(wire) == {"id": event.id, "type": event.type.value, "data": event.data}
+
+
+@pytest.mark.parametrize("text", ["", 'say "hi"\n\t\\', "\u00e9t\u00e9 \u4e16\u754c \U0001f600",
+                                  "\x00\x1f\x7f", "\ud800 lone surrogate", "</script>"])
+@pytest.mark.parametrize("ts", [1764130000.123456, 0.1, 1e20, None])
+def test_a_delta_events_json_is_what_json_dumps_writes(text: str, ts: float | None) -> None:
+    """Workers write a delta's JSON directly (JobEvent.delta): it must be json.dumps's
+    text for the same data, so replays, SSE and stored events all agree."""
+    event = JobEvent.delta("1-3", text, ts)
+    assert event.data_json == json.dumps({"text": text, "ts": ts})
+    assert JobEvent.from_json(event.to_json()).data == {"text": text, "ts": ts}
 
 
 def test_an_event_in_another_json_shape_is_still_read() -> None:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 
-from storage.events import EventType, JobEvent, JobEventStream
+from storage.events import JobEvent, JobEventStream
 from worker.job_state import JobAttempt
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ class EventPublisher:
         text = "".join(state.pending)
         state.pending.clear()
         state.deltas.append(text)
-        data = {"text": text, "ts": state.pending_since}
-        self._buffer.append((state.job_id, JobEvent(state.next_id(), EventType.DELTA, data)))
+        event = JobEvent.delta(state.next_id(), text, state.pending_since)
+        self._buffer.append((state.job_id, event))
 
     async def drain(self) -> None:
         """Wait until everything emitted so far has been written."""
