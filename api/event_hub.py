@@ -37,7 +37,7 @@ class JobEventHub:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._pubsub: PubSub | None = None
-        self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
+        self._subscribers: dict[str, set[asyncio.Queue[JobEvent | None]]] = defaultdict(set)
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -56,10 +56,12 @@ class JobEventHub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[JobEvent]]:
-        """A queue receiving the job's live events while the context is open."""
+    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[JobEvent | None]]:
+        """A queue receiving the job's live events while the context is open. The hub
+        puts only events in it; the subscriber may put None itself (api/job_events.py's
+        keep-alive timer)."""
         channel = job_channel(job_id)
-        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        queue: asyncio.Queue[JobEvent | None] = asyncio.Queue()
         async with self._lock:
             first = not self._subscribers[channel]
             self._subscribers[channel].add(queue)

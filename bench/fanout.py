@@ -24,19 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 import redis
 import uvloop
-from redis.asyncio import Redis
 
 from bench.sse_clients import StreamResult, bench_client, follow
 from bench.stack import KEY, bench_logs, bench_stack, percentile
 from storage.events import EventType, JobEvent, JobEventStream
 from storage.keys import MODELS_HASH
+from storage.redis_client import redis_from_url
 
 MODEL = "bench-model"
 
 
 async def run(url: str, redis_url: str, api_pid: int, jobs: int, steps: int,
               interval: float) -> None:
-    stream = JobEventStream(Redis.from_url(redis_url), maxlen=1000, ttl_seconds=600)
+    stream = JobEventStream(redis_from_url(redis_url), maxlen=1000, ttl_seconds=600)
     api = psutil.Process(api_pid)
     async with bench_client(url, KEY) as client:
         ids = []
@@ -53,8 +53,7 @@ async def run(url: str, redis_url: str, api_pid: int, jobs: int, steps: int,
         started = time.perf_counter()
         for seq in range(1, steps + 1):
             now = time.time()
-            await stream.publish([(job_id, JobEvent(f"1-{seq}", EventType.DELTA,
-                                                    {"text": " tok", "ts": now}))
+            await stream.publish([(job_id, JobEvent.delta(f"1-{seq}", " tok", now))
                                   for job_id in ids])
             await asyncio.sleep(max(0.0, started + seq * interval - time.perf_counter()))
         await stream.publish(

@@ -279,6 +279,55 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
         await hub.stop()
 
 
+async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_ended(
+    redis_client: Redis, sessions: Sessions
+) -> None:
+    """A keep-alive after each `keepalive_seconds` without events, none while events come
+    more often than that; at a silence after the job ended in SQL with no terminal event
+    published (its worker died), the stream closes with a terminal event from SQL."""
+    from api.event_hub import JobEventHub
+    from api.job_events import KEEPALIVE, EventSources, job_event_batches
+
+    job = await _job(sessions)
+    stream = JobEventStream(redis_client, maxlen=1000, ttl_seconds=60)
+    hub = JobEventHub(redis_client)
+    await hub.start()
+    loop = asyncio.get_running_loop()
+    try:
+        batches = job_event_batches(EventSources(hub, stream, sessions), job.id, None,
+                                    keepalive_seconds=1.0, max_seconds=60)
+        started = loop.time()
+        assert await anext(batches) is KEEPALIVE
+        assert 1.0 <= loop.time() - started < 5
+        assert await anext(batches) is KEEPALIVE  # and again after the next silence
+
+        async def publish_every_tenth_of_a_second() -> None:
+            for i in range(1, 16):
+                await stream.publish([(job.id, JobEvent.delta(f"1-{i}", str(i), None))])
+                await asyncio.sleep(0.1)
+
+        publishing = asyncio.create_task(publish_every_tenth_of_a_second())
+        seen: list[str] = []
+        while len(seen) < 15:
+            batch = await anext(batches)
+            assert batch is not KEEPALIVE, f"a keep-alive while events flowed, after {seen}"
+            seen += [e.id for e in batch or []]
+        await publishing
+        assert seen == [f"1-{i}" for i in range(1, 16)]
+
+        async with sessions.begin() as session:
+            row = await session.get(Job, job.id)
+            assert row is not None
+            row.status, row.error = JobStatus.FAILED, "worker lost"
+        ending = await anext(batches)
+        assert ending is not KEEPALIVE and [(e.id, e.type, e.data) for e in ending or []] == [
+            ("1-16", EventType.ERROR, {"message": "worker lost"})]
+        with pytest.raises(StopAsyncIteration):
+            await anext(batches)
+    finally:
+        await hub.stop()
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_the_event_hub_reconnects_and_resubscribes_after_losing_redis(
     redis_client: Redis, protocol: int
