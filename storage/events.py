@@ -52,8 +52,6 @@ def parse_event_id(event_id: str) -> tuple[int, int]:
     return int(attempt), int(seq)
 
 
-_json_string = encode_basestring_ascii  # what json.dumps does to a str
-
 # Event type by wire value, without the Enum call's overhead (once per token streamed).
 _TYPES = {kind.value: kind for kind in EventType}
 # The shape `JobEvent.to_json` writes (and workers publish): id, type, then the data.
@@ -94,7 +92,7 @@ class JobEvent:
         `{"text": text, "ts": ts}` at a quarter of its cost (once per event a worker
         publishes)."""
         return cls(id, EventType.DELTA, {"text": text, "ts": ts},
-                   data_json=f'{{"text": {_json_string(text)}, "ts": '
+                   data_json=f'{{"text": {encode_basestring_ascii(text)}, "ts": '
                              f'{"null" if ts is None else repr(ts)}}}')
 
     @property

@@ -15,24 +15,17 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.connection import HiredisRespSerializer
+from redis.utils import HIREDIS_AVAILABLE
 
-try:
-    from redis.connection import HiredisRespSerializer
-    from redis.utils import HIREDIS_AVAILABLE
-except ImportError:  # pragma: no cover - an older redis-py
-    HIREDIS_AVAILABLE = False
+_SERIALIZER = HiredisRespSerializer()  # stateless: one for every connection
 
 
 class _HiredisPacking:
     """Mixin for an asyncio connection class: pack commands in C."""
 
-    _packer: Any = None
-
     def pack_command(self, *args: Any) -> list[bytes]:
-        packer = self._packer
-        if packer is None:
-            packer = self._packer = HiredisRespSerializer()
-        packed: list[bytes] = packer.pack(*args)
+        packed: list[bytes] = _SERIALIZER.pack(*args)
         return packed
 
 
