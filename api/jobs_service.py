@@ -25,13 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def sampling_request(
-    body: SamplingFields, model: ServedModel, default_max_tokens: int
+    body: SamplingFields, model: ServedModel, default_max_tokens: int | None = None
 ) -> dict[str, Any]:
-    """The engine-facing fields of a request, checked against the model."""
+    """The engine-facing fields of a request, checked against the model. Without
+    max_tokens (and no operator default) none is stored: the engine gives the completion
+    the rest of the context, as vLLM and OpenAI do."""
     max_tokens = body.requested_max_tokens
-    if max_tokens is None:
+    if max_tokens is None and default_max_tokens is not None:
         max_tokens = min(default_max_tokens, model.max_model_len - 1)
-    if max_tokens >= model.max_model_len:
+    if max_tokens is not None and max_tokens >= model.max_model_len:
         raise InvalidRequest(
             f"max_tokens={max_tokens} does not fit the model's context of "
             f"{model.max_model_len} tokens.",
@@ -53,7 +55,9 @@ def sampling_request(
                 param="response_format", code="unsupported_response_format",
             )
         fields["structured_output"] = structured
-    return {"model": body.model, "max_tokens": max_tokens, **fields}
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    return {"model": body.model, **fields}
 
 
 async def build_chat_job(

@@ -19,8 +19,9 @@ class ApiSettings(BaseSettings):
     port: int = 8000
     # Run Alembic migrations when the API starts.
     migrate_on_start: bool = True
-    # max_tokens when a request gives none.
-    default_max_tokens: int = 256
+    # max_tokens when a request gives none. Unset: the rest of the model's context (as
+    # vLLM and OpenAI); set, a cap for such requests (not for those that name one).
+    default_max_tokens: int | None = Field(None, ge=1)
     # Request bodies larger than this are refused with 413 before they are read whole.
     max_request_bytes: int = 16 * 1024 * 1024
     # Reconciler: how often it looks, and how long a job may sit before it is re-sent.

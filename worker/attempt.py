@@ -90,7 +90,8 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
     body: dict[str, Any] = job.request
     stop = body.get("stop") or ()
     sampling = SamplingOptions(
-        max_tokens=int(body["max_tokens"]),
+        # Absent: the rest of the context (the engine knows the prompt's length).
+        max_tokens=None if body.get("max_tokens") is None else int(body["max_tokens"]),
         temperature=body.get("temperature"),
         top_p=body.get("top_p"),
         top_k=body.get("top_k"),

@@ -15,12 +15,13 @@ DEFAULT_MODEL = "ferry-tiny-chat"
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FERRY_", extra="ignore")
 
-    # A hub id, a local directory, or one of the tiny models Ferry builds offline.
+    # A hub id, a local directory, or a model Ferry builds itself: a tiny one
+    # (worker/models/tiny.py) or SmolLM2-135M-Instruct (worker/models/smollm2.py).
     model: str = DEFAULT_MODEL
     # Name under which the model is served; defaults to `model`.
     served_model_name: str | None = None
     engine: Literal["vllm", "transformers"] = "vllm"
-    # Where tiny models are built and cached.
+    # Where the models Ferry builds itself are built and cached.
     model_cache_dir: Path = Path.home() / ".cache" / "ferry" / "models"
     # Jobs inside the one engine at once (vLLM's max_num_seqs).
     concurrency: int = 64
@@ -35,7 +36,12 @@ class WorkerSettings(BaseSettings):
     bulk_share: float = Field(1.0, gt=0.0, le=1.0)
     bulk_share_busy: float = Field(0.03, gt=0.0, le=1.0)
     interactive_cooldown_seconds: float = Field(5.0, ge=0)
-    max_model_len: int = 2048
+    # Context (prompt + completion) in tokens. None: the model's own (its config's
+    # max_position_embeddings, as vLLM derives it); a number caps it.
+    max_model_len: int | None = Field(None, ge=1)
+    # Weights' and activations' dtype, vLLM's names. "auto": the model config's, except
+    # on CPU with vLLM (worker/engines/common.py `engine_dtype`).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Structured outputs (response_format): allow free whitespace between JSON tokens?
     # Off by default (compact JSON, as OpenAI answers): weak models otherwise tend to emit
     # whitespace until max_tokens.

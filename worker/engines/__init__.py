@@ -31,12 +31,13 @@ __all__ = [
 
 
 def resolve_model_path(settings: WorkerSettings) -> str:
-    """A tiny model name becomes its built directory (built on first use); anything else
-    (a hub id or a local directory) is passed to the engine as is."""
-    from worker.models import ensure_tiny_model, is_tiny_model
+    """The name of a model Ferry builds itself (a tiny one, SmolLM2-135M-Instruct) becomes
+    its built directory (built on first use); anything else (a hub id or a local
+    directory) is passed to the engine as is."""
+    from worker.models import ensure_model, is_built_model
 
-    if is_tiny_model(settings.model):
-        return str(ensure_tiny_model(settings.model, Path(settings.model_cache_dir)))
+    if is_built_model(settings.model):
+        return str(ensure_model(settings.model, Path(settings.model_cache_dir)))
     return settings.model
 
 

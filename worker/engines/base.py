@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 class SamplingOptions:
     """OpenAI-style sampling knobs; None means the engine's default."""
 
-    max_tokens: int = 256
+    # None: the rest of the context (max_model_len - prompt tokens), as in vLLM and OpenAI.
+    max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

@@ -29,6 +29,16 @@ def cpu_threads(settings: WorkerSettings) -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def engine_dtype(settings: WorkerSettings, engine: str, on_cpu: bool) -> str:
+    """The dtype (vLLM's names) an engine loads the model in: the setting, except "auto"
+    for vLLM on CPU, which is float32."""
+    if settings.dtype == "auto" and engine == "vllm" and on_cpu:
+        # vLLM's CPU build answers garbage in bfloat16 (what "auto" picks for a float32
+        # or bfloat16 config there) with real models such as SmolLM2; float32 is right.
+        return "float32"
+    return settings.dtype
+
+
 @dataclass(frozen=True, slots=True)
 class ImageSupport:
     """How a model takes images: the text a prompt carries for each image, and the token id
@@ -133,22 +143,27 @@ def prompt_token_ids(
     return ids
 
 
-def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+def check_fits(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
     """Refuse requests the model's context cannot hold (vLLM would reject them later, with
-    a less useful message; transformers would run past its position embeddings)."""
-    if max_tokens < 1:
+    a less useful message; transformers would run past its position embeddings). Returns
+    the completion's limit: `max_tokens`, or (None) the rest of the context, as vLLM and
+    OpenAI do."""
+    if max_tokens is not None and max_tokens < 1:
         raise EngineRequestError(f"max_tokens must be at least 1, got {max_tokens}")
     if prompt_tokens >= max_model_len:
         raise EngineRequestError(
             f"the prompt has {prompt_tokens} tokens; this model's context is "
             f"{max_model_len} tokens (prompt plus completion)"
         )
+    if max_tokens is None:
+        return max_model_len - prompt_tokens
     if prompt_tokens + max_tokens > max_model_len:
         raise EngineRequestError(
             f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
             f"this model's context of {max_model_len} tokens; lower max_tokens to at most "
             f"{max_model_len - prompt_tokens}"
         )
+    return max_tokens
 
 
 # ~60 tokens for a small BPE vocabulary, more for a large one's: long enough that the first

@@ -46,6 +46,7 @@ from worker.engines.common import (
     ImageSupport,
     check_fits,
     cpu_threads,
+    engine_dtype,
     image_support,
     prompt_text,
     prompt_token_ids,
@@ -122,6 +123,20 @@ class _RequestStream:
         return self._delta(self._text[self._emitted :], "abort")
 
 
+def context_length(text_config: Any, cap: int | None) -> int:
+    """The model's context, as vLLM derives it (max_position_embeddings), capped at `cap`
+    (the operator's max_model_len) when given. vLLM refuses a cap above the model's own;
+    here it is simply the model's."""
+    own = getattr(text_config, "max_position_embeddings", None)
+    if own is None:
+        if cap is None:
+            raise ValueError(
+                "the model's config has no max_position_embeddings: set max_model_len"
+            )
+        return cap
+    return int(own) if cap is None else min(cap, int(own))
+
+
 class TransformersEngine:
     """`Engine` on transformers' continuous batching (see the module docstring for the
     sampling options it honours)."""
@@ -137,8 +152,10 @@ class TransformersEngine:
         # Image+text models: their processor and placeholder (None for text models).
         self._processor: Any = None
         self._images: ImageSupport | None = None
+        # Until start() reads it off the model's config.
         self._info = ModelInfo(
-            name=settings.model_name, max_model_len=settings.max_model_len, engine="transformers"
+            name=settings.model_name, max_model_len=settings.max_model_len or 0,
+            engine="transformers",
         )
 
     @property
@@ -170,20 +187,18 @@ class TransformersEngine:
         if self._processor is not None:
             self._images = image_support(self._processor)
             auto_model = tf.AutoModelForImageTextToText
+        dtype = engine_dtype(self._settings, "transformers", on_cpu=not on_gpu)
         try:
             model = auto_model.from_pretrained(
-                self._model_path, dtype="auto", attn_implementation="sdpa"
+                self._model_path, dtype=dtype, attn_implementation="sdpa"
             )
         except ValueError:  # no SDPA for this architecture: batching falls back to eager
             model = auto_model.from_pretrained(
-                self._model_path, dtype="auto", attn_implementation="eager"
+                self._model_path, dtype=dtype, attn_implementation="eager"
             )
         model = model.to("cuda" if on_gpu else "cpu").eval()
         text_config = model.config.get_text_config()
-        max_len = min(
-            self._settings.max_model_len,
-            int(getattr(text_config, "max_position_embeddings", self._settings.max_model_len)),
-        )
+        max_len = context_length(text_config, self._settings.max_model_len)
         self._vocab_size = int(text_config.vocab_size)
         eos = model.generation_config.eos_token_id
         if eos is None:
@@ -293,7 +308,7 @@ class TransformersEngine:
             inputs = await self._model_inputs(request)
             ids = [int(i) for i in inputs["input_ids"][0]]
             extra = {"model_inputs": inputs, "seed": request.sampling.seed}
-        check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
+        max_tokens = check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
         sampling = self._sampling_kwargs(request.sampling)
         # ignore_eos: no end token for this request (both managers take a per-request list).
         eos_ids = set() if request.sampling.ignore_eos else self._eos_ids
@@ -308,7 +323,7 @@ class TransformersEngine:
             added = manager.add_request(
                 ids,
                 request_id=request_id,
-                max_new_tokens=request.sampling.max_tokens,
+                max_new_tokens=max_tokens,
                 streaming=True,
                 **sampling,
                 **extra,

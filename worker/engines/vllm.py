@@ -29,6 +29,7 @@ from worker.engines.common import (
     ImageSupport,
     check_fits,
     cpu_threads,
+    engine_dtype,
     image_support,
     prompt_token_ids,
     warm_up,
@@ -46,8 +47,9 @@ class VllmEngine:
         self._settings = settings
         self._llm: Any = None
         self._tokenizer: Any = None
+        # Until start() reads it off the engine's config.
         self._info = ModelInfo(
-            name=settings.model_name, max_model_len=settings.max_model_len, engine="vllm"
+            name=settings.model_name, max_model_len=settings.max_model_len or 0, engine="vllm"
         )
         # vllm.SamplingParams / RequestOutputKind, bound in start() (lazy import).
         self._sampling_params: Any = None
@@ -69,7 +71,9 @@ class VllmEngine:
         return {
             "model": self._model_path,
             "served_model_name": s.model_name,
+            # None: vLLM derives it from the model's config (max_position_embeddings).
             "max_model_len": s.max_model_len,
+            "dtype": s.dtype,
             # Every task thread's request must fit in one batch, or jobs queue inside vLLM
             # where priority can no longer be seen by anyone.
             "max_num_seqs": max(s.concurrency, 1),
@@ -111,6 +115,7 @@ class VllmEngine:
             # torch.compile of the model costs tens of seconds per start on CPU and buys
             # little for the small models CPU machines can serve; CUDA graphs do not exist.
             kwargs["enforce_eager"] = True
+            kwargs["dtype"] = engine_dtype(self._settings, "vllm", on_cpu=True)
             # The model runs inside the engine core process, as it does on one GPU. vLLM's
             # CPU platform rewrites the string "uni" to its multiprocess executor, which
             # adds a model process and leaves the engine core busy-waiting for its results
@@ -176,10 +181,10 @@ class VllmEngine:
 
         return StructuredOutputsParams(**spec)
 
-    def _params(self, s: SamplingOptions, stream: bool = True) -> Any:
+    def _params(self, s: SamplingOptions, max_tokens: int, stream: bool = True) -> Any:
         try:
             return self._sampling_params.from_optional(
-                max_tokens=s.max_tokens,
+                max_tokens=max_tokens,
                 temperature=s.temperature,  # None -> vLLM's 1.0; 0 -> greedy
                 top_p=s.top_p,
                 top_k=0 if s.top_k is None else s.top_k,  # 0: no top-k
@@ -201,8 +206,10 @@ class VllmEngine:
         engine_input = await self._engine_input(ids, request)
         prompt_tokens: int | None = len(engine_input["prompt_token_ids"])
         assert prompt_tokens is not None
-        check_fits(prompt_tokens, request.sampling.max_tokens, self._info.max_model_len)
-        params = self._params(request.sampling, request.stream)
+        max_tokens = check_fits(
+            prompt_tokens, request.sampling.max_tokens, self._info.max_model_len
+        )
+        params = self._params(request.sampling, max_tokens, request.stream)
         # Tokens of outputs without text (a partial UTF-8 character, a special token) are
         # carried into the next delta, so new_tokens still add up to the completion length.
         carried = 0

@@ -7,25 +7,21 @@ reproducible), and a byte-level BPE tokenizer trained on text generated in code.
 
 Each name in `TINY_MODELS` maps to a builder that writes a complete Hugging Face model
 directory. `ensure_tiny_model` builds a model once per cache directory and is safe to call
-from many processes at once (a worker and the API may both ask on start-up).
+from many processes at once (worker/models/cache.py).
 
 Manual use:  python -m worker.models.tiny ferry-tiny-chat /tmp/models
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib
-import json
-import os
 import random
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from worker.models.cache import Builder, ensure_built
 
 # Bump when a builder's output changes: cached directories are keyed by it, so an old
 # build is never served under a new builder (the old directory is simply left behind).
@@ -311,8 +307,6 @@ def _build_tiny_vision(out: Path) -> None:
     processor.save_pretrained(out)  # processor, tokenizer and chat template
 
 
-# name -> builder writing a complete model directory.
-Builder = Callable[[Path], None]
 TINY_MODELS: dict[str, Builder] = {
     "ferry-tiny-chat": _build_tiny_chat,
     "ferry-tiny-vision": _build_tiny_vision,
@@ -323,60 +317,15 @@ def is_tiny_model(name: str) -> bool:
     return name in TINY_MODELS
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    # One builder per name at a time across processes; the atomic rename below keeps
-    # readers safe even without the lock (e.g. a reader that never builds).
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _is_complete(path: Path, name: str) -> bool:
-    try:
-        stamp = json.loads((path / STAMP_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(stamp.get("name") == name and stamp.get("version") == BUILD_VERSION)
-
-
 def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
     """Return the directory of tiny model `name`, building it into `cache_dir` once."""
     builder = TINY_MODELS.get(name)
     if builder is None:
         raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODELS)}")
-    cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / f"{name}-v{BUILD_VERSION}"
-    if _is_complete(final, name):
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f".{name}.lock"):
-        if _is_complete(final, name):  # another process built it while we waited
-            return final
-        # Leftovers of a builder that died mid-build (we hold the lock: nobody else builds).
-        for stale in cache_dir.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # incomplete: never stamped, so never served
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
-        try:
-            builder(tmp)
-            stamp = {"name": name, "version": BUILD_VERSION, "seed": SEED}
-            (tmp / STAMP_FILE).write_text(json.dumps(stamp) + "\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the model is for every user
-            os.rename(tmp, final)  # atomic on one filesystem: readers see all or nothing
-        except OSError:
-            # A builder that does not take the lock may have won the race.
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not _is_complete(final, name):
-                raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+    return ensure_built(
+        Path(cache_dir), f"{name}-v{BUILD_VERSION}", builder, stamp_file=STAMP_FILE,
+        identity={"name": name, "version": BUILD_VERSION}, extra={"seed": SEED},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
