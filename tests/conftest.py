@@ -167,6 +167,9 @@ def stack_env(
         "FERRY_RECONCILE_GRACE_SECONDS": "2",
         "FERRY_SSE_KEEPALIVE_SECONDS": "2",
         "FERRY_CONCURRENCY": "16",
+        # An operator's cap below the tiny models' own 4,096 positions: the suite's
+        # context-length cases are sized for 2,048 tokens.
+        "FERRY_MAX_MODEL_LEN": "2048",
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
 

@@ -69,9 +69,15 @@ def text_of(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
 
 
-def check_stream(deltas: list[Delta], max_tokens: int, prompt_tokens: int | None = None) -> None:
+def check_stream(
+    deltas: list[Delta], max_tokens: int | None, prompt_tokens: int | None = None
+) -> None:
+    """A well-formed stream; `max_tokens` None: the completion's limit is the rest of the
+    context."""
     assert deltas, "no deltas"
     assert deltas[0].prompt_tokens is not None and deltas[0].prompt_tokens > 0
+    if max_tokens is None:
+        max_tokens = MAX_MODEL_LEN - deltas[0].prompt_tokens
     if prompt_tokens is not None:
         assert deltas[0].prompt_tokens == prompt_tokens
     assert all(d.prompt_tokens is None for d in deltas[1:])
@@ -121,7 +127,8 @@ def test_builder_concurrent_callers_share_one_build(tmp_path: Path) -> None:
         t.join()
     assert not errors and len(set(results)) == 1
     # Only the final directory (and the lock file) remain: no temporary build left over.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{TINY}.lock", results[0].name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{results[0].name}.lock",
+                                                          results[0].name]
 
 
 def test_builder_is_reproducible(model_dir: Path, tmp_path: Path) -> None:
@@ -238,6 +245,18 @@ async def test_ignore_eos_generates_to_max_tokens(engine: Engine) -> None:
     for deltas in results:
         check_stream(deltas, 400)
         assert deltas[-1].finish_reason == "length"
+
+
+async def test_without_max_tokens_the_rest_of_the_context(engine: Engine) -> None:
+    # As in vLLM and OpenAI: no max_tokens, the completion may fill the context.
+    request = chat("Fill the context.", temperature=0, ignore_eos=True)
+    assert request.sampling.max_tokens is None
+    deltas = await collect(engine, request)
+    check_stream(deltas, None)
+    prompt_tokens = deltas[0].prompt_tokens
+    assert prompt_tokens is not None
+    assert prompt_tokens + sum(d.new_tokens for d in deltas) == MAX_MODEL_LEN
+    assert deltas[-1].finish_reason == "length"
 
 
 async def test_abort_running_request(engine: Engine) -> None:

@@ -257,3 +257,20 @@ def test_ferry_submit_prints_the_answer(stack: Stack, stream: bool) -> None:
     assert job["status"] == "succeeded"
     # The answer, then the newline print() ends it with.
     assert done.stdout.decode("utf-8") == job["result"]["text"] + "\n"
+
+
+def test_without_max_tokens_the_answer_may_fill_the_context(stack: Stack) -> None:
+    """No max_tokens: none is stored, and the engine lets the answer run to the end of the
+    model's context (the stack caps it at 2,048 tokens), as vLLM and OpenAI do."""
+    from tests.test_conversations import stored_job
+
+    with stack.client() as client:
+        job = submit(client, chat_body(TINY, "Fill it.", temperature=0, ignore_eos=True))
+        final = wait_job(client, job["id"], timeout=300)
+        (card,) = [m for m in client.get("/v1/models").json()["data"] if m["id"] == TINY]
+    request, _ = stored_job(stack.database_url, job["id"])
+    assert "max_tokens" not in request
+    assert final["status"] == "succeeded", final
+    assert final["result"]["finish_reason"] == "length"
+    assert card["max_model_len"] == 2048
+    assert final["usage"]["total_tokens"] == card["max_model_len"]

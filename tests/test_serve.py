@@ -21,7 +21,7 @@ RED_PIXEL_PNG = (
 )
 
 
-def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path) -> None:
+def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path) -> None:
     port = free_port()
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
@@ -39,27 +39,31 @@ def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path
         key = (data_dir / "api-key").read_text().strip()
         headers = {"Authorization": f"Bearer {key}"}
 
-        def model_ready() -> bool:
+        def models_ready() -> bool:
             assert proc.poll() is None, log_path.read_text()
             try:
                 models = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json()
             except httpx.HTTPError:
                 return False
-            return any(m["workers"] for m in models["data"])
+            return len([m for m in models["data"] if m["workers"]]) == 2
 
-        wait_until(model_ready, 600, "the embedded worker", interval=1)
+        wait_until(models_ready, 800, "the embedded workers", interval=1)
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json()["data"]
-        # The default model takes images, so they work out of the box.
-        assert [(m["id"], m["supports_images"]) for m in models] == [("ferry-tiny-vision", True)]
+        # A real text model by default, and a model that takes images beside it, each with
+        # the context its own config gives.
+        assert {m["id"]: (m["supports_images"], m["max_model_len"]) for m in models} == {
+            "SmolLM2-135M-Instruct": (False, 8192), "ferry-tiny-vision": (True, 4096)}
+        # Greedy, and no max_tokens: the answer may use the rest of the context, and ends
+        # where the model ends it.
         response = httpx.post(
             f"{url}/v1/chat/completions", headers=headers, timeout=120,
-            json={"model": "ferry-tiny-vision", "max_tokens": 8,
-                  "messages": [{"role": "user", "content": "Hello!"}]},
+            json={"model": "SmolLM2-135M-Instruct", "temperature": 0, "messages": [
+                {"role": "user", "content": "What is the capital of France?"}]},
         )
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["choices"][0]["message"]["content"]
-        assert body["usage"]["completion_tokens"] > 0
+        assert "Paris" in body["choices"][0]["message"]["content"], body
+        assert body["choices"][0]["finish_reason"] == "stop"
         assert (data_dir / "ferry.db").exists()  # SQLite file in the data directory
         image = httpx.post(
             f"{url}/v1/chat/completions", headers=headers, timeout=120,
@@ -70,11 +74,15 @@ def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path
                 ]}]},
         )
         assert image.status_code == 200, image.text
-        assert image.json()["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]
+        assert image.json()["usage"]["prompt_tokens"] > 16  # the image's tokens and more
         # The image went to the object directory under the data directory.
         assert any(p.is_file() for p in (data_dir / "objects" / "images").rglob("*"))
         log_text = log_path.read_text()
-        assert "RANDOM-WEIGHT" in log_text and "FERRY_MODEL" in log_text
+        # The random-weight warning names the tiny image model only.
+        warnings = [line for line in log_text.splitlines() if "RANDOM-WEIGHT" in line]
+        assert len(warnings) == 1 and "`ferry-tiny-vision`" in warnings[0], warnings
+        assert ("serving `SmolLM2-135M-Instruct` (default, text), `ferry-tiny-vision` "
+                "(images)") in log_text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -91,5 +99,5 @@ def test_ferry_serve_answers_a_chat_completion(tmp_path: Path, model_cache: Path
             return True
         return False
 
-    # Its worker (and the engine's processes) and the embedded Redis went with it.
+    # Its workers (and the engines' processes) and the embedded Redis went with it.
     wait_until(group_gone, 30, "the worker and Redis to exit")
