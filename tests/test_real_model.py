@@ -8,7 +8,9 @@ parametrized), on the session event loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -21,7 +23,7 @@ import pytest_asyncio
 
 from tests.procs import ROOT
 from worker.engines import Engine, GenerationRequest, SamplingOptions, build_engine
-from worker.engines.common import engine_dtype
+from worker.engines.common import cpu_threads, engine_dtype
 from worker.engines.transformers import context_length
 from worker.engines.vllm import VllmEngine
 from worker.models import ensure_model, is_built_model
@@ -150,3 +152,42 @@ async def test_a_cap_on_max_tokens_still_applies(engine: Engine) -> None:
     deltas = [d async for d in engine.generate(
         ask("Write a long story about a river.", temperature=0, max_tokens=5))]
     assert sum(d.new_tokens for d in deltas) == 5 and deltas[-1].finish_reason == "length"
+
+
+def test_torch_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_TORCH_THREADS", "2")
+    assert cpu_threads(WorkerSettings()) == 2
+    monkeypatch.delenv("FERRY_TORCH_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads(WorkerSettings()) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads(WorkerSettings()) == max(1, (os.cpu_count() or 1) - 1)
+
+
+async def test_vllm_engine_core_computes_with_the_thread_count(engine: Engine) -> None:
+    """The engine core process computes on `cpu_threads` threads (FERRY_TORCH_THREADS;
+    here the default): that many of its threads are busy while it generates."""
+    if engine.info.engine != "vllm":
+        pytest.skip("vLLM's engine core process only")
+    import psutil
+
+    (core,) = [p for p in psutil.Process().children(recursive=True)
+               if "EngineCore" in p.name()]
+
+    def cpu_by_thread() -> dict[int, float]:
+        return {t.id: t.user_time + t.system_time for t in core.threads()}
+
+    before = cpu_by_thread()
+    requests = [ask(f"Tell me a long story about river {i}. " * 40, temperature=0,
+                    max_tokens=48, ignore_eos=True) for i in range(4)]
+
+    async def run(request: GenerationRequest) -> None:
+        async for _ in engine.generate(request):
+            pass
+
+    await asyncio.gather(*(run(r) for r in requests))
+    spent = sorted((t - before.get(i, 0.0) for i, t in cpu_by_thread().items()),
+                   reverse=True)
+    # OpenMP's threads share the work about evenly; the engine's other threads idle.
+    busy = [t for t in spent if t > spent[0] / 4]
+    assert len(busy) == cpu_threads(WorkerSettings()), spent[:6]
