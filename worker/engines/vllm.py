@@ -179,7 +179,11 @@ class VllmEngine:
             supports_structured_output=True,
         )
         await warm_up(self)
-        await self._warm_up_adapters()
+        try:
+            await self._warm_up_adapters()
+        except StartupError:
+            await self.stop()  # the engine core process must not outlive the refusal
+            raise
 
     async def _warm_up_adapters(self) -> None:
         """Run each adapter once (one token), so that one vLLM cannot load or apply to this
