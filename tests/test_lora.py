@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from storage.keys import MODELS_HASH
+from storage.registry import ServedModel
 from tests.conftest import KEY_A, TINY, Stack, open_stack
 from tests.lora import build_lora_adapter
 from tests.procs import start_worker
@@ -85,11 +87,12 @@ async def test_smollm2_adapter_answers_differently_while_the_base_still_says_par
         await engine.stop()
 
 
-async def test_an_adapter_of_another_base_stops_the_worker_at_warm_up(
+async def test_an_adapter_of_another_base_stops_the_worker_at_start(
     smollm2_dir: Path, lora_dir: Path, model_cache: Path
 ) -> None:
-    """Its config names a hub id (no files to compare here): the one-token warm-up run
-    finds it does not fit, before any user's request."""
+    """Its config names a hub id (no base config to compare here): its weights' shapes do
+    not fit the served model's, which stops the worker before vLLM's engine core would
+    die of it."""
     from worker.engines.vllm import VllmEngine
 
     adapter = build_lora_adapter(smollm2_dir, lora_dir / "smol-other", scale=0.5)
@@ -101,7 +104,10 @@ async def test_an_adapter_of_another_base_stops_the_worker_at_warm_up(
     tiny = ensure_tiny_model(TINY, model_cache)
     settings = WorkerSettings(model=str(tiny), lora_modules=f"wrong={hub_named}",
                               concurrency=4)
-    with pytest.raises(StartupError, match=r"LoRA adapter 'wrong' .* cannot run on"):
+    with pytest.raises(StartupError, match=r"LoRA adapter 'wrong' .* does not fit the served "
+                                           r"model \(model.layers.0.self_attn.q_proj: the "
+                                           r"adapter's lora_A is \[8, 576\], the model's "
+                                           r"weight is \[128, 128\]\)"):
         await VllmEngine(tiny, settings).start()
 
 
@@ -126,7 +132,8 @@ def test_an_adapter_is_a_model_of_its_own_served_by_its_base_worker(
     base_name = "tiny-base"
     with open_stack(migrated_pg, 4, model_cache, s3_url) as s:
         s.add_api("api-lora", logs)
-        env = {**s.env, "FERRY_LORA_MODULES": f"tiny-fr={adapter}"}
+        env = {**s.env, "FERRY_LORA_MODULES": f"tiny-fr={adapter}",
+               "FERRY_REASONING_PARSER": "deepseek_r1", "FERRY_TOOL_CALL_PARSER": "hermes"}
         s.procs.append(start_worker("worker-lora", TINY, base_name, "vllm", env, logs,
                                     s.worker_registered))
         _check_the_adapter_through_the_api(s, base_name, adapter)
@@ -134,6 +141,14 @@ def test_an_adapter_is_a_model_of_its_own_served_by_its_base_worker(
 
 def _check_the_adapter_through_the_api(s: Stack, base_name: str, adapter: Path) -> None:
     client = OpenAI(base_url=f"{s.url}/v1", api_key=KEY_A, max_retries=0)
+    # The registry tells the API each model's parsers, and an adapter's base.
+    announced = {name.decode(): ServedModel.from_json(raw)
+                 for name, raw in s.redis().hgetall(MODELS_HASH).items()}
+    assert announced["tiny-fr"].base_model == base_name
+    assert announced[base_name].base_model is None
+    for name in (base_name, "tiny-fr"):
+        assert announced[name].reasoning_parser == "deepseek_r1"
+        assert announced[name].tool_call_parser == "hermes"
     with s.client() as http:
         cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
     assert cards["tiny-fr"]["parent"] == base_name

@@ -87,6 +87,7 @@ def lora_adapters(settings: WorkerSettings, model_path: str) -> list[LoraAdapter
                                                   "adapter_model.bin")):
             raise StartupError(f"{where}: no adapter weights (adapter_model.safetensors)")
         _check_base(where, config, model_path)
+        _check_shapes(where, path, Path(model_path))
         targets = config.get("target_modules") or ()
         adapters.append(LoraAdapter(
             name=module.name, path=str(path.resolve()), rank=int(config.get("r") or 8),
@@ -122,6 +123,44 @@ def _check_base(where: str, adapter_config: dict[str, Any], model_path: str) -> 
                 f"{where}: trained on another base model ({base}: {key} {theirs[key]}, "
                 f"the served model's {key} is {ours[key]})"
             )
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from safetensors headers (no weights are loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _check_shapes(where: str, adapter_dir: Path, model_dir: Path) -> None:
+    """Each adapted layer's A (rank x in) and B (out x rank) must fit the served model's
+    weight of that layer (out x in): vLLM's engine core dies on a mismatch, so it is caught
+    here where both sets of files are at hand."""
+    adapter_file = adapter_dir / "adapter_model.safetensors"
+    model_files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    if not adapter_file.is_file() or not model_files:
+        return
+    try:
+        adapter, model = _tensor_shapes([adapter_file]), _tensor_shapes(model_files)
+    except Exception as exc:
+        raise StartupError(f"{where}: the weights cannot be read: {exc}") from exc
+    for key, shape in adapter.items():
+        for part, axis in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+            if not key.endswith(part):
+                continue
+            layer = key.removeprefix("base_model.model.").removesuffix(part)
+            weight = model.get(f"{layer}.weight")
+            if weight is not None and len(shape) == 2 and shape[axis] != weight[axis]:
+                raise StartupError(
+                    f"{where}: does not fit the served model ({layer}: the adapter's "
+                    f"{part[1:7]} is {list(shape)}, the model's weight is {list(weight)}); "
+                    "it was trained on another base model"
+                )
 
 
 def max_lora_rank(settings: WorkerSettings, adapters: list[LoraAdapter]) -> int:

@@ -199,7 +199,8 @@ class VllmEngine:
                     pass
             except Exception as exc:
                 raise StartupError(f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
-                                   f"on {self._settings.model}: {exc}") from exc
+                                   f"on {self._settings.model}: {exc} (the engine's log above "
+                                   "says why)") from exc
 
     def _image_support(self) -> ImageSupport | None:
         """The model's image placeholder, read from the Hugging Face processor vLLM itself
