@@ -27,7 +27,7 @@ class FerryRemoteForCausalLM(Qwen2ForCausalLM):
 
 def build_remote_code_model(tiny_chat_dir: Path, out: Path) -> Path:
     """A copy of the tiny (Qwen2-shaped) chat model whose config names a model type only its
-    own python files define."""
+    own python files define (so loading its config runs them)."""
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")
@@ -38,7 +38,9 @@ def build_remote_code_model(tiny_chat_dir: Path, out: Path) -> Path:
     config = json.loads((tmp / "config.json").read_text())
     config.update(
         model_type="ferry_remote_qwen2",
-        architectures=["FerryRemoteForCausalLM"],
+        # vLLM builds the architecture it knows from the model's own config class, as it
+        # does for MiniCPM-V or Qwen-VL; transformers takes the class from auto_map.
+        architectures=["Qwen2ForCausalLM"],
         auto_map={"AutoConfig": "configuration_ferry.FerryRemoteConfig",
                   "AutoModelForCausalLM": "modeling_ferry.FerryRemoteForCausalLM"},
     )

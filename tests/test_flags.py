@@ -143,10 +143,12 @@ async def test_a_model_with_its_own_code_needs_trust_remote_code(
 def test_vllm_refuses_remote_code_unknown_engine_args_and_parsers(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    """The vLLM engine's start-up checks, each before an engine core is started."""
+    """The vLLM engine's start-up checks, each before an engine core is started; then the
+    model with its own code loads with --trust-remote-code."""
     remote = build_remote_code_model(tiny_dir, tmp_path / "remote")
     script = f"""
 import asyncio
+from worker.engines.base import GenerationRequest, SamplingOptions
 from worker.engines.options import StartupError
 from worker.engines.vllm import VllmEngine
 from worker.settings import WorkerSettings
@@ -165,12 +167,20 @@ async def main():
             print("STARTED")
         except StartupError as exc:
             print("REFUSED", exc)
+    engine = VllmEngine({str(remote)!r}, WorkerSettings(model={str(remote)!r},
+                                                        trust_remote_code=True, concurrency=2))
+    await engine.start()
+    request = GenerationRequest("r", prompt="Hello", sampling=SamplingOptions(max_tokens=4,
+                                                                           temperature=0))
+    print("LOADED", repr("".join([d.text async for d in engine.generate(request)])))
+    await engine.stop()
 
 if __name__ == "__main__":
     asyncio.run(main())
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=280,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith(("REFUSED", "START"))]
     assert len(lines) == 5, done.stdout + done.stderr
     assert all(line.startswith("REFUSED") for line in lines), lines
@@ -180,6 +190,8 @@ if __name__ == "__main__":
     assert "--reasoning-parser no_such_parser: not one of vLLM's parsers" in lines[3]
     assert "deepseek_r1" in lines[3]
     assert "--tool-call-parser no_such_parser" in lines[4] and "hermes" in lines[4]
+    loaded = [line for line in done.stdout.splitlines() if line.startswith("LOADED")]
+    assert loaded and loaded[0] != "LOADED ''", done.stdout + done.stderr
 
 
 def test_parsers_vllm_knows_are_accepted() -> None:

@@ -130,7 +130,7 @@ class VllmEngine:
         if current_platform.is_cpu():
             # torch.compile of the model costs tens of seconds per start on CPU and buys
             # little for the small models CPU machines can serve; CUDA graphs do not exist.
-            kwargs["enforce_eager"] = True
+            kwargs.setdefault("enforce_eager", True)  # --engine-args may say otherwise
             # The model runs inside the engine core process, as it does on one GPU. vLLM's
             # CPU platform rewrites the string "uni" to its multiprocess executor, which
             # adds a model process and leaves the engine core busy-waiting for its results
@@ -140,7 +140,7 @@ class VllmEngine:
             # and the second core half idle instead of full (bench/engine_direct.py).
             from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
-            kwargs["distributed_executor_backend"] = UniProcExecutor
+            kwargs.setdefault("distributed_executor_backend", UniProcExecutor)
             # The engine core is spawned with this process's environment; its torch reads
             # the thread count from it (vLLM's own CPU binding applies to the other
             # executor only).
