@@ -226,9 +226,10 @@ def check_transformers_options(settings: WorkerSettings) -> None:
         raise StartupError(f"--engine-args ({', '.join(sorted(s.engine_args))}): these are "
                            "vLLM AsyncEngineArgs; the transformers engine takes none")
     if s.lora_modules:
-        # transformers' continuous batching packs every request into one sequence and has
-        # no per-request adapter (add_request takes none), so adapters could not be mixed
-        # with base-model requests in one batch.
+        # transformers' continuous batching packs every request's tokens into one row
+        # (input_ids of shape (1, tokens)) and add_request takes no adapter; peft's mixed
+        # adapter batches choose an adapter per row, so adapters could not be mixed with
+        # base-model requests in one batch.
         raise StartupError("--lora-modules: the transformers engine cannot run LoRA adapters "
                            "beside base-model requests in one batch; use --engine vllm")
 
