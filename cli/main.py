@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cli import batch, client, embedded
 
@@ -22,27 +24,76 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker(args: argparse.Namespace) -> int:
-    # Settings are read from the environment when the worker package loads.
-    if args.model:
-        os.environ["FERRY_MODEL"] = args.model
+# `ferry worker` flags named as vLLM names them, each written to its FERRY_ setting.
+_VLLM_FLAGS = ("max_model_len", "served_model_name", "dtype", "tensor_parallel_size",
+               "quantization", "gpu_memory_utilization", "limit_mm_per_prompt",
+               "max_lora_rank", "reasoning_parser", "tool_call_parser", "engine_args")
+
+
+def _worker_env(args: argparse.Namespace) -> None:
+    """Write the worker's flags to the environment, where its settings are read from."""
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise SystemExit(f"ferry worker: error: two models given: {args.model_tag} and "
+                         f"--model {args.model}")
+    model = args.model or args.model_tag
+    if model:
+        os.environ["FERRY_MODEL"] = model
     if args.engine:
         os.environ["FERRY_ENGINE"] = args.engine
     if args.concurrency:
         os.environ["FERRY_CONCURRENCY"] = str(args.concurrency)
     if args.torch_threads:
         os.environ["FERRY_TORCH_THREADS"] = str(args.torch_threads)
+    for flag in _VLLM_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[f"FERRY_{flag.upper()}"] = str(value)
+    if args.trust_remote_code:
+        os.environ["FERRY_TRUST_REMOTE_CODE"] = "true"
+    if args.lora_modules:
+        os.environ["FERRY_LORA_MODULES"] = json.dumps(args.lora_modules)
+
+
+def _json_object(flag: str) -> Any:
+    def parse(text: str) -> str:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag} takes a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} takes a JSON object, got {text}")
+        return text
+
+    return parse
+
+
+def _worker(args: argparse.Namespace) -> int:
+    # Settings are read from the environment when the worker package loads.
+    _worker_env(args)
+    from pydantic import ValidationError
+
+    from worker.engines import resolve_model_path
+    from worker.engines.options import StartupError, lora_adapters
     from worker.settings import get_worker_settings
 
-    settings = get_worker_settings()
-    _build_model(settings.model, settings.model_cache_dir, args.log_level)
+    try:
+        settings = get_worker_settings()
+        _build_model(settings.model, settings.model_cache_dir, args.log_level)
+        # The cheap checks before Celery starts; the engine makes the rest at its start.
+        adapters = lora_adapters(settings, resolve_model_path(settings))
+    except (ValidationError, StartupError, ValueError) as exc:
+        print(f"ferry worker: cannot start: {exc}", file=sys.stderr)
+        return 2
     from storage.keys import queue_name
     from worker.celery_app import app
 
     name = settings.model_name
+    # An adapter's jobs come on its own queues, which only workers that serve it read.
+    queues = [queue_name(n, lane) for n in [name, *(a.name for a in adapters)]
+              for lane in ("interactive", "bulk")]
     app.worker_main([
         "worker", "--pool", "threads", "--concurrency", str(settings.task_threads),
-        "-Q", f"{queue_name(name, 'interactive')},{queue_name(name, 'bulk')}",
+        "-Q", ",".join(queues),
         "--hostname", f"ferry-{name.replace('/', '_')}@%h-{os.getpid()}",
         "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
     ])
@@ -91,13 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.set_defaults(func=_api)
 
-    worker = commands.add_parser("worker", help="run a Celery worker with one engine")
+    worker = commands.add_parser(
+        "worker", help="run a Celery worker with one engine (vLLM's own flag names)")
+    worker.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="as `vllm serve MODEL`: the same as --model")
     worker.add_argument("--model", default=None,
                         help="hub id, directory, SmolLM2-135M-Instruct or a tiny model name")
     worker.add_argument("--engine", choices=["vllm", "transformers"], default=None)
-    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="jobs in the engine at once (vLLM's max_num_seqs)")
     worker.add_argument("--torch-threads", type=int, default=None,
                         help="CPU threads the engine computes with (FERRY_TORCH_THREADS)")
+    worker.add_argument("--served-model-name", default=None)
+    worker.add_argument("--max-model-len", type=int, default=None)
+    worker.add_argument("--dtype", default=None,
+                        choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
+    worker.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model's own python code (hub models with auto_map)")
+    worker.add_argument("--tensor-parallel-size", type=int, default=None)
+    worker.add_argument("--quantization", default=None)
+    worker.add_argument("--gpu-memory-utilization", type=float, default=None)
+    worker.add_argument("--limit-mm-per-prompt", default=None,
+                        type=_json_object("--limit-mm-per-prompt"),
+                        help='JSON, e.g. \'{"image": 2}\'')
+    worker.add_argument("--lora-modules", nargs="+", default=None, metavar="SPEC",
+                        help='name=path, or JSON {"name", "path", "base_model_name"}; '
+                             "each adapter is served as its own model id")
+    worker.add_argument("--max-lora-rank", type=int, default=None)
+    worker.add_argument("--reasoning-parser", default=None, help="a vLLM reasoning parser")
+    worker.add_argument("--tool-call-parser", default=None, help="a vLLM tool-call parser")
+    worker.add_argument("--engine-args", default=None, type=_json_object("--engine-args"),
+                        help="JSON object of other vLLM AsyncEngineArgs keywords")
     worker.set_defaults(func=_worker)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -24,13 +26,27 @@ class ServedModel:
     # The engine can constrain output to JSON / a JSON schema (`response_format`).
     supports_structured_output: bool = False
     created: int = 0
+    # A LoRA adapter (`--lora-modules`) names the model it runs on; its jobs are run by the
+    # workers that serve that model with it.
+    base_model: str | None = None
+    # vLLM's parsers by name (`--reasoning-parser`, `--tool-call-parser`).
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    # What the model was loaded from (hub id, directory; an adapter's path): vLLM's `root`.
+    root: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> ServedModel:
-        return cls(**json.loads(raw))
+        return cls(**_known(cls, json.loads(raw)))
+
+
+def _known(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Fields a newer process writes and this one does not know are ignored."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +63,22 @@ class WorkerBeat:
     # The batch feeder keeps that many out. 0: not announced.
     bulk_window: int = 0
     bulk_window_busy: int = 0
+    # The LoRA adapters it serves on its model's engine (each a model of its own).
+    adapters: tuple[str, ...] = ()
+
+    def serves(self, model: str) -> bool:
+        return model == self.model or model in self.adapters
 
 
 class ModelRegistry:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
 
-    async def heartbeat(self, beat: WorkerBeat, model: ServedModel, ttl_seconds: float) -> None:
+    async def heartbeat(self, beat: WorkerBeat, model: ServedModel, ttl_seconds: float,
+                        adapters: Sequence[ServedModel] = ()) -> None:
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(worker_key(beat.worker_id), json.dumps(asdict(beat)), px=int(ttl_seconds * 1000))
-        pipe.hset(MODELS_HASH, model.name, model.to_json())
+        pipe.hset(MODELS_HASH, mapping={m.name: m.to_json() for m in (model, *adapters)})
         await pipe.execute()
 
     async def forget_worker(self, worker_id: str) -> None:
@@ -72,10 +94,9 @@ class ModelRegistry:
         if not keys:
             return []
         values = await self._redis.mget(keys)
-        known = {f.name for f in fields(WorkerBeat)}
-        # Fields a newer worker announces and this process does not know are ignored.
-        return [WorkerBeat(**{k: v for k, v in json.loads(raw).items() if k in known})
-                for raw in values if raw is not None]
+        beats = [_known(WorkerBeat, json.loads(raw)) for raw in values if raw is not None]
+        return [WorkerBeat(**{**beat, "adapters": tuple(beat.get("adapters") or ())})
+                for beat in beats]
 
 
 def now_epoch() -> int:

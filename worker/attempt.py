@@ -134,6 +134,8 @@ class AttemptContext:
     in_flight: dict[str, JobAttempt]
     admission: EngineAdmission
     objects: ObjectStore
+    # LoRA adapters this worker serves (by model name): their jobs run with the adapter.
+    adapters: frozenset[str] = frozenset()
 
 
 async def run_claimed(ctx: AttemptContext, job: Job) -> str:
@@ -156,6 +158,8 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
                 # Images are read after the claim's transaction, which holds a row lock.
                 request = await generation_request(job, state.request_id, ctx.bulk_priority,
                                                    ctx.objects)
+                if job.model in ctx.adapters:
+                    request = dataclasses.replace(request, lora=job.model)
                 status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
                                                 state, ctx.publisher)
             except ImageUnavailable as exc:

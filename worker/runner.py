@@ -12,6 +12,7 @@ missed), the cancel listener, and the event publisher.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -143,6 +144,7 @@ class JobRunner:
             bulk_priority=s.bulk_priority,
             max_attempts=s.max_attempts, in_flight=self._in_flight,
             admission=self._admission, objects=self._objects,
+            adapters=frozenset(m.name for m in s.lora_modules),
         )
         self._registry = ModelRegistry(self._redis)
         await self._heartbeat_once()
@@ -212,15 +214,21 @@ class JobRunner:
 
     async def _heartbeat_once(self) -> None:
         info = self.engine.info
+        s = self.settings
         model = ServedModel(name=self.settings.model_name, max_model_len=info.max_model_len,
                             engine=info.engine, supports_images=info.supports_images,
                             supports_structured_output=info.supports_structured_output,
-                            created=now_epoch())
-        s = self.settings
+                            created=now_epoch(), reasoning_parser=s.reasoning_parser,
+                            tool_call_parser=s.tool_call_parser, root=s.model)
+        # Each LoRA adapter is a model of its own, on this model's engine.
+        adapters = [dataclasses.replace(model, name=m.name, base_model=model.name, root=m.path)
+                    for m in s.lora_modules]
         beat = WorkerBeat(self.worker_id, model.name, info.engine, len(self._in_flight),
                           time.time(), concurrency=s.concurrency,
-                          bulk_window=s.bulk_window, bulk_window_busy=s.bulk_window_busy)
-        await self._registry.heartbeat(beat, model, ttl_seconds=3 * self.settings.heartbeat_seconds)
+                          bulk_window=s.bulk_window, bulk_window_busy=s.bulk_window_busy,
+                          adapters=tuple(m.name for m in adapters))
+        await self._registry.heartbeat(beat, model, ttl_seconds=3 * self.settings.heartbeat_seconds,
+                                       adapters=adapters)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "ferry-tiny-chat"
+
+
+class LoraModule(BaseModel):
+    """One `--lora-modules` entry: vLLM's `name=path`, or its JSON form."""
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    base_model_name: str | None = None
+
+
+def parse_lora_module(spec: Any) -> LoraModule:
+    """vLLM's syntax: `name=path`, or a JSON object `{"name", "path", "base_model_name"}`
+    (as a string or already decoded)."""
+    if isinstance(spec, LoraModule):
+        return spec
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("{"):
+            spec = json.loads(text)
+        else:
+            name, sep, path = text.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"LoRA module {spec!r} is not name=path or a JSON object")
+            return LoraModule(name=name.strip(), path=path.strip())
+    return LoraModule.model_validate(spec)
 
 
 class WorkerSettings(BaseSettings):
@@ -41,7 +67,7 @@ class WorkerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1)
     # Weights' and activations' dtype, vLLM's names. "auto": the model config's, except
     # on CPU with vLLM (worker/engines/common.py `engine_dtype`).
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
     # Structured outputs (response_format): allow free whitespace between JSON tokens?
     # Off by default (compact JSON, as OpenAI answers): weak models otherwise tend to emit
     # whitespace until max_tokens.
@@ -61,6 +87,37 @@ class WorkerSettings(BaseSettings):
     bulk_priority: int = 10
     # A job whose workers died this many times is failed instead of run again.
     max_attempts: int = 3
+
+    # vLLM's own flags (`ferry worker --trust-remote-code ...`), passed to the engine; the
+    # transformers engine honours those that apply and refuses the others at start.
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = Field(1, ge=1)
+    quantization: str | None = None
+    # vLLM's JSON form, e.g. {"image": 2}.
+    limit_mm_per_prompt: dict[str, Any] | None = None
+    # LoRA adapters, each served as its own model id on this worker's engine. The env var
+    # takes a JSON list (of `name=path` strings or objects) or `name=path` items split by
+    # commas or spaces.
+    lora_modules: Annotated[list[LoraModule], NoDecode] = []
+    max_lora_rank: int | None = Field(None, ge=1)
+    # vLLM's parsers by name (validated at start, announced to the API).
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    # Any other AsyncEngineArgs keyword, as JSON (FERRY_ENGINE_ARGS).
+    engine_args: dict[str, Any] = {}
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_modules(cls, value: Any) -> list[LoraModule]:
+        if value is None or value == "":
+            return []
+        if isinstance(value, str):
+            text = value.strip()
+            items: Any = json.loads(text) if text.startswith("[") else (
+                [text] if text.startswith("{") else text.replace(",", " ").split())
+        else:
+            items = value
+        return [parse_lora_module(item) for item in items]
 
     @property
     def model_name(self) -> str:

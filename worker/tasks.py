@@ -15,6 +15,7 @@ from storage.settings import get_storage_settings
 from worker import batches  # noqa: F401  (registers the bulk tasks)
 from worker.celery_app import app
 from worker.engines import build_engine
+from worker.engines.options import StartupError
 from worker.runner import JobRunner
 from worker.settings import get_worker_settings
 
@@ -35,6 +36,10 @@ def _start_runner(**_: Any) -> None:
     _runner = JobRunner(get_worker_settings(), get_storage_settings(), build_engine)
     try:
         _runner.start()
+    except StartupError as exc:
+        # A bad flag or model: its reason is all the operator needs.
+        print(f"ferry worker: cannot start: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
     except BaseException:
         # Celery swallows (and, before its logging is set up, hides) what a worker_init
         # handler raises, and would carry on as a worker with no engine, taking messages it

@@ -76,14 +76,24 @@ class BatchFeeder:
                 return 0
             outstanding = await batches_repo.outstanding_by_model(session)
             busy = await batches_repo.models_with_interactive_work(session)
+        # A LoRA adapter's lines run on its base model's workers: they share its window.
+        base = {adapter: model for model, beats in workers.items() for beat in beats
+                for adapter in beat.adapters}
         until = time.monotonic() + self._cooldown
         for model in busy:
-            self._busy_until[model] = until
+            self._busy_until[base.get(model, model)] = until
+        rooms: dict[str, int] = {}
+        for model, count in outstanding.items():
+            engine = base.get(model, model)
+            rooms[engine] = rooms.get(engine, 0) - count
         sent = 0
         for model in models:
-            room = self.window(model, workers.get(model, [])) - outstanding.get(model, 0)
+            engine = base.get(model, model)
+            room = self.window(engine, workers.get(engine, [])) + rooms.get(engine, 0)
             if room > 0:
-                sent += await self._send(model, room)
+                count = await self._send(model, room)
+                rooms[engine] = rooms.get(engine, 0) - count
+                sent += count
         return sent
 
     async def _send(self, model: str, room: int) -> int:

@@ -257,6 +257,9 @@ class ModelCard(BaseModel):
     supports_images: bool
     supports_structured_output: bool
     workers: int
+    # vLLM's: what the model was loaded from, and a LoRA adapter's base model (else None).
+    root: str | None = None
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

@@ -56,6 +56,8 @@ class GenerationRequest:
     # False: nobody watches the text as it comes (batch lines), so the engine may hand it
     # over in one piece at the end, sparing the worker a wake-up per token.
     stream: bool = True
+    # The name of a LoRA adapter this worker serves (`--lora-modules`): run with it.
+    lora: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

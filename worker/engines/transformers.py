@@ -46,11 +46,16 @@ from worker.engines.common import (
     ImageSupport,
     check_fits,
     cpu_threads,
-    engine_dtype,
     image_support,
     prompt_text,
     prompt_token_ids,
     warm_up,
+)
+from worker.engines.options import (
+    check_parsers,
+    check_transformers_options,
+    remote_code_hint,
+    torch_dtype,
 )
 from worker.settings import WorkerSettings
 
@@ -165,8 +170,16 @@ class TransformersEngine:
     async def start(self) -> None:
         if self._manager is not None:
             return
+        check_transformers_options(self._settings)
+        await asyncio.to_thread(check_parsers, self._settings)
         # Importing torch/transformers and loading weights block for seconds: off the loop.
-        manager = await asyncio.to_thread(self._load)
+        try:
+            manager = await asyncio.to_thread(self._load)
+        except Exception as exc:
+            hint = remote_code_hint(exc, self._settings)
+            if hint is not None:
+                raise hint from exc
+            raise
         manager.start()
         self._manager = manager
         await warm_up(self)
@@ -178,7 +191,9 @@ class TransformersEngine:
         # Used as an untyped module: transformers' annotations are partial and its
         # decorated classmethods confuse mypy.
         tf: Any = importlib.import_module("transformers")
-        tokenizer = tf.AutoTokenizer.from_pretrained(self._model_path)
+        remote = {"trust_remote_code": self._settings.trust_remote_code}
+        dtype = torch_dtype(self._settings)
+        tokenizer = tf.AutoTokenizer.from_pretrained(self._model_path, **remote)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             torch.set_num_threads(cpu_threads(self._settings))
@@ -187,14 +202,15 @@ class TransformersEngine:
         if self._processor is not None:
             self._images = image_support(self._processor)
             auto_model = tf.AutoModelForImageTextToText
-        dtype = engine_dtype(self._settings, "transformers", on_cpu=not on_gpu)
         try:
             model = auto_model.from_pretrained(
-                self._model_path, dtype=dtype, attn_implementation="sdpa"
+                self._model_path, dtype=dtype, attn_implementation="sdpa", **remote
             )
-        except ValueError:  # no SDPA for this architecture: batching falls back to eager
+        except ValueError as exc:  # no SDPA for this architecture: batching falls back to eager
+            if "trust_remote_code" in str(exc):
+                raise
             model = auto_model.from_pretrained(
-                self._model_path, dtype=dtype, attn_implementation="eager"
+                self._model_path, dtype=dtype, attn_implementation="eager", **remote
             )
         model = model.to("cuda" if on_gpu else "cpu").eval()
         text_config = model.config.get_text_config()
@@ -249,10 +265,11 @@ class TransformersEngine:
             MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
         )
 
-        config = tf.AutoConfig.from_pretrained(self._model_path)
+        remote = {"trust_remote_code": self._settings.trust_remote_code}
+        config = tf.AutoConfig.from_pretrained(self._model_path, **remote)
         if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             return None
-        processor = tf.AutoProcessor.from_pretrained(self._model_path)
+        processor = tf.AutoProcessor.from_pretrained(self._model_path, **remote)
         return processor if image_support(processor) is not None else None
 
     def _cpu_num_blocks(self, text_config: Any, dtype: Any, max_len: int) -> int:
@@ -302,6 +319,12 @@ class TransformersEngine:
             raise EngineRequestError(f"request id {request_id!r} is already running")
         if request.sampling.structured_output is not None:
             raise EngineRequestError("the transformers engine cannot constrain output to JSON")
+        if request.lora is not None:
+            raise EngineRequestError("the transformers engine runs no LoRA adapters")
+        limit = (self._settings.limit_mm_per_prompt or {}).get("image")
+        if isinstance(limit, int) and len(request.images) > limit:
+            raise EngineRequestError(f"{len(request.images)} images in one prompt; this worker "
+                                     f"takes at most {limit} (--limit-mm-per-prompt)")
         ids = prompt_token_ids(self._tokenizer, request, self._images)
         extra: dict[str, Any] = {}
         if self._images is not None:  # the image batcher: processor inputs, seeds

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -33,6 +34,14 @@ from worker.engines.common import (
     image_support,
     prompt_token_ids,
     warm_up,
+)
+from worker.engines.options import (
+    LoraAdapter,
+    StartupError,
+    check_parsers,
+    lora_adapters,
+    remote_code_hint,
+    vllm_flag_args,
 )
 from worker.settings import WorkerSettings
 
@@ -60,6 +69,9 @@ class VllmEngine:
         self._images: ImageSupport | None = None  # set in start() for image models
         # Exceptions that mean "this request is bad", not "the engine is broken".
         self._request_errors: tuple[type[Exception], ...] = (ValueError,)
+        # --lora-modules: adapter name -> vllm LoRARequest (built in start()).
+        self._adapters: list[LoraAdapter] = []
+        self._lora_requests: dict[str, Any] = {}
 
     @property
     def info(self) -> ModelInfo:
@@ -96,6 +108,8 @@ class VllmEngine:
     async def start(self) -> None:
         if self._llm is not None:
             return
+        # Flags checked before the slow part, so a bad one fails in a second.
+        self._adapters = lora_adapters(self._settings, self._model_path)
         # The CPU build sizes its KV cache from this variable (GiB, default: a share of
         # RAM); it is read when the engine config is created, just below.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._settings.cpu_kv_cache_gib))
@@ -105,16 +119,22 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
+        from vllm.lora.request import LoRARequest
         from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = self.engine_args()
+        check_parsers(self._settings)
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        kwargs = {**self.engine_args(),
+                  **vllm_flag_args(self._settings, self._adapters, known)}
+        self._lora_requests = {a.name: LoRARequest(a.name, a.int_id, a.path)
+                               for a in self._adapters}
         child_env: dict[str, str] = {}
         if current_platform.is_cpu():
             # torch.compile of the model costs tens of seconds per start on CPU and buys
             # little for the small models CPU machines can serve; CUDA graphs do not exist.
-            kwargs["enforce_eager"] = True
+            kwargs.setdefault("enforce_eager", True)  # --engine-args may say otherwise
             kwargs["dtype"] = engine_dtype(self._settings, "vllm", on_cpu=True)
             # The model runs inside the engine core process, as it does on one GPU. vLLM's
             # CPU platform rewrites the string "uni" to its multiprocess executor, which
@@ -125,17 +145,30 @@ class VllmEngine:
             # and the second core half idle instead of full (bench/engine_direct.py).
             from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
-            kwargs["distributed_executor_backend"] = UniProcExecutor
+            kwargs.setdefault("distributed_executor_backend", UniProcExecutor)
             # The engine core is spawned with this process's environment; its torch reads
             # the thread count from it (vLLM's own CPU binding applies to the other
             # executor only).
             child_env["OMP_NUM_THREADS"] = str(cpu_threads(self._settings))
+            if kwargs.get("enable_lora"):
+                # vLLM's CPU LoRA kernels (lora/ops/torch_ops) index the adapter slots with
+                # each token's adapter index, and a base-model token's index is -1: the last
+                # slot. One slot more than there are adapters keeps the last slot empty
+                # (zeros), so base-model requests batched with adapter requests stay the
+                # base model's (with every slot in use they got the last adapter applied).
+                kwargs["max_loras"] = int(kwargs.get("max_loras") or 1) + 1
         args = AsyncEngineArgs(**kwargs)
         # Constructing AsyncLLM starts the engine core process and waits for it (blocking);
         # it must happen on the loop that will call generate(): its output handler task
         # and ZMQ sockets belong to that loop.
-        with environment(child_env):
-            self._llm = AsyncLLM.from_engine_args(args)
+        try:
+            with environment(child_env):
+                self._llm = AsyncLLM.from_engine_args(args)
+        except Exception as exc:
+            hint = remote_code_hint(exc, self._settings)
+            if hint is not None:
+                raise hint from exc
+            raise
         self._tokenizer = self._llm.get_tokenizer()
         self._sampling_params = SamplingParams
         self._delta_kind = RequestOutputKind.DELTA
@@ -151,6 +184,28 @@ class VllmEngine:
             supports_structured_output=True,
         )
         await warm_up(self)
+        try:
+            await self._warm_up_adapters()
+        except StartupError:
+            await self.stop()  # the engine core process must not outlive the refusal
+            raise
+
+    async def _warm_up_adapters(self) -> None:
+        """Run each adapter once (one token), so that one vLLM cannot load or apply to this
+        model stops the worker now, not a user's request later."""
+        for adapter in self._adapters:
+            request = GenerationRequest(
+                request_id=f"ferry-warm-up-{adapter.name}-{os.getpid()}",
+                prompt="Warm up.", sampling=SamplingOptions(max_tokens=1, temperature=0),
+                lora=adapter.name,
+            )
+            try:
+                async for _ in self.generate(request):
+                    pass
+            except Exception as exc:
+                raise StartupError(f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
+                                   f"on {self._settings.model}: {exc} (the engine's log above "
+                                   "says why)") from exc
 
     def _image_support(self) -> ImageSupport | None:
         """The model's image placeholder, read from the Hugging Face processor vLLM itself
@@ -210,11 +265,17 @@ class VllmEngine:
             prompt_tokens, request.sampling.max_tokens, self._info.max_model_len
         )
         params = self._params(request.sampling, max_tokens, request.stream)
+        lora = None
+        if request.lora is not None:
+            lora = self._lora_requests.get(request.lora)
+            if lora is None:
+                raise EngineRequestError(f"no LoRA adapter {request.lora!r} on this worker")
         # Tokens of outputs without text (a partial UTF-8 character, a special token) are
         # carried into the next delta, so new_tokens still add up to the completion length.
         carried = 0
         stream = self._llm.generate(
-            engine_input, params, request.request_id, priority=request.priority
+            engine_input, params, request.request_id, priority=request.priority,
+            lora_request=lora,
         )
         self._running.add(request.request_id)
         try:
