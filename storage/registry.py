@@ -24,6 +24,9 @@ class ServedModel:
     # The engine can constrain output to JSON / a JSON schema (`response_format`).
     supports_structured_output: bool = False
     created: int = 0
+    # vLLM's reasoning parser name (e.g. `deepseek_r1`, `qwen3`): the API splits the
+    # model's `<think>` text out of its replies as `reasoning_content`.
+    reasoning_parser: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
