@@ -354,7 +354,9 @@ def test_reasoning_is_split_by_default_for_a_model_with_a_reasoning_parser(
     assert off["choices"][0]["message"]["content"]
     stream = openai.OpenAI(base_url=f"{routing.url}/v1", api_key=KEY_A, max_retries=0)
     reasoning = content = ""
-    for c in stream.chat.completions.create(stream=True, **body):
+    sdk_body = {k: v for k, v in body.items() if k != "ignore_eos"}
+    for c in stream.chat.completions.create(stream=True, extra_body={"ignore_eos": True},
+                                            **sdk_body):
         if c.choices:
             delta: Any = c.choices[0].delta
             content += delta.content or ""
