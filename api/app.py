@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -41,6 +42,8 @@ from storage.registry import ModelRegistry
 from storage.repositories import api_keys
 from storage.settings import StorageSettings, get_storage_settings
 
+log = logging.getLogger(__name__)
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,8 +53,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upgrade_async(storage.database_url)
     db = create_db_engine(storage)
     sessions = create_session_factory(db)
+    open_owner = None
     async with sessions.begin() as session:
         await api_keys.ensure_keys(session, settings.api_keys)
+        if settings.auth == "off":
+            open_owner = await api_keys.ensure_builtin_owner(session)
+    if open_owner is not None:
+        log.warning("Authentication is OFF (FERRY_AUTH=off): every request, whatever its "
+                    "Authorization header, runs as the built-in owner `%s`. Anyone who can "
+                    "reach this API can use it.", open_owner)
     redis = redis_from_url(storage.redis_url, max_connections=256)
     registry = ModelRegistry(redis)
     queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
@@ -73,8 +83,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry=registry,
         queue=queue,
         intake=JobIntake(sessions, queue),
-        keys=KeyRing(sessions),
-        catalog=ModelCatalog(registry),
+        keys=KeyRing(sessions, open_owner),
+        catalog=ModelCatalog(registry, default_model=settings.default_model,
+                             aliases=settings.model_aliases),
         objects=await asyncio.to_thread(build_object_store),
     )
     reconciler = Reconciler(sessions, redis, queue,

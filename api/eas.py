@@ -1,7 +1,8 @@
 """The PAI-EAS APIs' path onto Ferry's queue: which model, the job, its text as it comes.
 
-EAS requests name no model: `FERRY_EAS_MODEL` picks one, else the first served model by
-name (the first that takes images, for a request that carries one). Their token limits
+EAS requests name no model: they go where a request without `model` goes
+(`ModelCatalog.resolve`), with `FERRY_EAS_MODEL` as their own default (else
+`FERRY_DEFAULT_MODEL`), and, with neither set, the first served model by name. Their token limits
 (`max_new_tokens`, `max_output_tokens`) are ceilings, as on EAS: the oldest history turns
 and the limit itself give way to the model's context (`api.history.fit_to_context`).
 """
@@ -15,7 +16,7 @@ from typing import Any
 import anyio
 
 from api import history, jobs_service
-from api.errors import FerryError, InvalidRequest, ServiceUnavailable
+from api.errors import FerryError, InvalidRequest
 from api.job_events import job_events
 from api.schemas.openai import ChatCompletionRequest, ChatMessage
 from api.state import AppState
@@ -45,16 +46,10 @@ class Turn:
 
 
 async def pick_model(state: AppState, *, with_image: bool) -> ServedModel:
-    if state.settings.eas_model:
-        return await state.catalog.get(state.settings.eas_model)
-    served = sorted((await state.registry.models()).values(), key=lambda m: m.name)
-    if not served:
-        raise ServiceUnavailable("No model is served yet: start a worker.")
-    if with_image:
-        for model in served:
-            if model.supports_images:
-                return model
-    return served[0]
+    """The model for an EAS request: its default, or one that takes images for a request
+    that carries one (the same resolver as `/v1` requests that name no model)."""
+    return await state.catalog.resolve(None, with_image, default=state.settings.eas_model,
+                                       first_served=True)
 
 
 def check_takes_images(model: ServedModel) -> None:

@@ -41,8 +41,16 @@ class NotFound(FerryError):
 class ModelNotFound(NotFound):
     code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist.", param="model")
+    def __init__(self, model: str, served: list[str] | None = None) -> None:
+        super().__init__(f"The model `{model}` does not exist. {served_sentence(served or [])}",
+                         param="model")
+
+
+def served_sentence(served: list[str]) -> str:
+    """What a model error adds: the ids a request may name."""
+    if not served:
+        return "No model is served yet: start a worker."
+    return "Served models: " + ", ".join(f"`{name}`" for name in sorted(served)) + "."
 
 
 class Conflict(FerryError):

@@ -13,8 +13,14 @@ from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
 from api.images import ImageIntake
 from api.images.chat import chat_messages
 from api.job_events import job_events
-from api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from api.schemas.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    UnsupportedPart,
+)
 from api.state import AppState
+from storage.content import ReasoningMode
 from storage.events import EventType, JobEvent
 from storage.keys import CANCEL_CHANNEL, Lane
 from storage.models import Job, JobStatus
@@ -57,7 +63,7 @@ def sampling_request(
         fields["structured_output"] = structured
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens
-    return {"model": body.model, **fields}
+    return {"model": model.name, **fields}
 
 
 async def build_chat_job(
@@ -67,34 +73,65 @@ async def build_chat_job(
     *,
     lane: Lane = "interactive",
 ) -> Job:
-    model = await state.catalog.get(body.model)
+    model = await state.catalog.resolve(body.model, body.carries_images)
+    refuse_unsupported_parts(body, model)
     request = sampling_request(body, model, state.settings.default_max_tokens)
     images = ImageIntake.for_state(state)
     request["messages"] = await chat_messages(images, body, model)
     template_kwargs = dict(body.chat_template_kwargs or {})
-    if body.thinking:
-        # The template decides how thinking starts (Qwen3-style templates read this flag);
-        # the API splits `<think>…</think>` out of the reply as `reasoning_content`.
-        template_kwargs["enable_thinking"] = True
-        request["thinking"] = True
+    thinking = body.enable_thinking
+    if thinking is not None:
+        # The template decides how thinking starts (Qwen3-style templates read this flag),
+        # whichever way (vLLM's or FastDeploy's) it was asked for.
+        template_kwargs["enable_thinking"] = thinking
+    mode = reasoning_mode_for(model, thinking)
+    if mode is not None:
+        request["reasoning"] = mode
     if template_kwargs:
         request["chat_template_kwargs"] = template_kwargs
     if body.conversation_id is not None:
         await history.prepend_history(state, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
-    return _queued_job(owner_id, body, "chat", lane, request,
+    return _queued_job(owner_id, body, model, "chat", lane, request,
                        conversation_id=body.conversation_id)
 
 
+def reasoning_mode_for(model: ServedModel, thinking: bool | None) -> ReasoningMode | None:
+    """How the reply's `<think>` text is split into `reasoning_content`: by default for a
+    model with a reasoning parser (its reply may start inside the reasoning, the template
+    having opened `<think>`), unless thinking is turned off; else only when asked for."""
+    if model.reasoning_parser is not None and thinking is not False:
+        return "parser"
+    return "tagged" if thinking else None
+
+
+_PART_NAMES = {"video_url": "video", "input_audio": "audio", "file": "files"}
+
+
+def refuse_unsupported_parts(body: ChatCompletionRequest, model: ServedModel) -> None:
+    """Video, audio and file parts: a 400 naming the part (no Ferry model takes them)."""
+    for index, message in enumerate(body.messages):
+        if not isinstance(message.content, list):
+            continue
+        for number, part in enumerate(message.content):
+            if isinstance(part, UnsupportedPart):
+                takes = "text and images" if model.supports_images else "text only"
+                raise InvalidRequest(
+                    f"The model `{model.name}` does not take {_PART_NAMES[part.type]} "
+                    f"(`{part.type}` content parts); it takes {takes}.",
+                    param=f"messages.{index}.content.{number}", code="unsupported_content",
+                )
+
+
 def _queued_job(
-    owner_id: str, body: SamplingFields, kind: str, lane: Lane, request: dict[str, Any],
-    conversation_id: str | None = None,
+    owner_id: str, body: SamplingFields, model: ServedModel, kind: str, lane: Lane,
+    request: dict[str, Any], conversation_id: str | None = None,
 ) -> Job:
     return Job(
         id=jobs_repo.new_job_id(),
         owner_id=owner_id,
-        model=body.model,
+        model=model.name,
         kind=kind,
         lane=lane,
         status=JobStatus.QUEUED,
@@ -118,7 +155,8 @@ async def build_completion_jobs(
         if getattr(body, name) is not None:
             raise InvalidRequest(f"`{name}` is not supported by this server.", param=name,
                                  code="unsupported_parameter")
-    model = await state.catalog.get(body.model)
+    wants_images = any("<img>" in prompt for prompt in body.prompts)
+    model = await state.catalog.resolve(body.model, wants_images)
     base = sampling_request(body, model, state.settings.default_max_tokens)
     # One intake for all prompts: the request's image limits span them, and nothing is
     # stored unless every prompt passed.
@@ -130,7 +168,8 @@ async def build_completion_jobs(
         for prompt in body.prompts
     ]
     await images.store()
-    return [_queued_job(owner_id, body, "completion", lane, request) for request in requests]
+    return [_queued_job(owner_id, body, model, "completion", lane, request)
+            for request in requests]
 
 
 async def completion_prompt(

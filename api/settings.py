@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,9 +32,18 @@ class ApiSettings(BaseSettings):
     sse_max_seconds: float = 3600.0
     # How long a non-streaming chat completion waits for its job.
     sync_timeout_seconds: float = 600.0
+    # Authentication: "on" (API keys, the default) or "off": every request, whatever its
+    # Authorization header, runs as one built-in owner (a warning is logged at start).
+    auth: Literal["on", "off"] = "on"
+    # The model a request without `model` (or with an alias) goes to. Unset: the only
+    # served model; with several served, such a request is a 400 listing them.
+    default_model: str | None = None
+    # Model names that mean "the default model", comma-separated (FastDeploy's client
+    # sends model="null").
+    model_aliases: Annotated[list[str], NoDecode] = ["null", "default"]
     # The served model the PAI-EAS routes (/infer_forward, POST /, WebSocket /) use, as
-    # their requests name none. Unset: the first served model by name (for a request
-    # with an image, the first that takes images).
+    # their requests name none. Unset: FERRY_DEFAULT_MODEL, else the first served model by
+    # name. A request with an image goes to a model that takes images if this one does not.
     eas_model: str | None = None
     # Images (api/images), per request: how many, bytes per image (decoded or downloaded),
     # pixels per image (width x height), and bytes of all the request's images together.
@@ -62,7 +71,7 @@ class ApiSettings(BaseSettings):
     # another takes the batch over once the lease has lapsed.
     batch_expand_lease_seconds: float = Field(60.0, gt=0)
 
-    @field_validator("api_keys", "image_fetch_allow_networks", mode="before")
+    @field_validator("api_keys", "image_fetch_allow_networks", "model_aliases", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -15,7 +15,7 @@ placeholders where they were (the shape Hugging Face multimodal chat templates r
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 
 class ImageRef(TypedDict):
@@ -52,19 +52,38 @@ def plain_text(content: str | list[dict[str, Any]] | None) -> str:
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
+# How a reply's reasoning is split out (stored in a job's request as `reasoning`):
+# "tagged": only a reply that opens with `<think>` (thinking asked for, no parser);
+# "parser": the model has a reasoning parser, so the reply starts inside its reasoning
+#     (templates that open `<think>` in the prompt): reasoning runs up to `</think>`.
+ReasoningMode = Literal["tagged", "parser"]
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
+
+def reasoning_mode(request: dict[str, Any]) -> ReasoningMode | None:
+    """How a stored request's reply is split (rows from before `reasoning` have `thinking`)."""
+    mode = request.get("reasoning")
+    if mode in ("tagged", "parser"):
+        return cast(ReasoningMode, mode)
+    return "tagged" if request.get("thinking") else None
+
+
+def split_reasoning(text: str, mode: ReasoningMode = "tagged") -> tuple[str | None, str]:
     """Split a reply into (reasoning, content), as vLLM's and FastDeploy's reasoning
     parsers do for models that think inside `<think>…</think>`.
 
     A reply that opens with `<think>` (after whitespace) is reasoning up to `</think>`
-    and content after it; one cut off before `</think>` is all reasoning. Any other reply
-    is all content (so templates that open `<think>` inside the prompt are not split).
+    and content after it; one cut off before `</think>` is all reasoning. In "parser"
+    mode a reply without the opening tag is read the same way (it began inside the
+    reasoning: text up to `</think>`, all of it if none comes, as vLLM's parsers do); in
+    "tagged" mode it is all content.
     `ReasoningSplitter` gives the same split incrementally, for streams."""
     stripped = text.lstrip()
-    if not stripped.startswith(THINK_OPEN):
+    if stripped.startswith(THINK_OPEN):
+        body = stripped[len(THINK_OPEN):]
+    elif mode == "parser":
+        body = text
+    else:
         return None, text
-    body = stripped[len(THINK_OPEN):]
     reasoning, closed, content = body.partition(THINK_CLOSE)
     reasoning = reasoning.strip("\n")
     return reasoning or None, content.lstrip("\n") if closed else ""
@@ -74,7 +93,8 @@ class ReasoningSplitter:
     """`split_reasoning` for a stream: feed text deltas, get (reasoning, content) pieces
     whose concatenations equal what `split_reasoning` gives for the whole text."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: ReasoningMode = "tagged") -> None:
+        self._mode = mode
         self._state = "start"  # start -> reasoning -> content, or start -> content
         self._held = ""
 
@@ -88,6 +108,8 @@ class ReasoningSplitter:
                 self._held = stripped[len(THINK_OPEN):]
             elif THINK_OPEN.startswith(stripped):
                 return "", ""  # whitespace or a partial "<think": wait for more
+            elif self._mode == "parser":
+                self._state = "think-start"  # no opening tag: it began inside reasoning
             else:
                 self._state = "content"
         if self._state == "think-start":
@@ -117,7 +139,7 @@ class ReasoningSplitter:
         """The end of the stream: what was held back (a trailing newline, a partial tag)."""
         held, self._held = self._held, ""
         if self._state == "start":
-            return "", held
+            return (held.strip("\n"), "") if self._mode == "parser" else ("", held)
         if self._state == "reasoning":
             return held.rstrip("\n"), ""
         return "", ""  # think-start / after-think hold only newlines

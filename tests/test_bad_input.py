@@ -32,7 +32,9 @@ BAD_BODIES: list[tuple[str, Any, int, str | None, str | None]] = [
     # (case, body, status, error code, param)
     ("empty messages", {"model": TINY, "messages": []}, 400, None, "messages"),
     ("messages not a list", {"model": TINY, "messages": "hi"}, 400, None, "messages"),
-    ("no model", {"messages": [{"role": "user", "content": "x"}]}, 400, None, "model"),
+    # (No `model` is not bad input: it goes to the default model, tests/test_model_routing.py.)
+    ("model not a string", {"model": 7, "messages": [{"role": "user", "content": "x"}]}, 400,
+     None, "model"),
     ("bad role", {"model": TINY, "messages": [{"role": "wizard", "content": "x"}]}, 400,
      None, "messages.0.role"),
     ("temperature wrong type", chat_body(TINY, temperature="hot"), 400, None, "temperature"),

@@ -5,13 +5,14 @@ caller that goes away does not break the read for the others."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from api.catalog import ModelCatalog
-from api.errors import ModelNotFound
+from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from storage.keys import MODELS_HASH
 from storage.registry import ModelRegistry, ServedModel
 from tests.conftest import REDIS_BASE
@@ -90,3 +91,65 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_read(redis: Redis) ->
     with pytest.raises(asyncio.CancelledError):
         await first
     assert registry.reads == 1
+
+
+# --- resolve: where a request that names no model goes --------------------------------
+
+async def announce_images(redis: Redis, name: str) -> None:
+    await redis.hset(MODELS_HASH, name,
+                     ServedModel(name, 2048, "vllm", supports_images=True).to_json())
+
+
+async def test_resolve_the_only_model_and_aliases(redis: Redis) -> None:
+    await announce(redis, "only")
+    catalog = ModelCatalog(ModelRegistry(redis), aliases=["null", "default"])
+    for name in (None, "null", "default"):
+        assert (await catalog.resolve(name)).name == "only"
+    served = re.escape("`nope` does not exist. Served models: `only`.")
+    with pytest.raises(ModelNotFound, match=served):
+        await catalog.resolve("nope")
+
+
+async def test_resolve_with_nothing_served_is_503(redis: Redis) -> None:
+    catalog = ModelCatalog(ModelRegistry(redis))
+    with pytest.raises(ServiceUnavailable, match="No model is served yet"):
+        await catalog.resolve(None)
+
+
+async def test_resolve_several_models_needs_a_default(redis: Redis) -> None:
+    for name in ("b", "a"):
+        await announce(redis, name)
+    await announce_images(redis, "v")
+    keys = ModelCatalog(ModelRegistry(redis))
+    with pytest.raises(InvalidRequest, match=re.escape("Served models: `a`, `b`, `v`.")) as caught:
+        await keys.resolve(None)
+    assert caught.value.code == "model_required" and caught.value.param == "model"
+    # The PAI-EAS routes take the first by name, or their own default.
+    assert (await keys.resolve(None, first_served=True)).name == "a"
+    assert (await keys.resolve(None, default="b", first_served=True)).name == "b"
+    defaulted = ModelCatalog(ModelRegistry(redis), default_model="b")
+    assert (await defaulted.resolve(None)).name == "b"
+    # A default that is not served (yet) is the server's problem, not the request's.
+    missing = ModelCatalog(ModelRegistry(redis), default_model="gone")
+    with pytest.raises(ServiceUnavailable, match="`gone` is not served"):
+        await missing.resolve(None)
+
+
+async def test_resolve_images_go_to_a_model_that_takes_them(redis: Redis) -> None:
+    for name in ("a", "b"):
+        await announce(redis, name)
+    catalog = ModelCatalog(ModelRegistry(redis), default_model="a")
+    with pytest.raises(InvalidRequest, match="no served model takes images") as caught:
+        await ModelCatalog(ModelRegistry(redis)).resolve(None, wants_images=True)
+    assert caught.value.code == "unsupported_content"
+    # With a default that takes no images and none that does, the default is the answer:
+    # its own image check then names it.
+    assert (await catalog.resolve(None, wants_images=True)).name == "a"
+    await announce_images(redis, "w")
+    await announce_images(redis, "v")
+    catalog = ModelCatalog(ModelRegistry(redis), default_model="a")
+    assert (await catalog.resolve(None, wants_images=True)).name == "v"  # first by name
+    assert (await catalog.resolve(None, wants_images=False)).name == "a"
+    assert (await catalog.resolve("b", wants_images=True)).name == "b"  # named: as is
+    images_default = ModelCatalog(ModelRegistry(redis), default_model="w")
+    assert (await images_default.resolve(None, wants_images=True)).name == "w"

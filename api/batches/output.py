@@ -26,7 +26,7 @@ from api.schemas.openai import (
     Usage,
 )
 from api.state import AppState
-from storage.content import plain_text, split_reasoning
+from storage.content import plain_text, reasoning_mode, split_reasoning
 from storage.models import BatchStatus, File, JobStatus
 from storage.objects import file_key
 from storage.repositories import batches as batches_repo
@@ -131,8 +131,9 @@ def _body(row: Row[Any]) -> dict[str, Any]:
             choices=[CompletionChoice(index=0, text=text, finish_reason=row.finish_reason)],
         ).model_dump(mode="json")
     reasoning = None
-    if request.get("thinking"):
-        reasoning, text = split_reasoning(text)
+    mode = reasoning_mode(request)
+    if mode is not None:
+        reasoning, text = split_reasoning(text, mode)
     return ChatCompletion(
         id=row.id, created=created, model=row.model, usage=usage,
         choices=[ChatChoice(message=AssistantMessage(content=text, reasoning_content=reasoning),

@@ -19,7 +19,7 @@ from typing import Any
 from api.errors import InvalidRequest
 from api.images.errors import ImagesNotSupported
 from api.images.intake import IMG_TAG, ImageIntake
-from api.schemas.openai import ChatCompletionRequest, ChatMessage, TextPart
+from api.schemas.openai import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
 from storage.content import image_part, text_part
 from storage.registry import ServedModel
 
@@ -80,6 +80,8 @@ def _segments(index: int, message: ChatMessage) -> list[_Segment]:
         if isinstance(part, TextPart):
             segments += _split_tags(part.text, message.role, f"{param}.text")
             continue
+        # Video, audio and file parts were refused before (api.jobs_service).
+        assert isinstance(part, ImageUrlPart)
         if message.role != "user":
             raise InvalidRequest(
                 f"Image parts are only accepted in user messages, not `{message.role}`.",

@@ -23,7 +23,12 @@ from api.schemas.openai import (
     chunk,
 )
 from api.state import AppState
-from storage.content import ReasoningSplitter, split_reasoning
+from storage.content import (
+    ReasoningMode,
+    ReasoningSplitter,
+    reasoning_mode,
+    split_reasoning,
+)
 from storage.events import EventType, JobEvent
 from storage.models import Job, JobStatus
 
@@ -42,9 +47,14 @@ async def create_chat_completion(
     completion id is the job id (`GET /v1/jobs/{id}` works on it). A streaming client
     that disconnects cancels its job, as in vLLM.
 
-    Thinking (`chat_template_kwargs.enable_thinking` or FastDeploy's
-    `metadata.enable_thinking`): a reply that opens with `<think>` is split into
-    `reasoning_content` (up to `</think>`) and `content`, streamed or not.
+    `model` may be omitted (or an alias such as `null`): the default model, or one that
+    takes images for a request that carries them.
+
+    Thinking: `enable_thinking` (true or false, in `chat_template_kwargs` or FastDeploy's
+    `metadata`) reaches the chat template. For a model served with a reasoning parser the
+    reply is split by default into `reasoning_content` (up to `</think>`, also when the
+    template opened `<think>` in the prompt) and `content`, streamed or not; for others,
+    when thinking is asked for, a reply that opens with `<think>` is split.
     `response_format` (`json_object`, `json_schema`) constrains the output through vLLM's
     structured outputs; a model served by an engine that cannot is a 400.
     """
@@ -54,18 +64,18 @@ async def create_chat_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(state, job, include_usage, body.thinking), media_type="text/event-stream",
-            headers=headers,
+            _stream(state, job, include_usage, reasoning_mode(job.request)),
+            media_type="text/event-stream", headers=headers,
         )
     final = await jobs_service.wait_for_end(state, job.id)
-    return _completion(final, body.thinking)
+    return _completion(final, reasoning_mode(final.request))
 
 
-def _completion(job: Job, thinking: bool) -> ChatCompletion:
+def _completion(job: Job, mode: ReasoningMode | None) -> ChatCompletion:
     prompt, completion = job.prompt_tokens or 0, job.completion_tokens or 0
     reasoning, content = None, job.result_text or ""
-    if thinking:
-        reasoning, content = split_reasoning(content)
+    if mode is not None:
+        reasoning, content = split_reasoning(content, mode)
     return ChatCompletion(
         id=job.id,
         created=int(job.created_at.timestamp()),
@@ -85,10 +95,10 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 async def _stream(
-    state: AppState, job: Job, include_usage: bool, thinking: bool
+    state: AppState, job: Job, include_usage: bool, mode: ReasoningMode | None
 ) -> AsyncIterator[bytes]:
     created = int(job.created_at.timestamp())
-    splitter = ReasoningSplitter() if thinking else None
+    splitter = ReasoningSplitter(mode) if mode is not None else None
     yield _sse(chunk(job.id, created, job.model, {"role": "assistant", "content": ""}))
     finished = False
     usage: dict[str, Any] | None = None

@@ -60,7 +60,7 @@ async def create_completion(body: CompletionRequest, key: CurrentKey, state: Sta
     return Completion(
         id=completion_id,
         created=int(jobs[0].created_at.timestamp()),
-        model=body.model,
+        model=jobs[0].model,
         choices=[
             CompletionChoice(index=i, text=echoes[i] + (job.result_text or ""),
                              finish_reason=_finish_reason(job))

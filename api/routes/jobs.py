@@ -26,7 +26,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
 
-    The job is stored before this returns (202) and runs on a worker serving `model`.
+    The job is stored before this returns (202) and runs on a worker serving `model`
+    (omitted or an alias: the default model, as in `/v1/chat/completions`; the job names
+    the model it went to).
     Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`.
     """
     job = await jobs_service.build_chat_job(state, key, body)

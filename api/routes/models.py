@@ -1,10 +1,11 @@
-"""`GET /v1/models`: the models live workers announce."""
+"""`GET /v1/models` and `GET /v1/models/{id}`: the models live workers announce."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from api.deps import CurrentKey, StateDep
+from api.errors import ModelNotFound
 from api.schemas.openai import ModelCard, ModelList
 
 router = APIRouter(tags=["openai"])
@@ -24,3 +25,15 @@ async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
                   root=m.root or m.name, parent=m.base_model)
         for m in sorted(models.values(), key=lambda m: m.name)
     ])
+
+
+# `:path`: hub ids such as `HuggingFaceTB/SmolLM2-135M-Instruct` contain "/".
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, key: CurrentKey, state: StateDep) -> ModelCard:
+    """One served model (OpenAI `models.retrieve`): the card the list gives it; 404
+    listing the served ids for any other id."""
+    cards = (await list_models(key, state)).data
+    for card in cards:
+        if card.id == model_id:
+            return card
+    raise ModelNotFound(model_id, [card.id for card in cards])

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.schemas.openai import ChatCompletionRequest, Usage
 from api.schemas.pages import CursorPage
-from storage.content import split_reasoning
+from storage.content import reasoning_mode, split_reasoning
 from storage.keys import Lane
 from storage.models import Job, JobStatus
 
@@ -22,7 +22,7 @@ class JobCreate(ChatCompletionRequest):
 class JobResult(BaseModel):
     text: str
     finish_reason: str | None
-    # With thinking on: the `<think>…</think>` part, split out of `text`.
+    # The model's thinking (`<think>…</think>`), split out of `text` as in chat answers.
     reasoning_content: str | None = None
 
 
@@ -99,8 +99,9 @@ class JobList(CursorPage[JobPublic]):
 
 def _result(job: Job) -> JobResult:
     text = job.result_text or ""
-    if job.request.get("thinking"):
-        reasoning, content = split_reasoning(text)
+    mode = reasoning_mode(job.request)
+    if mode is not None:
+        reasoning, content = split_reasoning(text, mode)
         return JobResult(text=content, finish_reason=job.finish_reason,
                          reasoning_content=reasoning)
     return JobResult(text=text, finish_reason=job.finish_reason)

@@ -29,7 +29,17 @@ class ImageUrlPart(BaseModel):
     image_url: ImageUrl
 
 
-ContentPart = Annotated[TextPart | ImageUrlPart, Field(discriminator="type")]
+class UnsupportedPart(BaseModel):
+    """Parts OpenAI-style clients send (FastDeploy's `video_url`, OpenAI's `input_audio`
+    and `file`) that no Ferry model takes: accepted here so the answer is a 400 naming
+    them (api.jobs_service.refuse_unsupported_parts), not a validation dump."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["video_url", "input_audio", "file"]
+
+
+ContentPart = Annotated[TextPart | ImageUrlPart | UnsupportedPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -81,7 +91,13 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=255)
+    model: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="The served model id (`GET /v1/models`). Omitted, or an alias "
+        "(FERRY_MODEL_ALIASES, by default `null` and `default`): the default model "
+        "(FERRY_DEFAULT_MODEL, else the only one served); a request that carries images "
+        "then goes to a model that takes images. The answer names the model used.",
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 = off")
@@ -144,7 +160,7 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="vLLM extension: extra variables for the chat template, e.g. "
-        "`{\"enable_thinking\": true}`"
+        "`{\"enable_thinking\": false}` (also read from FastDeploy's `metadata`)"
     )
     images: list[str] | None = Field(
         None, description="swift extension: images (http(s) URL, data URL or base64) for "
@@ -161,13 +177,34 @@ class ChatCompletionRequest(SamplingFields):
     )
 
     @property
-    def thinking(self) -> bool:
-        """Thinking is on when asked for the vLLM way (`chat_template_kwargs`) or the
-        FastDeploy way (`metadata.enable_thinking`); then `<think>…</think>` text is
-        returned as `reasoning_content`."""
+    def enable_thinking(self) -> bool | None:
+        """`enable_thinking` as asked for the vLLM way (`chat_template_kwargs`) or the
+        FastDeploy way (`metadata.enable_thinking`), true or false; None when not asked.
+        It reaches the chat template either way."""
         for source in (self.chat_template_kwargs, self.metadata):
-            if source and source.get("enable_thinking") is True:
-                return True
+            if source and isinstance(source.get("enable_thinking"), bool):
+                return bool(source["enable_thinking"])
+        return None
+
+    @property
+    def carries_images(self) -> bool:
+        """Images in any of the three forms (swift `images`, `image_url` parts, Qwen-VL
+        `<img>` tags in user text): a request naming no model goes to one that takes
+        them."""
+        if self.images:
+            return True
+        for message in self.messages:
+            content = message.content
+            if isinstance(content, str):
+                if message.role == "user" and "<img>" in content:
+                    return True
+            elif content is not None:
+                for part in content:
+                    if isinstance(part, ImageUrlPart):
+                        return True
+                    if isinstance(part, TextPart) and message.role == "user" \
+                            and "<img>" in part.text:
+                        return True
         return False
 
 
@@ -210,7 +247,8 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    # vLLM/FastDeploy: the model's thinking, when thinking is on (null otherwise).
+    # vLLM/FastDeploy: the model's thinking (null when there is none): split out by default
+    # for a model served with a reasoning parser, else when thinking is asked for.
     reasoning_content: str | None = None
 
 

@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Iterable
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import ApiKey
@@ -28,6 +29,25 @@ async def ensure_keys(session: AsyncSession, tokens: Iterable[str]) -> list[ApiK
             await session.flush()
         rows.append(row)
     return rows
+
+
+# The owner of every request when authentication is off (FERRY_AUTH=off). Its hash is not
+# a SHA-256 digest, so no bearer token ever matches it: with keys back on it is unusable.
+BUILTIN_OWNER_ID = "key_auth_off"
+_BUILTIN_OWNER_HASH = "auth-off: no token matches this"
+
+
+async def ensure_builtin_owner(session: AsyncSession) -> str:
+    """The built-in owner's row (jobs, files, conversations reference an api_keys row),
+    created once; several API processes may start at once."""
+    if await session.get(ApiKey, BUILTIN_OWNER_ID) is None:
+        try:
+            async with session.begin_nested():
+                session.add(ApiKey(id=BUILTIN_OWNER_ID, key_hash=_BUILTIN_OWNER_HASH,
+                                   name="built-in owner (authentication off)"))
+        except IntegrityError:
+            pass  # another process made it first
+    return BUILTIN_OWNER_ID
 
 
 async def find_key(session: AsyncSession, token: str) -> ApiKey | None:

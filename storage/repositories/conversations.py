@@ -18,7 +18,13 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.content import ImageRef, image_refs, plain_text, split_reasoning
+from storage.content import (
+    ImageRef,
+    image_refs,
+    plain_text,
+    reasoning_mode,
+    split_reasoning,
+)
 from storage.models import Conversation, Job, Message, utcnow
 
 _TITLE_CHARS = 80
@@ -149,7 +155,8 @@ async def record_reply(session: AsyncSession, job: Job, reply: str) -> bool:
     conversation. Called in the transaction that records the success."""
     if job.conversation_id is None:
         return False
-    reasoning, content = split_reasoning(reply)
+    # A reply that opens with `<think>` is split even without thinking asked for.
+    reasoning, content = split_reasoning(reply, reasoning_mode(job.request) or "tagged")
     turn = [*turn_of(job.request), NewMessage("assistant", content, reasoning=reasoning)]
     return await append(session, job.conversation_id, turn, job_id=job.id)
 

@@ -1,0 +1,415 @@
+"""The seeds' clients, unchanged: which model a request goes to (`model` omitted, aliases,
+images), `GET /v1/models/{id}`, authentication off, `enable_thinking` both ways, and
+content parts no model takes.
+
+Routing is checked on real API processes over real Redis/PostgreSQL/S3 with models
+announced in the registry and no worker behind them: a job is stored (202) with the model
+it resolved to, which is all routing decides. Thinking runs a real worker on a copy of the
+tiny chat model whose chat template shows `enable_thinking` in the prompt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from api.routes.chat import _chunks_for
+from storage.content import ReasoningMode, ReasoningSplitter, split_reasoning
+from storage.events import EventType, JobEvent
+from storage.keys import MODELS_HASH
+from storage.registry import ServedModel, now_epoch
+from tests.conftest import KEY_A, TINY, Stack, open_stack
+from tests.helpers import assert_error, read_events
+from tests.imaging import data_url, image_bytes
+from tests.procs import start_api
+from worker.models.tiny import ensure_tiny_model
+
+pytestmark = pytest.mark.timeout(900)
+
+TEXT_A, TEXT_B, VISION = "text-a", "text-b", "vision-z"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SERVED = [HUB_ID, TEXT_A, TEXT_B, VISION]
+THINK = "think-tiny"
+PNG = image_bytes("PNG")
+
+
+def announce(stack: Stack, model: ServedModel) -> None:
+    stack.redis().hset(MODELS_HASH, model.name, model.to_json())
+
+
+class Routing:
+    """One deployment, three API processes: keys and no default (`url`), a default model
+    (`default_url`), and authentication off (`open_url`, default model too)."""
+
+    def __init__(self, stack: Stack, default_url: str, open_url: str, open_log: Path) -> None:
+        self.stack = stack
+        self.url = stack.url
+        self.default_url = default_url
+        self.open_url = open_url
+        self.open_log = open_log
+
+    def client(self, url: str | None = None, key: str | None = KEY_A) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        return httpx.Client(base_url=url or self.url, timeout=60, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def routing(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Routing]:
+    with open_stack(migrated_pg, 8, model_cache, s3_url) as stack:
+        for name in (TEXT_A, TEXT_B, HUB_ID):
+            announce(stack, ServedModel(name, 2048, "vllm", created=now_epoch()))
+        announce(stack, ServedModel(VISION, 2048, "vllm", supports_images=True,
+                                    created=now_epoch()))
+        stack.add_api("routing-keys", logs)
+        default_env = {**stack.env, "FERRY_DEFAULT_MODEL": TEXT_B}
+        proc, default_url = start_api("routing-default", default_env, logs)
+        stack.procs.append(proc)
+        open_env = {**default_env, "FERRY_AUTH": "off"}
+        proc, open_url = start_api("routing-open", open_env, logs)
+        stack.procs.append(proc)
+        yield Routing(stack, default_url, open_url, proc.log_path)
+
+
+def chat(content: Any = "hi", **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+def submitted_model(client: httpx.Client, body: dict[str, Any], route: str = "/v1/jobs") -> str:
+    """The model a stored job went to, as its row says."""
+    response = client.post(route, json=body)
+    assert response.status_code == 202, response.text
+    job = client.get(f"/v1/jobs/{response.json()['id']}").json()
+    model: str = job["model"]
+    return model
+
+
+def image_carriers() -> list[dict[str, Any]]:
+    """The three ways images come: an `image_url` part, swift's `images`, a `<img>` tag."""
+    return [
+        chat([{"type": "image_url", "image_url": {"url": data_url(PNG)}},
+              {"type": "text", "text": "What is this?"}]),
+        chat("<image>What is this?", images=[data_url(PNG)]),
+        chat(f"<img>{data_url(PNG)}</img>What is this?"),
+    ]
+
+
+# --- which model --------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", [None, "null", "default"])
+def test_no_model_or_alias_goes_to_the_default_model(routing: Routing, model: str | None) -> None:
+    body = chat() if model is None else chat(model=model)
+    with routing.client(routing.default_url) as client:
+        assert submitted_model(client, body) == TEXT_B
+
+
+@pytest.mark.parametrize("model", [None, "null"])
+def test_several_models_and_no_default_is_400_listing_them(
+    routing: Routing, model: str | None
+) -> None:
+    body = chat() if model is None else chat(model=model)
+    with routing.client() as client:
+        before = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+        error = assert_error(client.post("/v1/jobs", json=body), 400, "model_required")
+        chat_error = assert_error(client.post("/v1/chat/completions", json=body), 400,
+                                  "model_required")
+        after = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    assert error["param"] == "model" and chat_error == error
+    for name in SERVED:
+        assert f"`{name}`" in error["message"]
+    assert after == before  # nothing stored
+
+
+@pytest.mark.parametrize("carrier", range(3), ids=["image_url", "swift-images", "img-tag"])
+@pytest.mark.parametrize("which", ["keys", "default"])
+def test_images_without_model_go_to_a_model_that_takes_them(
+    routing: Routing, carrier: int, which: str
+) -> None:
+    url = routing.url if which == "keys" else routing.default_url
+    body = image_carriers()[carrier]
+    with routing.client(url) as client:
+        assert submitted_model(client, body) == VISION
+        assert submitted_model(client, {**body, "model": "null"}) == VISION
+        # A named model is that model: a text one refuses the images, naming itself (for
+        # a text model an `<img>` tag is plain text).
+        named = client.post("/v1/jobs", json={**body, "model": TEXT_A})
+        if carrier == 2:
+            assert named.status_code == 202 and named.json()["model"] == TEXT_A
+        else:
+            error = assert_error(named, 400, "unsupported_content")
+            assert f"`{TEXT_A}`" in error["message"]
+
+
+def test_completions_route_the_same_way(routing: Routing) -> None:
+    with routing.client(routing.default_url) as client:
+        # Streamed: the job id comes in the headers (no worker: the stream never ends).
+        with client.stream("POST", "/v1/completions", json={
+                "prompt": "Once", "max_tokens": 2, "stream": True}) as response:
+            assert response.status_code == 200
+            job_id = response.headers["X-Ferry-Job-Id"]
+        assert client.get(f"/v1/jobs/{job_id}").json()["model"] == TEXT_B
+    with routing.client() as client:
+        error = assert_error(client.post("/v1/completions", json={"prompt": "Once"}), 400,
+                             "model_required")
+    assert f"`{TEXT_A}`" in error["message"]
+
+
+def test_unknown_model_is_404_listing_the_served_ids(routing: Routing) -> None:
+    with routing.client(routing.default_url) as client:
+        for route in ("/v1/jobs", "/v1/chat/completions"):
+            error = assert_error(client.post(route, json=chat(model="no-such-model")), 404,
+                                 "model_not_found")
+            assert error["param"] == "model"
+            assert "`no-such-model`" in error["message"]
+            for name in SERVED:
+                assert f"`{name}`" in error["message"]
+
+
+def test_batch_lines_without_model_go_to_the_default(routing: Routing) -> None:
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": chat(**extra)} for i, extra in enumerate([{}, {"model": "null"}])]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    sdk = openai.OpenAI(base_url=f"{routing.default_url}/v1", api_key=KEY_A, max_retries=0)
+    file_id = sdk.files.create(file=("in.jsonl", data, "application/jsonl"),
+                               purpose="batch").id
+    batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    jobs: list[dict[str, Any]] = []
+    with routing.client(routing.default_url) as client:
+        deadline = time.monotonic() + 60
+        while len(jobs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            jobs = client.get("/v1/jobs", params={"batch_id": batch.id}).json()["data"]
+    assert sorted(j["custom_id"] for j in jobs) == ["r0", "r1"]
+    assert {j["model"] for j in jobs} == {TEXT_B}
+
+
+# --- models.retrieve ---------------------------------------------------------------
+
+def test_models_retrieve_gives_the_list_card(routing: Routing) -> None:
+    client = openai.OpenAI(base_url=f"{routing.url}/v1", api_key=KEY_A, max_retries=0)
+    listed = {m.id: m.model_dump() for m in client.models.list().data}
+    assert sorted(listed) == sorted(SERVED)
+    for name in (TEXT_A, VISION, HUB_ID):  # a hub id has a "/" in it
+        card = client.models.retrieve(name)
+        assert card.id == name
+        assert card.model_dump() == listed[name]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "model_not_found", error
+    assert all(f"`{name}`" in error["message"] for name in SERVED)
+    with routing.client(key="sk-wrong") as raw:
+        assert_error(raw.get(f"/v1/models/{TEXT_A}"), 401)
+
+
+# --- authentication off ------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [None, "EMPTY", "null", "sk-not-a-key"])
+def test_auth_off_takes_every_request_as_one_owner(routing: Routing, key: str | None) -> None:
+    with routing.client(routing.open_url, key=key) as client:
+        assert client.get("/v1/models").status_code == 200
+        response = client.post("/v1/jobs", json=chat())
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        # Whoever sends it, it is the same owner's job.
+        with routing.client(routing.open_url, key=None) as other:
+            assert other.get(f"/v1/jobs/{job_id}").status_code == 200
+    # With keys on, the same requests are refused.
+    with routing.client(routing.default_url, key=key) as client:
+        assert_error(client.get("/v1/models"), 401)
+        assert_error(client.post("/v1/jobs", json=chat()), 401)
+        assert_error(client.get(f"/v1/jobs/{job_id}"), 401)
+
+
+def test_auth_off_serves_fastdeploys_client_and_warns(routing: Routing) -> None:
+    # FastDeploy's Python client: api_key="null", model="null".
+    client = openai.OpenAI(base_url=f"{routing.open_url}/v1", api_key="null", max_retries=0)
+    assert client.models.retrieve(TEXT_B).id == TEXT_B
+    with routing.client(routing.open_url, key="null") as raw:
+        assert submitted_model(raw, chat(model="null")) == TEXT_B
+    log = routing.open_log.read_text(errors="replace")
+    assert "Authentication is OFF" in log
+
+
+# --- parts no model takes ----------------------------------------------------------
+
+@pytest.mark.parametrize(("part", "named"), [
+    ({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, "video"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+    ({"type": "file", "file": {"file_id": "file-1"}}, "file"),
+])
+@pytest.mark.parametrize("model", [TEXT_A, VISION, None])
+def test_video_audio_file_parts_are_400_naming_them(
+    routing: Routing, part: dict[str, Any], named: str, model: str | None
+) -> None:
+    body = chat([{"type": "text", "text": "What happens here?"}, part])
+    if model is not None:
+        body["model"] = model
+    with routing.client(routing.default_url) as client:
+        error = assert_error(client.post("/v1/chat/completions", json=body), 400,
+                             "unsupported_content")
+    assert error["param"] == "messages.0.content.1"
+    assert named in error["message"] and part["type"] in error["message"]
+    assert f"`{model or TEXT_B}`" in error["message"]
+
+
+# --- thinking ------------------------------------------------------------------------
+
+THINK_PREFIX = (
+    "{%- if enable_thinking is defined -%}"
+    "{%- if enable_thinking -%}THINKING ON{%- else -%}"
+    "THINKING OFF: answer at once, with no reasoning at all, none whatsoever.{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def thinking_model_dir(model_cache: Path, out: Path) -> Path:
+    """A copy of the tiny chat model whose chat template writes what `enable_thinking`
+    says into the prompt (nothing when it is not given)."""
+    shutil.copytree(ensure_tiny_model(TINY, model_cache), out)
+    jinja = out / "chat_template.jinja"
+    if jinja.exists():
+        jinja.write_text(THINK_PREFIX + jinja.read_text())
+    else:
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = THINK_PREFIX + config["chat_template"]
+        config_path.write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def think_model(routing: Routing, model_cache: Path, logs: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A transformers worker on that copy, announced with vLLM's `deepseek_r1` reasoning
+    parser where the worker has the setting."""
+    path = thinking_model_dir(model_cache, tmp_path_factory.mktemp("think") / "model")
+    stack = routing.stack
+    stack.env["FERRY_REASONING_PARSER"] = "deepseek_r1"
+    try:
+        stack.add_worker("worker-think", THINK, "transformers", logs, model=str(path))
+    finally:
+        del stack.env["FERRY_REASONING_PARSER"]
+    return THINK
+
+
+def prompt_tokens(client: httpx.Client, **flags: Any) -> int:
+    response = client.post("/v1/chat/completions", json=chat(model=THINK, temperature=0,
+                                                             max_tokens=1, **flags))
+    assert response.status_code == 200, response.text
+    tokens: int = response.json()["usage"]["prompt_tokens"]
+    return tokens
+
+
+def test_enable_thinking_true_and_false_reach_the_template(
+    routing: Routing, think_model: str
+) -> None:
+    with routing.client() as client:
+        plain = prompt_tokens(client)
+        on = prompt_tokens(client, chat_template_kwargs={"enable_thinking": True})
+        off = prompt_tokens(client, chat_template_kwargs={"enable_thinking": False})
+        # FastDeploy's way, in `metadata`.
+        meta_on = prompt_tokens(client, metadata={"enable_thinking": True})
+        meta_off = prompt_tokens(client, metadata={"enable_thinking": False})
+    assert plain < on < off
+    assert (meta_on, meta_off) == (on, off)
+
+
+def raw_text(client: httpx.Client, job_id: str) -> str:
+    """The reply as the worker produced it, from the job's own events."""
+    return "".join(e.data["text"] for e in read_events(client, job_id) if e.type == "delta")
+
+
+def test_reasoning_is_split_by_default_for_a_model_with_a_reasoning_parser(
+    routing: Routing, think_model: str
+) -> None:
+    announced = ServedModel.from_json(routing.stack.redis().hget(MODELS_HASH, THINK) or b"{}")
+    if announced.reasoning_parser is None:
+        pytest.skip("this worker does not announce reasoning parsers (FERRY_REASONING_PARSER)")
+    body = chat("Think first.", model=THINK, temperature=0, max_tokens=8, ignore_eos=True)
+    with routing.client() as client:
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        message = response.json()["choices"][0]["message"]
+        job_id = response.json()["id"]
+        raw = raw_text(client, job_id)
+        result = client.get(f"/v1/jobs/{job_id}").json()["result"]
+        # Thinking off: no split; the reply is all content.
+        off = client.post("/v1/chat/completions", json={
+            **body, "chat_template_kwargs": {"enable_thinking": False}}).json()
+    # The template may have opened `<think>` in the prompt: a reply with no `</think>` yet
+    # is all reasoning, as vLLM's parsers read it.
+    expected = split_reasoning(raw, "parser")
+    assert "</think>" not in raw and expected == (raw.strip("\n") or None, "")
+    assert (message["reasoning_content"], message["content"]) == expected
+    assert (result["reasoning_content"], result["text"]) == expected
+    assert off["choices"][0]["message"]["reasoning_content"] is None
+    assert off["choices"][0]["message"]["content"]
+    stream = openai.OpenAI(base_url=f"{routing.url}/v1", api_key=KEY_A, max_retries=0)
+    reasoning = content = ""
+    sdk_body = {k: v for k, v in body.items() if k != "ignore_eos"}
+    for c in stream.chat.completions.create(stream=True, extra_body={"ignore_eos": True},
+                                            **sdk_body):
+        if c.choices:
+            delta: Any = c.choices[0].delta
+            content += delta.content or ""
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+    assert (reasoning or None, content) == expected
+
+
+# --- the split itself, for models with a reasoning parser -----------------------------
+
+def _streamed(text: str, mode: ReasoningMode, cuts: list[int]) -> tuple[str | None, str]:
+    splitter = ReasoningSplitter(mode)
+    reasoning = content = ""
+    for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
+        r, c = splitter.feed(text[start:end])
+        reasoning, content = reasoning + r, content + c
+    r, c = splitter.finish()
+    return (reasoning + r) or None, content + c
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # The template opened `<think>`: the reply has only the closing tag.
+    ("weigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
+    ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
+    ("</think>only content", (None, "only content")),
+    ("still thinking when cut off\n", ("still thinking when cut off", "")),
+    ("<thi", ("<thi", "")),
+    ("\n\n", (None, "")),
+    ("a </think> b </think> c", ("a ", " b </think> c")),
+])
+def test_parser_mode_split_whole_and_streamed(
+    text: str, expected: tuple[str | None, str]
+) -> None:
+    assert split_reasoning(text, "parser") == expected
+    for size in range(1, len(text) + 1):  # every chunk size gives the same split
+        assert _streamed(text, "parser", list(range(size, len(text), size))) == expected
+
+
+def test_tagged_mode_still_leaves_an_unopened_reply_alone() -> None:
+    assert split_reasoning("weigh it</think>answer") == (None, "weigh it</think>answer")
+
+
+def test_streamed_chunks_split_at_a_closing_tag_only() -> None:
+    class FakeJob:  # only what _chunks_for reads
+        id, model = "job-1", THINK
+
+    splitter = ReasoningSplitter("parser")
+    deltas = ["step", " one\n</th", "ink>\n\nFinal", " answer."]
+    chunks: list[dict[str, Any]] = []
+    for i, text in enumerate(deltas):
+        chunks += _chunks_for(FakeJob(), 0, JobEvent(f"1-{i}", EventType.DELTA,  # type: ignore[arg-type]
+                                                     {"text": text}), splitter)
+    chunks += _chunks_for(FakeJob(), 0, JobEvent("1-9", EventType.DONE,  # type: ignore[arg-type]
+                                                 {"finish_reason": "stop"}), splitter)
+    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert (reasoning, content) == ("step one", "Final answer.")
