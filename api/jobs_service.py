@@ -39,7 +39,8 @@ def sampling_request(
         )
     fields = body.model_dump(
         include={"temperature", "top_p", "top_k", "stop", "seed",
-                 "presence_penalty", "frequency_penalty"},
+                 "presence_penalty", "frequency_penalty", "logit_bias", "min_p",
+                 "repetition_penalty", "min_tokens"},
         exclude_none=True,
     )
     if body.ignore_eos:

@@ -98,6 +98,13 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
         seed=body.get("seed"),
         presence_penalty=body.get("presence_penalty"),
         frequency_penalty=body.get("frequency_penalty"),
+        min_p=body.get("min_p"),
+        repetition_penalty=body.get("repetition_penalty"),
+        min_tokens=int(body.get("min_tokens") or 0),
+        # JSON keys are strings: OpenAI's token id -> bias.
+        logit_bias={int(k): float(v) for k, v in body["logit_bias"].items()}
+        if body.get("logit_bias") else None,
+        logprobs=body.get("logprobs"),
         ignore_eos=bool(body.get("ignore_eos", False)),
         structured_output=body.get("structured_output"),
     )

@@ -91,6 +91,23 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit "
+        "before sampling (-100 bans the token, +100 all but forces it); up to 300 tokens. "
+        "Ids outside the model's vocabulary fail the job."
+    )
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="vLLM extension: drop tokens less likely than "
+        "min_p x the most likely one's probability"
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=100.0, description="vLLM extension: > 1 discourages tokens already "
+        "in the prompt or the output (1 = off)"
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="vLLM extension: no end token or stop string ends the "
+        "output before this many tokens"
+    )
     n: int = Field(1, ge=1, le=1, description="Only one choice per request")
     ignore_eos: StrictBool = Field(
         False, description="vLLM extension: keep generating past the model's end token, up "
@@ -116,6 +133,20 @@ class SamplingFields(BaseModel):
         if isinstance(self.stop, list) and len(self.stop) > 16:
             raise ValueError("stop: at most 16 sequences")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > 300:
+            raise ValueError("at most 300 tokens")
+        for token, value in bias.items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids (strings of digits), got {token!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"biases are in [-100, 100], got {value} for {token}")
+        return bias
 
     @model_validator(mode="after")
     def _metadata_size(self) -> SamplingFields:
