@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import history
-from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
+from api.errors import Conflict, InvalidRequest, ServiceUnavailable, job_failure
 from api.images import ImageIntake
 from api.images.chat import chat_messages
 from api.job_events import job_events
@@ -167,7 +167,7 @@ async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
 async def wait_for_end(state: AppState, job_id: str) -> Job:
     """Wait (on the job's events, not by polling SQL) until the job ends; its final row.
 
-    A failed job raises `FerryError` with its error; one that outlives
+    A failed job raises its error (`api.errors.job_failure`: 400 or 500); one that outlives
     `sync_timeout_seconds` raises `ServiceUnavailable` (the job itself goes on)."""
     async for event in job_events(
         state.event_sources, job_id, None,
@@ -184,7 +184,8 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
         final = await jobs_repo.get_job(read, job_id)
     assert final is not None
     if final.status == JobStatus.FAILED:
-        raise FerryError(final.error or "generation failed", code="generation_failed")
+        # The request's fault (the engine refused it) is a 400; anything else is ours.
+        raise job_failure(final.error, final.error_code)
     return final
 
 

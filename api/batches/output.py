@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from sqlalchemy.engine import Row
 
+from api.errors import error_body, job_failure
 from api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -105,12 +106,11 @@ def _result_line(row: Row[Any], final: BatchStatus) -> tuple[str, dict[str, Any]
         response = {"status_code": 200, "request_id": row.id, "body": _body(row)}
         return "output", {**base, "response": response, "error": None}
     if row.status == JobStatus.FAILED:
-        message = row.error or "generation failed"
-        body = {"error": {"message": message, "type": "server_error", "param": None,
-                          "code": "generation_failed"}}
-        response = {"status_code": 500, "request_id": row.id, "body": body}
+        failure = job_failure(row.error, row.error_code)  # 400 or 500, as the route answers
+        body = error_body(failure.message, failure.type, failure.param, failure.code)
+        response = {"status_code": failure.status_code, "request_id": row.id, "body": body}
         return "errors", {**base, "response": response,
-                          "error": {"code": "generation_failed", "message": message}}
+                          "error": {"code": failure.code, "message": failure.message}}
     code, message = _NOT_FINISHED[final]
     return "errors", {**base, "response": None, "error": {"code": code, "message": message}}
 

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from api import jobs_service
 from api.deps import CurrentKey, StateDep
+from api.errors import stream_error
 from api.job_events import job_event_batches
 from api.schemas.openai import (
     AssistantMessage,
@@ -137,9 +138,7 @@ def _chunks_for(
         reason = event.data.get("finish_reason") if event.type == EventType.DONE else "abort"
         return [*held, chunk(job.id, created, job.model, {}, reason)]
     if event.type == EventType.ERROR:
-        message = event.data.get("message", "generation failed")
-        return [{"error": {"message": message, "type": "server_error", "param": None,
-                           "code": "generation_failed"}}]
+        return [stream_error(event.data.get("message"), event.data.get("code"))]
     # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
     # text, so it is not announced here (the job's own event stream does).
     return []

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from api import jobs_service
 from api.deps import CurrentKey, StateDep
+from api.errors import stream_error
 from api.job_events import job_events
 from api.schemas.openai import Completion, CompletionChoice, CompletionRequest, Usage
 from api.state import AppState
@@ -164,9 +165,7 @@ async def _stream(
             elif event.type == EventType.CANCELLED:
                 yield _sse(_chunk(completion_id, created, model, index, "", "abort"))
             elif event.type == EventType.ERROR:
-                message = event.data.get("message", "generation failed")
-                yield _sse({"error": {"message": message, "type": "server_error",
-                                      "param": None, "code": "generation_failed"}})
+                yield _sse(stream_error(event.data.get("message"), event.data.get("code")))
             if event.type.is_terminal:
                 ended.add(index)
         if include_usage:

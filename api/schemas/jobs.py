@@ -28,6 +28,9 @@ class JobResult(BaseModel):
 
 class JobError(BaseModel):
     message: str
+    # "invalid_request": the request's fault (the engine refused it); "server_error":
+    # Ferry's (chat and completions answer these 400 and 500).
+    code: str = "server_error"
 
 
 class JobTimings(BaseModel):
@@ -79,7 +82,8 @@ class JobPublic(BaseModel):
             attempts=job.attempts,
             result=_result(job) if done else None,
             usage=usage,
-            error=JobError(message=job.error) if job.error else None,
+            error=JobError(message=job.error, code=job.error_code or "server_error")
+            if job.error else None,
             metadata=job.metadata_,
             conversation_id=job.conversation_id,
             lane="bulk" if job.lane == "bulk" else "interactive",

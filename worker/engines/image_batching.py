@@ -323,10 +323,7 @@ class ImageBatcher:
         for row, seq in enumerate(rows):
             raw = logits[row]
             scores = raw if seq.options is None else _processed(raw, seq)
-            if seq.top_k == 1:
-                token = int(scores.argmax())
-            else:
-                token = _sampled(scores, seq)
+            token = int(scores.argmax()) if seq.top_k == 1 else _sampled(scores, seq)
             if seq.options is not None and seq.options.logprobs is not None:
                 seq.logprobs.append(_logprobs(raw, token, seq.options.logprobs))
             tokens.append(token)

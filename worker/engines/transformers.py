@@ -72,7 +72,7 @@ class _RequestStream:
 
     def __init__(
         self, backend_tokenizer: Any, stop: tuple[str, ...], prompt_tokens: int,
-        manager: Any, logprobs: bool = False,
+        manager: Any, logprobs: bool = False, min_tokens: int = 0,
     ) -> None:
         from tokenizers.decoders import DecodeStream
 
@@ -81,6 +81,7 @@ class _RequestStream:
         self._tok = backend_tokenizer
         self._decoder = DecodeStream(skip_special_tokens=True)
         self._stop = stop
+        self._min_tokens = min_tokens  # stop strings count from then on (as in vLLM)
         # Text that might be the start of a stop string is held back until it is not.
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._text = ""
@@ -113,13 +114,14 @@ class _RequestStream:
                 self._logprobs.append(TokenLogprob(
                     self._token_text(token_id), logprob,
                     tuple((self._token_text(i), lp) for i, lp in top)))
+        first = self._seen
         self._seen = len(token_ids)
-        for token_id in new:
+        for n, token_id in enumerate(new, start=first + 1):
             self._pending_tokens += 1
             chunk = self._decoder.step(self._tok, token_id)
             if chunk:
                 self._text += chunk
-            if self._stop:
+            if self._stop and n >= self._min_tokens:
                 hit = self._find_stop()
                 if hit is not None:
                     self.finished = True
@@ -357,7 +359,8 @@ class TransformersEngine:
         if request.sampling.ignore_eos:
             extra["eos_token_id"] = []
         stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids),
-                                manager, logprobs=request.sampling.logprobs is not None)
+                                manager, logprobs=request.sampling.logprobs is not None,
+                                min_tokens=request.sampling.min_tokens)
         self._streams[request_id] = stream
         # Register before adding: a fast request could otherwise finish unseen.
         manager.register_result_handler(request_id, stream.queue.put_nowait)
