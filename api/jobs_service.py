@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import history
 from api.errors import Conflict, InvalidRequest, ServiceUnavailable, job_failure
 from api.images import ImageIntake
 from api.images.chat import chat_messages
-from api.job_events import job_events
+from api.job_events import job_event_batches, job_events
+from api.request_fields import check_fields
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 from api.state import AppState
 from storage.events import EventType, JobEvent
@@ -23,11 +27,15 @@ from storage.repositories import jobs as jobs_repo
 
 log = logging.getLogger(__name__)
 
+# Jobs one completions request may start (its prompts x n).
+MAX_CHOICES = 64
+
 
 def sampling_request(
     body: SamplingFields, model: ServedModel, default_max_tokens: int
 ) -> dict[str, Any]:
     """The engine-facing fields of a request, checked against the model."""
+    check_fields(body, model)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         max_tokens = min(default_max_tokens, model.max_model_len - 1)
@@ -45,6 +53,8 @@ def sampling_request(
     )
     if body.ignore_eos:
         fields["ignore_eos"] = True
+    if body.logprobs_wanted is not None:
+        fields["logprobs"] = body.logprobs_wanted
     structured = body.structured_output
     if structured is not None:
         if not model.supports_structured_output:
@@ -57,12 +67,42 @@ def sampling_request(
     return {"model": body.model, "max_tokens": max_tokens, **fields}
 
 
+async def build_chat_jobs(
+    state: AppState, owner_id: str, body: ChatCompletionRequest
+) -> list[Job]:
+    """`/v1/chat/completions`: one job per choice (`n`), the same request each (with a
+    seed, choice i samples with seed + i, so choices differ and each is reproducible)."""
+    if body.n > 1 and body.conversation_id is not None:
+        raise InvalidRequest("n > 1 cannot continue a conversation (which reply would be "
+                             "its next turn?).", param="n")
+    job = await _chat_job(state, owner_id, body, "interactive")
+    return [job] + [_queued_job(owner_id, body, "chat", "interactive", _nth(job.request, i))
+                    for i in range(1, body.n)]
+
+
+def _nth(request: dict[str, Any], i: int) -> dict[str, Any]:
+    """The request of choice i (of n)."""
+    if request.get("seed") is None:
+        return dict(request)
+    return {**request, "seed": request["seed"] + i}
+
+
 async def build_chat_job(
     state: AppState,
     owner_id: str,
     body: ChatCompletionRequest,
     *,
     lane: Lane = "interactive",
+) -> Job:
+    """One job: `/v1/jobs`, EAS and batch lines (one answer each: n is 1)."""
+    if body.n != 1:
+        raise InvalidRequest("A job has one choice: n must be 1 here (n > 1 is for "
+                             "/v1/chat/completions and /v1/completions).", param="n")
+    return await _chat_job(state, owner_id, body, lane)
+
+
+async def _chat_job(
+    state: AppState, owner_id: str, body: ChatCompletionRequest, lane: Lane
 ) -> Job:
     model = await state.catalog.get(body.model)
     request = sampling_request(body, model, state.settings.default_max_tokens)
@@ -110,11 +150,17 @@ async def build_completion_jobs(
     *,
     lane: Lane = "interactive",
 ) -> list[Job]:
-    """One job per prompt (kind "completion": the prompt goes to the model as is)."""
-    for name in ("suffix", "logprobs", "best_of"):
+    """One job per prompt and choice (kind "completion": the prompt goes to the model as
+    is), prompt by prompt: choice index = prompt index x n + i, as in vLLM."""
+    for name in ("suffix", "best_of"):
         if getattr(body, name) is not None:
             raise InvalidRequest(f"`{name}` is not supported by this server.", param=name,
                                  code="unsupported_parameter")
+    if len(body.prompts) * body.n > MAX_CHOICES:
+        raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts x n).",
+                             param="n")
+    if body.n > 1 and lane == "bulk":
+        raise InvalidRequest("A batch line has one choice: n must be 1.", param="n")
     model = await state.catalog.get(body.model)
     base = sampling_request(body, model, state.settings.default_max_tokens)
     # One intake for all prompts: the request's image limits span them, and nothing is
@@ -127,7 +173,8 @@ async def build_completion_jobs(
         for prompt in body.prompts
     ]
     await images.store()
-    return [_queued_job(owner_id, body, "completion", lane, request) for request in requests]
+    return [_queued_job(owner_id, body, "completion", lane, _nth(request, i))
+            for request in requests for i in range(body.n)]
 
 
 async def completion_prompt(
@@ -187,6 +234,61 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
         # The request's fault (the engine refused it) is a 400; anything else is ours.
         raise job_failure(final.error, final.error_code)
     return final
+
+
+async def wait_for_all(state: AppState, jobs: list[Job]) -> list[Job]:
+    """`wait_for_end` for every job (a request's choices); if one fails or the client
+    goes away, the others are cancelled."""
+    try:
+        return list(await asyncio.gather(*(wait_for_end(state, j.id) for j in jobs)))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            for job in jobs:
+                await cancel_quietly(state, job.id)
+        raise
+
+
+async def merged_event_batches(
+    state: AppState, jobs: list[Job]
+) -> AsyncIterator[tuple[int, list[JobEvent] | None]]:
+    """The event batches of a request's jobs (its choices), interleaved as they come,
+    each tagged with its job's index; (index, None) is a keep-alive."""
+    def batches(job: Job) -> AsyncIterator[list[JobEvent] | None]:
+        return job_event_batches(
+            state.event_sources, job.id, None,
+            keepalive_seconds=state.settings.sse_keepalive_seconds,
+            max_seconds=state.settings.sse_max_seconds,
+        )
+
+    if len(jobs) == 1:  # the common case: no tasks, no queue
+        async for batch in batches(jobs[0]):
+            yield 0, batch
+        return
+    queue: asyncio.Queue[tuple[int, list[JobEvent] | None] | int] = asyncio.Queue()
+
+    async def pump(index: int, job: Job) -> None:
+        try:
+            async for batch in batches(job):
+                await queue.put((index, batch))
+        finally:
+            await queue.put(index)  # this job's stream is over
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, int):
+                remaining -= 1
+                continue
+            yield item
+        for task in tasks:
+            task.result()  # surface a pump's error
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def cancel_quietly(state: AppState, job_id: str) -> None:

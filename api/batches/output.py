@@ -22,9 +22,13 @@ from api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     Usage,
+    chat_logprobs,
+    completion_logprobs,
 )
 from api.state import AppState
 from storage.content import plain_text, split_reasoning
@@ -123,12 +127,15 @@ def _body(row: Row[Any]) -> dict[str, Any]:
     created = int(row.created_at.timestamp())
     text = row.result_text or ""
     request: dict[str, Any] = row.request or {}
+    entries = None if row.logprobs is None else [e for d in row.logprobs for e in d]
     if row.kind == "completion":
-        if request.get("echo"):
-            text = plain_text(request.get("prompt")) + text
+        echo = plain_text(request.get("prompt")) if request.get("echo") else ""
+        logprobs = None if entries is None else CompletionLogprobs.model_validate(
+            completion_logprobs(entries, len(echo)))
         return Completion(
             id=row.id, created=created, model=row.model, usage=usage,
-            choices=[CompletionChoice(index=0, text=text, finish_reason=row.finish_reason)],
+            choices=[CompletionChoice(index=0, text=echo + text, finish_reason=row.finish_reason,
+                                      logprobs=logprobs)],
         ).model_dump(mode="json")
     reasoning = None
     if request.get("thinking"):
@@ -136,7 +143,9 @@ def _body(row: Row[Any]) -> dict[str, Any]:
     return ChatCompletion(
         id=row.id, created=created, model=row.model, usage=usage,
         choices=[ChatChoice(message=AssistantMessage(content=text, reasoning_content=reasoning),
-                            finish_reason=row.finish_reason)],
+                            finish_reason=row.finish_reason,
+                            logprobs=None if entries is None else ChatLogprobs.model_validate(
+                                chat_logprobs(entries)))],
     ).model_dump(mode="json")
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.openai import ChatCompletionRequest, Usage
+from api.schemas.openai import ChatCompletionRequest, ChatLogprobs, Usage, chat_logprobs
 from api.schemas.pages import CursorPage
 from storage.content import split_reasoning
 from storage.keys import Lane
@@ -24,6 +24,8 @@ class JobResult(BaseModel):
     finish_reason: str | None
     # With thinking on: the `<think>…</think>` part, split out of `text`.
     reasoning_content: str | None = None
+    # With logprobs asked for: each output token's (OpenAI's chat shape).
+    logprobs: ChatLogprobs | None = None
 
 
 class JobError(BaseModel):
@@ -103,11 +105,15 @@ class JobList(CursorPage[JobPublic]):
 
 def _result(job: Job) -> JobResult:
     text = job.result_text or ""
+    logprobs = None
+    if job.logprobs is not None:
+        logprobs = ChatLogprobs.model_validate(
+            chat_logprobs([e for delta in job.logprobs for e in delta]))
     if job.request.get("thinking"):
         reasoning, content = split_reasoning(text)
         return JobResult(text=content, finish_reason=job.finish_reason,
-                         reasoning_content=reasoning)
-    return JobResult(text=text, finish_reason=job.finish_reason)
+                         reasoning_content=reasoning, logprobs=logprobs)
+    return JobResult(text=text, finish_reason=job.finish_reason, logprobs=logprobs)
 
 
 def _ts(value: datetime | None) -> float | None:

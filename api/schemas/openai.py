@@ -77,9 +77,13 @@ Metadata = dict[str, str | StrictBool]
 
 
 class SamplingFields(BaseModel):
-    """The sampling knobs shared by chat completions and jobs."""
+    """The sampling knobs shared by chat completions and jobs.
 
-    model_config = ConfigDict(extra="ignore")
+    Fields not declared here are kept (`model_extra`) and refused by
+    `api.jobs_service.sampling_request`: by name when Ferry knows them (OpenAI's and
+    vLLM's) but cannot honour them, as unrecognized otherwise, as OpenAI does."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=255)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -108,7 +112,10 @@ class SamplingFields(BaseModel):
         None, ge=0, description="vLLM extension: no end token or stop string ends the "
         "output before this many tokens"
     )
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request")
+    n: int = Field(
+        1, ge=1, le=16, description="Choices to generate (each its own job; with `seed`, "
+        "choice i samples with seed + i). Not with `conversation_id`, nor on `/v1/jobs`."
+    )
     ignore_eos: StrictBool = Field(
         False, description="vLLM extension: keep generating past the model's end token, up "
         "to max_tokens (benchmarks, load tests)"
@@ -155,6 +162,11 @@ class SamplingFields(BaseModel):
         return self
 
     @property
+    def logprobs_wanted(self) -> int | None:
+        """How many alternatives per token the answer's logprobs carry; None: no logprobs."""
+        return None
+
+    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -183,6 +195,20 @@ class ChatCompletionRequest(SamplingFields):
         "next one; with no placeholder they all go before the last user message's text. "
         "Images can also come as `image_url` parts or Qwen-VL `<img>…</img>` tags."
     )
+    logprobs: bool | None = Field(
+        None, description="Return each output token's logprob (`choices[].logprobs.content`)"
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With `logprobs`: the most likely tokens (up to 20) "
+        "at each position, with their logprobs"
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Only for models served with a tool-call parser; otherwise 400"
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="With `tools` (`none` is always accepted)"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="With `tools`")
     conversation_id: str | None = Field(
         None, max_length=40,
         description="Ferry extension: continue a stored conversation (`POST "
@@ -190,6 +216,16 @@ class ChatCompletionRequest(SamplingFields):
         "succeeds, the new turn and the reply are appended to it (not when it fails or "
         "is cancelled).",
     )
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs `logprobs: true`")
+        return self
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def thinking(self) -> bool:
@@ -213,9 +249,12 @@ class CompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Return the prompt before the completion")
-    suffix: str | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    suffix: str | None = Field(None, description="Not supported (400)")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Each output token's logprob and the `logprobs` most "
+        "likely tokens' at its position (up to 20)"
+    )
+    best_of: int | None = Field(None, description="Not supported (400)")
 
     @field_validator("prompt")
     @classmethod
@@ -231,6 +270,10 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -245,11 +288,25 @@ class AssistantMessage(BaseModel):
     reasoning_content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -261,11 +318,20 @@ class ChatCompletion(BaseModel):
     usage: Usage | None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -295,6 +361,33 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stored logprob entries ({"token", "logprob", "top_logprobs"}) in OpenAI's chat
+    shape: each token with its UTF-8 bytes."""
+    return {"content": [
+        {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+         "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                           "bytes": list(t["token"].encode())} for t in e["top_logprobs"]]}
+        for e in entries
+    ]}
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Stored logprob entries in OpenAI's legacy completions shape; `offset`: where the
+    first token starts in the choice's text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                         for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def chunk(
     completion_id: str,
     created: int,
@@ -302,10 +395,12 @@ def chunk(
     delta: dict[str, Any],
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `chat.completion.chunk` (a plain dict: built per token, kept cheap)."""
     choices = [] if delta is None else [
-        {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
     ]
     body: dict[str, Any] = {
         "id": completion_id,
