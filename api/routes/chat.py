@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from api import jobs_service
@@ -36,7 +36,7 @@ router = APIRouter(tags=["openai"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(
-    body: ChatCompletionRequest, key: CurrentKey, state: StateDep
+    body: ChatCompletionRequest, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:
     """OpenAI chat completions, through the same queue and workers as `/v1/jobs`.
 
@@ -65,6 +65,7 @@ async def create_chat_completion(
             _stream(state, completion_id, jobs, include_usage, body.thinking),
             media_type="text/event-stream", headers=headers,
         )
+    response.headers.update(headers)
     finals = await jobs_service.wait_for_all(state, jobs)
     return _completion(completion_id, finals, body.thinking)
 

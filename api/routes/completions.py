@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from api import jobs_service
@@ -34,7 +34,9 @@ router = APIRouter(tags=["openai"])
 
 
 @router.post("/v1/completions", response_model=Completion)
-async def create_completion(body: CompletionRequest, key: CurrentKey, state: StateDep) -> Any:
+async def create_completion(
+    body: CompletionRequest, key: CurrentKey, state: StateDep, response: Response
+) -> Any:
     """OpenAI completions: `prompt` (a string or up to 16 strings) continued by the model.
 
     `stream: true` answers `text_completion` chunks ending in `data: [DONE]`
@@ -56,6 +58,7 @@ async def create_completion(body: CompletionRequest, key: CurrentKey, state: Sta
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, completion_id, jobs, echoes, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    response.headers.update(headers)
     finals = await jobs_service.wait_for_all(state, jobs)
     prompt_tokens = sum(j.prompt_tokens or 0 for j in finals)
     completion_tokens = sum(j.completion_tokens or 0 for j in finals)

@@ -9,6 +9,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -105,7 +106,7 @@ class SamplingFields(BaseModel):
         "min_p x the most likely one's probability"
     )
     repetition_penalty: float | None = Field(
-        None, gt=0.0, le=100.0, description="vLLM extension: > 1 discourages tokens already "
+        None, gt=0.0, description="vLLM extension: > 1 discourages tokens already "
         "in the prompt or the output (1 = off)"
     )
     min_tokens: int | None = Field(
@@ -217,11 +218,12 @@ class ChatCompletionRequest(SamplingFields):
         "is cancelled).",
     )
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs: needs `logprobs: true`")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs `logprobs: true`")
+        return value
 
     @property
     def logprobs_wanted(self) -> int | None:
