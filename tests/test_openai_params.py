@@ -296,3 +296,24 @@ def test_a_server_side_failure_is_a_500(stack: Stack, logs: Path) -> None:
         out = client.post("/v1/completions", json={"model": name, "prompt": "x",
                                                    "max_tokens": 2})
     assert assert_error(out, 500)["type"] == "server_error"
+
+
+# --- what the job keeps ----------------------------------------------------------------------
+
+def test_a_replay_from_sql_carries_the_logprobs_and_the_error_code() -> None:
+    from storage.events import EventType, JobEvent, events_from_job
+    from storage.models import Job, JobStatus
+
+    entries = [[{"token": "He", "logprob": -0.5, "top_logprobs": []}],
+               [{"token": "llo", "logprob": -0.1, "top_logprobs": []}]]
+    live = JobEvent.delta("1-1", "He", 1.0, entries[0])
+    assert JobEvent.from_json(live.to_json()).data["logprobs"] == entries[0]
+    job = Job(id="job_x", attempts=1, status=JobStatus.SUCCEEDED, deltas=["He", "llo"],
+              logprobs=entries, prompt_tokens=3, completion_tokens=2, finish_reason="stop")
+    deltas = [e.data for e in events_from_job(job) if e.type == EventType.DELTA]
+    assert deltas == [{"text": "He", "logprobs": entries[0]},
+                      {"text": "llo", "logprobs": entries[1]}]
+    failed = Job(id="job_y", attempts=1, status=JobStatus.FAILED, error="bad bias",
+                 error_code="invalid_request")
+    assert events_from_job(failed)[-1].data == {"message": "bad bias",
+                                                "code": "invalid_request"}

@@ -136,6 +136,10 @@ class _RequestStream:
         text, self._emitted = self._text[self._emitted : end], end
         return self._delta(text, None)
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self._logprobs is not None
+
     def _token_text(self, token_id: int) -> str:
         return str(self._tok.decode([token_id], skip_special_tokens=False))
 
@@ -388,7 +392,7 @@ class TransformersEngine:
                     raise RuntimeError(f"generation failed: {item.error}")
                 running = not item.is_finished()
                 delta = stream.consume(list(item.generated_tokens), not running, eos_ids,
-                                       getattr(item, "logprobs", None))
+                                       item.logprobs if stream.wants_logprobs else None)
                 if delta is not None and (delta.text or delta.finish_reason):
                     yield delta
         finally:
