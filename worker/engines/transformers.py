@@ -234,7 +234,9 @@ class TransformersEngine:
         from worker.engines.image_batching import ImageBatcher
 
         own = ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1))
-        if self._images is not None:
+        # Without SDPA, transformers' batching switches the model itself to paged attention,
+        # which Ferry's loop cannot run beside it: such a model runs on Ferry's loop alone.
+        if self._images is not None or model.config._attn_implementation == "eager":
             return own, own
         gen_config = tf.GenerationConfig(
             do_sample=True,
