@@ -63,10 +63,12 @@ class ModelCatalog:
         served = sorted(self._models.values(), key=lambda m: m.name)
         if not served:
             raise ServiceUnavailable("No model is served yet: start a worker.")
-        if chosen is None and default is None and (len(served) == 1 or first_served):
-            chosen = served[0]
+        # LoRA adapters are served beside their base model: "the only model" means the base.
+        bases = [m for m in served if m.base_model is None] or served
+        if chosen is None and default is None and (len(bases) == 1 or first_served):
+            chosen = bases[0]
         if wants_images and (chosen is None or not chosen.supports_images):
-            takers = [m for m in served if m.supports_images]
+            takers = [m for m in bases if m.supports_images]
             if takers:
                 return takers[0]
             if chosen is not None:

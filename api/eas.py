@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from api import history, jobs_service
-from api.errors import FerryError, InvalidRequest
+from api.errors import InvalidRequest, job_failure
 from api.job_events import job_events
 from api.schemas.openai import ChatCompletionRequest, ChatMessage
 from api.state import AppState
@@ -24,12 +24,6 @@ from storage.content import ImageRef, image_part, text_part
 from storage.events import EventType
 from storage.models import Job
 from storage.registry import ServedModel
-
-
-class GenerationFailed(FerryError):
-    status_code = 500
-    type = "server_error"
-    code = "generation_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +88,7 @@ async def build_job(
 
 async def text_deltas(state: AppState, job_id: str) -> AsyncGenerator[str, None]:
     """The job's text as it is generated. Ends when the job ends; a failed job raises
-    `GenerationFailed` with its error. A client that goes away (this generator closed or
+    its error (`api.errors.job_failure`). A client that goes away (this generator closed or
     cancelled before the end) cancels the job."""
     finished = False
     try:
@@ -109,7 +103,7 @@ async def text_deltas(state: AppState, job_id: str) -> AsyncGenerator[str, None]
                 yield event.data["text"]
             elif event.type == EventType.ERROR:
                 finished = True
-                raise GenerationFailed(event.data.get("message") or "generation failed")
+                raise job_failure(event.data.get("message"), event.data.get("code"))
             elif event.type.is_terminal:
                 finished = True
                 return

@@ -63,6 +63,30 @@ class PayloadTooLarge(FerryError):
     code = "payload_too_large"
 
 
+class GenerationFailed(FerryError):
+    """A job failed for a server-side reason (its worker gave up, its result could not be
+    recorded, ...): not the request's fault."""
+
+    status_code = 500
+    type = "server_error"
+    code = "generation_failed"
+
+
+def job_failure(message: str | None, code: str | None) -> FerryError:
+    """The error a failed job answers with: 400 when the engine refused the request
+    (`invalid_request`), 500 for anything else (storage.events.error_data's codes)."""
+    text = message or "generation failed"
+    if code == "invalid_request":
+        return InvalidRequest(text, code="generation_failed")
+    return GenerationFailed(text)
+
+
+def stream_error(message: str | None, code: str | None) -> dict[str, Any]:
+    """A failed job's error as a streamed OpenAI response carries it."""
+    exc = job_failure(message, code)
+    return error_body(exc.message, exc.type, exc.param, exc.code)
+
+
 class ServiceUnavailable(FerryError):
     status_code = 503
     type = "server_error"

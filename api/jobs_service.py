@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import history
-from api.errors import Conflict, FerryError, InvalidRequest, ServiceUnavailable
+from api.errors import Conflict, InvalidRequest, ServiceUnavailable, job_failure
 from api.images import ImageIntake
 from api.images.chat import chat_messages
-from api.job_events import job_events
+from api.job_events import job_event_batches, job_events
+from api.request_fields import check_fields
 from api.schemas.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,6 +33,9 @@ from storage.repositories import jobs as jobs_repo
 
 log = logging.getLogger(__name__)
 
+# Jobs one completions request may start (its prompts x n).
+MAX_CHOICES = 64
+
 
 def sampling_request(
     body: SamplingFields, model: ServedModel, default_max_tokens: int | None = None
@@ -36,6 +43,7 @@ def sampling_request(
     """The engine-facing fields of a request, checked against the model. Without
     max_tokens (and no operator default) none is stored: the engine gives the completion
     the rest of the context, as vLLM and OpenAI do."""
+    check_fields(body, model)
     max_tokens = body.requested_max_tokens
     if max_tokens is None and default_max_tokens is not None:
         max_tokens = min(default_max_tokens, model.max_model_len - 1)
@@ -47,11 +55,14 @@ def sampling_request(
         )
     fields = body.model_dump(
         include={"temperature", "top_p", "top_k", "stop", "seed",
-                 "presence_penalty", "frequency_penalty"},
+                 "presence_penalty", "frequency_penalty", "logit_bias", "min_p",
+                 "repetition_penalty", "min_tokens"},
         exclude_none=True,
     )
     if body.ignore_eos:
         fields["ignore_eos"] = True
+    if body.logprobs_wanted is not None:
+        fields["logprobs"] = body.logprobs_wanted
     structured = body.structured_output
     if structured is not None:
         if not model.supports_structured_output:
@@ -66,12 +77,43 @@ def sampling_request(
     return {"model": model.name, **fields}
 
 
+async def build_chat_jobs(
+    state: AppState, owner_id: str, body: ChatCompletionRequest
+) -> list[Job]:
+    """`/v1/chat/completions`: one job per choice (`n`), the same request each (with a
+    seed, choice i samples with seed + i, so choices differ and each is reproducible)."""
+    if body.n > 1 and body.conversation_id is not None:
+        raise InvalidRequest("n > 1 cannot continue a conversation (which reply would be "
+                             "its next turn?).", param="n")
+    job = await _chat_job(state, owner_id, body, "interactive")
+    return [job] + [_queued_job(owner_id, body, job.model, "chat", "interactive",
+                                _nth(job.request, i))
+                    for i in range(1, body.n)]
+
+
+def _nth(request: dict[str, Any], i: int) -> dict[str, Any]:
+    """The request of choice i (of n)."""
+    if request.get("seed") is None:
+        return dict(request)
+    return {**request, "seed": request["seed"] + i}
+
+
 async def build_chat_job(
     state: AppState,
     owner_id: str,
     body: ChatCompletionRequest,
     *,
     lane: Lane = "interactive",
+) -> Job:
+    """One job: `/v1/jobs`, EAS and batch lines (one answer each: n is 1)."""
+    if body.n != 1:
+        raise InvalidRequest("A job has one choice: n must be 1 here (n > 1 is for "
+                             "/v1/chat/completions and /v1/completions).", param="n")
+    return await _chat_job(state, owner_id, body, lane)
+
+
+async def _chat_job(
+    state: AppState, owner_id: str, body: ChatCompletionRequest, lane: Lane
 ) -> Job:
     model = await state.catalog.resolve(body.model, body.carries_images)
     refuse_unsupported_parts(body, model)
@@ -93,7 +135,7 @@ async def build_chat_job(
         await history.prepend_history(state, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
-    return _queued_job(owner_id, body, model, "chat", lane, request,
+    return _queued_job(owner_id, body, model.name, "chat", lane, request,
                        conversation_id=body.conversation_id)
 
 
@@ -125,13 +167,13 @@ def refuse_unsupported_parts(body: ChatCompletionRequest, model: ServedModel) ->
 
 
 def _queued_job(
-    owner_id: str, body: SamplingFields, model: ServedModel, kind: str, lane: Lane,
+    owner_id: str, body: SamplingFields, model: str, kind: str, lane: Lane,
     request: dict[str, Any], conversation_id: str | None = None,
 ) -> Job:
     return Job(
         id=jobs_repo.new_job_id(),
         owner_id=owner_id,
-        model=model.name,
+        model=model,
         kind=kind,
         lane=lane,
         status=JobStatus.QUEUED,
@@ -150,11 +192,17 @@ async def build_completion_jobs(
     *,
     lane: Lane = "interactive",
 ) -> list[Job]:
-    """One job per prompt (kind "completion": the prompt goes to the model as is)."""
-    for name in ("suffix", "logprobs", "best_of"):
+    """One job per prompt and choice (kind "completion": the prompt goes to the model as
+    is), prompt by prompt: choice index = prompt index x n + i, as in vLLM."""
+    for name in ("suffix", "best_of"):
         if getattr(body, name) is not None:
             raise InvalidRequest(f"`{name}` is not supported by this server.", param=name,
                                  code="unsupported_parameter")
+    if len(body.prompts) * body.n > MAX_CHOICES:
+        raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts x n).",
+                             param="n")
+    if body.n > 1 and lane == "bulk":
+        raise InvalidRequest("A batch line has one choice: n must be 1.", param="n")
     wants_images = any("<img>" in prompt for prompt in body.prompts)
     model = await state.catalog.resolve(body.model, wants_images)
     base = sampling_request(body, model, state.settings.default_max_tokens)
@@ -168,8 +216,8 @@ async def build_completion_jobs(
         for prompt in body.prompts
     ]
     await images.store()
-    return [_queued_job(owner_id, body, model, "completion", lane, request)
-            for request in requests]
+    return [_queued_job(owner_id, body, model.name, "completion", lane, _nth(request, i))
+            for request in requests for i in range(body.n)]
 
 
 async def completion_prompt(
@@ -209,7 +257,7 @@ async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
 async def wait_for_end(state: AppState, job_id: str) -> Job:
     """Wait (on the job's events, not by polling SQL) until the job ends; its final row.
 
-    A failed job raises `FerryError` with its error; one that outlives
+    A failed job raises its error (`api.errors.job_failure`: 400 or 500); one that outlives
     `sync_timeout_seconds` raises `ServiceUnavailable` (the job itself goes on)."""
     async for event in job_events(
         state.event_sources, job_id, None,
@@ -226,8 +274,64 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
         final = await jobs_repo.get_job(read, job_id)
     assert final is not None
     if final.status == JobStatus.FAILED:
-        raise FerryError(final.error or "generation failed", code="generation_failed")
+        # The request's fault (the engine refused it) is a 400; anything else is ours.
+        raise job_failure(final.error, final.error_code)
     return final
+
+
+async def wait_for_all(state: AppState, jobs: list[Job]) -> list[Job]:
+    """`wait_for_end` for every job (a request's choices); if one fails or the client
+    goes away, the others are cancelled."""
+    try:
+        return list(await asyncio.gather(*(wait_for_end(state, j.id) for j in jobs)))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            for job in jobs:
+                await cancel_quietly(state, job.id)
+        raise
+
+
+async def merged_event_batches(
+    state: AppState, jobs: list[Job]
+) -> AsyncIterator[tuple[int, list[JobEvent] | None]]:
+    """The event batches of a request's jobs (its choices), interleaved as they come,
+    each tagged with its job's index; (index, None) is a keep-alive."""
+    def batches(job: Job) -> AsyncIterator[list[JobEvent] | None]:
+        return job_event_batches(
+            state.event_sources, job.id, None,
+            keepalive_seconds=state.settings.sse_keepalive_seconds,
+            max_seconds=state.settings.sse_max_seconds,
+        )
+
+    if len(jobs) == 1:  # the common case: no tasks, no queue
+        async for batch in batches(jobs[0]):
+            yield 0, batch
+        return
+    queue: asyncio.Queue[tuple[int, list[JobEvent] | None] | int] = asyncio.Queue()
+
+    async def pump(index: int, job: Job) -> None:
+        try:
+            async for batch in batches(job):
+                await queue.put((index, batch))
+        finally:
+            await queue.put(index)  # this job's stream is over
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, int):
+                remaining -= 1
+                continue
+            yield item
+        for task in tasks:
+            task.result()  # surface a pump's error
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def cancel_quietly(state: AppState, job_id: str) -> None:

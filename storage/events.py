@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 
 class EventType(StrEnum):
-    DELTA = "delta"  # new output text: {"text", "ts"}
+    DELTA = "delta"  # new output text: {"text", "ts"} (+ "logprobs" when asked for)
     USAGE = "usage"  # token counts: {"prompt_tokens", "completion_tokens", "total_tokens"}
     DONE = "done"  # the job succeeded: {"finish_reason"}
-    ERROR = "error"  # the job failed: {"message"}
+    ERROR = "error"  # the job failed: {"message", "code"} (code: Job.error_code)
     CANCELLED = "cancelled"  # the job was cancelled
     RETRY = "retry"  # a new attempt starts over: discard text received so far
 
@@ -87,10 +87,13 @@ class JobEvent:
         return self._json
 
     @classmethod
-    def delta(cls, id: str, text: str, ts: float | None) -> JobEvent:
+    def delta(cls, id: str, text: str, ts: float | None,
+              logprobs: list[dict[str, Any]] | None = None) -> JobEvent:
         """A `delta` event, its JSON written directly: what `json.dumps` gives for
         `{"text": text, "ts": ts}` at a quarter of its cost (once per event a worker
-        publishes)."""
+        publishes). With logprobs (asked for): `{"text", "ts", "logprobs"}`."""
+        if logprobs is not None:
+            return cls(id, EventType.DELTA, {"text": text, "ts": ts, "logprobs": logprobs})
         return cls(id, EventType.DELTA, {"text": text, "ts": ts},
                    data_json=f'{{"text": {encode_basestring_ascii(text)}, "ts": '
                              f'{"null" if ts is None else repr(ts)}}}')
@@ -204,6 +207,17 @@ def usage_data(prompt_tokens: int | None, completion_tokens: int) -> dict[str, i
     }
 
 
+# Job.error_code values: the request's fault (answered 400) or Ferry's (5xx).
+INVALID_REQUEST = "invalid_request"
+SERVER_ERROR = "server_error"
+
+
+def error_data(message: str | None, code: str | None) -> dict[str, Any]:
+    """An `error` event's data. A failure of unknown kind (a row from before error codes
+    were kept) counts as Ferry's."""
+    return {"message": message or "job failed", "code": code or SERVER_ERROR}
+
+
 def events_from_job(job: Job) -> list[JobEvent]:
     """Rebuild a finished job's events from its SQL row, with the ids the worker used."""
     attempt = job.attempts
@@ -217,14 +231,18 @@ def events_from_job(job: Job) -> list[JobEvent]:
 
     if attempt > 1:
         add(EventType.RETRY, {"attempt": attempt})
-    for text in job.deltas or []:
-        add(EventType.DELTA, {"text": text})
+    logprobs = job.logprobs
+    for i, text in enumerate(job.deltas or []):
+        if logprobs is not None and i < len(logprobs):
+            add(EventType.DELTA, {"text": text, "logprobs": logprobs[i]})
+        else:
+            add(EventType.DELTA, {"text": text})
     status = job.job_status
     if status == JobStatus.SUCCEEDED:
         add(EventType.USAGE, usage_data(job.prompt_tokens, job.completion_tokens or 0))
         add(EventType.DONE, {"finish_reason": job.finish_reason})
     elif status == JobStatus.FAILED:
-        add(EventType.ERROR, {"message": job.error or "job failed"})
+        add(EventType.ERROR, error_data(job.error, job.error_code))
     elif status == JobStatus.CANCELLED:
         add(EventType.CANCELLED, {})
     return events

@@ -127,6 +127,12 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    # A failed job's kind of failure: "invalid_request" (the request's fault: a 400) or
+    # "server_error" (Ferry's: a 5xx). NULL for jobs that did not fail.
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    # With `logprobs` asked for: per delta (aligned with `deltas`), its tokens' logprobs
+    # ({"token", "logprob", "top_logprobs": [{"token", "logprob"}]}).
+    logprobs: Mapped[list[list[dict[str, Any]]] | None] = mapped_column(JSONType)
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(200))

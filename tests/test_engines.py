@@ -303,6 +303,109 @@ async def test_bad_requests_are_refused(engine: Engine) -> None:
         )
 
 
+# --- sampling options beyond temperature / top-p / top-k (both engines) -------------------
+
+
+def _token_id(model_dir: Path, text: str) -> int:
+    from transformers import AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, ids
+    return int(ids[0])
+
+
+def _tokens(deltas: list[Delta]) -> list[str]:
+    return [lp.token for d in deltas for lp in d.logprobs or ()]
+
+
+async def test_logit_bias_forces_and_bans_tokens(engine: Engine, model_dir: Path) -> None:
+    forced = _token_id(model_dir, " river")
+    deltas = await collect(engine, chat("Anything", max_tokens=6, temperature=0,
+                                        logit_bias={forced: 100.0}, logprobs=0))
+    assert _tokens(deltas) == [" river"] * 6 and text_of(deltas) == " river" * 6
+    greedy = await collect(engine, chat("Anything", max_tokens=6, temperature=0, logprobs=0))
+    first = _tokens(greedy)[0]
+    banned = _token_id(model_dir, first)
+    again = await collect(engine, chat("Anything", max_tokens=6, temperature=0,
+                                       logit_bias={banned: -100.0}, logprobs=0))
+    assert first not in _tokens(again)
+    with pytest.raises(EngineRequestError):
+        await collect(engine, chat("x", max_tokens=2, logit_bias={10**7: 1.0}))
+
+
+async def test_min_tokens_holds_the_end_token_back(engine: Engine, model_dir: Path) -> None:
+    eos = _token_id(model_dir, "<|im_end|>")
+    # Biased to the end token, the answer ends at once...
+    short = await collect(engine, chat("End now", max_tokens=16, temperature=0,
+                                       logit_bias={eos: 100.0}))
+    assert short[-1].finish_reason == "stop"
+    assert sum(d.new_tokens for d in short) <= 1
+    # ...but not before min_tokens.
+    held = await collect(engine, chat("End now", max_tokens=16, temperature=0,
+                                      logit_bias={eos: 100.0}, min_tokens=5))
+    assert held[-1].finish_reason == "stop"
+    assert 5 <= sum(d.new_tokens for d in held) <= 6
+
+
+async def test_seed_makes_sampling_reproducible(engine: Engine) -> None:
+    def sampled(seed: int) -> GenerationRequest:
+        return chat("Tell me a story.", max_tokens=32, temperature=1.0, seed=seed)
+
+    runs = await asyncio.gather(*(collect(engine, sampled(s)) for s in (7, 7, 8, 9)))
+    texts = [text_of(d) for d in runs]
+    assert texts[0] == texts[1]
+    assert len({texts[0], texts[2], texts[3]}) == 3
+
+
+async def test_min_p_one_keeps_only_the_top_token(engine: Engine) -> None:
+    def picks(deltas: list[Delta]) -> list[tuple[float, float]]:
+        return [(lp.logprob, lp.top[0][1]) for d in deltas for lp in d.logprobs or ()]
+
+    free = await collect(engine, chat("Top only", max_tokens=24, temperature=1.0, seed=3,
+                                      logprobs=1))
+    assert any(chosen < top - 1e-3 for chosen, top in picks(free))
+    # Only the likeliest token (or one tied with it: bf16 logits tie often) is drawn.
+    cut = await collect(engine, chat("Top only", max_tokens=24, temperature=1.0, seed=3,
+                                     min_p=1.0, logprobs=1))
+    assert all(abs(chosen - top) < 1e-4 for chosen, top in picks(cut))
+
+
+async def test_penalties_change_a_repetitive_greedy_answer(engine: Engine) -> None:
+    base = _tokens(await collect(engine, chat("Repeat", max_tokens=48, temperature=0,
+                                              logprobs=0)))
+    def repeats(tokens: list[str]) -> int:
+        return len(tokens) - len(set(tokens))
+
+    assert repeats(base) > 4, "the greedy answer hardly repeats"
+    # Each penalty makes seen tokens less likely: fewer repeats. (Not none: a seen token's
+    # positive logit shrinks towards 0 but can still beat unseen tokens' negative ones.)
+    for penalty, value in (("repetition_penalty", 1e4), ("presence_penalty", 2.0),
+                           ("frequency_penalty", 2.0)):
+        penalized = _tokens(await collect(engine, chat(
+            "Repeat", max_tokens=48, temperature=0, logprobs=0, **{penalty: value})))
+        assert penalized != base, penalty
+        assert repeats(penalized) < repeats(base), penalty
+
+
+async def test_logprobs_of_every_token(engine: Engine) -> None:
+    deltas = await collect(engine, chat("Logprobs", max_tokens=12, temperature=0, logprobs=3))
+    for delta in deltas:
+        assert delta.logprobs is not None and len(delta.logprobs) == delta.new_tokens
+    entries = [lp for d in deltas for lp in d.logprobs or ()]
+    assert len(entries) == 12
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top[0][0] == entry.token
+        assert abs(entry.top[0][1] - entry.logprob) < 1e-3
+    assert "".join(e.token for e in entries) == text_of(deltas)
+    plain = await collect(engine, chat("Logprobs", max_tokens=12, temperature=0))
+    assert all(d.logprobs is None for d in plain)
+    assert text_of(plain) == text_of(deltas)
+
+
 async def test_vllm_runs_the_model_in_its_engine_core_process(engine: Engine) -> None:
     """On a CPU machine vLLM's engine core process runs the model itself: no model process
     of its own beside it, which the engine core would busy-wait on (worker/engines/vllm.py)."""

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from api.routes.chat import _chunks_for
+from api.routes.chat import _Choice, _chunks_for
 from storage.content import ReasoningSplitter, split_reasoning
 from storage.events import EventType, JobEvent
 from tests.conftest import KEY_A, TINY, Stack
@@ -108,7 +108,13 @@ def test_completion_echo_returns_the_prompt_first(stack: Stack) -> None:
     ({"prompt": ["x"] * 17}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": ["x"] * 16, "n": 5}, "n"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "x", "no_such_field": 1}, "no_such_field"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "model": "no-such-model"}, "model"),
 ])
@@ -259,17 +265,12 @@ def test_reasoning_split_whole_and_streamed(
 
 
 def test_streamed_chunks_split_reasoning_from_content() -> None:
-    class FakeJob:  # only what _chunks_for reads
-        id, model = "job-1", TINY
-
-    splitter = ReasoningSplitter()
+    choice = _Choice("job-1", 0, TINY, 0, ReasoningSplitter())
     deltas = ["<thi", "nk>\nstep one", " and two\n</th", "ink>\n\nFinal", " answer."]
     chunks: list[dict[str, Any]] = []
     for i, text in enumerate(deltas):
-        chunks += _chunks_for(FakeJob(), 0, JobEvent(f"1-{i}", EventType.DELTA,  # type: ignore[arg-type]
-                                                     {"text": text}), splitter)
-    chunks += _chunks_for(FakeJob(), 0, JobEvent("1-9", EventType.DONE,  # type: ignore[arg-type]
-                                                 {"finish_reason": "stop"}), splitter)
+        chunks += _chunks_for(choice, JobEvent(f"1-{i}", EventType.DELTA, {"text": text}))
+    chunks += _chunks_for(choice, JobEvent("1-9", EventType.DONE, {"finish_reason": "stop"}))
     reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert (reasoning, content) == ("step one and two", "Final answer.")

@@ -321,7 +321,8 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
             row.status, row.error = JobStatus.FAILED, "worker lost"
         ending = await anext(batches)
         assert ending is not KEEPALIVE and [(e.id, e.type, e.data) for e in ending or []] == [
-            ("1-16", EventType.ERROR, {"message": "worker lost"})]
+            # A failure of unknown kind (no error_code) counts as a server error.
+            ("1-16", EventType.ERROR, {"message": "worker lost", "code": "server_error"})]
         with pytest.raises(StopAsyncIteration):
             await anext(batches)
     finally:

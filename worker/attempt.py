@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.content import ImageRef, image_refs
-from storage.events import EventType, JobEvent, usage_data
+from storage.events import (
+    INVALID_REQUEST,
+    SERVER_ERROR,
+    EventType,
+    JobEvent,
+    error_data,
+    usage_data,
+)
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
 from storage.repositories import jobs as jobs_repo
@@ -21,6 +28,7 @@ from worker.engines.base import (
     EngineRequestError,
     GenerationRequest,
     SamplingOptions,
+    TokenLogprob,
 )
 from worker.group_commit import GroupCommit
 from worker.job_state import JobAttempt
@@ -99,6 +107,13 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
         seed=body.get("seed"),
         presence_penalty=body.get("presence_penalty"),
         frequency_penalty=body.get("frequency_penalty"),
+        min_p=body.get("min_p"),
+        repetition_penalty=body.get("repetition_penalty"),
+        min_tokens=int(body.get("min_tokens") or 0),
+        # JSON keys are strings: OpenAI's token id -> bias.
+        logit_bias={int(k): float(v) for k, v in body["logit_bias"].items()}
+        if body.get("logit_bias") else None,
+        logprobs=body.get("logprobs"),
         ignore_eos=bool(body.get("ignore_eos", False)),
         structured_output=body.get("structured_output"),
     )
@@ -113,6 +128,15 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
     return GenerationRequest(request_id, messages=messages, sampling=sampling,
                              priority=priority, stream=streamed,
                              chat_template_kwargs=body.get("chat_template_kwargs"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a job failed, and whose fault it was (storage.events: INVALID_REQUEST, the
+    request's, answered 400; SERVER_ERROR, Ferry's, answered 5xx)."""
+
+    message: str
+    code: str
 
 
 class EngineBroken(RuntimeError):
@@ -144,15 +168,18 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
     job_id = job.id
     state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
                        started_at=job.started_at)
+    if job.request.get("logprobs") is not None:
+        state.logprobs = []
     ctx.in_flight[job_id] = state
     try:
         if state.attempt > 1:
             ctx.publisher.emit(job_id, JobEvent(state.next_id(), EventType.RETRY,
                                                 {"attempt": state.attempt}))
-        error: str | None
+        error: Failure | None
         if state.attempt > ctx.max_attempts:
             # A poison job (its workers keep dying on it): stop the loop here.
-            status, error = JobStatus.FAILED, f"gave up after {ctx.max_attempts} attempts"
+            status, error = JobStatus.FAILED, Failure(
+                f"gave up after {ctx.max_attempts} attempts", SERVER_ERROR)
         else:
             try:
                 # Images are read after the claim's transaction, which holds a row lock.
@@ -163,7 +190,8 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
                 status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
                                                 state, ctx.publisher)
             except ImageUnavailable as exc:
-                status, error = JobStatus.FAILED, str(exc)
+                # The API checked the image when it took the request: losing it is ours.
+                status, error = JobStatus.FAILED, Failure(str(exc), SERVER_ERROR)
             except Exception:
                 # The engine broke, or the object store could not be reached: the job goes
                 # back to the queue (for another worker, or this one once it recovers).
@@ -175,8 +203,11 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
         except Exception as exc:
             log.exception("could not record the end of job %s", job_id)
             state.deltas, state.pending = [], []
+            if state.logprobs is not None:
+                state.logprobs, state.pending_logprobs = [], []
             message = f"could not record the result: {exc.__class__.__name__}"
-            return await _record_end(ctx, state, JobStatus.FAILED, message)
+            return await _record_end(ctx, state, JobStatus.FAILED,
+                                     Failure(message, SERVER_ERROR))
     finally:
         ctx.in_flight.pop(job_id, None)
 
@@ -188,7 +219,7 @@ async def _admitted(
     request: GenerationRequest,
     state: JobAttempt,
     publisher: EventPublisher,
-) -> tuple[JobStatus, str | None]:
+) -> tuple[JobStatus, Failure | None]:
     """Generate once the engine admits the job (bulk jobs may wait for a slot)."""
     if lane != "bulk":
         async with admission.interactive():
@@ -201,7 +232,7 @@ async def _admitted(
 
 async def _generate(
     engine: Engine, request: GenerationRequest, state: JobAttempt, publisher: EventPublisher
-) -> tuple[JobStatus, str | None]:
+) -> tuple[JobStatus, Failure | None]:
     try:
         async for delta in engine.generate(request):
             if delta.prompt_tokens is not None:
@@ -209,14 +240,16 @@ async def _generate(
             state.completion_tokens += delta.new_tokens
             if delta.finish_reason is not None:
                 state.finish_reason = delta.finish_reason
-            if delta.text:
+            if delta.logprobs is not None and state.logprobs is not None:
+                if state.first_token_at is None and delta.text:
+                    state.first_token_at = utcnow()
+                publisher.add_text(state, _no_nul(delta.text), _logprob_entries(delta.logprobs))
+            elif delta.text:
                 if state.first_token_at is None:
                     state.first_token_at = utcnow()
-                # PostgreSQL text cannot hold NUL; replace it here, at the source, so the
-                # live stream and the SQL replay carry the same text.
-                publisher.add_text(state, delta.text.replace("\x00", "\ufffd"))
+                publisher.add_text(state, _no_nul(delta.text))
     except EngineRequestError as exc:
-        return JobStatus.FAILED, str(exc)
+        return JobStatus.FAILED, Failure(str(exc), INVALID_REQUEST)
     except Exception as exc:
         # Not this request's fault: the engine itself is broken (vLLM's EngineDeadError,
         # a crashed kernel). The job goes back to the queue for a healthy worker.
@@ -230,8 +263,23 @@ async def _generate(
     return JobStatus.SUCCEEDED, None
 
 
+def _no_nul(text: str) -> str:
+    # PostgreSQL text cannot hold NUL; replace it here, at the source, so the live stream
+    # and the SQL replay carry the same text.
+    return text.replace("\x00", "\ufffd")
+
+
+def _logprob_entries(logprobs: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """The engine's logprobs as stored and published (OpenAI's chat shape, without bytes)."""
+    return [
+        {"token": _no_nul(lp.token), "logprob": lp.logprob,
+         "top_logprobs": [{"token": _no_nul(t), "logprob": v} for t, v in lp.top]}
+        for lp in logprobs
+    ]
+
+
 async def _record_end(
-    ctx: AttemptContext, state: JobAttempt, status: JobStatus, error: str | None
+    ctx: AttemptContext, state: JobAttempt, status: JobStatus, error: Failure | None
 ) -> str:
     """SQL first, then the terminal events: a client that sees `done` finds the result."""
     ctx.publisher.settle(state)  # every delta has its event id before the deltas are stored
@@ -242,8 +290,10 @@ async def _record_end(
         prompt_tokens=state.prompt_tokens,
         completion_tokens=state.completion_tokens,
         first_token_at=state.first_token_at,
-        error=error,
+        error=error.message if error else None,
+        error_code=error.code if error else None,
         started_at=state.started_at,
+        logprobs=state.logprobs,
     )
     recorded = await ctx.outcomes.submit((state.job_id, outcome))
     if recorded is None:
@@ -254,7 +304,7 @@ async def _record_end(
 
 
 def _terminal_events(
-    status: JobStatus, state: JobAttempt, error: str | None
+    status: JobStatus, state: JobAttempt, error: Failure | None
 ) -> list[tuple[EventType, dict[str, Any]]]:
     """Must match storage.events.events_from_job, which rebuilds them from SQL."""
     if status == JobStatus.SUCCEEDED:
@@ -263,5 +313,6 @@ def _terminal_events(
             (EventType.DONE, {"finish_reason": state.finish_reason}),
         ]
     if status == JobStatus.FAILED:
-        return [(EventType.ERROR, {"message": error or "job failed"})]
+        return [(EventType.ERROR, error_data(error.message if error else None,
+                                             error.code if error else None))]
     return [(EventType.CANCELLED, {})]

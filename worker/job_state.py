@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 
 @dataclass
@@ -23,6 +24,10 @@ class JobAttempt:
     # Text from the engine not yet turned into an event, and when its first piece came.
     pending: list[str] = field(default_factory=list)
     pending_since: float | None = None
+    # With logprobs asked for: per delta its tokens' logprobs (aligned with `deltas`), and
+    # those of the pending text. None otherwise (nothing is collected).
+    logprobs: list[list[dict[str, Any]]] | None = None
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
     _seq: int = 0
 
     def next_id(self) -> str:

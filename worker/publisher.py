@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from storage.events import JobEvent, JobEventStream
 from worker.job_state import JobAttempt
@@ -50,11 +51,16 @@ class EventPublisher:
         self._idle.clear()
         self._wake.set()
 
-    def add_text(self, state: JobAttempt, text: str) -> None:
-        """New engine text for a job; it becomes a delta event at the next flush."""
-        if not state.pending:
+    def add_text(
+        self, state: JobAttempt, text: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> None:
+        """New engine text (and its tokens' logprobs, if asked for) for a job; it becomes a
+        delta event at the next flush."""
+        if not state.pending and not state.pending_logprobs:
             state.pending_since = time.time()
         state.pending.append(text)
+        if logprobs:
+            state.pending_logprobs += logprobs
         self._dirty[state.job_id] = state
         self._idle.clear()
         self._wake.set()
@@ -67,7 +73,11 @@ class EventPublisher:
         text = "".join(state.pending)
         state.pending.clear()
         state.deltas.append(text)
-        event = JobEvent.delta(state.next_id(), text, state.pending_since)
+        logprobs = None
+        if state.logprobs is not None:
+            logprobs, state.pending_logprobs = state.pending_logprobs, []
+            state.logprobs.append(logprobs)
+        event = JobEvent.delta(state.next_id(), text, state.pending_since, logprobs)
         self._buffer.append((state.job_id, event))
 
     async def drain(self) -> None:

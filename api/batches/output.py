@@ -17,13 +17,18 @@ from typing import IO, Any
 
 from sqlalchemy.engine import Row
 
+from api.errors import error_body, job_failure
 from api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     Usage,
+    chat_logprobs,
+    completion_logprobs,
 )
 from api.state import AppState
 from storage.content import plain_text, reasoning_mode, split_reasoning
@@ -105,12 +110,11 @@ def _result_line(row: Row[Any], final: BatchStatus) -> tuple[str, dict[str, Any]
         response = {"status_code": 200, "request_id": row.id, "body": _body(row)}
         return "output", {**base, "response": response, "error": None}
     if row.status == JobStatus.FAILED:
-        message = row.error or "generation failed"
-        body = {"error": {"message": message, "type": "server_error", "param": None,
-                          "code": "generation_failed"}}
-        response = {"status_code": 500, "request_id": row.id, "body": body}
+        failure = job_failure(row.error, row.error_code)  # 400 or 500, as the route answers
+        body = error_body(failure.message, failure.type, failure.param, failure.code)
+        response = {"status_code": failure.status_code, "request_id": row.id, "body": body}
         return "errors", {**base, "response": response,
-                          "error": {"code": "generation_failed", "message": message}}
+                          "error": {"code": failure.code, "message": failure.message}}
     code, message = _NOT_FINISHED[final]
     return "errors", {**base, "response": None, "error": {"code": code, "message": message}}
 
@@ -123,12 +127,15 @@ def _body(row: Row[Any]) -> dict[str, Any]:
     created = int(row.created_at.timestamp())
     text = row.result_text or ""
     request: dict[str, Any] = row.request or {}
+    entries = None if row.logprobs is None else [e for d in row.logprobs for e in d]
     if row.kind == "completion":
-        if request.get("echo"):
-            text = plain_text(request.get("prompt")) + text
+        echo = plain_text(request.get("prompt")) if request.get("echo") else ""
+        logprobs = None if entries is None else CompletionLogprobs.model_validate(
+            completion_logprobs(entries, len(echo)))
         return Completion(
             id=row.id, created=created, model=row.model, usage=usage,
-            choices=[CompletionChoice(index=0, text=text, finish_reason=row.finish_reason)],
+            choices=[CompletionChoice(index=0, text=echo + text, finish_reason=row.finish_reason,
+                                      logprobs=logprobs)],
         ).model_dump(mode="json")
     reasoning = None
     mode = reasoning_mode(request)
@@ -137,7 +144,9 @@ def _body(row: Row[Any]) -> dict[str, Any]:
     return ChatCompletion(
         id=row.id, created=created, model=row.model, usage=usage,
         choices=[ChatChoice(message=AssistantMessage(content=text, reasoning_content=reasoning),
-                            finish_reason=row.finish_reason)],
+                            finish_reason=row.finish_reason,
+                            logprobs=None if entries is None else ChatLogprobs.model_validate(
+                                chat_logprobs(entries)))],
     ).model_dump(mode="json")
 
 

@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from api import jobs_service
 from api.deps import CurrentKey, StateDep
-from api.job_events import job_event_batches
+from api.errors import stream_error
 from api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatLogprobs,
     Usage,
+    chat_logprobs,
     chunk,
 )
 from api.state import AppState
@@ -38,14 +41,16 @@ router = APIRouter(tags=["openai"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(
-    body: ChatCompletionRequest, key: CurrentKey, state: StateDep
+    body: ChatCompletionRequest, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:
     """OpenAI chat completions, through the same queue and workers as `/v1/jobs`.
 
     With `stream: true` the answer is `chat.completion.chunk` events ending in
     `data: [DONE]`; `stream_options.include_usage` adds a final usage chunk. The
-    completion id is the job id (`GET /v1/jobs/{id}` works on it). A streaming client
-    that disconnects cancels its job, as in vLLM.
+    completion id is the job id (`GET /v1/jobs/{id}` works on it); with `n` > 1 each
+    choice is its own job (ids in `X-Ferry-Job-Id`, comma-separated; the completion id is
+    `chatcmpl-` + the first's), streamed interleaved. A streaming client that disconnects
+    cancels its jobs, as in vLLM.
 
     `model` may be omitted (or an alias such as `null`): the default model, or one that
     takes images for a request that carries them.
@@ -56,36 +61,53 @@ async def create_chat_completion(
     template opened `<think>` in the prompt) and `content`, streamed or not; for others,
     when thinking is asked for, a reply that opens with `<think>` is split.
     `response_format` (`json_object`, `json_schema`) constrains the output through vLLM's
-    structured outputs; a model served by an engine that cannot is a 400.
+    structured outputs; a model served by an engine that cannot is a 400. `logprobs` /
+    `top_logprobs` return each token's logprob (each streamed chunk carries its own).
+    A field Ferry cannot honour is refused (400 naming it), never ignored.
     """
-    job = await jobs_service.build_chat_job(state, key, body)
-    await jobs_service.submit(state, [job])
-    headers = {"X-Ferry-Job-Id": job.id}
+    jobs = await jobs_service.build_chat_jobs(state, key, body)
+    await jobs_service.submit(state, jobs)
+    completion_id = jobs[0].id if len(jobs) == 1 else f"chatcmpl-{jobs[0].id}"
+    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(state, job, include_usage, reasoning_mode(job.request)),
+            _stream(state, completion_id, jobs, include_usage, reasoning_mode(jobs[0].request)),
             media_type="text/event-stream", headers=headers,
         )
-    final = await jobs_service.wait_for_end(state, job.id)
-    return _completion(final, reasoning_mode(final.request))
+    response.headers.update(headers)
+    finals = await jobs_service.wait_for_all(state, jobs)
+    return _completion(completion_id, finals, reasoning_mode(finals[0].request))
 
 
-def _completion(job: Job, mode: ReasoningMode | None) -> ChatCompletion:
-    prompt, completion = job.prompt_tokens or 0, job.completion_tokens or 0
+def _completion(
+    completion_id: str, jobs: list[Job], mode: ReasoningMode | None
+) -> ChatCompletion:
+    prompt = sum(j.prompt_tokens or 0 for j in jobs)
+    completion = sum(j.completion_tokens or 0 for j in jobs)
+    return ChatCompletion(
+        id=completion_id,
+        created=int(jobs[0].created_at.timestamp()),
+        model=jobs[0].model,
+        choices=[_choice(i, job, mode) for i, job in enumerate(jobs)],
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
+                    total_tokens=prompt + completion),
+    )
+
+
+def _choice(index: int, job: Job, mode: ReasoningMode | None) -> ChatChoice:
     reasoning, content = None, job.result_text or ""
     if mode is not None:
         reasoning, content = split_reasoning(content, mode)
-    return ChatCompletion(
-        id=job.id,
-        created=int(job.created_at.timestamp()),
-        model=job.model,
-        choices=[ChatChoice(
-            message=AssistantMessage(content=content, reasoning_content=reasoning),
-            finish_reason=job.finish_reason if job.status == JobStatus.SUCCEEDED else "abort",
-        )],
-        usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
-                    total_tokens=prompt + completion),
+    logprobs = None
+    if job.logprobs is not None:
+        logprobs = ChatLogprobs.model_validate(
+            chat_logprobs([e for entries in job.logprobs for e in entries]))
+    return ChatChoice(
+        index=index,
+        message=AssistantMessage(content=content, reasoning_content=reasoning),
+        finish_reason=job.finish_reason if job.status == JobStatus.SUCCEEDED else "abort",
+        logprobs=logprobs,
     )
 
 
@@ -94,71 +116,92 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """What one streamed choice's chunks are built from."""
+
+    completion_id: str
+    created: int
+    model: str
+    index: int
+    splitter: ReasoningSplitter | None
+
+
 async def _stream(
-    state: AppState, job: Job, include_usage: bool, mode: ReasoningMode | None
+    state: AppState, completion_id: str, jobs: list[Job], include_usage: bool,
+    mode: ReasoningMode | None,
 ) -> AsyncIterator[bytes]:
-    created = int(job.created_at.timestamp())
-    splitter = ReasoningSplitter(mode) if mode is not None else None
-    yield _sse(chunk(job.id, created, job.model, {"role": "assistant", "content": ""}))
-    finished = False
-    usage: dict[str, Any] | None = None
+    created = int(jobs[0].created_at.timestamp())
+    choices = [_Choice(completion_id, created, jobs[0].model, i,
+                       ReasoningSplitter(mode) if mode else None) for i in range(len(jobs))]
+    yield b"".join(_sse(chunk(completion_id, created, c.model, {"role": "assistant",
+                                                                 "content": ""}, index=c.index))
+                   for c in choices)
+    ended: set[int] = set()
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     try:
         # Events that arrived together go out in one write (see api/job_events.py).
-        async for batch in job_event_batches(
-            state.event_sources, job.id, None,
-            keepalive_seconds=state.settings.sse_keepalive_seconds,
-            max_seconds=state.settings.sse_max_seconds,
-        ):
+        async for index, batch in jobs_service.merged_event_batches(state, jobs):
             if batch is None:
                 yield b": keep-alive\n\n"
                 continue
             out: list[bytes] = []
             for event in batch:
                 if event.type == EventType.USAGE:
-                    # OpenAI sends usage last, after the chunk that carries finish_reason.
-                    usage = event.data if include_usage else None
+                    # OpenAI sends usage last, after the chunks that carry finish_reason.
+                    for name in usage:
+                        usage[name] += int(event.data.get(name, 0))
                     continue
-                out.extend(_sse(payload) for payload in _chunks_for(job, created, event,
-                                                                    splitter))
-                if event.type.is_terminal and usage is not None:
-                    out.append(_sse({**chunk(job.id, created, job.model, {}), "choices": [],
-                                     "usage": usage}))
+                out.extend(_sse(payload) for payload in _chunks_for(choices[index], event))
                 if event.type.is_terminal:
-                    finished = True
+                    ended.add(index)
             if out:
                 yield b"".join(out)
+        if include_usage:
+            yield _sse({**chunk(completion_id, created, jobs[0].model, {}), "choices": [],
+                        "usage": usage})
         yield _sse("[DONE]")
     finally:
-        if not finished:
+        if len(ended) < len(jobs):
             # The client left (we are being cancelled): shield the clean-up.
             with anyio.CancelScope(shield=True):
-                await jobs_service.cancel_quietly(state, job.id)
+                for index, job in enumerate(jobs):
+                    if index not in ended:
+                        await jobs_service.cancel_quietly(state, job.id)
 
 
-def _chunks_for(
-    job: Job, created: int, event: JobEvent, splitter: ReasoningSplitter | None
-) -> list[dict[str, Any]]:
+def _chunks_for(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:
     if event.type == EventType.DELTA:
-        if splitter is None:
-            return [chunk(job.id, created, job.model, {"content": event.data["text"]})]
-        return _split_delta(job, created, *splitter.feed(event.data["text"]))
+        entries = event.data.get("logprobs")
+        logprobs = chat_logprobs(entries) if entries is not None else None
+        if choice.splitter is None:
+            return [_chunk(choice, {"content": event.data["text"]}, logprobs=logprobs)]
+        return _split_delta(choice, *choice.splitter.feed(event.data["text"]), logprobs)
     if event.type in (EventType.DONE, EventType.CANCELLED):
-        held = _split_delta(job, created, *splitter.finish()) if splitter else []
+        held = _split_delta(choice, *choice.splitter.finish()) if choice.splitter else []
         reason = event.data.get("finish_reason") if event.type == EventType.DONE else "abort"
-        return [*held, chunk(job.id, created, job.model, {}, reason)]
+        return [*held, _chunk(choice, {}, reason)]
     if event.type == EventType.ERROR:
-        message = event.data.get("message", "generation failed")
-        return [{"error": {"message": message, "type": "server_error", "param": None,
-                           "code": "generation_failed"}}]
+        return [stream_error(event.data.get("message"), event.data.get("code"))]
     # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
     # text, so it is not announced here (the job's own event stream does).
     return []
 
 
-def _split_delta(job: Job, created: int, reasoning: str, content: str) -> list[dict[str, Any]]:
+def _chunk(choice: _Choice, delta: dict[str, Any], finish_reason: str | None = None,
+           logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return chunk(choice.completion_id, choice.created, choice.model, delta, finish_reason,
+                 index=choice.index, logprobs=logprobs)
+
+
+def _split_delta(choice: _Choice, reasoning: str, content: str,
+                 logprobs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     delta: dict[str, str] = {}
     if reasoning:
         delta["reasoning_content"] = reasoning
     if content:
         delta["content"] = content
-    return [chunk(job.id, created, job.model, delta)] if delta else []
+    if not delta and logprobs is None:
+        return []
+    # Text held back (a possible `<think>` tag) still sends its tokens' logprobs now.
+    return [_chunk(choice, delta, logprobs=logprobs)]

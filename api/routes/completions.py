@@ -2,59 +2,64 @@
 
 Each prompt is one job of kind "completion" on the same queue and workers as chat; the
 prompt goes to the model as is (no chat template). A list of prompts gives one choice per
-prompt (`index` = the prompt's position), streamed interleaved as vLLM does.
+prompt and `n` (`index` = prompt position x n + i), streamed interleaved as vLLM does.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from api import jobs_service
 from api.deps import CurrentKey, StateDep
-from api.job_events import job_events
-from api.schemas.openai import Completion, CompletionChoice, CompletionRequest, Usage
+from api.errors import stream_error
+from api.schemas.openai import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Usage,
+    completion_logprobs,
+)
 from api.state import AppState
-from storage.events import EventType, JobEvent
+from storage.events import EventType
 from storage.models import Job, JobStatus
 
 router = APIRouter(tags=["openai"])
 
 
 @router.post("/v1/completions", response_model=Completion)
-async def create_completion(body: CompletionRequest, key: CurrentKey, state: StateDep) -> Any:
+async def create_completion(
+    body: CompletionRequest, key: CurrentKey, state: StateDep, response: Response
+) -> Any:
     """OpenAI completions: `prompt` (a string or up to 16 strings) continued by the model.
 
     `stream: true` answers `text_completion` chunks ending in `data: [DONE]`
     (`stream_options.include_usage` adds a usage chunk); `echo` returns the prompt first.
-    A prompt may carry Qwen-VL `<img>…</img>` tags (URL or base64) for image models.
-    `suffix`, `logprobs` and `best_of` are refused (400). The jobs' ids are in the
-    `X-Ferry-Job-Id` header (comma-separated); a single prompt's completion id is its
+    `n` choices per prompt (at most 64 in all); `logprobs` (0-20) returns each token's
+    logprob and the most likely alternatives (OpenAI's legacy shape; streamed chunks carry
+    their own tokens'). A prompt may carry Qwen-VL `<img>…</img>` tags (URL or base64)
+    for image models. `suffix` and `best_of` are refused (400). The jobs' ids are in the
+    `X-Ferry-Job-Id` header (comma-separated); a single choice's completion id is its
     job id.
     """
     jobs = await jobs_service.build_completion_jobs(state, key, body)
     await jobs_service.submit(state, jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"cmpl-{jobs[0].id}"
     headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
-    echoes = body.prompts if body.echo else [""] * len(jobs)
+    echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo \
+        else [""] * len(jobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, completion_id, jobs, echoes, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-    try:
-        finals = await asyncio.gather(*(jobs_service.wait_for_end(state, j.id) for j in jobs))
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            for job in jobs:
-                await jobs_service.cancel_quietly(state, job.id)
-        raise
+    response.headers.update(headers)
+    finals = await jobs_service.wait_for_all(state, jobs)
     prompt_tokens = sum(j.prompt_tokens or 0 for j in finals)
     completion_tokens = sum(j.completion_tokens or 0 for j in finals)
     return Completion(
@@ -63,7 +68,8 @@ async def create_completion(body: CompletionRequest, key: CurrentKey, state: Sta
         model=jobs[0].model,
         choices=[
             CompletionChoice(index=i, text=echoes[i] + (job.result_text or ""),
-                             finish_reason=_finish_reason(job))
+                             finish_reason=_finish_reason(job),
+                             logprobs=_logprobs(job, len(echoes[i])))
             for i, job in enumerate(finals)
         ],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -75,6 +81,13 @@ def _finish_reason(job: Job) -> str | None:
     return job.finish_reason if job.status == JobStatus.SUCCEEDED else "abort"
 
 
+def _logprobs(job: Job, offset: int) -> CompletionLogprobs | None:
+    if job.logprobs is None:
+        return None
+    entries = [e for delta in job.logprobs for e in delta]
+    return CompletionLogprobs.model_validate(completion_logprobs(entries, offset))
+
+
 def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
@@ -82,59 +95,16 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 def _chunk(
     completion_id: str, created: int, model: str, index: int, text: str,
-    finish_reason: str | None = None,
+    finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs,
                      "finish_reason": finish_reason}],
     }
-
-
-async def _merged_events(
-    state: AppState, jobs: list[Job]
-) -> AsyncIterator[tuple[int, JobEvent | None]]:
-    """The events of several jobs, interleaved as they come, tagged with the job's index."""
-    if len(jobs) == 1:  # the common case: no tasks, no queue
-        async for event in job_events(
-            state.event_sources, jobs[0].id, None,
-            keepalive_seconds=state.settings.sse_keepalive_seconds,
-            max_seconds=state.settings.sse_max_seconds,
-        ):
-            yield 0, event
-        return
-    queue: asyncio.Queue[tuple[int, JobEvent | None] | int] = asyncio.Queue()
-
-    async def pump(index: int, job: Job) -> None:
-        try:
-            async for event in job_events(
-                state.event_sources, job.id, None,
-                keepalive_seconds=state.settings.sse_keepalive_seconds,
-                max_seconds=state.settings.sse_max_seconds,
-            ):
-                await queue.put((index, event))
-        finally:
-            await queue.put(index)  # this job's stream is over
-
-    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if isinstance(item, int):
-                remaining -= 1
-                continue
-            yield item
-        for task in tasks:
-            task.result()  # surface a pump's error
-    finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _stream(
@@ -144,31 +114,42 @@ async def _stream(
     created = int(jobs[0].created_at.timestamp())
     model = jobs[0].model
     ended: set[int] = set()
+    # Where each choice's next token starts in its text (logprobs' text_offset).
+    offsets = [len(echo) for echo in echoes]
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     try:
         for index, echo in enumerate(echoes):
             if echo:
                 yield _sse(_chunk(completion_id, created, model, index, echo))
-        async for index, event in _merged_events(state, jobs):
-            if event is None:
+        async for index, batch in jobs_service.merged_event_batches(state, jobs):
+            if batch is None:
                 yield b": keep-alive\n\n"
                 continue
-            if event.type == EventType.DELTA:
-                yield _sse(_chunk(completion_id, created, model, index, event.data["text"]))
-            elif event.type == EventType.USAGE:
-                for name in usage:
-                    usage[name] += int(event.data.get(name, 0))
-            elif event.type == EventType.DONE:
-                yield _sse(_chunk(completion_id, created, model, index, "",
-                                  event.data.get("finish_reason")))
-            elif event.type == EventType.CANCELLED:
-                yield _sse(_chunk(completion_id, created, model, index, "", "abort"))
-            elif event.type == EventType.ERROR:
-                message = event.data.get("message", "generation failed")
-                yield _sse({"error": {"message": message, "type": "server_error",
-                                      "param": None, "code": "generation_failed"}})
-            if event.type.is_terminal:
-                ended.add(index)
+            out: list[bytes] = []
+            for event in batch:
+                if event.type == EventType.DELTA:
+                    text, entries = event.data["text"], event.data.get("logprobs")
+                    logprobs = None
+                    if entries is not None:
+                        logprobs = completion_logprobs(entries, offsets[index])
+                        offsets[index] += sum(len(e["token"]) for e in entries)
+                    out.append(_sse(_chunk(completion_id, created, model, index, text,
+                                           logprobs=logprobs)))
+                elif event.type == EventType.USAGE:
+                    for name in usage:
+                        usage[name] += int(event.data.get(name, 0))
+                elif event.type == EventType.DONE:
+                    out.append(_sse(_chunk(completion_id, created, model, index, "",
+                                           event.data.get("finish_reason"))))
+                elif event.type == EventType.CANCELLED:
+                    out.append(_sse(_chunk(completion_id, created, model, index, "", "abort")))
+                elif event.type == EventType.ERROR:
+                    out.append(_sse(stream_error(event.data.get("message"),
+                                                 event.data.get("code"))))
+                if event.type.is_terminal:
+                    ended.add(index)
+            if out:
+                yield b"".join(out)
         if include_usage:
             yield _sse({"id": completion_id, "object": "text_completion", "created": created,
                         "model": model, "choices": [], "usage": usage})

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.openai import ChatCompletionRequest, Usage
+from api.schemas.openai import ChatCompletionRequest, ChatLogprobs, Usage, chat_logprobs
 from api.schemas.pages import CursorPage
 from storage.content import reasoning_mode, split_reasoning
 from storage.keys import Lane
@@ -24,10 +24,15 @@ class JobResult(BaseModel):
     finish_reason: str | None
     # The model's thinking (`<think>…</think>`), split out of `text` as in chat answers.
     reasoning_content: str | None = None
+    # With logprobs asked for: each output token's (OpenAI's chat shape).
+    logprobs: ChatLogprobs | None = None
 
 
 class JobError(BaseModel):
     message: str
+    # "invalid_request": the request's fault (the engine refused it); "server_error":
+    # Ferry's (chat and completions answer these 400 and 500).
+    code: str = "server_error"
 
 
 class JobTimings(BaseModel):
@@ -79,7 +84,8 @@ class JobPublic(BaseModel):
             attempts=job.attempts,
             result=_result(job) if done else None,
             usage=usage,
-            error=JobError(message=job.error) if job.error else None,
+            error=JobError(message=job.error, code=job.error_code or "server_error")
+            if job.error else None,
             metadata=job.metadata_,
             conversation_id=job.conversation_id,
             lane="bulk" if job.lane == "bulk" else "interactive",
@@ -99,12 +105,16 @@ class JobList(CursorPage[JobPublic]):
 
 def _result(job: Job) -> JobResult:
     text = job.result_text or ""
+    logprobs = None
+    if job.logprobs is not None:
+        logprobs = ChatLogprobs.model_validate(
+            chat_logprobs([e for delta in job.logprobs for e in delta]))
     mode = reasoning_mode(job.request)
     if mode is not None:
         reasoning, content = split_reasoning(text, mode)
         return JobResult(text=content, finish_reason=job.finish_reason,
-                         reasoning_content=reasoning)
-    return JobResult(text=text, finish_reason=job.finish_reason)
+                         reasoning_content=reasoning, logprobs=logprobs)
+    return JobResult(text=text, finish_reason=job.finish_reason, logprobs=logprobs)
 
 
 def _ts(value: datetime | None) -> float | None:

@@ -9,6 +9,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -87,9 +88,13 @@ Metadata = dict[str, str | StrictBool]
 
 
 class SamplingFields(BaseModel):
-    """The sampling knobs shared by chat completions and jobs."""
+    """The sampling knobs shared by chat completions and jobs.
 
-    model_config = ConfigDict(extra="ignore")
+    Fields not declared here are kept (`model_extra`) and refused by
+    `api.jobs_service.sampling_request`: by name when Ferry knows them (OpenAI's and
+    vLLM's) but cannot honour them, as unrecognized otherwise, as OpenAI does."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(
         None, min_length=1, max_length=255,
@@ -107,7 +112,27 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit "
+        "before sampling (-100 bans the token, +100 all but forces it); up to 300 tokens. "
+        "Ids outside the model's vocabulary fail the job."
+    )
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="vLLM extension: drop tokens less likely than "
+        "min_p x the most likely one's probability"
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, description="vLLM extension: > 1 discourages tokens already "
+        "in the prompt or the output (1 = off)"
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="vLLM extension: no end token or stop string ends the "
+        "output before this many tokens"
+    )
+    n: int = Field(
+        1, ge=1, le=16, description="Choices to generate (each its own job; with `seed`, "
+        "choice i samples with seed + i). Not with `conversation_id`, nor on `/v1/jobs`."
+    )
     ignore_eos: StrictBool = Field(
         False, description="vLLM extension: keep generating past the model's end token, up "
         "to max_tokens (benchmarks, load tests)"
@@ -133,11 +158,30 @@ class SamplingFields(BaseModel):
             raise ValueError("stop: at most 16 sequences")
         return self
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > 300:
+            raise ValueError("at most 300 tokens")
+        for token, value in bias.items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids (strings of digits), got {token!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"biases are in [-100, 100], got {value} for {token}")
+        return bias
+
     @model_validator(mode="after")
     def _metadata_size(self) -> SamplingFields:
         if self.metadata is not None and len(self.metadata) > 16:
             raise ValueError("metadata: at most 16 keys")
         return self
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        """How many alternatives per token the answer's logprobs carry; None: no logprobs."""
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -168,6 +212,20 @@ class ChatCompletionRequest(SamplingFields):
         "next one; with no placeholder they all go before the last user message's text. "
         "Images can also come as `image_url` parts or Qwen-VL `<img>…</img>` tags."
     )
+    logprobs: bool | None = Field(
+        None, description="Return each output token's logprob (`choices[].logprobs.content`)"
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With `logprobs`: the most likely tokens (up to 20) "
+        "at each position, with their logprobs"
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Only for models served with a tool-call parser; otherwise 400"
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="With `tools` (`none` is always accepted)"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="With `tools`")
     conversation_id: str | None = Field(
         None, max_length=40,
         description="Ferry extension: continue a stored conversation (`POST "
@@ -175,6 +233,17 @@ class ChatCompletionRequest(SamplingFields):
         "succeeds, the new turn and the reply are appended to it (not when it fails or "
         "is cancelled).",
     )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs `logprobs: true`")
+        return value
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def enable_thinking(self) -> bool | None:
@@ -219,9 +288,12 @@ class CompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Return the prompt before the completion")
-    suffix: str | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    suffix: str | None = Field(None, description="Not supported (400)")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Each output token's logprob and the `logprobs` most "
+        "likely tokens' at its position (up to 20)"
+    )
+    best_of: int | None = Field(None, description="Not supported (400)")
 
     @field_validator("prompt")
     @classmethod
@@ -236,6 +308,10 @@ class CompletionRequest(SamplingFields):
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class Usage(BaseModel):
@@ -252,11 +328,25 @@ class AssistantMessage(BaseModel):
     reasoning_content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -268,11 +358,20 @@ class ChatCompletion(BaseModel):
     usage: Usage | None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -305,6 +404,33 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stored logprob entries ({"token", "logprob", "top_logprobs"}) in OpenAI's chat
+    shape: each token with its UTF-8 bytes."""
+    return {"content": [
+        {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+         "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                           "bytes": list(t["token"].encode())} for t in e["top_logprobs"]]}
+        for e in entries
+    ]}
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Stored logprob entries in OpenAI's legacy completions shape; `offset`: where the
+    first token starts in the choice's text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                         for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def chunk(
     completion_id: str,
     created: int,
@@ -312,10 +438,12 @@ def chunk(
     delta: dict[str, Any],
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `chat.completion.chunk` (a plain dict: built per token, kept cheap)."""
     choices = [] if delta is None else [
-        {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
     ]
     body: dict[str, Any] = {
         "id": completion_id,

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import (
     Table,
@@ -162,6 +162,10 @@ class JobOutcome:
     # When this attempt's claim started it (the claimed row's started_at): with
     # first_token_at it gives the job's time to first token.
     started_at: datetime | None = None
+    # A failure's kind ("invalid_request" or "server_error"; see Job.error_code).
+    error_code: str | None = None
+    # Per delta, its tokens' logprobs (None unless the request asked for them).
+    logprobs: list[list[dict[str, Any]]] | None = None
 
 
 async def finish_job(
@@ -190,6 +194,8 @@ _FINISH = (
         first_token_at=bindparam("s_first_token_at", type_=_jobs.c.first_token_at.type),
         ttft_ms=bindparam("s_ttft_ms", type_=_jobs.c.ttft_ms.type),
         error=bindparam("s_error", type_=_jobs.c.error.type),
+        error_code=bindparam("s_error_code", type_=_jobs.c.error_code.type),
+        logprobs=bindparam("s_logprobs", type_=_jobs.c.logprobs.type),
         finished_at=bindparam("s_finished_at", type_=_jobs.c.finished_at.type),
         lease_expires_at=None,
     )
@@ -225,6 +231,7 @@ async def finish_jobs(
             "s_completion_tokens": outcome.completion_tokens,
             "s_first_token_at": outcome.first_token_at, "s_ttft_ms": ttft_ms,
             "s_error": outcome.error, "s_finished_at": now,
+            "s_error_code": outcome.error_code, "s_logprobs": outcome.logprobs,
         })
     await session.execute(_FINISH, params)
     # Which landed: ours, and stamped with this group's finish time just now.

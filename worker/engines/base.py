@@ -29,6 +29,17 @@ class SamplingOptions:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # vLLM's extensions: keep tokens with at least min_p x the top token's probability;
+    # divide (positive) logits of tokens already in the prompt or output by
+    # repetition_penalty; no end token before min_tokens.
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    # OpenAI's logit_bias: token id -> bias added to its logit (-100 bans, +100 forces).
+    logit_bias: dict[int, float] | None = None
+    # None: no logprobs (no work at all); k >= 0: each output token's logprob and the k
+    # most likely tokens' (of the model's raw distribution, as vLLM reports them).
+    logprobs: int | None = None
     # vLLM's extension: keep generating past end tokens, up to max_tokens.
     ignore_eos: bool = False
     # {"json": schema} or {"json_object": True} (OpenAI `response_format`): output is
@@ -61,6 +72,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One output token's logprob, with the most likely alternatives (token text, logprob)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """New output since the previous delta of the same request."""
 
@@ -71,6 +91,8 @@ class Delta:
     prompt_tokens: int | None = None
     # Set on the last delta: "stop", "length", "abort".
     finish_reason: str | None = None
+    # With SamplingOptions.logprobs: one entry per token of this delta (new_tokens of them).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,10 @@ transformers' own continuous batching takes token ids only, so image models cann
 So a new request waits at most one decode step, never for the running ones to finish. It
 speaks the part of transformers' continuous-batching manager that `TransformersEngine`
 uses (result handlers, add / cancel, stop), so the engine drives both the same way.
+
+Sampling is Ferry's own here, so it honours every option per request (seed, logit_bias,
+min_tokens, repetition / presence / frequency penalties, min_p, logprobs): text models'
+requests that need one of those, which transformers' batching cannot do, run here too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker.engines.base import SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,9 @@ class BatchOutput:
     generated_tokens: list[int]
     finished: bool = False
     error: str | None = None
+    # With SamplingOptions.logprobs: per generated token, its logprob and the top k
+    # (token id, logprob) pairs of the model's raw distribution.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def is_finished(self) -> bool:
         return self.finished
@@ -57,7 +66,12 @@ class _Sequence:
     top_k: int
     generator: Any  # torch.Generator or None (the global RNG)
     eos_ids: set[int]  # the batcher's end tokens, or none (ignore_eos)
+    # The request's other options (penalties, logit_bias, min_p, min_tokens, logprobs);
+    # None when it has none of them (the plain path, no extra work per token).
+    options: SamplingOptions | None = None
+    prompt_ids: list[int] = field(default_factory=list)  # for repetition_penalty
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     position: int = 0  # next token's position (= tokens in this row's cache)
 
 
@@ -108,11 +122,13 @@ class ImageBatcher:
         seed: int | None = None,
         model_inputs: dict[str, Any] | None = None,
         eos_token_id: list[int] | None = None,
+        options: SamplingOptions | None = None,
     ) -> str | None:
         """Queue a request; None if the batcher is stopping. `model_inputs` is the
         processor's output (input_ids and pixel tensors, batch of one); without it the
         request is text only. `eos_token_id` overrides the model's end tokens, as in
-        transformers' manager (`[]`: generate to max_new_tokens)."""
+        transformers' manager (`[]`: generate to max_new_tokens). `options`: the request's
+        sampling options beyond temperature / top-p / top-k, applied per token."""
         import torch
 
         if self._stopping.is_set() or self.fatal_error is not None:
@@ -126,8 +142,11 @@ class ImageBatcher:
         with self._lock:
             self._active.add(request_id)
         eos_ids = self._eos_ids if eos_token_id is None else set(eos_token_id)
-        self._waiting.put(_Sequence(request_id, inputs, max_new_tokens, temperature, top_p,
-                                    top_k, generator, eos_ids))
+        seq = _Sequence(request_id, inputs, max_new_tokens, temperature, top_p, top_k,
+                        generator, eos_ids, options)
+        if options is not None and options.repetition_penalty not in (None, 1.0):
+            seq.prompt_ids = [int(i) for i in inputs["input_ids"][0]]
+        self._waiting.put(seq)
         return request_id
 
     def cancel_request(self, request_id: str) -> None:
@@ -298,30 +317,22 @@ class ImageBatcher:
         self._next_tokens = [self._next_tokens[i] for i in rows]
 
     def _sample(self, logits: Any, rows: list[_Sequence]) -> list[int]:
-        """Per row: greedy (top_k 1), or temperature / top-k / top-p sampling."""
-        import torch
-
+        """Per row: the request's logits processing (if any), then greedy (top_k 1), or
+        temperature / top-k / top-p / min-p sampling; logprobs when asked for."""
         tokens: list[int] = []
         for row, seq in enumerate(rows):
-            scores = logits[row]
-            if seq.top_k == 1:
-                tokens.append(int(scores.argmax()))
-                continue
-            scores = scores / max(seq.temperature, 1e-5)
-            if 0 < seq.top_k < scores.shape[-1]:
-                kth = torch.topk(scores, seq.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            if seq.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                # Keep the smallest set whose mass reaches top_p (the first token always).
-                drop = sorted_probs.cumsum(0) - sorted_probs >= seq.top_p
-                probs = probs.scatter(0, order[drop], 0.0)
-            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+            raw = logits[row]
+            scores = raw if seq.options is None else _processed(raw, seq)
+            token = int(scores.argmax()) if seq.top_k == 1 else _sampled(scores, seq)
+            if seq.options is not None and seq.options.logprobs is not None:
+                seq.logprobs.append(_logprobs(raw, token, seq.options.logprobs))
+            tokens.append(token)
         return tokens
 
     def _emit(self, seq: _Sequence, finished: bool) -> None:
-        self._emit_to(seq.request_id, BatchOutput(seq.request_id, list(seq.tokens), finished))
+        logprobs = list(seq.logprobs) if seq.logprobs else None
+        self._emit_to(seq.request_id,
+                      BatchOutput(seq.request_id, list(seq.tokens), finished, None, logprobs))
 
     def _emit_to(self, request_id: str, output: BatchOutput) -> None:
         with self._lock:
@@ -333,3 +344,67 @@ class ImageBatcher:
         loop, handler = target
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
             loop.call_soon_threadsafe(handler, output)
+
+
+def _processed(raw: Any, seq: _Sequence) -> Any:
+    """The logits after the request's logit_bias, min_tokens and penalties (vLLM's order
+    and definitions: repetition_penalty over prompt and output, presence / frequency over
+    the output)."""
+    import torch
+
+    opts = seq.options
+    assert opts is not None
+    scores = raw.clone()
+    if opts.logit_bias:
+        ids = torch.tensor(list(opts.logit_bias), device=scores.device)
+        bias = torch.tensor(list(opts.logit_bias.values()), device=scores.device,
+                            dtype=scores.dtype)
+        scores.index_add_(0, ids, bias)
+    if len(seq.tokens) < opts.min_tokens and seq.eos_ids:
+        scores[torch.tensor(sorted(seq.eos_ids), device=scores.device)] = float("-inf")
+    if opts.repetition_penalty not in (None, 1.0):
+        penalty = float(opts.repetition_penalty)
+        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.tokens)),
+                            device=scores.device, dtype=torch.long)
+        if seen.numel():
+            picked = scores[seen]
+            scores[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    if seq.tokens and (opts.presence_penalty or opts.frequency_penalty):
+        counts = torch.bincount(torch.tensor(seq.tokens, device=scores.device),
+                                minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+        scores -= (opts.frequency_penalty or 0.0) * counts
+        scores -= (opts.presence_penalty or 0.0) * (counts > 0).to(scores.dtype)
+    return scores
+
+
+def _sampled(scores: Any, seq: _Sequence) -> int:
+    """Temperature, then top-k, top-p and min-p cuts, then a draw (the request's seed)."""
+    import torch
+
+    scores = scores / max(seq.temperature, 1e-5)
+    if 0 < seq.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, seq.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if seq.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set whose mass reaches top_p (the first token always).
+        drop = sorted_probs.cumsum(0) - sorted_probs >= seq.top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    min_p = seq.options.min_p if seq.options is not None else None
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+def _logprobs(raw: Any, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's logprob and the k most likely tokens', of the raw distribution
+    (what vLLM reports by default)."""
+    import torch
+
+    logprobs = torch.log_softmax(raw.float(), dim=-1)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        values, ids = torch.topk(logprobs, k)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return float(logprobs[token]), top

@@ -16,8 +16,11 @@ What transformers' continuous batching can and cannot do per request (5.x):
 - stop strings: not in transformers; done here on the decoded text (text after the
   stop string is never emitted, the request is cancelled in the batch).
 - ignore_eos: yes, as a per-request empty `eos_token_id` list.
-- seed, presence_penalty, frequency_penalty: not supported per request; ignored. The
-  sampler is seeded once per engine start.
+- seed, logit_bias, min_tokens, min_p, repetition / presence / frequency penalties and
+  logprobs: not per request in transformers' batching. A request that asks for any of
+  them runs on Ferry's own batching loop (`image_batching.ImageBatcher`, on the same
+  model, beside transformers' manager), whose sampler applies them per request; the
+  others stay on transformers' batching.
 - images: transformers does not continuously batch image models, so image+text models
   (Idefics3, LLaVA, ...) run on Ferry's own batching loop instead (`image_batching`), which
   honours the same options and per-request seeds. Every request to such a model (with
@@ -41,6 +44,7 @@ from worker.engines.base import (
     GenerationRequest,
     ModelInfo,
     SamplingOptions,
+    TokenLogprob,
 )
 from worker.engines.common import (
     ImageSupport,
@@ -72,13 +76,18 @@ class _RequestStream:
     """Per-request state on the loop: the queue the result handler feeds, and the
     incremental detokenizer + stop-string scanner that turns tokens into deltas."""
 
-    def __init__(self, backend_tokenizer: Any, stop: tuple[str, ...], prompt_tokens: int) -> None:
+    def __init__(
+        self, backend_tokenizer: Any, stop: tuple[str, ...], prompt_tokens: int,
+        manager: Any, logprobs: bool = False, min_tokens: int = 0,
+    ) -> None:
         from tokenizers.decoders import DecodeStream
 
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.manager = manager  # the batcher running it (transformers' or Ferry's own)
         self._tok = backend_tokenizer
         self._decoder = DecodeStream(skip_special_tokens=True)
         self._stop = stop
+        self._min_tokens = min_tokens  # stop strings count from then on (as in vLLM)
         # Text that might be the start of a stop string is held back until it is not.
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._text = ""
@@ -86,24 +95,39 @@ class _RequestStream:
         self._seen = 0  # generated tokens already consumed
         self._pending_tokens = 0
         self._prompt_tokens: int | None = prompt_tokens
+        # With logprobs: those of the tokens not yet handed out (None: not asked for).
+        self._logprobs: list[TokenLogprob] | None = [] if logprobs else None
         self.finished = False
 
     def _delta(self, text: str, finish: str | None) -> Delta:
-        delta = Delta(text, self._pending_tokens, self._prompt_tokens, finish)
+        logprobs = None
+        if self._logprobs is not None:
+            logprobs, self._logprobs = tuple(self._logprobs), []
+        delta = Delta(text, self._pending_tokens, self._prompt_tokens, finish, logprobs)
         self._prompt_tokens, self._pending_tokens = None, 0
         return delta
 
-    def consume(self, token_ids: list[int], done: bool, eos_ids: set[int]) -> Delta | None:
-        """Fold the new tail of a cumulative token list into a delta (None: nothing to
-        say yet). Sets `finished` when the request is over (length, eos or stop)."""
+    def consume(
+        self, token_ids: list[int], done: bool, eos_ids: set[int],
+        logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None,
+    ) -> Delta | None:
+        """Fold the new tail of a cumulative token list (and of its logprobs, if asked for)
+        into a delta (None: nothing to say yet). Sets `finished` when the request is over
+        (length, eos or stop)."""
         new = token_ids[self._seen :]
+        if self._logprobs is not None and logprobs is not None:
+            for token_id, (logprob, top) in zip(new, logprobs[self._seen :], strict=False):
+                self._logprobs.append(TokenLogprob(
+                    self._token_text(token_id), logprob,
+                    tuple((self._token_text(i), lp) for i, lp in top)))
+        first = self._seen
         self._seen = len(token_ids)
-        for token_id in new:
+        for n, token_id in enumerate(new, start=first + 1):
             self._pending_tokens += 1
             chunk = self._decoder.step(self._tok, token_id)
             if chunk:
                 self._text += chunk
-            if self._stop:
+            if self._stop and n >= self._min_tokens:
                 hit = self._find_stop()
                 if hit is not None:
                     self.finished = True
@@ -117,6 +141,13 @@ class _RequestStream:
             return None
         text, self._emitted = self._text[self._emitted : end], end
         return self._delta(text, None)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self._logprobs is not None
+
+    def _token_text(self, token_id: int) -> str:
+        return str(self._tok.decode([token_id], skip_special_tokens=False))
 
     def _find_stop(self) -> int | None:
         start = max(0, self._emitted - self._hold)
@@ -150,6 +181,9 @@ class TransformersEngine:
         self._model_path = str(model_path)
         self._settings = settings
         self._manager: Any = None
+        # Ferry's own batcher for text models' requests transformers' cannot sample (see
+        # the module docstring); for image models, the manager itself.
+        self._own: Any = None
         self._tokenizer: Any = None
         self._vocab_size = 0
         self._eos_ids: set[int] = set()
@@ -174,18 +208,21 @@ class TransformersEngine:
         await asyncio.to_thread(check_parsers, self._settings)
         # Importing torch/transformers and loading weights block for seconds: off the loop.
         try:
-            manager = await asyncio.to_thread(self._load)
+            manager, own = await asyncio.to_thread(self._load)
         except Exception as exc:
             hint = remote_code_hint(exc, self._settings)
             if hint is not None:
                 raise hint from exc
             raise
         manager.start()
-        self._manager = manager
+        if own is not manager:
+            own.start()
+        self._manager, self._own = manager, own
         await warm_up(self)
 
-    def _load(self) -> Any:
-        """Load tokenizer and model and build the (not yet started) batching manager."""
+    def _load(self) -> tuple[Any, Any]:
+        """Load tokenizer and model and build the (not yet started) batching manager, and
+        the batcher for requests it cannot sample (the same one for image models)."""
         import torch
 
         # Used as an untyped module: transformers' annotations are partial and its
@@ -225,10 +262,13 @@ class TransformersEngine:
             name=self._settings.model_name, max_model_len=max_len, engine="transformers",
             supports_images=self._images is not None,
         )
-        if self._images is not None:
-            from worker.engines.image_batching import ImageBatcher
+        from worker.engines.image_batching import ImageBatcher
 
-            return ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1))
+        own = ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1))
+        # Without SDPA, transformers' batching switches the model itself to paged attention,
+        # which Ferry's loop cannot run beside it: such a model runs on Ferry's loop alone.
+        if self._images is not None or model.config._attn_implementation == "eager":
+            return own, own
         gen_config = tf.GenerationConfig(
             do_sample=True,
             # Neutral values that still make transformers build the per-request
@@ -256,7 +296,7 @@ class TransformersEngine:
         return model.init_continuous_batching(
             generation_config=gen_config,
             continuous_batching_config=tf.ContinuousBatchingConfig(**cb_kwargs),
-        )
+        ), own
 
     def _image_processor(self, tf: Any) -> Any:
         """The processor of an image+text architecture whose processor names an image
@@ -284,16 +324,17 @@ class TransformersEngine:
         return max(1, math.ceil(int(min(budget_tokens, wanted_tokens)) / page_size))
 
     async def stop(self) -> None:
-        manager = self._manager
+        manager, own = self._manager, self._own
         if manager is None:
             return
         # Requests still running end with "abort", not with an error or never.
         for request_id in list(self._streams):
             await self.abort(request_id)
-        self._manager = None
+        self._manager = self._own = None
         # A hard stop drops whatever is still queued instead of finishing it first.
-        await asyncio.to_thread(manager.stop, block=True, timeout=30, hard_stop=True)
-        manager.destroy()
+        for batcher in dict.fromkeys((manager, own)):
+            await asyncio.to_thread(batcher.stop, block=True, timeout=30, hard_stop=True)
+            batcher.destroy()
 
     def _sampling_kwargs(self, s: SamplingOptions) -> dict[str, Any]:
         temperature = 1.0 if s.temperature is None else float(s.temperature)
@@ -307,10 +348,29 @@ class TransformersEngine:
             temperature, top_k = 1.0, 1
         return {"temperature": temperature, "top_p": top_p, "top_k": min(top_k, self._vocab_size)}
 
+    def _own_sampling(self, s: SamplingOptions) -> bool:
+        """Whether the request needs Ferry's own sampler (options transformers' batching
+        does not take per request)."""
+        return bool(
+            s.seed is not None or s.logit_bias or s.min_tokens or s.min_p
+            or s.presence_penalty or s.frequency_penalty or s.logprobs is not None
+            or s.repetition_penalty not in (None, 1.0)
+        )
+
+    def _check_options(self, s: SamplingOptions) -> None:
+        if s.logit_bias and any(not 0 <= t < self._vocab_size for t in s.logit_bias):
+            raise EngineRequestError(
+                f"logit_bias: token ids must be in [0, {self._vocab_size})")
+        if s.repetition_penalty is not None and s.repetition_penalty <= 0:
+            raise EngineRequestError("repetition_penalty must be > 0")
+        if s.min_p is not None and not 0 <= s.min_p <= 1:
+            raise EngineRequestError("min_p must be in [0, 1]")
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        manager = self._manager
-        if manager is None:
+        if self._manager is None:
             raise RuntimeError("TransformersEngine.generate() before start()")
+        own_sampling = self._own_sampling(request.sampling)
+        manager = self._own if own_sampling else self._manager
         fatal = self._fatal_error(manager)
         if fatal is not None:
             raise RuntimeError(f"the generation thread died: {fatal}")
@@ -325,19 +385,26 @@ class TransformersEngine:
         if isinstance(limit, int) and len(request.images) > limit:
             raise EngineRequestError(f"{len(request.images)} images in one prompt; this worker "
                                      f"takes at most {limit} (--limit-mm-per-prompt)")
+        self._check_options(request.sampling)
         ids = prompt_token_ids(self._tokenizer, request, self._images)
         extra: dict[str, Any] = {}
-        if self._images is not None:  # the image batcher: processor inputs, seeds
+        if self._images is not None:  # the image batcher: processor inputs
             inputs = await self._model_inputs(request)
             ids = [int(i) for i in inputs["input_ids"][0]]
-            extra = {"model_inputs": inputs, "seed": request.sampling.seed}
+            extra = {"model_inputs": inputs}
+        if manager is self._own:  # Ferry's batcher: seeds, and the other options if any
+            extra["seed"] = request.sampling.seed
+            if own_sampling:
+                extra["options"] = request.sampling
         max_tokens = check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
         sampling = self._sampling_kwargs(request.sampling)
         # ignore_eos: no end token for this request (both managers take a per-request list).
         eos_ids = set() if request.sampling.ignore_eos else self._eos_ids
         if request.sampling.ignore_eos:
             extra["eos_token_id"] = []
-        stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids))
+        stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids),
+                                manager, logprobs=request.sampling.logprobs is not None,
+                                min_tokens=request.sampling.min_tokens)
         self._streams[request_id] = stream
         # Register before adding: a fast request could otherwise finish unseen.
         manager.register_result_handler(request_id, stream.queue.put_nowait)
@@ -364,7 +431,8 @@ class TransformersEngine:
                     running = False
                     raise RuntimeError(f"generation failed: {item.error}")
                 running = not item.is_finished()
-                delta = stream.consume(list(item.generated_tokens), not running, eos_ids)
+                delta = stream.consume(list(item.generated_tokens), not running, eos_ids,
+                                       item.logprobs if stream.wants_logprobs else None)
                 if delta is not None and (delta.text or delta.finish_reason):
                     yield delta
         finally:
@@ -408,5 +476,5 @@ class TransformersEngine:
         stream = self._streams.get(request_id)
         if stream is None or stream.finished or self._manager is None:
             return
-        self._manager.cancel_request(request_id)
+        stream.manager.cancel_request(request_id)
         stream.queue.put_nowait(_ABORT)

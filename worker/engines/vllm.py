@@ -25,6 +25,7 @@ from worker.engines.base import (
     GenerationRequest,
     ModelInfo,
     SamplingOptions,
+    TokenLogprob,
 )
 from worker.engines.common import (
     ImageSupport,
@@ -247,6 +248,11 @@ class VllmEngine:
                 seed=s.seed,
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
+                repetition_penalty=s.repetition_penalty,
+                min_p=s.min_p or 0.0,
+                min_tokens=s.min_tokens,
+                logit_bias=s.logit_bias,
+                logprobs=s.logprobs,
                 ignore_eos=s.ignore_eos,
                 structured_outputs=self._structured(s.structured_output),
                 output_kind=self._delta_kind if stream else self._final_kind,
@@ -271,8 +277,11 @@ class VllmEngine:
             if lora is None:
                 raise EngineRequestError(f"no LoRA adapter {request.lora!r} on this worker")
         # Tokens of outputs without text (a partial UTF-8 character, a special token) are
-        # carried into the next delta, so new_tokens still add up to the completion length.
+        # carried into the next delta, so new_tokens still add up to the completion length
+        # (and their logprobs, when asked for, go with them).
         carried = 0
+        want_logprobs = request.sampling.logprobs is not None
+        logprobs: list[TokenLogprob] = []
         stream = self._llm.generate(
             engine_input, params, request.request_id, priority=request.priority,
             lora_request=lora,
@@ -282,6 +291,9 @@ class VllmEngine:
             async for out in stream:
                 completion = out.outputs[0]
                 carried += len(completion.token_ids)
+                if want_logprobs:
+                    logprobs += _token_logprobs(completion.token_ids, completion.logprobs,
+                                                request.sampling.logprobs or 0)
                 finish = completion.finish_reason
                 if not completion.text and finish is None:
                     continue
@@ -290,8 +302,11 @@ class VllmEngine:
                     new_tokens=carried,
                     prompt_tokens=prompt_tokens,
                     finish_reason=None if finish is None else str(finish),
+                    logprobs=tuple(logprobs) if want_logprobs else None,
                 )
                 prompt_tokens, carried = None, 0
+                if want_logprobs:
+                    logprobs = []
                 if finish is not None:
                     return
         except self._request_errors as exc:  # validation inside vLLM
@@ -318,6 +333,20 @@ class VllmEngine:
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+
+def _token_logprobs(token_ids: Any, per_token: Any, k: int) -> list[TokenLogprob]:
+    """vLLM's logprobs of new tokens (one {token id: Logprob} per token: the k most likely
+    and the sampled one, whatever its rank) as TokenLogprobs, the top k by rank."""
+    out: list[TokenLogprob] = []
+    for token_id, options in zip(token_ids, per_token or (), strict=False):
+        chosen = options[token_id]
+        ranked = sorted((lp for lp in options.values() if lp.rank is not None),
+                        key=lambda lp: lp.rank)
+        top = tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked
+                    if 1 <= lp.rank <= k)
+        out.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob), top))
+    return out
 
 
 @contextlib.contextmanager
