@@ -159,8 +159,8 @@ def _announce_when_ready(args: argparse.Namespace, key: str, names: list[str]) -
                                timeout=5).json()
             ready = {m["id"] for m in models.get("data", []) if m["workers"]}
             if ready.issuperset(names):
-                roles = ["default, text", "images"]
-                served = ", ".join(f"`{n}` ({r})" for n, r in zip(names, roles, strict=False))
+                roles = ["default, text", "images"] if len(names) > 1 else ["default"]
+                served = ", ".join(f"`{n}` ({r})" for n, r in zip(names, roles, strict=True))
                 access = "authentication off" if args.no_auth else f"API key: {key}"
                 log.warning("Ferry is ready at %s serving %s. %s", url, served, access)
                 return
