@@ -16,8 +16,10 @@ one warm-up burst each (as wide as the measured ones, other prompts, 4 tokens). 
 is `--concurrency` streamed chat completions at once, greedy, `ignore_eos`, exactly
 `--tokens` new tokens each, read with aiohttp. Per burst: completion tokens / seconds
 (first request sent -> last stream ended), time to first token p50/p99, the gap between
-content chunks p50/p99 (one token per chunk on both servers, which the tokens-per-chunk
-figure shows), and the mean inter-token time per stream (TPOT) p50/p99. Then Ferry's
+content chunks p50/p99 as the client saw them, the mean inter-token time per stream
+(TPOT: first to last chunk over the tokens between) p50/p99, and tokens per chunk (a
+chunk may carry several tokens when a server's writes fall behind: then the gap between
+chunks is not a gap between tokens, and TPOT is the figure to compare). Then Ferry's
 tokens/s and TTFT p50 against vllm's, round by round.
 
 Loopback only: the model must be a local directory or a model Ferry builds itself
