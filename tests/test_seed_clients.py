@@ -207,9 +207,14 @@ def test_fastdeploy_python_client(
 @pytest.fixture(scope="module")
 def swift(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
     """A deployment like `swift deploy`'s: one model (the image model), authentication
-    off, image URLs on 127.0.0.1 allowed; on Redis database 5."""
+    off, image URLs on 127.0.0.1 allowed; on Redis database 5.
+
+    The clients send no max_tokens, and the tiny model's random text rarely ends by
+    itself: it would fill the context, and the follow-up turn that carries it would no
+    longer fit. The operator's cap for such requests (FERRY_DEFAULT_MAX_TOKENS) keeps
+    each answer short, as a real model's would be."""
     with open_stack(migrated_pg, 5, model_cache, s3_url) as s:
-        s.add_api("api-swift", logs, FERRY_AUTH="off",
+        s.add_api("api-swift", logs, FERRY_AUTH="off", FERRY_DEFAULT_MAX_TOKENS="64",
                   FERRY_IMAGE_FETCH_ALLOW_NETWORKS="127.0.0.1/32")
         s.add_worker("worker-swift-vision", VISION, "vllm", logs, model=VISION)
         yield s
