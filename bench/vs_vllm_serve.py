@@ -307,10 +307,12 @@ def main() -> None:
             vllm, ferry = servers
             wait_ready(vllm)
             wait_ready(ferry, b"Ferry is ready at")
-            print(f"vs_vllm_serve: both up (dtype: vllm serve "
-                  f"{logged_dtype(vllm.log, model_dir)}, Ferry "
-                  f"{logged_dtype(ferry.log, model_dir)}); warming each with one burst",
-                  flush=True)
+            dtypes = logged_dtype(vllm.log, model_dir), logged_dtype(ferry.log, model_dir)
+            print(f"vs_vllm_serve: both up (dtype: vllm serve {dtypes[0]}, Ferry "
+                  f"{dtypes[1]}); warming each with one burst", flush=True)
+            if dtypes[0] != dtypes[1]:
+                print(f"vs_vllm_serve: NOTE: different dtypes; --vllm-dtype {dtypes[1]} "
+                      "compares like with like", flush=True)
             for server in servers:
                 asyncio.run(burst(server, warm_prompts(args.concurrency), WARM_TOKENS,
                                   burst_timeout))
