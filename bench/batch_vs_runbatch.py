@@ -1,6 +1,8 @@
 """2,000 short chat lines through `ferry batch run` (against a running Ferry: one API
-process, one vLLM worker) vs vLLM's own batch runner (`vllm run-batch`) on the same tiny
-model and engine settings, in one run. Target (issue 4): throughput ratio >= 1.0.
+process, one vLLM worker) vs vLLM's own batch runner (`vllm run-batch`) on the same model
+and engine settings (context, dtype, max_num_seqs, eager mode), in one run. The tiny chat
+model by default; `--model SmolLM2-135M-Instruct` (built from its wheel) or a model
+directory for a real one. Target (issue 4): throughput ratio >= 1.0.
 
 Both sides decode greedily with the same max_tokens, so they generate the same tokens;
 throughput is completion tokens / seconds. Ferry's time is the whole `ferry batch run`
@@ -16,6 +18,7 @@ print where the CPU went (bench/cpu.py).
 
     .venv/bin/python bench/batch_vs_runbatch.py [--lines 2000] [--max-tokens 32]
                                                 [--runbatch-layout ferry|vllm]
+                                                [--model ferry-tiny-chat|SmolLM2-135M-Instruct|DIR]
 """
 
 from __future__ import annotations
@@ -36,21 +39,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu import CpuSplit
 from bench.stack import KEY, bench_logs, bench_stack
 from worker.engines import resolve_model_path
-from worker.engines.common import cpu_threads
+from worker.engines.common import cpu_threads, engine_dtype
 from worker.settings import WorkerSettings
 
 MODEL = "ferry-tiny-chat"
 CONCURRENCY = 64  # Ferry's task threads = its engine's max_num_seqs; vLLM gets the same
 KV_CACHE_GIB = "2"
+MAX_MODEL_LEN = "2048"  # both sides' context (a real model's config may say more)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_lines(path: Path, lines: int, max_tokens: int) -> None:
+def write_lines(path: Path, lines: int, max_tokens: int, model: str) -> None:
     with path.open("w") as out:
         for i in range(lines):
             out.write(json.dumps({
                 "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+                "body": {"model": model, "max_tokens": max_tokens, "temperature": 0,
                          "messages": [{"role": "user",
                                        "content": f"Write one line about topic {i}."}]},
             }) + "\n")
@@ -71,12 +75,12 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def through_ferry(source: Path, out: Path, objects: Path, cpu: CpuSplit) -> float:
+def through_ferry(source: Path, out: Path, objects: Path, cpu: CpuSplit, model: str) -> float:
     with bench_stack(bench_logs(), FERRY_OBJECT_STORE="local", FERRY_OBJECT_DIR=str(objects),
-                     FERRY_CONCURRENCY=str(CONCURRENCY),
+                     FERRY_CONCURRENCY=str(CONCURRENCY), FERRY_MAX_MODEL_LEN=MAX_MODEL_LEN,
                      VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB) as stack:
         url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
-        stack.add_worker(MODEL, "vllm")
+        stack.add_worker(model, "vllm")
         started = time.perf_counter()
         cli_before = children_cpu()
         with cpu:
@@ -92,12 +96,18 @@ def through_ferry(source: Path, out: Path, objects: Path, cpu: CpuSplit) -> floa
 
 
 def through_vllm(source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit,
-                 layout: str) -> float:
-    settings = WorkerSettings(model=MODEL)
+                 layout: str, model: str) -> float:
+    settings = WorkerSettings(model=model)
     model_path = resolve_model_path(settings)
+    import torch
+
+    # The dtype Ferry's worker loads the model in (float32 for vLLM on CPU, where vLLM's
+    # own "auto" picks bfloat16, which answers garbage with real models).
+    dtype = engine_dtype(settings, "vllm", on_cpu=not torch.cuda.is_available())
     command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
                "-i", str(source), "-o", str(out), "--model", model_path,
-               "--served-model-name", MODEL, "--max-model-len", "2048",
+               "--served-model-name", model, "--max-model-len", MAX_MODEL_LEN,
+               "--dtype", dtype,
                "--max-num-seqs", str(CONCURRENCY), "--enforce-eager",
                "--scheduling-policy", "priority", "--disable-log-stats"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
@@ -153,19 +163,22 @@ def main() -> None:
         help="vLLM's processes for run-batch: as Ferry's worker runs them on CPU (the "
              "model in the engine core, default), or vLLM's own CPU default (a model "
              "process beside an engine core that busy-waits on it)")
+    parser.add_argument("--model", default=MODEL,
+                        help="ferry-tiny-chat, SmolLM2-135M-Instruct or a model directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-batch-"))
     source = work / "input.jsonl"
-    write_lines(source, args.lines, args.max_tokens)
+    write_lines(source, args.lines, args.max_tokens, args.model)
     ferry_out, vllm_out = work / "ferry.jsonl", work / "vllm.jsonl"
     ferry_cpu, vllm_cpu = CpuSplit(), CpuSplit()
-    ferry_seconds = through_ferry(source, ferry_out, work / "objects", ferry_cpu)
+    ferry_seconds = through_ferry(source, ferry_out, work / "objects", ferry_cpu, args.model)
     vllm_seconds = through_vllm(source, vllm_out, args.lines, work / "vllm-run-batch.log",
-                                vllm_cpu, args.runbatch_layout)
+                                vllm_cpu, args.runbatch_layout, args.model)
     ferry_lines, ferry_tokens = completion_tokens(ferry_out)
     vllm_lines, vllm_tokens = completion_tokens(vllm_out)
     ferry_rate, vllm_rate = ferry_tokens / ferry_seconds, vllm_tokens / vllm_seconds
-    print(f"batch_vs_runbatch: {args.lines:,} chat lines x {args.max_tokens} max tokens, "
+    print(f"batch_vs_runbatch: {args.model}: {args.lines:,} chat lines x {args.max_tokens} "
+          f"max tokens, "
           f"greedy, max_num_seqs {CONCURRENCY}, vLLM CPU engine, run-batch with the "
           f"{args.runbatch_layout} process layout (files in {work})")
     print(f"batch_vs_runbatch: ferry batch run: {ferry_lines} lines, {ferry_tokens:,} tokens "

@@ -23,6 +23,9 @@ from types import TracebackType
 _TICKS = os.sysconf("SC_CLK_TCK")
 # (label, substring of the command line); the first match names the process.
 ROLES = [
+    # `vllm serve` (bench/vs_vllm_serve.py): its front end, before its engine core.
+    ("vllm serve API server", "VLLM::APIServer"),
+    ("vllm serve API server", "vllm.entrypoints.openai.api_server"),
     ("vLLM engine core", "EngineCore"),
     ("vLLM engine core", "VLLM::"),
     ("Ferry worker (Celery + runner loop)", "ferry worker"),
@@ -30,6 +33,9 @@ ROLES = [
     ("Ferry worker (Celery + runner loop)", "celery"),
     ("Ferry API", "ferry api"),
     ("Ferry API", "cli.main api"),
+    ("Ferry serve (API)", "cli.main serve"),
+    # Workers `ferry serve` starts: `cli.main --log-level LEVEL worker`.
+    ("Ferry worker (Celery + runner loop)", " worker"),
     ("PostgreSQL", "postgres"),
     ("Redis", "redis-server"),
     ("benchmark client (this process)", "bench/"),

