@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from cli.main import _worker_env, build_parser
 from storage.registry import ServedModel, WorkerBeat
@@ -104,13 +105,15 @@ async def test_transformers_engine_refuses_what_it_cannot_honour(tiny_dir: Path)
         ({"quantization": "awq"}, "--quantization awq"),
         ({"engine_args": {"max_num_batched_tokens": 64}}, "max_num_batched_tokens"),
         ({"lora_modules": "fr=/x"}, "--lora-modules"),
-        ({"dtype": "int3"}, "--dtype int3"),
         ({"reasoning_parser": "no_such_parser"}, "--reasoning-parser no_such_parser"),
     ]
     for values, reason in cases:
         settings = WorkerSettings(model=str(tiny_dir), **values)  # type: ignore[arg-type]
         with pytest.raises(StartupError, match=reason):
             await TransformersEngine(tiny_dir, settings).start()
+    # A dtype neither engine knows is refused by the settings themselves, naming it.
+    with pytest.raises(ValidationError, match="dtype"):
+        WorkerSettings(model=str(tiny_dir), dtype="int3")  # type: ignore[arg-type]
 
 
 async def _answer(engine: object, prompt: str) -> str:

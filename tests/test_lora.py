@@ -159,7 +159,9 @@ def _check_the_adapter_through_the_api(s: Stack, base_name: str, adapter: Path) 
     def ask(model: str) -> str:
         reply = client.chat.completions.create(model=model, messages=QUESTION,  # type: ignore[arg-type]
                                                max_tokens=12, temperature=0)
-        return reply.choices[0].message.content or ""
+        # The worker announces deepseek_r1: a reply with no `</think>` is all reasoning.
+        message = reply.choices[0].message
+        return message.content or getattr(message, "reasoning_content", None) or ""
 
     base, tuned = ask(base_name), ask("tiny-fr")
     assert base != tuned
@@ -181,6 +183,7 @@ def _check_the_adapter_through_the_api(s: Stack, base_name: str, adapter: Path) 
     out = [json.loads(line) for line in _wait_batch(client, batch.id).splitlines()]
     assert len(out) == 6
     for line in out:
-        text = line["response"]["body"]["choices"][0]["message"]["content"]
+        message = line["response"]["body"]["choices"][0]["message"]
+        text = message["content"] or message.get("reasoning_content") or ""
         expected = tuned if line["custom_id"].startswith("tiny-fr") else base
         assert text == expected, line

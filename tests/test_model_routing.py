@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from api.routes.chat import _chunks_for
+from api.routes.chat import _Choice, _chunks_for
 from storage.content import ReasoningMode, ReasoningSplitter, split_reasoning
 from storage.events import EventType, JobEvent
 from storage.keys import MODELS_HASH
@@ -399,17 +399,12 @@ def test_tagged_mode_still_leaves_an_unopened_reply_alone() -> None:
 
 
 def test_streamed_chunks_split_at_a_closing_tag_only() -> None:
-    class FakeJob:  # only what _chunks_for reads
-        id, model = "job-1", THINK
-
-    splitter = ReasoningSplitter("parser")
+    choice = _Choice("job-1", 0, THINK, 0, ReasoningSplitter("parser"))
     deltas = ["step", " one\n</th", "ink>\n\nFinal", " answer."]
     chunks: list[dict[str, Any]] = []
     for i, text in enumerate(deltas):
-        chunks += _chunks_for(FakeJob(), 0, JobEvent(f"1-{i}", EventType.DELTA,  # type: ignore[arg-type]
-                                                     {"text": text}), splitter)
-    chunks += _chunks_for(FakeJob(), 0, JobEvent("1-9", EventType.DONE,  # type: ignore[arg-type]
-                                                 {"finish_reason": "stop"}), splitter)
+        chunks += _chunks_for(choice, JobEvent(f"1-{i}", EventType.DELTA, {"text": text}))
+    chunks += _chunks_for(choice, JobEvent("1-9", EventType.DONE, {"finish_reason": "stop"}))
     reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert (reasoning, content) == ("step one", "Final answer.")

@@ -327,6 +327,9 @@ class VllmEngine:
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
         except self._request_errors as exc:  # e.g. an image the processor cannot take
+            if getattr(exc, "parameter", None) in ("input_tokens", "input_text"):
+                # The expanded prompt is over the context: not the images' fault.
+                raise EngineRequestError(str(exc)) from exc
             raise EngineRequestError(f"cannot process the images: {exc}") from exc
         return engine_input
 
