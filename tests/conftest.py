@@ -187,6 +187,9 @@ def stack_env(
         "FERRY_RECONCILE_GRACE_SECONDS": "2",
         "FERRY_SSE_KEEPALIVE_SECONDS": "2",
         "FERRY_CONCURRENCY": "16",
+        # A test session runs several engines at once on a small machine: one thread each,
+        # so their OpenMP threads do not spin against each other.
+        "FERRY_TORCH_THREADS": "1",
         # An operator's cap below the tiny models' own 4,096 positions: the suite's
         # context-length cases are sized for 2,048 tokens.
         "FERRY_MAX_MODEL_LEN": "2048",

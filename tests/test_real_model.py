@@ -192,7 +192,8 @@ def test_torch_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads(WorkerSettings()) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert cpu_threads(WorkerSettings()) == max(1, (os.cpu_count() or 1) - 1)
+    assert cpu_threads(WorkerSettings(engine="vllm")) == (os.cpu_count() or 1)
+    assert cpu_threads(WorkerSettings(engine="transformers")) == max(1, (os.cpu_count() or 1) - 1)
 
 
 async def test_vllm_engine_core_computes_with_the_thread_count(engine: Engine) -> None:
