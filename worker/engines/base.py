@@ -62,6 +62,8 @@ class GenerationRequest:
     priority: int = 0
     # Extra variables for the chat template (e.g. {"enable_thinking": True}).
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI function tools, for the chat template's `tools` (as vLLM passes them).
+    tools: list[dict[str, Any]] | None = None
     # Decoded RGB images, in the order their placeholders appear in messages / prompt.
     images: tuple[Image, ...] = ()
     # False: nobody watches the text as it comes (batch lines), so the engine may hand it
@@ -112,6 +114,11 @@ class Engine(Protocol):
 
     @property
     def info(self) -> ModelInfo: ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, once started (tool-call parsers read it)."""
+        ...
 
     async def start(self) -> None:
         """Load the model; must be awaited inside the loop that will call generate."""

@@ -201,6 +201,10 @@ class TransformersEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     async def start(self) -> None:
         if self._manager is not None:
             return

@@ -78,6 +78,10 @@ class VllmEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     def engine_args(self) -> dict[str, Any]:
         """AsyncEngineArgs keywords derived from the settings (public for tests/bench)."""
         s = self._settings
