@@ -73,6 +73,12 @@ def test_a_reply_without_a_call_is_left_as_content(hermes: ToolCallParser) -> No
     assert hermes.parse("It is sunny in Paris.", STORED) is None
 
 
+def test_hermes_asks_to_keep_special_tokens(hermes: ToolCallParser) -> None:
+    """vLLM's hermes parser keeps special tokens in the text of a reply to a request with
+    tools (its tags are special tokens in some models); the worker asks the parser."""
+    assert hermes.skips_special_tokens(STORED) is False
+
+
 def test_parallel_calls_and_parallel_tool_calls_false(hermes: ToolCallParser) -> None:
     two = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
            '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
@@ -214,14 +220,17 @@ def test_a_forced_tool_call_streamed(stack: Stack, tools_model: str, tool_dir: P
     assert reasons[-1] == "tool_calls"
 
 
-def test_tool_choice_none_leaves_the_reply_as_content(
+def test_tool_choice_none_leaves_the_reply_unparsed(
     stack: Stack, tools_model: str, tool_dir: Path
 ) -> None:
+    """`none`: no parsing, so no special tokens kept either (as in vLLM): the forced token,
+    a special one, leaves no text, and nothing is called."""
     out = sdk(stack).chat.completions.create(model=tools_model,
                                              **_forced(tool_dir, tool_choice="none"))
-    assert out.choices[0].message.content == TOOL_CALL_TEXT
+    assert out.choices[0].message.content == ""
     assert not out.choices[0].message.tool_calls
     assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None and out.usage.completion_tokens == 1
 
 
 def _prompt_tokens(stack: Stack, body: dict[str, Any]) -> int:

@@ -4,9 +4,12 @@ A random-weight model cannot be asked to call a tool, so this copy is built to m
 observable and forceable:
 - its chat template renders `tools`, an assistant turn's `tool_calls` and `tool` answers
   the way Hermes/Qwen2.5 templates do (the shape vLLM's `hermes` parser reads);
-- its vocabulary has one more (ordinary, not special) token whose text is a whole Hermes
-  tool call, `TOOL_CALL_TEXT`: `logit_bias` {its id: 100} with `max_tokens` 1 makes the
-  model emit exactly that text, which the worker's parser must turn into `tool_calls`.
+- its vocabulary has one more token whose text is a whole Hermes tool call,
+  `TOOL_CALL_TEXT`: `logit_bias` {its id: 100} with `max_tokens` 1 makes the model emit
+  exactly that text, which the worker's parser must turn into `tool_calls`. The token is
+  a special one, as `<tool_call>` is in some Hermes models: its text is only there for
+  the parser when the worker keeps special tokens, as vLLM's hermes parser asks
+  (`adjust_request`).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def build_tool_model(tiny_chat_dir: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_chat_dir)
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
-    tokenizer.add_tokens([TOOL_CALL_TEXT])
+    tokenizer.add_tokens([TOOL_CALL_TEXT], special_tokens=True)
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     tokenizer.chat_template = HERMES_TEMPLATE
     model.save_pretrained(tmp)

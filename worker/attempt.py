@@ -194,6 +194,10 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
                                                    ctx.objects)
                 if job.model in ctx.adapters:
                     request = dataclasses.replace(request, lora=job.model)
+                if state.tool_request is not None and ctx.tool_parser is not None \
+                        and not ctx.tool_parser.skips_special_tokens(job.request):
+                    request = dataclasses.replace(request, sampling=dataclasses.replace(
+                        request.sampling, skip_special_tokens=False))
                 status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
                                                 state, ctx.publisher)
             except ImageUnavailable as exc:

@@ -41,19 +41,31 @@ class ToolCallParser:
         self._tokenizer = tokenizer
         self._request_class = ChatCompletionRequest
 
-    def parse(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
-        """The tool calls in `text`, the reply to the stored `request`; None when it calls
-        none. With a reasoning mode, only the content after the reasoning is parsed (as
-        vLLM does); the reasoning is not part of `ToolCalls.content`."""
-        mode: ReasoningMode | None = reasoning_mode(request)
-        content = split_reasoning(text, mode)[1] if mode else text
+    def _for(self, request: dict[str, Any]) -> tuple[Any, Any]:
+        """vLLM's request for the stored one (what its parsers read: the tools and
+        tool_choice), and a fresh parser for it."""
         vllm_request = self._request_class.model_validate({
             "model": "ferry", "messages": [], "tools": request["tools"],
             "tool_choice": "auto",
             "parallel_tool_calls": request.get("parallel_tool_calls", True),
         })
         # (list is invariant: vLLM types the argument with every tool kind it knows)
-        parser = self._parser_class(self._tokenizer, cast(Any, vllm_request.tools))
+        return vllm_request, self._parser_class(self._tokenizer, cast(Any, vllm_request.tools))
+
+    def skips_special_tokens(self, request: dict[str, Any]) -> bool:
+        """Whether the reply's text may leave special tokens out: vLLM's parser says so in
+        `adjust_request` (hermes keeps them: its tags are special tokens in some models,
+        and a tag dropped from the text would hide the call)."""
+        vllm_request, parser = self._for(request)
+        return bool(parser.adjust_request(vllm_request).skip_special_tokens)
+
+    def parse(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
+        """The tool calls in `text`, the reply to the stored `request`; None when it calls
+        none. With a reasoning mode, only the content after the reasoning is parsed (as
+        vLLM does); the reasoning is not part of `ToolCalls.content`."""
+        mode: ReasoningMode | None = reasoning_mode(request)
+        content = split_reasoning(text, mode)[1] if mode else text
+        vllm_request, parser = self._for(request)
         info = parser.extract_tool_calls(content, vllm_request)
         if not info.tools_called or not info.tool_calls:
             return None

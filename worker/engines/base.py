@@ -45,6 +45,9 @@ class SamplingOptions:
     # {"json": schema} or {"json_object": True} (OpenAI `response_format`): output is
     # constrained by the engine; only engines whose ModelInfo says so accept it.
     structured_output: dict[str, Any] | None = None
+    # vLLM's: leave special tokens out of the text (a tool-call parser whose tags are
+    # special tokens in some models asks to keep them).
+    skip_special_tokens: bool = True
 
 
 @dataclass(frozen=True, slots=True)
