@@ -29,8 +29,9 @@ from tests.tool_model import (
 )
 from worker.engines.base import GenerationRequest
 from worker.engines.common import prompt_text
+from worker.engines.options import StartupError
 from worker.models.tiny import ensure_tiny_model
-from worker.tool_calls import ToolCallParser
+from worker.tool_calls import ToolCallParser, load_parser
 
 TOOLS_MODEL = "ferry-tiny-tools"
 
@@ -71,6 +72,15 @@ def test_a_reply_that_calls_a_tool_is_parsed_into_tool_calls(hermes: ToolCallPar
 
 def test_a_reply_without_a_call_is_left_as_content(hermes: ToolCallParser) -> None:
     assert hermes.parse("It is sunny in Paris.", STORED) is None
+
+
+def test_a_parser_that_does_not_fit_the_model_stops_the_worker(tokenizer: Any) -> None:
+    """Tried on the tokenizer at start: jamba's parser needs its `<tool_calls>` tokens in
+    the vocabulary, which this model lacks."""
+    assert load_parser(None, tokenizer) is None
+    assert load_parser("hermes", tokenizer) is not None
+    with pytest.raises(StartupError, match=r"--tool-call-parser jamba: .*tokens"):
+        load_parser("jamba", tokenizer)
 
 
 def test_hermes_asks_to_keep_special_tokens(hermes: ToolCallParser) -> None:

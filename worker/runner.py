@@ -38,6 +38,7 @@ from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
 from worker.attempt import AttemptContext, EngineBroken, run_claimed
 from worker.engines.base import Engine
+from worker.engines.options import StartupError
 from worker.group_commit import claim_committer, outcome_committer
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
@@ -130,8 +131,12 @@ class JobRunner:
         self._objects = await asyncio.to_thread(get_object_store)
         self.engine = self._engine_factory(self.settings)
         await self.engine.start()
-        tool_parser = await asyncio.to_thread(load_parser, self.settings.tool_call_parser,
-                                              self.engine.tokenizer)
+        try:
+            tool_parser = await asyncio.to_thread(load_parser, self.settings.tool_call_parser,
+                                                  self.engine.tokenizer)
+        except StartupError:
+            await self.engine.stop()  # no engine process may outlive the refusal
+            raise
         # The model's libraries leave millions of long-lived objects; without this every
         # full garbage collection walks them all, stalling the loop (and each job) for
         # tens of milliseconds, many times a second under load.

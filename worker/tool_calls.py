@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from storage.content import ReasoningMode, reasoning_mode, split_reasoning
+from worker.engines.options import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -90,5 +91,15 @@ class ToolCallParser:
 
 
 def load_parser(name: str | None, tokenizer: Any) -> ToolCallParser | None:
-    """The worker's parser (`--tool-call-parser`), or None without one."""
-    return None if name is None else ToolCallParser(name, tokenizer)
+    """The worker's parser (`--tool-call-parser`), or None without one. It is tried on
+    the model's tokenizer once now: a parser that cannot work with this model (its tags
+    are not in the vocabulary, say) stops the worker at start, not a user's request."""
+    if name is None:
+        return None
+    try:
+        parser = ToolCallParser(name, tokenizer)
+        parser.parse("", {"tools": [{"type": "function", "function": {"name": "probe"}}]})
+    except Exception as exc:
+        raise StartupError(f"--tool-call-parser {name}: cannot parse this model's output: "
+                           f"{exc}") from exc
+    return parser
