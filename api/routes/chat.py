@@ -192,7 +192,10 @@ def _chunks_for(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:
     if event.type == EventType.ERROR:
         return [stream_error(event.data.get("message"), event.data.get("code"))]
     # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
-    # text, so it is not announced here (the job's own event stream does).
+    # text, so it is not announced here (the job's own event stream does). Text held
+    # back was never sent: the new attempt's replaces it.
+    if event.type == EventType.RETRY and choice.held is not None:
+        choice.held.clear()
     return []
 
 
