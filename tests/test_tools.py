@@ -287,20 +287,19 @@ def test_tool_choice_other_than_auto_or_none_is_refused(
     assert assert_error(r, 400, "unsupported_parameter")["param"] == "tool_choice"
 
 
-@pytest.mark.parametrize(("tools", "where"), [
-    ([{"type": "function"}], "function"),
-    ([{"type": "function", "function": {"name": "has space"}}], "name"),
-    ([{"type": "code_interpreter"}], "type"),
+@pytest.mark.parametrize(("tools", "param"), [
+    ([{"type": "function"}], "tools.0.function"),
+    ([{"type": "function", "function": {"name": "has space"}}], "tools.0.function.name"),
+    ([{"type": "code_interpreter"}], "tools.0.type"),
 ])
-def test_malformed_tools_are_400(
-    stack: Stack, tools_model: str, tools: Any, where: str
+def test_malformed_tools_are_400_naming_the_field(
+    stack: Stack, tools_model: str, tools: Any, param: str
 ) -> None:
     with stack.client() as client:
         r = client.post("/v1/chat/completions", json={
             "model": tools_model, "messages": [{"role": "user", "content": "Hi"}],
             "tools": tools})
-    assert r.status_code == 400, r.text
-    assert where in r.text
+    assert assert_error(r, 400)["param"] == param
 
 
 def test_tools_on_the_transformers_engine(
