@@ -9,6 +9,7 @@ whole Hermes tool call, which `logit_bias` forces the model to emit."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,33 @@ def test_malformed_tools_are_400_naming_the_field(
             "model": tools_model, "messages": [{"role": "user", "content": "Hi"}],
             "tools": tools})
     assert assert_error(r, 400)["param"] == param
+
+
+def test_a_batch_line_with_tools_answers_tool_calls(
+    stack: Stack, tools_model: str, tool_dir: Path
+) -> None:
+    """Batch lines (bulk lane, not streamed) are parsed the same way; the output line's
+    body is the chat completion the route would give."""
+    client = sdk(stack)
+    line = {"custom_id": "t1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": tools_model, **_forced(tool_dir)}}
+    data = (json.dumps(line) + "\n").encode()
+    file_id = client.files.create(file=("in.jsonl", data, "application/jsonl"),
+                                  purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.3)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.output_file_id, batch
+    [out] = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    choice = out["response"]["body"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Checking. "
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
 
 
 def test_tools_on_the_transformers_engine(
