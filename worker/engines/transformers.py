@@ -79,13 +79,14 @@ class _RequestStream:
     def __init__(
         self, backend_tokenizer: Any, stop: tuple[str, ...], prompt_tokens: int,
         manager: Any, logprobs: bool = False, min_tokens: int = 0,
+        skip_special_tokens: bool = True,
     ) -> None:
         from tokenizers.decoders import DecodeStream
 
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.manager = manager  # the batcher running it (transformers' or Ferry's own)
         self._tok = backend_tokenizer
-        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._decoder = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._stop = stop
         self._min_tokens = min_tokens  # stop strings count from then on (as in vLLM)
         # Text that might be the start of a stop string is held back until it is not.
@@ -124,6 +125,8 @@ class _RequestStream:
         self._seen = len(token_ids)
         for n, token_id in enumerate(new, start=first + 1):
             self._pending_tokens += 1
+            if done and n == len(token_ids) and token_id in eos_ids:
+                continue  # the end token is no text, special tokens kept or not (vLLM)
             chunk = self._decoder.step(self._tok, token_id)
             if chunk:
                 self._text += chunk
@@ -200,6 +203,10 @@ class TransformersEngine:
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
 
     async def start(self) -> None:
         if self._manager is not None:
@@ -404,7 +411,8 @@ class TransformersEngine:
             extra["eos_token_id"] = []
         stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids),
                                 manager, logprobs=request.sampling.logprobs is not None,
-                                min_tokens=request.sampling.min_tokens)
+                                min_tokens=request.sampling.min_tokens,
+                                skip_special_tokens=request.sampling.skip_special_tokens)
         self._streams[request_id] = stream
         # Register before adding: a fast request could otherwise finish unseen.
         manager.register_result_handler(request_id, stream.queue.put_nowait)
