@@ -257,7 +257,11 @@ class TransformersEngine:
     def _with_adapters(self, model: Any) -> Any:
         """The model with every --lora-modules adapter loaded by peft (none active: each
         forward names its rows' adapters)."""
-        peft: Any = importlib.import_module("peft")
+        try:
+            peft: Any = importlib.import_module("peft")
+        except ImportError as exc:
+            raise StartupError(f"--lora-modules on the transformers engine needs peft "
+                               f"(pip install peft): {exc}") from exc
         wrapped: Any = None
         for adapter in self._adapters:
             name = f"lora{adapter.int_id}"
