@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from storage.keys import MODELS_HASH
 from storage.registry import ServedModel
-from tests.conftest import KEY_A, TINY, Stack, open_stack
+from tests.conftest import KEY_A, TINY, VISION, Stack, open_stack
 from tests.lora import build_lora_adapter
 from tests.procs import start_worker
 from worker.engines.base import EngineRequestError, GenerationRequest, SamplingOptions
@@ -136,6 +136,44 @@ def _plain_generate(model_dir: Path, adapter: Path | None) -> str:
         out = model.eval().generate(input_ids=torch.tensor([ids]), max_new_tokens=24,
                                     do_sample=False)
     return str(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+
+
+async def test_an_image_model_adapter_mixes_with_its_base_on_the_transformers_engine(
+    lora_dir: Path, model_cache: Path
+) -> None:
+    """The image models' path of Ferry's batching loop (processor inputs, one prefill per
+    request) takes adapters too: with and without an image, each answer is the same mixed
+    in one batch as alone, and the adapter's differ from the base's."""
+    from PIL import Image
+
+    from worker.engines.transformers import TransformersEngine
+
+    vision = ensure_tiny_model(VISION, model_cache)
+    adapter = build_lora_adapter(vision, lora_dir / "vision-a", scale=0.5, image_text=True)
+    settings = WorkerSettings(model=str(vision), lora_modules=f"vision-a={adapter}",
+                              concurrency=8)
+    engine = TransformersEngine(vision, settings)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+
+    async def ask(request_id: str, lora: str | None, with_image: bool) -> str:
+        parts = [{"type": "image"}] if with_image else []
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What?"}]}]
+        request = GenerationRequest(request_id, messages=messages, lora=lora,
+                                    images=(image,) if with_image else (),
+                                    sampling=SamplingOptions(max_tokens=8, temperature=0))
+        return "".join([d.text async for d in engine.generate(request)])
+
+    await engine.start()
+    try:
+        kinds = [(lora, with_image) for lora in (None, "vision-a") for with_image in (False, True)]
+        alone = {kind: await ask(f"alone-{i}", *kind) for i, kind in enumerate(kinds)}
+        assert alone[(None, False)] != alone[("vision-a", False)]
+        assert alone[(None, True)] != alone[("vision-a", True)]
+        mixed = await asyncio.gather(*(ask(f"mixed-{i}", *kind)
+                                       for i, kind in enumerate(kinds * 2)))
+        assert mixed == [alone[kind] for kind in kinds * 2]
+    finally:
+        await engine.stop()
 
 
 @pytest.mark.parametrize("engine", ["vllm", "transformers"])
