@@ -322,8 +322,8 @@ class TransformersEngine:
         from worker.engines.image_batching import ImageBatcher
 
         if self._adapters:
-            # Ferry's loop alone: transformers' batching would run the peft-wrapped layers
-            # with whichever adapter is active, and cannot choose one per request.
+            # Ferry's loop alone: peft wraps the model's own layers in place, so transformers'
+            # batching (one row for all requests) would run them with the active adapter.
             model = self._with_adapters(model)
         own = ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1),
                            adapters=bool(self._adapters))
