@@ -56,6 +56,23 @@ def migrated_pg(pg_url: str) -> str:
     return pg_url
 
 
+@pytest.fixture(scope="module")
+def own_database() -> Iterator[str]:
+    """A migrated database of the module's own, for a deployment that runs batches: API
+    processes of other deployments on the session database would otherwise take part in its
+    batches (their supervisors share SQL, not this deployment's Redis or bucket)."""
+    from storage.migrate import upgrade
+
+    name = f"ferry_test_own_{os.getpid()}_{secrets.token_hex(3)}"
+    _psql(f"CREATE DATABASE {name}")
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    try:
+        upgrade(f"{url}/{name}")
+        yield f"{url}/{name}"
+    finally:
+        _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny models are built once per machine; FERRY_TEST_MODEL_CACHE may point elsewhere."""
@@ -170,6 +187,9 @@ def stack_env(
         "FERRY_RECONCILE_GRACE_SECONDS": "2",
         "FERRY_SSE_KEEPALIVE_SECONDS": "2",
         "FERRY_CONCURRENCY": "16",
+        # A test session runs several engines at once on a small machine: one thread each,
+        # so their OpenMP threads do not spin against each other.
+        "FERRY_TORCH_THREADS": "1",
         # An operator's cap below the tiny models' own 4,096 positions: the suite's
         # context-length cases are sized for 2,048 tokens.
         "FERRY_MAX_MODEL_LEN": "2048",

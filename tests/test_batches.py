@@ -6,11 +6,7 @@ Redis, moto S3)."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,7 @@ from openai import OpenAI
 from openai.types import Batch, Completion
 from openai.types.chat import ChatCompletion
 
-from tests.conftest import KEY_A, KEY_B, PG_ADMIN, TINY, Stack, open_stack
+from tests.conftest import KEY_A, KEY_B, TINY, Stack, open_stack
 from tests.helpers import assert_error
 from tests.procs import wait_until
 
@@ -347,24 +343,6 @@ def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:
     assert len(output) + len(errors) == 200
     assert all(status in ("succeeded", "cancelled")
                for status, _, _ in job_rows(stack, batch_id).values())
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """A database of its own: API processes of other deployments on the session database
-    would otherwise take part in this deployment's batches (their supervisors share SQL,
-    not this deployment's Redis or bucket)."""
-    from storage.migrate import upgrade
-
-    name = f"ferry_test_batches_{os.getpid()}_{secrets.token_hex(3)}"
-    subprocess.run(["psql", PG_ADMIN, "-q", "-c", f"CREATE DATABASE {name}"], check=True)
-    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    try:
-        upgrade(f"{url}/{name}")
-        yield f"{url}/{name}"
-    finally:
-        subprocess.run(["psql", PG_ADMIN, "-q", "-c",
-                        f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=False)
 
 
 def test_worker_sigkill_and_api_restart_mid_batch_give_each_custom_id_exactly_once(

@@ -216,7 +216,7 @@ def _wait_batch(client: OpenAI, batch_id: str, timeout: float = 300) -> str:
 
 @pytest.mark.parametrize("engine", ["vllm", "transformers"])
 def test_an_adapter_is_a_model_of_its_own_served_by_its_base_worker(
-    migrated_pg: str, model_cache: Path, logs: Path, s3_url: str, lora_dir: Path, engine: str
+    own_database: str, model_cache: Path, logs: Path, s3_url: str, lora_dir: Path, engine: str
 ) -> None:
     """Through the whole service: `/v1/models`, chat completions mixed with the base
     model's, and batch lines, on a tiny model (its answers are noise, but greedy), on each
@@ -224,7 +224,7 @@ def test_an_adapter_is_a_model_of_its_own_served_by_its_base_worker(
     tiny = ensure_tiny_model(TINY, model_cache)
     adapter = build_lora_adapter(tiny, lora_dir / "tiny-fr", scale=0.5)
     base_name = "tiny-base"
-    with open_stack(migrated_pg, 4, model_cache, s3_url) as s:
+    with open_stack(own_database, 4, model_cache, s3_url) as s:
         s.add_api(f"api-lora-{engine}", logs)
         env = {**s.env, "FERRY_LORA_MODULES": f"tiny-fr={adapter}",
                "FERRY_REASONING_PARSER": "deepseek_r1", "FERRY_TOOL_CALL_PARSER": "hermes"}

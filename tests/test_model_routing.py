@@ -61,8 +61,8 @@ class Routing:
 
 
 @pytest.fixture(scope="module")
-def routing(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Routing]:
-    with open_stack(migrated_pg, 8, model_cache, s3_url) as stack:
+def routing(own_database: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Routing]:
+    with open_stack(own_database, 8, model_cache, s3_url) as stack:
         for name in (TEXT_A, TEXT_B, HUB_ID):
             announce(stack, ServedModel(name, 2048, "vllm", created=now_epoch()))
         announce(stack, ServedModel(VISION, 2048, "vllm", supports_images=True,

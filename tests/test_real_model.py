@@ -148,6 +148,37 @@ async def test_greedy_answer_is_right(engine: Engine) -> None:
     assert deltas[-1].finish_reason == "stop"
 
 
+async def test_logprobs_leave_the_answer_as_it_is(engine: Engine) -> None:
+    """Asking for logprobs changes no token of a greedy answer (on the transformers engine
+    such a request runs on Ferry's own batching loop, not transformers' CB)."""
+    question = "What is the capital of France?"
+    plain = [d async for d in engine.generate(ask(question, temperature=0, max_tokens=12))]
+    with_lp = [d async for d in engine.generate(
+        ask(question, temperature=0, max_tokens=12, logprobs=2))]
+    assert "".join(d.text for d in with_lp) == "".join(d.text for d in plain)
+    entries = [lp for d in with_lp for lp in d.logprobs or ()]
+    assert len(entries) == sum(d.new_tokens for d in with_lp) == \
+        sum(d.new_tokens for d in plain)
+    assert all(e.top[0][0] == e.token and e.logprob <= 0 for e in entries)
+
+
+async def test_penalties_make_a_repeating_answer_repeat_less(engine: Engine) -> None:
+    question = "Write the word cat 30 times."
+
+    async def answer(**penalty: float) -> str:
+        return "".join([d.text async for d in engine.generate(ask(
+            question, temperature=0, max_tokens=40, **penalty))])
+
+    base = await answer()
+    # Greedy, the model says "Cat 30 times:" again and again; a penalty on what it already
+    # said breaks that loop.
+    assert base.count("30 times") >= 4, base
+    for penalty, value in (("repetition_penalty", 1.5), ("presence_penalty", 2.0),
+                           ("frequency_penalty", 2.0)):
+        penalized = await answer(**{penalty: value})
+        assert penalized.count("30 times") < base.count("30 times"), (penalty, penalized)
+
+
 async def test_a_cap_on_max_tokens_still_applies(engine: Engine) -> None:
     deltas = [d async for d in engine.generate(
         ask("Write a long story about a river.", temperature=0, max_tokens=5))]
@@ -161,7 +192,8 @@ def test_torch_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads(WorkerSettings()) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert cpu_threads(WorkerSettings()) == max(1, (os.cpu_count() or 1) - 1)
+    assert cpu_threads(WorkerSettings(engine="vllm")) == (os.cpu_count() or 1)
+    assert cpu_threads(WorkerSettings(engine="transformers")) == max(1, (os.cpu_count() or 1) - 1)
 
 
 async def test_vllm_engine_core_computes_with_the_thread_count(engine: Engine) -> None:

@@ -75,9 +75,8 @@ class WorkerSettings(BaseSettings):
     # vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.
     cpu_kv_cache_gib: int = 1
     # CPU threads the engine computes with on a machine without a GPU (transformers' torch
-    # ops; vLLM's engine core process). None: OMP_NUM_THREADS if set, else all cores but
-    # one (the loop, Celery threads, the API and the databases need a core; spinning OMP
-    # threads on a busy machine made generation ~10x slower).
+    # ops; vLLM's engine core process). None: OMP_NUM_THREADS if set, else every core for
+    # vLLM and all cores but one for transformers (worker/engines/common.py cpu_threads).
     torch_threads: int | None = None
     gpu_memory_utilization: float = 0.9
     # A claimed job is ours while the lease lives; renewed every lease/3 seconds.

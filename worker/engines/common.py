@@ -18,15 +18,17 @@ from worker.settings import WorkerSettings
 
 def cpu_threads(settings: WorkerSettings) -> int:
     """Threads an engine computes with on a CPU machine: `torch_threads`, else
-    OMP_NUM_THREADS, else all cores but one. OMP threads spin between parallel regions, so
-    with every core in use by torch, a busy neighbour (the worker's loop and Celery threads,
-    the API, the databases) stalls each region; the core left over is theirs."""
+    OMP_NUM_THREADS, else every core for vLLM, whose engine core is a process of its own
+    (a real model is bound by its matrix products: bench/README.md), and all cores but one
+    for transformers, whose generation thread shares the worker process and its GIL with
+    the worker's loop (OMP threads spinning on every core stalled it)."""
     if settings.torch_threads is not None:
         return max(1, settings.torch_threads)
     from_env = os.environ.get("OMP_NUM_THREADS", "")
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
-    return max(1, (os.cpu_count() or 1) - 1)
+    cores = os.cpu_count() or 1
+    return cores if settings.engine == "vllm" else max(1, cores - 1)
 
 
 def engine_dtype(settings: WorkerSettings, engine: str, on_cpu: bool) -> str:
