@@ -24,6 +24,7 @@ from api.schemas.openai import (
     UnsupportedPart,
 )
 from api.state import AppState
+from api.tools import tool_fields, with_tool_turns
 from storage.content import ReasoningMode
 from storage.events import EventType, JobEvent
 from storage.keys import CANCEL_CHANNEL, Lane
@@ -119,7 +120,8 @@ async def _chat_job(
     refuse_unsupported_parts(body, model)
     request = sampling_request(body, model, state.settings.default_max_tokens)
     images = ImageIntake.for_state(state)
-    request["messages"] = await chat_messages(images, body, model)
+    request["messages"] = with_tool_turns(body, await chat_messages(images, body, model))
+    request.update(tool_fields(body))
     template_kwargs = dict(body.chat_template_kwargs or {})
     thinking = body.enable_thinking
     if thinking is not None:

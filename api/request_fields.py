@@ -102,16 +102,25 @@ def check_fields(body: SamplingFields, model: ServedModel) -> None:
 
 
 def _check_tools(body: ChatCompletionRequest, model: ServedModel) -> None:
+    """`tools` need a tool-call parser on the model's workers (vLLM's, by name); of
+    `tool_choice`, Ferry honours `none` and `auto` (vLLM forces `required` and named
+    choices with structured outputs, which Ferry does not wire to tools)."""
+    choice = body.tool_choice
     if body.tools:
-        # (the registry's `tool_call_parser`, once workers announce one)
-        parser = getattr(model, "tool_call_parser", None)
-        reason = ("has no tool-call parser configured" if parser is None
-                  else f"has tool-call parser `{parser}`, but Ferry does not parse tool "
-                  "calls yet")
+        if model.tool_call_parser is None:
+            raise InvalidRequest(
+                f"`tools` is not supported for model `{model.name}`: it has no tool-call "
+                "parser; start its worker with --tool-call-parser NAME (one of vLLM's "
+                "parsers, e.g. hermes) to use tools.",
+                param="tools", code="unsupported_parameter",
+            )
+        if choice in (None, "none", "auto"):
+            return
+        shown = f"`{choice}`" if isinstance(choice, str) else "naming a function"
         raise InvalidRequest(
-            f"`tools` is not supported for model `{model.name}`: it {reason}.",
-            param="tools", code="unsupported_parameter",
+            f"`tool_choice` {shown} is not supported by this server; use `auto` or `none`.",
+            param="tool_choice", code="unsupported_parameter",
         )
-    if body.tool_choice not in (None, "none"):
+    if choice not in (None, "none"):
         raise InvalidRequest("`tool_choice` needs `tools`.", param="tool_choice",
                              code="unsupported_parameter")

@@ -49,6 +49,13 @@ def plain_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(part["text"] for part in content if part.get("type") == "text")
 
 
+def parses_tool_calls(request: dict[str, Any]) -> bool:
+    """Whether a stored chat request's reply is parsed for tool calls (it has `tools`, and
+    `tool_choice` is not `none`: then the tools are shown to the template and the reply
+    is plain content, as in vLLM). See api/tools.py and worker/tool_calls.py."""
+    return bool(request.get("tools")) and request.get("tool_choice", "auto") != "none"
+
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 class EventType(StrEnum):
     DELTA = "delta"  # new output text: {"text", "ts"} (+ "logprobs" when asked for)
     USAGE = "usage"  # token counts: {"prompt_tokens", "completion_tokens", "total_tokens"}
-    DONE = "done"  # the job succeeded: {"finish_reason"}
+    # the job succeeded: {"finish_reason"}, and when the reply calls tools, "tool_calls"
+    # and "content" (the reply without the tool-call text)
+    DONE = "done"
     ERROR = "error"  # the job failed: {"message", "code"} (code: Job.error_code)
     CANCELLED = "cancelled"  # the job was cancelled
     RETRY = "retry"  # a new attempt starts over: discard text received so far
@@ -207,6 +209,14 @@ def usage_data(prompt_tokens: int | None, completion_tokens: int) -> dict[str, i
     }
 
 
+def done_data(finish_reason: str | None, tool_calls: list[dict[str, Any]] | None,
+              content: str | None) -> dict[str, Any]:
+    """A `done` event's data."""
+    if tool_calls is None:
+        return {"finish_reason": finish_reason}
+    return {"finish_reason": finish_reason, "tool_calls": tool_calls, "content": content}
+
+
 # Job.error_code values: the request's fault (answered 400) or Ferry's (5xx).
 INVALID_REQUEST = "invalid_request"
 SERVER_ERROR = "server_error"
@@ -240,7 +250,7 @@ def events_from_job(job: Job) -> list[JobEvent]:
     status = job.job_status
     if status == JobStatus.SUCCEEDED:
         add(EventType.USAGE, usage_data(job.prompt_tokens, job.completion_tokens or 0))
-        add(EventType.DONE, {"finish_reason": job.finish_reason})
+        add(EventType.DONE, done_data(job.finish_reason, job.tool_calls, job.result_content))
     elif status == JobStatus.FAILED:
         add(EventType.ERROR, error_data(job.error, job.error_code))
     elif status == JobStatus.CANCELLED:

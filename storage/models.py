@@ -133,6 +133,11 @@ class Job(Base):
     # With `logprobs` asked for: per delta (aligned with `deltas`), its tokens' logprobs
     # ({"token", "logprob", "top_logprobs": [{"token", "logprob"}]}).
     logprobs: Mapped[list[list[dict[str, Any]]] | None] = mapped_column(JSONType)
+    # The tools the reply calls (OpenAI's `tool_calls`), found by the worker's tool-call
+    # parser, and the reply's content without the tool-call text (and without reasoning).
+    # NULL when the reply calls no tool.
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    result_content: Mapped[str | None] = mapped_column(Text)
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(200))

@@ -104,7 +104,8 @@ async def test_transformers_engine_refuses_what_it_cannot_honour(tiny_dir: Path)
         ({"tensor_parallel_size": 2}, "--tensor-parallel-size 2"),
         ({"quantization": "awq"}, "--quantization awq"),
         ({"engine_args": {"max_num_batched_tokens": 64}}, "max_num_batched_tokens"),
-        ({"lora_modules": "fr=/x"}, "--lora-modules"),
+        # It runs adapters (tests/test_lora.py), checked as vLLM's are.
+        ({"lora_modules": "fr=/x"}, r"LoRA adapter 'fr' \(/x\): the path does not exist"),
         ({"reasoning_parser": "no_such_parser"}, "--reasoning-parser no_such_parser"),
     ]
     for values, reason in cases:

@@ -146,7 +146,8 @@ def test_chat_completion_non_streaming(stack: Stack) -> None:
     assert body["object"] == "chat.completion"
     # reasoning_content is null unless thinking is on (FastDeploy's shape).
     assert body["choices"][0]["message"] == {"role": "assistant", "reasoning_content": None,
-                                             "content": job["result"]["text"]}
+                                             "content": job["result"]["text"],
+                                             "tool_calls": []}
     assert body["usage"]["completion_tokens"] == job["usage"]["completion_tokens"]
 
 

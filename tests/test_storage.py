@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from storage.db import create_db_engine
-from storage.events import EventType, JobEvent, JobEventStream, events_from_job
+from storage.events import EventType, JobEvent, JobEventStream, done_data, events_from_job
 from storage.keys import job_channel
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, jobs
@@ -129,6 +129,25 @@ async def test_events_rebuilt_from_sql_match_worker_numbering(sessions: Sessions
         ("2-1", EventType.RETRY), ("2-2", EventType.DELTA), ("2-3", EventType.DELTA),
         ("2-4", EventType.USAGE), ("2-5", EventType.DONE)]
     assert events[3].data == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+async def test_tool_calls_are_stored_and_replayed_with_the_end(sessions: Sessions) -> None:
+    """A reply that called tools keeps the calls and the content left without them; its
+    `done` event, rebuilt from SQL, carries them as the worker sent them."""
+    job = await _job(sessions)
+    calls = [{"id": "c1", "type": "function",
+              "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    async with sessions.begin() as session:
+        await jobs.claim_job(session, job.id, "w1", lease_seconds=30)
+        outcome = jobs.JobOutcome(JobStatus.SUCCEEDED, ["Ok <tool_call>", "..."], "tool_calls",
+                                  5, 2, None, tool_calls=calls, result_content="Ok ")
+        await jobs.finish_job(session, job.id, "w1", outcome)
+        row = await jobs.get_job(session, job.id)
+    assert row is not None
+    assert (row.tool_calls, row.result_content, row.result_text) == (
+        calls, "Ok ", "Ok <tool_call>...")
+    assert events_from_job(row)[-1].data == done_data("tool_calls", calls, "Ok ") == {
+        "finish_reason": "tool_calls", "tool_calls": calls, "content": "Ok "}
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.content import ImageRef, image_refs
+from storage.content import ImageRef, image_refs, parses_tool_calls
 from storage.events import (
     INVALID_REQUEST,
     SERVER_ERROR,
     EventType,
     JobEvent,
+    done_data,
     error_data,
     usage_data,
 )
@@ -33,6 +34,7 @@ from worker.engines.base import (
 from worker.group_commit import GroupCommit
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
+from worker.tool_calls import ToolCallParser
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -127,7 +129,8 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
     messages = [{**m, "content": _placeholders(m.get("content"))} for m in body["messages"]]
     return GenerationRequest(request_id, messages=messages, sampling=sampling,
                              priority=priority, stream=streamed,
-                             chat_template_kwargs=body.get("chat_template_kwargs"))
+                             chat_template_kwargs=body.get("chat_template_kwargs"),
+                             tools=body.get("tools"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,6 +163,8 @@ class AttemptContext:
     objects: ObjectStore
     # LoRA adapters this worker serves (by model name): their jobs run with the adapter.
     adapters: frozenset[str] = frozenset()
+    # `--tool-call-parser`: replies to requests with tools are parsed with it.
+    tool_parser: ToolCallParser | None = None
 
 
 async def run_claimed(ctx: AttemptContext, job: Job) -> str:
@@ -170,6 +175,8 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
                        started_at=job.started_at)
     if job.request.get("logprobs") is not None:
         state.logprobs = []
+    if ctx.tool_parser is not None and parses_tool_calls(job.request):
+        state.tool_request = job.request
     ctx.in_flight[job_id] = state
     try:
         if state.attempt > 1:
@@ -187,6 +194,10 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
                                                    ctx.objects)
                 if job.model in ctx.adapters:
                     request = dataclasses.replace(request, lora=job.model)
+                if state.tool_request is not None and ctx.tool_parser is not None \
+                        and not ctx.tool_parser.skips_special_tokens(job.request):
+                    request = dataclasses.replace(request, sampling=dataclasses.replace(
+                        request.sampling, skip_special_tokens=False))
                 status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
                                                 state, ctx.publisher)
             except ImageUnavailable as exc:
@@ -203,6 +214,7 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
         except Exception as exc:
             log.exception("could not record the end of job %s", job_id)
             state.deltas, state.pending = [], []
+            state.tool_calls = state.result_content = None
             if state.logprobs is not None:
                 state.logprobs, state.pending_logprobs = [], []
             message = f"could not record the result: {exc.__class__.__name__}"
@@ -283,6 +295,9 @@ async def _record_end(
 ) -> str:
     """SQL first, then the terminal events: a client that sees `done` finds the result."""
     ctx.publisher.settle(state)  # every delta has its event id before the deltas are stored
+    if status == JobStatus.SUCCEEDED and state.tool_request is not None \
+            and ctx.tool_parser is not None:
+        _find_tool_calls(ctx.tool_parser, state)
     outcome = jobs_repo.JobOutcome(
         status=status,
         deltas=state.deltas,
@@ -294,6 +309,8 @@ async def _record_end(
         error_code=error.code if error else None,
         started_at=state.started_at,
         logprobs=state.logprobs,
+        tool_calls=state.tool_calls,
+        result_content=state.result_content,
     )
     recorded = await ctx.outcomes.submit((state.job_id, outcome))
     if recorded is None:
@@ -303,6 +320,16 @@ async def _record_end(
     return recorded.value
 
 
+def _find_tool_calls(parser: ToolCallParser, state: JobAttempt) -> None:
+    """The whole reply through the tool-call parser; a reply that calls tools ends with
+    finish_reason `tool_calls`, as in vLLM."""
+    assert state.tool_request is not None
+    found = parser.parse_quietly("".join(state.deltas), state.tool_request)
+    if found is not None:
+        state.tool_calls, state.result_content = found.calls, found.content
+        state.finish_reason = "tool_calls"
+
+
 def _terminal_events(
     status: JobStatus, state: JobAttempt, error: Failure | None
 ) -> list[tuple[EventType, dict[str, Any]]]:
@@ -310,7 +337,8 @@ def _terminal_events(
     if status == JobStatus.SUCCEEDED:
         return [
             (EventType.USAGE, usage_data(state.prompt_tokens, state.completion_tokens)),
-            (EventType.DONE, {"finish_reason": state.finish_reason}),
+            (EventType.DONE, done_data(state.finish_reason, state.tool_calls,
+                                       state.result_content)),
         ]
     if status == JobStatus.FAILED:
         return [(EventType.ERROR, error_data(error.message if error else None,

@@ -28,6 +28,11 @@ class JobAttempt:
     # those of the pending text. None otherwise (nothing is collected).
     logprobs: list[list[dict[str, Any]]] | None = None
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # The stored request, when its reply is parsed for tool calls at the end
+    # (worker/tool_calls.py); what the parser found.
+    tool_request: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    result_content: str | None = None
     _seq: int = 0
 
     def next_id(self) -> str:

@@ -38,10 +38,12 @@ from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
 from worker.attempt import AttemptContext, EngineBroken, run_claimed
 from worker.engines.base import Engine
+from worker.engines.options import StartupError
 from worker.group_commit import claim_committer, outcome_committer
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
 from worker.settings import WorkerSettings
+from worker.tool_calls import load_parser
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +131,12 @@ class JobRunner:
         self._objects = await asyncio.to_thread(get_object_store)
         self.engine = self._engine_factory(self.settings)
         await self.engine.start()
+        try:
+            tool_parser = await asyncio.to_thread(load_parser, self.settings.tool_call_parser,
+                                                  self.engine.tokenizer)
+        except StartupError:
+            await self.engine.stop()  # no engine process may outlive the refusal
+            raise
         # The model's libraries leave millions of long-lived objects; without this every
         # full garbage collection walks them all, stalling the loop (and each job) for
         # tens of milliseconds, many times a second under load.
@@ -145,6 +153,7 @@ class JobRunner:
             max_attempts=s.max_attempts, in_flight=self._in_flight,
             admission=self._admission, objects=self._objects,
             adapters=frozenset(m.name for m in s.lora_modules),
+            tool_parser=tool_parser,
         )
         self._registry = ModelRegistry(self._redis)
         await self._heartbeat_once()

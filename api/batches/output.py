@@ -19,7 +19,6 @@ from sqlalchemy.engine import Row
 
 from api.errors import error_body, job_failure
 from api.schemas.openai import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatLogprobs,
@@ -31,7 +30,8 @@ from api.schemas.openai import (
     completion_logprobs,
 )
 from api.state import AppState
-from storage.content import plain_text, reasoning_mode, split_reasoning
+from api.tools import reply_message
+from storage.content import plain_text
 from storage.models import BatchStatus, File, JobStatus
 from storage.objects import file_key
 from storage.repositories import batches as batches_repo
@@ -137,13 +137,9 @@ def _body(row: Row[Any]) -> dict[str, Any]:
             choices=[CompletionChoice(index=0, text=echo + text, finish_reason=row.finish_reason,
                                       logprobs=logprobs)],
         ).model_dump(mode="json")
-    reasoning = None
-    mode = reasoning_mode(request)
-    if mode is not None:
-        reasoning, text = split_reasoning(text, mode)
     return ChatCompletion(
         id=row.id, created=created, model=row.model, usage=usage,
-        choices=[ChatChoice(message=AssistantMessage(content=text, reasoning_content=reasoning),
+        choices=[ChatChoice(message=reply_message(row),
                             finish_reason=row.finish_reason,
                             logprobs=None if entries is None else ChatLogprobs.model_validate(
                                 chat_logprobs(entries)))],

@@ -16,7 +16,6 @@ from api import jobs_service
 from api.deps import CurrentKey, StateDep
 from api.errors import stream_error
 from api.schemas.openai import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -26,11 +25,12 @@ from api.schemas.openai import (
     chunk,
 )
 from api.state import AppState
+from api.tools import reply_message
 from storage.content import (
     ReasoningMode,
     ReasoningSplitter,
+    parses_tool_calls,
     reasoning_mode,
-    split_reasoning,
 )
 from storage.events import EventType, JobEvent
 from storage.models import Job, JobStatus
@@ -63,6 +63,13 @@ async def create_chat_completion(
     `response_format` (`json_object`, `json_schema`) constrains the output through vLLM's
     structured outputs; a model served by an engine that cannot is a 400. `logprobs` /
     `top_logprobs` return each token's logprob (each streamed chunk carries its own).
+    Tools: for a model whose worker runs a tool-call parser (`--tool-call-parser`, vLLM's
+    parsers by name), `tools` reach the chat template, and the reply is parsed with that
+    parser when it ends: its calls are `message.tool_calls` (finish_reason `tool_calls`),
+    `content` the rest. Streamed, such a reply's content is held back until the end, then
+    sent with the tool calls in one chunk before the finish chunk (vLLM streams the calls
+    incrementally; one chunk per reply is equally OpenAI's shape). `tool_choice`: `auto`
+    or `none`. Without a parser `tools` is a 400.
     A field Ferry cannot honour is refused (400 naming it), never ignored.
     """
     jobs = await jobs_service.build_chat_jobs(state, key, body)
@@ -77,35 +84,30 @@ async def create_chat_completion(
         )
     response.headers.update(headers)
     finals = await jobs_service.wait_for_all(state, jobs)
-    return _completion(completion_id, finals, reasoning_mode(finals[0].request))
+    return _completion(completion_id, finals)
 
 
-def _completion(
-    completion_id: str, jobs: list[Job], mode: ReasoningMode | None
-) -> ChatCompletion:
+def _completion(completion_id: str, jobs: list[Job]) -> ChatCompletion:
     prompt = sum(j.prompt_tokens or 0 for j in jobs)
     completion = sum(j.completion_tokens or 0 for j in jobs)
     return ChatCompletion(
         id=completion_id,
         created=int(jobs[0].created_at.timestamp()),
         model=jobs[0].model,
-        choices=[_choice(i, job, mode) for i, job in enumerate(jobs)],
+        choices=[_choice(i, job) for i, job in enumerate(jobs)],
         usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
                     total_tokens=prompt + completion),
     )
 
 
-def _choice(index: int, job: Job, mode: ReasoningMode | None) -> ChatChoice:
-    reasoning, content = None, job.result_text or ""
-    if mode is not None:
-        reasoning, content = split_reasoning(content, mode)
+def _choice(index: int, job: Job) -> ChatChoice:
     logprobs = None
     if job.logprobs is not None:
         logprobs = ChatLogprobs.model_validate(
             chat_logprobs([e for entries in job.logprobs for e in entries]))
     return ChatChoice(
         index=index,
-        message=AssistantMessage(content=content, reasoning_content=reasoning),
+        message=reply_message(job),
         finish_reason=job.finish_reason if job.status == JobStatus.SUCCEEDED else "abort",
         logprobs=logprobs,
     )
@@ -125,6 +127,8 @@ class _Choice:
     model: str
     index: int
     splitter: ReasoningSplitter | None
+    # A request with tools: its content, held back until the end (None: streamed).
+    held: list[str] | None = None
 
 
 async def _stream(
@@ -132,8 +136,10 @@ async def _stream(
     mode: ReasoningMode | None,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
+    holds = parses_tool_calls(jobs[0].request)
     choices = [_Choice(completion_id, created, jobs[0].model, i,
-                       ReasoningSplitter(mode) if mode else None) for i in range(len(jobs))]
+                       ReasoningSplitter(mode) if mode else None, [] if holds else None)
+               for i in range(len(jobs))]
     yield b"".join(_sse(chunk(completion_id, created, c.model, {"role": "assistant",
                                                                  "content": ""}, index=c.index))
                    for c in choices)
@@ -174,18 +180,42 @@ def _chunks_for(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:
     if event.type == EventType.DELTA:
         entries = event.data.get("logprobs")
         logprobs = chat_logprobs(entries) if entries is not None else None
-        if choice.splitter is None:
+        if choice.splitter is None and choice.held is None:
             return [_chunk(choice, {"content": event.data["text"]}, logprobs=logprobs)]
+        if choice.splitter is None:
+            return _split_delta(choice, "", event.data["text"], logprobs)
         return _split_delta(choice, *choice.splitter.feed(event.data["text"]), logprobs)
     if event.type in (EventType.DONE, EventType.CANCELLED):
         held = _split_delta(choice, *choice.splitter.finish()) if choice.splitter else []
         reason = event.data.get("finish_reason") if event.type == EventType.DONE else "abort"
-        return [*held, _chunk(choice, {}, reason)]
+        return [*held, *_held_content(choice, event), _chunk(choice, {}, reason)]
     if event.type == EventType.ERROR:
         return [stream_error(event.data.get("message"), event.data.get("code"))]
     # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
-    # text, so it is not announced here (the job's own event stream does).
+    # text, so it is not announced here (the job's own event stream does). Text held
+    # back was never sent: the new attempt's replaces it.
+    if event.type == EventType.RETRY and choice.held is not None:
+        choice.held.clear()
     return []
+
+
+def _held_content(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:
+    """At the end of a reply to a request with tools: its tool calls (with the content the
+    parser left) in one chunk, or the content held back when it calls none. vLLM streams
+    tool calls incrementally, a piece of the arguments per chunk; one chunk with each call
+    whole is the same stream in OpenAI's shape, and a client that concatenates the pieces
+    by `index` gets the same calls."""
+    if choice.held is None:
+        return []
+    text, choice.held[:] = "".join(choice.held), []
+    calls = event.data.get("tool_calls") if event.type == EventType.DONE else None
+    if calls is None:
+        return [_chunk(choice, {"content": text})] if text else []
+    delta: dict[str, Any] = {"tool_calls": [{"index": i, **call}
+                                            for i, call in enumerate(calls)]}
+    if event.data.get("content"):
+        delta = {"content": event.data["content"], **delta}
+    return [_chunk(choice, delta)]
 
 
 def _chunk(choice: _Choice, delta: dict[str, Any], finish_reason: str | None = None,
@@ -199,9 +229,12 @@ def _split_delta(choice: _Choice, reasoning: str, content: str,
     delta: dict[str, str] = {}
     if reasoning:
         delta["reasoning_content"] = reasoning
-    if content:
+    if content and choice.held is not None:
+        choice.held.append(content)  # a request with tools: content waits for the end
+    elif content:
         delta["content"] = content
     if not delta and logprobs is None:
         return []
-    # Text held back (a possible `<think>` tag) still sends its tokens' logprobs now.
+    # Text held back (a possible `<think>` tag, a reply that may call tools) still sends
+    # its tokens' logprobs now.
     return [_chunk(choice, delta, logprobs=logprobs)]

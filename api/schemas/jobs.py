@@ -7,9 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.openai import ChatCompletionRequest, ChatLogprobs, Usage, chat_logprobs
+from api.schemas.openai import (
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ToolCall,
+    Usage,
+    chat_logprobs,
+)
 from api.schemas.pages import CursorPage
-from storage.content import reasoning_mode, split_reasoning
+from api.tools import reply_message
 from storage.keys import Lane
 from storage.models import Job, JobStatus
 
@@ -26,6 +32,9 @@ class JobResult(BaseModel):
     reasoning_content: str | None = None
     # With logprobs asked for: each output token's (OpenAI's chat shape).
     logprobs: ChatLogprobs | None = None
+    # The tools the reply calls (a request with `tools`; found by the model's tool-call
+    # parser): `text` is then the rest of the reply, as chat answers' `content`.
+    tool_calls: list[ToolCall] | None = None
 
 
 class JobError(BaseModel):
@@ -104,17 +113,14 @@ class JobList(CursorPage[JobPublic]):
 
 
 def _result(job: Job) -> JobResult:
-    text = job.result_text or ""
     logprobs = None
     if job.logprobs is not None:
         logprobs = ChatLogprobs.model_validate(
             chat_logprobs([e for delta in job.logprobs for e in delta]))
-    mode = reasoning_mode(job.request)
-    if mode is not None:
-        reasoning, content = split_reasoning(text, mode)
-        return JobResult(text=content, finish_reason=job.finish_reason,
-                         reasoning_content=reasoning, logprobs=logprobs)
-    return JobResult(text=text, finish_reason=job.finish_reason, logprobs=logprobs)
+    message = reply_message(job)
+    return JobResult(text=message.content or "", finish_reason=job.finish_reason,
+                     reasoning_content=message.reasoning_content, logprobs=logprobs,
+                     tool_calls=message.tool_calls or None)
 
 
 def _ts(value: datetime | None) -> float | None:

@@ -43,12 +43,45 @@ class UnsupportedPart(BaseModel):
 ContentPart = Annotated[TextPart | ImageUrlPart | UnsupportedPart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    # JSON text, as the model wrote it (OpenAI's shape); templates get it decoded.
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A call the model made (`message.tool_calls`), or one sent back in an assistant
+    message of the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # An assistant turn that called tools, and a tool's answer to one of those calls: both
+    # reach the chat template in OpenAI's shape.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    """An OpenAI function tool (`tools[]`)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class StreamOptions(BaseModel):
@@ -219,13 +252,20 @@ class ChatCompletionRequest(SamplingFields):
         None, ge=0, le=20, description="With `logprobs`: the most likely tokens (up to 20) "
         "at each position, with their logprobs"
     )
-    tools: list[dict[str, Any]] | None = Field(
-        None, description="Only for models served with a tool-call parser; otherwise 400"
+    tools: list[FunctionTool] | None = Field(
+        None, max_length=128, description="Function tools, for a model whose worker was "
+        "started with `--tool-call-parser` (vLLM's parsers by name); otherwise 400. They "
+        "reach the chat template (`tools`); the reply's tool calls come back as "
+        "`message.tool_calls` with finish_reason `tool_calls`."
     )
     tool_choice: str | dict[str, Any] | None = Field(
-        None, description="With `tools` (`none` is always accepted)"
+        None, description="`auto` (the default with `tools`) or `none` (tools are still "
+        "shown to the template, the reply is not parsed); `required` and a named function "
+        "are refused (400)"
     )
-    parallel_tool_calls: bool | None = Field(None, description="With `tools`")
+    parallel_tool_calls: bool | None = Field(
+        None, description="With `tools`: false keeps only the first tool call, as vLLM does"
+    )
     conversation_id: str | None = Field(
         None, max_length=40,
         description="Ferry extension: continue a stored conversation (`POST "
@@ -326,6 +366,8 @@ class AssistantMessage(BaseModel):
     # vLLM/FastDeploy: the model's thinking (null when there is none): split out by default
     # for a model served with a reasoning parser, else when thinking is asked for.
     reasoning_content: str | None = None
+    # The tools the reply calls, found by the model's tool-call parser ([] as in vLLM).
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class TopLogprob(BaseModel):

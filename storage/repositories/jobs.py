@@ -166,6 +166,9 @@ class JobOutcome:
     error_code: str | None = None
     # Per delta, its tokens' logprobs (None unless the request asked for them).
     logprobs: list[list[dict[str, Any]]] | None = None
+    # The tools the reply calls and its content without them (worker/tool_calls.py).
+    tool_calls: list[dict[str, Any]] | None = None
+    result_content: str | None = None
 
 
 async def finish_job(
@@ -196,6 +199,8 @@ _FINISH = (
         error=bindparam("s_error", type_=_jobs.c.error.type),
         error_code=bindparam("s_error_code", type_=_jobs.c.error_code.type),
         logprobs=bindparam("s_logprobs", type_=_jobs.c.logprobs.type),
+        tool_calls=bindparam("s_tool_calls", type_=_jobs.c.tool_calls.type),
+        result_content=bindparam("s_result_content", type_=_jobs.c.result_content.type),
         finished_at=bindparam("s_finished_at", type_=_jobs.c.finished_at.type),
         lease_expires_at=None,
     )
@@ -232,6 +237,7 @@ async def finish_jobs(
             "s_first_token_at": outcome.first_token_at, "s_ttft_ms": ttft_ms,
             "s_error": outcome.error, "s_finished_at": now,
             "s_error_code": outcome.error_code, "s_logprobs": outcome.logprobs,
+            "s_tool_calls": outcome.tool_calls, "s_result_content": outcome.result_content,
         })
     await session.execute(_FINISH, params)
     # Which landed: ours, and stamped with this group's finish time just now.

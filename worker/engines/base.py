@@ -45,6 +45,9 @@ class SamplingOptions:
     # {"json": schema} or {"json_object": True} (OpenAI `response_format`): output is
     # constrained by the engine; only engines whose ModelInfo says so accept it.
     structured_output: dict[str, Any] | None = None
+    # vLLM's: leave special tokens out of the text (a tool-call parser whose tags are
+    # special tokens in some models asks to keep them).
+    skip_special_tokens: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,8 @@ class GenerationRequest:
     priority: int = 0
     # Extra variables for the chat template (e.g. {"enable_thinking": True}).
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI function tools, for the chat template's `tools` (as vLLM passes them).
+    tools: list[dict[str, Any]] | None = None
     # Decoded RGB images, in the order their placeholders appear in messages / prompt.
     images: tuple[Image, ...] = ()
     # False: nobody watches the text as it comes (batch lines), so the engine may hand it
@@ -112,6 +117,11 @@ class Engine(Protocol):
 
     @property
     def info(self) -> ModelInfo: ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, once started (tool-call parsers read it)."""
+        ...
 
     async def start(self) -> None:
         """Load the model; must be awaited inside the loop that will call generate."""

@@ -7,6 +7,7 @@ check lengths before anything is submitted, so a bad request fails fast with
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -94,13 +95,46 @@ def _check_request(request: GenerationRequest, images: ImageSupport | None) -> N
         raise EngineRequestError("this model does not take images")
 
 
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them: an assistant turn's tool-call arguments
+    decoded from JSON text to an object, as vLLM does (Hugging Face's convention; text
+    that is not a JSON object becomes {}, so a bad turn in a history cannot block the
+    conversation). Other messages are passed as they are."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if message.get("role") != "assistant" or not isinstance(calls, list):
+            out.append(message)
+            continue
+        decoded = []
+        for call in calls:
+            function = dict(call.get("function") or {})
+            function["arguments"] = _arguments(function.get("arguments"))
+            decoded.append({**call, "function": function})
+        out.append({**message, "tool_calls": decoded})
+    return out
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value) if isinstance(value, str) and value else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
 def _render_messages(tokenizer: Any, request: GenerationRequest, tokenize: bool) -> Any:
     if getattr(tokenizer, "chat_template", None) is None:
         raise EngineRequestError("this model has no chat template; send `prompt` instead")
+    extra = dict(request.chat_template_kwargs or {})
+    if request.tools:
+        extra["tools"] = request.tools
     try:
         return tokenizer.apply_chat_template(
-            request.messages, add_generation_prompt=True, tokenize=tokenize, return_dict=False,
-            **(request.chat_template_kwargs or {}),
+            template_messages(request.messages or []), add_generation_prompt=True,
+            tokenize=tokenize, return_dict=False, **extra,
         )
     except Exception as exc:  # jinja errors (bad roles, bad content) are the caller's
         raise EngineRequestError(f"cannot render messages with the chat template: {exc}") from exc

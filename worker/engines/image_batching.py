@@ -18,6 +18,10 @@ uses (result handlers, add / cancel, stop), so the engine drives both the same w
 Sampling is Ferry's own here, so it honours every option per request (seed, logit_bias,
 min_tokens, repetition / presence / frequency penalties, min_p, logprobs): text models'
 requests that need one of those, which transformers' batching cannot do, run here too.
+
+LoRA: with a peft model (`PeftModel`, adapters loaded), each row names its adapter, or
+peft's "__base__" for the base model, and every forward passes them (`adapter_names`, one
+per row), so one decode batch mixes adapters and the base model.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # How long the idle thread sleeps waiting for work before it checks for a stop.
 _IDLE_WAIT_S = 0.1
+# peft's name for "no adapter" in a mixed-adapter batch.
+BASE_ADAPTER = "__base__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +79,17 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     position: int = 0  # next token's position (= tokens in this row's cache)
+    adapter: str = BASE_ADAPTER  # the peft adapter this row runs with (with adapters only)
 
 
 class ImageBatcher:
     """Prefill per request, decode all running requests in one batch (module docstring)."""
 
-    def __init__(self, model: Any, eos_ids: set[int], max_batch: int) -> None:
+    def __init__(self, model: Any, eos_ids: set[int], max_batch: int,
+                 adapters: bool = False) -> None:
         self._model = model
+        # A peft model with adapters: every forward names each row's adapter (or the base).
+        self._adapters = adapters
         self._eos_ids = eos_ids
         self._max_batch = max(1, max_batch)
         self._waiting: queue.Queue[_Sequence] = queue.Queue()
@@ -123,16 +133,20 @@ class ImageBatcher:
         model_inputs: dict[str, Any] | None = None,
         eos_token_id: list[int] | None = None,
         options: SamplingOptions | None = None,
+        adapter: str | None = None,
     ) -> str | None:
         """Queue a request; None if the batcher is stopping. `model_inputs` is the
         processor's output (input_ids and pixel tensors, batch of one); without it the
         request is text only. `eos_token_id` overrides the model's end tokens, as in
         transformers' manager (`[]`: generate to max_new_tokens). `options`: the request's
-        sampling options beyond temperature / top-p / top-k, applied per token."""
+        sampling options beyond temperature / top-p / top-k, applied per token. `adapter`:
+        the peft adapter to run it with (None: the base model)."""
         import torch
 
         if self._stopping.is_set() or self.fatal_error is not None:
             return None
+        if adapter is not None and not self._adapters:
+            raise ValueError(f"adapter {adapter!r} given, and the model has no adapters")
         inputs = dict(model_inputs or {})
         if "input_ids" not in inputs:
             inputs["input_ids"] = torch.tensor([input_ids], dtype=torch.long)
@@ -143,7 +157,7 @@ class ImageBatcher:
             self._active.add(request_id)
         eos_ids = self._eos_ids if eos_token_id is None else set(eos_token_id)
         seq = _Sequence(request_id, inputs, max_new_tokens, temperature, top_p, top_k,
-                        generator, eos_ids, options)
+                        generator, eos_ids, options, adapter=adapter or BASE_ADAPTER)
         if options is not None and options.repetition_penalty not in (None, 1.0):
             seq.prompt_ids = [int(i) for i in inputs["input_ids"][0]]
         self._waiting.put(seq)
@@ -233,6 +247,8 @@ class ImageBatcher:
         seq.model_inputs = {}  # the pixels are not needed any more
         length = int(inputs["input_ids"].shape[1])
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        if self._adapters:
+            inputs["adapter_names"] = [seq.adapter]
         out = self._model(**inputs, use_cache=True, logits_to_keep=1)
         seq.position = length
         token = self._sample(out.logits[:, -1, :].float(), [seq])[0]
@@ -271,6 +287,8 @@ class ImageBatcher:
         device = self._model.device
         ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=device)
         mask = torch.cat([self._mask, ones], dim=1)
+        # Without adapter_names a peft model would apply its active adapter to every row.
+        adapters = {"adapter_names": [s.adapter for s in self._rows]} if self._adapters else {}
         # The model appends this step's keys and values to the cache in place.
         out = self._model(
             input_ids=torch.tensor([[t] for t in self._next_tokens], device=device),
@@ -278,6 +296,7 @@ class ImageBatcher:
             position_ids=torch.tensor([[s.position] for s in self._rows], device=device),
             past_key_values=self._cache,
             use_cache=True,
+            **adapters,
         )
         self._mask = mask
         for seq in self._rows:

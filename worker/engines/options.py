@@ -213,8 +213,9 @@ def vllm_flag_args(
 
 
 def check_transformers_options(settings: WorkerSettings) -> None:
-    """The transformers engine honours dtype, trust_remote_code, max_model_len and
-    limit_mm_per_prompt; it refuses the flags it cannot honour rather than ignore them."""
+    """The transformers engine honours dtype, trust_remote_code, max_model_len,
+    limit_mm_per_prompt and lora_modules (checked by `lora_adapters`, as for vLLM); it
+    refuses the flags it cannot honour rather than ignore them."""
     s = settings
     if s.tensor_parallel_size > 1:
         raise StartupError(f"--tensor-parallel-size {s.tensor_parallel_size}: the transformers "
@@ -225,13 +226,6 @@ def check_transformers_options(settings: WorkerSettings) -> None:
     if s.engine_args:
         raise StartupError(f"--engine-args ({', '.join(sorted(s.engine_args))}): these are "
                            "vLLM AsyncEngineArgs; the transformers engine takes none")
-    if s.lora_modules:
-        # transformers' continuous batching packs every request's tokens into one row
-        # (input_ids of shape (1, tokens)) and add_request takes no adapter; peft's mixed
-        # adapter batches choose an adapter per row, so adapters could not be mixed with
-        # base-model requests in one batch.
-        raise StartupError("--lora-modules: the transformers engine cannot run LoRA adapters "
-                           "beside base-model requests in one batch; use --engine vllm")
 
 
 def torch_dtype(settings: WorkerSettings) -> Any:

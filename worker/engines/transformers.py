@@ -26,6 +26,11 @@ What transformers' continuous batching can and cannot do per request (5.x):
   honours the same options and per-request seeds. Every request to such a model (with
   images or not) goes through it; its Hugging Face processor turns the prompt and images
   into model inputs.
+- LoRA (`--lora-modules`): the adapters are loaded with peft (`PeftModel`), and every
+  request of such a worker runs on Ferry's own batching loop, which keeps one row per
+  request and tells peft each row's adapter (`adapter_names`, "__base__" for the base
+  model) on every forward: adapter and base-model requests share one batch. transformers'
+  batching packs all requests into one row, so it cannot mix them.
 """
 
 from __future__ import annotations
@@ -56,8 +61,11 @@ from worker.engines.common import (
     warm_up,
 )
 from worker.engines.options import (
+    LoraAdapter,
+    StartupError,
     check_parsers,
     check_transformers_options,
+    lora_adapters,
     remote_code_hint,
     torch_dtype,
 )
@@ -79,13 +87,14 @@ class _RequestStream:
     def __init__(
         self, backend_tokenizer: Any, stop: tuple[str, ...], prompt_tokens: int,
         manager: Any, logprobs: bool = False, min_tokens: int = 0,
+        skip_special_tokens: bool = True,
     ) -> None:
         from tokenizers.decoders import DecodeStream
 
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.manager = manager  # the batcher running it (transformers' or Ferry's own)
         self._tok = backend_tokenizer
-        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._decoder = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._stop = stop
         self._min_tokens = min_tokens  # stop strings count from then on (as in vLLM)
         # Text that might be the start of a stop string is held back until it is not.
@@ -124,6 +133,8 @@ class _RequestStream:
         self._seen = len(token_ids)
         for n, token_id in enumerate(new, start=first + 1):
             self._pending_tokens += 1
+            if done and n == len(token_ids) and token_id in eos_ids:
+                continue  # the end token is no text, special tokens kept or not (vLLM)
             chunk = self._decoder.step(self._tok, token_id)
             if chunk:
                 self._text += chunk
@@ -191,6 +202,10 @@ class TransformersEngine:
         # Image+text models: their processor and placeholder (None for text models).
         self._processor: Any = None
         self._images: ImageSupport | None = None
+        # --lora-modules, and each adapter's name inside the peft model (a served name may
+        # hold characters a torch module name cannot, such as ".").
+        self._adapters: list[LoraAdapter] = []
+        self._peft_names: dict[str, str] = {}
         # Until start() reads it off the model's config.
         self._info = ModelInfo(
             name=settings.model_name, max_model_len=settings.max_model_len or 0,
@@ -201,11 +216,17 @@ class TransformersEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     async def start(self) -> None:
         if self._manager is not None:
             return
         check_transformers_options(self._settings)
         await asyncio.to_thread(check_parsers, self._settings)
+        self._adapters = await asyncio.to_thread(lora_adapters, self._settings,
+                                                 self._model_path)
         # Importing torch/transformers and loading weights block for seconds: off the loop.
         try:
             manager, own = await asyncio.to_thread(self._load)
@@ -219,6 +240,49 @@ class TransformersEngine:
             own.start()
         self._manager, self._own = manager, own
         await warm_up(self)
+        try:
+            await self._warm_up_adapters()
+        except StartupError:
+            await self.stop()
+            raise
+
+    async def _warm_up_adapters(self) -> None:
+        """Run each adapter once (one token), so that one peft cannot apply to this model
+        stops the worker now, not a user's request later."""
+        for adapter in self._adapters:
+            request = GenerationRequest(
+                request_id=f"ferry-warm-up-{adapter.name}", prompt="Warm up.",
+                sampling=SamplingOptions(max_tokens=1, temperature=0), lora=adapter.name,
+            )
+            try:
+                async for _ in self.generate(request):
+                    pass
+            except Exception as exc:
+                raise StartupError(f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
+                                   f"on {self._settings.model}: {exc}") from exc
+
+    def _with_adapters(self, model: Any) -> Any:
+        """The model with every --lora-modules adapter loaded by peft (none active: each
+        forward names its rows' adapters)."""
+        try:
+            peft: Any = importlib.import_module("peft")
+        except ImportError as exc:
+            raise StartupError(f"--lora-modules on the transformers engine needs peft "
+                               f"(pip install peft): {exc}") from exc
+        wrapped: Any = None
+        for adapter in self._adapters:
+            name = f"lora{adapter.int_id}"
+            try:
+                if wrapped is None:
+                    wrapped = peft.PeftModel.from_pretrained(
+                        model, adapter.path, adapter_name=name, is_trainable=False)
+                else:
+                    wrapped.load_adapter(adapter.path, adapter_name=name, is_trainable=False)
+            except Exception as exc:
+                raise StartupError(f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot be "
+                                   f"loaded on {self._settings.model}: {exc}") from exc
+            self._peft_names[adapter.name] = name
+        return wrapped.eval()
 
     def _load(self) -> tuple[Any, Any]:
         """Load tokenizer and model and build the (not yet started) batching manager, and
@@ -264,10 +328,16 @@ class TransformersEngine:
         )
         from worker.engines.image_batching import ImageBatcher
 
-        own = ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1))
+        if self._adapters:
+            # Ferry's loop alone: peft wraps the model's own layers in place, so transformers'
+            # batching (one row for all requests) would run them with the active adapter.
+            model = self._with_adapters(model)
+        own = ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1),
+                           adapters=bool(self._adapters))
         # Without SDPA, transformers' batching switches the model itself to paged attention,
         # which Ferry's loop cannot run beside it: such a model runs on Ferry's loop alone.
-        if self._images is not None or model.config._attn_implementation == "eager":
+        if (self._images is not None or self._adapters
+                or model.config._attn_implementation == "eager"):
             return own, own
         gen_config = tf.GenerationConfig(
             do_sample=True,
@@ -379,8 +449,11 @@ class TransformersEngine:
             raise EngineRequestError(f"request id {request_id!r} is already running")
         if request.sampling.structured_output is not None:
             raise EngineRequestError("the transformers engine cannot constrain output to JSON")
+        adapter = None
         if request.lora is not None:
-            raise EngineRequestError("the transformers engine runs no LoRA adapters")
+            adapter = self._peft_names.get(request.lora)
+            if adapter is None:
+                raise EngineRequestError(f"no LoRA adapter {request.lora!r} on this worker")
         limit = (self._settings.limit_mm_per_prompt or {}).get("image")
         if isinstance(limit, int) and len(request.images) > limit:
             raise EngineRequestError(f"{len(request.images)} images in one prompt; this worker "
@@ -394,6 +467,8 @@ class TransformersEngine:
             extra = {"model_inputs": inputs}
         if manager is self._own:  # Ferry's batcher: seeds, and the other options if any
             extra["seed"] = request.sampling.seed
+            if adapter is not None:
+                extra["adapter"] = adapter
             if own_sampling:
                 extra["options"] = request.sampling
         max_tokens = check_fits(len(ids), request.sampling.max_tokens, self._info.max_model_len)
@@ -404,7 +479,8 @@ class TransformersEngine:
             extra["eos_token_id"] = []
         stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids),
                                 manager, logprobs=request.sampling.logprobs is not None,
-                                min_tokens=request.sampling.min_tokens)
+                                min_tokens=request.sampling.min_tokens,
+                                skip_special_tokens=request.sampling.skip_special_tokens)
         self._streams[request_id] = stream
         # Register before adding: a fast request could otherwise finish unseen.
         manager.register_result_handler(request_id, stream.queue.put_nowait)

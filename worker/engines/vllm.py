@@ -78,6 +78,10 @@ class VllmEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     def engine_args(self) -> dict[str, Any]:
         """AsyncEngineArgs keywords derived from the settings (public for tests/bench)."""
         s = self._settings
@@ -255,6 +259,7 @@ class VllmEngine:
                 logprobs=s.logprobs,
                 ignore_eos=s.ignore_eos,
                 structured_outputs=self._structured(s.structured_output),
+                skip_special_tokens=s.skip_special_tokens,
                 output_kind=self._delta_kind if stream else self._final_kind,
             )
         except self._request_errors as exc:  # vLLM validates ranges (e.g. top_p in (0, 1])
