@@ -114,6 +114,20 @@ def fastdeploy_curl(name: str, url: str, images: RecordingServer, tmp_path: Path
     return run(["bash", str(seed_copy(name, tmp_path, replacements))], tmp_path)
 
 
+def fastdeploy_chat(name: str, stack: Stack, url: str, images: RecordingServer,
+                    tmp_path: Path, model: str, **extra: str) -> tuple[dict[str, Any],
+                                                                        dict[str, Any]]:
+    """Run a FastDeploy chat example: its answer, from `model`, and the one job it made,
+    succeeded."""
+    since = new_job_id()
+    answer = json.loads(fastdeploy_curl(name, url, images, tmp_path, **extra))
+    assert answer["object"] == "chat.completion", answer
+    assert answer["model"] == model
+    (job,) = new_jobs(stack, since)
+    assert job["id"] == answer["id"] and job["status"] == "succeeded"
+    return answer, job
+
+
 def test_fastdeploy_health_check(open_api: str, tmp_path: Path,
                                  images: RecordingServer) -> None:
     out = fastdeploy_curl("fastdeploy_health.sh", open_api, images, tmp_path)
@@ -127,14 +141,9 @@ def test_fastdeploy_curl_without_model_goes_to_the_default_model(
     verbatim = subprocess.run(["bash", "-n", str(SEEDS / "fastdeploy_chat.sh")],
                               capture_output=True, text=True, check=False)
     assert verbatim.returncode != 0 and "unexpected EOF" in verbatim.stderr
-    since = new_job_id()
-    out = fastdeploy_curl("fastdeploy_chat.sh", open_api, images, tmp_path, **{
-        "Li Bai's 'Quiet Night Thoughts' as": "Li Bai'\\''s '\\''Quiet Night Thoughts'\\'' as"})
-    answer = json.loads(out)
-    assert answer["object"] == "chat.completion", answer
-    assert answer["model"] == smol_model
-    (job,) = new_jobs(stack, since)
-    assert job["id"] == answer["id"] and job["status"] == "succeeded"
+    answer, job = fastdeploy_chat(
+        "fastdeploy_chat.sh", stack, open_api, images, tmp_path, smol_model,
+        **{"Li Bai's 'Quiet Night Thoughts' as": "Li Bai'\\''s '\\''Quiet Night Thoughts'\\'' as"})
     assert answer["choices"][0]["message"]["content"] == job["text"] != ""
     user = job["request"]["messages"][0]["content"]
     assert user == "Rewrite Li Bai's 'Quiet Night Thoughts' as a modern poem"
@@ -144,14 +153,8 @@ def test_fastdeploy_curl_with_an_image_goes_to_the_image_model(
     stack: Stack, open_api: str, smol_model: str, vision_model: str, tmp_path: Path,
     images: RecordingServer,
 ) -> None:
-    since = new_job_id()
-    out = fastdeploy_curl("fastdeploy_chat_image.sh", open_api, images, tmp_path)
-    answer = json.loads(out)
-    assert answer["object"] == "chat.completion", answer
-    assert answer["model"] == vision_model
-    (job,) = new_jobs(stack, since)
-    assert job["id"] == answer["id"]
-    assert job["status"] == "succeeded"
+    _, job = fastdeploy_chat("fastdeploy_chat_image.sh", stack, open_api, images, tmp_path,
+                             vision_model)
     assert image_hashes(job["request"]) == [sha(FASTDEPLOY_IMAGE)]
 
 
@@ -159,14 +162,9 @@ def test_fastdeploy_curl_thinking_off_reaches_the_template(
     stack: Stack, open_api: str, smol_model: str, vision_model: str, tmp_path: Path,
     images: RecordingServer,
 ) -> None:
-    since = new_job_id()
-    out = fastdeploy_curl("fastdeploy_chat_no_thinking.sh", open_api, images, tmp_path)
-    answer = json.loads(out)
-    assert answer["object"] == "chat.completion", answer
-    assert answer["model"] == vision_model
+    answer, job = fastdeploy_chat("fastdeploy_chat_no_thinking.sh", stack, open_api, images,
+                                  tmp_path, vision_model)
     assert answer["choices"][0]["message"]["reasoning_content"] is None
-    (job,) = new_jobs(stack, since)
-    assert job["id"] == answer["id"] and job["status"] == "succeeded"
     assert job["request"]["chat_template_kwargs"] == {"enable_thinking": False}
 
 
