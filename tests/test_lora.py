@@ -183,6 +183,20 @@ async def test_an_adapter_of_another_base_stops_the_worker_at_start(
         await engine_class(tiny, settings).start()
 
 
+@pytest.mark.parametrize("engine", ["vllm", "transformers"])
+async def test_an_adapter_over_max_lora_rank_stops_the_worker_at_start(
+    smollm2_dir: Path, lora_dir: Path, engine: str
+) -> None:
+    from worker.engines import build_engine
+
+    adapter = build_lora_adapter(smollm2_dir, lora_dir / "smol-rank16", rank=16)
+    settings = WorkerSettings(model=str(smollm2_dir), engine=engine, max_lora_rank=8,
+                              lora_modules=f"big={adapter}", concurrency=4)
+    with pytest.raises(StartupError,
+                       match=r"LoRA adapter 'big' has rank 16, over --max-lora-rank 8"):
+        await build_engine(settings).start()
+
+
 def _wait_batch(client: OpenAI, batch_id: str, timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -163,15 +163,22 @@ def _check_shapes(where: str, adapter_dir: Path, model_dir: Path) -> None:
                 )
 
 
+def check_lora_rank(settings: WorkerSettings, adapters: list[LoraAdapter]) -> None:
+    """No adapter may have a rank over `--max-lora-rank` (on either engine, as vLLM)."""
+    if settings.max_lora_rank is None or not adapters:
+        return
+    worst = max(adapters, key=lambda a: a.rank)
+    if worst.rank > settings.max_lora_rank:
+        raise StartupError(f"LoRA adapter {worst.name!r} has rank {worst.rank}, over "
+                           f"--max-lora-rank {settings.max_lora_rank}")
+
+
 def max_lora_rank(settings: WorkerSettings, adapters: list[LoraAdapter]) -> int:
     """`--max-lora-rank`, else the largest adapter rank rounded up to a rank vLLM allows."""
-    largest = max(a.rank for a in adapters)
+    check_lora_rank(settings, adapters)
     if settings.max_lora_rank is not None:
-        if settings.max_lora_rank < largest:
-            worst = max(adapters, key=lambda a: a.rank)
-            raise StartupError(f"LoRA adapter {worst.name!r} has rank {worst.rank}, over "
-                               f"--max-lora-rank {settings.max_lora_rank}")
         return settings.max_lora_rank
+    largest = max(a.rank for a in adapters)
     for rank in _LORA_RANKS:
         if rank >= largest:
             return rank

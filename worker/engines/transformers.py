@@ -63,6 +63,7 @@ from worker.engines.common import (
 from worker.engines.options import (
     LoraAdapter,
     StartupError,
+    check_lora_rank,
     check_parsers,
     check_transformers_options,
     lora_adapters,
@@ -227,6 +228,7 @@ class TransformersEngine:
         await asyncio.to_thread(check_parsers, self._settings)
         self._adapters = await asyncio.to_thread(lora_adapters, self._settings,
                                                  self._model_path)
+        check_lora_rank(self._settings, self._adapters)
         # Importing torch/transformers and loading weights block for seconds: off the loop.
         try:
             manager, own = await asyncio.to_thread(self._load)
