@@ -66,9 +66,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = ModelRegistry(redis)
     queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
     # The hub's own client, on RESP2: under RESP3 (redis-py's default) every pub/sub
-    # message is a push notification, which redis-py's hiredis parser logs at debug level,
-    # formatting the whole message first, and the hub reads one per token per stream
-    # (bench/fanout.py: 55-60 against 65-68 us of API CPU per event streamed).
+    # message is a push notification, which redis-py's hiredis parser formats for a debug
+    # log, and the hub reads one per token per stream (bench/README.md).
     hub_redis = redis_from_url(storage.redis_url, protocol=2)
     hub = JobEventHub(hub_redis)
     state = AppState(

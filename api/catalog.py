@@ -17,9 +17,8 @@ class ModelCatalog:
     """The registry's models, cached for a moment: read on every submit.
 
     One read at a time: when the cache runs out under a burst, every request waiting for
-    it shares the one Redis read instead of each making its own (64 concurrent submits
-    made 64 reads, most on a freshly opened connection: ~15% of the API's time in
-    bench/pipeline.py's burst, py-spy).
+    it shares the one Redis read instead of each making its own, most of them on a freshly
+    opened connection (bench/README.md).
 
     `default_model` (FERRY_DEFAULT_MODEL) and `aliases` (FERRY_MODEL_ALIASES) decide where
     a request that names no model goes: see `resolve`."""

@@ -5,9 +5,9 @@ thread-safe queue: `enqueue` hands jobs over without waiting, and whatever jobs 
 while one batch is being sent go out together on one producer connection. The thread
 needs nothing from the API's event loop (it marks jobs pending with its own Redis
 client), so a burst of requests keeping the loop busy does not hold back the messages of
-jobs already committed: before, each send waited its turn on the loop, and a 64-job burst's
-messages left ~1.2 s after the first ones (bench/pipeline.py, `redis-cli monitor`). A job
-whose send fails stays `queued` in SQL and the reconciler sends it again.
+jobs already committed (sent from the loop, a burst's last messages trailed its first ones:
+bench/README.md). A job whose send fails stays `queued` in SQL and the reconciler sends it
+again.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Each event goes two ways at once: appended to the job's Redis Stream, so a clien
 reconnects can replay what it missed, and published on the job's channel, so live
 subscribers get it without polling. A worker writes every event it has gathered with ONE
 command (a Lua script that appends and publishes each), not two commands per event:
-redis-py packs and parses each command in Python: 34 us of the worker's CPU per event,
-12-19 us with the script (bench/publish.py).
+redis-py packs and parses each command in Python, which cost the worker about twice the
+CPU per event (bench/README.md).
 
 Event ids are `<attempt>-<seq>` and double as the Redis Stream entry id. They are
 deterministic: the worker numbers its events 1, 2, ... within an attempt, and the same
@@ -63,7 +63,8 @@ _HEAD, _TYPE, _DATA = '{"id": "', '", "type": "', '", "data": '
 class JobEvent:
     """One event of a job's stream. `data` is decoded from the wire only when something
     reads it: the API forwards most events to SSE clients as they came (`data_json`), and
-    decoding and encoding again cost it a fifth of its CPU while streaming (bench/fanout.py)."""
+    decoding and encoding again was a large share of its CPU while streaming
+    (bench/README.md)."""
 
     __slots__ = ("_data", "_json", "id", "type")
 

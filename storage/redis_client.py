@@ -2,8 +2,8 @@
 
 redis-py's asyncio connections pack every command in Python (its synchronous ones use
 hiredis's C packer). The worker's per-flush command carries six arguments per job event
-(storage/events.py), and packing it in Python cost ~14 us per event on this project's
-2-core machine: about half of what writing an event cost the worker. So these clients pack
+(storage/events.py), and packing it in Python was about half of what writing an event cost
+the worker (bench/README.md). So these clients pack
 with hiredis through redis-py's own `HiredisRespSerializer`, which is what the synchronous
 client does with the same arguments: the bytes sent are identical. Without hiredis
 installed they are redis-py's plain connections.

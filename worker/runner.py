@@ -66,8 +66,7 @@ class JobRunner:
         self._engine_factory = engine_factory
         # uvloop, as vLLM's own server runs AsyncLLM: every engine step wakes each running
         # job's coroutine and the event publisher, so the loop's own overhead is paid per
-        # token (py-spy: asyncio's selector and timer handles were a quarter of this
-        # thread's time under a 64-job burst).
+        # token (asyncio's is a large share of this thread's time: bench/README.md).
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ferry-runner",
                                         daemon=True)

@@ -52,10 +52,8 @@ class WorkerSettings(BaseSettings):
     # Jobs inside the one engine at once (vLLM's max_num_seqs).
     concurrency: int = 64
     # Batch lines claimed and waiting at the worker to enter the engine, so a line that
-    # ends is replaced at once (worker/admission.py). Lines of one batch tend to end in
-    # waves (similar lengths, started together): with a backlog of 32 a wave of 64 left
-    # half the engine's slots empty for the feeder's round trip. 2,000 lines on 2 cores
-    # (last line finished, s): 32: 8.6-8.9, 64: 9.2-9.4, 96: 7.2-8.5 in interleaved runs.
+    # ends is replaced at once (worker/admission.py). Lines of one batch end in waves, and
+    # a backlog smaller than a wave leaves slots empty meanwhile (bench/README.md).
     bulk_backlog: int = Field(96, ge=0)
     # Share of the engine's slots batch lines may fill while this worker has no
     # interactive job, and while it has one (or had one in the last cooldown seconds).

@@ -180,8 +180,8 @@ async def finish_job(
 
 _jobs = cast(Table, Job.__table__)  # Core: an executemany, not ORM bulk update by key
 # One statement for every job of a group, run as an executemany (one pipelined round trip
-# on asyncpg): per-job statements cost the worker ~3 ms a job under load, and a batch's
-# lines ending together queued behind them (bench/batch_vs_runbatch.py). `s_keep` is the
+# on asyncpg): under load, a batch's lines ending together queued behind per-job
+# statements (bench/README.md). `s_keep` is the
 # status a cancelled outcome leaves as it is; NULL `s_status` keeps the row's status.
 _FINISH = (
     update(_jobs)

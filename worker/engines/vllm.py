@@ -3,8 +3,8 @@ runner hands it.
 
 vLLM runs its engine core in a separate process (started by `start()`), so the process
 that starts it must be importable under `spawn`: scripts need an
-`if __name__ == "__main__":` guard. `import vllm` alone takes 10-14 s and an engine start
-20-45 s on a small CPU machine, so the import happens in `start()`, never at module import.
+`if __name__ == "__main__":` guard. `import vllm` alone takes seconds and an engine start
+longer, so the import happens in `start()`, never at module import.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class VllmEngine:
         # The CPU build sizes its KV cache from this variable (GiB, default: a share of
         # RAM); it is read when the engine config is created, just below.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._settings.cpu_kv_cache_gib))
-        # The import takes 10-14 s: do it off the loop so heartbeats keep running.
+        # The import is slow: do it off the loop so heartbeats keep running.
         await asyncio.to_thread(importlib.import_module, "vllm")
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -145,9 +145,8 @@ class VllmEngine:
             # CPU platform rewrites the string "uni" to its multiprocess executor, which
             # adds a model process and leaves the engine core busy-waiting for its results
             # (sched_yield in a loop: a whole core) while async scheduling is off on CPU
-            # anyway; an executor class is taken as given. Measured on 2 cores, 64
-            # requests: 7,100-8,200 tok/s with the extra process, 10,700-14,800 without,
-            # and the second core half idle instead of full (bench/engine_direct.py).
+            # anyway; an executor class is taken as given. Without the extra process the
+            # engine is faster and leaves a core free (bench/README.md).
             from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
             kwargs.setdefault("distributed_executor_backend", UniProcExecutor)
