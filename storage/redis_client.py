@@ -18,7 +18,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 
-_SERIALIZER = HiredisRespSerializer()  # stateless: one for every connection
+_SERIALIZER = HiredisRespSerializer()  # type: ignore[no-untyped-call]  # stateless
 
 
 class _HiredisPacking:
