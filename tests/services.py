@@ -88,6 +88,31 @@ class Service:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _workdir(kind: str) -> Path:
+    """A fresh directory for a server, marked with this process's id; first deletes those
+    left by test processes that were killed outright (their servers went with them)."""
+    for old in Path(tempfile.gettempdir()).glob("ferry-test-*-*"):
+        try:
+            owner = int((old / "owner").read_text())
+        except (OSError, ValueError):
+            continue  # not one of these, or being made right now
+        if not _alive(owner):
+            shutil.rmtree(old, ignore_errors=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"ferry-test-{kind}-"))
+    (workdir / "owner").write_text(str(os.getpid()))
+    return workdir
+
+
 def _start(name: str, url: str, args: list[str], workdir: Path,
            stop_signal: signal.Signals = signal.SIGTERM, **kwargs: Any) -> Service:
     with (workdir / "server.log").open("ab") as log:
@@ -133,7 +158,7 @@ def start_redis() -> Service:
     """A throwaway redis-server on a free loopback port (no persistence)."""
     import redis
 
-    workdir = Path(tempfile.mkdtemp(prefix="ferry-test-redis-"))
+    workdir = _workdir("redis")
     port = free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(workdir)]
@@ -168,7 +193,7 @@ def start_postgres() -> Service:
     import psycopg
 
     bindir = postgres_bin_dir()
-    workdir = Path(tempfile.mkdtemp(prefix="ferry-test-pg-"))
+    workdir = _workdir("pg")
     as_user = _unprivileged()
     if as_user:
         workdir.chmod(0o755)
@@ -176,9 +201,14 @@ def start_postgres() -> Service:
             subprocess.run([str(bindir / "initdb"), "-V"], check=True, capture_output=True,
                            cwd=workdir, **as_user)
         except (OSError, subprocess.CalledProcessError):
-            shutil.copytree(bindir.parent, workdir / "pginstall")
-            bindir = workdir / "pginstall" / "bin"
-            subprocess.run(["chmod", "-R", "a+rX", str(workdir / "pginstall")], check=True)
+            # The same layout: the binaries find the wheel's libraries at
+            # $ORIGIN/../../../pgserver.libs.
+            site = bindir.parents[2]
+            shutil.copytree(bindir.parent, workdir / "pgserver" / "pginstall")
+            if (site / "pgserver.libs").is_dir():
+                shutil.copytree(site / "pgserver.libs", workdir / "pgserver.libs")
+            subprocess.run(["chmod", "-R", "a+rX", str(workdir)], check=True)
+            bindir = workdir / "pgserver" / "pginstall" / "bin"
     data = workdir / "data"
     data.mkdir()
     if as_user:
