@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: run test lint install bench clean
+.PHONY: run test lint hooks install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ferry serve
 
+# PostgreSQL and Redis: those on 127.0.0.1:5432 and :6379 (or FERRY_TEST_PG, FERRY_TEST_REDIS);
+# where none answers, the run starts its own on free ports and stops them (tests/services.py).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -34,6 +36,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# A git pre-commit hook running ruff and mypy (.pre-commit-config.yaml).
+hooks: $(STAMP)
+	$(BIN)/pre-commit install
 
 clean:
 	rm -rf $(VENV) .ferry

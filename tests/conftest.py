@@ -1,7 +1,10 @@
 """Fixtures on real services: PostgreSQL and Redis on this machine, real Ferry processes.
 
-Each test session gets its own PostgreSQL database (dropped at the end) and its own Redis
-database numbers, so a run never sees another run's data.
+PostgreSQL and Redis are the ones FERRY_TEST_PG and FERRY_TEST_REDIS name (127.0.0.1:5432
+and :6379 by default); where nothing answers there, the run starts its own on free ports and
+stops them at the end (tests/services.py). Each test session gets its own PostgreSQL
+database (dropped at the end) and its own Redis database numbers, so a run never sees
+another run's data.
 """
 
 from __future__ import annotations
@@ -17,35 +20,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.db import create_db_engine, create_session_factory
 from storage.settings import StorageSettings
+from tests import services
 from tests.imaging import ImageStack, start_image_stack
 from tests.procs import Proc, free_port, start_api, start_worker, wait_until
 
-PG_ADMIN = os.environ.get("FERRY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_BASE = os.environ.get("FERRY_TEST_REDIS", "redis://127.0.0.1:6379")
+# Before the URLs below are read: where nothing answers, this sets them to servers of the
+# run's own (test modules import them, so a fixture would come too late).
+SERVICES = services.ensure(os.environ)
+PG_ADMIN = os.environ.get(services.PG_VAR, services.PG_DEFAULT)
+REDIS_BASE = os.environ.get(services.REDIS_VAR, services.REDIS_DEFAULT)
 TINY = "ferry-tiny-chat"
 KEY_A = "sk-test-a-" + secrets.token_hex(4)
 KEY_B = "sk-test-b-" + secrets.token_hex(4)
 
 
-def _psql(sql: str) -> None:
-    subprocess.run(["psql", PG_ADMIN, "-q", "-c", sql], check=True, capture_output=True)
+def pytest_report_header() -> list[str]:
+    return SERVICES.notes
+
+
+def pytest_unconfigure() -> None:
+    SERVICES.stop()
+
+
+def _admin_sql(sql: str) -> None:
+    """Runs an administrative statement (CREATE/DROP DATABASE: outside a transaction)."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(sql.encode())
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     name = f"ferry_test_{os.getpid()}_{secrets.token_hex(3)}"
-    _psql(f"CREATE DATABASE {name}")
+    _admin_sql(f"CREATE DATABASE {name}")
     url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     try:
         yield f"{url}/{name}"
     finally:
-        _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        _admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +82,13 @@ def own_database() -> Iterator[str]:
     from storage.migrate import upgrade
 
     name = f"ferry_test_own_{os.getpid()}_{secrets.token_hex(3)}"
-    _psql(f"CREATE DATABASE {name}")
+    _admin_sql(f"CREATE DATABASE {name}")
     url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     try:
         upgrade(f"{url}/{name}")
         yield f"{url}/{name}"
     finally:
-        _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        _admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="session")
