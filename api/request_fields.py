@@ -102,25 +102,48 @@ def check_fields(body: SamplingFields, model: ServedModel) -> None:
 
 
 def _check_tools(body: ChatCompletionRequest, model: ServedModel) -> None:
-    """`tools` need a tool-call parser on the model's workers (vLLM's, by name); of
-    `tool_choice`, Ferry honours `none` and `auto` (vLLM forces `required` and named
-    choices with structured outputs, which Ferry does not wire to tools)."""
+    """`tools` need a tool-call parser on the model's workers (vLLM's, by name).
+    `tool_choice` `required` or naming a function is forced as vLLM forces it, through
+    structured outputs (worker/tool_calls.py): only on an engine that has them, and not
+    together with `response_format`, which the forced schema would replace."""
     choice = body.tool_choice
-    if body.tools:
-        if model.tool_call_parser is None:
-            raise InvalidRequest(
-                f"`tools` is not supported for model `{model.name}`: it has no tool-call "
-                "parser; start its worker with --tool-call-parser NAME (one of vLLM's "
-                "parsers, e.g. hermes) to use tools.",
-                param="tools", code="unsupported_parameter",
-            )
-        if choice in (None, "none", "auto"):
-            return
-        shown = f"`{choice}`" if isinstance(choice, str) else "naming a function"
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise InvalidRequest("`tool_choice` needs `tools`.", param="tool_choice",
+                                 code="unsupported_parameter")
+        return
+    if model.tool_call_parser is None:
         raise InvalidRequest(
-            f"`tool_choice` {shown} is not supported by this server; use `auto` or `none`.",
-            param="tool_choice", code="unsupported_parameter",
+            f"`tools` is not supported for model `{model.name}`: it has no tool-call "
+            "parser; start its worker with --tool-call-parser NAME (one of vLLM's "
+            "parsers, e.g. hermes) to use tools.",
+            param="tools", code="unsupported_parameter",
         )
-    if choice not in (None, "none"):
-        raise InvalidRequest("`tool_choice` needs `tools`.", param="tool_choice",
-                             code="unsupported_parameter")
+    if choice in (None, "none", "auto"):
+        return
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise InvalidRequest(
+                "`tool_choice` must be `none`, `auto`, `required` or "
+                '{"type": "function", "function": {"name": NAME}}.',
+                param="tool_choice", code="invalid_value")
+        if name not in {tool.function.name for tool in body.tools}:
+            raise InvalidRequest(f"`tool_choice` names function `{name}`, which is not "
+                                 "in `tools`.", param="tool_choice", code="invalid_value")
+    elif choice != "required":
+        raise InvalidRequest(
+            f"`tool_choice` `{choice}` is not one of `none`, `auto`, `required` or a "
+            "named function.", param="tool_choice", code="invalid_value")
+    if not model.supports_structured_output:
+        raise InvalidRequest(
+            f"`tool_choice` other than `auto` or `none` is not supported for model "
+            f"`{model.name}`: it runs on the `{model.engine}` engine, which cannot constrain "
+            "output; a forced tool choice needs a vLLM worker.",
+            param="tool_choice", code="unsupported_parameter")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise InvalidRequest(
+            "`tool_choice` `required` or a named function cannot be combined with "
+            "`response_format`: the reply is held to the tools' schema.",
+            param="tool_choice", code="invalid_value")

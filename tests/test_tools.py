@@ -87,7 +87,55 @@ def test_a_parser_that_does_not_fit_the_model_stops_the_worker(tokenizer: Any) -
 def test_hermes_asks_to_keep_special_tokens(hermes: ToolCallParser) -> None:
     """vLLM's hermes parser keeps special tokens in the text of a reply to a request with
     tools (its tags are special tokens in some models); the worker asks the parser."""
-    assert hermes.skips_special_tokens(STORED) is False
+    assert hermes.generation(STORED).skip_special_tokens is False
+    assert hermes.generation({**STORED, "tool_choice": "none"}).skip_special_tokens is True
+
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED])
+def test_a_forced_tool_choice_is_a_constraint_in_the_parsers_format(
+    hermes: ToolCallParser, choice: Any
+) -> None:
+    """As vLLM forces it: hermes has a strict call format, so the reply is held to an
+    xgrammar structural tag that opens with its `<tool_call>` for that function."""
+    how = hermes.generation({**STORED, "tool_choice": choice})
+    assert how.constraint is not None
+    tag = json.loads(how.constraint["structural_tag"])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": ' in json.dumps(tag["format"]) \
+        .encode().decode("unicode_escape")
+    assert hermes.generation(STORED).constraint is None  # `auto`, tools not strict
+
+
+def test_a_forced_reply_is_read_in_the_parsers_format(hermes: ToolCallParser) -> None:
+    for choice in ("required", NAMED):
+        found = hermes.parse(TOOL_CALL_TEXT, {**STORED, "tool_choice": choice})
+        assert found is not None and found.calls[0]["function"]["name"] == "get_weather"
+
+
+def test_a_json_format_parser_reads_the_forced_json(tokenizer: Any) -> None:
+    """A parser without a structural format of its own (vLLM's `pythonic`) is forced with
+    a JSON schema, as vLLM does: `required` holds the reply to a list of
+    `{name, parameters}`, read back as calls; a named function to its arguments."""
+    parser = ToolCallParser("pythonic", tokenizer)
+    how = parser.generation({**STORED, "tool_choice": "required", "parallel_tool_calls": False})
+    assert how.constraint is not None
+    schema = how.constraint["json"]
+    assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
+    assert schema["items"]["anyOf"][0]["properties"]["name"] == {
+        "type": "string", "enum": ["get_weather"]}
+    named_how = parser.generation({**STORED, "tool_choice": NAMED})
+    assert named_how.constraint == {"json": WEATHER_TOOL["function"]["parameters"]}
+    required = parser.parse('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]',
+                            {**STORED, "tool_choice": "required"})
+    assert required is not None and required.content is None
+    [call] = required.calls
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+    named = parser.parse('{"city": "Oslo"}', {**STORED, "tool_choice": NAMED})
+    assert named is not None
+    assert named.calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
 
 
 def test_parallel_calls_and_parallel_tool_calls_false(hermes: ToolCallParser) -> None:
@@ -276,16 +324,72 @@ def test_tools_need_a_tool_call_parser(stack: Stack) -> None:
     assert error["param"] == "tools" and "--tool-call-parser" in error["message"]
 
 
-@pytest.mark.parametrize("choice", [
-    "required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_tool_choice_other_than_auto_or_none_is_refused(
-    stack: Stack, tools_model: str, choice: Any
+CLOCK_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time", "strict": True,
+        "parameters": {"type": "object", "additionalProperties": False,
+                       "properties": {"zone": {"type": "string", "enum": ["utc", "local"]}},
+                       "required": ["zone"]},
+    },
+}
+
+
+def _clock(choice: Any, **extra: Any) -> dict[str, Any]:
+    """A forced choice of a tool whose only argument is an enum: held to hermes' call
+    format and the tool's strict schema, even a random model's reply is one whole call
+    (the grammar allows it some whitespace, which the random model spends tokens on)."""
+    return {"messages": [{"role": "user", "content": "What time is it?"}],
+            "tools": [WEATHER_TOOL, CLOCK_TOOL], "tool_choice": choice,
+            "parallel_tool_calls": False, "max_tokens": 400, "temperature": 0, **extra}
+
+
+@pytest.mark.parametrize(("choice", "finish"), [
+    ("required", "tool_calls"),
+    ({"type": "function", "function": {"name": "get_time"}}, "stop"),
+])
+def test_a_forced_tool_choice_answers_a_call(
+    stack: Stack, tools_model: str, choice: Any, finish: str
+) -> None:
+    """`required` and a named function are forced as vLLM forces them (structured
+    outputs); finish_reason as vLLM's: `tool_calls` for `required`, `stop` for a named one."""
+    out = sdk(stack).chat.completions.create(model=tools_model, **_clock(choice))
+    result = out.choices[0]
+    assert result.finish_reason == finish, result.message
+    [call] = result.message.tool_calls or []
+    if isinstance(choice, dict):
+        assert call.function.name == "get_time"
+    else:
+        assert call.function.name in ("get_time", "get_weather")
+    if call.function.name == "get_time":
+        assert json.loads(call.function.arguments)["zone"] in ("utc", "local")
+
+
+def test_a_forced_tool_choice_streamed(stack: Stack, tools_model: str) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    stream = sdk(stack).chat.completions.create(model=tools_model, stream=True,
+                                                **_clock(named))
+    calls = [tc for piece in stream for c in piece.choices for tc in c.delta.tool_calls or []]
+    [call] = calls
+    assert call.function is not None and call.function.name == "get_time"
+    assert json.loads(call.function.arguments or "")["zone"] in ("utc", "local")
+
+
+@pytest.mark.parametrize(("choice", "extra", "words"), [
+    ({"type": "function", "function": {"name": "no_such_tool"}}, {}, "no_such_tool"),
+    ({"type": "function"}, {}, "must be"),
+    ("sometimes", {}, "sometimes"),
+    ("required", {"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_a_bad_tool_choice_is_400_naming_it(
+    stack: Stack, tools_model: str, choice: Any, extra: dict[str, Any], words: str
 ) -> None:
     with stack.client() as client:
         r = client.post("/v1/chat/completions", json={
             "model": tools_model, "messages": [{"role": "user", "content": "Hi"}],
-            "tools": [WEATHER_TOOL], "tool_choice": choice})
-    assert assert_error(r, 400, "unsupported_parameter")["param"] == "tool_choice"
+            "tools": [WEATHER_TOOL], "tool_choice": choice, **extra})
+    error = assert_error(r, 400, "invalid_value")
+    assert error["param"] == "tool_choice" and words in error["message"]
 
 
 @pytest.mark.parametrize(("tools", "param"), [
@@ -345,6 +449,12 @@ def test_tools_on_the_transformers_engine(
         choice = out["choices"][0]
         assert choice["finish_reason"] == "tool_calls", out
         assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+        # A forced choice needs structured outputs, which this engine has not.
+        refused = httpx.post(f"{stack.url}/v1/chat/completions", timeout=30,
+                             headers={"Authorization": f"Bearer {KEY_A}"},
+                             json={"model": name, **_clock("required")})
+        error = assert_error(refused, 400, "unsupported_parameter")
+        assert error["param"] == "tool_choice" and "transformers" in error["message"]
     finally:
         proc.stop()
         stack.procs.remove(proc)

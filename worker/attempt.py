@@ -194,10 +194,10 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
                                                    ctx.objects)
                 if job.model in ctx.adapters:
                     request = dataclasses.replace(request, lora=job.model)
-                if state.tool_request is not None and ctx.tool_parser is not None \
-                        and not ctx.tool_parser.skips_special_tokens(job.request):
-                    request = dataclasses.replace(request, sampling=dataclasses.replace(
-                        request.sampling, skip_special_tokens=False))
+                if state.tool_request is not None and ctx.tool_parser is not None:
+                    request = _with_tool_constraints(
+                        ctx.tool_parser, job.request, request,
+                        ctx.engine.info.supports_structured_output)
                 status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
                                                 state, ctx.publisher)
             except ImageUnavailable as exc:
@@ -320,14 +320,31 @@ async def _record_end(
     return recorded.value
 
 
+def _with_tool_constraints(
+    parser: ToolCallParser, body: dict[str, Any], request: GenerationRequest,
+    can_constrain: bool,
+) -> GenerationRequest:
+    """A request with tools generated as vLLM's parser adjusts it (worker/tool_calls.py).
+    An engine without structured outputs generates unconstrained (the API refuses the
+    forced choices there; `strict` tools under `auto` then go as under `auto` alone)."""
+    how = parser.generation(body)
+    sampling = dataclasses.replace(request.sampling, skip_special_tokens=how.skip_special_tokens)
+    if how.constraint is not None and can_constrain:
+        sampling = dataclasses.replace(sampling, structured_output=how.constraint)
+    return dataclasses.replace(request, sampling=sampling)
+
+
 def _find_tool_calls(parser: ToolCallParser, state: JobAttempt) -> None:
-    """The whole reply through the tool-call parser; a reply that calls tools ends with
-    finish_reason `tool_calls`, as in vLLM."""
+    """The whole reply through the tool-call parser. As in vLLM (and OpenAI), a reply that
+    calls tools ends with finish_reason `tool_calls`, except under a named `tool_choice`,
+    where it keeps the engine's (`stop`)."""
     assert state.tool_request is not None
     found = parser.parse_quietly("".join(state.deltas), state.tool_request)
     if found is not None:
         state.tool_calls, state.result_content = found.calls, found.content
-        state.finish_reason = "tool_calls"
+        choice = state.tool_request.get("tool_choice", "auto")
+        if choice == "auto" or (choice == "required" and state.finish_reason == "stop"):
+            state.finish_reason = "tool_calls"
 
 
 def _terminal_events(

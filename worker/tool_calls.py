@@ -1,15 +1,20 @@
-"""Tool calls in a finished reply, found by vLLM's own tool-call parser (`--tool-call-parser`).
+"""Tool calls in a finished reply, found by vLLM's own parsers (`--tool-call-parser`).
 
-The worker parses a job's whole reply when it ends, as vLLM's server does for a
-non-streamed answer: `ToolParserManager.get_tool_parser(name)(tokenizer, tools)` and its
-`extract_tool_calls(text, request)`, the request being vLLM's `ChatCompletionRequest`
-built from the job's stored tools. The calls (OpenAI's shape) and the content left
-without the tool-call text are stored with the result (storage: Job.tool_calls,
-Job.result_content) and sent with the job's `done` event.
+The worker does what vLLM's chat server does with a request that has tools, through the
+same public object: the parser `ParserManager.get_parser(tool_parser_name=NAME)` composes
+for that tool parser. Before generation its `adjust_request` says how the reply must be
+generated: a forced `tool_choice` (`required`, or a named function), and for parsers with
+a strict format also `auto` where the tools ask for it, become a structured-output
+constraint (a JSON schema, or an xgrammar structural tag in the parser's own call
+format); some parsers need special tokens kept. When the job ends, its `parse` reads the
+whole reply, as vLLM does for a non-streamed answer. The calls (OpenAI's shape) and the
+content left are stored with the result (Job.tool_calls, Job.result_content) and sent
+with the job's `done` event.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,36 +34,62 @@ class ToolCalls:
     content: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ToolGeneration:
+    """How a reply to a request with tools is generated, as vLLM's parser adjusts it."""
+
+    # For the engine's structured outputs: {"json": schema} or {"structural_tag": json}.
+    constraint: dict[str, Any] | None
+    skip_special_tokens: bool
+
+
+def forced_choice(request: dict[str, Any]) -> bool:
+    """A stored `tool_choice` of `required` or naming a function (see api/tools.py)."""
+    choice = request.get("tool_choice")
+    return choice == "required" or isinstance(choice, dict)
+
+
 class ToolCallParser:
-    """One of vLLM's tool-call parsers, by name, over the engine's tokenizer. Parser
-    instances keep state, so each reply gets a fresh one (as each vLLM request does)."""
+    """vLLM's parser for one of its tool-call parsers, by name, over the engine's
+    tokenizer. Parser instances keep state, so each reply gets a fresh one (as each vLLM
+    request does)."""
 
     def __init__(self, name: str, tokenizer: Any) -> None:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.tool_parsers import ToolParserManager
+        from vllm.parser.parser_manager import ParserManager
 
         self.name = name
-        self._parser_class = ToolParserManager.get_tool_parser(name)
+        parser_class = ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True,
+                                                tokenizer=tokenizer)
+        if parser_class is None:
+            raise ValueError(f"vLLM has no parser for tool-call parser {name!r}")
+        self._parser_class = parser_class
         self._tokenizer = tokenizer
         self._request_class = ChatCompletionRequest
 
     def _for(self, request: dict[str, Any]) -> tuple[Any, Any]:
-        """vLLM's request for the stored one (what its parsers read: the tools and
-        tool_choice), and a fresh parser for it."""
+        """vLLM's request for the stored one (what its parsers read: the tools,
+        tool_choice and parallel_tool_calls), and a fresh parser for it."""
         vllm_request = self._request_class.model_validate({
             "model": "ferry", "messages": [], "tools": request["tools"],
-            "tool_choice": "auto",
+            "tool_choice": request.get("tool_choice", "auto"),
             "parallel_tool_calls": request.get("parallel_tool_calls", True),
         })
         # (list is invariant: vLLM types the argument with every tool kind it knows)
-        return vllm_request, self._parser_class(self._tokenizer, cast(Any, vllm_request.tools))
+        return vllm_request, self._parser_class(self._tokenizer,
+                                                cast(Any, vllm_request.tools))
 
-    def skips_special_tokens(self, request: dict[str, Any]) -> bool:
-        """Whether the reply's text may leave special tokens out: vLLM's parser says so in
-        `adjust_request` (hermes keeps them: its tags are special tokens in some models,
-        and a tag dropped from the text would hide the call)."""
+    def generation(self, request: dict[str, Any]) -> ToolGeneration:
+        """How the reply to the stored `request` is generated (`adjust_request`)."""
         vllm_request, parser = self._for(request)
-        return bool(parser.adjust_request(vllm_request).skip_special_tokens)
+        adjusted = parser.adjust_request(vllm_request)
+        outputs, constraint = adjusted.structured_outputs, None
+        if outputs is not None and outputs.structural_tag is not None:
+            constraint = {"structural_tag": outputs.structural_tag}
+        elif outputs is not None and outputs.json is not None:
+            schema = outputs.json
+            constraint = {"json": json.loads(schema) if isinstance(schema, str) else schema}
+        return ToolGeneration(constraint, bool(adjusted.skip_special_tokens))
 
     def parse(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
         """The tool calls in `text`, the reply to the stored `request`; None when it calls
@@ -67,17 +98,15 @@ class ToolCallParser:
         mode: ReasoningMode | None = reasoning_mode(request)
         content = split_reasoning(text, mode)[1] if mode else text
         vllm_request, parser = self._for(request)
-        info = parser.extract_tool_calls(content, vllm_request)
-        if not info.tools_called or not info.tool_calls:
+        _, left, found = parser.parse(content, vllm_request, enable_auto_tools=True)
+        if not found:
             return None
         calls = [{"id": call.id, "type": "function",
-                  "function": {"name": call.function.name,
-                               "arguments": call.function.arguments}}
-                 for call in info.tool_calls]
+                  "function": {"name": call.name, "arguments": call.arguments}}
+                 for call in found]
         if vllm_request.parallel_tool_calls is False:
             calls = calls[:1]  # as vLLM's maybe_filter_parallel_tool_calls
-        left = info.content if info.content and info.content.strip() else None
-        return ToolCalls(calls, left)
+        return ToolCalls(calls, left if left and left.strip() else None)
 
     def parse_quietly(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
         """`parse`, where a parser that fails leaves the reply as plain content (logged):

@@ -68,8 +68,9 @@ async def create_chat_completion(
     parser when it ends: its calls are `message.tool_calls` (finish_reason `tool_calls`),
     `content` the rest. Streamed, such a reply's content is held back until the end, then
     sent with the tool calls in one chunk before the finish chunk (vLLM streams the calls
-    incrementally; one chunk per reply is equally OpenAI's shape). `tool_choice`: `auto`
-    or `none`. Without a parser `tools` is a 400.
+    incrementally; one chunk per reply is equally OpenAI's shape). `tool_choice` `auto`,
+    `none`, `required` or a named function; the last two are forced through structured
+    outputs as vLLM forces them (vLLM workers only). Without a parser `tools` is a 400.
     A field Ferry cannot honour is refused (400 naming it), never ignored.
     """
     jobs = await jobs_service.build_chat_jobs(state, key, body)

@@ -259,9 +259,11 @@ class ChatCompletionRequest(SamplingFields):
         "`message.tool_calls` with finish_reason `tool_calls`."
     )
     tool_choice: str | dict[str, Any] | None = Field(
-        None, description="`auto` (the default with `tools`) or `none` (tools are still "
-        "shown to the template, the reply is not parsed); `required` and a named function "
-        "are refused (400)"
+        None, description="`auto` (the default with `tools`), `none` (tools are still "
+        "shown to the template, the reply is not parsed), `required` (the reply is one or "
+        "more tool calls) or `{\"type\": \"function\", \"function\": {\"name\": NAME}}` "
+        "(the reply calls that function). The last two are forced with structured outputs, "
+        "as vLLM does: a vLLM worker only, not with `response_format`."
     )
     parallel_tool_calls: bool | None = Field(
         None, description="With `tools`: false keeps only the first tool call, as vLLM does"
