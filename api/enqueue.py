@@ -20,27 +20,20 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from celery import Celery
 from redis import Redis
 
 from storage.broker import celery_conf, celery_priority
-from storage.keys import (
-    PENDING_JOBS,
-    RUN_BULK_JOBS_TASK,
-    RUN_JOB_TASK,
-    RUN_JOBS_TASK,
-    Lane,
-    queue_name,
-)
+from storage.keys import PENDING_JOBS, RUN_JOBS_TASK, Lane, queue_name
 
 log = logging.getLogger(__name__)
-# Batch lines go this many to a Celery message (see storage.keys.RUN_BULK_JOBS_TASK).
+# Every message is storage.keys.RUN_JOBS_TASK: a list of job ids (it says why several).
+# Batch lines go this many to a message.
 BULK_LINES_PER_MESSAGE = 8
-# Interactive jobs sent together share messages (storage.keys.RUN_JOBS_TASK), but a burst
-# is always spread over at least this many messages, so that as many workers can share
-# it; a job that arrives alone is a message of its own.
+# Interactive jobs sent together share messages, but a burst is always spread over at
+# least this many messages, so that as many workers can share it; a job that arrives
+# alone is a message of its own.
 INTERACTIVE_MIN_MESSAGES = 8
 INTERACTIVE_JOBS_PER_MESSAGE = 8
 
@@ -132,20 +125,20 @@ class JobQueue:
         # land after the claim.
         self._redis.zadd(PENDING_JOBS, {job.id: now for job in jobs})
         with self._celery.producer_or_acquire() as producer:
-            for task, args, first in _messages(jobs):
+            for job_ids, first in _messages(jobs):
                 self._celery.send_task(
-                    task, args=args, queue=queue_name(first.model, first.lane),
+                    RUN_JOBS_TASK, args=[job_ids], queue=queue_name(first.model, first.lane),
                     priority=celery_priority(first.priority), producer=producer,
                 )
 
 
-def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[str, list[Any], QueuedJob]]:
-    """(task, args, a job giving queue and priority) per message. Jobs of one message share
+def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[list[str], QueuedJob]]:
+    """(job ids, a job giving queue and priority) per message. Jobs of one message share
     model, lane and priority. Batch lines go up to BULK_LINES_PER_MESSAGE a message.
     Interactive jobs of one model and priority go one per message up to
     INTERACTIVE_MIN_MESSAGES of them; more are spread evenly over that many messages (or
     more, so that none carries over INTERACTIVE_JOBS_PER_MESSAGE)."""
-    messages: list[tuple[str, list[Any], QueuedJob]] = []
+    messages: list[tuple[list[str], QueuedJob]] = []
     groups: dict[tuple[str, str, int], list[QueuedJob]] = {}
     for job in jobs:
         groups.setdefault((job.lane, job.model, job.priority), []).append(job)
@@ -153,15 +146,12 @@ def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[str, list[Any], QueuedJob
         if lane == "bulk":
             for i in range(0, len(group), BULK_LINES_PER_MESSAGE):
                 chunk = group[i:i + BULK_LINES_PER_MESSAGE]
-                messages.append((RUN_BULK_JOBS_TASK, [[j.id for j in chunk]], chunk[0]))
+                messages.append(([j.id for j in chunk], chunk[0]))
             continue
         count = max(min(len(group), INTERACTIVE_MIN_MESSAGES),
                     -(-len(group) // INTERACTIVE_JOBS_PER_MESSAGE))
-        for chunk in _split_evenly(group, count):
-            if len(chunk) == 1:
-                messages.append((RUN_JOB_TASK, [chunk[0].id], chunk[0]))
-            else:
-                messages.append((RUN_JOBS_TASK, [[j.id for j in chunk]], chunk[0]))
+        messages.extend(([j.id for j in chunk], chunk[0])
+                        for chunk in _split_evenly(group, count))
     return messages
 
 

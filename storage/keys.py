@@ -6,21 +6,17 @@ from typing import Literal
 
 Lane = Literal["interactive", "bulk"]
 
-# Celery task the API enqueues by name (the API never imports worker/).
-RUN_JOB_TASK = "ferry.run_job"
-# Interactive jobs that reached the API together (a burst), several per message (args: a
-# list of job ids), each run exactly as RUN_JOB_TASK. A worker's Celery consumer takes one
-# message at a time, with two Redis round trips each; on a busy machine that spread a
-# burst of 64 jobs' starts over seconds (api/enqueue.py says how jobs are grouped).
+# The one Celery task the API sends by name (the API never imports worker/): args, a list
+# of job ids of one model, lane and priority. Interactive jobs and batch lines alike: the
+# worker reads each job's lane from its row. Several jobs share a message because a
+# worker's consumer takes one message at a time, each a push, a pop and two Redis
+# transactions: one per job spread a 64-job burst's starts over seconds and cost batch
+# lines more CPU than their own bookkeeping (api/enqueue.py says how jobs are grouped).
 RUN_JOBS_TASK = "ferry.run_jobs"
 
-# Batch lines run through this task, several per message (args: a list of job ids): each
-# the same run as RUN_JOB_TASK, then a word on BATCH_WAKE_CHANNEL so the batch feeder
-# refills the bulk window at once. One message per line cost more CPU than the line's own
-# bookkeeping (a Celery message is a push, a pop and two Redis transactions).
-RUN_BULK_JOBS_TASK = "ferry.run_bulk_jobs"
-# The one-line form earlier versions sent; workers still run it.
-RUN_BULK_JOB_TASK = "ferry.run_bulk_job"
+# Older APIs sent these; workers run them one more release for a rolling upgrade.
+LEGACY_RUN_JOB_TASK = "ferry.run_job"
+LEGACY_RUN_BULK_JOBS_TASK = "ferry.run_bulk_jobs"
 
 # Workers publish here (payload: the job id) when a batch line ends; API processes listen.
 BATCH_WAKE_CHANNEL = "ferry:batches:wake"

@@ -1,7 +1,7 @@
 """How accepted jobs become Celery messages (api/enqueue.py): interactive jobs one per
 message unless a burst arrives together, batch lines several to a message, never mixing
-models or priorities (a message goes to one queue at one priority); and the thread that
-sends them."""
+models, lanes or priorities (a message goes to one queue at one priority); every message
+the one task with a list of job ids; and the thread that sends them."""
 
 from __future__ import annotations
 
@@ -15,13 +15,7 @@ import redis
 
 from api.enqueue import BULK_LINES_PER_MESSAGE, JobQueue, QueuedJob, _messages, create_producer
 from storage.broker import priority_lists
-from storage.keys import (
-    PENDING_JOBS,
-    RUN_BULK_JOBS_TASK,
-    RUN_JOB_TASK,
-    RUN_JOBS_TASK,
-    queue_name,
-)
+from storage.keys import PENDING_JOBS, RUN_JOBS_TASK, queue_name
 from tests.conftest import REDIS_BASE
 
 
@@ -35,9 +29,9 @@ def test_batch_lines_share_messages_by_model_and_priority() -> None:
 
     messages = _messages(jobs)
 
-    singles = [(args, first) for task, args, first in messages if task == RUN_JOB_TASK]
-    assert [args for args, _ in singles] == [["i0"], ["i1"], ["i2"]]
-    grouped = [(args[0], first) for task, args, first in messages if task == RUN_BULK_JOBS_TASK]
+    singles = [ids for ids, first in messages if first.lane == "interactive"]
+    assert singles == [["i0"], ["i1"], ["i2"]]
+    grouped = [(ids, first) for ids, first in messages if first.lane == "bulk"]
     assert [ids for ids, _ in grouped] == [
         [f"a{i}" for i in range(n)], [f"a{i}" for i in range(n, n + 3)],
         ["b0", "b1"], ["c0"],
@@ -47,7 +41,7 @@ def test_batch_lines_share_messages_by_model_and_priority() -> None:
         members = [j for j in jobs if j.id in ids]
         assert {(j.model, j.priority, j.lane) for j in members} == {
             (first.model, first.priority, "bulk")}
-    sent = [i for _, args, _ in messages for i in (args[0] if isinstance(args[0], list) else args)]
+    sent = [i for ids, _ in messages for i in ids]
     assert sorted(sent) == sorted(j.id for j in jobs)  # each job exactly once
 
 
@@ -59,22 +53,18 @@ def test_interactive_bursts_spread_over_at_least_eight_messages(
 ) -> None:
     jobs = [QueuedJob(f"j{i}", "m1", "interactive", 0) for i in range(n)]
     out = _messages(jobs)
-    ids = [args[0] if task == RUN_JOBS_TASK else args for task, args, _ in out]
+    ids = [group for group, _ in out]
     assert len(out) == messages
     assert max(len(group) for group in ids) == largest
     assert max(map(len, ids)) - min(map(len, ids)) <= 1  # evenly spread
     assert [i for group in ids for i in group] == [j.id for j in jobs]  # in order, once
-    # A message of one job is the plain single-job task, as before.
-    assert all((task == RUN_JOB_TASK) == (len(group) == 1)
-               for (task, _, _), group in zip(out, ids, strict=True))
 
 
 def test_interactive_jobs_of_other_models_or_priorities_never_share_a_message() -> None:
     jobs = [QueuedJob(f"a{i}", "m1", "interactive", 0) for i in range(20)]
     jobs += [QueuedJob(f"b{i}", "m2", "interactive", 0) for i in range(20)]
     jobs += [QueuedJob(f"c{i}", "m1", "interactive", 3) for i in range(20)]
-    for task, args, first in _messages(jobs):
-        group = args[0] if task == RUN_JOBS_TASK else args
+    for group, first in _messages(jobs):
         members = [j for j in jobs if j.id in group]
         assert {(j.model, j.priority) for j in members} == {(first.model, first.priority)}
 
@@ -85,12 +75,15 @@ QUEUE_REDIS_URL = f"{REDIS_BASE}/7"  # no test stack uses db 7
 
 
 def _sent_job_ids(client: redis.Redis, queue: str) -> list[str]:
-    """Job ids in the Celery messages waiting on `queue` (every priority list)."""
+    """Job ids in the Celery messages waiting on `queue` (every priority list); each
+    message is the one task, its one argument the list of its jobs' ids."""
     ids: list[str] = []
     for name in priority_lists(queue):
         for raw in client.lrange(name, 0, -1):
-            args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
-            ids.extend(args[0] if isinstance(args[0], list) else args)
+            message = json.loads(raw)
+            assert message["headers"]["task"] == RUN_JOBS_TASK
+            (job_ids,) = json.loads(base64.b64decode(message["body"]))[0]
+            ids.extend(job_ids)
     return ids
 
 

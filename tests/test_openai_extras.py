@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 import httpx
@@ -56,8 +57,8 @@ def test_completion_prompt_list_gives_one_choice_per_prompt(stack: Stack) -> Non
 
 def test_a_burst_of_jobs_shares_messages_and_every_job_answers(stack: Stack) -> None:
     """12 prompts in one request are 12 jobs sent together: api/enqueue.py spreads them
-    over 8 Celery messages, some carrying two jobs (`ferry.run_jobs`). Each job still gets
-    its own answer, in its prompt's place."""
+    over 8 Celery messages, some carrying two jobs. Each job still gets its own answer, in
+    its prompt's place."""
     prompts = [f"Item {i}:" for i in range(12)]
     out = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=5,
                                         temperature=0)
@@ -69,7 +70,9 @@ def test_a_burst_of_jobs_shares_messages_and_every_job_answers(stack: Stack) -> 
         assert out.choices[i].text == alone.choices[0].text
     worker_logs = "".join(p.log_path.read_text(errors="replace") for p in stack.procs
                           if p.name == "worker-vllm")
-    assert "ferry.run_jobs[" in worker_logs, "no Celery message carried several jobs"
+    # worker/tasks.py logs each message's job ids, comma-separated.
+    assert re.search(r"worker\.tasks jobs \S+,\S+: ", worker_logs), (
+        "no Celery message carried several jobs")
 
 
 def test_completion_streaming_interleaves_prompts_and_ends_with_usage(stack: Stack) -> None:

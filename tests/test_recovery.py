@@ -7,12 +7,17 @@ name no other test's worker serves.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from api.enqueue import create_producer
+from storage.broker import priority_lists
+from storage.keys import LEGACY_RUN_BULK_JOBS_TASK, LEGACY_RUN_JOB_TASK, PENDING_JOBS, queue_name
 from tests.conftest import Stack, open_stack
 from tests.helpers import chat_body, read_events, submit, text_of, wait_job
 from tests.procs import wait_until
@@ -94,3 +99,39 @@ def test_redis_flushed_after_accept_reconciler_reruns_job(own_stack: Stack, logs
         row = conn.execute("SELECT enqueued_at FROM jobs WHERE id = %s", (job["id"],)).fetchone()
     assert row is not None and row[0] is not None  # the reconciler sent it again
     own_stack.procs.pop().stop()
+
+
+def test_messages_an_older_api_queued_still_run(own_stack: Stack, logs: Path) -> None:
+    """A rolling upgrade: jobs whose messages an older API queued under the legacy task
+    names (`ferry.run_job` with one id, `ferry.run_bulk_jobs` with a list) run to
+    completion on a new worker."""
+    own_stack.add_worker("recovery-w5", MODEL, "transformers", logs).stop()  # the model is known
+    interactive = queue_name(MODEL, "interactive")
+    with own_stack.client() as client:
+        one = submit(client, chat_body(MODEL, max_tokens=8))
+        listed = submit(client, chat_body(MODEL, max_tokens=8))
+        redis = own_stack.redis()
+        wait_until(lambda: sum(redis.llen(q) for q in priority_lists(interactive)) == 2, 10,
+                   "the messages")
+        # Marks far ahead: the reconciler must not send these jobs again under the new name.
+        later = time.time() + 3600
+        redis.zadd(PENDING_JOBS, {one["id"]: later, listed["id"]: later})
+        redis.delete(*priority_lists(interactive))
+        # What an older API sent for the same jobs (a bulk message on the bulk queue).
+        producer = create_producer(own_stack.redis_url)
+        sent = [
+            producer.send_task(LEGACY_RUN_JOB_TASK, args=[one["id"]], queue=interactive),
+            producer.send_task(LEGACY_RUN_BULK_JOBS_TASK, args=[[listed["id"]]],
+                               queue=queue_name(MODEL, "bulk")),
+        ]
+        own_stack.add_worker("recovery-w6", MODEL, "transformers", logs)
+        finals = [wait_job(client, job["id"], timeout=120) for job in (one, listed)]
+    assert [(f["status"], f["attempts"]) for f in finals] == [("succeeded", 1)] * 2, finals
+    worker = own_stack.procs.pop()
+    worker.stop()
+    worker_log = worker.log_path.read_text(errors="replace")
+    # Each legacy message ran its job itself (a job it found claimed would be `skipped`).
+    assert re.search(rf"ferry\.run_job\[{sent[0].id}\] succeeded in \S+ 'succeeded'",
+                     worker_log), worker_log[-3000:]
+    assert re.search(rf"ferry\.run_bulk_jobs\[{sent[1].id}\] succeeded in \S+ \['succeeded'\]",
+                     worker_log), worker_log[-3000:]

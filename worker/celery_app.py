@@ -1,6 +1,6 @@
 """The Celery app workers run: Redis broker, late acks, threads pool, per-model queues.
 
-The API does not import this module: it sends `storage.keys.RUN_JOB_TASK` by name with
+The API does not import this module: it sends `storage.keys.RUN_JOBS_TASK` by name with
 the same broker settings (storage.broker).
 """
 

@@ -96,19 +96,11 @@ class JobRunner:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
-    def run_job(self, job_id: str) -> str:
-        """Block the calling (Celery task) thread until the job's attempt ends."""
-        return self.run_jobs([job_id])[0]
-
     def run_jobs(self, job_ids: list[str]) -> list[str]:
-        """Run interactive jobs that came in one message together; block until all have
-        ended. A job whose attempt raised was given back to the queue (see attempt.py):
-        its outcome is `released`."""
-        return self._call(self._run_jobs(job_ids, wake_feeder=False))
-
-    def run_bulk_jobs(self, job_ids: list[str]) -> list[str]:
-        """`run_jobs` for batch lines: each line's end also wakes the batch feeder."""
-        return self._call(self._run_jobs(job_ids, wake_feeder=True))
+        """Run the jobs that came in one message together; block the calling (Celery task)
+        thread until all have ended. A job whose attempt raised was given back to the queue
+        (see attempt.py): its outcome is `released`."""
+        return self._call(self._run_jobs(job_ids))
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -191,9 +183,11 @@ class JobRunner:
             os.kill(os.getpid(), signal.SIGTERM)
             return "released"
 
-    async def _run_jobs(self, job_ids: list[str], *, wake_feeder: bool) -> list[str]:
+    async def _run_jobs(self, job_ids: list[str]) -> list[str]:
         """The jobs of one message are claimed together (one statement), then run side
-        by side."""
+        by side. As each batch line (lane `bulk`, on the job's row) ends, a word on
+        BATCH_WAKE_CHANNEL tells the API's batch feeder a bulk slot came free, so it sends
+        the next lines at once instead of at its next timed pass."""
         got = await asyncio.gather(*(self._claims.submit(job_id) for job_id in job_ids))
         claimed = {job.id: job for job in got if job is not None}
         # Delivered: from here on the claimed jobs' leases guard them.
@@ -204,15 +198,15 @@ class JobRunner:
 
         async def one(job_id: str) -> str:
             job = claimed.get(job_id)
+            if job is None:
+                return "skipped"  # not ours to run: it held no bulk slot here either
             try:
-                if job is None:
-                    return "skipped"
                 return await self._tracked(run_claimed(self._ctx, job))
             except Exception:
                 log.exception("job %s was given back to the queue", job_id)
                 return "released"
             finally:
-                if wake_feeder:
+                if job.lane == "bulk":
                     try:
                         await self._redis.publish(BATCH_WAKE_CHANNEL, job_id)
                     except RedisError:

@@ -1,4 +1,8 @@
-"""Thin Celery tasks: take a job id, hand it to the process's runner."""
+"""The worker's one Celery task: take a message's job ids, hand them to the process's runner.
+
+Interactive jobs and batch lines travel the same way; the runner reads each job's lane
+from its row (priority, admission gate, and the batch feeder's wake when a line ends).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,8 @@ from typing import Any
 
 from celery.signals import worker_init, worker_shutdown
 
-from storage.keys import RUN_JOB_TASK, RUN_JOBS_TASK
+from storage.keys import LEGACY_RUN_BULK_JOBS_TASK, LEGACY_RUN_JOB_TASK, RUN_JOBS_TASK
 from storage.settings import get_storage_settings
-from worker import batches  # noqa: F401  (registers the bulk tasks)
 from worker.celery_app import app
 from worker.engines import build_engine
 from worker.engines.options import StartupError
@@ -56,16 +59,24 @@ def _stop_runner(**_: Any) -> None:
         _runner.stop()
 
 
-@app.task(name=RUN_JOB_TASK)  # type: ignore[untyped-decorator]
-def run_job(job_id: str) -> str:
-    outcome = get_runner().run_job(job_id)
-    log.info("job %s: %s", job_id, outcome)
-    return outcome
+def _run(job_ids: list[str]) -> list[str]:
+    outcomes = get_runner().run_jobs(job_ids)
+    log.info("jobs %s: %s", ",".join(job_ids), ",".join(outcomes))
+    return outcomes
 
 
 @app.task(name=RUN_JOBS_TASK)  # type: ignore[untyped-decorator]
 def run_jobs(job_ids: list[str]) -> list[str]:
-    """Interactive jobs sent in one message (a burst): run side by side, as run_job."""
-    outcomes = get_runner().run_jobs(job_ids)
-    log.info("jobs %s: %s", ",".join(job_ids), ",".join(outcomes))
-    return outcomes
+    """The jobs of one message (one model, lane and priority): run side by side."""
+    return _run(job_ids)
+
+
+# Messages an older API queued before a rolling upgrade (storage/keys.py); drop next release.
+@app.task(name=LEGACY_RUN_JOB_TASK)  # type: ignore[untyped-decorator]
+def legacy_run_job(job_id: str) -> str:
+    return _run([job_id])[0]
+
+
+@app.task(name=LEGACY_RUN_BULK_JOBS_TASK)  # type: ignore[untyped-decorator]
+def legacy_run_bulk_jobs(job_ids: list[str]) -> list[str]:
+    return _run(job_ids)
