@@ -13,8 +13,6 @@ from typing import Any
 
 from cli import batch, client, embedded
 
-DEFAULT_ENGINE = "vllm"
-
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
