@@ -14,10 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from cli.main import _worker_env, build_parser
+from ferry_testing.procs import ROOT
 from storage.registry import ServedModel, WorkerBeat
 from tests.conftest import TINY
 from tests.lora import build_lora_adapter
-from tests.procs import ROOT
 from tests.remote_code import build_remote_code_model
 from worker.engines.base import GenerationRequest, SamplingOptions
 from worker.engines.options import StartupError

@@ -13,9 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from ferry_testing.procs import wait_until
 from tests.conftest import Stack, open_stack
 from tests.helpers import chat_body, read_events, submit, text_of, wait_job
-from tests.procs import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 MODEL = "tiny-recovery"

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import ROOT, free_port, wait_until
+from ferry_testing.procs import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
