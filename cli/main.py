@@ -71,7 +71,8 @@ def _worker(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from worker.engines import resolve_model_path
-    from worker.engines.options import StartupError, lora_adapters
+    from worker.engines.options import lora_adapters
+    from worker.errors import StartupError
     from worker.settings import get_worker_settings
 
     try:

@@ -20,7 +20,7 @@ from tests.conftest import TINY
 from tests.lora import build_lora_adapter
 from tests.remote_code import build_remote_code_model
 from worker.engines.base import GenerationRequest, SamplingOptions
-from worker.engines.options import StartupError
+from worker.errors import StartupError
 from worker.models import ensure_tiny_model
 from worker.settings import LoraModule, WorkerSettings
 
@@ -153,8 +153,8 @@ def test_vllm_refuses_remote_code_unknown_engine_args_and_parsers(
     script = f"""
 import asyncio
 from worker.engines.base import GenerationRequest, SamplingOptions
-from worker.engines.options import StartupError
 from worker.engines.vllm import VllmEngine
+from worker.errors import StartupError
 from worker.settings import WorkerSettings
 
 async def main():

@@ -26,11 +26,11 @@ from storage.repositories import jobs as jobs_repo
 from worker.admission import EngineAdmission, WorkerStopping
 from worker.engines.base import (
     Engine,
-    EngineRequestError,
     GenerationRequest,
     SamplingOptions,
     TokenLogprob,
 )
+from worker.errors import EngineBroken, EngineRequestError, ImageUnavailable
 from worker.group_commit import GroupCommit
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
@@ -40,11 +40,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 log = logging.getLogger(__name__)
-
-
-class ImageUnavailable(Exception):
-    """A job's image cannot be read back: missing from the object store, or not an image
-    any more. The job fails with this message (retrying would not help)."""
 
 
 async def generation_request(
@@ -140,10 +135,6 @@ class Failure:
 
     message: str
     code: str
-
-
-class EngineBroken(RuntimeError):
-    """The engine failed in a way no request explains; this worker should stop."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from storage.settings import get_storage_settings
 from worker import batches  # noqa: F401  (registers the bulk tasks)
 from worker.celery_app import app
 from worker.engines import build_engine
-from worker.engines.options import StartupError
+from worker.errors import StartupError
 from worker.runner import JobRunner
 from worker.settings import get_worker_settings
 
