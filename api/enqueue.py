@@ -150,7 +150,7 @@ def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[str, list[Any], QueuedJob
     for job in jobs:
         groups.setdefault((job.lane, job.model, job.priority), []).append(job)
     for (lane, _, _), group in groups.items():
-        if lane == "bulk":
+        if lane == Lane.BULK:
             for i in range(0, len(group), BULK_LINES_PER_MESSAGE):
                 chunk = group[i:i + BULK_LINES_PER_MESSAGE]
                 messages.append((RUN_BULK_JOBS_TASK, [[j.id for j in chunk]], chunk[0]))

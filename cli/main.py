@@ -83,13 +83,13 @@ def _worker(args: argparse.Namespace) -> int:
     except (ValidationError, StartupError, ValueError) as exc:
         print(f"ferry worker: cannot start: {exc}", file=sys.stderr)
         return 2
-    from storage.keys import queue_name
+    from storage.keys import Lane, queue_name
     from worker.celery_app import app
 
     name = settings.model_name
     # An adapter's jobs come on its own queues, which only workers that serve it read.
     queues = [queue_name(n, lane) for n in [name, *(a.name for a in adapters)]
-              for lane in ("interactive", "bulk")]
+              for lane in Lane]
     app.worker_main([
         "worker", "--pool", "threads", "--concurrency", str(settings.task_threads),
         "-Q", ",".join(queues),

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
-Lane = Literal["interactive", "bulk"]
+
+class Lane(StrEnum):
+    """A job's Celery lane (stored in `jobs.lane`; part of its queue's name)."""
+
+    INTERACTIVE = "interactive"  # sent to the API by a client, streamed as it generates
+    BULK = "bulk"  # a batch line, fed a window at a time by the batch feeder
 
 # Celery task the API enqueues by name (the API never imports worker/).
 RUN_JOB_TASK = "ferry.run_job"

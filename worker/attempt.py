@@ -20,6 +20,7 @@ from storage.events import (
     error_data,
     usage_data,
 )
+from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
 from storage.repositories import jobs as jobs_repo
@@ -115,9 +116,9 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
         structured_output=body.get("structured_output"),
     )
     # Engine priority: interactive first; within a lane the job's own priority orders it.
-    priority = job.priority + (bulk_priority if job.lane == "bulk" else 0)
+    priority = job.priority + (bulk_priority if job.lane == Lane.BULK else 0)
     # Bulk (batch) lines are read from SQL when they end: their text need not stream.
-    streamed = job.lane != "bulk"
+    streamed = job.lane != Lane.BULK
     if job.kind == "completion":
         return GenerationRequest(request_id, prompt=_placeholders(body["prompt"]),
                                  sampling=sampling, priority=priority, stream=streamed)
@@ -216,7 +217,7 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
 
 
 async def _admitted(
-    lane: str,
+    lane: Lane,
     admission: EngineAdmission,
     engine: Engine,
     request: GenerationRequest,
@@ -224,7 +225,7 @@ async def _admitted(
     publisher: EventPublisher,
 ) -> tuple[JobStatus, Failure | None]:
     """Generate once the engine admits the job (bulk jobs may wait for a slot)."""
-    if lane != "bulk":
+    if lane != Lane.BULK:
         async with admission.interactive():
             return await _generate(engine, request, state, publisher)
     async with admission.bulk(lambda: state.cancel_requested) as admitted:
