@@ -36,7 +36,7 @@ from api.state import AppState
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.migrate import upgrade_async
-from storage.objects import build_object_store
+from storage.objects import ObjectStoreSettings, build_object_store
 from storage.redis_client import redis_from_url
 from storage.registry import ModelRegistry
 from storage.repositories import api_keys
@@ -85,7 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys=KeyRing(sessions, open_owner),
         catalog=ModelCatalog(registry, default_model=settings.default_model,
                              aliases=settings.model_aliases),
-        objects=await asyncio.to_thread(build_object_store),
+        objects=await asyncio.to_thread(build_object_store, app.state.object_store),
     )
     reconciler = Reconciler(sessions, redis, queue,
                             interval_seconds=settings.reconcile_interval_seconds,
@@ -153,8 +153,11 @@ class BodySizeLimit:
 
 
 def create_app(
-    settings: ApiSettings | None = None, storage: StorageSettings | None = None
+    settings: ApiSettings | None = None,
+    storage: StorageSettings | None = None,
+    object_store: ObjectStoreSettings | None = None,
 ) -> FastAPI:
+    """The API; each settings object not given is read from the environment."""
     settings = settings or get_api_settings()
     app = FastAPI(
         title="Ferry",
@@ -169,6 +172,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.storage = storage or get_storage_settings()
+    app.state.object_store = object_store
     install_error_handlers(app)
     for module in (jobs, chat, completions, images, models, ops, conversations, eas, files,
                    batches):

@@ -143,7 +143,7 @@ def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[list[str], QueuedJob]]:
     for job in jobs:
         groups.setdefault((job.lane, job.model, job.priority), []).append(job)
     for (lane, _, _), group in groups.items():
-        if lane == "bulk":
+        if lane == Lane.BULK:
             for i in range(0, len(group), BULK_LINES_PER_MESSAGE):
                 chunk = group[i:i + BULK_LINES_PER_MESSAGE]
                 messages.append(([j.id for j in chunk], chunk[0]))

@@ -85,10 +85,6 @@ class JobEventHub:
                         assert self._pubsub is not None
                         await self._pubsub.unsubscribe(channel)
 
-    @property
-    def channel_count(self) -> int:
-        return len(self._subscribers)
-
     async def _read(self) -> None:
         pubsub = self._pubsub
         assert pubsub is not None and pubsub.connection is not None

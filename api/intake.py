@@ -68,7 +68,7 @@ class JobIntake:
             _settle(batch, exc)
             return
         _settle(batch, None)
-        self._queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority)  # type: ignore[arg-type]
+        self._queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority)
                              for j in rows])
 
 

@@ -167,7 +167,7 @@ async def _backlog(sources: EventSources, job_id: str, last: tuple[int, int]) ->
         return events
     async with sources.sessions() as session:
         job = await jobs_repo.get_job(session, job_id)
-    if job is None or not job.job_status.is_terminal:
+    if job is None or not job.status.is_terminal:
         return []
     return [e for e in events_from_job(job) if e.order > last]
 
@@ -178,7 +178,7 @@ async def _ended_in_sql(
     """After a silence: if SQL says the job is over, the rest of its events from SQL."""
     async with sources.sessions() as session:
         job = await jobs_repo.get_job(session, job_id)
-    if job is None or not job.job_status.is_terminal:
+    if job is None or not job.status.is_terminal:
         return []
     worker_still_recording = (
         job.status == JobStatus.CANCELLED

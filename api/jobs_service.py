@@ -86,8 +86,8 @@ async def build_chat_jobs(
     if body.n > 1 and body.conversation_id is not None:
         raise InvalidRequest("n > 1 cannot continue a conversation (which reply would be "
                              "its next turn?).", param="n")
-    job = await _chat_job(state, owner_id, body, "interactive")
-    return [job] + [_queued_job(owner_id, body, job.model, "chat", "interactive",
+    job = await _chat_job(state, owner_id, body, Lane.INTERACTIVE)
+    return [job] + [_queued_job(owner_id, body, job.model, "chat", Lane.INTERACTIVE,
                                 _nth(job.request, i))
                     for i in range(1, body.n)]
 
@@ -104,7 +104,7 @@ async def build_chat_job(
     owner_id: str,
     body: ChatCompletionRequest,
     *,
-    lane: Lane = "interactive",
+    lane: Lane = Lane.INTERACTIVE,
 ) -> Job:
     """One job: `/v1/jobs`, EAS and batch lines (one answer each: n is 1)."""
     if body.n != 1:
@@ -192,7 +192,7 @@ async def build_completion_jobs(
     owner_id: str,
     body: CompletionRequest,
     *,
-    lane: Lane = "interactive",
+    lane: Lane = Lane.INTERACTIVE,
 ) -> list[Job]:
     """One job per prompt and choice (kind "completion": the prompt goes to the model as
     is), prompt by prompt: choice index = prompt index x n + i, as in vLLM."""
@@ -203,7 +203,7 @@ async def build_completion_jobs(
     if len(body.prompts) * body.n > MAX_CHOICES:
         raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts x n).",
                              param="n")
-    if body.n > 1 and lane == "bulk":
+    if body.n > 1 and lane == Lane.BULK:
         raise InvalidRequest("A batch line has one choice: n must be 1.", param="n")
     wants_images = any("<img>" in prompt for prompt in body.prompts)
     model = await state.catalog.resolve(body.model, wants_images)
@@ -341,6 +341,6 @@ async def cancel_quietly(state: AppState, job_id: str) -> None:
     with contextlib.suppress(Exception):
         async with state.sessions() as session:
             job = await jobs_repo.get_job(session, job_id)
-            if job is not None and not job.job_status.is_terminal:
+            if job is not None and not job.status.is_terminal:
                 await cancel(state, session, job)
                 log.info("client left: cancelled job %s", job_id)

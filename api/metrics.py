@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.broker import PRIORITY_STEPS, priority_lists
-from storage.keys import PENDING_JOBS, queue_name
+from storage.keys import PENDING_JOBS, Lane, queue_name
 from storage.models import JobStatus
 from storage.registry import ModelRegistry
 from storage.repositories import jobs as jobs_repo
@@ -49,7 +49,7 @@ async def render_metrics(
 
     jobs = GaugeMetricFamily("ferry_jobs", "Jobs by status", labels=["status"])
     for status in JobStatus:
-        jobs.add_metric([status.value], by_status.get(status.value, 0))
+        jobs.add_metric([status.value], by_status.get(status, 0))
 
     generated = CounterMetricFamily("ferry_tokens_generated", "Completion tokens generated")
     generated.add_metric([], tokens.completion_tokens)
@@ -70,7 +70,7 @@ async def render_metrics(
                               labels=["queue"])
     models = await registry.models()
     pipe = redis.pipeline(transaction=False)
-    names = [queue_name(m, lane) for m in models for lane in ("interactive", "bulk")]
+    names = [queue_name(m, lane) for m in models for lane in Lane]
     for name in names:
         for key in priority_lists(name):
             pipe.llen(key)

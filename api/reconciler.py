@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.enqueue import JobQueue, QueuedJob
 from storage.broker import priority_lists
-from storage.keys import PENDING_JOBS, RECONCILER_LOCK, queue_name
+from storage.keys import PENDING_JOBS, RECONCILER_LOCK, Lane, queue_name
 from storage.models import utcnow
 from storage.repositories import jobs as jobs_repo
 
@@ -85,20 +85,20 @@ class Reconciler:
         if not lost:
             return 0
         await self._queue.send_now(
-            [QueuedJob(j.id, j.model, j.lane, j.priority) for j in lost]  # type: ignore[arg-type]
+            [QueuedJob(j.id, j.model, j.lane, j.priority) for j in lost]
         )
         async with self._sessions.begin() as session:
             await jobs_repo.mark_enqueued(session, [j.id for j in lost], utcnow())
         return len(lost)
 
-    async def _empty_queues(self, queues: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    async def _empty_queues(self, queues: set[tuple[str, Lane]]) -> set[tuple[str, Lane]]:
         """Which of these (model, lane) Celery queues hold no message at all."""
         if not queues:
             return set()
         ordered = sorted(queues)
         pipe = self._redis.pipeline(transaction=False)
         for model, lane in ordered:
-            for name in priority_lists(queue_name(model, lane)):  # type: ignore[arg-type]
+            for name in priority_lists(queue_name(model, lane)):
                 pipe.llen(name)
         lengths = await pipe.execute()
         steps = len(lengths) // len(ordered)

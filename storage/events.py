@@ -248,7 +248,7 @@ def events_from_job(job: Job) -> list[JobEvent]:
             add(EventType.DELTA, {"text": text, "logprobs": logprobs[i]})
         else:
             add(EventType.DELTA, {"text": text})
-    status = job.job_status
+    status = job.status
     if status == JobStatus.SUCCEEDED:
         add(EventType.USAGE, usage_data(job.prompt_tokens, job.completion_tokens or 0))
         add(EventType.DONE, done_data(job.finish_reason, job.tool_calls, job.result_content))

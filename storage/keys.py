@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
-Lane = Literal["interactive", "bulk"]
+
+class Lane(StrEnum):
+    """A job's Celery lane (stored in `jobs.lane`; part of its queue's name)."""
+
+    INTERACTIVE = "interactive"  # sent to the API by a client, streamed as it generates
+    BULK = "bulk"  # a batch line, fed a window at a time by the batch feeder
 
 # The one Celery task the API sends by name (the API never imports worker/): args, a list
 # of job ids of one model, lane and priority. Interactive jobs and batch lines alike: the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +24,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from storage.keys import Lane
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -47,6 +49,28 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class StrEnumType(TypeDecorator[E]):
+    """A str enum stored as its value in a VARCHAR column (the column stays a string, so
+    no migration) and read back as the enum."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+        self.length = length
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 class Base(DeclarativeBase):
@@ -112,9 +136,9 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(255))
     # "chat" (messages) or "completion" (prompt).
     kind: Mapped[str] = mapped_column(String(16), default="chat")
-    # Celery lane: "interactive" or "bulk".
-    lane: Mapped[str] = mapped_column(String(16), default="interactive")
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    lane: Mapped[Lane] = mapped_column(StrEnumType(Lane, 16), default=Lane.INTERACTIVE)
+    status: Mapped[JobStatus] = mapped_column(StrEnumType(JobStatus, 16),
+                                              default=JobStatus.QUEUED)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
@@ -160,10 +184,6 @@ class Job(Base):
     # makes a batch's results exactly-once however often expansion or delivery repeats.
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(256))
-
-    @property
-    def job_status(self) -> JobStatus:
-        return JobStatus(self.status)
 
 
 class Conversation(Base):

@@ -25,11 +25,11 @@ import pytest
 import redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ferry_testing.procs import Proc, free_port, start_api, start_worker, wait_until
 from storage.db import create_db_engine, create_session_factory
 from storage.settings import StorageSettings
 from tests import services
 from tests.imaging import ImageStack, start_image_stack
-from tests.procs import Proc, free_port, start_api, start_worker, wait_until
 
 # Before the URLs below are read: where nothing answers, this sets them to servers of the
 # run's own (test modules import them, so a fixture would come too late).

@@ -185,9 +185,9 @@ class ImageStack:
 
 
 def start_image_stack(stack: Stack, logs: Path) -> ImageStack:
+    from ferry_testing.procs import start_api
     from storage.keys import MODELS_HASH
     from storage.registry import ServedModel, now_epoch
-    from tests.procs import start_api
 
     stack.env.update(IMAGE_LIMITS_ENV)
     safe = stack.add_api("api-images-safe", logs)

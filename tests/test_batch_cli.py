@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from cli import embedded
+from ferry_testing.procs import ROOT
 from tests.conftest import KEY_A, TINY, Stack
-from tests.procs import ROOT
 
 pytestmark = pytest.mark.timeout(900)
 

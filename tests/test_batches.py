@@ -17,9 +17,9 @@ from openai import OpenAI
 from openai.types import Batch, Completion
 from openai.types.chat import ChatCompletion
 
+from ferry_testing.procs import wait_until
 from tests.conftest import KEY_A, KEY_B, TINY, Stack, open_stack
 from tests.helpers import assert_error
-from tests.procs import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 CHAT = "/v1/chat/completions"
@@ -251,7 +251,7 @@ def test_bad_input_is_refused_and_nothing_is_stored(stack: Stack) -> None:
 
 
 def test_upload_limits_come_from_settings(stack: Stack, logs: Path) -> None:
-    from tests.procs import start_api
+    from ferry_testing.procs import start_api
 
     proc, url = start_api("batch-limits-api", {
         **stack.env, "FERRY_BATCH_MAX_FILE_BYTES": "2000", "FERRY_BATCH_MAX_LINES": "5",

@@ -13,11 +13,11 @@ import httpx
 import psycopg
 import pytest
 
+from ferry_testing.procs import wait_until
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, conversations, jobs
 from tests.conftest import KEY_A, KEY_B, TINY, Sessions, Stack, open_stack
 from tests.helpers import assert_error, chat_body, submit, wait_job
-from tests.procs import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -23,10 +23,10 @@ from tests.helpers import abort_after_first_delta, running_engine
 from worker.engines import (
     Delta,
     Engine,
-    EngineRequestError,
     GenerationRequest,
     SamplingOptions,
 )
+from worker.errors import EngineRequestError
 from worker.models import tiny
 from worker.models.tiny import ensure_tiny_model, is_tiny_model
 

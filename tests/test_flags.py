@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cli.main import _worker_env, build_parser
+from cli.main import _worker_settings, build_parser
+from ferry_testing.procs import ROOT
 from storage.registry import ServedModel, WorkerBeat
 from tests.conftest import TINY
 from tests.lora import build_lora_adapter
-from tests.procs import ROOT
 from tests.remote_code import build_remote_code_model
 from worker.engines.base import GenerationRequest, SamplingOptions
-from worker.engines.options import StartupError
+from worker.errors import StartupError
 from worker.models import ensure_tiny_model
 from worker.settings import LoraModule, WorkerSettings
 
@@ -36,7 +36,7 @@ def tiny_adapter(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_vllm_flags_become_worker_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The CLI writes os.environ: give it a copy, restored after the test.
+    # The flags alone (no FERRY_ variables of the test run), restored after the test.
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
                                         if not k.startswith("FERRY_")})
     args = build_parser().parse_args([
@@ -48,8 +48,8 @@ def test_vllm_flags_become_worker_settings(monkeypatch: pytest.MonkeyPatch) -> N
         "--max-lora-rank", "16", "--reasoning-parser", "deepseek_r1",
         "--tool-call-parser", "hermes", "--engine-args", '{"max_num_batched_tokens": 4096}',
     ])
-    _worker_env(args)
-    s = WorkerSettings()
+    s = _worker_settings(args)
+    assert "FERRY_MODEL" not in os.environ  # the CLI leaves the environment alone
     assert (s.model, s.model_name, s.max_model_len, s.dtype) == ("Org/Model", "m", 4096, "float32")
     assert (s.trust_remote_code, s.tensor_parallel_size, s.quantization) == (True, 2, "awq")
     assert s.gpu_memory_utilization == 0.5
@@ -59,6 +59,11 @@ def test_vllm_flags_become_worker_settings(monkeypatch: pytest.MonkeyPatch) -> N
     assert (s.max_lora_rank, s.reasoning_parser, s.tool_call_parser) == (16, "deepseek_r1",
                                                                          "hermes")
     assert s.engine_args == {"max_num_batched_tokens": 4096}
+    # The flags win over FERRY_ variables, which give the rest.
+    monkeypatch.setenv("FERRY_MAX_MODEL_LEN", "8")
+    monkeypatch.setenv("FERRY_CONCURRENCY", "3")
+    s = _worker_settings(args)
+    assert (s.max_model_len, s.concurrency) == (4096, 3)
     # The env var also takes vLLM's plain form.
     monkeypatch.setenv("FERRY_LORA_MODULES", "a=/x, b=/y")
     assert [m.name for m in WorkerSettings().lora_modules] == ["a", "b"]
@@ -153,8 +158,8 @@ def test_vllm_refuses_remote_code_unknown_engine_args_and_parsers(
     script = f"""
 import asyncio
 from worker.engines.base import GenerationRequest, SamplingOptions
-from worker.engines.options import StartupError
 from worker.engines.vllm import VllmEngine
+from worker.errors import StartupError
 from worker.settings import WorkerSettings
 
 async def main():

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from httpx_sse import connect_sse
 
+from ferry_testing.procs import ROOT, wait_until
 from tests.conftest import KEY_A, KEY_B, TINY, Stack
 from tests.helpers import (
     assert_error,
@@ -21,7 +22,6 @@ from tests.helpers import (
     text_of,
     wait_job,
 )
-from tests.procs import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from ferry_testing.procs import start_worker
 from storage.keys import MODELS_HASH
 from storage.registry import ServedModel
 from tests.conftest import KEY_A, TINY, VISION, Stack, open_stack
 from tests.lora import build_lora_adapter
-from tests.procs import start_worker
-from worker.engines.base import EngineRequestError, GenerationRequest, SamplingOptions
-from worker.engines.options import StartupError
+from worker.engines.base import GenerationRequest, SamplingOptions
+from worker.errors import EngineRequestError, StartupError
 from worker.models import ensure_tiny_model
 from worker.settings import WorkerSettings
 

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from api.routes.chat import _Choice, _chunks_for
+from ferry_testing.procs import start_api
 from storage.content import ReasoningMode, ReasoningSplitter, split_reasoning
 from storage.events import EventType, JobEvent
 from storage.keys import MODELS_HASH
@@ -28,7 +29,6 @@ from storage.registry import ServedModel, now_epoch
 from tests.conftest import KEY_A, TINY, Stack, open_stack
 from tests.helpers import assert_error, read_events
 from tests.imaging import data_url, image_bytes
-from tests.procs import start_api
 from worker.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.timeout(900)

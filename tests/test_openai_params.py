@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
+from ferry_testing.procs import start_worker
 from tests.conftest import KEY_A, TINY, Stack
 from tests.helpers import assert_error, chat_body, submit, wait_job
-from tests.procs import start_worker
 from worker.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.timeout(900)

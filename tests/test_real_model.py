@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.procs import ROOT
+from ferry_testing.procs import ROOT
 from worker.engines import Engine, GenerationRequest, SamplingOptions, build_engine
 from worker.engines.common import cpu_threads, engine_dtype
 from worker.engines.transformers import context_length

@@ -16,11 +16,11 @@ import psycopg
 import pytest
 
 from api.enqueue import create_producer
+from ferry_testing.procs import wait_until
 from storage.broker import priority_lists
 from storage.keys import LEGACY_RUN_BULK_JOBS_TASK, LEGACY_RUN_JOB_TASK, PENDING_JOBS, queue_name
 from tests.conftest import Stack, open_stack
 from tests.helpers import chat_body, read_events, submit, text_of, wait_job
-from tests.procs import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 MODEL = "tiny-recovery"

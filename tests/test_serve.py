@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import ROOT, free_port, wait_until
+from ferry_testing.procs import ROOT, Proc, free_port, running, start, wait_until
+from tests.conftest import REDIS_BASE
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -25,12 +26,13 @@ def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path
     port = free_port()
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
-    env.update({"FERRY_MODEL_CACHE_DIR": str(model_cache), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    # Its address from FERRY_HOST and FERRY_PORT (no flags).
+    env.update({"FERRY_MODEL_CACHE_DIR": str(model_cache), "VLLM_CPU_KVCACHE_SPACE": "1",
+                "FERRY_HOST": "127.0.0.1", "FERRY_PORT": str(port)})
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(data_dir),
-             "--port", str(port)],
+            [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(data_dir)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -101,3 +103,36 @@ def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path
 
     # Its workers (and the engines' processes) and the embedded Redis went with it.
     wait_until(group_gone, 30, "the worker and Redis to exit")
+
+
+def _answers(url: str, proc: Proc | None = None) -> bool:
+    if proc is not None and not proc.alive():
+        raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code in (200, 503)
+    except httpx.HTTPError:
+        return False
+
+
+def test_ferry_api_binds_where_ferry_host_and_port_say(
+    own_database: str, logs: Path, tmp_path: Path
+) -> None:
+    """FERRY_HOST and FERRY_PORT place `ferry api` (on another loopback address, so that
+    the default one can be seen unused), and --host and --port win over them."""
+    env_port, flag_port = free_port(), free_port()
+    env = {
+        "FERRY_DATABASE_URL": own_database,
+        "FERRY_REDIS_URL": f"{REDIS_BASE}/3",  # no test stack uses db 3
+        "FERRY_OBJECT_STORE": "local",
+        "FERRY_OBJECT_DIR": str(tmp_path / "objects"),
+        "FERRY_HOST": "127.0.0.2",
+        "FERRY_PORT": str(env_port),
+    }
+    by_env = start("api-bind-env", ["api"], env, logs)
+    by_flags = start("api-bind-flags", ["api", "--host", "127.0.0.1", "--port", str(flag_port)],
+                     env, logs)
+    with running(by_env), running(by_flags):
+        for proc, url in ((by_env, f"http://127.0.0.2:{env_port}"),
+                          (by_flags, f"http://127.0.0.1:{flag_port}")):
+            wait_until(lambda p=proc, u=url: _answers(u, p), 60, f"{proc.name} at {url}")
+        assert not _answers(f"http://127.0.0.1:{env_port}")

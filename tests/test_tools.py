@@ -30,7 +30,7 @@ from tests.tool_model import (
 )
 from worker.engines.base import GenerationRequest
 from worker.engines.common import prompt_text
-from worker.engines.options import StartupError
+from worker.errors import StartupError
 from worker.models.tiny import ensure_tiny_model
 from worker.tool_calls import ToolCallParser, load_parser
 

@@ -29,11 +29,11 @@ from tests.helpers import abort_after_first_delta, running_engine, submit, wait_
 from worker.engines import (
     Delta,
     Engine,
-    EngineRequestError,
     GenerationRequest,
     SamplingOptions,
 )
 from worker.engines.common import ImageSupport, prompt_token_ids
+from worker.errors import EngineRequestError
 from worker.models import tiny
 from worker.models.tiny import ensure_tiny_model
 

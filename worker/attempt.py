@@ -20,17 +20,18 @@ from storage.events import (
     error_data,
     usage_data,
 )
+from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
 from storage.repositories import jobs as jobs_repo
 from worker.admission import EngineAdmission, WorkerStopping
 from worker.engines.base import (
     Engine,
-    EngineRequestError,
     GenerationRequest,
     SamplingOptions,
     TokenLogprob,
 )
+from worker.errors import EngineBroken, EngineRequestError, ImageUnavailable
 from worker.group_commit import GroupCommit
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher
@@ -40,11 +41,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 log = logging.getLogger(__name__)
-
-
-class ImageUnavailable(Exception):
-    """A job's image cannot be read back: missing from the object store, or not an image
-    any more. The job fails with this message (retrying would not help)."""
 
 
 async def generation_request(
@@ -120,9 +116,9 @@ def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> Generation
         structured_output=body.get("structured_output"),
     )
     # Engine priority: interactive first; within a lane the job's own priority orders it.
-    priority = job.priority + (bulk_priority if job.lane == "bulk" else 0)
+    priority = job.priority + (bulk_priority if job.lane == Lane.BULK else 0)
     # Bulk (batch) lines are read from SQL when they end: their text need not stream.
-    streamed = job.lane != "bulk"
+    streamed = job.lane != Lane.BULK
     if job.kind == "completion":
         return GenerationRequest(request_id, prompt=_placeholders(body["prompt"]),
                                  sampling=sampling, priority=priority, stream=streamed)
@@ -140,10 +136,6 @@ class Failure:
 
     message: str
     code: str
-
-
-class EngineBroken(RuntimeError):
-    """The engine failed in a way no request explains; this worker should stop."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -225,7 +217,7 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
 
 
 async def _admitted(
-    lane: str,
+    lane: Lane,
     admission: EngineAdmission,
     engine: Engine,
     request: GenerationRequest,
@@ -233,7 +225,7 @@ async def _admitted(
     publisher: EventPublisher,
 ) -> tuple[JobStatus, Failure | None]:
     """Generate once the engine admits the job (bulk jobs may wait for a slot)."""
-    if lane != "bulk":
+    if lane != Lane.BULK:
         async with admission.interactive():
             return await _generate(engine, request, state, publisher)
     async with admission.bulk(lambda: state.cancel_requested) as admitted:

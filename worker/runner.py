@@ -36,9 +36,9 @@ from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
-from worker.attempt import AttemptContext, EngineBroken, run_claimed
+from worker.attempt import AttemptContext, run_claimed
 from worker.engines.base import Engine
-from worker.engines.options import StartupError
+from worker.errors import EngineBroken, StartupError
 from worker.group_commit import claim_committer, outcome_committer
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher

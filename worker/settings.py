@@ -1,9 +1,8 @@
-"""Worker settings, read once from the environment (FERRY_ prefix)."""
+"""Worker settings, read once from the environment (FERRY_ prefix), or given by `ferry worker`."""
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -148,6 +147,19 @@ class WorkerSettings(BaseSettings):
         return self.concurrency + self.bulk_window
 
 
-@lru_cache(maxsize=1)
+_settings: WorkerSettings | None = None
+
+
 def get_worker_settings() -> WorkerSettings:
-    return WorkerSettings()
+    """This process's settings: those `use_worker_settings` gave, else the environment's
+    (read once)."""
+    global _settings
+    if _settings is None:
+        _settings = WorkerSettings()
+    return _settings
+
+
+def use_worker_settings(settings: WorkerSettings) -> None:
+    """Run this process's worker with these settings (`ferry worker`: its flags)."""
+    global _settings
+    _settings = settings

@@ -18,7 +18,7 @@ from storage.keys import LEGACY_RUN_BULK_JOBS_TASK, LEGACY_RUN_JOB_TASK, RUN_JOB
 from storage.settings import get_storage_settings
 from worker.celery_app import app
 from worker.engines import build_engine
-from worker.engines.options import StartupError
+from worker.errors import StartupError
 from worker.runner import JobRunner
 from worker.settings import get_worker_settings
 

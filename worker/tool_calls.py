@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from storage.content import ReasoningMode, reasoning_mode, split_reasoning
-from worker.engines.options import StartupError
+from worker.errors import StartupError
 
 log = logging.getLogger(__name__)
 

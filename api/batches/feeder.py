@@ -23,6 +23,7 @@ import time
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.enqueue import JobQueue, QueuedJob
+from storage.keys import Lane
 from storage.models import utcnow
 from storage.registry import ModelRegistry, WorkerBeat
 from storage.repositories import batches as batches_repo
@@ -102,6 +103,6 @@ class BatchFeeder:
             await batches_repo.mark_sent(session, [j.id for j in jobs], utcnow())
         if jobs:
             await self._queue.send_now(
-                [QueuedJob(j.id, j.model, "bulk", j.priority) for j in jobs]
+                [QueuedJob(j.id, j.model, Lane.BULK, j.priority) for j in jobs]
             )
         return len(jobs)

@@ -20,6 +20,7 @@ from api import jobs_service
 from api.errors import FerryError
 from api.schemas.openai import ChatCompletionRequest, CompletionRequest
 from api.state import AppState
+from storage.keys import Lane
 from storage.models import Job
 
 MAX_CUSTOM_ID = 256
@@ -146,12 +147,12 @@ class LineChecker:
         state, owner = self._state, self._owner_id
         if self._endpoint == "/v1/chat/completions":
             chat = ChatCompletionRequest.model_validate(body)
-            return await jobs_service.build_chat_job(state, owner, chat, lane="bulk")
+            return await jobs_service.build_chat_job(state, owner, chat, lane=Lane.BULK)
         completion = CompletionRequest.model_validate(body)
         if len(completion.prompts) != 1:
             raise FerryError("a batch line takes one prompt (one line per prompt).",
                              param="prompt", code="invalid_body")
-        jobs = await jobs_service.build_completion_jobs(state, owner, completion, lane="bulk")
+        jobs = await jobs_service.build_completion_jobs(state, owner, completion, lane=Lane.BULK)
         return jobs[0]
 
 

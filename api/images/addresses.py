@@ -97,7 +97,3 @@ def _special_use(ip: IPAddress) -> str | None:
     if not ip.is_global:
         return "a non-global address"
     return None
-
-
-def is_fetchable(ip: IPAddress, allowed: Iterable[IPNetwork] = ()) -> bool:
-    return address_refusal(ip, allowed) is None

@@ -68,7 +68,7 @@ class JobPublic(BaseModel):
     # The conversation the job continues (null once that conversation is deleted).
     conversation_id: str | None = None
     # `bulk` for a batch line, which also names its batch and custom_id.
-    lane: Lane = "interactive"
+    lane: Lane = Lane.INTERACTIVE
     batch_id: str | None = None
     custom_id: str | None = None
     timings: JobTimings
@@ -84,7 +84,7 @@ class JobPublic(BaseModel):
         return cls(
             id=job.id,
             model=job.model,
-            status=JobStatus(job.status),
+            status=job.status,
             priority=job.priority,
             created_at=job.created_at.timestamp(),
             started_at=_ts(job.started_at),
@@ -97,7 +97,7 @@ class JobPublic(BaseModel):
             if job.error else None,
             metadata=job.metadata_,
             conversation_id=job.conversation_id,
-            lane="bulk" if job.lane == "bulk" else "interactive",
+            lane=job.lane,
             batch_id=job.batch_id,
             custom_id=job.custom_id,
             timings=JobTimings(

@@ -18,6 +18,7 @@ from sqlalchemy import exists, func, insert, or_, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.keys import Lane
 from storage.models import (
     BATCH_OUTSTANDING,
     BATCH_UNSENT,
@@ -361,7 +362,7 @@ async def progress(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str,
 class UnsentJob:
     id: str
     model: str
-    lane: str
+    lane: Lane
     priority: int
 
 

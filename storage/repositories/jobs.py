@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
 from storage.repositories import conversations
 
@@ -299,9 +300,9 @@ async def cancel_job(session: AsyncSession, job_id: str) -> JobStatus | None:
 class StrandedJob:
     id: str
     model: str
-    lane: str
+    lane: Lane
     priority: int
-    status: str
+    status: JobStatus
 
 
 async def find_stranded_jobs(
@@ -333,7 +334,7 @@ async def find_stranded_jobs(
     return [StrandedJob(r.id, r.model, r.lane, r.priority, r.status) for r in rows]
 
 
-async def count_by_status(session: AsyncSession) -> dict[str, int]:
+async def count_by_status(session: AsyncSession) -> dict[JobStatus, int]:
     rows = (await session.execute(select(Job.status, func.count()).group_by(Job.status))).all()
     return {status: count for status, count in rows}
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from worker.engines.base import (
     Delta,
     Engine,
-    EngineRequestError,
     GenerationRequest,
     ModelInfo,
     SamplingOptions,
@@ -21,7 +20,6 @@ from worker.settings import WorkerSettings
 __all__ = [
     "Delta",
     "Engine",
-    "EngineRequestError",
     "GenerationRequest",
     "ModelInfo",
     "SamplingOptions",

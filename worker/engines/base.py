@@ -139,7 +139,3 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request; unknown ids are ignored."""
-
-
-class EngineRequestError(ValueError):
-    """The request cannot run on this engine (too long, bad parameters)."""

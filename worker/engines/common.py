@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from worker.engines.base import Engine, EngineRequestError, GenerationRequest, SamplingOptions
+from worker.engines.base import Engine, GenerationRequest, SamplingOptions
+from worker.errors import EngineRequestError
 from worker.settings import WorkerSettings
 
 

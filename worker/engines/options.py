@@ -12,12 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worker.errors import StartupError
 from worker.settings import WorkerSettings
-
-
-class StartupError(RuntimeError):
-    """The worker cannot start with these settings; the message says why."""
-
 
 # vLLM's allowed `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -45,7 +45,6 @@ from typing import Any
 
 from worker.engines.base import (
     Delta,
-    EngineRequestError,
     GenerationRequest,
     ModelInfo,
     SamplingOptions,
@@ -62,7 +61,6 @@ from worker.engines.common import (
 )
 from worker.engines.options import (
     LoraAdapter,
-    StartupError,
     check_lora_rank,
     check_parsers,
     check_transformers_options,
@@ -70,6 +68,7 @@ from worker.engines.options import (
     remote_code_hint,
     torch_dtype,
 )
+from worker.errors import EngineRequestError, StartupError
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ from typing import Any
 
 from worker.engines.base import (
     Delta,
-    EngineRequestError,
     GenerationRequest,
     ModelInfo,
     SamplingOptions,
@@ -38,12 +37,12 @@ from worker.engines.common import (
 )
 from worker.engines.options import (
     LoraAdapter,
-    StartupError,
     check_parsers,
     lora_adapters,
     remote_code_hint,
     vllm_flag_args,
 )
+from worker.errors import EngineRequestError, StartupError
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

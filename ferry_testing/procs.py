@@ -1,4 +1,4 @@
-"""Real Ferry processes for end-to-end tests: API servers and Celery workers."""
+"""Real Ferry processes for end-to-end tests and benchmarks: API servers and Celery workers."""
 
 from __future__ import annotations
 
