@@ -74,7 +74,7 @@ async def job_event_batches(
         ended = _through_terminal(backlog)
         if ended:
             yield ended
-            last = ended[-1].order
+            last = ended[-1].id
             if ended[-1].type.is_terminal:
                 return
         silence = _SilenceWatch(live, keepalive_seconds)
@@ -87,15 +87,15 @@ async def job_event_batches(
                 for event in arrived:
                     if event is None:  # the silence watch: only if nothing came with it
                         continue
-                    order = event.order
+                    order = event.id
                     if order <= last:
                         continue
                     if not _follows(last, order):
                         # A gap (a publish we missed): the stream has everything, read it.
                         for missed in await _backlog(sources, job_id, last):
-                            if missed.order < order:
+                            if missed.id < order:
                                 batch.append(missed)
-                                last = missed.order
+                                last = missed.id
                     batch.append(event)
                     last = order
                     if event.type.is_terminal:
@@ -171,7 +171,7 @@ async def _backlog(sources: EventSources, job_id: str, last: EventId) -> list[Jo
         job = await jobs_repo.get_job(session, job_id)
     if job is None or not job.job_status.is_terminal:
         return []
-    return [e for e in events_from_job(job) if e.order > last]
+    return [e for e in events_from_job(job) if e.id > last]
 
 
 async def _ended_in_sql(
@@ -192,7 +192,7 @@ async def _ended_in_sql(
         # Cancelled while running; its worker is alive and will record its output and
         # send `cancelled` itself. Wait another silence interval for it.
         return []
-    pending = [e for e in events_from_job(job) if e.order > last]
+    pending = [e for e in events_from_job(job) if e.id > last]
     if pending and pending[-1].type.is_terminal:
         return pending
     # Our client already saw more than SQL knows (output the worker never recorded):

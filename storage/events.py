@@ -7,7 +7,7 @@ command (a Lua script that appends and publishes each), not two commands per eve
 redis-py packs and parses each command in Python, which cost the worker about twice the
 CPU per event (bench/README.md).
 
-Event ids are `<attempt>-<seq>` and double as the Redis Stream entry id. They are
+Event ids are `<attempt>-<seq>` (`EventId`) and double as the Redis Stream entry id. They are
 deterministic: the worker numbers its events 1, 2, ... within an attempt, and the same
 numbering can be rebuilt from the job row in SQL once the stream has expired. A later
 attempt (after a worker died) has a larger id, and opens with a `retry` event.
@@ -112,10 +112,6 @@ class JobEvent:
         if logprobs is not None:
             return cls(id, EventType.DELTA, {"text": text, "ts": ts, "logprobs": logprobs})
         return cls(id, EventType.DELTA, {"text": text, "ts": ts})
-
-    @property
-    def order(self) -> EventId:
-        return self.id
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, JobEvent):

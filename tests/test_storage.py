@@ -229,7 +229,7 @@ def test_an_event_survives_the_wire_with_its_data_as_sent(event: JobEvent) -> No
     data's JSON text as json.dumps writes it (what SSE clients get)."""
     wire = event.to_json()
     back = JobEvent.from_json(wire.encode())
-    assert back == event and back.order == event.order
+    assert back == event and back.id == event.id
     assert back.data_json == json.dumps(event.data)
     assert wire == json.dumps({"id": str(event.id), "type": event.type.value,
                                "data": event.data})
