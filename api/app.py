@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import KeyRing
@@ -37,7 +38,6 @@ from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.migrate import upgrade_async
 from storage.objects import ObjectStoreSettings, build_object_store
-from storage.redis_client import redis_from_url
 from storage.registry import ModelRegistry
 from storage.repositories import api_keys
 from storage.settings import StorageSettings, get_storage_settings
@@ -62,13 +62,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("Authentication is OFF (FERRY_AUTH=off): every request, whatever its "
                     "Authorization header, runs as the built-in owner `%s`. Anyone who can "
                     "reach this API can use it.", open_owner)
-    redis = redis_from_url(storage.redis_url, max_connections=256)
+    redis = Redis.from_url(storage.redis_url, max_connections=256)
     registry = ModelRegistry(redis)
     queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
     # The hub's own client, on RESP2: under RESP3 (redis-py's default) every pub/sub
     # message is a push notification, which redis-py's hiredis parser formats for a debug
     # log, and the hub reads one per token per stream (bench/README.md).
-    hub_redis = redis_from_url(storage.redis_url, protocol=2)
+    hub_redis = Redis.from_url(storage.redis_url, protocol=2)
     hub = JobEventHub(hub_redis)
     state = AppState(
         settings=settings,

@@ -2,12 +2,8 @@
 
 Subscribing to a job's channel waits for Redis to confirm the subscription, so a caller
 that reads the job's stream backlog afterwards cannot miss an event published in between.
-
-Every token of every stream arrives here as one message, so the reader takes messages off
-redis-py's connection itself (`Connection.read_response`) and passes only the others
-(subscription confirmations) through `PubSub.handle_message`, which keeps the channel list
-that redis-py resubscribes after a reconnect. `PubSub.listen()` would add a retry wrapper,
-observability hooks and a dict to every message (bench/README.md).
+The reader takes messages with redis-py's public `PubSub.get_message`, which also
+reconnects and resubscribes every channel after a lost connection.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -87,53 +82,42 @@ class JobEventHub:
 
     async def _read(self) -> None:
         pubsub = self._pubsub
-        assert pubsub is not None and pubsub.connection is not None
-        connection = pubsub.connection
+        assert pubsub is not None
         while True:
             try:
-                if not connection.is_connected:
-                    # Connecting again resubscribes every channel (PubSub.on_connect); what
-                    # was published meanwhile comes from the streams (a gap in the ids).
-                    await connection.connect()
-                while True:
-                    # Blocks on the socket (math.inf: no timeout); returns at once while
-                    # hiredis holds buffered messages (a whole publish arrives together).
-                    response = await connection.read_response(timeout=math.inf,
-                                                              push_request=True)
-                    if (isinstance(response, list) and len(response) == 3
-                            and response[0] == b"message"):
-                        self._deliver(response[1], response[2])
-                    else:
-                        self._control(await pubsub.handle_message(response))
+                # timeout=None: wait for the next message. After a lost connection the
+                # next call reconnects and resubscribes (PubSub.on_connect); what was
+                # published meanwhile comes from the streams (a gap in the ids).
+                message = await pubsub.get_message(timeout=None)
+                if message is not None:
+                    self._handle(message)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("event hub lost its Redis connection; reconnecting")
                 await asyncio.sleep(0.5)
 
-    def _deliver(self, raw_channel: bytes, data: bytes) -> None:
-        subscribers = self._subscribers.get(raw_channel.decode())
+    def _handle(self, message: dict[str, Any]) -> None:
+        """A message as redis-py gives it: a job event, or a subscription's confirmation."""
+        kind = message["type"]
+        if kind == "message":
+            self._deliver(message["channel"], message["data"])
+        elif kind == "subscribe":
+            confirmed = self._confirmations.get(_text(message["channel"]))
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+
+    def _deliver(self, raw_channel: bytes | str, data: bytes | str) -> None:
+        subscribers = self._subscribers.get(_text(raw_channel))
         if not subscribers:
             return
         event = JobEvent.from_json(data)
         for queue in subscribers:
             queue.put_nowait(event)
 
-    def _control(self, message: dict[str, Any] | None) -> None:
-        """A message as redis-py parsed it: a confirmation, or (on a RESP3 connection,
-        where messages are push notifications of another type) an event."""
-        if message is None:
-            return
-        if message.get("type") == "message":
-            self._deliver(message["channel"], message["data"])
-            return
-        if message.get("type") != "subscribe":
-            return
-        raw_channel = message.get("channel")
-        channel = raw_channel.decode() if isinstance(raw_channel, bytes) else str(raw_channel)
-        confirmed = self._confirmations.get(channel)
-        if confirmed is not None and not confirmed.done():
-            confirmed.set_result(None)
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _done_future() -> asyncio.Future[None]:

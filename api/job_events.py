@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.event_hub import JobEventHub
-from storage.events import JobEvent, JobEventStream, events_from_job
+from storage.events import NO_EVENT, EventId, JobEvent, JobEventStream, events_from_job
 from storage.models import JobStatus
 from storage.repositories import jobs as jobs_repo
 
@@ -35,7 +35,7 @@ class EventSources:
 async def job_events(
     sources: EventSources,
     job_id: str,
-    after: tuple[int, int] | None,
+    after: EventId | None,
     *,
     keepalive_seconds: float,
     max_seconds: float,
@@ -57,7 +57,7 @@ async def job_events(
 async def job_event_batches(
     sources: EventSources,
     job_id: str,
-    after: tuple[int, int] | None,
+    after: EventId | None,
     *,
     keepalive_seconds: float,
     max_seconds: float,
@@ -67,14 +67,14 @@ async def job_event_batches(
     client) then catches up in one write instead of one write per event; one that keeps
     up gets each event alone, at once. Lists are never empty; None is KEEPALIVE.
     """
-    last = after or (-1, 0)
+    last = after or NO_EVENT
     deadline = time.monotonic() + max_seconds
     async with sources.hub.subscribe(job_id) as live:
         backlog = await _backlog(sources, job_id, last)
         ended = _through_terminal(backlog)
         if ended:
             yield ended
-            last = ended[-1].order
+            last = ended[-1].id
             if ended[-1].type.is_terminal:
                 return
         silence = _SilenceWatch(live, keepalive_seconds)
@@ -87,15 +87,15 @@ async def job_event_batches(
                 for event in arrived:
                     if event is None:  # the silence watch: only if nothing came with it
                         continue
-                    order = event.order
+                    order = event.id
                     if order <= last:
                         continue
                     if not _follows(last, order):
                         # A gap (a publish we missed): the stream has everything, read it.
                         for missed in await _backlog(sources, job_id, last):
-                            if missed.order < order:
+                            if missed.id < order:
                                 batch.append(missed)
-                                last = missed.order
+                                last = missed.id
                     batch.append(event)
                     last = order
                     if event.type.is_terminal:
@@ -155,25 +155,27 @@ def _through_terminal(events: list[JobEvent]) -> list[JobEvent]:
     return events
 
 
-def _follows(last: tuple[int, int], order: tuple[int, int]) -> bool:
+def _follows(last: EventId, order: EventId) -> bool:
+    """Whether `order` comes right after `last`: the next in its attempt, or the first of a
+    later attempt."""
     attempt, seq = order
-    return (attempt == last[0] and seq == last[1] + 1) or (attempt > last[0] and seq == 1)
+    return (attempt == last.attempt and seq == last.seq + 1) or (
+        attempt > last.attempt and seq == 1)
 
 
-async def _backlog(sources: EventSources, job_id: str, last: tuple[int, int]) -> list[JobEvent]:
-    after_id = f"{last[0]}-{last[1]}" if last[0] >= 0 else None
-    events = await sources.stream.read_after(job_id, after_id)
+async def _backlog(sources: EventSources, job_id: str, last: EventId) -> list[JobEvent]:
+    events = await sources.stream.read_after(job_id, last)
     if events is not None:
         return events
     async with sources.sessions() as session:
         job = await jobs_repo.get_job(session, job_id)
     if job is None or not job.status.is_terminal:
         return []
-    return [e for e in events_from_job(job) if e.order > last]
+    return [e for e in events_from_job(job) if e.id > last]
 
 
 async def _ended_in_sql(
-    sources: EventSources, job_id: str, last: tuple[int, int]
+    sources: EventSources, job_id: str, last: EventId
 ) -> list[JobEvent]:
     """After a silence: if SQL says the job is over, the rest of its events from SQL."""
     async with sources.sessions() as session:
@@ -190,20 +192,11 @@ async def _ended_in_sql(
         # Cancelled while running; its worker is alive and will record its output and
         # send `cancelled` itself. Wait another silence interval for it.
         return []
-    pending = [e for e in events_from_job(job) if e.order > last]
+    pending = [e for e in events_from_job(job) if e.id > last]
     if pending and pending[-1].type.is_terminal:
         return pending
     # Our client already saw more than SQL knows (output the worker never recorded):
     # close with a terminal event numbered after what was sent.
     terminal = events_from_job(job)[-1]
-    return [JobEvent(f"{last[0]}-{last[1] + 1}", terminal.type, terminal.data)]
-
-
-def parse_last_event_id(raw: str | None) -> tuple[int, int] | None:
-    if raw is None or raw == "":
-        return None
-    attempt, sep, seq = raw.partition("-")
-    if not sep or not attempt.isdigit() or not seq.isdigit():
-        raise ValueError(raw)
-    return int(attempt), int(seq)
+    return [JobEvent(last.next(), terminal.type, terminal.data)]
 

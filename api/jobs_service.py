@@ -26,7 +26,7 @@ from api.schemas.openai import (
 from api.state import AppState
 from api.tools import tool_fields, with_tool_turns
 from storage.content import ReasoningMode
-from storage.events import EventType, JobEvent
+from storage.events import FIRST_UNCLAIMED, JobEvent, terminal_events
 from storage.keys import CANCEL_CHANNEL, Lane
 from storage.models import Job, JobStatus
 from storage.registry import ServedModel
@@ -248,7 +248,8 @@ async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
     await session.commit()
     if previous == JobStatus.QUEUED:
         # No worker will ever touch it: the API ends its stream itself.
-        await state.events.publish([(job.id, JobEvent("0-1", EventType.CANCELLED, {}))])
+        [(kind, data)] = terminal_events(JobStatus.CANCELLED, job)
+        await state.events.publish([(job.id, JobEvent(FIRST_UNCLAIMED, kind, data))])
     else:
         await state.redis.publish(CANCEL_CHANNEL, job.id)
     refreshed = await jobs_repo.get_job(session, job.id)

@@ -24,19 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 import redis
 import uvloop
+from redis.asyncio import Redis
 
 from bench.sse_clients import StreamResult, bench_client, follow
 from bench.stack import KEY, bench_logs, bench_stack, percentile
 from storage.events import EventType, JobEvent, JobEventStream
 from storage.keys import MODELS_HASH
-from storage.redis_client import redis_from_url
 
 MODEL = "bench-model"
 
 
 async def run(url: str, redis_url: str, api_pid: int, jobs: int, steps: int,
               interval: float) -> None:
-    stream = JobEventStream(redis_from_url(redis_url), maxlen=1000, ttl_seconds=600)
+    stream = JobEventStream(Redis.from_url(redis_url), maxlen=1000, ttl_seconds=600)
     api = psutil.Process(api_pid)
     async with bench_client(url, KEY) as client:
         ids = []

@@ -5,7 +5,7 @@ Writes `--rounds` batches of one delta for each of `--jobs` jobs (an engine step
 events) to Redis db 9, as the worker's event publisher does, and prints CPU and wall time
 per event.
 
-    .venv/bin/python bench/publish.py [--jobs 64] [--rounds 400] [--packer hiredis|python]
+    .venv/bin/python bench/publish.py [--jobs 64] [--rounds 400]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from redis.asyncio import Redis
 
 from bench.stack import REDIS_URL
 from storage.events import EventType, JobEvent, JobEventStream
-from storage.redis_client import redis_from_url
 
 
 def cpu_seconds() -> float:
@@ -31,10 +30,8 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def run(jobs: int, rounds: int, packer: str) -> None:
-    # Ferry's client packs commands with hiredis (storage/redis_client.py); "python" is
-    # redis-py's own asyncio packing, for comparison.
-    redis = redis_from_url(REDIS_URL) if packer == "hiredis" else Redis.from_url(REDIS_URL)
+async def run(jobs: int, rounds: int) -> None:
+    redis = Redis.from_url(REDIS_URL)
     await redis.flushdb()
     stream = JobEventStream(redis, maxlen=1000, ttl_seconds=60)
     ids = [f"bench-{i:04d}" for i in range(jobs)]
@@ -51,7 +48,7 @@ async def run(jobs: int, rounds: int, packer: str) -> None:
         await redis.flushdb()
         await redis.aclose()
     events = jobs * rounds
-    print(f"publish: {events} events ({rounds} batches of {jobs}, {packer} packing): "
+    print(f"publish: {events} events ({rounds} batches of {jobs}): "
           f"{cpu / events * 1e6:.1f} us CPU and {wall / events * 1e6:.1f} us wall per event")
 
 
@@ -59,9 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=400)
-    parser.add_argument("--packer", choices=["hiredis", "python"], default="hiredis")
     args = parser.parse_args()
-    uvloop.run(run(args.jobs, args.rounds, args.packer))
+    uvloop.run(run(args.jobs, args.rounds))
 
 
 if __name__ == "__main__":

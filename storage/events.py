@@ -7,7 +7,7 @@ command (a Lua script that appends and publishes each), not two commands per eve
 redis-py packs and parses each command in Python, which cost the worker about twice the
 CPU per event (bench/README.md).
 
-Event ids are `<attempt>-<seq>` and double as the Redis Stream entry id. They are
+Event ids are `<attempt>-<seq>` (`EventId`) and double as the Redis Stream entry id. They are
 deterministic: the worker numbers its events 1, 2, ... within an attempt, and the same
 numbering can be rebuilt from the job row in SQL once the stream has expired. A later
 attempt (after a worker died) has a larger id, and opens with a `retry` event.
@@ -19,8 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from enum import StrEnum
-from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from redis.asyncio import Redis
 
@@ -48,29 +47,46 @@ class EventType(StrEnum):
 _TERMINAL = frozenset((EventType.DONE, EventType.ERROR, EventType.CANCELLED))
 
 
-def parse_event_id(event_id: str) -> tuple[int, int]:
-    """`"2-17"` -> (2, 17); raises ValueError for anything else."""
-    attempt, _, seq = event_id.partition("-")
-    return int(attempt), int(seq)
+class EventId(NamedTuple):
+    """`<attempt>-<seq>`: a job event's id, on the wire and as its Redis Stream entry id.
+    A tuple, so ids order as the events do (attempt first) at C speed on the hot path."""
+
+    attempt: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.attempt}-{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> EventId:
+        """`"2-17"` -> EventId(2, 17); ValueError for anything else."""
+        attempt, sep, seq = text.partition("-")
+        if not (sep and attempt.isascii() and attempt.isdigit()
+                and seq.isascii() and seq.isdigit()):
+            raise ValueError(f"not an event id of the form <attempt>-<seq>: {text!r}")
+        return cls(int(attempt), int(seq))
+
+    def next(self) -> EventId:
+        """The id of the event after this one in the same attempt."""
+        return EventId(self.attempt, self.seq + 1)
 
 
-# Event type by wire value, without the Enum call's overhead (once per token streamed).
-_TYPES = {kind.value: kind for kind in EventType}
-# The shape `JobEvent.to_json` writes (and workers publish): id, type, then the data.
-_HEAD, _TYPE, _DATA = '{"id": "', '", "type": "', '", "data": '
+# Before every event (ids start at 0-1 or 1-1; Redis refuses the stream entry id 0-0).
+NO_EVENT = EventId(0, 0)
+# The first event of a job no worker claimed (attempt 0): the `cancelled` the API writes
+# when it cancels a queued job, as events_from_job rebuilds it.
+FIRST_UNCLAIMED = EventId(0, 1)
 
 
 class JobEvent:
-    """One event of a job's stream. `data` is decoded from the wire only when something
-    reads it: the API forwards most events to SSE clients as they came (`data_json`), and
-    decoding and encoding again was a large share of its CPU while streaming
-    (bench/README.md)."""
+    """One event of a job's stream. `data` read from the Redis Stream stays JSON text
+    until something reads it: replays are forwarded to SSE clients as they came."""
 
     __slots__ = ("_data", "_json", "id", "type")
 
-    def __init__(self, id: str, type: EventType, data: dict[str, Any] | None = None, *,
-                 data_json: str | None = None) -> None:
-        self.id = id
+    def __init__(self, id: EventId | str, type: EventType, data: dict[str, Any] | None = None,
+                 *, data_json: str | None = None) -> None:
+        self.id = id if isinstance(id, EventId) else EventId.parse(id)
         self.type = type
         self._data = data if data is not None or data_json is not None else {}
         self._json = data_json
@@ -84,26 +100,18 @@ class JobEvent:
 
     @property
     def data_json(self) -> str:
-        """`data` as JSON text."""
+        """`data` as JSON text (`json.dumps`'s defaults: the bytes SSE clients get)."""
         if self._json is None:
             self._json = json.dumps(self._data)
         return self._json
 
     @classmethod
-    def delta(cls, id: str, text: str, ts: float | None,
+    def delta(cls, id: EventId | str, text: str, ts: float | None,
               logprobs: list[dict[str, Any]] | None = None) -> JobEvent:
-        """A `delta` event, its JSON written directly: what `json.dumps` gives for
-        `{"text": text, "ts": ts}` at a quarter of its cost (once per event a worker
-        publishes). With logprobs (asked for): `{"text", "ts", "logprobs"}`."""
+        """A `delta` event: `{"text", "ts"}`, with `"logprobs"` when asked for."""
         if logprobs is not None:
             return cls(id, EventType.DELTA, {"text": text, "ts": ts, "logprobs": logprobs})
-        return cls(id, EventType.DELTA, {"text": text, "ts": ts},
-                   data_json=f'{{"text": {encode_basestring_ascii(text)}, "ts": '
-                             f'{"null" if ts is None else repr(ts)}}}')
-
-    @property
-    def order(self) -> tuple[int, int]:
-        return parse_event_id(self.id)
+        return cls(id, EventType.DELTA, {"text": text, "ts": ts})
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, JobEvent):
@@ -113,24 +121,18 @@ class JobEvent:
     __hash__ = None  # type: ignore[assignment]  # data is a dict: events are not hashable
 
     def __repr__(self) -> str:
-        return f"JobEvent(id={self.id!r}, type={self.type!r}, data={self.data!r})"
+        return f"JobEvent(id={str(self.id)!r}, type={self.type!r}, data={self.data!r})"
 
     def to_json(self) -> str:
-        return f"{_HEAD}{self.id}{_TYPE}{self.type.value}{_DATA}{self.data_json}}}"
+        """What is published on the job's channel: `{"id", "type", "data"}`, as json.dumps
+        writes it. Joined from `data_json` so a worker encodes each event's data once (id
+        and type are digits, `-` and lowercase letters: nothing to escape)."""
+        return f'{{"id": "{self.id}", "type": "{self.type.value}", "data": {self.data_json}}}'
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> JobEvent:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        if text.startswith(_HEAD) and text.endswith("}"):
-            # What Ferry publishes: split it, leaving the data encoded until it is read.
-            type_at = text.find(_TYPE, len(_HEAD))
-            data_at = text.find(_DATA, type_at + len(_TYPE))
-            kind = _TYPES.get(text[type_at + len(_TYPE):data_at])
-            if type_at > 0 and data_at > 0 and kind is not None:
-                return cls(text[len(_HEAD):type_at], kind,
-                           data_json=text[data_at + len(_DATA):-1])
-        obj = json.loads(text)
-        return cls(id=obj["id"], type=EventType(obj["type"]), data=obj["data"])
+        obj = json.loads(raw)
+        return cls(EventId.parse(obj["id"]), EventType(obj["type"]), obj["data"])
 
 
 # KEYS: one stream per event. ARGV: maxlen, ttl, then for each event its id, type, data
@@ -173,7 +175,7 @@ class JobEventStream:
         args: list[str | int] = [self._maxlen, self._ttl]
         for job_id, event in batch:
             keys.append(job_stream(job_id))
-            args += (event.id, event.type.value, event.data_json, job_channel(job_id),
+            args += (str(event.id), event.type.value, event.data_json, job_channel(job_id),
                      event.to_json(), "1" if event.type.is_terminal else "")
         refused = await self._append_and_publish(keys=keys, args=args)
         if refused:
@@ -181,17 +183,17 @@ class JobEventStream:
             # there (e.g. a cancel racing a worker). Replays stay consistent.
             log.debug("%d event appends refused (already in their streams)", refused)
 
-    async def read_after(self, job_id: str, after: str | None) -> list[JobEvent] | None:
+    async def read_after(self, job_id: str, after: EventId) -> list[JobEvent] | None:
         """Events after `after` (exclusive) from the stream; None if there is no stream."""
         stream = job_stream(job_id)
-        start = f"({after}" if after else "-"
+        start = "-" if after == NO_EVENT else f"({after}"
         entries: Any = await self._redis.xrange(stream, min=start, max="+")
         if not entries and not await self._redis.exists(stream):
             return None
         events = []
         for entry_id, fields in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            events.append(JobEvent(eid, EventType(_text(fields, "type")),
+            events.append(JobEvent(EventId.parse(eid), EventType(_text(fields, "type")),
                                    data_json=_text(fields, "data")))
         return events
 
@@ -201,12 +203,33 @@ def _text(fields: dict[Any, Any], name: str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def usage_data(prompt_tokens: int | None, completion_tokens: int) -> dict[str, int]:
+class JobEnd(Protocol):
+    """What a job's terminal events are built from: its SQL row (`Job`) or what its worker
+    is recording (`jobs_repo.JobOutcome`), which name these fields alike."""
+
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def completion_tokens(self) -> int | None: ...
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None: ...
+    @property
+    def result_content(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def error_code(self) -> str | None: ...
+
+
+def usage_data(prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, int]:
     prompt = prompt_tokens or 0
+    completion = completion_tokens or 0
     return {
         "prompt_tokens": prompt,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt + completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 
@@ -229,31 +252,39 @@ def error_data(message: str | None, code: str | None) -> dict[str, Any]:
     return {"message": message or "job failed", "code": code or SERVER_ERROR}
 
 
+def terminal_events(status: JobStatus, end: JobEnd) -> list[tuple[EventType, dict[str, Any]]]:
+    """The events that end a job with `status`, in order (none for a job not ended): the
+    one builder behind the worker's live stream, the API's and the replay from SQL, so
+    they always agree."""
+    if status == JobStatus.SUCCEEDED:
+        return [(EventType.USAGE, usage_data(end.prompt_tokens, end.completion_tokens)),
+                (EventType.DONE, done_data(end.finish_reason, end.tool_calls,
+                                           end.result_content))]
+    if status == JobStatus.FAILED:
+        return [(EventType.ERROR, error_data(end.error, end.error_code))]
+    if status == JobStatus.CANCELLED:
+        return [(EventType.CANCELLED, {})]
+    return []
+
+
 def events_from_job(job: Job) -> list[JobEvent]:
-    """Rebuild a finished job's events from its SQL row, with the ids the worker used."""
-    attempt = job.attempts
+    """Rebuild a job's events from its SQL row, with the ids the worker used."""
     events: list[JobEvent] = []
-    seq = 0
+    last = EventId(job.attempts, 0)
 
     def add(kind: EventType, data: dict[str, Any]) -> None:
-        nonlocal seq
-        seq += 1
-        events.append(JobEvent(f"{attempt}-{seq}", kind, data))
+        nonlocal last
+        last = last.next()
+        events.append(JobEvent(last, kind, data))
 
-    if attempt > 1:
-        add(EventType.RETRY, {"attempt": attempt})
+    if job.attempts > 1:
+        add(EventType.RETRY, {"attempt": job.attempts})
     logprobs = job.logprobs
     for i, text in enumerate(job.deltas or []):
         if logprobs is not None and i < len(logprobs):
             add(EventType.DELTA, {"text": text, "logprobs": logprobs[i]})
         else:
             add(EventType.DELTA, {"text": text})
-    status = job.status
-    if status == JobStatus.SUCCEEDED:
-        add(EventType.USAGE, usage_data(job.prompt_tokens, job.completion_tokens or 0))
-        add(EventType.DONE, done_data(job.finish_reason, job.tool_calls, job.result_content))
-    elif status == JobStatus.FAILED:
-        add(EventType.ERROR, error_data(job.error, job.error_code))
-    elif status == JobStatus.CANCELLED:
-        add(EventType.CANCELLED, {})
+    for kind, data in terminal_events(job.status, job):
+        add(kind, data)
     return events

@@ -14,7 +14,6 @@ import httpx
 from httpx_sse import connect_sse
 from redis.asyncio import Redis
 
-from storage.redis_client import redis_from_url
 from worker.engines import build_engine
 from worker.engines.base import Delta, Engine, GenerationRequest
 from worker.settings import WorkerSettings
@@ -132,9 +131,8 @@ async def abort_after_first_delta(engine: Engine, request: GenerationRequest) ->
 
 @contextlib.asynccontextmanager
 async def empty_redis_db(url: str) -> AsyncIterator[Redis]:
-    """A client on a Redis db (one no test stack uses) emptied before and after: Ferry's
-    own kind of client (storage/redis_client.py)."""
-    client = redis_from_url(url)
+    """A client on a Redis db (one no test stack uses) emptied before and after."""
+    client = Redis.from_url(url)
     await client.flushdb()
     try:
         yield client

@@ -11,7 +11,15 @@ import pytest
 from redis.asyncio import Redis
 
 from storage.db import create_db_engine
-from storage.events import EventType, JobEvent, JobEventStream, done_data, events_from_job
+from storage.events import (
+    NO_EVENT,
+    EventId,
+    EventType,
+    JobEvent,
+    JobEventStream,
+    done_data,
+    events_from_job,
+)
 from storage.keys import job_channel
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, jobs
@@ -125,7 +133,7 @@ async def test_events_rebuilt_from_sql_match_worker_numbering(sessions: Sessions
         row = await jobs.get_job(session, job.id)
     assert row is not None
     events = events_from_job(row)
-    assert [(e.id, e.type) for e in events] == [
+    assert [(str(e.id), e.type) for e in events] == [
         ("2-1", EventType.RETRY), ("2-2", EventType.DELTA), ("2-3", EventType.DELTA),
         ("2-4", EventType.USAGE), ("2-5", EventType.DONE)]
     assert events[3].data == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
@@ -163,16 +171,17 @@ async def test_event_stream_appends_publishes_and_replays(redis_client: Redis) -
     batch = [("j1", JobEvent(f"1-{i}", EventType.DELTA, {"text": str(i)})) for i in range(1, 4)]
     batch.append(("j1", JobEvent("1-4", EventType.DONE, {"finish_reason": "stop"})))
     await stream.publish(batch)
-    assert [e.id for e in await stream.read_after("j1", None) or []] == ["1-1", "1-2", "1-3",
-                                                                         "1-4"]
-    assert [e.id for e in await stream.read_after("j1", "1-2") or []] == ["1-3", "1-4"]
-    assert await stream.read_after("nope", None) is None
+    assert [str(e.id) for e in await stream.read_after("j1", NO_EVENT) or []] == [
+        "1-1", "1-2", "1-3", "1-4"]
+    assert [e.id for e in await stream.read_after("j1", EventId(1, 2)) or []] == [
+        EventId(1, 3), EventId(1, 4)]
+    assert await stream.read_after("nope", NO_EVENT) is None
     assert 0 < await redis_client.ttl("ferry:job:j1:events") <= 60  # terminal event sets TTL
     live = []
     while len(live) < 4:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
         if message:
-            live.append(JobEvent.from_json(message["data"]).id)
+            live.append(str(JobEvent.from_json(message["data"]).id))
     assert live == ["1-1", "1-2", "1-3", "1-4"]
     await pubsub.aclose()
 
@@ -197,12 +206,12 @@ async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: R
             live[message["channel"].decode().split(":")[2]].append(
                 JobEvent.from_json(message["data"]))
     for job in ("a", "b"):
-        stored = await stream.read_after(job, None) or []
+        stored = await stream.read_after(job, NO_EVENT) or []
         assert [e.data["text"] for e in stored if e.type == EventType.DELTA] == texts
         assert all(e.data["ts"] == 1.5 for e in stored if e.type == EventType.DELTA)
     assert [e.data.get("text") for e in live["a"]] == [*texts, None]
     assert live["a"][-1] == JobEvent("1-5", EventType.DONE, {"finish_reason": "length"})
-    assert [e.id for e in live["b"]] == ["1-1", "1-2", "1-3", "1-4", "1-2"]
+    assert [str(e.id) for e in live["b"]] == ["1-1", "1-2", "1-3", "1-4", "1-2"]
     assert 0 < await redis_client.ttl("ferry:job:a:events") <= 60
     assert await redis_client.ttl("ferry:job:b:events") == -1  # no terminal event yet
     await pubsub.aclose()
@@ -217,23 +226,43 @@ async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: R
 ])
 def test_an_event_survives_the_wire_with_its_data_as_sent(event: JobEvent) -> None:
     """What is published (to_json, the publish script's shape) comes back equal, with the
-    data's JSON text kept as it was (the API forwards it to SSE clients unchanged)."""
+    data's JSON text as json.dumps writes it (what SSE clients get)."""
     wire = event.to_json()
     back = JobEvent.from_json(wire.encode())
-    assert back == event and back.order == event.order
+    assert back == event and back.id == event.id
     assert back.data_json == json.dumps(event.data)
-    assert json.loads(wire) == {"id": event.id, "type": event.type.value, "data": event.data}
+    assert wire == json.dumps({"id": str(event.id), "type": event.type.value,
+                               "data": event.data})
 
 
 @pytest.mark.parametrize("text", ["", 'say "hi"\n\t\\', "\u00e9t\u00e9 \u4e16\u754c \U0001f600",
                                   "\x00\x1f\x7f", "\ud800 lone surrogate", "</script>"])
 @pytest.mark.parametrize("ts", [1764130000.123456, 0.1, 1e20, None])
 def test_a_delta_events_json_is_what_json_dumps_writes(text: str, ts: float | None) -> None:
-    """Workers write a delta's JSON directly (JobEvent.delta): it must be json.dumps's
-    text for the same data, so replays, SSE and stored events all agree."""
+    """A delta's JSON is json.dumps's text for its data, whatever the text holds, so
+    replays, SSE and stored events all agree."""
     event = JobEvent.delta("1-3", text, ts)
     assert event.data_json == json.dumps({"text": text, "ts": ts})
     assert JobEvent.from_json(event.to_json()).data == {"text": text, "ts": ts}
+
+
+@pytest.mark.parametrize("text", ["1-1", "0-1", "2-17", "12-345"])
+def test_an_event_id_reads_back_as_written(text: str) -> None:
+    assert str(EventId.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["", "1", "1-", "-1", "1-2-3", "a-1", "1-b", " 1-2", "+1-2",
+                                  "1_0-2", "\u00b2-1", "\u0661-1"])
+def test_anything_else_is_not_an_event_id(text: str) -> None:
+    with pytest.raises(ValueError):
+        EventId.parse(text)
+
+
+def test_event_ids_order_as_their_events_do() -> None:
+    """Attempt first, then the sequence (numbers, not text: 1-10 after 1-9)."""
+    ids = ["0-1", "1-1", "1-2", "1-9", "1-10", "2-1"]
+    assert sorted(map(EventId.parse, reversed(ids))) == [EventId.parse(i) for i in ids]
+    assert EventId.parse("0-1") > NO_EVENT and EventId(1, 9).next() == EventId(1, 10)
 
 
 def test_an_event_in_another_json_shape_is_still_read() -> None:
@@ -280,7 +309,7 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
         first = asyncio.create_task(anext(batches))
         async with hub.subscribe(job.id) as witness:
             await stream.publish([(job.id, JobEvent("1-1", EventType.DELTA, {"text": "a"}))])
-            assert [e.id for e in await first or []] == ["1-1"]
+            assert [str(e.id) for e in await first or []] == ["1-1"]
             await witness.get()
             # Three more arrive while nobody reads; a repeat of 1-1 is dropped.
             later = [JobEvent("1-2", EventType.DELTA, {"text": "b"}),
@@ -291,7 +320,7 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
                 await redis_client.publish(job_channel(job.id), event.to_json())
             for _ in later:  # the hub fans out to both queues in the same step
                 await witness.get()
-        assert [e.id for e in await anext(batches) or []] == ["1-2", "1-3", "1-4"]
+        assert [str(e.id) for e in await anext(batches) or []] == ["1-2", "1-3", "1-4"]
         with pytest.raises(StopAsyncIteration):  # it ended with the terminal event
             await anext(batches)
     finally:
@@ -330,7 +359,7 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
         while len(seen) < 15:
             batch = await anext(batches)
             assert batch is not KEEPALIVE, f"a keep-alive while events flowed, after {seen}"
-            seen += [e.id for e in batch or []]
+            seen += [str(e.id) for e in batch or []]
         await publishing
         assert seen == [f"1-{i}" for i in range(1, 16)]
 
@@ -339,7 +368,7 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
             assert row is not None
             row.status, row.error = JobStatus.FAILED, "worker lost"
         ending = await anext(batches)
-        assert ending is not KEEPALIVE and [(e.id, e.type, e.data) for e in ending or []] == [
+        assert ending is not KEEPALIVE and [(str(e.id), e.type, e.data) for e in ending or []] == [
             # A failure of unknown kind (no error_code) counts as a server error.
             ("1-16", EventType.ERROR, {"message": "worker lost", "code": "server_error"})]
         with pytest.raises(StopAsyncIteration):
@@ -365,7 +394,7 @@ async def test_the_event_hub_reconnects_and_resubscribes_after_losing_redis(
     try:
         async with hub.subscribe("j-reconnect") as live:
             await stream.publish([("j-reconnect", JobEvent("1-1", EventType.DELTA, {"text": "a"}))])
-            assert (await asyncio.wait_for(live.get(), 5)).id == "1-1"
+            assert str((await asyncio.wait_for(live.get(), 5)).id) == "1-1"
             # Only this hub's connection (other deployments' hubs share the server).
             ids = [c["id"] for c in await redis_client.client_list(_type="pubsub")
                    if c.get("name") == name]

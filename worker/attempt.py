@@ -11,15 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.content import ImageRef, image_refs, parses_tool_calls
-from storage.events import (
-    INVALID_REQUEST,
-    SERVER_ERROR,
-    EventType,
-    JobEvent,
-    done_data,
-    error_data,
-    usage_data,
-)
+from storage.events import INVALID_REQUEST, SERVER_ERROR, EventType, JobEvent, terminal_events
 from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
@@ -307,7 +299,7 @@ async def _record_end(
     recorded = await ctx.outcomes.submit((state.job_id, outcome))
     if recorded is None:
         return "lost"
-    for event_type, data in _terminal_events(recorded, state, error):
+    for event_type, data in terminal_events(recorded, outcome):
         ctx.publisher.emit(state.job_id, JobEvent(state.next_id(), event_type, data))
     return recorded.value
 
@@ -338,18 +330,3 @@ def _find_tool_calls(parser: ToolCallParser, state: JobAttempt) -> None:
         if choice == "auto" or (choice == "required" and state.finish_reason == "stop"):
             state.finish_reason = "tool_calls"
 
-
-def _terminal_events(
-    status: JobStatus, state: JobAttempt, error: Failure | None
-) -> list[tuple[EventType, dict[str, Any]]]:
-    """Must match storage.events.events_from_job, which rebuilds them from SQL."""
-    if status == JobStatus.SUCCEEDED:
-        return [
-            (EventType.USAGE, usage_data(state.prompt_tokens, state.completion_tokens)),
-            (EventType.DONE, done_data(state.finish_reason, state.tool_calls,
-                                       state.result_content)),
-        ]
-    if status == JobStatus.FAILED:
-        return [(EventType.ERROR, error_data(error.message if error else None,
-                                             error.code if error else None))]
-    return [(EventType.CANCELLED, {})]

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from storage.events import EventId
+
 
 @dataclass
 class JobAttempt:
@@ -35,6 +37,6 @@ class JobAttempt:
     result_content: str | None = None
     _seq: int = 0
 
-    def next_id(self) -> str:
+    def next_id(self) -> EventId:
         self._seq += 1
-        return f"{self.attempt}-{self._seq}"
+        return EventId(self.attempt, self._seq)

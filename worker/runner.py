@@ -25,13 +25,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.keys import BATCH_WAKE_CHANNEL, CANCEL_CHANNEL, PENDING_JOBS
 from storage.objects import get_object_store
-from storage.redis_client import redis_from_url
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
@@ -110,7 +110,7 @@ class JobRunner:
     async def _start(self) -> None:
         self._db = create_db_engine(self.storage)
         self._sessions = create_session_factory(self._db)
-        self._redis = redis_from_url(self.storage.redis_url)
+        self._redis = Redis.from_url(self.storage.redis_url)
         self._publisher = EventPublisher(JobEventStream(
             self._redis,
             maxlen=self.storage.event_stream_maxlen,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,9 +9,8 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Response
-from fastapi.responses import StreamingResponse
 
-from api import jobs_service
+from api import jobs_service, sse
 from api.deps import CurrentKey, StateDep
 from api.errors import stream_error
 from api.schemas.openai import (
@@ -79,9 +77,9 @@ async def create_chat_completion(
     headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
+        return sse.EventStreamResponse(
             _stream(state, completion_id, jobs, include_usage, reasoning_mode(jobs[0].request)),
-            media_type="text/event-stream", headers=headers,
+            headers=headers,
         )
     response.headers.update(headers)
     finals = await jobs_service.wait_for_all(state, jobs)
@@ -114,11 +112,6 @@ def _choice(index: int, job: Job) -> ChatChoice:
     )
 
 
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n".encode()
-
-
 @dataclass(frozen=True, slots=True)
 class _Choice:
     """What one streamed choice's chunks are built from."""
@@ -141,33 +134,33 @@ async def _stream(
     choices = [_Choice(completion_id, created, jobs[0].model, i,
                        ReasoningSplitter(mode) if mode else None, [] if holds else None)
                for i in range(len(jobs))]
-    yield b"".join(_sse(chunk(completion_id, created, c.model, {"role": "assistant",
-                                                                 "content": ""}, index=c.index))
-                   for c in choices)
+    yield sse.data_events(chunk(completion_id, created, c.model,
+                                {"role": "assistant", "content": ""}, index=c.index)
+                          for c in choices)
     ended: set[int] = set()
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     try:
         # Events that arrived together go out in one write (see api/job_events.py).
         async for index, batch in jobs_service.merged_event_batches(state, jobs):
             if batch is None:
-                yield b": keep-alive\n\n"
+                yield sse.KEEPALIVE
                 continue
-            out: list[bytes] = []
+            out: list[dict[str, Any]] = []
             for event in batch:
                 if event.type == EventType.USAGE:
                     # OpenAI sends usage last, after the chunks that carry finish_reason.
                     for name in usage:
                         usage[name] += int(event.data.get(name, 0))
                     continue
-                out.extend(_sse(payload) for payload in _chunks_for(choices[index], event))
+                out += _chunks_for(choices[index], event)
                 if event.type.is_terminal:
                     ended.add(index)
             if out:
-                yield b"".join(out)
+                yield sse.data_events(out)
         if include_usage:
-            yield _sse({**chunk(completion_id, created, jobs[0].model, {}), "choices": [],
-                        "usage": usage})
-        yield _sse("[DONE]")
+            yield sse.data({**chunk(completion_id, created, jobs[0].model, {}), "choices": [],
+                            "usage": usage})
+        yield sse.data("[DONE]")
     finally:
         if len(ended) < len(jobs):
             # The client left (we are being cancelled): shield the clean-up.

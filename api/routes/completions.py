@@ -7,15 +7,13 @@ prompt and `n` (`index` = prompt position x n + i), streamed interleaved as vLLM
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Response
-from fastapi.responses import StreamingResponse
 
-from api import jobs_service
+from api import jobs_service, sse
 from api.deps import CurrentKey, StateDep
 from api.errors import stream_error
 from api.schemas.openai import (
@@ -57,7 +55,7 @@ async def create_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, completion_id, jobs, echoes, include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        return sse.EventStreamResponse(stream, headers=headers)
     response.headers.update(headers)
     finals = await jobs_service.wait_for_all(state, jobs)
     prompt_tokens = sum(j.prompt_tokens or 0 for j in finals)
@@ -88,11 +86,6 @@ def _logprobs(job: Job, offset: int) -> CompletionLogprobs | None:
     return CompletionLogprobs.model_validate(completion_logprobs(entries, offset))
 
 
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n".encode()
-
-
 def _chunk(
     completion_id: str, created: int, model: str, index: int, text: str,
     finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
@@ -120,12 +113,12 @@ async def _stream(
     try:
         for index, echo in enumerate(echoes):
             if echo:
-                yield _sse(_chunk(completion_id, created, model, index, echo))
+                yield sse.data(_chunk(completion_id, created, model, index, echo))
         async for index, batch in jobs_service.merged_event_batches(state, jobs):
             if batch is None:
-                yield b": keep-alive\n\n"
+                yield sse.KEEPALIVE
                 continue
-            out: list[bytes] = []
+            out: list[dict[str, Any]] = []
             for event in batch:
                 if event.type == EventType.DELTA:
                     text, entries = event.data["text"], event.data.get("logprobs")
@@ -133,27 +126,26 @@ async def _stream(
                     if entries is not None:
                         logprobs = completion_logprobs(entries, offsets[index])
                         offsets[index] += sum(len(e["token"]) for e in entries)
-                    out.append(_sse(_chunk(completion_id, created, model, index, text,
-                                           logprobs=logprobs)))
+                    out.append(_chunk(completion_id, created, model, index, text,
+                                      logprobs=logprobs))
                 elif event.type == EventType.USAGE:
                     for name in usage:
                         usage[name] += int(event.data.get(name, 0))
                 elif event.type == EventType.DONE:
-                    out.append(_sse(_chunk(completion_id, created, model, index, "",
-                                           event.data.get("finish_reason"))))
+                    out.append(_chunk(completion_id, created, model, index, "",
+                                      event.data.get("finish_reason")))
                 elif event.type == EventType.CANCELLED:
-                    out.append(_sse(_chunk(completion_id, created, model, index, "", "abort")))
+                    out.append(_chunk(completion_id, created, model, index, "", "abort"))
                 elif event.type == EventType.ERROR:
-                    out.append(_sse(stream_error(event.data.get("message"),
-                                                 event.data.get("code"))))
+                    out.append(stream_error(event.data.get("message"), event.data.get("code")))
                 if event.type.is_terminal:
                     ended.add(index)
             if out:
-                yield b"".join(out)
+                yield sse.data_events(out)
         if include_usage:
-            yield _sse({"id": completion_id, "object": "text_completion", "created": created,
-                        "model": model, "choices": [], "usage": usage})
-        yield _sse("[DONE]")
+            yield sse.data({"id": completion_id, "object": "text_completion",
+                            "created": created, "model": model, "choices": [], "usage": usage})
+        yield sse.data("[DONE]")
     finally:
         if len(ended) < len(jobs):
             # The client left (we are being cancelled): shield the clean-up.

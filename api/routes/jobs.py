@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
-from fastapi.responses import StreamingResponse
 
-from api import jobs_service
+from api import jobs_service, sse
 from api.deps import CurrentKey, OwnedJob, SessionDep, StateDep
 from api.errors import InvalidRequest
-from api.job_events import job_event_batches, parse_last_event_id
+from api.job_events import job_event_batches
 from api.schemas.jobs import JobCreate, JobList, JobPublic
 from api.schemas.pages import split_page
-from storage.events import JobEvent
+from storage.events import EventId
 from storage.keys import Lane
 from storage.models import JobStatus
 from storage.repositories import jobs as jobs_repo
@@ -75,10 +73,12 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
 def _last_event_id(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id_query: Annotated[str | None, Query(alias="last_event_id")] = None,
-) -> tuple[int, int] | None:
+) -> EventId | None:
     raw = last_event_id if last_event_id is not None else last_event_id_query
+    if not raw:
+        return None
     try:
-        return parse_last_event_id(raw)
+        return EventId.parse(raw)
     except ValueError:
         raise InvalidRequest(
             f"Last-Event-ID `{raw}` is not an event id of the form `<attempt>-<seq>`.",
@@ -87,40 +87,15 @@ def _last_event_id(
 
 
 # Parsed in a dependency: a bad id is a 400 before the stream starts.
-LastEventId = Annotated[tuple[int, int] | None, Depends(_last_event_id)]
+LastEventId = Annotated[EventId | None, Depends(_last_event_id)]
 
 
-class EventStreamResponse(StreamingResponse):
-    """`text/event-stream`, written by `_sse_writes`. (FastAPI's EventSourceResponse as a
-    response_class would make the route a generator of ServerSentEvent items.)"""
-
-    media_type = "text/event-stream"
-
-
-# As FastAPI sends them for a streamed EventSourceResponse.
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-async def _sse_writes(batches: AsyncIterator[list[JobEvent] | None]) -> AsyncIterator[bytes]:
-    """One write per batch of events. Formatted here rather than by yielding FastAPI's
-    ServerSentEvent one at a time, which costs a pydantic model, a recursive
-    jsonable_encoder pass and three task hand-offs per event (bench/README.md)."""
-    async for batch in batches:
-        if batch is None:
-            yield b": keep-alive\n\n"
-        else:
-            yield "".join(
-                f"id: {e.id}\nevent: {e.type.value}\ndata: {e.data_json}\n\n"
-                for e in batch
-            ).encode()
-
-
-@router.get("/{job_id}/events", response_class=EventStreamResponse)
+@router.get("/{job_id}/events", response_class=sse.EventStreamResponse)
 async def job_event_stream(
     job: OwnedJob,
     state: StateDep,
     after: LastEventId,
-) -> EventStreamResponse:
+) -> sse.EventStreamResponse:
     """Server-Sent Events: `delta`, `usage`, then one of `done`, `error`, `cancelled`.
 
     Every event has an `id:`. Reconnect with `Last-Event-ID` (header, or the
@@ -134,4 +109,4 @@ async def job_event_stream(
         state.event_sources, job.id, after,
         keepalive_seconds=settings.sse_keepalive_seconds, max_seconds=settings.sse_max_seconds,
     )
-    return EventStreamResponse(_sse_writes(batches), headers=SSE_HEADERS)
+    return sse.EventStreamResponse(sse.job_event_writes(batches), headers=sse.HEADERS)
