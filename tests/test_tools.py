@@ -20,6 +20,7 @@ import pytest
 
 from api.routes.chat import _Choice, _chunks_for
 from storage.events import EventType, JobEvent, done_data
+from storage.stored_request import StoredRequest
 from tests.conftest import KEY_A, TINY, Stack
 from tests.helpers import assert_error
 from tests.tool_model import (
@@ -55,7 +56,7 @@ def hermes(tokenizer: Any) -> ToolCallParser:
     return ToolCallParser("hermes", tokenizer)
 
 
-STORED = {"tools": [WEATHER_TOOL], "tool_choice": "auto"}
+STORED = StoredRequest(tools=[WEATHER_TOOL], tool_choice="auto")
 
 
 # --- the worker's parse step: vLLM's hermes parser, a real tokenizer -------------------
@@ -97,7 +98,7 @@ def test_parallel_calls_and_parallel_tool_calls_false(hermes: ToolCallParser) ->
     assert found is not None and found.content is None
     assert [json.loads(c["function"]["arguments"])["city"] for c in found.calls] == [
         "Paris", "Rome"]
-    first = hermes.parse(two, {**STORED, "parallel_tool_calls": False})
+    first = hermes.parse(two, STORED.model_copy(update={"parallel_tool_calls": False}))
     assert first is not None and len(first.calls) == 1
 
 
@@ -106,7 +107,7 @@ def test_reasoning_is_not_parsed_for_calls(hermes: ToolCallParser) -> None:
     tool call the model merely considers while thinking is not a call)."""
     thought = ('<think>Maybe <tool_call>{"name": "get_weather", "arguments": {"city": '
                '"Oslo"}}</tool_call>?</think>' + TOOL_CALL_TEXT)
-    found = hermes.parse(thought, {**STORED, "reasoning": "tagged"})
+    found = hermes.parse(thought, STORED.model_copy(update={"reasoning": "tagged"}))
     assert found is not None and len(found.calls) == 1
     assert json.loads(found.calls[0]["function"]["arguments"])["city"] == "Paris"
     assert found.content == "Checking. "

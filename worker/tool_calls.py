@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
-from storage.content import ReasoningMode, reasoning_mode, split_reasoning
+from storage.content import ReasoningMode, split_reasoning
+from storage.stored_request import StoredRequest
 from worker.engines.options import StartupError
 
 log = logging.getLogger(__name__)
@@ -42,29 +43,29 @@ class ToolCallParser:
         self._tokenizer = tokenizer
         self._request_class = ChatCompletionRequest
 
-    def _for(self, request: dict[str, Any]) -> tuple[Any, Any]:
+    def _for(self, request: StoredRequest) -> tuple[Any, Any]:
         """vLLM's request for the stored one (what its parsers read: the tools and
         tool_choice), and a fresh parser for it."""
         vllm_request = self._request_class.model_validate({
-            "model": "ferry", "messages": [], "tools": request["tools"],
+            "model": "ferry", "messages": [], "tools": request.tools,
             "tool_choice": "auto",
-            "parallel_tool_calls": request.get("parallel_tool_calls", True),
+            "parallel_tool_calls": request.parallel_tool_calls,
         })
         # (list is invariant: vLLM types the argument with every tool kind it knows)
         return vllm_request, self._parser_class(self._tokenizer, cast(Any, vllm_request.tools))
 
-    def skips_special_tokens(self, request: dict[str, Any]) -> bool:
+    def skips_special_tokens(self, request: StoredRequest) -> bool:
         """Whether the reply's text may leave special tokens out: vLLM's parser says so in
         `adjust_request` (hermes keeps them: its tags are special tokens in some models,
         and a tag dropped from the text would hide the call)."""
         vllm_request, parser = self._for(request)
         return bool(parser.adjust_request(vllm_request).skip_special_tokens)
 
-    def parse(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
+    def parse(self, text: str, request: StoredRequest) -> ToolCalls | None:
         """The tool calls in `text`, the reply to the stored `request`; None when it calls
         none. With a reasoning mode, only the content after the reasoning is parsed (as
         vLLM does); the reasoning is not part of `ToolCalls.content`."""
-        mode: ReasoningMode | None = reasoning_mode(request)
+        mode: ReasoningMode | None = request.reasoning
         content = split_reasoning(text, mode)[1] if mode else text
         vllm_request, parser = self._for(request)
         info = parser.extract_tool_calls(content, vllm_request)
@@ -79,7 +80,7 @@ class ToolCallParser:
         left = info.content if info.content and info.content.strip() else None
         return ToolCalls(calls, left)
 
-    def parse_quietly(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
+    def parse_quietly(self, text: str, request: StoredRequest) -> ToolCalls | None:
         """`parse`, where a parser that fails leaves the reply as plain content (logged):
         the answer is still the model's."""
         try:
@@ -98,7 +99,8 @@ def load_parser(name: str | None, tokenizer: Any) -> ToolCallParser | None:
         return None
     try:
         parser = ToolCallParser(name, tokenizer)
-        parser.parse("", {"tools": [{"type": "function", "function": {"name": "probe"}}]})
+        parser.parse("", StoredRequest(tools=[{"type": "function",
+                                               "function": {"name": "probe"}}]))
     except Exception as exc:
         raise StartupError(f"--tool-call-parser {name}: cannot parse this model's output: "
                            f"{exc}") from exc
