@@ -24,6 +24,7 @@ from storage.content import ImageRef, image_part, text_part
 from storage.events import EventType
 from storage.models import Job
 from storage.registry import ServedModel
+from storage.stored_request import StoredRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +79,13 @@ async def build_job(
         max_tokens=max(1, min(turn.max_tokens, model.max_model_len - 1)),
     )
     job = await jobs_service.build_chat_job(state, owner_id, body)
-    if turn.image is not None:
-        job.request["messages"][-1]["content"] = [image_part(turn.image),
-                                                  text_part(turn.prompt)]
-    history.attach(job, past, conversation_id)
-    history.fit_to_context(job.request, model.max_model_len, turn.max_tokens, past_tokens)
+    request = StoredRequest.load(job.request)
+    if turn.image is not None and request.messages:
+        request.messages[-1]["content"] = [image_part(turn.image), text_part(turn.prompt)]
+    history.splice(request, past)
+    history.fit_to_context(request, model.max_model_len, turn.max_tokens, past_tokens)
+    job.request = request.dump()
+    job.conversation_id = conversation_id
     return job
 
 

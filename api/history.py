@@ -1,8 +1,8 @@
 """Chat history in prompts: stored conversations and client-sent `[user, assistant]` pairs.
 
-A job that continues a conversation stores its whole prompt (`request["messages"]`: the
-instructions, the history, then the new turn) and where the new turn starts
-(`request["turn_start"]`). Nothing is written to the conversation at submit: when the job
+A job that continues a conversation stores its whole prompt (`StoredRequest.messages`:
+the instructions, the history, then the new turn) and where the new turn starts
+(`StoredRequest.turn_start`). Nothing is written to the conversation at submit: when the job
 succeeds, `storage.repositories.conversations.record_reply` appends the turn and the reply
 together, so a failed or cancelled job leaves no dangling user turn behind.
 """
@@ -15,15 +15,16 @@ from typing import Any
 from api.errors import InvalidRequest, NotFound
 from api.state import AppState
 from storage.content import ImageRef, image_part, image_refs, plain_text, text_part
-from storage.models import Job, Message
+from storage.models import Message
 from storage.repositories import conversations as conversations_repo
 from storage.repositories.conversations import INSTRUCTION_ROLES
+from storage.stored_request import StoredRequest
 
 Pair = tuple[str, str]
 
 
 async def prepend_history(
-    state: AppState, owner_id: str, conversation_id: str, request: dict[str, Any]
+    state: AppState, owner_id: str, conversation_id: str, request: StoredRequest
 ) -> None:
     """Put the stored conversation before the request's new messages (404 if this key
     has no such conversation)."""
@@ -36,19 +37,13 @@ async def prepend_history(
     splice(request, prompt_messages(stored))
 
 
-def splice(request: dict[str, Any], history: Sequence[dict[str, Any]]) -> None:
+def splice(request: StoredRequest, history: Sequence[dict[str, Any]]) -> None:
     """Insert history after the leading instructions (system prompts stay first, where
     chat templates want them) and mark where the new turn starts."""
-    messages: list[dict[str, Any]] = request["messages"]
+    messages = request.messages or []
     lead = _leading_instructions(messages)
-    request["messages"] = [*messages[:lead], *history, *messages[lead:]]
-    request["turn_start"] = lead + len(history)
-
-
-def attach(job: Job, history: Sequence[dict[str, Any]], conversation_id: str | None) -> None:
-    """Give a built job its history, and the conversation its reply is appended to."""
-    splice(job.request, history)
-    job.conversation_id = conversation_id
+    request.messages = [*messages[:lead], *history, *messages[lead:]]
+    request.turn_start = lead + len(history)
 
 
 def prompt_messages(stored: Sequence[Message]) -> list[dict[str, Any]]:
@@ -154,7 +149,7 @@ def known_tokens(stored: Sequence[Message], reply_tokens: dict[str, int]) -> lis
 
 
 def fit_to_context(
-    request: dict[str, Any],
+    request: StoredRequest,
     max_model_len: int,
     wanted: int,
     history_tokens: Sequence[int | None] = (),
@@ -167,9 +162,9 @@ def fit_to_context(
     on its own is a 400. `history_tokens` gives the history messages' token counts where
     they are known (else they are estimated).
     """
-    messages: list[dict[str, Any]] = request["messages"]
+    messages = request.messages or []
     lead = _leading_instructions(messages)
-    start = int(request.get("turn_start", lead))
+    start = lead if request.turn_start is None else request.turn_start
     history = messages[lead:start]
     known = [*history_tokens, *([None] * len(history))][:len(history)]
     sizes = [estimated_tokens(m) if n is None else _MESSAGE_TOKENS + n
@@ -182,12 +177,12 @@ def fit_to_context(
         # History always opens with a user turn.
         while drop < len(history) and history[drop]["role"] != "user":
             drop += 1
-    del messages[lead:lead + drop]
-    request["turn_start"] = start - drop
+    request.messages = messages[:lead] + messages[lead + drop:]
+    request.turn_start = start - drop
     left = max_model_len - fixed - sum(sizes[drop:])
     if left < 1:
         raise InvalidRequest(
             f"The prompt is too long for the model's context of {max_model_len} tokens.",
             param="prompt", code="context_length_exceeded",
         )
-    request["max_tokens"] = min(wanted, left)
+    request.max_tokens = min(wanted, left)

@@ -31,6 +31,7 @@ from storage.keys import CANCEL_CHANNEL, Lane
 from storage.models import Job, JobStatus
 from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
+from storage.stored_request import StoredRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ MAX_CHOICES = 64
 def sampling_request(
     body: SamplingFields, model: ServedModel, default_max_tokens: int | None = None
 ) -> dict[str, Any]:
-    """The engine-facing fields of a request, checked against the model. Without
-    max_tokens (and no operator default) none is stored: the engine gives the completion
-    the rest of the context, as vLLM and OpenAI do."""
+    """The engine-facing fields of a request (`StoredRequest` fields), checked against the
+    model. Without max_tokens (and no operator default) none is stored: the engine gives
+    the completion the rest of the context, as vLLM and OpenAI do."""
     check_fields(body, model)
     max_tokens = body.requested_max_tokens
     if max_tokens is None and default_max_tokens is not None:
@@ -87,16 +88,17 @@ async def build_chat_jobs(
         raise InvalidRequest("n > 1 cannot continue a conversation (which reply would be "
                              "its next turn?).", param="n")
     job = await _chat_job(state, owner_id, body, Lane.INTERACTIVE)
+    request = StoredRequest.load(job.request)
     return [job] + [_queued_job(owner_id, body, job.model, "chat", Lane.INTERACTIVE,
-                                _nth(job.request, i))
+                                _nth(request, i))
                     for i in range(1, body.n)]
 
 
-def _nth(request: dict[str, Any], i: int) -> dict[str, Any]:
+def _nth(request: StoredRequest, i: int) -> StoredRequest:
     """The request of choice i (of n)."""
-    if request.get("seed") is None:
-        return dict(request)
-    return {**request, "seed": request["seed"] + i}
+    if request.seed is None:
+        return request
+    return request.model_copy(update={"seed": request.seed + i})
 
 
 async def build_chat_job(
@@ -118,21 +120,20 @@ async def _chat_job(
 ) -> Job:
     model = await state.catalog.resolve(body.model, body.carries_images)
     refuse_unsupported_parts(body, model)
-    request = sampling_request(body, model, state.settings.default_max_tokens)
+    fields = sampling_request(body, model, state.settings.default_max_tokens)
     images = ImageIntake.for_state(state)
-    request["messages"] = with_tool_turns(body, await chat_messages(images, body, model))
-    request.update(tool_fields(body))
+    messages = with_tool_turns(body, await chat_messages(images, body, model))
     template_kwargs = dict(body.chat_template_kwargs or {})
     thinking = body.enable_thinking
     if thinking is not None:
         # The template decides how thinking starts (Qwen3-style templates read this flag),
         # whichever way (vLLM's or FastDeploy's) it was asked for.
         template_kwargs["enable_thinking"] = thinking
-    mode = reasoning_mode_for(model, thinking)
-    if mode is not None:
-        request["reasoning"] = mode
-    if template_kwargs:
-        request["chat_template_kwargs"] = template_kwargs
+    request = StoredRequest(
+        **fields, **tool_fields(body), messages=messages,
+        reasoning=reasoning_mode_for(model, thinking),
+        chat_template_kwargs=template_kwargs or None,
+    )
     if body.conversation_id is not None:
         await history.prepend_history(state, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
@@ -170,7 +171,7 @@ def refuse_unsupported_parts(body: ChatCompletionRequest, model: ServedModel) ->
 
 def _queued_job(
     owner_id: str, body: SamplingFields, model: str, kind: str, lane: Lane,
-    request: dict[str, Any], conversation_id: str | None = None,
+    request: StoredRequest, conversation_id: str | None = None,
 ) -> Job:
     return Job(
         id=jobs_repo.new_job_id(),
@@ -180,7 +181,7 @@ def _queued_job(
         lane=lane,
         status=JobStatus.QUEUED,
         priority=body.priority,
-        request=request,
+        request=request.dump(),
         metadata_=body.metadata,
         attempts=0,
         conversation_id=conversation_id,
@@ -214,7 +215,7 @@ async def build_completion_jobs(
     if body.echo:
         base["echo"] = True  # the answer starts with the prompt (batch output reads it)
     requests = [
-        {**base, "prompt": await completion_prompt(images, model, prompt)}
+        StoredRequest(**base, prompt=await completion_prompt(images, model, prompt))
         for prompt in body.prompts
     ]
     await images.store()

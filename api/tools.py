@@ -1,9 +1,10 @@
 """Function tools in a chat request, as stored with its job (see worker/tool_calls.py).
 
-In `Job.request` a request with `tools` carries `tools` (OpenAI function tools, as sent),
-`tool_choice` (`auto` or `none`) and, when false, `parallel_tool_calls`. Its messages keep
-an assistant turn's `tool_calls` and a tool answer's `tool_call_id` in OpenAI's shape: the
-worker hands them to the chat template (arguments decoded, as vLLM does).
+In `Job.request` (storage.stored_request.StoredRequest) a request with `tools` carries
+`tools` (OpenAI function tools, as sent), `tool_choice` (`auto` or `none`) and, when false,
+`parallel_tool_calls`. Its messages keep an assistant turn's `tool_calls` and a tool
+answer's `tool_call_id` in OpenAI's shape: the worker hands them to the chat template
+(arguments decoded, as vLLM does).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from api.schemas.openai import AssistantMessage, ChatCompletionRequest, ToolCall
-from storage.content import reasoning_mode, split_reasoning
+from storage.content import split_reasoning
+from storage.stored_request import StoredRequest
 
 
 def tool_fields(body: ChatCompletionRequest) -> dict[str, Any]:
@@ -47,7 +49,7 @@ def reply_message(row: Any) -> AssistantMessage:
     assistant message: reasoning split off as the request asked, and the tools it calls
     (the content is then what the tool-call parser left of it, as vLLM answers)."""
     reasoning, content = None, row.result_text or ""
-    mode = reasoning_mode(row.request or {})
+    mode = StoredRequest.load(row.request or {}).reasoning
     if mode is not None:
         reasoning, content = split_reasoning(content, mode)
     if row.tool_calls is None:

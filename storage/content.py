@@ -1,7 +1,8 @@
 """How a job's stored request carries images: the contract between api/ and worker/.
 
 The API pulls every image into the object store before it accepts a job (see
-api/images); the job row then holds references only. In `Job.request`:
+api/images); the job row then holds references only. In `Job.request`
+(storage/stored_request.py):
 
 - chat jobs: `messages[i]["content"]` is either a string, or a list of parts
       {"type": "text", "text": "..."}
@@ -15,7 +16,7 @@ placeholders where they were (the shape Hugging Face multimodal chat templates r
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, TypedDict
 
 
 class ImageRef(TypedDict):
@@ -49,13 +50,6 @@ def plain_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(part["text"] for part in content if part.get("type") == "text")
 
 
-def parses_tool_calls(request: dict[str, Any]) -> bool:
-    """Whether a stored chat request's reply is parsed for tool calls (it has `tools`, and
-    `tool_choice` is not `none`: then the tools are shown to the template and the reply
-    is plain content, as in vLLM). See api/tools.py and worker/tool_calls.py."""
-    return bool(request.get("tools")) and request.get("tool_choice", "auto") != "none"
-
-
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -64,14 +58,6 @@ THINK_CLOSE = "</think>"
 # "parser": the model has a reasoning parser, so the reply starts inside its reasoning
 #     (templates that open `<think>` in the prompt): reasoning runs up to `</think>`.
 ReasoningMode = Literal["tagged", "parser"]
-
-
-def reasoning_mode(request: dict[str, Any]) -> ReasoningMode | None:
-    """How a stored request's reply is split (rows from before `reasoning` have `thinking`)."""
-    mode = request.get("reasoning")
-    if mode in ("tagged", "parser"):
-        return cast(ReasoningMode, mode)
-    return "tagged" if request.get("thinking") else None
 
 
 def split_reasoning(text: str, mode: ReasoningMode = "tagged") -> tuple[str | None, str]:

@@ -20,6 +20,7 @@ import pytest
 
 from api.routes.chat import _Choice, _chunks_for
 from storage.events import EventType, JobEvent, done_data
+from storage.stored_request import StoredRequest
 from tests.conftest import KEY_A, TINY, Stack
 from tests.helpers import assert_error
 from tests.tool_model import (
@@ -55,7 +56,11 @@ def hermes(tokenizer: Any) -> ToolCallParser:
     return ToolCallParser("hermes", tokenizer)
 
 
-STORED = {"tools": [WEATHER_TOOL], "tool_choice": "auto"}
+STORED = StoredRequest(tools=[WEATHER_TOOL], tool_choice="auto")
+
+
+def stored(**update: Any) -> StoredRequest:
+    return STORED.model_copy(update=update)
 
 
 # --- the worker's parse step: vLLM's hermes parser, a real tokenizer -------------------
@@ -88,7 +93,7 @@ def test_hermes_asks_to_keep_special_tokens(hermes: ToolCallParser) -> None:
     """vLLM's hermes parser keeps special tokens in the text of a reply to a request with
     tools (its tags are special tokens in some models); the worker asks the parser."""
     assert hermes.generation(STORED).skip_special_tokens is False
-    assert hermes.generation({**STORED, "tool_choice": "none"}).skip_special_tokens is True
+    assert hermes.generation(stored(tool_choice="none")).skip_special_tokens is True
 
 
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
@@ -100,7 +105,7 @@ def test_a_forced_tool_choice_is_a_constraint_in_the_parsers_format(
 ) -> None:
     """As vLLM forces it: hermes has a strict call format, so the reply is held to an
     xgrammar structural tag that opens with its `<tool_call>` for that function."""
-    how = hermes.generation({**STORED, "tool_choice": choice})
+    how = hermes.generation(stored(tool_choice=choice))
     assert how.constraint is not None
     tag = json.loads(how.constraint["structural_tag"])
     assert '<tool_call>\n{"name": "get_weather", "arguments": ' in json.dumps(tag["format"]) \
@@ -110,7 +115,7 @@ def test_a_forced_tool_choice_is_a_constraint_in_the_parsers_format(
 
 def test_a_forced_reply_is_read_in_the_parsers_format(hermes: ToolCallParser) -> None:
     for choice in ("required", NAMED):
-        found = hermes.parse(TOOL_CALL_TEXT, {**STORED, "tool_choice": choice})
+        found = hermes.parse(TOOL_CALL_TEXT, stored(tool_choice=choice))
         assert found is not None and found.calls[0]["function"]["name"] == "get_weather"
 
 
@@ -119,21 +124,21 @@ def test_a_json_format_parser_reads_the_forced_json(tokenizer: Any) -> None:
     a JSON schema, as vLLM does: `required` holds the reply to a list of
     `{name, parameters}`, read back as calls; a named function to its arguments."""
     parser = ToolCallParser("pythonic", tokenizer)
-    how = parser.generation({**STORED, "tool_choice": "required", "parallel_tool_calls": False})
+    how = parser.generation(stored(tool_choice="required", parallel_tool_calls=False))
     assert how.constraint is not None
     schema = how.constraint["json"]
     assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
     assert schema["items"]["anyOf"][0]["properties"]["name"] == {
         "type": "string", "enum": ["get_weather"]}
-    named_how = parser.generation({**STORED, "tool_choice": NAMED})
+    named_how = parser.generation(stored(tool_choice=NAMED))
     assert named_how.constraint == {"json": WEATHER_TOOL["function"]["parameters"]}
     required = parser.parse('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]',
-                            {**STORED, "tool_choice": "required"})
+                            stored(tool_choice="required"))
     assert required is not None and required.content is None
     [call] = required.calls
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
-    named = parser.parse('{"city": "Oslo"}', {**STORED, "tool_choice": NAMED})
+    named = parser.parse('{"city": "Oslo"}', stored(tool_choice=NAMED))
     assert named is not None
     assert named.calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
 
@@ -145,7 +150,7 @@ def test_parallel_calls_and_parallel_tool_calls_false(hermes: ToolCallParser) ->
     assert found is not None and found.content is None
     assert [json.loads(c["function"]["arguments"])["city"] for c in found.calls] == [
         "Paris", "Rome"]
-    first = hermes.parse(two, {**STORED, "parallel_tool_calls": False})
+    first = hermes.parse(two, stored(parallel_tool_calls=False))
     assert first is not None and len(first.calls) == 1
 
 
@@ -154,7 +159,7 @@ def test_reasoning_is_not_parsed_for_calls(hermes: ToolCallParser) -> None:
     tool call the model merely considers while thinking is not a call)."""
     thought = ('<think>Maybe <tool_call>{"name": "get_weather", "arguments": {"city": '
                '"Oslo"}}</tool_call>?</think>' + TOOL_CALL_TEXT)
-    found = hermes.parse(thought, {**STORED, "reasoning": "tagged"})
+    found = hermes.parse(thought, stored(reasoning="tagged"))
     assert found is not None and len(found.calls) == 1
     assert json.loads(found.calls[0]["function"]["arguments"])["city"] == "Paris"
     assert found.content == "Checking. "

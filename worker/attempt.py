@@ -6,16 +6,18 @@ import asyncio
 import dataclasses
 import io
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage.content import ImageRef, image_refs, parses_tool_calls
+from storage.content import ImageRef, image_refs
 from storage.events import INVALID_REQUEST, SERVER_ERROR, EventType, JobEvent, terminal_events
 from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
 from storage.repositories import jobs as jobs_repo
+from storage.stored_request import StoredRequest
 from worker.admission import EngineAdmission, WorkerStopping
 from worker.engines.base import (
     Engine,
@@ -33,16 +35,17 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 async def generation_request(
-    job: Job, request_id: str, bulk_priority: int, objects: ObjectStore
+    job: Job, body: StoredRequest, request_id: str, bulk_priority: int, objects: ObjectStore
 ) -> GenerationRequest:
-    """Map the stored OpenAI-style request onto the engine's request, with its images read
-    from the object store and decoded (raises ImageUnavailable)."""
-    request = _mapped_request(job, request_id, bulk_priority)
-    body: dict[str, Any] = job.request
-    contents = [m.get("content") for m in body.get("messages") or []] + [body.get("prompt")]
+    """Map the job's stored OpenAI-style request (`body`, read from `job.request`) onto
+    the engine's request, with its images read from the object store and decoded (raises
+    ImageUnavailable)."""
+    request = _mapped_request(job, body, request_id, bulk_priority)
+    contents = [m.get("content") for m in body.messages or []] + [body.prompt]
     refs = [ref for content in contents for ref in image_refs(content)]
     if not refs:
         return request
@@ -84,41 +87,49 @@ def _placeholders(content: Any) -> Any:
     return [{"type": "image"} if part.get("type") == "image" else part for part in content]
 
 
-def _mapped_request(job: Job, request_id: str, bulk_priority: int) -> GenerationRequest:
-    body: dict[str, Any] = job.request
-    stop = body.get("stop") or ()
+def _mapped_request(
+    job: Job, body: StoredRequest, request_id: str, bulk_priority: int
+) -> GenerationRequest:
+    stop = body.stop or ()
     sampling = SamplingOptions(
         # Absent: the rest of the context (the engine knows the prompt's length).
-        max_tokens=None if body.get("max_tokens") is None else int(body["max_tokens"]),
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        top_k=body.get("top_k"),
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        seed=body.get("seed"),
-        presence_penalty=body.get("presence_penalty"),
-        frequency_penalty=body.get("frequency_penalty"),
-        min_p=body.get("min_p"),
-        repetition_penalty=body.get("repetition_penalty"),
-        min_tokens=int(body.get("min_tokens") or 0),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        min_tokens=body.min_tokens or 0,
         # JSON keys are strings: OpenAI's token id -> bias.
-        logit_bias={int(k): float(v) for k, v in body["logit_bias"].items()}
-        if body.get("logit_bias") else None,
-        logprobs=body.get("logprobs"),
-        ignore_eos=bool(body.get("ignore_eos", False)),
-        structured_output=body.get("structured_output"),
+        logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+        logprobs=body.logprobs,
+        ignore_eos=body.ignore_eos,
+        structured_output=body.structured_output,
     )
     # Engine priority: interactive first; within a lane the job's own priority orders it.
     priority = job.priority + (bulk_priority if job.lane == Lane.BULK else 0)
     # Bulk (batch) lines are read from SQL when they end: their text need not stream.
     streamed = job.lane != Lane.BULK
     if job.kind == "completion":
-        return GenerationRequest(request_id, prompt=_placeholders(body["prompt"]),
+        return GenerationRequest(request_id, prompt=_placeholders(_given(body.prompt)),
                                  sampling=sampling, priority=priority, stream=streamed)
-    messages = [{**m, "content": _placeholders(m.get("content"))} for m in body["messages"]]
+    messages = [{**m, "content": _placeholders(m.get("content"))}
+                for m in _given(body.messages)]
     return GenerationRequest(request_id, messages=messages, sampling=sampling,
                              priority=priority, stream=streamed,
-                             chat_template_kwargs=body.get("chat_template_kwargs"),
-                             tools=body.get("tools"))
+                             chat_template_kwargs=body.chat_template_kwargs,
+                             tools=body.tools)
+
+
+def _given(value: _T | None) -> _T:
+    """A chat job's messages, a completion job's prompt: a row without them is broken."""
+    if value is None:
+        raise ValueError("the stored request has no prompt")
+    return value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,10 +168,12 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
     job_id = job.id
     state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
                        started_at=job.started_at)
-    if job.request.get("logprobs") is not None:
-        state.logprobs = []
-    if ctx.tool_parser is not None and parses_tool_calls(job.request):
-        state.tool_request = job.request
+    body = _stored_request(job)
+    if isinstance(body, StoredRequest):
+        if body.logprobs is not None:
+            state.logprobs = []
+        if ctx.tool_parser is not None and body.parses_tool_calls:
+            state.tool_request = body
     ctx.in_flight[job_id] = state
     try:
         if state.attempt > 1:
@@ -171,16 +184,18 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
             # A poison job (its workers keep dying on it): stop the loop here.
             status, error = JobStatus.FAILED, Failure(
                 f"gave up after {ctx.max_attempts} attempts", SERVER_ERROR)
+        elif isinstance(body, Failure):
+            status, error = JobStatus.FAILED, body
         else:
             try:
                 # Images are read after the claim's transaction, which holds a row lock.
-                request = await generation_request(job, state.request_id, ctx.bulk_priority,
-                                                   ctx.objects)
+                request = await generation_request(job, body, state.request_id,
+                                                   ctx.bulk_priority, ctx.objects)
                 if job.model in ctx.adapters:
                     request = dataclasses.replace(request, lora=job.model)
                 if state.tool_request is not None and ctx.tool_parser is not None:
                     request = _with_tool_constraints(
-                        ctx.tool_parser, job.request, request,
+                        ctx.tool_parser, body, request,
                         ctx.engine.info.supports_structured_output)
                 status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
                                                 state, ctx.publisher)
@@ -206,6 +221,15 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
                                      Failure(message, SERVER_ERROR))
     finally:
         ctx.in_flight.pop(job_id, None)
+
+
+def _stored_request(job: Job) -> StoredRequest | Failure:
+    """The job's request, read once per attempt (everything after uses this copy). It was
+    checked when written: a row that does not read now will not on a retry either."""
+    try:
+        return StoredRequest.load(job.request)
+    except ValidationError as exc:
+        return Failure(f"the stored request cannot be read: {exc}", SERVER_ERROR)
 
 
 async def _admitted(
@@ -305,7 +329,7 @@ async def _record_end(
 
 
 def _with_tool_constraints(
-    parser: ToolCallParser, body: dict[str, Any], request: GenerationRequest,
+    parser: ToolCallParser, body: StoredRequest, request: GenerationRequest,
     can_constrain: bool,
 ) -> GenerationRequest:
     """A request with tools generated as vLLM's parser adjusts it (worker/tool_calls.py).
@@ -326,7 +350,7 @@ def _find_tool_calls(parser: ToolCallParser, state: JobAttempt) -> None:
     found = parser.parse_quietly("".join(state.deltas), state.tool_request)
     if found is not None:
         state.tool_calls, state.result_content = found.calls, found.content
-        choice = state.tool_request.get("tool_choice", "auto")
+        choice = state.tool_request.tool_choice or "auto"
         if choice == "auto" or (choice == "required" and state.finish_reason == "stop"):
             state.finish_reason = "tool_calls"
 

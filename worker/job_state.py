@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from storage.events import EventId
+from storage.stored_request import StoredRequest
 
 
 @dataclass
@@ -32,7 +33,7 @@ class JobAttempt:
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
     # The stored request, when its reply is parsed for tool calls at the end
     # (worker/tool_calls.py); what the parser found.
-    tool_request: dict[str, Any] | None = None
+    tool_request: StoredRequest | None = None
     tool_calls: list[dict[str, Any]] | None = None
     result_content: str | None = None
     _seq: int = 0

@@ -19,7 +19,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
-from storage.content import ReasoningMode, reasoning_mode, split_reasoning
+from storage.content import ReasoningMode, split_reasoning
+from storage.stored_request import StoredRequest
 from worker.errors import StartupError
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,9 @@ class ToolGeneration:
     skip_special_tokens: bool
 
 
-def forced_choice(request: dict[str, Any]) -> bool:
+def forced_choice(request: StoredRequest) -> bool:
     """A stored `tool_choice` of `required` or naming a function (see api/tools.py)."""
-    choice = request.get("tool_choice")
-    return choice == "required" or isinstance(choice, dict)
+    return request.tool_choice == "required" or isinstance(request.tool_choice, dict)
 
 
 class ToolCallParser:
@@ -67,19 +67,19 @@ class ToolCallParser:
         self._tokenizer = tokenizer
         self._request_class = ChatCompletionRequest
 
-    def _for(self, request: dict[str, Any]) -> tuple[Any, Any]:
+    def _for(self, request: StoredRequest) -> tuple[Any, Any]:
         """vLLM's request for the stored one (what its parsers read: the tools,
         tool_choice and parallel_tool_calls), and a fresh parser for it."""
         vllm_request = self._request_class.model_validate({
-            "model": "ferry", "messages": [], "tools": request["tools"],
-            "tool_choice": request.get("tool_choice", "auto"),
-            "parallel_tool_calls": request.get("parallel_tool_calls", True),
+            "model": "ferry", "messages": [], "tools": request.tools,
+            "tool_choice": request.tool_choice or "auto",
+            "parallel_tool_calls": request.parallel_tool_calls,
         })
         # (list is invariant: vLLM types the argument with every tool kind it knows)
         return vllm_request, self._parser_class(self._tokenizer,
                                                 cast(Any, vllm_request.tools))
 
-    def generation(self, request: dict[str, Any]) -> ToolGeneration:
+    def generation(self, request: StoredRequest) -> ToolGeneration:
         """How the reply to the stored `request` is generated (`adjust_request`)."""
         vllm_request, parser = self._for(request)
         adjusted = parser.adjust_request(vllm_request)
@@ -91,11 +91,11 @@ class ToolCallParser:
             constraint = {"json": json.loads(schema) if isinstance(schema, str) else schema}
         return ToolGeneration(constraint, bool(adjusted.skip_special_tokens))
 
-    def parse(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
+    def parse(self, text: str, request: StoredRequest) -> ToolCalls | None:
         """The tool calls in `text`, the reply to the stored `request`; None when it calls
         none. With a reasoning mode, only the content after the reasoning is parsed (as
         vLLM does); the reasoning is not part of `ToolCalls.content`."""
-        mode: ReasoningMode | None = reasoning_mode(request)
+        mode: ReasoningMode | None = request.reasoning
         content = split_reasoning(text, mode)[1] if mode else text
         vllm_request, parser = self._for(request)
         _, left, found = parser.parse(content, vllm_request, enable_auto_tools=True)
@@ -108,7 +108,7 @@ class ToolCallParser:
             calls = calls[:1]  # as vLLM's maybe_filter_parallel_tool_calls
         return ToolCalls(calls, left if left and left.strip() else None)
 
-    def parse_quietly(self, text: str, request: dict[str, Any]) -> ToolCalls | None:
+    def parse_quietly(self, text: str, request: StoredRequest) -> ToolCalls | None:
         """`parse`, where a parser that fails leaves the reply as plain content (logged):
         the answer is still the model's."""
         try:
@@ -127,7 +127,8 @@ def load_parser(name: str | None, tokenizer: Any) -> ToolCallParser | None:
         return None
     try:
         parser = ToolCallParser(name, tokenizer)
-        parser.parse("", {"tools": [{"type": "function", "function": {"name": "probe"}}]})
+        parser.parse("", StoredRequest(tools=[{"type": "function",
+                                               "function": {"name": "probe"}}]))
     except Exception as exc:
         raise StartupError(f"--tool-call-parser {name}: cannot parse this model's output: "
                            f"{exc}") from exc

@@ -36,6 +36,7 @@ from storage.models import BatchStatus, File, JobStatus
 from storage.objects import file_key
 from storage.repositories import batches as batches_repo
 from storage.repositories import files as files_repo
+from storage.stored_request import StoredRequest
 
 _PAGE = 1000
 _SPOOL_BYTES = 8 * 1024 * 1024
@@ -126,10 +127,10 @@ def _body(row: Row[Any]) -> dict[str, Any]:
                   total_tokens=prompt + completion)
     created = int(row.created_at.timestamp())
     text = row.result_text or ""
-    request: dict[str, Any] = row.request or {}
     entries = None if row.logprobs is None else [e for d in row.logprobs for e in d]
     if row.kind == "completion":
-        echo = plain_text(request.get("prompt")) if request.get("echo") else ""
+        request = StoredRequest.load(row.request or {})
+        echo = plain_text(request.prompt) if request.echo else ""
         logprobs = None if entries is None else CompletionLogprobs.model_validate(
             completion_logprobs(entries, len(echo)))
         return Completion(

@@ -24,14 +24,10 @@ from api.schemas.openai import (
 )
 from api.state import AppState
 from api.tools import reply_message
-from storage.content import (
-    ReasoningMode,
-    ReasoningSplitter,
-    parses_tool_calls,
-    reasoning_mode,
-)
+from storage.content import ReasoningSplitter
 from storage.events import EventType, JobEvent
 from storage.models import Job, JobStatus
+from storage.stored_request import StoredRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -78,7 +74,8 @@ async def create_chat_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStreamResponse(
-            _stream(state, completion_id, jobs, include_usage, reasoning_mode(jobs[0].request)),
+            _stream(state, completion_id, jobs, include_usage,
+                    StoredRequest.load(jobs[0].request)),
             headers=headers,
         )
     response.headers.update(headers)
@@ -127,10 +124,10 @@ class _Choice:
 
 async def _stream(
     state: AppState, completion_id: str, jobs: list[Job], include_usage: bool,
-    mode: ReasoningMode | None,
+    request: StoredRequest,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
-    holds = parses_tool_calls(jobs[0].request)
+    mode, holds = request.reasoning, request.parses_tool_calls
     choices = [_Choice(completion_id, created, jobs[0].model, i,
                        ReasoningSplitter(mode) if mode else None, [] if holds else None)
                for i in range(len(jobs))]

@@ -12,20 +12,14 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.content import (
-    ImageRef,
-    image_refs,
-    plain_text,
-    reasoning_mode,
-    split_reasoning,
-)
+from storage.content import ImageRef, image_refs, plain_text, split_reasoning
 from storage.models import Conversation, Job, Message, utcnow
+from storage.stored_request import StoredRequest
 
 _TITLE_CHARS = 80
 # Roles that are instructions for one request, not turns of the conversation.
@@ -138,11 +132,11 @@ async def append(
     return True
 
 
-def turn_of(request: dict[str, Any]) -> list[NewMessage]:
+def turn_of(request: StoredRequest) -> list[NewMessage]:
     """The turn a job carries into its conversation: the messages from `turn_start` on,
     instructions (system/developer) left out, images kept as references."""
-    messages: list[dict[str, Any]] = request.get("messages") or []
-    turn = messages[int(request.get("turn_start", 0)):]
+    messages = request.messages or []
+    turn = messages[request.turn_start or 0:]
     return [
         NewMessage(role=m["role"], content=plain_text(m.get("content")),
                    images=image_refs(m.get("content")) or None)
@@ -156,8 +150,9 @@ async def record_reply(session: AsyncSession, job: Job, reply: str) -> bool:
     if job.conversation_id is None:
         return False
     # A reply that opens with `<think>` is split even without thinking asked for.
-    reasoning, content = split_reasoning(reply, reasoning_mode(job.request) or "tagged")
-    turn = [*turn_of(job.request), NewMessage("assistant", content, reasoning=reasoning)]
+    request = StoredRequest.load(job.request)
+    reasoning, content = split_reasoning(reply, request.reasoning or "tagged")
+    turn = [*turn_of(request), NewMessage("assistant", content, reasoning=reasoning)]
     return await append(session, job.conversation_id, turn, job_id=job.id)
 
 
