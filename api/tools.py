@@ -1,10 +1,10 @@
 """Function tools in a chat request, as stored with its job (see worker/tool_calls.py).
 
 In `Job.request` (storage.stored_request.StoredRequest) a request with `tools` carries
-`tools` (OpenAI function tools, as sent), `tool_choice` (`auto` or `none`) and, when false,
-`parallel_tool_calls`. Its messages keep an assistant turn's `tool_calls` and a tool
-answer's `tool_call_id` in OpenAI's shape: the worker hands them to the chat template
-(arguments decoded, as vLLM does).
+`tools` (OpenAI function tools, as sent), `tool_choice` (`auto`, `none`, `required` or a
+named function) and, when false, `parallel_tool_calls`. Its messages keep an assistant
+turn's `tool_calls` and a tool answer's `tool_call_id` in OpenAI's shape: the worker hands
+them to the chat template (arguments decoded, as vLLM does).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def reply_message(row: Any) -> AssistantMessage:
     assistant message: reasoning split off as the request asked, and the tools it calls
     (the content is then what the tool-call parser left of it, as vLLM answers)."""
     reasoning, content = None, row.result_text or ""
-    mode = StoredRequest.load(row.request or {}).reasoning
+    mode = StoredRequest.reasoning_of(row.request or {})
     if mode is not None:
         reasoning, content = split_reasoning(content, mode)
     if row.tool_calls is None:

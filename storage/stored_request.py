@@ -77,9 +77,17 @@ class StoredRequest(BaseModel):
         """A stored row's request, of any version written so far (see the module doc);
         a value of the wrong type still raises `pydantic.ValidationError`."""
         known = {key: value for key, value in data.items() if key in _FIELDS}
-        if known.get("reasoning") is None and data.get("thinking"):
-            known["reasoning"] = "tagged"  # rows from before `reasoning`
+        known["reasoning"] = cls.reasoning_of(data)
         return cls.model_validate(known)
+
+    @staticmethod
+    def reasoning_of(data: Mapping[str, Any]) -> ReasoningMode | None:
+        """A stored row's `reasoning` alone, as `load` reads it: answers read only this,
+        and should not validate a whole history per row (batch output, job polls)."""
+        mode = data.get("reasoning")
+        if mode is None and data.get("thinking"):
+            return "tagged"  # rows from before `reasoning`
+        return mode
 
     def dump(self) -> dict[str, Any]:
         """The JSON stored in `Job.request`: fields left at their default are left out

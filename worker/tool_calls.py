@@ -44,11 +44,6 @@ class ToolGeneration:
     skip_special_tokens: bool
 
 
-def forced_choice(request: StoredRequest) -> bool:
-    """A stored `tool_choice` of `required` or naming a function (see api/tools.py)."""
-    return request.tool_choice == "required" or isinstance(request.tool_choice, dict)
-
-
 class ToolCallParser:
     """vLLM's parser for one of its tool-call parsers, by name, over the engine's
     tokenizer. Parser instances keep state, so each reply gets a fresh one (as each vLLM
