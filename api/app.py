@@ -12,28 +12,25 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth import KeyRing
+from api.batches import files
+from api.batches import routes as batches
 from api.batches.supervisor import BatchSupervisor
-from api.catalog import ModelCatalog
-from api.enqueue import JobQueue, create_producer
-from api.errors import PayloadTooLarge, error_response, install_error_handlers
-from api.event_hub import JobEventHub
-from api.intake import JobIntake
-from api.reconciler import Reconciler
-from api.routes import (
-    batches,
-    chat,
-    completions,
-    conversations,
-    eas,
-    files,
-    images,
-    jobs,
-    models,
-    ops,
-)
-from api.settings import ApiSettings, get_api_settings
-from api.state import AppState
+from api.conversations import routes as conversations
+from api.core.auth import KeyRing
+from api.core.errors import PayloadTooLarge, error_response, install_error_handlers
+from api.core.settings import ApiSettings, get_api_settings
+from api.core.state import AppState
+from api.eas import routes as eas
+from api.images import routes as images
+from api.jobs import routes as jobs
+from api.jobs.enqueue import JobQueue, create_producer
+from api.jobs.intake import JobIntake
+from api.jobs.reconciler import Reconciler
+from api.models import routes as models
+from api.models.catalog import ModelCatalog
+from api.openai import chat, completions
+from api.ops import routes as ops
+from api.streaming.event_hub import JobEventHub
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.migrate import upgrade_async

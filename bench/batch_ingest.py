@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 import redis
 
-from api.enqueue import BULK_LINES_PER_MESSAGE
+from api.jobs.enqueue import BULK_LINES_PER_MESSAGE
 from bench.stack import KEY, bench_logs, bench_stack
 from storage.broker import priority_lists
 from storage.keys import MODELS_HASH, PENDING_JOBS, queue_name, worker_key

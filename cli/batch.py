@@ -240,7 +240,7 @@ def _embedded(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """`ferry serve` on a free loopback port for the length of the run."""
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    from api.settings import ApiSettings
+    from api.core.settings import ApiSettings
 
     key = embedded._api_key(data_dir, ApiSettings().api_keys)
     port = embedded._free_port()

@@ -73,7 +73,7 @@ def _default_engine() -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from api.settings import ApiSettings
+    from api.core.settings import ApiSettings
     from storage.objects import ObjectStoreSettings
     from storage.settings import StorageSettings
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.settings import get_api_settings
+    from api.core.settings import get_api_settings
 
     # FERRY_HOST and FERRY_PORT unless the flags say otherwise.
     settings = get_api_settings()

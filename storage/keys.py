@@ -16,7 +16,7 @@ class Lane(StrEnum):
 # worker reads each job's lane from its row. Several jobs share a message because a
 # worker's consumer takes one message at a time, each a push, a pop and two Redis
 # transactions: one per job spread a 64-job burst's starts over seconds and cost batch
-# lines more CPU than their own bookkeeping (api/enqueue.py says how jobs are grouped).
+# lines more CPU than their own bookkeeping (api/jobs/enqueue.py says how jobs are grouped).
 RUN_JOBS_TASK = "ferry.run_jobs"
 
 # Older APIs sent these; workers run them one more release for a rolling upgrade.

@@ -10,7 +10,7 @@ A change of meaning (not an added optional field) bumps `CURRENT_VERSION`, and `
 upgrades the older shape.
 
 How images and parts sit in `messages` / `prompt`: storage/content.py; tools:
-api/tools.py; `turn_start` and history: api/history.py.
+api/openai/tools.py; `turn_start` and history: api/conversations/history.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CURRENT_VERSION = 1
 class StoredRequest(BaseModel):
     """One job's request. Chat jobs carry `messages`, completion jobs `prompt`."""
 
-    # Assignments are checked too: the API builds a request in steps (api/history.py).
+    # Assignments are checked too: the API builds a request in steps (api/conversations/history.py).
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     version: int = CURRENT_VERSION
@@ -41,7 +41,7 @@ class StoredRequest(BaseModel):
     prompt: str | list[dict[str, Any]] | None = None
     # A completion that echoes its prompt before the answer.
     echo: bool = False
-    # A conversation's job: where the new turn starts in `messages` (api/history.py).
+    # A conversation's job: where the new turn starts in `messages` (api/conversations/history.py).
     turn_start: int | None = None
 
     # Sampling (absent: the engine's default; no max_tokens: the rest of the context).
@@ -98,7 +98,7 @@ class StoredRequest(BaseModel):
     def parses_tool_calls(self) -> bool:
         """Whether the reply is parsed for tool calls: it has `tools`, and `tool_choice`
         is not `none` (the tools are then shown to the template and the reply is plain
-        content, as in vLLM). See api/tools.py and worker/tool_calls.py."""
+        content, as in vLLM). See api/openai/tools.py and worker/tool_calls.py."""
         return bool(self.tools) and self.tool_choice != "none"
 
 

@@ -1,4 +1,4 @@
-"""The API's model catalog (api/catalog.py) over a real Redis registry: one registry read
+"""The API's model catalog (api/models/catalog.py) over a real Redis registry: one registry read
 serves every request waiting for it, a newly announced model is found at once, and a
 caller that goes away does not break the read for the others."""
 
@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from api.catalog import ModelCatalog
-from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from api.core.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from api.models.catalog import ModelCatalog
 from storage.keys import MODELS_HASH
 from storage.registry import ModelRegistry, ServedModel
 from tests.conftest import REDIS_BASE

@@ -1,4 +1,4 @@
-"""How accepted jobs become Celery messages (api/enqueue.py): interactive jobs one per
+"""How accepted jobs become Celery messages (api/jobs/enqueue.py): interactive jobs one per
 message unless a burst arrives together, batch lines several to a message, never mixing
 models, lanes or priorities (a message goes to one queue at one priority); every message
 the one task with a list of job ids; and the thread that sends them."""
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from api.enqueue import BULK_LINES_PER_MESSAGE, JobQueue, QueuedJob, _messages, create_producer
+from api.jobs.enqueue import BULK_LINES_PER_MESSAGE, JobQueue, QueuedJob, _messages, create_producer
 from storage.broker import priority_lists
 from storage.keys import PENDING_JOBS, RUN_JOBS_TASK, queue_name
 from tests.conftest import REDIS_BASE

@@ -26,7 +26,8 @@ import psycopg
 import pytest
 from PIL import Image
 
-from api.errors import FerryError, InvalidRequest
+from api.core.errors import FerryError, InvalidRequest
+from api.core.settings import ApiSettings
 from api.images import ImageIntake, ImageLimits, ingest_image, ingest_parts
 from api.images.addresses import parse_networks
 from api.images.chat import chat_messages
@@ -39,8 +40,7 @@ from api.images.errors import (
 )
 from api.images.fetch import FetchPolicy
 from api.images.verify import verify_image
-from api.schemas.openai import ChatCompletionRequest
-from api.settings import ApiSettings
+from api.openai.schemas import ChatCompletionRequest
 from storage.content import image_refs
 from storage.objects import (
     ObjectStore,

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from api.routes.chat import _Choice, _chunks_for
+from api.openai.chat import _Choice, _chunks_for
 from ferry_testing.procs import start_api
 from storage.content import ReasoningMode, ReasoningSplitter, split_reasoning
 from storage.events import EventType, JobEvent

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from api.routes.chat import _Choice, _chunks_for
+from api.openai.chat import _Choice, _chunks_for
 from storage.content import ReasoningSplitter, split_reasoning
 from storage.events import EventType, JobEvent
 from tests.conftest import KEY_A, TINY, Stack
@@ -56,7 +56,7 @@ def test_completion_prompt_list_gives_one_choice_per_prompt(stack: Stack) -> Non
 
 
 def test_a_burst_of_jobs_shares_messages_and_every_job_answers(stack: Stack) -> None:
-    """12 prompts in one request are 12 jobs sent together: api/enqueue.py spreads them
+    """12 prompts in one request are 12 jobs sent together: api/jobs/enqueue.py spreads them
     over 8 Celery messages, some carrying two jobs. Each job still gets its own answer, in
     its prompt's place."""
     prompts = [f"Item {i}:" for i in range(12)]

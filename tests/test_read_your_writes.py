@@ -17,7 +17,7 @@ import pytest
 from redis import Redis
 
 from api.app import create_app
-from api.settings import ApiSettings
+from api.core.settings import ApiSettings
 from storage.settings import StorageSettings
 from tests.conftest import KEY_A, REDIS_BASE
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from api.enqueue import create_producer
+from api.jobs.enqueue import create_producer
 from ferry_testing.procs import wait_until
 from storage.broker import priority_lists
 from storage.keys import LEGACY_RUN_BULK_JOBS_TASK, LEGACY_RUN_JOB_TASK, PENDING_JOBS, queue_name

@@ -19,11 +19,11 @@ import httpcore
 import psycopg
 import pytest
 
-from api.errors import FerryError
+from api.core.errors import FerryError
+from api.core.settings import ApiSettings
 from api.images.addresses import address_refusal, parse_networks
 from api.images.errors import ImageFetchFailed, ImageTooLarge, ImageUrlRefused
 from api.images.fetch import FetchPolicy, GuardedNetworkBackend, fetch_image_bytes
-from api.settings import ApiSettings
 from tests.conftest import KEY_A, TINY, Stack
 from tests.helpers import assert_error
 from tests.imaging import ImageStack, RecordingServer, Route, data_url, image_bytes

@@ -296,8 +296,8 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
 ) -> None:
     """A subscriber that falls behind gets everything queued for it in one batch (one
     SSE write), in order, with no duplicates; one that keeps up gets each event alone."""
-    from api.event_hub import JobEventHub
-    from api.job_events import EventSources, job_event_batches
+    from api.streaming.event_hub import JobEventHub
+    from api.streaming.job_events import EventSources, job_event_batches
 
     job = await _job(sessions)
     stream = JobEventStream(redis_client, maxlen=1000, ttl_seconds=60)
@@ -333,8 +333,8 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
     """A keep-alive after each `keepalive_seconds` without events, none while events come
     more often than that; at a silence after the job ended in SQL with no terminal event
     published (its worker died), the stream closes with a terminal event from SQL."""
-    from api.event_hub import JobEventHub
-    from api.job_events import KEEPALIVE, EventSources, job_event_batches
+    from api.streaming.event_hub import JobEventHub
+    from api.streaming.job_events import KEEPALIVE, EventSources, job_event_batches
 
     job = await _job(sessions)
     stream = JobEventStream(redis_client, maxlen=1000, ttl_seconds=60)
@@ -384,7 +384,7 @@ async def test_the_event_hub_reconnects_and_resubscribes_after_losing_redis(
     """Redis drops the hub's pub/sub connection (CLIENT KILL): the hub connects again,
     its subscriptions are renewed, and events published afterwards reach the subscriber.
     (The API's hub speaks RESP2; on RESP3 messages arrive as push notifications.)"""
-    from api.event_hub import JobEventHub
+    from api.streaming.event_hub import JobEventHub
 
     name = f"hub-reconnect-{secrets.token_hex(3)}"
     hub_redis = Redis.from_url(f"{REDIS_BASE}/14", protocol=protocol, client_name=name)

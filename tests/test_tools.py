@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from api.routes.chat import _Choice, _chunks_for
+from api.openai.chat import _Choice, _chunks_for
 from storage.events import EventType, JobEvent, done_data
 from storage.stored_request import StoredRequest
 from tests.conftest import KEY_A, TINY, Stack

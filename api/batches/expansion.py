@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from api.batches.lines import LineChecker, LineError, RawLine, split_lines
-from api.state import AppState
+from api.core.state import AppState
 from storage.models import Batch, BatchStatus, File, Job
 from storage.objects import ObjectNotFound, file_key
 from storage.repositories import batches as batches_repo

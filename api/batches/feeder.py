@@ -22,7 +22,7 @@ import time
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.enqueue import JobQueue, QueuedJob
+from api.jobs.enqueue import JobQueue, QueuedJob
 from storage.keys import Lane
 from storage.models import utcnow
 from storage.registry import ModelRegistry, WorkerBeat

@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api import jobs_service
-from api.errors import FerryError
-from api.schemas.openai import ChatCompletionRequest, CompletionRequest
-from api.state import AppState
+from api.core.errors import FerryError
+from api.core.state import AppState
+from api.jobs import service as jobs_service
+from api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from storage.keys import Lane
 from storage.models import Job
 

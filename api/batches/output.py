@@ -17,8 +17,9 @@ from typing import IO, Any
 
 from sqlalchemy.engine import Row
 
-from api.errors import error_body, job_failure
-from api.schemas.openai import (
+from api.core.errors import error_body, job_failure
+from api.core.state import AppState
+from api.openai.schemas import (
     ChatChoice,
     ChatCompletion,
     ChatLogprobs,
@@ -29,8 +30,7 @@ from api.schemas.openai import (
     chat_logprobs,
     completion_logprobs,
 )
-from api.state import AppState
-from api.tools import reply_message
+from api.openai.tools import reply_message
 from storage.content import plain_text
 from storage.models import BatchStatus, File, JobStatus
 from storage.objects import file_key

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.errors import Conflict, InvalidRequest, NotFound
-from api.schemas.batches import ENDPOINTS, BatchCreate, BatchPublic
-from api.state import AppState
+from api.batches.schemas import ENDPOINTS, BatchCreate, BatchPublic
+from api.core.errors import Conflict, InvalidRequest, NotFound
+from api.core.state import AppState
 from storage.keys import CANCEL_CHANNEL
 from storage.models import Batch, BatchStatus, utcnow
 from storage.repositories import batches as batches_repo

@@ -31,7 +31,7 @@ from redis.exceptions import LockError, RedisError
 from api.batches.expansion import expand_batch
 from api.batches.feeder import BatchFeeder
 from api.batches.output import finalize_batch
-from api.state import AppState
+from api.core.state import AppState
 from storage.keys import BATCH_SUPERVISOR_LOCK, BATCH_WAKE_CHANNEL, CANCEL_CHANNEL
 from storage.repositories import batches as batches_repo
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from api.batches.lines import split_lines
-from api.errors import InvalidRequest, PayloadTooLarge
+from api.core.errors import InvalidRequest, PayloadTooLarge
 
 CHUNK = 1024 * 1024
 # How many distinct `url`s a file's summary keeps (enough to spot an endpoint mismatch).

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from api.errors import InvalidRequest
+from api.core.errors import InvalidRequest
 from api.images.errors import ImagesNotSupported
 from api.images.intake import IMG_TAG, ImageIntake
-from api.schemas.openai import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
+from api.openai.schemas import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
 from storage.content import image_part, text_part
 from storage.registry import ServedModel
 
@@ -80,7 +80,7 @@ def _segments(index: int, message: ChatMessage) -> list[_Segment]:
         if isinstance(part, TextPart):
             segments += _split_tags(part.text, message.role, f"{param}.text")
             continue
-        # Video, audio and file parts were refused before (api.jobs_service).
+        # Video, audio and file parts were refused before (api.jobs.service).
         assert isinstance(part, ImageUrlPart)
         if message.role != "user":
             raise InvalidRequest(

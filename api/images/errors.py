@@ -3,7 +3,7 @@ problem (and the limit, when one was crossed) and the parameter that carried the
 
 from __future__ import annotations
 
-from api.errors import InvalidRequest
+from api.core.errors import InvalidRequest
 
 
 class InvalidImage(InvalidRequest):

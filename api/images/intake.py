@@ -27,8 +27,8 @@ from storage.content import ImageRef, image_part, text_part
 from storage.objects import ObjectStore, image_key
 
 if TYPE_CHECKING:
-    from api.settings import ApiSettings
-    from api.state import AppState
+    from api.core.settings import ApiSettings
+    from api.core.state import AppState
 
 # Qwen-VL: `Picture 1:<img>https://…/rose.jpg</img>` (a URL, data URL or base64 inside).
 IMG_TAG = re.compile(r"<img>(.*?)</img>", re.DOTALL)

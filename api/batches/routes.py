@@ -1,0 +1,89 @@
+"""OpenAI Batches API: create, watch, list and cancel batches of JSONL requests."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from api.batches import service
+from api.batches.schemas import BatchCreate, BatchList, BatchPublic
+from api.batches.supervisor import BatchSupervisor
+from api.core.deps import CurrentKey, SessionDep, StateDep
+from api.core.errors import NotFound
+from api.core.pages import split_page
+from storage.models import Batch
+from storage.repositories import batches as batches_repo
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+async def get_supervisor(request: Request) -> BatchSupervisor:
+    supervisor: BatchSupervisor = request.app.state.batch_supervisor
+    return supervisor
+
+
+SupervisorDep = Annotated[BatchSupervisor, Depends(get_supervisor)]
+
+
+async def owned_batch(batch_id: str, key: CurrentKey, session: SessionDep) -> Batch:
+    """The batch, if this key owns it; another key's batch is as absent as a missing one."""
+    batch = await batches_repo.get_owned_batch(session, batch_id, key)
+    if batch is None:
+        raise NotFound(f"No batch with id `{batch_id}`.", param="batch_id")
+    return batch
+
+
+OwnedBatch = Annotated[Batch, Depends(owned_batch)]
+
+
+@router.post("", response_model=BatchPublic)
+async def create_batch(
+    body: BatchCreate,
+    key: CurrentKey,
+    state: StateDep,
+    session: SessionDep,
+    supervisor: SupervisorDep,
+) -> BatchPublic:
+    """Run every line of an uploaded `purpose=batch` file as a bulk job.
+
+    The batch starts `validating`: its lines are checked (invalid ones go to the error
+    file with their line numbers), then it is `in_progress` while the lines run at bulk
+    priority beside interactive traffic, `finalizing` while its files are written, and
+    `completed`. A file with no valid line makes it `failed` (see `errors`). A batch not
+    done within `completion_window` ends `expired`, keeping what finished.
+    """
+    batch = await service.create_batch(state, session, key, body)
+    await session.commit()
+    supervisor.expand_soon(batch.id)
+    return (await service.public(session, [batch]))[0]
+
+
+@router.get("", response_model=BatchList)
+async def list_batches(
+    key: CurrentKey,
+    session: SessionDep,
+    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
+    """This key's batches, newest first, `limit` at a time."""
+    rows = await batches_repo.list_owned_batches(session, key, after=after, limit=limit + 1)
+    page, has_more = split_page(rows, limit)
+    return BatchList.of(page, await service.public(session, list(page)), has_more)
+
+
+@router.get("/{batch_id}", response_model=BatchPublic)
+async def get_batch(batch: OwnedBatch, session: SessionDep) -> BatchPublic:
+    """Status, request counts (counted from the lines' jobs) and token usage."""
+    return (await service.public(session, [batch]))[0]
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchPublic)
+async def cancel_batch(
+    batch: OwnedBatch, state: StateDep, session: SessionDep, supervisor: SupervisorDep
+) -> BatchPublic:
+    """Cancel: queued lines never run, running ones are aborted, finished ones keep their
+    results. The batch is `cancelling`, then `cancelled` with its output and error files.
+    A batch that has already ended (or is finalizing) answers 409."""
+    cancelled = await service.cancel_batch(state, session, batch, supervisor)
+    return (await service.public(session, [cancelled]))[0]

@@ -1,0 +1,68 @@
+"""Dependencies, as Annotated aliases, so routes read like sentences."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.core.errors import NotFound
+from api.core.state import AppState
+from storage.models import Job
+from storage.repositories import jobs as jobs_repo
+
+
+async def get_state(request: Request) -> AppState:
+    # async on purpose: FastAPI runs a sync dependency on a thread pool, per request.
+    state: AppState = request.app.state.ferry
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    """A session that commits when the route returns normally, rolls back otherwise."""
+    async with state.sessions() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+# Function scope: the commit runs when the route returns, before the response is sent. (The
+# default, request scope, runs it after the response has gone: a client could be told 201
+# and then not find what it created. It would also hold the connection while a response
+# streams.)
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def current_key(
+    state: StateDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> str:
+    return await state.keys.owner_of(authorization)
+
+
+# The id of the API key making the request.
+CurrentKey = Annotated[str, Depends(current_key)]
+
+
+async def owned_job(job_id: str, key: CurrentKey, state: StateDep) -> Job:
+    """The job, if this key owns it; another key's job is as absent as a missing one.
+
+    Read in a session of its own, closed at once: an SSE route holding this dependency
+    for an hour must not hold a pooled connection with it.
+    """
+    async with state.sessions() as session:
+        job = await jobs_repo.get_owned_job(session, job_id, key)
+    if job is None:
+        raise NotFound(f"No job with id `{job_id}`.", param="job_id")
+    return job
+
+
+OwnedJob = Annotated[Job, Depends(owned_job)]

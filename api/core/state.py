@@ -1,0 +1,42 @@
+"""The clients the API process owns, created once in the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from api.core.auth import KeyRing
+from api.core.settings import ApiSettings
+from api.jobs.enqueue import JobQueue
+from api.jobs.intake import JobIntake
+from api.models.catalog import ModelCatalog
+from api.streaming.event_hub import JobEventHub
+from api.streaming.job_events import EventSources
+from storage.events import JobEventStream
+from storage.objects import ObjectStore
+from storage.registry import ModelRegistry
+from storage.settings import StorageSettings
+
+
+@dataclass
+class AppState:
+    settings: ApiSettings
+    storage: StorageSettings
+    db: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: Redis
+    events: JobEventStream
+    hub: JobEventHub
+    registry: ModelRegistry
+    queue: JobQueue
+    intake: JobIntake
+    keys: KeyRing
+    catalog: ModelCatalog
+    # Images and files (S3 or a local directory); blocking calls: use asyncio.to_thread.
+    objects: ObjectStore
+
+    @property
+    def event_sources(self) -> EventSources:
+        return EventSources(self.hub, self.events, self.sessions)

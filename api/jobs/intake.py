@@ -1,0 +1,82 @@
+"""Group commit for accepted jobs: many submits, one transaction.
+
+A commit costs a WAL flush and a round trip or two; at a thousand submits a second that
+is the API's whole budget. So each submit hands its rows here and waits: whatever rows
+arrive while one transaction is committing go into the next one together. A caller's
+`accept` returns only once its rows are committed (so a 202 always means "in SQL"), and
+only then are the jobs handed to the queue for sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.jobs.enqueue import JobQueue, QueuedJob
+from storage.models import Job
+from storage.repositories import jobs as jobs_repo
+
+log = logging.getLogger(__name__)
+_MAX_BATCH = 500
+
+
+class JobIntake:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], queue: JobQueue) -> None:
+        self._sessions = sessions
+        self._queue = queue
+        self._waiting: list[tuple[Sequence[Job], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-intake")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def accept(self, jobs: Sequence[Job]) -> None:
+        """Commit these jobs (with whatever else is waiting), then queue them."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((jobs, done))
+        self._wake.set()
+        await done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                batch, self._waiting = self._waiting[:_MAX_BATCH], self._waiting[_MAX_BATCH:]
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Sequence[Job], asyncio.Future[None]]]) -> None:
+        rows = [job for jobs, _ in batch for job in jobs]
+        try:
+            async with self._sessions.begin() as session:
+                await jobs_repo.insert_jobs(session, rows)
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad row must not fail its neighbours: commit each on its own.
+                for item in batch:
+                    await self._commit([item])
+                return
+            log.exception("could not store %d jobs", len(rows))
+            _settle(batch, exc)
+            return
+        _settle(batch, None)
+        self._queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority)
+                             for j in rows])
+
+
+def _settle(batch: list[tuple[Sequence[Job], asyncio.Future[None]]], exc: Exception | None) -> None:
+    for _, done in batch:
+        if done.done():
+            continue
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)

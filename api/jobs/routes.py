@@ -1,0 +1,113 @@
+"""Submit and poll: `/v1/jobs`, and the job's Server-Sent Events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query
+
+from api.core.deps import CurrentKey, OwnedJob, SessionDep, StateDep
+from api.core.errors import InvalidRequest
+from api.core.pages import split_page
+from api.jobs import service as jobs_service
+from api.jobs.schemas import JobCreate, JobList, JobPublic
+from api.streaming import sse
+from api.streaming.job_events import job_event_batches
+from storage.events import EventId
+from storage.keys import Lane
+from storage.models import JobStatus
+from storage.repositories import jobs as jobs_repo
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPublic:
+    """Accept an OpenAI chat-completions request to run asynchronously.
+
+    The job is stored before this returns (202) and runs on a worker serving `model`
+    (omitted or an alias: the default model, as in `/v1/chat/completions`; the job names
+    the model it went to).
+    Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`.
+    """
+    job = await jobs_service.build_chat_job(state, key, body)
+    await jobs_service.submit(state, [job])
+    return JobPublic.from_row(job)
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(
+    key: CurrentKey,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    lane: Annotated[Lane | None, Query(
+        description="`interactive` (jobs sent to the API) or `bulk` (batch lines)")] = None,
+    batch_id: Annotated[str | None, Query(description="Only this batch's lines")] = None,
+    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """This key's jobs, newest first, `limit` at a time. Batch lines are jobs too (up to
+    50,000 per batch): `lane=interactive` leaves them out, `batch_id` lists one batch's."""
+    rows = await jobs_repo.list_owned_jobs(
+        session, key, status=status, after=after, limit=limit + 1, lane=lane,
+        batch_id=batch_id,
+    )
+    page, has_more = split_page(rows, limit)
+    return JobList.of(page, [JobPublic.from_row(j) for j in page], has_more)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+async def get_job(job: OwnedJob) -> JobPublic:
+    """Status, result, usage and timings of one job."""
+    return JobPublic.from_row(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> JobPublic:
+    """Cancel a queued job (it never runs) or a running one (aborted in the engine).
+
+    Its event stream ends with a `cancelled` event. A finished job answers 409.
+    """
+    return JobPublic.from_row(await jobs_service.cancel(state, session, job))
+
+
+def _last_event_id(
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_query: Annotated[str | None, Query(alias="last_event_id")] = None,
+) -> EventId | None:
+    raw = last_event_id if last_event_id is not None else last_event_id_query
+    if not raw:
+        return None
+    try:
+        return EventId.parse(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"Last-Event-ID `{raw}` is not an event id of the form `<attempt>-<seq>`.",
+            param="Last-Event-ID",
+        ) from None
+
+
+# Parsed in a dependency: a bad id is a 400 before the stream starts.
+LastEventId = Annotated[EventId | None, Depends(_last_event_id)]
+
+
+@router.get("/{job_id}/events", response_class=sse.EventStreamResponse)
+async def job_event_stream(
+    job: OwnedJob,
+    state: StateDep,
+    after: LastEventId,
+) -> sse.EventStreamResponse:
+    """Server-Sent Events: `delta`, `usage`, then one of `done`, `error`, `cancelled`.
+
+    Every event has an `id:`. Reconnect with `Last-Event-ID` (header, or the
+    `last_event_id` query parameter) to any API process, also after the job has finished,
+    and you get exactly the events you missed. A `retry` event means the job's worker
+    died and a new attempt starts over. The connection closes after the terminal event.
+    Events that arrive together are sent in one write.
+    """
+    settings = state.settings
+    batches = job_event_batches(
+        state.event_sources, job.id, after,
+        keepalive_seconds=settings.sse_keepalive_seconds, max_seconds=settings.sse_max_seconds,
+    )
+    return sse.EventStreamResponse(sse.job_event_writes(batches), headers=sse.HEADERS)

@@ -1,0 +1,39 @@
+"""`GET /v1/models` and `GET /v1/models/{id}`: the models live workers announce."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.core.deps import CurrentKey, StateDep
+from api.core.errors import ModelNotFound
+from api.openai.schemas import ModelCard, ModelList
+
+router = APIRouter(tags=["openai"])
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
+    """Models served by this deployment, as OpenAI's list, with vLLM's `max_model_len`
+    and Ferry's `engine`, `supports_images` and live `workers` count."""
+    models = await state.registry.models()
+    beats = await state.registry.live_workers()
+    return ModelList(data=[
+        ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len,
+                  engine=m.engine, supports_images=m.supports_images,
+                  supports_structured_output=m.supports_structured_output,
+                  workers=sum(beat.serves(m.name) for beat in beats),
+                  root=m.root or m.name, parent=m.base_model)
+        for m in sorted(models.values(), key=lambda m: m.name)
+    ])
+
+
+# `:path`: hub ids such as `HuggingFaceTB/SmolLM2-135M-Instruct` contain "/".
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, key: CurrentKey, state: StateDep) -> ModelCard:
+    """One served model (OpenAI `models.retrieve`): the card the list gives it; 404
+    listing the served ids for any other id."""
+    cards = (await list_models(key, state)).data
+    for card in cards:
+        if card.id == model_id:
+            return card
+    raise ModelNotFound(model_id, [card.id for card in cards])
