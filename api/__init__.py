@@ -1,0 +1,26 @@
+"""Ferry's HTTP API: validates a request, stores its job in SQL, queues it, streams its events.
+
+One package per feature, each with its routes, wire types (`schemas.py`) and the logic
+the routes call:
+
+- `jobs/`           `/v1/jobs`: submit, poll, cancel (`service.py`); group commit of new
+                    rows (`intake.py`); Celery messages (`enqueue.py`) and their re-sending
+                    (`reconciler.py`).
+- `streaming/`      a job's events to a subscriber: one pub/sub connection per process
+                    (`event_hub.py`), backlog then live exactly once (`job_events.py`), the
+                    Server-Sent Events writer (`sse.py`).
+- `openai/`         `/v1/chat/completions`, `/v1/completions`, their wire types, fields
+                    refused by name (`request_fields.py`), function tools (`tools.py`).
+- `models/`         `/v1/models` and which model a request goes to (`catalog.py`).
+- `eas/`            PAI-EAS: `/infer_forward`, `/get_history`, `/clear_history`, `POST /`
+                    and the WebSocket at `/`.
+- `conversations/`  `/v1/conversations`, and history in prompts (`history.py`).
+- `batches/`        `/v1/files`, `/v1/batches` and the supervisor that runs them.
+- `images/`         image intake (fetch behind an SSRF guard, verify, store) and
+                    `/v1/images/{sha256}`.
+- `ops/`            `/health`, `/metrics`.
+- `core/`           what every feature shares: settings, API keys, errors, request
+                    dependencies, the process's clients (`state.py`), pagination.
+
+`app.py` builds the application and owns the clients' lifetimes (its lifespan).
+"""

@@ -1,6 +1,6 @@
 """SQLAlchemy 2 models. SQL is Ferry's source of truth; Redis is only transport.
 
-Wire types (what clients send and see) live in api/schemas, never here.
+Wire types (what clients send and see) live in api/ (each feature's schemas.py), never here.
 """
 
 from __future__ import annotations
