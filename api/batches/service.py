@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.batches.schemas import ENDPOINTS, BatchCreate, BatchPublic
 from api.core.errors import Conflict, InvalidRequest, NotFound
 from api.core.state import AppState
-from storage.keys import CANCEL_CHANNEL
+from storage.channels import CancelChannel
 from storage.models import Batch, BatchStatus, utcnow
 from storage.repositories import batches as batches_repo
 from storage.repositories import files as files_repo
@@ -98,8 +98,9 @@ async def cancel_batch(
                        param="batch_id", code="batch_not_cancellable")
     running = await batches_repo.cancel_open_jobs(session, batch.id)
     await session.commit()
+    cancels = CancelChannel(state.redis)
     for job_id in running:
-        await state.redis.publish(CANCEL_CHANNEL, job_id)
+        await cancels.publish(job_id)
     supervisor.wake(full=True)
     refreshed = await batches_repo.get_batch(session, batch.id)
     assert refreshed is not None
