@@ -119,7 +119,7 @@ class Job(Base):
         Index("ux_jobs_batch_id_custom_id", "batch_id", "custom_id", unique=True),
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
         # Batch lines the feeder has not sent yet, and those sent and not finished: the
-        # feeder reads both every pass (storage/repositories/batches.py).
+        # feeder reads both every pass (storage/repositories/batch_jobs.py).
         Index("ix_jobs_batch_unsent", "model", "id",
               postgresql_where=text(BATCH_UNSENT), sqlite_where=text(BATCH_UNSENT)),
         Index("ix_jobs_batch_outstanding", "model",

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from api.core.pages import CursorPage
 from storage.models import Batch, BatchStatus, File
-from storage.repositories.batches import BatchProgress
+from storage.repositories.batch_jobs import BatchProgress
 
 # What a batch line's `url` (and a batch's `endpoint`) may name.
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")

@@ -13,6 +13,7 @@ from api.core.errors import Conflict, InvalidRequest, NotFound
 from api.core.state import AppState
 from storage.channels import CancelChannel
 from storage.models import Batch, BatchStatus, utcnow
+from storage.repositories import batch_jobs as batch_jobs_repo
 from storage.repositories import batches as batches_repo
 from storage.repositories import files as files_repo
 
@@ -96,7 +97,7 @@ async def cancel_batch(
         state_now = current.status if current else status
         raise Conflict(f"Batch `{batch.id}` cannot be cancelled: it is {state_now}.",
                        param="batch_id", code="batch_not_cancellable")
-    running = await batches_repo.cancel_open_jobs(session, batch.id)
+    running = await batch_jobs_repo.cancel_open_jobs(session, batch.id)
     await session.commit()
     cancels = CancelChannel(state.redis)
     for job_id in running:
@@ -109,5 +110,5 @@ async def cancel_batch(
 
 async def public(session: AsyncSession, batches: list[Batch]) -> list[BatchPublic]:
     """The batches as the API shows them, request counts and usage counted in SQL."""
-    progress = await batches_repo.progress(session, [b.id for b in batches])
+    progress = await batch_jobs_repo.progress(session, [b.id for b in batches])
     return [BatchPublic.from_row(b, progress.get(b.id)) for b in batches]

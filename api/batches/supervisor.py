@@ -34,6 +34,7 @@ from api.batches.output import finalize_batch
 from api.core.state import AppState
 from storage.channels import BatchWakeChannel, CancelChannel
 from storage.locks import batch_supervisor_lock
+from storage.repositories import batch_jobs as batch_jobs_repo
 from storage.repositories import batches as batches_repo
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class BatchSupervisor:
             async with state.sessions.begin() as session:
                 if not await batches_repo.begin_expiry(session, batch_id):
                     continue
-                running = await batches_repo.cancel_open_jobs(session, batch_id)
+                running = await batch_jobs_repo.cancel_open_jobs(session, batch_id)
             log.info("batch %s expired; aborting %d running lines", batch_id, len(running))
             cancels = CancelChannel(state.redis)
             for job_id in running:
