@@ -277,9 +277,10 @@ class Batch(Base):
     # No foreign key: the input file may be deleted while the batch's record stays.
     input_file_id: Mapped[str] = mapped_column(String(40))
     completion_window: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.VALIDATING)
+    status: Mapped[BatchStatus] = mapped_column(StrEnumType(BatchStatus, 16),
+                                                default=BatchStatus.VALIDATING)
     # What the batch ends as once its jobs have all stopped: completed, cancelled, expired.
-    outcome: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[BatchStatus | None] = mapped_column(StrEnumType(BatchStatus, 16))
     # The lines' model when they all name one.
     model: Mapped[str | None] = mapped_column(String(255))
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
@@ -304,10 +305,6 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-    @property
-    def batch_status(self) -> BatchStatus:
-        return BatchStatus(self.status)
 
 
 class BatchLineError(Base):

@@ -58,7 +58,7 @@ async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
     if batch is None:
         return None
     assert batch.output_file_id is not None and batch.error_file_id is not None
-    final = BatchStatus(batch.outcome or BatchStatus.COMPLETED)
+    final = batch.outcome or BatchStatus.COMPLETED
     with (tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as out,
           tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as err):
         await _write_lines(state, batch_id, final, out, err)

@@ -89,7 +89,7 @@ async def cancel_batch(
     """Queued lines never run; running ones are aborted in their engines; lines that
     finished keep their results. The batch is `cancelling` until its running lines have
     stopped, then `cancelled` with its files."""
-    status = batch.batch_status
+    status = batch.status
     if status == BatchStatus.CANCELLING:
         return batch
     if not await batches_repo.request_cancel(session, batch.id):
