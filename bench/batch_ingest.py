@@ -26,7 +26,8 @@ import redis
 from api.jobs.enqueue import BULK_LINES_PER_MESSAGE
 from bench.stack import KEY, bench_logs, bench_stack
 from storage.broker import priority_lists
-from storage.keys import MODELS_HASH, PENDING_JOBS, queue_name, worker_key
+from storage.keys import MODELS_HASH, queue_name, worker_key
+from storage.pending import SyncPendingJobs
 from worker.settings import WorkerSettings
 
 MODEL = "bench-model"
@@ -63,7 +64,7 @@ def bulk_messages(r: redis.Redis) -> int:
 def window_sent(r: redis.Redis, window: int) -> bool:
     """All of the window's lines are marked sent and their messages are on the queue."""
     messages = -(-window // BULK_LINES_PER_MESSAGE)
-    return int(r.zcard(PENDING_JOBS)) >= window and bulk_messages(r) >= messages
+    return SyncPendingJobs(r).count() >= window and bulk_messages(r) >= messages
 
 
 def main() -> None:

@@ -116,8 +116,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _build_model(model: str, cache_dir: Path, log_level: str) -> None:
     """A model Ferry builds itself is built (first use) before Celery starts, so a build
     that fails ends the worker with its reason, not a traceback from inside Celery."""
+    from worker.errors import ModelBuildError
     from worker.models import ensure_model, is_built_model
-    from worker.models.cache import ModelBuildError
 
     if not is_built_model(model):
         return

@@ -119,7 +119,7 @@ class Job(Base):
         Index("ux_jobs_batch_id_custom_id", "batch_id", "custom_id", unique=True),
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
         # Batch lines the feeder has not sent yet, and those sent and not finished: the
-        # feeder reads both every pass (storage/repositories/batches.py).
+        # feeder reads both every pass (storage/repositories/batch_jobs.py).
         Index("ix_jobs_batch_unsent", "model", "id",
               postgresql_where=text(BATCH_UNSENT), sqlite_where=text(BATCH_UNSENT)),
         Index("ix_jobs_batch_outstanding", "model",
@@ -277,9 +277,10 @@ class Batch(Base):
     # No foreign key: the input file may be deleted while the batch's record stays.
     input_file_id: Mapped[str] = mapped_column(String(40))
     completion_window: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.VALIDATING)
+    status: Mapped[BatchStatus] = mapped_column(StrEnumType(BatchStatus, 16),
+                                                default=BatchStatus.VALIDATING)
     # What the batch ends as once its jobs have all stopped: completed, cancelled, expired.
-    outcome: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[BatchStatus | None] = mapped_column(StrEnumType(BatchStatus, 16))
     # The lines' model when they all name one.
     model: Mapped[str | None] = mapped_column(String(255))
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
@@ -304,10 +305,6 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-    @property
-    def batch_status(self) -> BatchStatus:
-        return BatchStatus(self.status)
 
 
 class BatchLineError(Base):

@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from worker.admission import EngineAdmission, WorkerStopping
+from worker.admission import EngineAdmission
+from worker.errors import WorkerStopping
 
 
 def gate(slots: int = 4, cooldown: float = 0.2) -> EngineAdmission:

@@ -26,8 +26,8 @@ from worker.engines import Engine, GenerationRequest, SamplingOptions, build_eng
 from worker.engines.common import cpu_threads, engine_dtype
 from worker.engines.transformers import context_length
 from worker.engines.vllm import VllmEngine
+from worker.errors import ModelBuildError
 from worker.models import ensure_model, is_built_model
-from worker.models.cache import ModelBuildError
 from worker.models.smollm2 import (
     GGUF_FILE,
     NAME,

@@ -442,3 +442,41 @@ async def test_any_open_batch_sees_open_batches_only(sessions: Sessions) -> None
             row.status = status
         async with sessions() as session:
             assert await batches.any_open(session) == (before or not status.is_terminal)
+
+
+async def test_batch_status_is_its_enum_in_python_and_its_value_in_sql(
+    sessions: Sessions,
+) -> None:
+    """`Batch.status` and `outcome` read back as BatchStatus; the columns hold the plain
+    value (they stay VARCHAR, as the migrations made them), and an unknown one is refused."""
+    from datetime import timedelta
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import StatementError
+
+    from storage.models import Batch, BatchStatus, utcnow
+    from storage.repositories import batches
+
+    job = await _job(sessions)  # for an API key
+
+    def new_batch(**values: object) -> Batch:
+        return Batch(id=batches.new_batch_id(), owner_id=job.owner_id,
+                     endpoint="/v1/completions", input_file_id="file-x",
+                     completion_window="24h", expires_at=utcnow() + timedelta(hours=24),
+                     **values)
+
+    batch = new_batch()
+    async with sessions.begin() as session:
+        await batches.add_batch(session, batch)
+        assert await batches.request_cancel(session, batch.id)
+    async with sessions() as session:
+        row = await batches.get_batch(session, batch.id)
+        assert row is not None
+        assert type(row.status) is BatchStatus and row.status == BatchStatus.CANCELLING
+        assert type(row.outcome) is BatchStatus and row.outcome == BatchStatus.CANCELLED
+        stored = (await session.execute(text("SELECT status, outcome FROM batches WHERE id = :id"),
+                                        {"id": batch.id})).one()
+        assert tuple(stored) == ("cancelling", "cancelled")
+    with pytest.raises(StatementError, match="'finished' is not a valid BatchStatus"):
+        async with sessions.begin() as session:
+            await batches.add_batch(session, new_batch(status="finished"))

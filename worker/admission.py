@@ -25,10 +25,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
-
-class WorkerStopping(RuntimeError):
-    """The worker stopped while the job waited to enter the engine: it goes back to the
-    queue (see attempt.run_claimed)."""
+from worker.errors import WorkerStopping
 
 
 class EngineAdmission:

@@ -18,14 +18,14 @@ from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
 from storage.repositories import jobs as jobs_repo
 from storage.stored_request import StoredRequest
-from worker.admission import EngineAdmission, WorkerStopping
+from worker.admission import EngineAdmission
 from worker.engines.base import (
     Engine,
     GenerationRequest,
     SamplingOptions,
     TokenLogprob,
 )
-from worker.errors import EngineBroken, EngineRequestError, ImageUnavailable
+from worker.errors import EngineBroken, EngineRequestError, ImageUnavailable, WorkerStopping
 from worker.group_commit import GroupCommit
 from worker.job_state import JobAttempt
 from worker.publisher import EventPublisher

@@ -22,3 +22,13 @@ class ImageUnavailable(WorkerError):
 
 class EngineBroken(WorkerError):
     """The engine failed in a way no request explains; this worker should stop."""
+
+
+class WorkerStopping(WorkerError):
+    """The worker stopped while the job waited to enter the engine or was generating: it
+    goes back to the queue (see attempt.run_claimed)."""
+
+
+class ModelBuildError(WorkerError):
+    """A model Ferry builds itself cannot be built (its source is missing or unreadable);
+    the message says which model and why."""

@@ -28,10 +28,11 @@ import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from storage.channels import BatchWakeChannel, CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
-from storage.keys import BATCH_WAKE_CHANNEL, CANCEL_CHANNEL, PENDING_JOBS
 from storage.objects import get_object_store
+from storage.pending import PendingJobs
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
@@ -111,6 +112,8 @@ class JobRunner:
         self._db = create_db_engine(self.storage)
         self._sessions = create_session_factory(self._db)
         self._redis = Redis.from_url(self.storage.redis_url)
+        self._pending = PendingJobs(self._redis)
+        self._batch_wake = BatchWakeChannel(self._redis)
         self._publisher = EventPublisher(JobEventStream(
             self._redis,
             maxlen=self.storage.event_stream_maxlen,
@@ -192,7 +195,7 @@ class JobRunner:
         claimed = {job.id: job for job in got if job is not None}
         # Delivered: from here on the claimed jobs' leases guard them.
         try:
-            await self._redis.zrem(PENDING_JOBS, *job_ids)
+            await self._pending.unmark(job_ids)
         except RedisError:
             log.warning("could not unmark delivered jobs (the reconciler checks SQL)")
 
@@ -208,7 +211,7 @@ class JobRunner:
             finally:
                 if job.lane == "bulk":
                     try:
-                        await self._redis.publish(BATCH_WAKE_CHANNEL, job_id)
+                        await self._batch_wake.publish(job_id)
                     except RedisError:
                         log.warning("could not wake the batch feeder (it passes on its timer)")
 
@@ -260,11 +263,9 @@ class JobRunner:
     async def _cancel_listener(self) -> None:
         while True:
             try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CANCEL_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            await self._abort(message["data"].decode())
+                async with CancelChannel(self._redis).subscribe() as job_ids:
+                    async for job_id in job_ids:
+                        await self._abort(job_id)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -21,6 +21,7 @@ from api.batches.lines import LineChecker, LineError, RawLine, split_lines
 from api.core.state import AppState
 from storage.models import Batch, BatchStatus, File, Job
 from storage.objects import ObjectNotFound, file_key
+from storage.repositories import batch_results as batch_results_repo
 from storage.repositories import batches as batches_repo
 from storage.repositories import jobs as jobs_repo
 
@@ -94,10 +95,11 @@ async def _store_lines(state: AppState, batch: Batch) -> None:
                 await jobs_repo.insert_jobs(session, jobs)
                 jobs.clear()
             if len(errors) >= _INSERT_ROWS:
-                await batches_repo.insert_line_errors(session, [e.row(batch.id) for e in errors])
+                await batch_results_repo.insert_line_errors(
+                    session, [e.row(batch.id) for e in errors])
                 errors.clear()
         await jobs_repo.insert_jobs(session, jobs)
-        await batches_repo.insert_line_errors(session, [e.row(batch.id) for e in errors])
+        await batch_results_repo.insert_line_errors(session, [e.row(batch.id) for e in errors])
         if total == invalid:
             if invalid > len(shown):
                 shown.append({"code": "more_errors", "message": f"{invalid - len(shown)} more "

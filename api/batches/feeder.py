@@ -26,7 +26,7 @@ from api.jobs.enqueue import JobQueue, QueuedJob
 from storage.keys import Lane
 from storage.models import utcnow
 from storage.registry import ModelRegistry, WorkerBeat
-from storage.repositories import batches as batches_repo
+from storage.repositories import batch_jobs as batch_jobs_repo
 
 # A worker that does not announce its window gets this many batch lines at once.
 _DEFAULT_WINDOW = 8
@@ -72,11 +72,11 @@ class BatchFeeder:
         if not workers:
             return 0
         async with self._sessions() as session:
-            models = await batches_repo.unsent_models(session)
+            models = await batch_jobs_repo.unsent_models(session)
             if not models:
                 return 0
-            outstanding = await batches_repo.outstanding_by_model(session)
-            busy = await batches_repo.models_with_interactive_work(session)
+            outstanding = await batch_jobs_repo.outstanding_by_model(session)
+            busy = await batch_jobs_repo.models_with_interactive_work(session)
         # A LoRA adapter's lines run on its base model's workers: they share its window.
         base = {adapter: model for model, beats in workers.items() for beat in beats
                 for adapter in beat.adapters}
@@ -99,8 +99,8 @@ class BatchFeeder:
 
     async def _send(self, model: str, room: int) -> int:
         async with self._sessions.begin() as session:
-            jobs = await batches_repo.next_unsent(session, model, room)
-            await batches_repo.mark_sent(session, [j.id for j in jobs], utcnow())
+            jobs = await batch_jobs_repo.next_unsent(session, model, room)
+            await batch_jobs_repo.mark_sent(session, [j.id for j in jobs], utcnow())
         if jobs:
             await self._queue.send_now(
                 [QueuedJob(j.id, j.model, Lane.BULK, j.priority) for j in jobs]

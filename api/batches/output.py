@@ -34,6 +34,7 @@ from api.openai.tools import reply_message
 from storage.content import plain_text
 from storage.models import BatchStatus, File, JobStatus
 from storage.objects import file_key
+from storage.repositories import batch_results as batch_results_repo
 from storage.repositories import batches as batches_repo
 from storage.repositories import files as files_repo
 from storage.stored_request import StoredRequest
@@ -57,7 +58,7 @@ async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
     if batch is None:
         return None
     assert batch.output_file_id is not None and batch.error_file_id is not None
-    final = BatchStatus(batch.outcome or BatchStatus.COMPLETED)
+    final = batch.outcome or BatchStatus.COMPLETED
     with (tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as out,
           tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as err):
         await _write_lines(state, batch_id, final, out, err)
@@ -90,7 +91,8 @@ async def _write_lines(
 ) -> None:
     async with state.sessions() as session:
         after_line = 0
-        while page := await batches_repo.line_errors_page(session, batch_id, after_line, _PAGE):
+        while page := await batch_results_repo.line_errors_page(session, batch_id, after_line,
+                                                                _PAGE):
             for e in page:
                 error = {"code": e.code, "message": e.message, "param": e.param,
                          "line": e.line}
@@ -98,7 +100,7 @@ async def _write_lines(
                              "response": None, "error": error})
             after_line = page[-1].line
         after_id: str | None = None
-        while rows := await batches_repo.job_results_page(session, batch_id, after_id, _PAGE):
+        while rows := await batch_results_repo.job_results_page(session, batch_id, after_id, _PAGE):
             for row in rows:
                 target, line = _result_line(row, final)
                 _write(out if target == "output" else err, line)

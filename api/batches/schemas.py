@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from api.core.pages import CursorPage
 from storage.models import Batch, BatchStatus, File
-from storage.repositories.batches import BatchProgress
+from storage.repositories.batch_jobs import BatchProgress
 
 # What a batch line's `url` (and a batch's `endpoint`) may name.
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -124,7 +124,7 @@ class BatchPublic(BaseModel):
     @classmethod
     def from_row(cls, batch: Batch, progress: BatchProgress | None) -> BatchPublic:
         p = progress or BatchProgress()
-        ended = batch.batch_status.is_terminal
+        ended = batch.status.is_terminal
         return cls(
             id=batch.id,
             endpoint=batch.endpoint,
@@ -133,7 +133,7 @@ class BatchPublic(BaseModel):
             if batch.errors else None,
             input_file_id=batch.input_file_id,
             completion_window=batch.completion_window,
-            status=batch.batch_status,
+            status=batch.status,
             # Chosen when finalizing starts, but only there to read once the batch ended.
             output_file_id=batch.output_file_id if ended else None,
             error_file_id=batch.error_file_id if ended else None,

@@ -11,8 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.batches.schemas import ENDPOINTS, BatchCreate, BatchPublic
 from api.core.errors import Conflict, InvalidRequest, NotFound
 from api.core.state import AppState
-from storage.keys import CANCEL_CHANNEL
+from storage.channels import CancelChannel
 from storage.models import Batch, BatchStatus, utcnow
+from storage.repositories import batch_jobs as batch_jobs_repo
 from storage.repositories import batches as batches_repo
 from storage.repositories import files as files_repo
 
@@ -88,7 +89,7 @@ async def cancel_batch(
     """Queued lines never run; running ones are aborted in their engines; lines that
     finished keep their results. The batch is `cancelling` until its running lines have
     stopped, then `cancelled` with its files."""
-    status = batch.batch_status
+    status = batch.status
     if status == BatchStatus.CANCELLING:
         return batch
     if not await batches_repo.request_cancel(session, batch.id):
@@ -96,10 +97,11 @@ async def cancel_batch(
         state_now = current.status if current else status
         raise Conflict(f"Batch `{batch.id}` cannot be cancelled: it is {state_now}.",
                        param="batch_id", code="batch_not_cancellable")
-    running = await batches_repo.cancel_open_jobs(session, batch.id)
+    running = await batch_jobs_repo.cancel_open_jobs(session, batch.id)
     await session.commit()
+    cancels = CancelChannel(state.redis)
     for job_id in running:
-        await state.redis.publish(CANCEL_CHANNEL, job_id)
+        await cancels.publish(job_id)
     supervisor.wake(full=True)
     refreshed = await batches_repo.get_batch(session, batch.id)
     assert refreshed is not None
@@ -108,5 +110,5 @@ async def cancel_batch(
 
 async def public(session: AsyncSession, batches: list[Batch]) -> list[BatchPublic]:
     """The batches as the API shows them, request counts and usage counted in SQL."""
-    progress = await batches_repo.progress(session, [b.id for b in batches])
+    progress = await batch_jobs_repo.progress(session, [b.id for b in batches])
     return [BatchPublic.from_row(b, progress.get(b.id)) for b in batches]

@@ -32,7 +32,9 @@ from api.batches.expansion import expand_batch
 from api.batches.feeder import BatchFeeder
 from api.batches.output import finalize_batch
 from api.core.state import AppState
-from storage.keys import BATCH_SUPERVISOR_LOCK, BATCH_WAKE_CHANNEL, CANCEL_CHANNEL
+from storage.channels import BatchWakeChannel, CancelChannel
+from storage.locks import batch_supervisor_lock
+from storage.repositories import batch_jobs as batch_jobs_repo
 from storage.repositories import batches as batches_repo
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,7 @@ class BatchSupervisor:
         async with self._state.sessions() as session:
             if not await batches_repo.any_open(session):
                 return
-        lock = self._state.redis.lock(BATCH_SUPERVISOR_LOCK, timeout=max(5.0, self._interval * 5),
-                                      blocking=False)
+        lock = batch_supervisor_lock(self._state.redis, timeout=max(5.0, self._interval * 5))
         if not await lock.acquire():
             return
         try:
@@ -165,10 +166,11 @@ class BatchSupervisor:
             async with state.sessions.begin() as session:
                 if not await batches_repo.begin_expiry(session, batch_id):
                     continue
-                running = await batches_repo.cancel_open_jobs(session, batch_id)
+                running = await batch_jobs_repo.cancel_open_jobs(session, batch_id)
             log.info("batch %s expired; aborting %d running lines", batch_id, len(running))
+            cancels = CancelChannel(state.redis)
             for job_id in running:
-                await state.redis.publish(CANCEL_CHANNEL, job_id)
+                await cancels.publish(job_id)
 
     async def _finalize_ready(self) -> None:
         sessions = self._state.sessions
@@ -191,11 +193,9 @@ class BatchSupervisor:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self._state.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(BATCH_WAKE_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            self.wake()
+                async with BatchWakeChannel(self._state.redis).subscribe() as job_ids:
+                    async for _ in job_ids:
+                        self.wake()
             except asyncio.CancelledError:
                 raise
             except RedisError:

@@ -25,7 +25,8 @@ from celery import Celery
 from redis import Redis
 
 from storage.broker import celery_conf, celery_priority
-from storage.keys import PENDING_JOBS, RUN_JOBS_TASK, Lane, queue_name
+from storage.keys import RUN_JOBS_TASK, Lane, queue_name
+from storage.pending import SyncPendingJobs
 
 log = logging.getLogger(__name__)
 # Every message is storage.keys.RUN_JOBS_TASK: a list of job ids (it says why several).
@@ -63,6 +64,7 @@ class JobQueue:
     def __init__(self, celery: Celery, redis_url: str) -> None:
         self._celery = celery
         self._redis = Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10)
+        self._pending = SyncPendingJobs(self._redis)
         self._inbox: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="job-queue", daemon=True)
 
@@ -123,7 +125,7 @@ class JobQueue:
         now = time.time()
         # Mark first: a worker that claims the job removes the mark, so the mark must not
         # land after the claim.
-        self._redis.zadd(PENDING_JOBS, {job.id: now for job in jobs})
+        self._pending.mark([job.id for job in jobs], now)
         with self._celery.producer_or_acquire() as producer:
             for job_ids, first in _messages(jobs):
                 self._celery.send_task(

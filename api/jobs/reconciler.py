@@ -18,8 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.jobs.enqueue import JobQueue, QueuedJob
 from storage.broker import priority_lists
-from storage.keys import PENDING_JOBS, RECONCILER_LOCK, Lane, queue_name
+from storage.keys import Lane, queue_name
+from storage.locks import take_reconciler_turn
 from storage.models import utcnow
+from storage.pending import PendingJobs
 from storage.repositories import jobs as jobs_repo
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class Reconciler:
     ) -> None:
         self._sessions = sessions
         self._redis = redis
+        self._pending = PendingJobs(redis)
         self._queue = queue
         self._interval = interval_seconds
         self._grace = grace_seconds
@@ -54,8 +57,7 @@ class Reconciler:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                if await self._redis.set(RECONCILER_LOCK, "1", nx=True,
-                                         px=int(self._interval * 900)):
+                if await take_reconciler_turn(self._redis, int(self._interval * 900)):
                     resent = await self.reconcile_once()
                     if resent:
                         log.warning("reconciler re-sent %d jobs", resent)
@@ -70,10 +72,7 @@ class Reconciler:
             )
         if not stranded:
             return 0
-        pipe = self._redis.pipeline(transaction=False)
-        for job in stranded:
-            pipe.zscore(PENDING_JOBS, job.id)
-        marks = await pipe.execute()
+        marks = await self._pending.marked_at([job.id for job in stranded])
         # A mark means a message is still on its way (e.g. a long interactive backlog)...
         # unless its queue is empty: then the message went to a worker that died before
         # claiming the job (Redis would hand it back only after the visibility timeout).

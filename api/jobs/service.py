@@ -25,9 +25,10 @@ from api.openai.schemas import (
 )
 from api.openai.tools import tool_fields, with_tool_turns
 from api.streaming.job_events import job_event_batches, job_events
+from storage.channels import CancelChannel
 from storage.content import ReasoningMode
 from storage.events import FIRST_UNCLAIMED, JobEvent, terminal_events
-from storage.keys import CANCEL_CHANNEL, Lane
+from storage.keys import Lane
 from storage.models import Job, JobStatus
 from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
@@ -252,7 +253,7 @@ async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
         [(kind, data)] = terminal_events(JobStatus.CANCELLED, job)
         await state.events.publish([(job.id, JobEvent(FIRST_UNCLAIMED, kind, data))])
     else:
-        await state.redis.publish(CANCEL_CHANNEL, job.id)
+        await CancelChannel(state.redis).publish(job.id)
     refreshed = await jobs_repo.get_job(session, job.id)
     assert refreshed is not None
     return refreshed

@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.broker import PRIORITY_STEPS, priority_lists
-from storage.keys import PENDING_JOBS, Lane, queue_name
+from storage.keys import Lane, queue_name
 from storage.models import JobStatus
+from storage.pending import PendingJobs
 from storage.registry import ModelRegistry
 from storage.repositories import jobs as jobs_repo
 
@@ -74,7 +75,7 @@ async def render_metrics(
     for name in names:
         for key in priority_lists(name):
             pipe.llen(key)
-    pipe.zcard(PENDING_JOBS)
+    PendingJobs.count_in(pipe)
     *lengths, pending = await pipe.execute()
     steps = len(PRIORITY_STEPS)
     for i, name in enumerate(names):

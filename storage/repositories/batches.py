@@ -1,8 +1,9 @@
-"""Every query on batches, their line errors, and the batch side of jobs.
+"""Every query on batch rows: ids, lookups, and each step of a batch's life.
 
 Each state change is a conditional UPDATE on the batch's current status, so API processes
 racing on one batch (an expansion taken over after a crash, a cancel against the window
-expiring) can never both win.
+expiring) can never both win. The batch's lines are jobs (`batch_jobs.py`); what they
+came to, for its output files, is `batch_results.py`.
 """
 
 from __future__ import annotations
@@ -10,26 +11,13 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, insert, or_, select, text, update
-from sqlalchemy.engine import Row
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.keys import Lane
-from storage.models import (
-    BATCH_OUTSTANDING,
-    BATCH_UNSENT,
-    INTERACTIVE_OPEN,
-    Batch,
-    BatchLineError,
-    BatchStatus,
-    Job,
-    JobStatus,
-    utcnow,
-)
+from storage.models import Batch, BatchStatus, Job, JobStatus, utcnow
 
 # Batches whose jobs may still be running: they end once none of their jobs is open.
 SETTLING = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING, BatchStatus.FINALIZING)
@@ -140,12 +128,6 @@ async def unclaimed_validating(session: AsyncSession, limit: int) -> list[str]:
     return list((await session.scalars(query)).all())
 
 
-async def insert_line_errors(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows of {batch_id, line, custom_id, code, message, param}, in one statement."""
-    if rows:
-        await session.execute(insert(BatchLineError), list(rows))
-
-
 async def start_batch(
     session: AsyncSession, batch_id: str, *, total: int, invalid: int, model: str | None
 ) -> bool:
@@ -207,26 +189,6 @@ async def begin_expiry(session: AsyncSession, batch_id: str) -> bool:
     )
 
 
-async def cancel_open_jobs(session: AsyncSession, batch_id: str) -> list[str]:
-    """Cancel the batch's queued jobs (they will never run) and running ones; returns the
-    ids of those that were running, for their workers to abort."""
-    now = utcnow()
-    await session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, finished_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    running = await session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
-        .values(status=JobStatus.CANCELLED, finished_at=now)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    return list(running.scalars().all())
-
-
 # -- finalisation ------------------------------------------------------------------------
 
 
@@ -278,137 +240,6 @@ async def end_batch(
         status=status, output_file_id=output_file_id, error_file_id=error_file_id,
         **{stamp: utcnow()},
     )
-
-
-RESULT_COLUMNS = (
-    Job.id, Job.custom_id, Job.kind, Job.model, Job.status, Job.request, Job.result_text,
-    Job.finish_reason, Job.prompt_tokens, Job.completion_tokens, Job.error, Job.error_code,
-    Job.logprobs, Job.tool_calls, Job.result_content, Job.created_at,
-)
-
-
-async def job_results_page(
-    session: AsyncSession, batch_id: str, after_id: str | None, limit: int
-) -> list[Row[Any]]:
-    """One page of the batch's jobs in input order (keyset: id > after_id)."""
-    query = select(*RESULT_COLUMNS).where(Job.batch_id == batch_id)
-    if after_id is not None:
-        query = query.where(Job.id > after_id)
-    return list((await session.execute(query.order_by(Job.id).limit(limit))).all())
-
-
-async def line_errors_page(
-    session: AsyncSession, batch_id: str, after_line: int, limit: int
-) -> list[BatchLineError]:
-    query = (
-        select(BatchLineError)
-        .where(BatchLineError.batch_id == batch_id, BatchLineError.line > after_line)
-        .order_by(BatchLineError.line)
-        .limit(limit)
-    )
-    return list((await session.scalars(query)).all())
-
-
-# -- progress ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BatchProgress:
-    """A batch's jobs by status, and the tokens they used (from SQL, never a cache)."""
-
-    succeeded: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    open: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-async def progress(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, BatchProgress]:
-    if not batch_ids:
-        return {}
-    query = (
-        select(
-            Job.batch_id, Job.status, func.count(),
-            func.coalesce(func.sum(Job.prompt_tokens), 0),
-            func.coalesce(func.sum(Job.completion_tokens), 0),
-        )
-        .where(Job.batch_id.in_(batch_ids))
-        .group_by(Job.batch_id, Job.status)
-    )
-    counts: dict[str, dict[str, int]] = {}
-    for batch_id, status, count, prompt, completion in (await session.execute(query)).all():
-        c = counts.setdefault(str(batch_id), {"prompt": 0, "completion": 0})
-        c[status] = c.get(status, 0) + int(count)
-        c["prompt"] += int(prompt or 0)
-        c["completion"] += int(completion or 0)
-    return {
-        batch_id: BatchProgress(
-            succeeded=c.get(JobStatus.SUCCEEDED, 0),
-            failed=c.get(JobStatus.FAILED, 0),
-            cancelled=c.get(JobStatus.CANCELLED, 0),
-            open=c.get(JobStatus.QUEUED, 0) + c.get(JobStatus.RUNNING, 0),
-            prompt_tokens=c["prompt"],
-            completion_tokens=c["completion"],
-        )
-        for batch_id, c in counts.items()
-    }
-
-
-# -- feeding the bulk queue --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UnsentJob:
-    id: str
-    model: str
-    lane: Lane
-    priority: int
-
-
-async def outstanding_by_model(session: AsyncSession) -> dict[str, int]:
-    """Batch jobs sent to the bulk queue and not finished, per model."""
-    query = (
-        select(Job.model, func.count())
-        .where(text(BATCH_OUTSTANDING))
-        .group_by(Job.model)
-    )
-    return {model: int(n) for model, n in (await session.execute(query)).all()}
-
-
-async def models_with_interactive_work(session: AsyncSession) -> set[str]:
-    """Models with interactive jobs queued or running right now."""
-    query = select(Job.model).where(text(INTERACTIVE_OPEN)).distinct()
-    return set((await session.scalars(query)).all())
-
-
-async def unsent_models(session: AsyncSession) -> list[str]:
-    query = select(Job.model).where(text(BATCH_UNSENT)).distinct()
-    return list((await session.scalars(query)).all())
-
-
-async def next_unsent(session: AsyncSession, model: str, limit: int) -> list[UnsentJob]:
-    """The oldest batch jobs of a model not yet sent (older batches first, in line order)."""
-    query = (
-        select(Job.id, Job.model, Job.lane, Job.priority)
-        .where(text(BATCH_UNSENT), Job.model == model)
-        .order_by(Job.id)
-        .limit(limit)
-    )
-    rows = (await session.execute(query)).all()
-    return [UnsentJob(r.id, r.model, r.lane, r.priority) for r in rows]
-
-
-async def mark_sent(session: AsyncSession, job_ids: Sequence[str], at: datetime) -> None:
-    """Only still-queued, still-unsent jobs: a job cancelled meanwhile stays as it is."""
-    if job_ids:
-        await session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED,
-                   Job.enqueued_at.is_(None))
-            .values(enqueued_at=at)
-            .execution_options(synchronize_session=False)
-        )
 
 
 async def _move(

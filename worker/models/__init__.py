@@ -26,7 +26,7 @@ def is_built_model(name: str) -> bool:
 
 def ensure_model(name: str, cache_dir: Path) -> Path:
     """The directory of a model Ferry builds itself, built into `cache_dir` on first use
-    (raises `cache.ModelBuildError` with the reason when it cannot be built)."""
+    (raises `worker.errors.ModelBuildError` with the reason when it cannot be built)."""
     from worker.models import smollm2, tiny
 
     if smollm2.is_smollm2(name):

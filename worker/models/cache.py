@@ -23,11 +23,6 @@ from typing import Any
 Builder = Callable[[Path], None]
 
 
-class ModelBuildError(RuntimeError):
-    """A model Ferry builds itself cannot be built (its source is missing or unreadable);
-    the message says which model and why."""
-
-
 @contextlib.contextmanager
 def locked(lock_path: Path) -> Iterator[None]:
     # One builder per name at a time across processes; the atomic rename below keeps

@@ -24,7 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from worker.models.cache import ModelBuildError, ensure_built
+from worker.errors import ModelBuildError
+from worker.models.cache import ensure_built
 
 log = logging.getLogger(__name__)
 
