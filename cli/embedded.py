@@ -115,20 +115,9 @@ def serve(args: argparse.Namespace) -> int:
         "FERRY_MODEL": model,
     }
     from storage.migrate import upgrade
-    from worker.models.tiny import is_tiny_model
 
     upgrade(storage.database_url)
-    if is_tiny_model(model):
-        log.warning(
-            "Serving `%s` as the text model: a tiny RANDOM-WEIGHT model built offline, so its "
-            "answers are noise. Unset FERRY_MODEL for SmolLM2-135M-Instruct, or set it to a hub "
-            "id or a model directory.", model,
-        )
-    if IMAGE_MODEL in names[1:]:
-        log.warning(
-            "Requests with images go to `%s`: a tiny RANDOM-WEIGHT model built offline, so its "
-            "answers about images are noise.", IMAGE_MODEL,
-        )
+    _warn_random_weights(model, names)
     workers = [_start_worker(args, worker_env)]
     if IMAGE_MODEL in names[1:]:
         workers.append(_start_worker(args, worker_env, IMAGE_MODEL))
@@ -146,15 +135,36 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(api, storage, objects), host=host, port=port,
                     log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        _stop_workers(workers)
         redis_server.shutdown()
     return 0
+
+
+def _warn_random_weights(model: str, names: list[str]) -> None:
+    from worker.models.tiny import is_tiny_model
+
+    if is_tiny_model(model):
+        log.warning(
+            "Serving `%s` as the text model: a tiny RANDOM-WEIGHT model built offline, so its "
+            "answers are noise. Unset FERRY_MODEL for SmolLM2-135M-Instruct, or set it to a hub "
+            "id or a model directory.", model,
+        )
+    if IMAGE_MODEL in names[1:]:
+        log.warning(
+            "Requests with images go to `%s`: a tiny RANDOM-WEIGHT model built offline, so its "
+            "answers about images are noise.", IMAGE_MODEL,
+        )
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each; SIGKILL to any still running a minute later."""
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 def _start_worker(

@@ -304,17 +304,8 @@ class TransformersEngine:
         if self._processor is not None:
             self._images = image_support(self._processor)
             auto_model = tf.AutoModelForImageTextToText
-        try:
-            model = auto_model.from_pretrained(
-                self._model_path, dtype=dtype, attn_implementation="sdpa", **remote
-            )
-        except ValueError as exc:  # no SDPA for this architecture: batching falls back to eager
-            if "trust_remote_code" in str(exc):
-                raise
-            model = auto_model.from_pretrained(
-                self._model_path, dtype=dtype, attn_implementation="eager", **remote
-            )
-        model = model.to("cuda" if on_gpu else "cpu").eval()
+        model = self._from_pretrained(auto_model, dtype, remote).to(
+            "cuda" if on_gpu else "cpu").eval()
         text_config = model.config.get_text_config()
         max_len = context_length(text_config, self._settings.max_model_len)
         self._vocab_size = int(text_config.vocab_size)
@@ -340,6 +331,24 @@ class TransformersEngine:
         if (self._images is not None or self._adapters
                 or model.config._attn_implementation == "eager"):
             return own, own
+        return self._batching_manager(tf, model, text_config, max_len, on_gpu), own
+
+    def _from_pretrained(self, auto_model: Any, dtype: Any, remote: dict[str, Any]) -> Any:
+        """The model with SDPA attention, or eager where the architecture has no SDPA."""
+        try:
+            return auto_model.from_pretrained(
+                self._model_path, dtype=dtype, attn_implementation="sdpa", **remote
+            )
+        except ValueError as exc:  # no SDPA for this architecture: batching falls back to eager
+            if "trust_remote_code" in str(exc):
+                raise
+            return auto_model.from_pretrained(
+                self._model_path, dtype=dtype, attn_implementation="eager", **remote
+            )
+
+    def _batching_manager(self, tf: Any, model: Any, text_config: Any, max_len: int,
+                          on_gpu: bool) -> Any:
+        """transformers' continuous batching manager for the model (not yet started)."""
         gen_config = tf.GenerationConfig(
             do_sample=True,
             # Neutral values that still make transformers build the per-request
@@ -349,7 +358,7 @@ class TransformersEngine:
             top_p=1.0 - 2.0**-24,
             max_new_tokens=max_len,
             eos_token_id=sorted(self._eos_ids) or None,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=self._tokenizer.pad_token_id,
         )
         cb_kwargs: dict[str, Any] = {
             "per_request_processors": True,
@@ -364,10 +373,11 @@ class TransformersEngine:
             cb_kwargs["use_cuda_graph"] = False
             cb_kwargs["max_batch_tokens"] = CPU_MAX_BATCH_TOKENS
             cb_kwargs["num_blocks"] = self._cpu_num_blocks(text_config, model.dtype, max_len)
-        return model.init_continuous_batching(
+        manager = model.init_continuous_batching(
             generation_config=gen_config,
             continuous_batching_config=tf.ContinuousBatchingConfig(**cb_kwargs),
-        ), own
+        )
+        return manager
 
     def _image_processor(self, tf: Any) -> Any:
         """The processor of an image+text architecture whose processor names an image
@@ -446,20 +456,7 @@ class TransformersEngine:
         if fatal is not None:
             raise RuntimeError(f"the generation thread died: {fatal}")
         request_id = request.request_id
-        if request_id in self._streams:
-            raise EngineRequestError(f"request id {request_id!r} is already running")
-        if request.sampling.structured_output is not None:
-            raise EngineRequestError("the transformers engine cannot constrain output to JSON")
-        adapter = None
-        if request.lora is not None:
-            adapter = self._peft_names.get(request.lora)
-            if adapter is None:
-                raise EngineRequestError(f"no LoRA adapter {request.lora!r} on this worker")
-        limit = (self._settings.limit_mm_per_prompt or {}).get("image")
-        if isinstance(limit, int) and len(request.images) > limit:
-            raise EngineRequestError(f"{len(request.images)} images in one prompt; this worker "
-                                     f"takes at most {limit} (--limit-mm-per-prompt)")
-        self._check_options(request.sampling)
+        adapter = self._checked_adapter(request)
         ids = prompt_token_ids(self._tokenizer, request, self._images)
         extra: dict[str, Any] = {}
         if self._images is not None:  # the image batcher: processor inputs
@@ -518,6 +515,24 @@ class TransformersEngine:
                 manager.cancel_request(request_id)
             self._streams.pop(request_id, None)
             self._forget_handler(manager, request_id)
+
+    def _checked_adapter(self, request: GenerationRequest) -> str | None:
+        """Refuses what this engine cannot run; the request's peft adapter name, if any."""
+        if request.request_id in self._streams:
+            raise EngineRequestError(f"request id {request.request_id!r} is already running")
+        if request.sampling.structured_output is not None:
+            raise EngineRequestError("the transformers engine cannot constrain output to JSON")
+        adapter = None
+        if request.lora is not None:
+            adapter = self._peft_names.get(request.lora)
+            if adapter is None:
+                raise EngineRequestError(f"no LoRA adapter {request.lora!r} on this worker")
+        limit = (self._settings.limit_mm_per_prompt or {}).get("image")
+        if isinstance(limit, int) and len(request.images) > limit:
+            raise EngineRequestError(f"{len(request.images)} images in one prompt; this worker "
+                                     f"takes at most {limit} (--limit-mm-per-prompt)")
+        self._check_options(request.sampling)
+        return adapter
 
     @staticmethod
     def _fatal_error(manager: Any) -> BaseException | None:

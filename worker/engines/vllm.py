@@ -124,42 +124,12 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
         from vllm.lora.request import LoRARequest
-        from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        check_parsers(self._settings)
-        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-        kwargs = {**self.engine_args(),
-                  **vllm_flag_args(self._settings, self._adapters, known)}
+        kwargs, child_env = self._engine_kwargs()
         self._lora_requests = {a.name: LoRARequest(a.name, a.int_id, a.path)
                                for a in self._adapters}
-        child_env: dict[str, str] = {}
-        if current_platform.is_cpu():
-            # torch.compile of the model costs tens of seconds per start on CPU and buys
-            # little for the small models CPU machines can serve; CUDA graphs do not exist.
-            kwargs.setdefault("enforce_eager", True)  # --engine-args may say otherwise
-            kwargs["dtype"] = engine_dtype(self._settings, "vllm", on_cpu=True)
-            # The model runs inside the engine core process, as it does on one GPU. vLLM's
-            # CPU platform rewrites the string "uni" to its multiprocess executor, which
-            # adds a model process and leaves the engine core busy-waiting for its results
-            # (sched_yield in a loop: a whole core) while async scheduling is off on CPU
-            # anyway; an executor class is taken as given. Without the extra process the
-            # engine is faster and leaves a core free (bench/README.md).
-            from vllm.v1.executor.uniproc_executor import UniProcExecutor
-
-            kwargs.setdefault("distributed_executor_backend", UniProcExecutor)
-            # The engine core is spawned with this process's environment; its torch reads
-            # the thread count from it (vLLM's own CPU binding applies to the other
-            # executor only).
-            child_env["OMP_NUM_THREADS"] = str(cpu_threads(self._settings))
-            if kwargs.get("enable_lora"):
-                # vLLM's CPU LoRA kernels (lora/ops/torch_ops) index the adapter slots with
-                # each token's adapter index, and a base-model token's index is -1: the last
-                # slot. One slot more than there are adapters keeps the last slot empty
-                # (zeros), so base-model requests batched with adapter requests stay the
-                # base model's (with every slot in use they got the last adapter applied).
-                kwargs["max_loras"] = int(kwargs.get("max_loras") or 1) + 1
         args = AsyncEngineArgs(**kwargs)
         # Constructing AsyncLLM starts the engine core process and waits for it (blocking);
         # it must happen on the loop that will call generate(): its output handler task
@@ -192,6 +162,44 @@ class VllmEngine:
         except StartupError:
             await self.stop()  # the engine core process must not outlive the refusal
             raise
+
+    def _engine_kwargs(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """AsyncEngineArgs' keywords (Ferry's defaults, then the flags) and the extra
+        environment of the engine core process."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        check_parsers(self._settings)
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        kwargs = {**self.engine_args(),
+                  **vllm_flag_args(self._settings, self._adapters, known)}
+        child_env: dict[str, str] = {}
+        if current_platform.is_cpu():
+            # torch.compile of the model costs tens of seconds per start on CPU and buys
+            # little for the small models CPU machines can serve; CUDA graphs do not exist.
+            kwargs.setdefault("enforce_eager", True)  # --engine-args may say otherwise
+            kwargs["dtype"] = engine_dtype(self._settings, "vllm", on_cpu=True)
+            # The model runs inside the engine core process, as it does on one GPU. vLLM's
+            # CPU platform rewrites the string "uni" to its multiprocess executor, which
+            # adds a model process and leaves the engine core busy-waiting for its results
+            # (sched_yield in a loop: a whole core) while async scheduling is off on CPU
+            # anyway; an executor class is taken as given. Without the extra process the
+            # engine is faster and leaves a core free (bench/README.md).
+            from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+            kwargs.setdefault("distributed_executor_backend", UniProcExecutor)
+            # The engine core is spawned with this process's environment; its torch reads
+            # the thread count from it (vLLM's own CPU binding applies to the other
+            # executor only).
+            child_env["OMP_NUM_THREADS"] = str(cpu_threads(self._settings))
+            if kwargs.get("enable_lora"):
+                # vLLM's CPU LoRA kernels (lora/ops/torch_ops) index the adapter slots with
+                # each token's adapter index, and a base-model token's index is -1: the last
+                # slot. One slot more than there are adapters keeps the last slot empty
+                # (zeros), so base-model requests batched with adapter requests stay the
+                # base model's (with every slot in use they got the last adapter applied).
+                kwargs["max_loras"] = int(kwargs.get("max_loras") or 1) + 1
+        return kwargs, child_env
 
     async def _warm_up_adapters(self) -> None:
         """Run each adapter once (one token), so that one vLLM cannot load or apply to this
