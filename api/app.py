@@ -17,6 +17,7 @@ from api.batches import routes as batches
 from api.batches.supervisor import BatchSupervisor
 from api.conversations import routes as conversations
 from api.core.auth import KeyRing
+from api.core.db import Database
 from api.core.errors import PayloadTooLarge, error_response, install_error_handlers
 from api.core.settings import ApiSettings, get_api_settings
 from api.core.state import AppState
@@ -50,8 +51,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upgrade_async(storage.database_url)
     db = create_db_engine(storage)
     sessions = create_session_factory(db)
+    database = Database(sessions)
     open_owner = None
-    async with sessions.begin() as session:
+    async with database.transaction() as session:
         await api_keys.ensure_keys(session, settings.api_keys)
         if settings.auth == "off":
             open_owner = await api_keys.ensure_builtin_owner(session)
@@ -70,16 +72,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = AppState(
         settings=settings,
         storage=storage,
-        db=db,
-        sessions=sessions,
+        db=database,
         redis=redis,
         events=JobEventStream(redis, maxlen=storage.event_stream_maxlen,
                               ttl_seconds=storage.event_stream_ttl_seconds),
         hub=hub,
         registry=registry,
         queue=queue,
-        intake=JobIntake(sessions, queue),
-        keys=KeyRing(sessions, open_owner),
+        intake=JobIntake(database, queue),
+        keys=KeyRing(database, open_owner),
         catalog=ModelCatalog(registry, default_model=settings.default_model,
                              aliases=settings.model_aliases),
         objects=await asyncio.to_thread(build_object_store, app.state.object_store),

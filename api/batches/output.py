@@ -51,7 +51,7 @@ _NOT_FINISHED = {
 
 async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
     """Write the files and end the batch; None if it was not (or no longer) ours to end."""
-    async with state.sessions.begin() as session:
+    async with state.db.transaction() as session:
         batch = await batches_repo.begin_finalizing(
             session, batch_id, files_repo.new_file_id(), files_repo.new_file_id())
     if batch is None:
@@ -73,7 +73,7 @@ async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
             written.append(File(id=file_id, owner_id=batch.owner_id, purpose="batch_output",
                                 filename=f"{batch_id}_{suffix}.jsonl", bytes=size,
                                 line_count=0, urls=None))
-    async with state.sessions.begin() as session:
+    async with state.db.transaction() as session:
         for file in written:
             await files_repo.add_file_once(session, file)
         ids = {f.id for f in written}
@@ -88,7 +88,7 @@ async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
 async def _write_lines(
     state: AppState, batch_id: str, final: BatchStatus, out: IO[bytes], err: IO[bytes]
 ) -> None:
-    async with state.sessions() as session:
+    async with state.db.read() as session:
         after_line = 0
         while page := await batches_repo.line_errors_page(session, batch_id, after_line, _PAGE):
             for e in page:

@@ -135,7 +135,7 @@ async def _chat_job(
         chat_template_kwargs=template_kwargs or None,
     )
     if body.conversation_id is not None:
-        await history.prepend_history(state, owner_id, body.conversation_id, request)
+        await history.prepend_history(state.db, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
     return _queued_job(owner_id, body, model.name, "chat", lane, request,
@@ -274,7 +274,7 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
         raise ServiceUnavailable(
             f"Job `{job_id}` did not finish in time; poll /v1/jobs/{job_id}."
         )
-    async with state.sessions() as read:
+    async with state.db.read() as read:
         final = await jobs_repo.get_job(read, job_id)
     assert final is not None
     if final.status == JobStatus.FAILED:
@@ -341,7 +341,7 @@ async def merged_event_batches(
 async def cancel_quietly(state: AppState, job_id: str) -> None:
     """Cancel a job whose client went away (best effort; never raises)."""
     with contextlib.suppress(Exception):
-        async with state.sessions() as session:
+        async with state.db.transaction() as session:
             job = await jobs_repo.get_job(session, job_id)
             if job is not None and not job.status.is_terminal:
                 await cancel(state, session, job)
