@@ -184,7 +184,7 @@ class BatchSupervisor:
                 self._spawn(batch_id, self._finalize(batch_id))
 
     async def _finalize(self, batch_id: str) -> None:
-        final = await finalize_batch(self._state, batch_id)
+        final = await finalize_batch(self._state.db, self._state.objects, batch_id)
         if final is not None:
             log.info("batch %s %s", batch_id, final)
 

@@ -72,8 +72,8 @@ async def infer_forward(
         past, known = history.prompt_messages(stored), history.known_tokens(stored, counted)
     else:
         past, known = history.messages_from_pairs(pairs), []
-    model = await eas.pick_model(
-        state, with_image=body.image is not None or history.has_images(past))
+    model = await eas.pick_model(state.catalog, state.settings.eas_model,
+                                 with_image=body.image is not None or history.has_images(past))
     images = ImageIntake.for_state(state)
     image = None
     if body.image is not None:
@@ -88,7 +88,7 @@ async def infer_forward(
     async with state.db.transaction() as session:
         job.conversation_id = (await conversations_repo.default_conversation(session, key)).id
     await images.store()
-    await jobs_service.submit(state, [job])
+    await jobs_service.submit(state.intake, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream:
         return StreamingResponse(_mllm_stream(state, job.id),
@@ -179,7 +179,7 @@ async def transformers_chat(
     body = await _transformers_body(request)
     pairs = history.parse_pairs(body.history, "history")
     job = await _transformers_job(state, key, body, pairs)
-    await jobs_service.submit(state, [job])
+    await jobs_service.submit(state.intake, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream_chat:
         return StreamingResponse(_nul_stream(state, job.id, body.prompt, pairs),
@@ -224,7 +224,7 @@ async def _transformers_job(
     pairs: list[tuple[str, str]],
     pair_tokens: list[int | None] | None = None,
 ) -> Job:
-    model = await eas.pick_model(state, with_image=False)
+    model = await eas.pick_model(state.catalog, state.settings.eas_model, with_image=False)
     turn = eas.Turn(prompt=body.prompt, system_prompt=body.system_prompt,
                     max_tokens=body.max_new_tokens,
                     temperature=body.temperature if body.do_sample else 0.0,
@@ -332,7 +332,7 @@ async def _websocket_round(
             pairs = history.parse_pairs(body.history, "history")
             past.pairs, past.reply_tokens = pairs, [None] * len(pairs)
         job = await _transformers_job(state, key, body, past.pairs, past.reply_tokens)
-        await jobs_service.submit(state, [job])
+        await jobs_service.submit(state.intake, [job])
         if streamed:
             async with contextlib.aclosing(eas.text_deltas(state, job.id)) as deltas:
                 async for delta in deltas:

@@ -16,6 +16,7 @@ from api.core.errors import Conflict, InvalidRequest, ServiceUnavailable, job_fa
 from api.core.state import AppState
 from api.images import ImageIntake
 from api.images.chat import chat_messages
+from api.jobs.intake import JobIntake
 from api.openai.request_fields import check_fields
 from api.openai.schemas import (
     ChatCompletionRequest,
@@ -234,10 +235,10 @@ async def completion_prompt(
     return await images.add_text(prompt, param="prompt")
 
 
-async def submit(state: AppState, jobs: list[Job]) -> None:
+async def submit(intake: JobIntake, jobs: list[Job]) -> None:
     """Commit the rows (grouped with concurrent submits), then queue them: an accepted
     job is always in SQL before its message is sent."""
-    await state.intake.accept(jobs)
+    await intake.accept(jobs)
 
 
 async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
