@@ -23,4 +23,19 @@ the routes call:
                     dependencies, the process's clients (`state.py`), pagination.
 
 `app.py` builds the application and owns the clients' lifetimes (its lifespan).
+
+Transactions: SQL is reached in one of three ways, each for its own reason.
+
+- A route's reads and writes use the request's session (`core.deps.SessionDep`): one
+  transaction, committed when the route returns, before the response is sent (rolled
+  back if it raises). The route commits early only where something outside SQL must
+  follow the commit (a cancel's publish, an object-store delete, starting an expansion).
+- New jobs go through the group commit (`state.intake`, `jobs/intake.py`): concurrent
+  submits share one commit, which is what keeps a 202 cheap.
+- Everything else opens short units through `state.db` (`core/db.py`): `db.read()`
+  (nothing committed) or `db.transaction()` (committed when the block ends). That is
+  background work (the batch supervisor, feeder, expansion, finalisation), and routes
+  that stream or wait for a job, which must not hold a pooled connection meanwhile.
+  Nothing opens a session from the factory itself (the reconciler and `/metrics` still
+  take it, to move over).
 """

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -17,6 +17,7 @@ from api.batches import routes as batches
 from api.batches.supervisor import BatchSupervisor
 from api.conversations import routes as conversations
 from api.core.auth import KeyRing
+from api.core.db import Database
 from api.core.errors import PayloadTooLarge, error_response, install_error_handlers
 from api.core.settings import ApiSettings, get_api_settings
 from api.core.state import AppState
@@ -44,72 +45,76 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start-up, then shutdown in reverse: each client's cleanup is registered as soon as
+    it exists, so a start-up that fails halfway still closes what it had opened."""
     settings: ApiSettings = app.state.settings
     storage: StorageSettings = app.state.storage
-    if settings.migrate_on_start:
-        await upgrade_async(storage.database_url)
-    db = create_db_engine(storage)
-    sessions = create_session_factory(db)
-    open_owner = None
-    async with sessions.begin() as session:
-        await api_keys.ensure_keys(session, settings.api_keys)
-        if settings.auth == "off":
-            open_owner = await api_keys.ensure_builtin_owner(session)
-    if open_owner is not None:
-        log.warning("Authentication is OFF (FERRY_AUTH=off): every request, whatever its "
-                    "Authorization header, runs as the built-in owner `%s`. Anyone who can "
-                    "reach this API can use it.", open_owner)
-    redis = Redis.from_url(storage.redis_url, max_connections=256)
-    registry = ModelRegistry(redis)
-    queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
-    # The hub's own client, on RESP2: under RESP3 (redis-py's default) every pub/sub
-    # message is a push notification, which redis-py's hiredis parser formats for a debug
-    # log, and the hub reads one per token per stream (bench/README.md).
-    hub_redis = Redis.from_url(storage.redis_url, protocol=2)
-    hub = JobEventHub(hub_redis)
-    state = AppState(
-        settings=settings,
-        storage=storage,
-        db=db,
-        sessions=sessions,
-        redis=redis,
-        events=JobEventStream(redis, maxlen=storage.event_stream_maxlen,
-                              ttl_seconds=storage.event_stream_ttl_seconds),
-        hub=hub,
-        registry=registry,
-        queue=queue,
-        intake=JobIntake(sessions, queue),
-        keys=KeyRing(sessions, open_owner),
-        catalog=ModelCatalog(registry, default_model=settings.default_model,
-                             aliases=settings.model_aliases),
-        objects=await asyncio.to_thread(build_object_store, app.state.object_store),
-    )
-    reconciler = Reconciler(sessions, redis, queue,
-                            interval_seconds=settings.reconcile_interval_seconds,
-                            grace_seconds=settings.reconcile_grace_seconds)
-    app.state.ferry = state
-    queue.start()
-    state.intake.start()
-    await hub.start()
-    reconciler.start()
-    batch_supervisor = BatchSupervisor(state)
-    app.state.batch_supervisor = batch_supervisor
-    batch_supervisor.start()
-    # What start-up imported and built lives as long as the process: out of the garbage
-    # collector's sight, a full collection no longer walks it (a pause every request
-    # in flight would wait out).
-    gc.freeze()
-    try:
+    async with AsyncExitStack() as stack:
+        if settings.migrate_on_start:
+            await upgrade_async(storage.database_url)
+        engine = create_db_engine(storage)
+        stack.push_async_callback(engine.dispose)
+        sessions = create_session_factory(engine)
+        db = Database(sessions)
+        open_owner = None
+        async with db.transaction() as session:
+            await api_keys.ensure_keys(session, settings.api_keys)
+            if settings.auth == "off":
+                open_owner = await api_keys.ensure_builtin_owner(session)
+        if open_owner is not None:
+            log.warning("Authentication is OFF (FERRY_AUTH=off): every request, whatever its "
+                        "Authorization header, runs as the built-in owner `%s`. Anyone who "
+                        "can reach this API can use it.", open_owner)
+        redis = Redis.from_url(storage.redis_url, max_connections=256)
+        stack.push_async_callback(redis.aclose)
+        registry = ModelRegistry(redis)
+        queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
+        # Safe before start(): it then only closes the queue's Redis client.
+        stack.push_async_callback(queue.stop)
+        intake = JobIntake(db, queue)
+        objects = await asyncio.to_thread(build_object_store, app.state.object_store)
+        queue.start()
+        intake.start()
+        stack.push_async_callback(intake.stop)
+        # The hub's own client, on RESP2: under RESP3 (redis-py's default) every pub/sub
+        # message is a push notification, which redis-py's hiredis parser formats for a
+        # debug log, and the hub reads one per token per stream (bench/README.md).
+        hub_redis = Redis.from_url(storage.redis_url, protocol=2)
+        stack.push_async_callback(hub_redis.aclose)
+        hub = JobEventHub(hub_redis)
+        stack.push_async_callback(hub.stop)  # also after a start() that failed halfway
+        await hub.start()
+        state = AppState(
+            settings=settings,
+            storage=storage,
+            db=db,
+            redis=redis,
+            events=JobEventStream(redis, maxlen=storage.event_stream_maxlen,
+                                  ttl_seconds=storage.event_stream_ttl_seconds),
+            hub=hub,
+            registry=registry,
+            queue=queue,
+            intake=intake,
+            keys=KeyRing(db, open_owner),
+            catalog=ModelCatalog(registry, default_model=settings.default_model,
+                                 aliases=settings.model_aliases),
+            objects=objects,
+        )
+        app.state.ferry = state
+        reconciler = Reconciler(sessions, redis, queue,
+                                interval_seconds=settings.reconcile_interval_seconds,
+                                grace_seconds=settings.reconcile_grace_seconds)
+        reconciler.start()
+        stack.push_async_callback(reconciler.stop)
+        batch_supervisor = BatchSupervisor(state)
+        app.state.batch_supervisor = batch_supervisor
+        batch_supervisor.start()
+        stack.push_async_callback(batch_supervisor.stop)
+        # What start-up imported and built lives as long as the process: out of the garbage
+        # collector's sight, a full collection no longer walks it (a pause every request
+        # in flight would wait out).
+        gc.freeze()
         yield
-    finally:
-        await batch_supervisor.stop()
-        await reconciler.stop()
-        await hub.stop()
-        await hub_redis.aclose()
-        await state.intake.stop()
-        await queue.stop()
-        await redis.aclose()
-        await db.dispose()
 
 
 class BodySizeLimit:

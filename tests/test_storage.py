@@ -296,6 +296,7 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
 ) -> None:
     """A subscriber that falls behind gets everything queued for it in one batch (one
     SSE write), in order, with no duplicates; one that keeps up gets each event alone."""
+    from api.core.db import Database
     from api.streaming.event_hub import JobEventHub
     from api.streaming.job_events import EventSources, job_event_batches
 
@@ -304,7 +305,7 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
     hub = JobEventHub(redis_client)
     await hub.start()
     try:
-        batches = job_event_batches(EventSources(hub, stream, sessions), job.id, None,
+        batches = job_event_batches(EventSources(hub, stream, Database(sessions)), job.id, None,
                                     keepalive_seconds=30, max_seconds=60)
         first = asyncio.create_task(anext(batches))
         async with hub.subscribe(job.id) as witness:
@@ -333,6 +334,7 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
     """A keep-alive after each `keepalive_seconds` without events, none while events come
     more often than that; at a silence after the job ended in SQL with no terminal event
     published (its worker died), the stream closes with a terminal event from SQL."""
+    from api.core.db import Database
     from api.streaming.event_hub import JobEventHub
     from api.streaming.job_events import KEEPALIVE, EventSources, job_event_batches
 
@@ -342,7 +344,7 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
     await hub.start()
     loop = asyncio.get_running_loop()
     try:
-        batches = job_event_batches(EventSources(hub, stream, sessions), job.id, None,
+        batches = job_event_batches(EventSources(hub, stream, Database(sessions)), job.id, None,
                                     keepalive_seconds=1.0, max_seconds=60)
         started = loop.time()
         assert await anext(batches) is KEEPALIVE

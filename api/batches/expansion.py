@@ -37,7 +37,7 @@ class _Superseded(Exception):
 
 async def expand_batch(state: AppState, batch_id: str) -> None:
     """Expand a batch this process holds the expansion lease of."""
-    async with state.sessions() as session:
+    async with state.db.read() as session:
         batch = await batches_repo.get_batch(session, batch_id)
         file = await session.get(File, batch.input_file_id) if batch else None
     if batch is None or batch.status != BatchStatus.VALIDATING:
@@ -64,7 +64,7 @@ async def _hold(state: AppState, batch_id: str) -> None:
     while True:
         await asyncio.sleep(lease / 3)
         try:
-            async with state.sessions.begin() as session:
+            async with state.db.transaction() as session:
                 await batches_repo.extend_expansion(session, batch_id, lease)
         except Exception:
             log.warning("could not renew the expansion lease of batch %s", batch_id)
@@ -78,7 +78,7 @@ async def _store_lines(state: AppState, batch: Batch) -> None:
     shown: list[dict[str, Any]] = []
     total = invalid = 0
     models: set[str] = set()
-    async with state.sessions.begin() as session:
+    async with state.db.transaction() as session:
         async for raw in _input_lines(state, batch.input_file_id):
             total += 1
             result = await checker.check(raw)
@@ -143,7 +143,7 @@ def _take(lines: Iterator[RawLine], n: int) -> list[RawLine]:
 
 
 async def _fail(state: AppState, batch_id: str, code: str, message: str) -> None:
-    async with state.sessions.begin() as session:
+    async with state.db.transaction() as session:
         await batches_repo.fail_batch(
             session, batch_id, [{"code": code, "message": message, "param": "input_file_id",
                                  "line": None}])

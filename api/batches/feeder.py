@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
+from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob
 from storage.keys import Lane
 from storage.models import utcnow
@@ -36,13 +35,13 @@ _WORKERS_CACHE_SECONDS = 1.0
 class BatchFeeder:
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         registry: ModelRegistry,
         queue: JobQueue,
         *,
         cooldown_seconds: float,
     ) -> None:
-        self._sessions = sessions
+        self._db = db
         self._registry = registry
         self._queue = queue
         self._cooldown = cooldown_seconds
@@ -71,7 +70,7 @@ class BatchFeeder:
         workers = await self.workers()
         if not workers:
             return 0
-        async with self._sessions() as session:
+        async with self._db.read() as session:
             models = await batch_jobs_repo.unsent_models(session)
             if not models:
                 return 0
@@ -98,7 +97,7 @@ class BatchFeeder:
         return sent
 
     async def _send(self, model: str, room: int) -> int:
-        async with self._sessions.begin() as session:
+        async with self._db.transaction() as session:
             jobs = await batch_jobs_repo.next_unsent(session, model, room)
             await batch_jobs_repo.mark_sent(session, [j.id for j in jobs], utcnow())
         if jobs:

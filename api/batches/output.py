@@ -17,8 +17,8 @@ from typing import IO, Any
 
 from sqlalchemy.engine import Row
 
+from api.core.db import Database
 from api.core.errors import error_body, job_failure
-from api.core.state import AppState
 from api.openai.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -33,7 +33,7 @@ from api.openai.schemas import (
 from api.openai.tools import reply_message
 from storage.content import plain_text
 from storage.models import BatchStatus, File, JobStatus
-from storage.objects import file_key
+from storage.objects import ObjectStore, file_key
 from storage.repositories import batch_results as batch_results_repo
 from storage.repositories import batches as batches_repo
 from storage.repositories import files as files_repo
@@ -50,9 +50,11 @@ _NOT_FINISHED = {
 }
 
 
-async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
+async def finalize_batch(
+    db: Database, objects: ObjectStore, batch_id: str
+) -> BatchStatus | None:
     """Write the files and end the batch; None if it was not (or no longer) ours to end."""
-    async with state.sessions.begin() as session:
+    async with db.transaction() as session:
         batch = await batches_repo.begin_finalizing(
             session, batch_id, files_repo.new_file_id(), files_repo.new_file_id())
     if batch is None:
@@ -61,7 +63,7 @@ async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
     final = batch.outcome or BatchStatus.COMPLETED
     with (tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as out,
           tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as err):
-        await _write_lines(state, batch_id, final, out, err)
+        await _write_lines(db, batch_id, final, out, err)
         written = []
         for file_id, spool, suffix in ((batch.output_file_id, out, "output"),
                                        (batch.error_file_id, err, "errors")):
@@ -69,12 +71,12 @@ async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
             if size == 0:
                 continue
             spool.seek(0)
-            await asyncio.to_thread(state.objects.put_stream, file_key(file_id), spool,
+            await asyncio.to_thread(objects.put_stream, file_key(file_id), spool,
                                     "application/jsonl")
             written.append(File(id=file_id, owner_id=batch.owner_id, purpose="batch_output",
                                 filename=f"{batch_id}_{suffix}.jsonl", bytes=size,
                                 line_count=0, urls=None))
-    async with state.sessions.begin() as session:
+    async with db.transaction() as session:
         for file in written:
             await files_repo.add_file_once(session, file)
         ids = {f.id for f in written}
@@ -87,9 +89,9 @@ async def finalize_batch(state: AppState, batch_id: str) -> BatchStatus | None:
 
 
 async def _write_lines(
-    state: AppState, batch_id: str, final: BatchStatus, out: IO[bytes], err: IO[bytes]
+    db: Database, batch_id: str, final: BatchStatus, out: IO[bytes], err: IO[bytes]
 ) -> None:
-    async with state.sessions() as session:
+    async with db.read() as session:
         after_line = 0
         while page := await batch_results_repo.line_errors_page(session, batch_id, after_line,
                                                                 _PAGE):

@@ -53,7 +53,7 @@ async def create_batch(
     `completed`. A file with no valid line makes it `failed` (see `errors`). A batch not
     done within `completion_window` ends `expired`, keeping what finished.
     """
-    batch = await service.create_batch(state, session, key, body)
+    batch = await service.create_batch(state.settings, session, key, body)
     await session.commit()
     supervisor.expand_soon(batch.id)
     return (await service.public(session, [batch]))[0]

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.batches.schemas import ENDPOINTS, BatchCreate, BatchPublic
 from api.core.errors import Conflict, InvalidRequest, NotFound
+from api.core.settings import ApiSettings
 from api.core.state import AppState
 from storage.channels import CancelChannel
 from storage.models import Batch, BatchStatus, utcnow
@@ -40,7 +41,7 @@ def window_seconds(window: str, longest: int) -> int:
 
 
 async def create_batch(
-    state: AppState, session: AsyncSession, owner_id: str, body: BatchCreate
+    settings: ApiSettings, session: AsyncSession, owner_id: str, body: BatchCreate
 ) -> Batch:
     """Check the request against the file, store the batch (`validating`); the caller
     commits, then starts its expansion."""
@@ -49,7 +50,7 @@ async def create_batch(
             f"endpoint `{body.endpoint}` is not supported; use one of "
             f"{', '.join(ENDPOINTS)}.", param="endpoint", code="unsupported_endpoint")
     seconds = window_seconds(body.completion_window,
-                             state.settings.batch_max_completion_window_seconds)
+                             settings.batch_max_completion_window_seconds)
     file = await files_repo.get_owned_file(session, body.input_file_id, owner_id)
     if file is None:
         raise NotFound(f"No file with id `{body.input_file_id}`.", param="input_file_id")
@@ -77,7 +78,7 @@ async def create_batch(
         created_at=now,
         expires_at=now + timedelta(seconds=seconds),
         # This process expands it right after the commit; others wait out the lease.
-        lease_expires_at=now + timedelta(seconds=state.settings.batch_expand_lease_seconds),
+        lease_expires_at=now + timedelta(seconds=settings.batch_expand_lease_seconds),
     )
     await batches_repo.add_batch(session, batch)
     return batch

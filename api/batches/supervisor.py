@@ -52,7 +52,7 @@ class BatchSupervisor:
         self._interval = settings.batch_feed_interval_seconds
         self._lease = settings.batch_expand_lease_seconds
         self._feeder = BatchFeeder(
-            state.sessions, state.registry, state.queue,
+            state.db, state.registry, state.queue,
             cooldown_seconds=settings.batch_interactive_cooldown_seconds)
         self._wake = asyncio.Event()
         self._full_due = True
@@ -116,7 +116,7 @@ class BatchSupervisor:
     async def _locked_pass(self, full: bool) -> None:
         # No open batch anywhere (the usual state of an interactive deployment): one
         # indexed query instead of a lock and a query per step, every interval.
-        async with self._state.sessions() as session:
+        async with self._state.db.read() as session:
             if not await batches_repo.any_open(session):
                 return
         lock = batch_supervisor_lock(self._state.redis, timeout=max(5.0, self._interval * 5))
@@ -138,13 +138,13 @@ class BatchSupervisor:
         await self._finalize_ready()
 
     async def _take_over_expansions(self) -> None:
-        sessions = self._state.sessions
-        async with sessions() as session:
+        db = self._state.db
+        async with db.read() as session:
             stale = await batches_repo.unclaimed_validating(session, _LIMIT)
         for batch_id in stale:
             if batch_id in self._busy:
                 continue
-            async with sessions.begin() as session:
+            async with db.transaction() as session:
                 claimed = await batches_repo.claim_expansion(session, batch_id, self._lease)
             if claimed:
                 log.warning("taking over the expansion of batch %s", batch_id)
@@ -160,10 +160,10 @@ class BatchSupervisor:
 
     async def _expire(self) -> None:
         state = self._state
-        async with state.sessions() as session:
+        async with state.db.read() as session:
             due = await self._ours(await batches_repo.past_window(session, _LIMIT))
         for batch_id in due:
-            async with state.sessions.begin() as session:
+            async with state.db.transaction() as session:
                 if not await batches_repo.begin_expiry(session, batch_id):
                     continue
                 running = await batch_jobs_repo.cancel_open_jobs(session, batch_id)
@@ -173,20 +173,20 @@ class BatchSupervisor:
                 await cancels.publish(job_id)
 
     async def _finalize_ready(self) -> None:
-        sessions = self._state.sessions
-        async with sessions() as session:
+        db = self._state.db
+        async with db.read() as session:
             ready = await self._ours(await batches_repo.ready_to_finalize(session, _LIMIT))
         for batch_id in ready:
             if batch_id in self._busy:
                 continue
-            async with sessions.begin() as session:
+            async with db.transaction() as session:
                 claimed = await batches_repo.claim_settling(session, batch_id,
                                                             _FINALIZE_LEASE_SECONDS)
             if claimed:
                 self._spawn(batch_id, self._finalize(batch_id))
 
     async def _finalize(self, batch_id: str) -> None:
-        final = await finalize_batch(self._state, batch_id)
+        final = await finalize_batch(self._state.db, self._state.objects, batch_id)
         if final is not None:
             log.info("batch %s %s", batch_id, final)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from api.core.db import Database
 from api.core.errors import InvalidRequest, NotFound
-from api.core.state import AppState
 from storage.content import ImageRef, image_part, image_refs, plain_text, text_part
 from storage.models import Message
 from storage.repositories import conversations as conversations_repo
@@ -24,11 +24,11 @@ Pair = tuple[str, str]
 
 
 async def prepend_history(
-    state: AppState, owner_id: str, conversation_id: str, request: StoredRequest
+    db: Database, owner_id: str, conversation_id: str, request: StoredRequest
 ) -> None:
     """Put the stored conversation before the request's new messages (404 if this key
     has no such conversation)."""
-    async with state.sessions() as session:
+    async with db.read() as session:
         conversation = await conversations_repo.get_owned(session, conversation_id, owner_id)
         if conversation is None:
             raise NotFound(f"No conversation with id `{conversation_id}`.",

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
+from api.core.db import Database
 from api.core.errors import Unauthorized
 from storage.repositories import api_keys
 
@@ -19,10 +18,8 @@ class KeyRing:
     """`open_owner`: authentication is off (FERRY_AUTH=off); every request is this owner's,
     whatever its Authorization header says (none, `Bearer EMPTY`, any key)."""
 
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], open_owner: str | None = None
-    ) -> None:
-        self._sessions = sessions
+    def __init__(self, db: Database, open_owner: str | None = None) -> None:
+        self._db = db
         self._cache: dict[str, tuple[str, float]] = {}
         self._open_owner = open_owner
 
@@ -37,7 +34,7 @@ class KeyRing:
         hit = self._cache.get(token)
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
-        async with self._sessions() as session:
+        async with self._db.read() as session:
             key = await api_keys.find_key(session, token)
         if key is None:
             raise Unauthorized("Incorrect API key provided.")

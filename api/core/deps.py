@@ -25,13 +25,8 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
     """A session that commits when the route returns normally, rolls back otherwise."""
-    async with state.sessions() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+    async with state.db.transaction() as session:
+        yield session
 
 
 # Function scope: the commit runs when the route returns, before the response is sent. (The
@@ -58,7 +53,7 @@ async def owned_job(job_id: str, key: CurrentKey, state: StateDep) -> Job:
     Read in a session of its own, closed at once: an SSE route holding this dependency
     for an hour must not hold a pooled connection with it.
     """
-    async with state.sessions() as session:
+    async with state.db.read() as session:
         job = await jobs_repo.get_owned_job(session, job_id, key)
     if job is None:
         raise NotFound(f"No job with id `{job_id}`.", param="job_id")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.core.auth import KeyRing
+from api.core.db import Database
 from api.core.settings import ApiSettings
 from api.jobs.enqueue import JobQueue
 from api.jobs.intake import JobIntake
@@ -24,8 +24,7 @@ from storage.settings import StorageSettings
 class AppState:
     settings: ApiSettings
     storage: StorageSettings
-    db: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    db: Database
     redis: Redis
     events: JobEventStream
     hub: JobEventHub
@@ -39,4 +38,4 @@ class AppState:
 
     @property
     def event_sources(self) -> EventSources:
-        return EventSources(self.hub, self.events, self.sessions)
+        return EventSources(self.hub, self.events, self.db)

@@ -17,9 +17,10 @@ from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.conversations import history
-from api.core.deps import CurrentKey, StateDep
+from api.core.deps import CurrentKey, SessionDep, StateDep
 from api.core.errors import FerryError, InvalidRequest, error_body
 from api.core.state import AppState
 from api.eas import service as eas
@@ -60,7 +61,8 @@ async def infer_forward(
     takes images when the prompt carries one (this request's or the history's).
     """
     pairs = history.parse_pairs(body.chat_history, "chat_history")
-    async with state.sessions() as session:
+    # Short units of its own, not the request's session: this route waits for the answer.
+    async with state.db.read() as session:
         found = await conversations_repo.find_default(session, key)
         stored = await conversations_repo.messages_of(session, found.id) if found else []
         counted = await conversations_repo.reply_tokens(session, stored)
@@ -70,8 +72,8 @@ async def infer_forward(
         past, known = history.prompt_messages(stored), history.known_tokens(stored, counted)
     else:
         past, known = history.messages_from_pairs(pairs), []
-    model = await eas.pick_model(
-        state, with_image=body.image is not None or history.has_images(past))
+    model = await eas.pick_model(state.catalog, state.settings.eas_model,
+                                 with_image=body.image is not None or history.has_images(past))
     images = ImageIntake.for_state(state)
     image = None
     if body.image is not None:
@@ -83,17 +85,19 @@ async def infer_forward(
                     temperature=body.temperature, top_p=body.top_p)
     job = await eas.build_job(state, key, model, turn, past, None, known)
     # Every check has passed: only now is anything stored.
-    async with state.sessions.begin() as session:
+    async with state.db.transaction() as session:
         job.conversation_id = (await conversations_repo.default_conversation(session, key)).id
     await images.store()
-    await jobs_service.submit(state, [job])
+    await jobs_service.submit(state.intake, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream:
         return StreamingResponse(_mllm_stream(state, job.id),
                                  media_type="text/plain; charset=utf-8", headers=headers)
     response.headers.update(headers)
     text = (await eas.finished(state, job.id)).result_text or ""
-    return InferForwardResponse(response=text, chat_history=await _history_of(state, key))
+    async with state.db.read() as session:
+        chat_history = await _history_of(session, key)
+    return InferForwardResponse(response=text, chat_history=chat_history)
 
 
 async def _mllm_stream(state: AppState, job_id: str) -> AsyncIterator[bytes]:
@@ -121,26 +125,24 @@ def _writes(text: str) -> Iterator[bytes]:
 
 
 @router.post("/get_history", response_model=ChatHistory)
-async def get_history(key: CurrentKey, state: StateDep) -> ChatHistory:
+async def get_history(key: CurrentKey, session: SessionDep) -> ChatHistory:
     """PAI-EAS MLLM: the caller's default conversation as `[[user, assistant], ...]`."""
-    return ChatHistory(chat_history=await _history_of(state, key))
+    return ChatHistory(chat_history=await _history_of(session, key))
 
 
-async def _history_of(state: AppState, key: str) -> list[list[str]]:
-    async with state.sessions() as session:
-        conversation = await conversations_repo.find_default(session, key)
-        if conversation is None:
-            return []
-        return history.pairs_of(await conversations_repo.messages_of(session, conversation.id))
+async def _history_of(session: AsyncSession, key: str) -> list[list[str]]:
+    conversation = await conversations_repo.find_default(session, key)
+    if conversation is None:
+        return []
+    return history.pairs_of(await conversations_repo.messages_of(session, conversation.id))
 
 
 @router.post("/clear_history", response_class=PlainTextResponse)
-async def clear_history(key: CurrentKey, state: StateDep) -> str:
+async def clear_history(key: CurrentKey, session: SessionDep) -> str:
     """PAI-EAS MLLM: forget the caller's default conversation; answers `success`."""
-    async with state.sessions.begin() as session:
-        conversation = await conversations_repo.find_default(session, key)
-        if conversation is not None:
-            await conversations_repo.clear(session, conversation.id)
+    conversation = await conversations_repo.find_default(session, key)
+    if conversation is not None:
+        await conversations_repo.clear(session, conversation.id)
     return "success"
 
 
@@ -177,7 +179,7 @@ async def transformers_chat(
     body = await _transformers_body(request)
     pairs = history.parse_pairs(body.history, "history")
     job = await _transformers_job(state, key, body, pairs)
-    await jobs_service.submit(state, [job])
+    await jobs_service.submit(state.intake, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream_chat:
         return StreamingResponse(_nul_stream(state, job.id, body.prompt, pairs),
@@ -222,7 +224,7 @@ async def _transformers_job(
     pairs: list[tuple[str, str]],
     pair_tokens: list[int | None] | None = None,
 ) -> Job:
-    model = await eas.pick_model(state, with_image=False)
+    model = await eas.pick_model(state.catalog, state.settings.eas_model, with_image=False)
     turn = eas.Turn(prompt=body.prompt, system_prompt=body.system_prompt,
                     max_tokens=body.max_new_tokens,
                     temperature=body.temperature if body.do_sample else 0.0,
@@ -330,7 +332,7 @@ async def _websocket_round(
             pairs = history.parse_pairs(body.history, "history")
             past.pairs, past.reply_tokens = pairs, [None] * len(pairs)
         job = await _transformers_job(state, key, body, past.pairs, past.reply_tokens)
-        await jobs_service.submit(state, [job])
+        await jobs_service.submit(state.intake, [job])
         if streamed:
             async with contextlib.aclosing(eas.text_deltas(state, job.id)) as deltas:
                 async for delta in deltas:

@@ -19,6 +19,7 @@ from api.conversations import history
 from api.core.errors import InvalidRequest, job_failure
 from api.core.state import AppState
 from api.jobs import service as jobs_service
+from api.models.catalog import ModelCatalog
 from api.openai.schemas import ChatCompletionRequest, ChatMessage
 from api.streaming.job_events import job_events
 from storage.content import ImageRef, image_part, text_part
@@ -41,11 +42,13 @@ class Turn:
     image: ImageRef | None = None
 
 
-async def pick_model(state: AppState, *, with_image: bool) -> ServedModel:
-    """The model for an EAS request: its default, or one that takes images for a request
-    that carries one (the same resolver as `/v1` requests that name no model)."""
-    return await state.catalog.resolve(None, with_image, default=state.settings.eas_model,
-                                       first_served=True)
+async def pick_model(
+    catalog: ModelCatalog, default: str | None, *, with_image: bool
+) -> ServedModel:
+    """The model for an EAS request: its default (`FERRY_EAS_MODEL`), or one that takes
+    images for a request that carries one (the same resolver as `/v1` requests that name
+    no model)."""
+    return await catalog.resolve(None, with_image, default=default, first_served=True)
 
 
 def check_takes_images(model: ServedModel) -> None:

@@ -13,8 +13,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
+from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob
 from storage.models import Job
 from storage.repositories import jobs as jobs_repo
@@ -24,8 +23,8 @@ _MAX_BATCH = 500
 
 
 class JobIntake:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], queue: JobQueue) -> None:
-        self._sessions = sessions
+    def __init__(self, db: Database, queue: JobQueue) -> None:
+        self._db = db
         self._queue = queue
         self._waiting: list[tuple[Sequence[Job], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -56,7 +55,7 @@ class JobIntake:
     async def _commit(self, batch: list[tuple[Sequence[Job], asyncio.Future[None]]]) -> None:
         rows = [job for jobs, _ in batch for job in jobs]
         try:
-            async with self._sessions.begin() as session:
+            async with self._db.transaction() as session:
                 await jobs_repo.insert_jobs(session, rows)
         except Exception as exc:
             if len(batch) > 1:

@@ -31,7 +31,7 @@ async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPu
     Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`.
     """
     job = await jobs_service.build_chat_job(state, key, body)
-    await jobs_service.submit(state, [job])
+    await jobs_service.submit(state.intake, [job])
     return JobPublic.from_row(job)
 
 

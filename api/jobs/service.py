@@ -16,6 +16,7 @@ from api.core.errors import Conflict, InvalidRequest, ServiceUnavailable, job_fa
 from api.core.state import AppState
 from api.images import ImageIntake
 from api.images.chat import chat_messages
+from api.jobs.intake import JobIntake
 from api.openai.request_fields import check_fields
 from api.openai.schemas import (
     ChatCompletionRequest,
@@ -136,7 +137,7 @@ async def _chat_job(
         chat_template_kwargs=template_kwargs or None,
     )
     if body.conversation_id is not None:
-        await history.prepend_history(state, owner_id, body.conversation_id, request)
+        await history.prepend_history(state.db, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
     return _queued_job(owner_id, body, model.name, "chat", lane, request,
@@ -235,10 +236,10 @@ async def completion_prompt(
     return await images.add_text(prompt, param="prompt")
 
 
-async def submit(state: AppState, jobs: list[Job]) -> None:
+async def submit(intake: JobIntake, jobs: list[Job]) -> None:
     """Commit the rows (grouped with concurrent submits), then queue them: an accepted
     job is always in SQL before its message is sent."""
-    await state.intake.accept(jobs)
+    await intake.accept(jobs)
 
 
 async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
@@ -275,7 +276,7 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
         raise ServiceUnavailable(
             f"Job `{job_id}` did not finish in time; poll /v1/jobs/{job_id}."
         )
-    async with state.sessions() as read:
+    async with state.db.read() as read:
         final = await jobs_repo.get_job(read, job_id)
     assert final is not None
     if final.status == JobStatus.FAILED:
@@ -342,7 +343,7 @@ async def merged_event_batches(
 async def cancel_quietly(state: AppState, job_id: str) -> None:
     """Cancel a job whose client went away (best effort; never raises)."""
     with contextlib.suppress(Exception):
-        async with state.sessions() as session:
+        async with state.db.transaction() as session:
             job = await jobs_repo.get_job(session, job_id)
             if job is not None and not job.status.is_terminal:
                 await cancel(state, session, job)

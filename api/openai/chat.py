@@ -69,7 +69,7 @@ async def create_chat_completion(
     A field Ferry cannot honour is refused (400 naming it), never ignored.
     """
     jobs = await jobs_service.build_chat_jobs(state, key, body)
-    await jobs_service.submit(state, jobs)
+    await jobs_service.submit(state.intake, jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"chatcmpl-{jobs[0].id}"
     headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
     if body.stream:

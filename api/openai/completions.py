@@ -48,7 +48,7 @@ async def create_completion(
     job id.
     """
     jobs = await jobs_service.build_completion_jobs(state, key, body)
-    await jobs_service.submit(state, jobs)
+    await jobs_service.submit(state.intake, jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"cmpl-{jobs[0].id}"
     headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
     echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo \

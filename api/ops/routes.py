@@ -20,7 +20,7 @@ async def health(state: StateDep) -> JSONResponse:
     """200 when SQL and Redis answer, 503 otherwise; lists the live workers."""
     checks: dict[str, Any] = {}
     try:
-        async with state.sessions() as session:
+        async with state.db.read() as session:
             await session.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:
@@ -44,5 +44,5 @@ async def health(state: StateDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
     """Prometheus text format: jobs by status, queue depth, time to first token, tokens."""
-    body = await render_metrics(state.sessions, state.redis, state.registry)
+    body = await render_metrics(state.db.sessions, state.redis, state.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

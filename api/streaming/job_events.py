@@ -14,8 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
+from api.core.db import Database
 from api.streaming.event_hub import JobEventHub
 from storage.events import NO_EVENT, EventId, JobEvent, JobEventStream, events_from_job
 from storage.models import JobStatus
@@ -29,7 +28,7 @@ KEEPALIVE = None
 class EventSources:
     hub: JobEventHub
     stream: JobEventStream
-    sessions: async_sessionmaker[AsyncSession]
+    db: Database
 
 
 async def job_events(
@@ -167,7 +166,7 @@ async def _backlog(sources: EventSources, job_id: str, last: EventId) -> list[Jo
     events = await sources.stream.read_after(job_id, last)
     if events is not None:
         return events
-    async with sources.sessions() as session:
+    async with sources.db.read() as session:
         job = await jobs_repo.get_job(session, job_id)
     if job is None or not job.status.is_terminal:
         return []
@@ -178,7 +177,7 @@ async def _ended_in_sql(
     sources: EventSources, job_id: str, last: EventId
 ) -> list[JobEvent]:
     """After a silence: if SQL says the job is over, the rest of its events from SQL."""
-    async with sources.sessions() as session:
+    async with sources.db.read() as session:
         job = await jobs_repo.get_job(session, job_id)
     if job is None or not job.status.is_terminal:
         return []
