@@ -34,8 +34,7 @@ Transactions: SQL is reached in one of three ways, each for its own reason.
   submits share one commit, which is what keeps a 202 cheap.
 - Everything else opens short units through `state.db` (`core/db.py`): `db.read()`
   (nothing committed) or `db.transaction()` (committed when the block ends). That is
-  background work (the batch supervisor, feeder, expansion, finalisation), and routes
-  that stream or wait for a job, which must not hold a pooled connection meanwhile.
-  Nothing opens a session from the factory itself (the reconciler and `/metrics` still
-  take it, to move over).
+  background work (the reconciler, the batch supervisor, feeder, expansion,
+  finalisation, `/metrics`), and routes that stream or wait for a job, which must not
+  hold a pooled connection meanwhile. Nothing opens a session from the factory itself.
 """

@@ -101,7 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             objects=objects,
         )
         app.state.ferry = state
-        reconciler = Reconciler(sessions, redis, queue,
+        reconciler = Reconciler(db, redis, queue,
                                 interval_seconds=settings.reconcile_interval_seconds,
                                 grace_seconds=settings.reconcile_grace_seconds)
         reconciler.start()

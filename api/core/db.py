@@ -16,8 +16,6 @@ class Database:
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        # The factory itself, for the components that still take one (the reconciler,
-        # /metrics); everything else goes through read() and transaction().
         self.sessions = sessions
 
     def read(self) -> AsyncSession:

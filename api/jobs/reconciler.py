@@ -14,8 +14,8 @@ import logging
 from datetime import timedelta
 
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob
 from storage.broker import priority_lists
 from storage.keys import Lane, queue_name
@@ -31,14 +31,14 @@ _BATCH = 500
 class Reconciler:
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         redis: Redis,
         queue: JobQueue,
         *,
         interval_seconds: float,
         grace_seconds: float,
     ) -> None:
-        self._sessions = sessions
+        self._db = db
         self._redis = redis
         self._pending = PendingJobs(redis)
         self._queue = queue
@@ -66,7 +66,7 @@ class Reconciler:
 
     async def reconcile_once(self) -> int:
         cutoff = utcnow() - timedelta(seconds=self._grace)
-        async with self._sessions() as session:
+        async with self._db.read() as session:
             stranded = await jobs_repo.find_stranded_jobs(
                 session, queued_before=cutoff, lease_expired_before=cutoff, limit=_BATCH
             )
@@ -86,7 +86,7 @@ class Reconciler:
         await self._queue.send_now(
             [QueuedJob(j.id, j.model, j.lane, j.priority) for j in lost]
         )
-        async with self._sessions.begin() as session:
+        async with self._db.transaction() as session:
             await jobs_repo.mark_enqueued(session, [j.id for j in lost], utcnow())
         return len(lost)
 

@@ -18,8 +18,8 @@ from prometheus_client.core import (
     Metric,
 )
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.core.db import Database
 from storage.broker import PRIORITY_STEPS, priority_lists
 from storage.keys import Lane, queue_name
 from storage.models import JobStatus
@@ -41,9 +41,9 @@ class _Snapshot:
 
 
 async def render_metrics(
-    sessions: async_sessionmaker[AsyncSession], redis: Redis, registry: ModelRegistry
+    db: Database, redis: Redis, registry: ModelRegistry
 ) -> bytes:
-    async with sessions() as session:
+    async with db.read() as session:
         by_status = await jobs_repo.count_by_status(session)
         tokens = await jobs_repo.token_totals(session)
         buckets, count, total_ms = await jobs_repo.ttft_histogram(session, TTFT_BOUNDS_MS)

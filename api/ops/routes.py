@@ -44,5 +44,5 @@ async def health(state: StateDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
     """Prometheus text format: jobs by status, queue depth, time to first token, tokens."""
-    body = await render_metrics(state.db.sessions, state.redis, state.registry)
+    body = await render_metrics(state.db, state.redis, state.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
