@@ -49,6 +49,20 @@ def pytest_unconfigure() -> None:
     SERVICES.stop()
 
 
+# Fixtures that start Ferry processes, workers or a real engine: a test that uses one (even
+# through another fixture) is end-to-end, out of the fast tier (`pytest -m "not e2e"`).
+# Tests that start such things inline carry `pytest.mark.e2e` themselves.
+E2E_FIXTURES = frozenset({"stack", "image_stack", "own_stack", "own_database", "routing",
+                          "engine"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = E2E_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if uses or item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.e2e)
+
+
 def _admin_sql(sql: str) -> None:
     """Runs an administrative statement (CREATE/DROP DATABASE: outside a transaction)."""
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
