@@ -39,6 +39,8 @@ REDIS_BASE = os.environ.get(services.REDIS_VAR, services.REDIS_DEFAULT)
 TINY = "ferry-tiny-chat"
 KEY_A = "sk-test-a-" + secrets.token_hex(4)
 KEY_B = "sk-test-b-" + secrets.token_hex(4)
+# Fixtures by topic, as modules of their own.
+pytest_plugins = ["tests.fixtures.api"]
 
 
 def pytest_report_header() -> list[str]:
@@ -88,14 +90,12 @@ def migrated_pg(pg_url: str) -> str:
     return pg_url
 
 
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """A migrated database of the module's own, for a deployment that runs batches: API
-    processes of other deployments on the session database would otherwise take part in its
-    batches (their supervisors share SQL, not this deployment's Redis or bucket)."""
+@contextmanager
+def new_database(prefix: str) -> Iterator[str]:
+    """A migrated database of its own (its URL), dropped on exit."""
     from storage.migrate import upgrade
 
-    name = f"ferry_test_own_{os.getpid()}_{secrets.token_hex(3)}"
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     _admin_sql(f"CREATE DATABASE {name}")
     url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     try:
@@ -103,6 +103,15 @@ def own_database() -> Iterator[str]:
         yield f"{url}/{name}"
     finally:
         _admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def own_database() -> Iterator[str]:
+    """A migrated database of the module's own, for a deployment that runs batches: API
+    processes of other deployments on the session database would otherwise take part in its
+    batches (their supervisors share SQL, not this deployment's Redis or bucket)."""
+    with new_database("ferry_test_own") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
