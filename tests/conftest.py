@@ -40,7 +40,8 @@ TINY = "ferry-tiny-chat"
 KEY_A = "sk-test-a-" + secrets.token_hex(4)
 KEY_B = "sk-test-b-" + secrets.token_hex(4)
 # Fixtures by topic, as modules of their own.
-pytest_plugins = ["tests.fixtures.api", "tests.fixtures.images", "tests.fixtures.tools"]
+pytest_plugins = ["tests.fixtures.api", "tests.fixtures.images", "tests.fixtures.redis",
+                  "tests.fixtures.tools"]
 
 
 def pytest_report_header() -> list[str]:
