@@ -10,13 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.batching import (
-    CHAT,
-    chat_line,
-    jsonl,
-    sdk,
-    upload,
-)
+from tests.batching import CHAT, chat_line, jsonl, sdk, upload
 from tests.conftest import KEY_A, KEY_B, Stack
 from tests.helpers import assert_error
 

@@ -11,16 +11,7 @@ from pathlib import Path
 import pytest
 
 from ferry_testing.procs import wait_until
-from tests.batching import (
-    CHAT,
-    chat_line,
-    job_rows,
-    jsonl,
-    read_jsonl,
-    sdk,
-    upload,
-    wait_batch,
-)
+from tests.batching import CHAT, chat_line, job_rows, jsonl, read_jsonl, sdk, upload, wait_batch
 from tests.conftest import open_stack
 
 pytestmark = pytest.mark.timeout(900)

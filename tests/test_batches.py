@@ -11,16 +11,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from ferry_testing.procs import wait_until
-from tests.batching import (
-    CHAT,
-    chat_line,
-    job_rows,
-    jsonl,
-    read_jsonl,
-    sdk,
-    upload,
-    wait_batch,
-)
+from tests.batching import CHAT, chat_line, job_rows, jsonl, read_jsonl, sdk, upload, wait_batch
 from tests.conftest import TINY, Stack
 from tests.helpers import assert_error
 

@@ -10,13 +10,7 @@ import secrets
 import pytest
 from redis.asyncio import Redis
 
-from storage.events import (
-    NO_EVENT,
-    EventId,
-    EventType,
-    JobEvent,
-    JobEventStream,
-)
+from storage.events import NO_EVENT, EventId, EventType, JobEvent, JobEventStream
 from tests.conftest import REDIS_BASE
 
 pytestmark = pytest.mark.timeout(120)
