@@ -7,10 +7,16 @@ from typing import Any
 
 import pytest
 
-from api.core.errors import InvalidRequest
+from api.core.errors import FerryError, InvalidRequest
 from api.images import ingest_image, ingest_parts
 from api.images.chat import chat_messages
-from api.images.errors import ImagesNotSupported, ImageTooLarge, InvalidImage, TooManyImages
+from api.images.errors import (
+    ImagesNotSupported,
+    ImageTooLarge,
+    ImageUrlRefused,
+    InvalidImage,
+    TooManyImages,
+)
 from api.openai.schemas import ChatCompletionRequest
 from storage.content import image_refs
 from storage.objects import image_key, sha256_hex
@@ -172,3 +178,9 @@ async def test_text_only_model(store: CountingStore) -> None:
         with pytest.raises(ImagesNotSupported, match="`text` does not take images") as caught:
             await chat_messages(intake(store), body, TEXT)
         assert caught.value.param == param
+
+
+def test_ferry_errors_are_400s() -> None:
+    for exc in (InvalidImage("x"), ImageTooLarge("x"), TooManyImages("x"),
+                ImageUrlRefused("x"), ImagesNotSupported("m", param="images")):
+        assert isinstance(exc, FerryError) and exc.status_code == 400

@@ -18,15 +18,7 @@ import psycopg
 import pytest
 from PIL import Image
 
-from api.core.errors import FerryError
 from api.images import ImageIntake
-from api.images.errors import (
-    ImagesNotSupported,
-    ImageTooLarge,
-    ImageUrlRefused,
-    InvalidImage,
-    TooManyImages,
-)
 from storage.objects import ObjectStoreSettings, build_object_store, image_key, sha256_hex
 from tests.conftest import KEY_A, KEY_B, Stack
 from tests.fixtures.images import LIMITS, PNG
@@ -210,12 +202,6 @@ def test_errors_name_the_image_parameter(image_stack: ImageStack) -> None:
     with image_stack.stack.client(KEY_A, url=image_stack.safe_url) as client:
         error = assert_error(client.post("/v1/jobs", json=body), 400, "invalid_image")
     assert error["param"] == "images.1"
-
-
-def test_ferry_errors_are_400s() -> None:
-    for exc in (InvalidImage("x"), ImageTooLarge("x"), TooManyImages("x"),
-                ImageUrlRefused("x"), ImagesNotSupported("m", param="images")):
-        assert isinstance(exc, FerryError) and exc.status_code == 400
 
 
 def test_the_three_carriers_run_alike_on_the_vision_worker(
