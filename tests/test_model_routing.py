@@ -26,16 +26,12 @@ from storage.keys import MODELS_HASH
 from storage.registry import ServedModel, now_epoch
 from tests.conftest import KEY_A, TINY, Stack, open_stack
 from tests.helpers import assert_error, read_events
-from tests.imaging import data_url, image_bytes
+from tests.routing import HUB_ID, SERVED, TEXT_A, TEXT_B, VISION, chat, image_carriers
 from worker.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.timeout(900)
 
-TEXT_A, TEXT_B, VISION = "text-a", "text-b", "vision-z"
-HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SERVED = [HUB_ID, TEXT_A, TEXT_B, VISION]
 THINK = "think-tiny"
-PNG = image_bytes("PNG")
 
 
 def announce(stack: Stack, model: ServedModel) -> None:
@@ -75,10 +71,6 @@ def routing(own_database: str, model_cache: Path, logs: Path, s3_url: str) -> It
         yield Routing(stack, default_url, open_url, proc.log_path)
 
 
-def chat(content: Any = "hi", **extra: Any) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
-
-
 def submitted_model(client: httpx.Client, body: dict[str, Any], route: str = "/v1/jobs") -> str:
     """The model a stored job went to, as its row says."""
     response = client.post(route, json=body)
@@ -86,16 +78,6 @@ def submitted_model(client: httpx.Client, body: dict[str, Any], route: str = "/v
     job = client.get(f"/v1/jobs/{response.json()['id']}").json()
     model: str = job["model"]
     return model
-
-
-def image_carriers() -> list[dict[str, Any]]:
-    """The three ways images come: an `image_url` part, swift's `images`, a `<img>` tag."""
-    return [
-        chat([{"type": "image_url", "image_url": {"url": data_url(PNG)}},
-              {"type": "text", "text": "What is this?"}]),
-        chat("<image>What is this?", images=[data_url(PNG)]),
-        chat(f"<img>{data_url(PNG)}</img>What is this?"),
-    ]
 
 
 # --- which model --------------------------------------------------------------------
