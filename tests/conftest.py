@@ -39,6 +39,9 @@ REDIS_BASE = os.environ.get(services.REDIS_VAR, services.REDIS_DEFAULT)
 TINY = "ferry-tiny-chat"
 KEY_A = "sk-test-a-" + secrets.token_hex(4)
 KEY_B = "sk-test-b-" + secrets.token_hex(4)
+# Fixtures by topic, as modules of their own.
+pytest_plugins = ["tests.fixtures.api", "tests.fixtures.images", "tests.fixtures.redis",
+                  "tests.fixtures.tools"]
 
 
 def pytest_report_header() -> list[str]:
@@ -47,6 +50,20 @@ def pytest_report_header() -> list[str]:
 
 def pytest_unconfigure() -> None:
     SERVICES.stop()
+
+
+# Fixtures that start Ferry processes, workers or a real engine: a test that uses one (even
+# through another fixture) is end-to-end, out of the fast tier (`pytest -m "not e2e"`).
+# Tests that start such things inline carry `pytest.mark.e2e` themselves.
+E2E_FIXTURES = frozenset({"stack", "image_stack", "own_stack", "own_database", "routing",
+                          "engine"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = E2E_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if uses or item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.e2e)
 
 
 def _admin_sql(sql: str) -> None:
@@ -74,14 +91,12 @@ def migrated_pg(pg_url: str) -> str:
     return pg_url
 
 
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """A migrated database of the module's own, for a deployment that runs batches: API
-    processes of other deployments on the session database would otherwise take part in its
-    batches (their supervisors share SQL, not this deployment's Redis or bucket)."""
+@contextmanager
+def new_database(prefix: str) -> Iterator[str]:
+    """A migrated database of its own (its URL), dropped on exit."""
     from storage.migrate import upgrade
 
-    name = f"ferry_test_own_{os.getpid()}_{secrets.token_hex(3)}"
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     _admin_sql(f"CREATE DATABASE {name}")
     url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     try:
@@ -89,6 +104,15 @@ def own_database() -> Iterator[str]:
         yield f"{url}/{name}"
     finally:
         _admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def own_database() -> Iterator[str]:
+    """A migrated database of the module's own, for a deployment that runs batches: API
+    processes of other deployments on the session database would otherwise take part in its
+    batches (their supervisors share SQL, not this deployment's Redis or bucket)."""
+    with new_database("ferry_test_own") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

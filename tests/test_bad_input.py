@@ -1,4 +1,7 @@
-"""Bad input gets a clear 4xx in OpenAI's envelope, and nothing is persisted."""
+"""Bad input gets a clear 4xx in OpenAI's envelope, and nothing is persisted.
+
+API-level: the app runs in process (tests/fixtures/api.py), with the tiny chat model
+announced in its registry and no worker."""
 
 from __future__ import annotations
 
@@ -9,15 +12,16 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import TINY, Stack
-from tests.helpers import assert_error, chat_body, submit, wait_job
+from tests.conftest import TINY
+from tests.fixtures.api import InProcessApi
+from tests.helpers import assert_error, chat_body
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def job_count(stack: Stack) -> Iterator[Any]:
-    url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
+def job_count(in_process_api: InProcessApi) -> Iterator[Any]:
+    url = in_process_api.database_url.replace("postgresql+asyncpg://", "postgresql://")
 
     def count() -> int:
         with psycopg.connect(url) as conn:
@@ -64,32 +68,29 @@ BAD_BODIES: list[tuple[str, Any, int, str | None, str | None]] = [
 @pytest.mark.parametrize("route", ["/v1/jobs", "/v1/chat/completions"])
 @pytest.mark.parametrize(("case", "body", "status", "code", "param"), BAD_BODIES,
                          ids=[c[0] for c in BAD_BODIES])
-def test_bad_request_bodies(
-    stack: Stack, job_count: Any, route: str, case: str, body: Any, status: int,
-    code: str | None, param: str | None,
+async def test_bad_request_bodies(
+    api_client: httpx.AsyncClient, job_count: Any, route: str, case: str, body: Any,
+    status: int, code: str | None, param: str | None,
 ) -> None:
     before = job_count()
-    with stack.client() as client:
-        error = assert_error(client.post(route, json=body), status, code)
+    error = assert_error(await api_client.post(route, json=body), status, code)
     assert error["param"] == param, error
     assert job_count() == before
 
 
 @pytest.mark.parametrize("route", ["/v1/jobs", "/v1/chat/completions"])
-def test_malformed_json(stack: Stack, job_count: Any, route: str) -> None:
+async def test_malformed_json(api_client: httpx.AsyncClient, job_count: Any, route: str) -> None:
     before = job_count()
-    with stack.client() as client:
-        response = client.post(route, content=b'{"model": "x", "messages": [',
-                               headers={"Content-Type": "application/json"})
+    response = await api_client.post(route, content=b'{"model": "x", "messages": [',
+                                     headers={"Content-Type": "application/json"})
     assert "JSON" in assert_error(response, 400)["message"]
     assert job_count() == before
 
 
-def test_oversized_body_is_413(stack: Stack, job_count: Any) -> None:
+async def test_oversized_body_is_413(api_client: httpx.AsyncClient, job_count: Any) -> None:
     before = job_count()
     huge = chat_body(TINY, "x" * (17 * 1024 * 1024))
-    with stack.client() as client:
-        assert_error(client.post("/v1/jobs", json=huge), 413, "payload_too_large")
+    assert_error(await api_client.post("/v1/jobs", json=huge), 413, "payload_too_large")
     assert job_count() == before
 
 
@@ -100,12 +101,13 @@ def test_oversized_body_is_413(stack: Stack, job_count: Any) -> None:
     ("POST", "/v1/jobs/job_x/cancel"), ("GET", "/v1/jobs/job_x/events"),
     ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
 ])
-def test_missing_or_wrong_key_is_401(
-    stack: Stack, job_count: Any, headers: dict[str, str], method: str, path: str
+async def test_missing_or_wrong_key_is_401(
+    in_process_api: InProcessApi, job_count: Any, headers: dict[str, str], method: str,
+    path: str,
 ) -> None:
     before = job_count()
-    with httpx.Client(base_url=stack.url, headers=headers) as client:
-        response = client.request(method, path, json=chat_body(TINY))
+    async with in_process_api.client(key=None) as client:
+        response = await client.request(method, path, json=chat_body(TINY), headers=headers)
     assert_error(response, 401, "invalid_api_key")
     assert response.headers["www-authenticate"] == "Bearer"
     assert job_count() == before
@@ -116,32 +118,33 @@ def test_missing_or_wrong_key_is_401(
     ("POST", "/v1/jobs/job_doesnotexist/cancel"),
     ("GET", "/v1/jobs/job_doesnotexist/events"),
 ])
-def test_unknown_job_is_404(stack: Stack, method: str, path: str) -> None:
-    with stack.client() as client:
-        assert_error(client.request(method, path), 404, "not_found")
+async def test_unknown_job_is_404(api_client: httpx.AsyncClient, method: str, path: str) -> None:
+    assert_error(await api_client.request(method, path), 404, "not_found")
 
 
-def test_bad_last_event_id_is_400(stack: Stack) -> None:
-    with stack.client() as client:
-        job = submit(client, chat_body(TINY, max_tokens=2))
-        response = client.get(f"/v1/jobs/{job['id']}/events",
-                              headers={"Last-Event-ID": "banana"})
-        wait_job(client, job["id"])
+async def test_bad_last_event_id_is_400(api_client: httpx.AsyncClient) -> None:
+    # A stored job (no worker runs it here): the header is refused before any event is read.
+    submitted = await api_client.post("/v1/jobs", json=chat_body(TINY, max_tokens=2))
+    assert submitted.status_code == 202, submitted.text
+    response = await api_client.get(f"/v1/jobs/{submitted.json()['id']}/events",
+                                    headers={"Last-Event-ID": "banana"})
     assert assert_error(response, 400)["param"] == "Last-Event-ID"
 
 
-def test_body_that_is_not_a_json_object(stack: Stack, job_count: Any) -> None:
+async def test_body_that_is_not_a_json_object(
+    api_client: httpx.AsyncClient, job_count: Any
+) -> None:
     before = job_count()
-    with stack.client() as client:
-        as_form = client.post("/v1/jobs", content=b"model=x",
-                              headers={"Content-Type": "application/x-www-form-urlencoded"})
-        as_list = client.post("/v1/jobs", json=[1, 2])
+    as_form = await api_client.post(
+        "/v1/jobs", content=b"model=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    as_list = await api_client.post("/v1/jobs", json=[1, 2])
     assert "JSON object" in assert_error(as_form, 400)["message"]
     assert "JSON object" in assert_error(as_list, 400)["message"]
     assert job_count() == before
 
 
-def test_bad_list_parameters(stack: Stack) -> None:
-    with stack.client() as client:
-        assert assert_error(client.get("/v1/jobs?status=sleeping"), 400)["param"] == "status"
-        assert assert_error(client.get("/v1/jobs?limit=0"), 400)["param"] == "limit"
+async def test_bad_list_parameters(api_client: httpx.AsyncClient) -> None:
+    response = await api_client.get("/v1/jobs?status=sleeping")
+    assert assert_error(response, 400)["param"] == "status"
+    assert assert_error(await api_client.get("/v1/jobs?limit=0"), 400)["param"] == "limit"

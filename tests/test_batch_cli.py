@@ -16,7 +16,7 @@ from cli import embedded
 from ferry_testing.procs import ROOT
 from tests.conftest import KEY_A, TINY, Stack
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
 
 def lines_file(

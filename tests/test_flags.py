@@ -86,6 +86,7 @@ def _worker_exit(args: list[str], env: dict[str, str] | None = None) -> tuple[in
     return done.returncode, done.stderr
 
 
+@pytest.mark.e2e
 def test_bad_lora_modules_stop_the_worker_with_the_reason(
     tmp_path: Path, tiny_adapter: Path, model_cache: Path
 ) -> None:
@@ -102,6 +103,7 @@ def test_bad_lora_modules_stop_the_worker_with_the_reason(
     assert rc == 2 and "trained on another base model" in err, err
 
 
+@pytest.mark.e2e
 async def test_transformers_engine_refuses_what_it_cannot_honour(tiny_dir: Path) -> None:
     from worker.engines.transformers import TransformersEngine
 
@@ -128,6 +130,7 @@ async def _answer(engine: object, prompt: str) -> str:
     return "".join([d.text async for d in engine.generate(request)])  # type: ignore[attr-defined]
 
 
+@pytest.mark.e2e
 async def test_a_model_with_its_own_code_needs_trust_remote_code(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +152,7 @@ async def test_a_model_with_its_own_code_needs_trust_remote_code(
         await engine.stop()
 
 
+@pytest.mark.e2e
 def test_vllm_refuses_remote_code_unknown_engine_args_and_parsers(
     tiny_dir: Path, tmp_path: Path
 ) -> None:

@@ -28,6 +28,9 @@ from worker.errors import EngineRequestError, StartupError
 from worker.models import ensure_tiny_model
 from worker.settings import WorkerSettings
 
+# Each test runs real engines or a worker.
+pytestmark = pytest.mark.e2e
+
 SMOLLM2 = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

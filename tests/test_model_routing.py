@@ -1,6 +1,7 @@
-"""The seeds' clients, unchanged: which model a request goes to (`model` omitted, aliases,
-images), `GET /v1/models/{id}`, authentication off, `enable_thinking` both ways, and
-content parts no model takes.
+"""The seeds' clients, unchanged, on real API processes: the completions route and batch
+lines without `model`, FastDeploy's client with authentication off (and its warning), and
+`enable_thinking` both ways. The rest of routing runs on the API in process
+(tests/test_model_routing_api.py).
 
 Routing is checked on real API processes over real Redis/PostgreSQL/S3 with models
 announced in the registry and no worker behind them: a job is stored (202) with the model
@@ -20,24 +21,18 @@ import httpx
 import openai
 import pytest
 
-from api.openai.chat import _Choice, _chunks_for
 from ferry_testing.procs import start_api
-from storage.content import ReasoningMode, ReasoningSplitter, split_reasoning
-from storage.events import EventType, JobEvent
+from storage.content import split_reasoning
 from storage.keys import MODELS_HASH
 from storage.registry import ServedModel, now_epoch
 from tests.conftest import KEY_A, TINY, Stack, open_stack
 from tests.helpers import assert_error, read_events
-from tests.imaging import data_url, image_bytes
+from tests.routing import HUB_ID, TEXT_A, TEXT_B, VISION, chat
 from worker.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.timeout(900)
 
-TEXT_A, TEXT_B, VISION = "text-a", "text-b", "vision-z"
-HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SERVED = [HUB_ID, TEXT_A, TEXT_B, VISION]
 THINK = "think-tiny"
-PNG = image_bytes("PNG")
 
 
 def announce(stack: Stack, model: ServedModel) -> None:
@@ -77,10 +72,6 @@ def routing(own_database: str, model_cache: Path, logs: Path, s3_url: str) -> It
         yield Routing(stack, default_url, open_url, proc.log_path)
 
 
-def chat(content: Any = "hi", **extra: Any) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
-
-
 def submitted_model(client: httpx.Client, body: dict[str, Any], route: str = "/v1/jobs") -> str:
     """The model a stored job went to, as its row says."""
     response = client.post(route, json=body)
@@ -90,61 +81,7 @@ def submitted_model(client: httpx.Client, body: dict[str, Any], route: str = "/v
     return model
 
 
-def image_carriers() -> list[dict[str, Any]]:
-    """The three ways images come: an `image_url` part, swift's `images`, a `<img>` tag."""
-    return [
-        chat([{"type": "image_url", "image_url": {"url": data_url(PNG)}},
-              {"type": "text", "text": "What is this?"}]),
-        chat("<image>What is this?", images=[data_url(PNG)]),
-        chat(f"<img>{data_url(PNG)}</img>What is this?"),
-    ]
-
-
 # --- which model --------------------------------------------------------------------
-
-@pytest.mark.parametrize("model", [None, "null", "default"])
-def test_no_model_or_alias_goes_to_the_default_model(routing: Routing, model: str | None) -> None:
-    body = chat() if model is None else chat(model=model)
-    with routing.client(routing.default_url) as client:
-        assert submitted_model(client, body) == TEXT_B
-
-
-@pytest.mark.parametrize("model", [None, "null"])
-def test_several_models_and_no_default_is_400_listing_them(
-    routing: Routing, model: str | None
-) -> None:
-    body = chat() if model is None else chat(model=model)
-    with routing.client() as client:
-        before = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
-        error = assert_error(client.post("/v1/jobs", json=body), 400, "model_required")
-        chat_error = assert_error(client.post("/v1/chat/completions", json=body), 400,
-                                  "model_required")
-        after = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
-    assert error["param"] == "model" and chat_error == error
-    for name in SERVED:
-        assert f"`{name}`" in error["message"]
-    assert after == before  # nothing stored
-
-
-@pytest.mark.parametrize("carrier", range(3), ids=["image_url", "swift-images", "img-tag"])
-@pytest.mark.parametrize("which", ["keys", "default"])
-def test_images_without_model_go_to_a_model_that_takes_them(
-    routing: Routing, carrier: int, which: str
-) -> None:
-    url = routing.url if which == "keys" else routing.default_url
-    body = image_carriers()[carrier]
-    with routing.client(url) as client:
-        assert submitted_model(client, body) == VISION
-        assert submitted_model(client, {**body, "model": "null"}) == VISION
-        # A named model is that model: a text one refuses the images, naming itself (for
-        # a text model an `<img>` tag is plain text).
-        named = client.post("/v1/jobs", json={**body, "model": TEXT_A})
-        if carrier == 2:
-            assert named.status_code == 202 and named.json()["model"] == TEXT_A
-        else:
-            error = assert_error(named, 400, "unsupported_content")
-            assert f"`{TEXT_A}`" in error["message"]
-
 
 def test_completions_route_the_same_way(routing: Routing) -> None:
     with routing.client(routing.default_url) as client:
@@ -158,17 +95,6 @@ def test_completions_route_the_same_way(routing: Routing) -> None:
         error = assert_error(client.post("/v1/completions", json={"prompt": "Once"}), 400,
                              "model_required")
     assert f"`{TEXT_A}`" in error["message"]
-
-
-def test_unknown_model_is_404_listing_the_served_ids(routing: Routing) -> None:
-    with routing.client(routing.default_url) as client:
-        for route in ("/v1/jobs", "/v1/chat/completions"):
-            error = assert_error(client.post(route, json=chat(model="no-such-model")), 404,
-                                 "model_not_found")
-            assert error["param"] == "model"
-            assert "`no-such-model`" in error["message"]
-            for name in SERVED:
-                assert f"`{name}`" in error["message"]
 
 
 def test_batch_lines_without_model_go_to_the_default(routing: Routing) -> None:
@@ -190,43 +116,7 @@ def test_batch_lines_without_model_go_to_the_default(routing: Routing) -> None:
     assert {j["model"] for j in jobs} == {TEXT_B}
 
 
-# --- models.retrieve ---------------------------------------------------------------
-
-def test_models_retrieve_gives_the_list_card(routing: Routing) -> None:
-    client = openai.OpenAI(base_url=f"{routing.url}/v1", api_key=KEY_A, max_retries=0)
-    listed = {m.id: m.model_dump() for m in client.models.list().data}
-    assert sorted(listed) == sorted(SERVED)
-    for name in (TEXT_A, VISION, HUB_ID):  # a hub id has a "/" in it
-        card = client.models.retrieve(name)
-        assert card.id == name
-        assert card.model_dump() == listed[name]
-    with pytest.raises(openai.NotFoundError) as caught:
-        client.models.retrieve("no-such-model")
-    error = caught.value.body
-    assert isinstance(error, dict) and error["code"] == "model_not_found", error
-    assert all(f"`{name}`" in error["message"] for name in SERVED)
-    with routing.client(key="sk-wrong") as raw:
-        assert_error(raw.get(f"/v1/models/{TEXT_A}"), 401)
-
-
 # --- authentication off ------------------------------------------------------------
-
-@pytest.mark.parametrize("key", [None, "EMPTY", "null", "sk-not-a-key"])
-def test_auth_off_takes_every_request_as_one_owner(routing: Routing, key: str | None) -> None:
-    with routing.client(routing.open_url, key=key) as client:
-        assert client.get("/v1/models").status_code == 200
-        response = client.post("/v1/jobs", json=chat())
-        assert response.status_code == 202, response.text
-        job_id = response.json()["id"]
-        # Whoever sends it, it is the same owner's job.
-        with routing.client(routing.open_url, key=None) as other:
-            assert other.get(f"/v1/jobs/{job_id}").status_code == 200
-    # With keys on, the same requests are refused.
-    with routing.client(routing.default_url, key=key) as client:
-        assert_error(client.get("/v1/models"), 401)
-        assert_error(client.post("/v1/jobs", json=chat()), 401)
-        assert_error(client.get(f"/v1/jobs/{job_id}"), 401)
-
 
 def test_auth_off_serves_fastdeploys_client_and_warns(routing: Routing) -> None:
     # FastDeploy's Python client: api_key="null", model="null".
@@ -236,28 +126,6 @@ def test_auth_off_serves_fastdeploys_client_and_warns(routing: Routing) -> None:
         assert submitted_model(raw, chat(model="null")) == TEXT_B
     log = routing.open_log.read_text(errors="replace")
     assert "Authentication is OFF" in log
-
-
-# --- parts no model takes ----------------------------------------------------------
-
-@pytest.mark.parametrize(("part", "named"), [
-    ({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, "video"),
-    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
-    ({"type": "file", "file": {"file_id": "file-1"}}, "file"),
-])
-@pytest.mark.parametrize("model", [TEXT_A, VISION, None])
-def test_video_audio_file_parts_are_400_naming_them(
-    routing: Routing, part: dict[str, Any], named: str, model: str | None
-) -> None:
-    body = chat([{"type": "text", "text": "What happens here?"}, part])
-    if model is not None:
-        body["model"] = model
-    with routing.client(routing.default_url) as client:
-        error = assert_error(client.post("/v1/chat/completions", json=body), 400,
-                             "unsupported_content")
-    assert error["param"] == "messages.0.content.1"
-    assert named in error["message"] and part["type"] in error["message"]
-    assert f"`{model or TEXT_B}`" in error["message"]
 
 
 # --- thinking ------------------------------------------------------------------------
@@ -362,49 +230,3 @@ def test_reasoning_is_split_by_default_for_a_model_with_a_reasoning_parser(
             content += delta.content or ""
             reasoning += getattr(delta, "reasoning_content", None) or ""
     assert (reasoning or None, content) == expected
-
-
-# --- the split itself, for models with a reasoning parser -----------------------------
-
-def _streamed(text: str, mode: ReasoningMode, cuts: list[int]) -> tuple[str | None, str]:
-    splitter = ReasoningSplitter(mode)
-    reasoning = content = ""
-    for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
-        r, c = splitter.feed(text[start:end])
-        reasoning, content = reasoning + r, content + c
-    r, c = splitter.finish()
-    return (reasoning + r) or None, content + c
-
-
-@pytest.mark.parametrize(("text", "expected"), [
-    # The template opened `<think>`: the reply has only the closing tag.
-    ("weigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
-    ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
-    ("</think>only content", (None, "only content")),
-    ("still thinking when cut off\n", ("still thinking when cut off", "")),
-    ("<thi", ("<thi", "")),
-    ("\n\n", (None, "")),
-    ("a </think> b </think> c", ("a ", " b </think> c")),
-])
-def test_parser_mode_split_whole_and_streamed(
-    text: str, expected: tuple[str | None, str]
-) -> None:
-    assert split_reasoning(text, "parser") == expected
-    for size in range(1, len(text) + 1):  # every chunk size gives the same split
-        assert _streamed(text, "parser", list(range(size, len(text), size))) == expected
-
-
-def test_tagged_mode_still_leaves_an_unopened_reply_alone() -> None:
-    assert split_reasoning("weigh it</think>answer") == (None, "weigh it</think>answer")
-
-
-def test_streamed_chunks_split_at_a_closing_tag_only() -> None:
-    choice = _Choice("job-1", 0, THINK, 0, ReasoningSplitter("parser"))
-    deltas = ["step", " one\n</th", "ink>\n\nFinal", " answer."]
-    chunks: list[dict[str, Any]] = []
-    for i, text in enumerate(deltas):
-        chunks += _chunks_for(choice, JobEvent(f"1-{i}", EventType.DELTA, {"text": text}))
-    chunks += _chunks_for(choice, JobEvent("1-9", EventType.DONE, {"finish_reason": "stop"}))
-    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
-    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert (reasoning, content) == ("step one", "Final answer.")

@@ -142,18 +142,6 @@ def test_completions_n_per_prompt(stack: Stack) -> None:
     assert out.choices[2].text == alone.choices[0].text
 
 
-@pytest.mark.parametrize(("path", "extra", "param"), [
-    ("/v1/jobs", {"n": 2}, "n"),
-    ("/v1/chat/completions", {"n": 17}, "n"),
-    ("/v1/chat/completions", {"n": 2, "conversation_id": "conv_x"}, "n"),
-])
-def test_n_refused(stack: Stack, path: str, extra: dict[str, Any], param: str) -> None:
-    with stack.client() as client:
-        response = client.post(path, json=chat_body(TINY, max_tokens=2, **extra))
-    error = assert_error(response, 400)
-    assert error["param"] == param
-
-
 # --- logprobs --------------------------------------------------------------------------
 
 def _whole(text: str | None) -> str:
@@ -217,39 +205,7 @@ def test_completion_logprobs_legacy_shape(stack: Stack) -> None:
     assert offsets == [o - len(prompt) for o in lp.text_offset]
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-])
-def test_logprobs_refused(stack: Stack, extra: dict[str, Any], param: str) -> None:
-    with stack.client() as client:
-        response = client.post("/v1/chat/completions", json=chat_body(TINY, **extra))
-    assert assert_error(response, 400)["param"] == param
-
-
 # --- fields Ferry does not honour --------------------------------------------------------
-
-@pytest.mark.parametrize(("extra", "param", "code"), [
-    ({"no_such_field": 1}, "no_such_field", "unknown_parameter"),
-    ({"use_beam_search": True}, "use_beam_search", "unsupported_parameter"),
-    ({"stop_token_ids": [5]}, "stop_token_ids", "unsupported_parameter"),
-    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
-    ({"reasoning_effort": "high"}, "reasoning_effort", "unsupported_parameter"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-     "unsupported_parameter"),
-    ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
-    ({"logit_bias": {"abc": 1}}, "logit_bias", None),
-])
-def test_fields_not_honoured_are_refused_by_name(
-    stack: Stack, extra: dict[str, Any], param: str, code: str | None
-) -> None:
-    with stack.client() as client:
-        before = client.get("/v1/jobs", params={"limit": 1}).json()["data"]
-        response = client.post("/v1/chat/completions", json=chat_body(TINY, **extra))
-        error = assert_error(response, 400, code)
-        assert error["param"] == param and param in error["message"]
-        assert client.get("/v1/jobs", params={"limit": 1}).json()["data"] == before
-
 
 def test_neutral_values_and_documented_extensions_are_accepted(stack: Stack) -> None:
     body = chat_body(

@@ -14,7 +14,7 @@ import pytest
 from ferry_testing.procs import ROOT, Proc, free_port, running, start, wait_until
 from tests.conftest import REDIS_BASE
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
 RED_PIXEL_PNG = (
     "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AA"

@@ -53,6 +53,15 @@ WEATHER_TOOL: dict[str, Any] = {
     },
 }
 
+# A tool round trip in OpenAI's shape: the call, then its result.
+HISTORY: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "content": "18 degrees, sunny", "tool_call_id": "call_1"},
+]
+
 
 def build_tool_model(tiny_chat_dir: Path, out: Path) -> Path:
     """The tiny chat model with the Hermes-style template and the tool-call token (see the
