@@ -33,10 +33,13 @@ async def test_a_failed_start_up_stops_what_it_started(
 
     # The last step of start-up: everything before it is running by then.
     monkeypatch.setattr(BatchSupervisor, "start", fail)
+    # Other tests' in-process apps may run on the same loop: only this app's tasks count.
+    before, threads_before = asyncio.all_tasks(), set(threading.enumerate())
     with pytest.raises(RuntimeError, match="supervisor could not start"):
         async with app.router.lifespan_context(app):
             pass
     await asyncio.sleep(0)  # let the cancelled loops finish cancelling
-    running = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    running = {t.get_name() for t in asyncio.all_tasks() - before if not t.done()}
     assert not running & _LOOPS, running
-    assert not any(t.name == "job-queue" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name == "job-queue" and t.is_alive()
+                   for t in set(threading.enumerate()) - threads_before)
