@@ -6,7 +6,6 @@ The official `openai` SDK is the client wherever it can be, as users would call 
 from __future__ import annotations
 
 import json
-import random
 import re
 from typing import Any
 
@@ -14,9 +13,6 @@ import httpx
 import openai
 import pytest
 
-from api.openai.chat import _Choice, _chunks_for
-from storage.content import ReasoningSplitter, split_reasoning
-from storage.events import EventType, JobEvent
 from tests.conftest import KEY_A, TINY, Stack
 from tests.helpers import assert_error
 
@@ -193,48 +189,6 @@ def test_thinking_answers_carry_reasoning_content(stack: Stack, flags: dict[str,
             content += delta.content or ""
             reasoning += getattr(delta, "reasoning_content", None) or ""
     assert (reasoning or None, content) == raw
-
-
-def _whole(text: str) -> tuple[str | None, str]:
-    splitter = ReasoningSplitter()
-    reasoning = content = ""
-    cuts = sorted(random.sample(range(len(text) + 1), min(len(text) + 1, 4)))
-    for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
-        r, c = splitter.feed(text[start:end])
-        reasoning, content = reasoning + r, content + c
-    r, c = splitter.finish()
-    return (reasoning + r) or None, content + c
-
-
-@pytest.mark.parametrize(("text", "expected"), [
-    ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
-    ("  <think>a</think>b", ("a", "b")),
-    ("no thinking here", (None, "no thinking here")),
-    ("<think>cut off while thinking\n", ("cut off while thinking", "")),
-    ("answer <think>not at the start</think>", (None, "answer <think>not at the start</think>")),
-    ("<think></think>only content", (None, "only content")),
-    ("<thi", (None, "<thi")),
-])
-def test_reasoning_split_whole_and_streamed(
-    text: str, expected: tuple[str | None, str]
-) -> None:
-    assert split_reasoning(text) == expected
-    random.seed(text)
-    for _ in range(50):  # any cut of the stream gives the same split
-        assert _whole(text) == expected
-
-
-def test_streamed_chunks_split_reasoning_from_content() -> None:
-    choice = _Choice("job-1", 0, TINY, 0, ReasoningSplitter())
-    deltas = ["<thi", "nk>\nstep one", " and two\n</th", "ink>\n\nFinal", " answer."]
-    chunks: list[dict[str, Any]] = []
-    for i, text in enumerate(deltas):
-        chunks += _chunks_for(choice, JobEvent(f"1-{i}", EventType.DELTA, {"text": text}))
-    chunks += _chunks_for(choice, JobEvent("1-9", EventType.DONE, {"finish_reason": "stop"}))
-    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
-    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert (reasoning, content) == ("step one and two", "Final answer.")
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_thinking_off_leaves_think_tags_in_content(stack: Stack) -> None:

@@ -1,8 +1,9 @@
-"""Reasoning split from content for models with a reasoning parser: whole, streamed in any
-cuts, and an unopened reply left alone."""
+"""Reasoning split from content, tagged (`<think>`) and for models with a reasoning
+parser: whole, streamed in any cuts, and an unopened reply left alone."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -58,3 +59,40 @@ def test_streamed_chunks_split_at_a_closing_tag_only() -> None:
     reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert (reasoning, content) == ("step one", "Final answer.")
+
+
+def _whole(text: str) -> tuple[str | None, str]:
+    """The default (tagged) split of `text` streamed in up to five random pieces."""
+    cuts = sorted(random.sample(range(len(text) + 1), min(len(text) + 1, 4)))
+    return _streamed(text, "tagged", cuts)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
+    ("  <think>a</think>b", ("a", "b")),
+    ("no thinking here", (None, "no thinking here")),
+    ("<think>cut off while thinking\n", ("cut off while thinking", "")),
+    ("answer <think>not at the start</think>", (None, "answer <think>not at the start</think>")),
+    ("<think></think>only content", (None, "only content")),
+    ("<thi", (None, "<thi")),
+])
+def test_reasoning_split_whole_and_streamed(
+    text: str, expected: tuple[str | None, str]
+) -> None:
+    assert split_reasoning(text) == expected
+    random.seed(text)
+    for _ in range(50):  # any cut of the stream gives the same split
+        assert _whole(text) == expected
+
+
+def test_streamed_chunks_split_reasoning_from_content() -> None:
+    choice = _Choice("job-1", 0, THINK, 0, ReasoningSplitter())
+    deltas = ["<thi", "nk>\nstep one", " and two\n</th", "ink>\n\nFinal", " answer."]
+    chunks: list[dict[str, Any]] = []
+    for i, text in enumerate(deltas):
+        chunks += _chunks_for(choice, JobEvent(f"1-{i}", EventType.DELTA, {"text": text}))
+    chunks += _chunks_for(choice, JobEvent("1-9", EventType.DONE, {"finish_reason": "stop"}))
+    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert (reasoning, content) == ("step one and two", "Final answer.")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
