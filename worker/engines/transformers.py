@@ -304,8 +304,8 @@ class TransformersEngine:
         if self._processor is not None:
             self._images = image_support(self._processor)
             auto_model = tf.AutoModelForImageTextToText
-        model = self._from_pretrained(auto_model, dtype, remote).to(
-            "cuda" if on_gpu else "cpu").eval()
+        model, attention = self._from_pretrained(auto_model, dtype, remote)
+        model = model.to("cuda" if on_gpu else "cpu").eval()
         text_config = model.config.get_text_config()
         max_len = context_length(text_config, self._settings.max_model_len)
         self._vocab_size = int(text_config.vocab_size)
@@ -329,22 +329,25 @@ class TransformersEngine:
         # Without SDPA, transformers' batching switches the model itself to paged attention,
         # which Ferry's loop cannot run beside it: such a model runs on Ferry's loop alone.
         if (self._images is not None or self._adapters
-                or model.config._attn_implementation == "eager"):
+                or attention == "eager"):
             return own, own
         return self._batching_manager(tf, model, text_config, max_len, on_gpu), own
 
-    def _from_pretrained(self, auto_model: Any, dtype: Any, remote: dict[str, Any]) -> Any:
-        """The model with SDPA attention, or eager where the architecture has no SDPA."""
+    def _from_pretrained(
+        self, auto_model: Any, dtype: Any, remote: dict[str, Any]
+    ) -> tuple[Any, str]:
+        """The model with SDPA attention, or eager where the architecture has no SDPA; and
+        which of the two it got."""
         try:
             return auto_model.from_pretrained(
                 self._model_path, dtype=dtype, attn_implementation="sdpa", **remote
-            )
+            ), "sdpa"
         except ValueError as exc:  # no SDPA for this architecture: batching falls back to eager
             if "trust_remote_code" in str(exc):
                 raise
             return auto_model.from_pretrained(
                 self._model_path, dtype=dtype, attn_implementation="eager", **remote
-            )
+            ), "eager"
 
     def _batching_manager(self, tf: Any, model: Any, text_config: Any, max_len: int,
                           on_gpu: bool) -> Any:
