@@ -32,6 +32,7 @@ from api.models.catalog import ModelCatalog
 from api.openai import chat, completions
 from api.ops import routes as ops
 from api.streaming.event_hub import JobEventHub
+from storage.channels import CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.migrate import upgrade_async
@@ -99,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             catalog=ModelCatalog(registry, default_model=settings.default_model,
                                  aliases=settings.model_aliases),
             objects=objects,
+            cancels=CancelChannel(redis),
         )
         app.state.ferry = state
         reconciler = Reconciler(db, redis, queue,

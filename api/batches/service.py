@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.batches.schemas import ENDPOINTS, BatchCreate, BatchPublic
 from api.core.errors import Conflict, InvalidRequest, NotFound
 from api.core.settings import ApiSettings
-from api.core.state import AppState
 from storage.channels import CancelChannel
 from storage.models import Batch, BatchStatus, utcnow
 from storage.repositories import batch_jobs as batch_jobs_repo
@@ -85,7 +84,7 @@ async def create_batch(
 
 
 async def cancel_batch(
-    state: AppState, session: AsyncSession, batch: Batch, supervisor: BatchSupervisor
+    cancels: CancelChannel, session: AsyncSession, batch: Batch, supervisor: BatchSupervisor
 ) -> Batch:
     """Queued lines never run; running ones are aborted in their engines; lines that
     finished keep their results. The batch is `cancelling` until its running lines have
@@ -100,7 +99,6 @@ async def cancel_batch(
                        param="batch_id", code="batch_not_cancellable")
     running = await batch_jobs_repo.cancel_open_jobs(session, batch.id)
     await session.commit()
-    cancels = CancelChannel(state.redis)
     for job_id in running:
         await cancels.publish(job_id)
     supervisor.wake(full=True)

@@ -14,6 +14,7 @@ from api.jobs.intake import JobIntake
 from api.models.catalog import ModelCatalog
 from api.streaming.event_hub import JobEventHub
 from api.streaming.job_events import EventSources
+from storage.channels import CancelChannel
 from storage.events import JobEventStream
 from storage.objects import ObjectStore
 from storage.registry import ModelRegistry
@@ -35,6 +36,8 @@ class AppState:
     catalog: ModelCatalog
     # Images and files (S3 or a local directory); blocking calls: use asyncio.to_thread.
     objects: ObjectStore
+    # Running jobs' aborts, heard by every worker.
+    cancels: CancelChannel
 
     @property
     def event_sources(self) -> EventSources:

@@ -68,7 +68,7 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
 
     Its event stream ends with a `cancelled` event. A finished job answers 409.
     """
-    return JobPublic.from_row(await jobs_service.cancel(state, session, job))
+    return JobPublic.from_row(await jobs_service.cancel(state.events, state.cancels, session, job))
 
 
 def _last_event_id(

@@ -28,7 +28,7 @@ from api.openai.tools import tool_fields, with_tool_turns
 from api.streaming.job_events import job_event_batches, job_events
 from storage.channels import CancelChannel
 from storage.content import ReasoningMode
-from storage.events import FIRST_UNCLAIMED, JobEvent, terminal_events
+from storage.events import FIRST_UNCLAIMED, JobEvent, JobEventStream, terminal_events
 from storage.keys import Lane
 from storage.models import Job, JobStatus
 from storage.registry import ServedModel
@@ -242,7 +242,9 @@ async def submit(intake: JobIntake, jobs: list[Job]) -> None:
     await intake.accept(jobs)
 
 
-async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
+async def cancel(
+    events: JobEventStream, cancels: CancelChannel, session: AsyncSession, job: Job
+) -> Job:
     """Queued: it will never run. Running: its worker aborts it in the engine."""
     previous = await jobs_repo.cancel_job(session, job.id)
     if previous is None:
@@ -252,9 +254,9 @@ async def cancel(state: AppState, session: AsyncSession, job: Job) -> Job:
     if previous == JobStatus.QUEUED:
         # No worker will ever touch it: the API ends its stream itself.
         [(kind, data)] = terminal_events(JobStatus.CANCELLED, job)
-        await state.events.publish([(job.id, JobEvent(FIRST_UNCLAIMED, kind, data))])
+        await events.publish([(job.id, JobEvent(FIRST_UNCLAIMED, kind, data))])
     else:
-        await CancelChannel(state.redis).publish(job.id)
+        await cancels.publish(job.id)
     refreshed = await jobs_repo.get_job(session, job.id)
     assert refreshed is not None
     return refreshed
@@ -346,5 +348,5 @@ async def cancel_quietly(state: AppState, job_id: str) -> None:
         async with state.db.transaction() as session:
             job = await jobs_repo.get_job(session, job_id)
             if job is not None and not job.status.is_terminal:
-                await cancel(state, session, job)
+                await cancel(state.events, state.cancels, session, job)
                 log.info("client left: cancelled job %s", job_id)
