@@ -44,10 +44,13 @@ class FileDeleted(BaseModel):
 
 class BatchCreate(BaseModel):
     input_file_id: str = Field(min_length=1, max_length=64)
-    endpoint: str = Field(description="`/v1/chat/completions` or `/v1/completions`")
+    # Checked by the service (400 `unsupported_endpoint`); the document states the values.
+    endpoint: str = Field(description="`/v1/chat/completions` or `/v1/completions`",
+                          json_schema_extra={"enum": list(ENDPOINTS)})
     completion_window: str = Field(
         "24h", description="How long the batch may take: `24h` (OpenAI's one value) or any "
-        "`<n>s`, `<n>m`, `<n>h`, `<n>d` up to the server's limit (a Ferry extension)"
+        "`<n>s`, `<n>m`, `<n>h`, `<n>d` up to the server's limit (a Ferry extension)",
+        json_schema_extra={"pattern": "^[1-9][0-9]{0,6}[smhd]$"},
     )
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs")
 
