@@ -1,0 +1,81 @@
+"""`/openapi.json` tells the truth: schemathesis, every check, against a live Ferry (an API
+process and a worker serving the tiny model), finds nothing.
+
+Clients are generated from the document, so every status, content type and constraint a
+route answers with must be in it. What a schema cannot state is listed in
+`SCHEMATHESIS_CONFIG`, operation by operation, with the reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, Stack, open_stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+# Requests a schema can describe but whose acceptance depends on more than their shape
+# (positive_data_acceptance expects them answered 2xx or 404/409):
+SCHEMATHESIS_CONFIG = """
+# What the served model takes: its chat template's roles, images, its context length,
+# prompts x n (at most 64 choices); the engine refuses the rest (400).
+[[operations]]
+include-path-regex = "^/(v1/(chat/completions|completions|jobs)|infer_forward)?$"
+include-method = "POST"
+checks.positive_data_acceptance.enabled = false
+
+# A batch's completion window is bounded by the server's setting, and its input file must
+# be a `batch` file of this key's.
+[[operations]]
+include-path = "/v1/batches"
+include-method = "POST"
+checks.positive_data_acceptance.enabled = false
+
+# An upload is checked as JSONL (not empty, one JSON object per line): bytes a schema
+# calls `format: binary`.
+[[operations]]
+include-path = "/v1/files"
+include-method = "POST"
+checks.positive_data_acceptance.enabled = false
+
+# Bodies are read in pydantic's lax mode, as OpenAI's and vLLM's servers read them: 0 and 1
+# for booleans, 2.0 for an integer. More than the document promises, never less.
+[[operations]]
+include-method = "POST"
+checks.negative_data_rejection.enabled = false
+"""
+
+
+@pytest.fixture(scope="module")
+def live(own_database: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
+    """One API process and one vLLM worker on Redis database 9 (no other test
+    uses it), with a database of the module's own."""
+    with open_stack(own_database, 9, model_cache, s3_url) as s:
+        s.add_api("api-openapi", logs)
+        # A short context keeps answers to schemathesis' large max_tokens short.
+        s.add_worker("worker-openapi", TINY, "vllm", logs, FERRY_MAX_MODEL_LEN="256")
+        yield s
+
+
+def test_schemathesis_finds_nothing(live: Stack, tmp_path: Path) -> None:
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG)
+    key = live.env["FERRY_API_KEYS"].split(",")[0]
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    result = subprocess.run(
+        [str(schemathesis), "--config-file", str(config), "run",
+         # Every check is on by default; `--checks all` would override the exclusions.
+         f"{live.url}/openapi.json",
+         "--max-examples", "5", "--seed", "14",
+         "--header", f"Authorization: Bearer {key}",
+         # Answers are generated on 2 CPU cores: slow is not wrong here.
+         "--max-response-time", "120", "--request-timeout", "120",
+         "--generation-database", "none", "--no-color"],
+        capture_output=True, text=True, timeout=540, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-20_000:] + result.stderr[-4_000:]
