@@ -13,11 +13,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from api.app import create_app
 from tests.conftest import TINY, Stack, open_stack
-
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 # Requests a schema can describe but whose acceptance depends on more than their shape
 # (positive_data_acceptance expects them answered 2xx or 404/409):
@@ -62,6 +62,32 @@ def live(own_database: str, model_cache: Path, logs: Path, s3_url: str) -> Itera
         yield s
 
 
+def test_document_states_the_error_answers() -> None:
+    document = create_app().openapi()
+    schemas = document["components"]["schemas"]
+    assert "ErrorResponse" in schemas and "HTTPValidationError" not in schemas
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            # Validation errors are 400 here, never FastAPI's 422.
+            assert "422" not in responses, (method, path)
+            if operation.get("security"):
+                assert responses["401"]["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorResponse"}, (method, path)
+
+
+async def test_405_allows_every_method_of_the_path() -> None:
+    # Two routes share the path (GET lists, POST creates): Starlette's own 405 named one.
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://ferry") as client:
+        response = await client.request("PUT", "/v1/conversations")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+    assert response.json()["error"]["message"] == "Method Not Allowed"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
 def test_schemathesis_finds_nothing(live: Stack, tmp_path: Path) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)
