@@ -105,3 +105,22 @@ def test_schemathesis_finds_nothing(live: Stack, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=540, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-20_000:] + result.stderr[-4_000:]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("query", ["/v1/files?after=%00x", "/v1/files?purpose=%00",
+                                   "/v1/jobs?batch_id=%00", "/v1/conversations?after=%00"])
+def test_nul_in_a_query_value_is_400_not_500(live: Stack, query: str) -> None:
+    # Findings of schemathesis: PostgreSQL text cannot hold NUL, and the query failed.
+    with live.client(live.env["FERRY_API_KEYS"].split(",")[0]) as client:
+        response = client.get(query)
+    assert response.status_code == 400, response.text
+
+
+@pytest.mark.e2e
+def test_nul_in_a_batch_input_file_id_is_400_not_500(live: Stack) -> None:
+    with live.client(live.env["FERRY_API_KEYS"].split(",")[0]) as client:
+        response = client.post("/v1/batches", json={
+            "input_file_id": "file-\x00", "endpoint": "/v1/chat/completions"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "input_file_id"

@@ -13,7 +13,7 @@ from api.batches.schemas import FileDeleted, FileList, FilePublic
 from api.batches.upload import scan_jsonl
 from api.core.deps import CurrentKey, SessionDep, StateDep
 from api.core.errors import InvalidRequest, NotFound, error_responses
-from api.core.pages import split_page
+from api.core.pages import NO_NUL, After, split_page
 from storage.models import File as FileRow
 from storage.objects import ObjectNotFound, file_key
 from storage.repositories import files as files_repo
@@ -67,8 +67,8 @@ async def upload_file(
 async def list_files(
     key: CurrentKey,
     session: SessionDep,
-    purpose: str | None = None,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    purpose: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:

@@ -11,7 +11,7 @@ from api.batches.schemas import BatchCreate, BatchList, BatchPublic
 from api.batches.supervisor import BatchSupervisor
 from api.core.deps import CurrentKey, SessionDep, StateDep
 from api.core.errors import NotFound, error_responses
-from api.core.pages import split_page
+from api.core.pages import After, split_page
 from storage.models import Batch
 from storage.repositories import batches as batches_repo
 
@@ -64,7 +64,7 @@ async def create_batch(
 async def list_batches(
     key: CurrentKey,
     session: SessionDep,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
     """This key's batches, newest first, `limit` at a time."""

@@ -14,7 +14,7 @@ from api.conversations.schemas import (
 )
 from api.core.deps import CurrentKey, SessionDep
 from api.core.errors import NotFound, error_responses
-from api.core.pages import split_page
+from api.core.pages import After, split_page
 from storage.models import Conversation
 from storage.repositories import conversations as conversations_repo
 
@@ -41,7 +41,7 @@ async def create_conversation(
 async def list_conversations(
     key: CurrentKey,
     session: SessionDep,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> ConversationList:
     """This key's conversations, newest first, `limit` at a time (without messages)."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query
 
 from api.core.deps import CurrentKey, OwnedJob, SessionDep, StateDep
 from api.core.errors import InvalidRequest, error_responses
-from api.core.pages import split_page
+from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
 from api.jobs.schemas import JobCreate, JobList, JobPublic
 from api.streaming import sse
@@ -43,8 +43,9 @@ async def list_jobs(
     status: JobStatus | None = None,
     lane: Annotated[Lane | None, Query(
         description="`interactive` (jobs sent to the API) or `bulk` (batch lines)")] = None,
-    batch_id: Annotated[str | None, Query(description="Only this batch's lines")] = None,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    batch_id: Annotated[str | None, Query(description="Only this batch's lines",
+                                          pattern=NO_NUL)] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """This key's jobs, newest first, `limit` at a time. Batch lines are jobs too (up to
