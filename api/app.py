@@ -19,6 +19,7 @@ from api.conversations import routes as conversations
 from api.core.auth import KeyRing
 from api.core.db import Database
 from api.core.errors import PayloadTooLarge, error_response, install_error_handlers
+from api.core.openapi import install_openapi
 from api.core.settings import ApiSettings, get_api_settings
 from api.core.state import AppState
 from api.eas import routes as eas
@@ -178,6 +179,7 @@ def create_app(
     app.state.storage = storage or get_storage_settings()
     app.state.object_store = object_store
     install_error_handlers(app)
+    install_openapi(app)
     for module in (jobs, chat, completions, images, models, ops, conversations, eas, files,
                    batches):
         app.include_router(module.router)

@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 from api.batches.schemas import FileDeleted, FileList, FilePublic
 from api.batches.upload import scan_jsonl
 from api.core.deps import CurrentKey, SessionDep, StateDep
-from api.core.errors import InvalidRequest, NotFound
-from api.core.pages import split_page
+from api.core.errors import InvalidRequest, NotFound, error_responses
+from api.core.pages import NO_NUL, After, split_page
 from storage.models import File as FileRow
 from storage.objects import ObjectNotFound, file_key
 from storage.repositories import files as files_repo
@@ -21,10 +21,11 @@ from storage.repositories import files as files_repo
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FilePublic)
+@router.post("", response_model=FilePublic, responses=error_responses(400, 401, 413))
 async def upload_file(
     file: Annotated[UploadFile, File(description="JSONL, one request per line")],
-    purpose: Annotated[str, Form(description="`batch`")],
+    # Checked below (400 `invalid_purpose`); the document states the one value.
+    purpose: Annotated[str, Form(description="`batch`", json_schema_extra={"enum": ["batch"]})],
     key: CurrentKey,
     state: StateDep,
     session: SessionDep,
@@ -62,12 +63,12 @@ async def upload_file(
     return FilePublic.from_row(row)
 
 
-@router.get("", response_model=FileList)
+@router.get("", response_model=FileList, responses=error_responses(400, 401))
 async def list_files(
     key: CurrentKey,
     session: SessionDep,
-    purpose: str | None = None,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    purpose: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:
@@ -85,13 +86,18 @@ async def _owned(session: SessionDep, key: CurrentKey, file_id: str) -> FileRow:
     return row
 
 
-@router.get("/{file_id}", response_model=FilePublic)
+@router.get("/{file_id}", response_model=FilePublic, responses=error_responses(401, 404))
 async def get_file(file_id: str, key: CurrentKey, session: SessionDep) -> FilePublic:
     """One file's description."""
     return FilePublic.from_row(await _owned(session, key, file_id))
 
 
-@router.get("/{file_id}/content", response_class=StreamingResponse)
+@router.get(
+    "/{file_id}/content", response_class=StreamingResponse,
+    responses={200: {"description": "The file's bytes",
+                     "content": {"application/jsonl": {"schema": {"type": "string"}}}},
+               **error_responses(401, 404)},
+)
 async def get_file_content(
     file_id: str, key: CurrentKey, session: SessionDep, state: StateDep
 ) -> StreamingResponse:
@@ -105,7 +111,7 @@ async def get_file_content(
                              headers={"Content-Length": str(row.bytes)})
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(401, 404))
 async def delete_file(
     file_id: str, key: CurrentKey, session: SessionDep, state: StateDep
 ) -> FileDeleted:

@@ -10,8 +10,8 @@ from api.batches import service
 from api.batches.schemas import BatchCreate, BatchList, BatchPublic
 from api.batches.supervisor import BatchSupervisor
 from api.core.deps import CurrentKey, SessionDep, StateDep
-from api.core.errors import NotFound
-from api.core.pages import split_page
+from api.core.errors import NotFound, error_responses
+from api.core.pages import After, split_page
 from storage.models import Batch
 from storage.repositories import batches as batches_repo
 
@@ -37,7 +37,8 @@ async def owned_batch(batch_id: str, key: CurrentKey, session: SessionDep) -> Ba
 OwnedBatch = Annotated[Batch, Depends(owned_batch)]
 
 
-@router.post("", response_model=BatchPublic)
+@router.post("", response_model=BatchPublic,
+             responses=error_responses(400, 401, 404, 413))
 async def create_batch(
     body: BatchCreate,
     key: CurrentKey,
@@ -59,11 +60,11 @@ async def create_batch(
     return (await service.public(session, [batch]))[0]
 
 
-@router.get("", response_model=BatchList)
+@router.get("", response_model=BatchList, responses=error_responses(400, 401))
 async def list_batches(
     key: CurrentKey,
     session: SessionDep,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
     """This key's batches, newest first, `limit` at a time."""
@@ -72,13 +73,14 @@ async def list_batches(
     return BatchList.of(page, await service.public(session, list(page)), has_more)
 
 
-@router.get("/{batch_id}", response_model=BatchPublic)
+@router.get("/{batch_id}", response_model=BatchPublic, responses=error_responses(401, 404))
 async def get_batch(batch: OwnedBatch, session: SessionDep) -> BatchPublic:
     """Status, request counts (counted from the lines' jobs) and token usage."""
     return (await service.public(session, [batch]))[0]
 
 
-@router.post("/{batch_id}/cancel", response_model=BatchPublic)
+@router.post("/{batch_id}/cancel", response_model=BatchPublic,
+             responses=error_responses(401, 404, 409))
 async def cancel_batch(
     batch: OwnedBatch, state: StateDep, session: SessionDep, supervisor: SupervisorDep
 ) -> BatchPublic:

@@ -43,13 +43,25 @@ class FileDeleted(BaseModel):
 
 
 class BatchCreate(BaseModel):
-    input_file_id: str = Field(min_length=1, max_length=64)
-    endpoint: str = Field(description="`/v1/chat/completions` or `/v1/completions`")
+    input_file_id: str = Field(min_length=1, max_length=64,
+                               json_schema_extra={"pattern": "^[^\\u0000]*$"})
+    # Checked by the service (400 `unsupported_endpoint`); the document states the values.
+    endpoint: str = Field(description="`/v1/chat/completions` or `/v1/completions`",
+                          json_schema_extra={"enum": list(ENDPOINTS)})
     completion_window: str = Field(
         "24h", description="How long the batch may take: `24h` (OpenAI's one value) or any "
-        "`<n>s`, `<n>m`, `<n>h`, `<n>d` up to the server's limit (a Ferry extension)"
+        "`<n>s`, `<n>m`, `<n>h`, `<n>d` up to the server's limit (a Ferry extension)",
+        json_schema_extra={"pattern": "^[1-9][0-9]{0,6}[smhd]$"},
     )
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs")
+
+    @field_validator("input_file_id")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        # SQL text cannot hold NUL: without this the lookup fails with a 500.
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
     @field_validator("metadata")
     @classmethod

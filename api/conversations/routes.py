@@ -13,15 +13,16 @@ from api.conversations.schemas import (
     ConversationPublic,
 )
 from api.core.deps import CurrentKey, SessionDep
-from api.core.errors import NotFound
-from api.core.pages import split_page
+from api.core.errors import NotFound, error_responses
+from api.core.pages import After, split_page
 from storage.models import Conversation
 from storage.repositories import conversations as conversations_repo
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 
-@router.post("", status_code=201, response_model=ConversationPublic)
+@router.post("", status_code=201, response_model=ConversationPublic,
+             responses=error_responses(400, 401, 413))
 async def create_conversation(
     key: CurrentKey,
     session: SessionDep,
@@ -36,11 +37,11 @@ async def create_conversation(
     return ConversationPublic.from_row(conversation)
 
 
-@router.get("", response_model=ConversationList)
+@router.get("", response_model=ConversationList, responses=error_responses(400, 401))
 async def list_conversations(
     key: CurrentKey,
     session: SessionDep,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> ConversationList:
     """This key's conversations, newest first, `limit` at a time (without messages)."""
@@ -49,7 +50,8 @@ async def list_conversations(
     return ConversationList.of(page, [ConversationPublic.from_row(c) for c in page], has_more)
 
 
-@router.get("/{conversation_id}", response_model=ConversationPublic)
+@router.get("/{conversation_id}", response_model=ConversationPublic,
+            responses=error_responses(401, 404))
 async def get_conversation(
     conversation_id: str, key: CurrentKey, session: SessionDep, request: Request
 ) -> ConversationPublic:
@@ -62,7 +64,8 @@ async def get_conversation(
     return ConversationPublic.from_row(conversation, messages, image_url)
 
 
-@router.delete("/{conversation_id}", response_model=ConversationDeleted)
+@router.delete("/{conversation_id}", response_model=ConversationDeleted,
+               responses=error_responses(401, 404))
 async def delete_conversation(
     conversation_id: str, key: CurrentKey, session: SessionDep
 ) -> ConversationDeleted:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.core.errors import NotFound
@@ -36,9 +37,16 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
+# The header as sent (`Bearer <key>`, or the bare key as PAI-EAS clients send it); read
+# through a security scheme so the OpenAPI document says which routes need a key.
+_API_KEY = APIKeyHeader(
+    name="Authorization", scheme_name="APIKey", auto_error=False,
+    description="`Bearer <key>` (OpenAI), or the bare key (PAI-EAS)",
+)
+
+
 async def current_key(
-    state: StateDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    state: StateDep, authorization: Annotated[str | None, Security(_API_KEY)]
 ) -> str:
     return await state.keys.owner_of(authorization)
 

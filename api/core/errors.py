@@ -8,7 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class FerryError(Exception):
@@ -97,6 +99,40 @@ def error_body(message: str, type_: str, param: str | None, code: str | None) ->
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (`error_body`), in the OpenAPI document."""
+
+    error: ErrorObject
+
+
+ERROR_SCHEMA_REF = "#/components/schemas/ErrorResponse"
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: a field, a value, or something the model cannot take",
+    401: "Missing or unknown API key",
+    404: "No such object for this API key (or no such model)",
+    409: "The object's state does not allow this (it has already ended)",
+    413: "Request body (or uploaded file) too large",
+    500: "The job failed for a reason on the server's side",
+    503: "No worker serves the model yet, or the answer did not come in time",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for the errors it can answer: the error envelope, as JSON
+    whatever the route's own media type (so no `model=`, which would take that one)."""
+    content = {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}
+    return {code: {"description": _ERROR_DESCRIPTIONS[code], "content": content}
+            for code in codes}
+
+
 def error_response(exc: FerryError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
     return JSONResponse(
@@ -126,6 +162,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {message}" if param else message), param
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the path takes: Starlette's 405 names only the first route that
+    matched the path, where `/v1/conversations` has one route for GET, another for POST."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.PARTIAL:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_ferry_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, FerryError)
@@ -136,11 +183,14 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return JSONResponse(error_body(message, "invalid_request_error", param, None), 400)
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return JSONResponse(
-            error_body(str(exc.detail), kind, None, None), exc.status_code, headers=exc.headers
+            error_body(str(exc.detail), kind, None, None), exc.status_code, headers=headers
         )
 
     app.add_exception_handler(FerryError, on_ferry_error)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, Literal, Protocol, Self, TypeVar
+from typing import Annotated, Generic, Literal, Protocol, Self, TypeVar
 
+from fastapi import Query
 from pydantic import BaseModel
+
+# Text SQL compares with a column: PostgreSQL text cannot hold NUL, so a query value with
+# one would fail the query (a 500) rather than match nothing. Refused with a 400 instead.
+NO_NUL = r"^[^\x00]*$"
+After = Annotated[str | None, Query(description="Last id of the previous page", pattern=NO_NUL)]
 
 ItemT = TypeVar("ItemT")
 RowT = TypeVar("RowT")

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.conversations import history
 from api.core.deps import CurrentKey, SessionDep, StateDep
-from api.core.errors import FerryError, InvalidRequest, error_body
+from api.core.errors import FerryError, InvalidRequest, error_body, error_responses
 from api.core.state import AppState
 from api.eas import service as eas
 from api.eas.schemas import (
@@ -44,7 +44,13 @@ EOS = "<EOS>"  # the WebSocket's end-of-answer message
 _MAX_WRITE_BYTES = 100
 
 
-@router.post("/infer_forward", response_model=InferForwardResponse)
+@router.post(
+    "/infer_forward", response_model=InferForwardResponse,
+    responses={200: {"content": {"text/plain": {"schema": {
+        "type": "string", "description": "With `use_stream: true`: the answer so far, then "
+        "`##END`, repeated as it grows"}}}},
+        **error_responses(400, 401, 404, 413, 500, 503)},
+)
 async def infer_forward(
     body: InferForwardRequest, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:
@@ -124,7 +130,7 @@ def _writes(text: str) -> Iterator[bytes]:
         start = end
 
 
-@router.post("/get_history", response_model=ChatHistory)
+@router.post("/get_history", response_model=ChatHistory, responses=error_responses(401))
 async def get_history(key: CurrentKey, session: SessionDep) -> ChatHistory:
     """PAI-EAS MLLM: the caller's default conversation as `[[user, assistant], ...]`."""
     return ChatHistory(chat_history=await _history_of(session, key))
@@ -137,7 +143,8 @@ async def _history_of(session: AsyncSession, key: str) -> list[list[str]]:
     return history.pairs_of(await conversations_repo.messages_of(session, conversation.id))
 
 
-@router.post("/clear_history", response_class=PlainTextResponse)
+@router.post("/clear_history", response_class=PlainTextResponse,
+             responses=error_responses(401))
 async def clear_history(key: CurrentKey, session: SessionDep) -> str:
     """PAI-EAS MLLM: forget the caller's default conversation; answers `success`."""
     conversation = await conversations_repo.find_default(session, key)
@@ -154,13 +161,20 @@ _TRANSFORMERS_BODY = {
                 "schema": TransformersChatRequest.model_json_schema(
                     ref_template="#/components/schemas/{model}")
             },
-            "text/plain": {"schema": {"type": "string", "description": "The prompt"}},
+            "text/plain": {"schema": {"type": "string", "description": "The prompt",
+                                      "pattern": "\\S"}},
         },
     }
 }
 
 
-@router.post("/", response_model=TransformersChatResponse, openapi_extra=_TRANSFORMERS_BODY)
+@router.post(
+    "/", response_model=TransformersChatResponse, openapi_extra=_TRANSFORMERS_BODY,
+    responses={200: {"content": {"application/octet-stream": {"schema": {
+        "type": "string", "description": "With `use_stream_chat` (the default for JSON): "
+        "the response's JSON objects, each followed by a NUL byte"}}}},
+        **error_responses(400, 401, 413, 500, 503)},
+)
 async def transformers_chat(
     request: Request, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:

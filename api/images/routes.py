@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from api.core.deps import CurrentKey, StateDep
-from api.core.errors import NotFound
+from api.core.errors import NotFound, error_responses
 from api.images.verify import sniff_mime
 from storage.objects import ObjectNotFound, image_key
 
@@ -22,7 +22,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 @router.get(
     "/v1/images/{sha256}",
     response_class=Response,
-    responses={200: {"content": {"image/*": {}}, "description": "The image's bytes"}},
+    responses={200: {"content": {"image/*": {}}, "description": "The image's bytes"},
+               **error_responses(401, 404)},
 )
 async def get_image(sha256: str, _: CurrentKey, state: StateDep) -> Response:
     """The bytes of an image a request sent, as stored (upright if it carried an EXIF

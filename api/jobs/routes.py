@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query
 
 from api.core.deps import CurrentKey, OwnedJob, SessionDep, StateDep
-from api.core.errors import InvalidRequest
-from api.core.pages import split_page
+from api.core.errors import InvalidRequest, error_responses
+from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
 from api.jobs.schemas import JobCreate, JobList, JobPublic
 from api.streaming import sse
@@ -21,7 +21,8 @@ from storage.repositories import jobs as jobs_repo
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post("", status_code=202, response_model=JobPublic,
+             responses=error_responses(400, 401, 404, 413, 503))
 async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
 
@@ -35,15 +36,16 @@ async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPu
     return JobPublic.from_row(job)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=error_responses(400, 401))
 async def list_jobs(
     key: CurrentKey,
     session: SessionDep,
     status: JobStatus | None = None,
     lane: Annotated[Lane | None, Query(
         description="`interactive` (jobs sent to the API) or `bulk` (batch lines)")] = None,
-    batch_id: Annotated[str | None, Query(description="Only this batch's lines")] = None,
-    after: Annotated[str | None, Query(description="Last id of the previous page")] = None,
+    batch_id: Annotated[str | None, Query(description="Only this batch's lines",
+                                          pattern=NO_NUL)] = None,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """This key's jobs, newest first, `limit` at a time. Batch lines are jobs too (up to
@@ -56,13 +58,14 @@ async def list_jobs(
     return JobList.of(page, [JobPublic.from_row(j) for j in page], has_more)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
 async def get_job(job: OwnedJob) -> JobPublic:
     """Status, result, usage and timings of one job."""
     return JobPublic.from_row(job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic,
+             responses=error_responses(401, 404, 409))
 async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> JobPublic:
     """Cancel a queued job (it never runs) or a running one (aborted in the engine).
 
@@ -71,13 +74,23 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
     return JobPublic.from_row(await jobs_service.cancel(state.events, state.cancels, session, job))
 
 
+# What `EventId.parse` takes (empty: from the start); checked there, with its own message.
+# A header is never null: the document says string, not FastAPI's "string or null".
+_EVENT_ID = {"anyOf": None, "type": "string", "pattern": "^([0-9]+-[0-9]+)?$"}
+
+
 def _last_event_id(
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id_query: Annotated[str | None, Query(alias="last_event_id")] = None,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", json_schema_extra=_EVENT_ID)] = None,
+    last_event_id_query: Annotated[
+        str | None, Query(alias="last_event_id", json_schema_extra=_EVENT_ID)] = None,
 ) -> EventId | None:
-    raw = last_event_id if last_event_id is not None else last_event_id_query
-    if not raw:
-        return None
+    # Both are checked (a malformed one is a 400 even beside a good one); the header wins.
+    ids = [_event_id(raw) for raw in (last_event_id, last_event_id_query) if raw]
+    return ids[0] if ids else None
+
+
+def _event_id(raw: str) -> EventId:
     try:
         return EventId.parse(raw)
     except ValueError:
@@ -91,7 +104,11 @@ def _last_event_id(
 LastEventId = Annotated[EventId | None, Depends(_last_event_id)]
 
 
-@router.get("/{job_id}/events", response_class=sse.EventStreamResponse)
+@router.get(
+    "/{job_id}/events", response_class=sse.EventStreamResponse,
+    responses={200: {"content": sse.openapi_content("The event's JSON", job_events=True)},
+               **error_responses(400, 401, 404)},
+)
 async def job_event_stream(
     job: OwnedJob,
     state: StateDep,

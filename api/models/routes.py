@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.core.deps import CurrentKey, StateDep
-from api.core.errors import ModelNotFound
+from api.core.errors import ModelNotFound, error_responses
 from api.openai.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["openai"])
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
     """Models served by this deployment, as OpenAI's list, with vLLM's `max_model_len`
     and Ferry's `engine`, `supports_images` and live `workers` count."""
@@ -28,7 +28,8 @@ async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
 
 
 # `:path`: hub ids such as `HuggingFaceTB/SmolLM2-135M-Instruct` contain "/".
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
+            responses=error_responses(401, 404))
 async def retrieve_model(model_id: str, key: CurrentKey, state: StateDep) -> ModelCard:
     """One served model (OpenAI `models.retrieve`): the card the list gives it; 404
     listing the served ids for any other id."""

@@ -15,6 +15,7 @@ from api.core.errors import stream_error
 from api.core.state import AppState
 from api.jobs import service as jobs_service
 from api.openai.schemas import (
+    GENERATION_RESPONSES,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses=GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:

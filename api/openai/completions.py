@@ -18,6 +18,7 @@ from api.core.errors import stream_error
 from api.core.state import AppState
 from api.jobs import service as jobs_service
 from api.openai.schemas import (
+    GENERATION_RESPONSES,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
@@ -32,7 +33,8 @@ from storage.models import Job, JobStatus
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/completions", response_model=Completion)
+@router.post("/v1/completions", response_model=Completion,
+             responses=GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:

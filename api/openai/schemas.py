@@ -14,6 +14,17 @@ from pydantic import (
     model_validator,
 )
 
+from api.core.errors import error_responses
+from api.streaming import sse
+
+# `/v1/chat/completions` and `/v1/completions`: `stream: true` answers Server-Sent Events.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": sse.openapi_content(
+        "With `stream: true`: a chunk (JSON; an error object if the job fails), `[DONE]` "
+        "last")},
+    **error_responses(400, 401, 404, 413, 500, 503),
+}
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -148,7 +159,12 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id (as a string) -> bias in [-100, 100] added to its logit "
         "before sampling (-100 bans the token, +100 all but forces it); up to 300 tokens. "
-        "Ids outside the model's vocabulary fail the job."
+        "Ids outside the model's vocabulary fail the job.",
+        # What `_logit_bias` checks, for the document.
+        json_schema_extra={"anyOf": [{
+            "type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "maxProperties": 300,
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        }, {"type": "null"}]},
     )
     min_p: float | None = Field(
         None, ge=0.0, le=1.0, description="vLLM extension: drop tokens less likely than "
@@ -232,6 +248,13 @@ class SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    # `_top_logprobs_need_logprobs`, for the document: top_logprobs > 0 needs logprobs.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+               "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+    })
+
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -325,17 +348,26 @@ class CompletionRequest(SamplingFields):
     `prompt` may carry Qwen-VL `<img>…</img>` tags (URL or base64) for image models."""
 
     prompt: str | list[str] = Field(
-        description="A prompt, or a list of up to 16 prompts (one choice each)"
+        description="A prompt, or a list of up to 16 prompts (one choice each)",
+        # What `_prompts` checks (its own messages, so not as pydantic constraints).
+        json_schema_extra={"anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1},
+             "minItems": 1, "maxItems": 16},
+        ]},
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Return the prompt before the completion")
-    suffix: str | None = Field(None, description="Not supported (400)")
+    # Typed as clients send them; any value but null is refused (400 naming the field).
+    suffix: str | None = Field(None, description="Not supported (400)",
+                               json_schema_extra={"anyOf": [{"type": "null"}]})
     logprobs: int | None = Field(
         None, ge=0, le=20, description="Each output token's logprob and the `logprobs` most "
         "likely tokens' at its position (up to 20)"
     )
-    best_of: int | None = Field(None, description="Not supported (400)")
+    best_of: int | None = Field(None, description="Not supported (400)",
+                                json_schema_extra={"anyOf": [{"type": "null"}]})
 
     @field_validator("prompt")
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from storage.events import JobEvent
+from storage.events import EventType, JobEvent
 
 # Sent after each quiet `sse_keepalive_seconds` so proxies keep the connection open.
 KEEPALIVE = b": keep-alive\n\n"
@@ -29,6 +29,20 @@ class EventStreamResponse(StreamingResponse):
     would make the route a generator of ServerSentEvent items.)"""
 
     media_type = "text/event-stream"
+
+
+def openapi_content(data_description: str, *, job_events: bool = False) -> dict[str, Any]:
+    """A route's `text/event-stream` content in the OpenAPI document: `itemSchema` (OpenAPI
+    3.2's keyword, as FastAPI writes it for its own event streams) is one event."""
+    properties: dict[str, Any] = {"data": {"type": "string", "description": data_description}}
+    required = ["data"]
+    if job_events:
+        properties["event"] = {"type": "string", "enum": [t.value for t in EventType]}
+        properties["id"] = {"type": "string", "description": "`<attempt>-<seq>`: resume "
+                            "after it with Last-Event-ID"}
+        required += ["event", "id"]
+    event = {"type": "object", "properties": properties, "required": required}
+    return {"text/event-stream": {"itemSchema": event}}
 
 
 def data(payload: dict[str, Any] | str) -> bytes:
