@@ -19,6 +19,7 @@ from api.conversations import routes as conversations
 from api.core.auth import KeyRing
 from api.core.db import Database
 from api.core.errors import PayloadTooLarge, error_response, install_error_handlers
+from api.core.nul import RefuseNul
 from api.core.openapi import install_openapi
 from api.core.settings import ApiSettings, get_api_settings
 from api.core.state import AppState
@@ -186,6 +187,7 @@ def create_app(
     # A batch file may be far larger than a request: the route checks its own limit, this
     # one only bounds the multipart body around it.
     upload_limit = settings.batch_max_file_bytes + 1024 * 1024
+    app.add_middleware(RefuseNul)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
                        path_limits={"/v1/files": upload_limit})
     return app

@@ -5,7 +5,8 @@ announced in its registry and no worker."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -148,3 +149,76 @@ async def test_bad_list_parameters(api_client: httpx.AsyncClient) -> None:
     response = await api_client.get("/v1/jobs?status=sleeping")
     assert assert_error(response, 400)["param"] == "status"
     assert assert_error(await api_client.get("/v1/jobs?limit=0"), 400)["param"] == "limit"
+
+
+NUL_TEXT = "a\u0000b"
+NUL_REQUESTS: list[tuple[str, str, Any]] = [
+    # (method, path, JSON body): PostgreSQL can store no NUL, so each is refused up front.
+    ("POST", "/v1/chat/completions", chat_body(TINY, NUL_TEXT)),
+    ("POST", "/v1/completions", {"model": TINY, "prompt": NUL_TEXT, "max_tokens": 2}),
+    ("POST", "/v1/jobs", chat_body(TINY, NUL_TEXT)),
+    ("POST", "/v1/jobs", chat_body(TINY, metadata={"k": NUL_TEXT})),
+    ("POST", "/v1/conversations", {"title": NUL_TEXT}),
+    ("POST", "/", {"prompt": NUL_TEXT}),
+    ("POST", "/infer_forward", {"prompt": NUL_TEXT}),
+    ("GET", "/v1/jobs/job%00x", None),
+    ("GET", "/v1/conversations/conv%00x", None),
+    ("GET", "/v1/files/file%00x", None),
+    ("GET", "/v1/jobs?after=job%00x", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), NUL_REQUESTS)
+async def test_a_nul_anywhere_is_400_and_stores_nothing(
+    api_client: httpx.AsyncClient, job_count: Any, method: str, path: str, body: Any
+) -> None:
+    before = job_count()
+    response = await api_client.request(method, path, json=body)
+    assert "NUL" in assert_error(response, 400)["message"]
+    assert job_count() == before
+
+
+async def test_a_nul_escape_split_between_body_chunks_is_found(
+    api_client: httpx.AsyncClient, job_count: Any
+) -> None:
+    raw = json.dumps(chat_body(TINY, NUL_TEXT)).encode()
+    cut = raw.index(b"\\u0000") + 3
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield raw[:cut]
+        yield raw[cut:]
+
+    before = job_count()
+    response = await api_client.post("/v1/jobs", content=chunks(),
+                                     headers={"Content-Type": "application/json"})
+    assert "NUL" in assert_error(response, 400)["message"]
+    assert job_count() == before
+
+
+async def test_a_backslash_before_u0000_is_only_text(
+    api_client: httpx.AsyncClient, job_count: Any
+) -> None:
+    """`\\u0000` typed as text (a backslash, then u0000) is no NUL: the job is accepted."""
+    before = job_count()
+    response = await api_client.post("/v1/jobs", json=chat_body(TINY, "print('\\u0000')"))
+    assert response.status_code == 202, response.text
+    assert job_count() == before + 1
+
+
+async def test_an_oversized_body_sent_in_chunks_is_413(
+    api_client: httpx.AsyncClient, job_count: Any
+) -> None:
+    """No Content-Length to refuse it by: the limit holds while the body streams in."""
+    piece = b"x" * (1024 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"model": "' + TINY.encode() + b'", "messages": [{"role": "user", "content": "'
+        for _ in range(17):
+            yield piece
+        yield b'"}]}'
+
+    before = job_count()
+    response = await api_client.post("/v1/jobs", content=chunks(),
+                                     headers={"Content-Type": "application/json"})
+    assert_error(response, 413, "payload_too_large")
+    assert job_count() == before

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.core.errors import FerryError
+from api.core.nul import NUL_MESSAGE, find_nul
 from api.core.state import AppState
 from api.jobs import service as jobs_service
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest
@@ -100,6 +101,10 @@ class LineChecker:
         if not isinstance(obj, dict):
             return LineError(n, None, "invalid_line", f"Line {n} must be a JSON object with "
                              "`custom_id`, `method`, `url` and `body`.")
+        where = find_nul(obj)
+        if where is not None:
+            return LineError(n, None, "invalid_line", f"Line {n}: `{where}` {NUL_MESSAGE}.",
+                             where)
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             return LineError(n, None, "missing_custom_id",

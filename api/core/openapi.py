@@ -3,7 +3,8 @@
 Clients are generated from it, so it states every answer a route can give: the error
 envelope (`api.core.errors.ErrorResponse`) with the statuses each route declares, and no
 422, which FastAPI adds to every route with parameters while Ferry answers a request that
-fails validation with 400. An event stream's `itemSchema` describes each event; FastAPI's
+fails validation with 400 (any route may answer 400: a NUL anywhere in a request is
+refused). An event stream's `itemSchema` describes each event; FastAPI's
 `schema: string` beside it would claim to describe the whole stream.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api.core.errors import ErrorResponse
+from api.core.errors import ErrorResponse, error_responses
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -33,6 +34,8 @@ def _amend(document: dict[str, Any]) -> None:
         for operation in operations.values():
             responses = operation.get("responses", {})
             responses.pop("422", None)
+            # Any route: a NUL in its path, query or body is a 400 (api.core.nul).
+            responses.setdefault("400", error_responses(400)[400])
             for response in responses.values():
                 stream = response.get("content", {}).get("text/event-stream", {})
                 if "itemSchema" in stream:

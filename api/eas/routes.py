@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.conversations import history
 from api.core.deps import CurrentKey, SessionDep, StateDep
 from api.core.errors import FerryError, InvalidRequest, error_body, error_responses
+from api.core.nul import NUL_MESSAGE, find_nul
 from api.core.state import AppState
 from api.eas import service as eas
 from api.eas.schemas import (
@@ -225,6 +226,9 @@ async def _transformers_body(request: Request) -> TransformersChatRequest:
 def _parse_message(data: Any) -> TransformersChatRequest:
     if not isinstance(data, dict):
         raise InvalidRequest("The request must be a JSON object (or a plain-text prompt).")
+    where = find_nul(data)
+    if where is not None:  # (WebSocket messages: HTTP bodies were checked by RefuseNul)
+        raise InvalidRequest(f"`{where}` {NUL_MESSAGE}.", param=where)
     try:
         return TransformersChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -381,6 +385,8 @@ def _websocket_message(raw: str) -> TransformersChatRequest:
     except ValueError:
         data = None
     if not isinstance(data, dict):
+        if "\x00" in raw:
+            raise InvalidRequest(f"The message {NUL_MESSAGE}.", param="prompt")
         if not raw.strip():
             raise InvalidRequest("Send a JSON request or a plain-text prompt.", param="prompt")
         return TransformersChatRequest(prompt=raw.strip())
