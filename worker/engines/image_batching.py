@@ -400,7 +400,12 @@ def _sampled(scores: Any, seq: _Sequence) -> int:
     """Temperature, then top-k, top-p and min-p cuts, then a draw (the request's seed)."""
     import torch
 
-    scores = scores / max(seq.temperature, 1e-5)
+    scores = scores.float() / max(seq.temperature, 1e-5)
+    # Extreme (valid) penalties or a tiny temperature can overflow: +inf is the likeliest
+    # token, NaN never; a draw from NaN would stop the batch for every request in it.
+    scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
+    if not bool(torch.isfinite(scores).any()):
+        return int(torch.argmax(scores))
     if 0 < seq.top_k < scores.shape[-1]:
         kth = torch.topk(scores, seq.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
