@@ -65,9 +65,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if settings.auth == "off":
                 open_owner = await api_keys.ensure_builtin_owner(session)
         if open_owner is not None:
-            log.warning("Authentication is OFF (FERRY_AUTH=off): every request, whatever its "
-                        "Authorization header, runs as the built-in owner `%s`. Anyone who "
-                        "can reach this API can use it.", open_owner)
+            log.warning(
+                "Authentication is OFF (FERRY_AUTH=off): every request, whatever its "
+                "Authorization header, runs as the built-in owner `%s`. Anyone who "
+                "can reach this API can use it.",
+                open_owner,
+            )
         redis = Redis.from_url(storage.redis_url, max_connections=256)
         stack.push_async_callback(redis.aclose)
         registry = ModelRegistry(redis)
@@ -92,22 +95,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             storage=storage,
             db=db,
             redis=redis,
-            events=JobEventStream(redis, maxlen=storage.event_stream_maxlen,
-                                  ttl_seconds=storage.event_stream_ttl_seconds),
+            events=JobEventStream(
+                redis,
+                maxlen=storage.event_stream_maxlen,
+                ttl_seconds=storage.event_stream_ttl_seconds,
+            ),
             hub=hub,
             registry=registry,
             queue=queue,
             intake=intake,
             keys=KeyRing(db, open_owner),
-            catalog=ModelCatalog(registry, default_model=settings.default_model,
-                                 aliases=settings.model_aliases),
+            catalog=ModelCatalog(
+                registry, default_model=settings.default_model, aliases=settings.model_aliases
+            ),
             objects=objects,
             cancels=CancelChannel(redis),
         )
         app.state.ferry = state
-        reconciler = Reconciler(db, redis, queue,
-                                interval_seconds=settings.reconcile_interval_seconds,
-                                grace_seconds=settings.reconcile_grace_seconds)
+        reconciler = Reconciler(
+            db,
+            redis,
+            queue,
+            interval_seconds=settings.reconcile_interval_seconds,
+            grace_seconds=settings.reconcile_grace_seconds,
+        )
         reconciler.start()
         stack.push_async_callback(reconciler.stop)
         batch_supervisor = BatchSupervisor(state)
@@ -137,8 +148,14 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes = next((limit for prefix, limit in self.path_limits.items()
-                          if scope["path"].startswith(prefix)), self.max_bytes)
+        max_bytes = next(
+            (
+                limit
+                for prefix, limit in self.path_limits.items()
+                if scope["path"].startswith(prefix)
+            ),
+            self.max_bytes,
+        )
         too_large = PayloadTooLarge(f"Request body is larger than {max_bytes} bytes.")
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
@@ -181,13 +198,24 @@ def create_app(
     app.state.object_store = object_store
     install_error_handlers(app)
     install_openapi(app)
-    for module in (jobs, chat, completions, images, models, ops, conversations, eas, files,
-                   batches):
+    for module in (
+        jobs,
+        chat,
+        completions,
+        images,
+        models,
+        ops,
+        conversations,
+        eas,
+        files,
+        batches,
+    ):
         app.include_router(module.router)
     # A batch file may be far larger than a request: the route checks its own limit, this
     # one only bounds the multipart body around it.
     upload_limit = settings.batch_max_file_bytes + 1024 * 1024
     app.add_middleware(RefuseNul)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
-                       path_limits={"/v1/files": upload_limit})
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits={"/v1/files": upload_limit}
+    )
     return app

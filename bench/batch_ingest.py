@@ -37,24 +37,51 @@ WORKER = WorkerSettings(concurrency=64)
 def batch_file(path: Path, lines: int) -> int:
     with path.open("w") as out:
         for i in range(lines):
-            out.write(json.dumps({
-                "custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": MODEL, "max_tokens": 32, "temperature": 0,
-                         "messages": [{"role": "system", "content": "You are terse."},
-                                      {"role": "user", "content": f"Summarise item {i}."}]},
-            }) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "custom_id": f"request-{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {
+                            "model": MODEL,
+                            "max_tokens": 32,
+                            "temperature": 0,
+                            "messages": [
+                                {"role": "system", "content": "You are terse."},
+                                {"role": "user", "content": f"Summarise item {i}."},
+                            ],
+                        },
+                    }
+                )
+                + "\n"
+            )
     return path.stat().st_size
 
 
 def announce(r: redis.Redis) -> None:
     """The model and a live worker, as a worker's heartbeat would write them."""
-    r.hset(MODELS_HASH, MODEL, json.dumps({"name": MODEL, "max_model_len": 2048,
-                                            "engine": "vllm", "created": 0}))
-    r.set(worker_key("bench"), json.dumps({
-        "worker_id": "bench", "model": MODEL, "engine": "vllm", "in_flight": 0,
-        "at": time.time(), "concurrency": WORKER.concurrency,
-        "bulk_window": WORKER.bulk_window, "bulk_window_busy": WORKER.bulk_window_busy}),
-        ex=600)
+    r.hset(
+        MODELS_HASH,
+        MODEL,
+        json.dumps({"name": MODEL, "max_model_len": 2048, "engine": "vllm", "created": 0}),
+    )
+    r.set(
+        worker_key("bench"),
+        json.dumps(
+            {
+                "worker_id": "bench",
+                "model": MODEL,
+                "engine": "vllm",
+                "in_flight": 0,
+                "at": time.time(),
+                "concurrency": WORKER.concurrency,
+                "bulk_window": WORKER.bulk_window,
+                "bulk_window_busy": WORKER.bulk_window_busy,
+            }
+        ),
+        ex=600,
+    )
 
 
 def bulk_messages(r: redis.Redis) -> int:
@@ -74,26 +101,33 @@ def main() -> None:
     objects = Path(tempfile.mkdtemp(prefix="ferry-bench-objects-"))
     source = objects / "input.jsonl"
     size = batch_file(source, args.lines)
-    with bench_stack(bench_logs(), FERRY_OBJECT_STORE="local",
-                     FERRY_OBJECT_DIR=str(objects)) as stack:
+    with bench_stack(
+        bench_logs(), FERRY_OBJECT_STORE="local", FERRY_OBJECT_DIR=str(objects)
+    ) as stack:
         url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
         r = redis.Redis.from_url(stack.env["FERRY_REDIS_URL"])
         announce(r)
-        with httpx.Client(base_url=url, timeout=600,
-                          headers={"Authorization": f"Bearer {KEY}"}) as http:
+        with httpx.Client(
+            base_url=url, timeout=600, headers={"Authorization": f"Bearer {KEY}"}
+        ) as http:
             started = time.perf_counter()
             with source.open("rb") as handle:
-                uploaded = http.post("/v1/files", data={"purpose": "batch"},
-                                     files={"file": ("input.jsonl", handle)})
+                uploaded = http.post(
+                    "/v1/files", data={"purpose": "batch"}, files={"file": ("input.jsonl", handle)}
+                )
             uploaded.raise_for_status()
             t_upload = time.perf_counter()
-            created = http.post("/v1/batches", json={
-                "input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions",
-                "completion_window": "24h"})
+            created = http.post(
+                "/v1/batches",
+                json={
+                    "input_file_id": uploaded.json()["id"],
+                    "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h",
+                },
+            )
             created.raise_for_status()
             batch_id = created.json()["id"]
-            while (batch := http.get(f"/v1/batches/{batch_id}").json())["status"] == \
-                    "validating":
+            while (batch := http.get(f"/v1/batches/{batch_id}").json())["status"] == "validating":
                 time.sleep(0.05)
             t_stored = time.perf_counter()
             window = WORKER.bulk_window
@@ -101,13 +135,17 @@ def main() -> None:
                 time.sleep(0.02)
             t_sent = time.perf_counter()
     counts = batch["request_counts"]
-    print(f"batch_ingest: {args.lines:,} lines, {size / 1e6:.1f} MB, status "
-          f"{batch['status']}, {counts['total']:,} lines counted, {counts['failed']} invalid")
-    print(f"batch_ingest: upload (checked, streamed to the object store) "
-          f"{t_upload - started:.2f} s")
+    print(
+        f"batch_ingest: {args.lines:,} lines, {size / 1e6:.1f} MB, status "
+        f"{batch['status']}, {counts['total']:,} lines counted, {counts['failed']} invalid"
+    )
+    print(
+        f"batch_ingest: upload (checked, streamed to the object store) {t_upload - started:.2f} s"
+    )
     print(f"batch_ingest: validate + store {counts['total']:,} jobs {t_stored - t_upload:.2f} s")
-    print(f"batch_ingest: first bulk window ({window} lines) on the queue "
-          f"{t_sent - t_stored:.2f} s")
+    print(
+        f"batch_ingest: first bulk window ({window} lines) on the queue {t_sent - t_stored:.2f} s"
+    )
     print(f"batch_ingest: total {t_sent - started:.2f} s (target <= 30 s)")
 
 

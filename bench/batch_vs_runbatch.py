@@ -52,12 +52,24 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_lines(path: Path, lines: int, max_tokens: int, model: str) -> None:
     with path.open("w") as out:
         for i in range(lines):
-            out.write(json.dumps({
-                "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": model, "max_tokens": max_tokens, "temperature": 0,
-                         "messages": [{"role": "user",
-                                       "content": f"Write one line about topic {i}."}]},
-            }) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "custom_id": f"line-{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {
+                            "model": model,
+                            "max_tokens": max_tokens,
+                            "temperature": 0,
+                            "messages": [
+                                {"role": "user", "content": f"Write one line about topic {i}."}
+                            ],
+                        },
+                    }
+                )
+                + "\n"
+            )
 
 
 def completion_tokens(path: Path) -> tuple[int, int]:
@@ -76,18 +88,41 @@ def children_cpu() -> float:
 
 
 def through_ferry(source: Path, out: Path, objects: Path, cpu: CpuSplit, model: str) -> float:
-    with bench_stack(bench_logs(), FERRY_OBJECT_STORE="local", FERRY_OBJECT_DIR=str(objects),
-                     FERRY_CONCURRENCY=str(CONCURRENCY), FERRY_MAX_MODEL_LEN=MAX_MODEL_LEN,
-                     VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB) as stack:
+    with bench_stack(
+        bench_logs(),
+        FERRY_OBJECT_STORE="local",
+        FERRY_OBJECT_DIR=str(objects),
+        FERRY_CONCURRENCY=str(CONCURRENCY),
+        FERRY_MAX_MODEL_LEN=MAX_MODEL_LEN,
+        VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB,
+    ) as stack:
         url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
         stack.add_worker(model, "vllm")
         started = time.perf_counter()
         cli_before = children_cpu()
         with cpu:
             run = subprocess.run(
-                [sys.executable, "-m", "cli.main", "batch", "run", str(source), "-o", str(out),
-                 "--server", url, "--api-key", KEY, "--poll-seconds", "0.2"],
-                cwd=ROOT, capture_output=True, text=True, check=False)
+                [
+                    sys.executable,
+                    "-m",
+                    "cli.main",
+                    "batch",
+                    "run",
+                    str(source),
+                    "-o",
+                    str(out),
+                    "--server",
+                    url,
+                    "--api-key",
+                    KEY,
+                    "--poll-seconds",
+                    "0.2",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         elapsed = time.perf_counter() - started
         cpu.add("ferry batch run (the client)", children_cpu() - cli_before)
         if run.returncode != 0:
@@ -95,8 +130,9 @@ def through_ferry(source: Path, out: Path, objects: Path, cpu: CpuSplit, model: 
     return elapsed
 
 
-def through_vllm(source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit,
-                 layout: str, model: str) -> float:
+def through_vllm(
+    source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit, layout: str, model: str
+) -> float:
     settings = WorkerSettings(model=model)
     model_path = resolve_model_path(settings)
     import torch
@@ -104,12 +140,29 @@ def through_vllm(source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit,
     # The dtype Ferry's worker loads the model in (float32 for vLLM on CPU, where vLLM's
     # own "auto" picks bfloat16, which answers garbage with real models).
     dtype = engine_dtype(settings, "vllm", on_cpu=not torch.cuda.is_available())
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
-               "-i", str(source), "-o", str(out), "--model", model_path,
-               "--served-model-name", model, "--max-model-len", MAX_MODEL_LEN,
-               "--dtype", dtype,
-               "--max-num-seqs", str(CONCURRENCY), "--enforce-eager",
-               "--scheduling-policy", "priority", "--disable-log-stats"]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.run_batch",
+        "-i",
+        str(source),
+        "-o",
+        str(out),
+        "--model",
+        model_path,
+        "--served-model-name",
+        model,
+        "--max-model-len",
+        MAX_MODEL_LEN,
+        "--dtype",
+        dtype,
+        "--max-num-seqs",
+        str(CONCURRENCY),
+        "--enforce-eager",
+        "--scheduling-policy",
+        "priority",
+        "--disable-log-stats",
+    ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
     if layout == "ferry":
         # The model inside the engine core process, with Ferry's thread count, as
@@ -117,8 +170,10 @@ def through_vllm(source: Path, out: Path, lines: int, log: Path, cpu: CpuSplit,
         # keeps the "uni" executor only with V1 multiprocessing off, which AsyncLLM (what
         # run-batch serves with) ignores: its engine core is a process of its own anyway.
         command += ["--distributed-executor-backend", "uni"]
-        env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "OMP_NUM_THREADS": str(cpu_threads(settings))}
+        env |= {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "OMP_NUM_THREADS": str(cpu_threads(settings)),
+        }
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     reading = threading.Event()
     started = [0.0]
@@ -159,12 +214,16 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument(
-        "--runbatch-layout", choices=["ferry", "vllm"], default="ferry",
+        "--runbatch-layout",
+        choices=["ferry", "vllm"],
+        default="ferry",
         help="vLLM's processes for run-batch: as Ferry's worker runs them on CPU (the "
-             "model in the engine core, default), or vLLM's own CPU default (a model "
-             "process beside an engine core that busy-waits on it)")
-    parser.add_argument("--model", default=MODEL,
-                        help="ferry-tiny-chat, SmolLM2-135M-Instruct or a model directory")
+        "model in the engine core, default), or vLLM's own CPU default (a model "
+        "process beside an engine core that busy-waits on it)",
+    )
+    parser.add_argument(
+        "--model", default=MODEL, help="ferry-tiny-chat, SmolLM2-135M-Instruct or a model directory"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-batch-"))
     source = work / "input.jsonl"
@@ -172,23 +231,38 @@ def main() -> None:
     ferry_out, vllm_out = work / "ferry.jsonl", work / "vllm.jsonl"
     ferry_cpu, vllm_cpu = CpuSplit(), CpuSplit()
     ferry_seconds = through_ferry(source, ferry_out, work / "objects", ferry_cpu, args.model)
-    vllm_seconds = through_vllm(source, vllm_out, args.lines, work / "vllm-run-batch.log",
-                                vllm_cpu, args.runbatch_layout, args.model)
+    vllm_seconds = through_vllm(
+        source,
+        vllm_out,
+        args.lines,
+        work / "vllm-run-batch.log",
+        vllm_cpu,
+        args.runbatch_layout,
+        args.model,
+    )
     ferry_lines, ferry_tokens = completion_tokens(ferry_out)
     vllm_lines, vllm_tokens = completion_tokens(vllm_out)
     ferry_rate, vllm_rate = ferry_tokens / ferry_seconds, vllm_tokens / vllm_seconds
-    print(f"batch_vs_runbatch: {args.model}: {args.lines:,} chat lines x {args.max_tokens} "
-          f"max tokens, "
-          f"greedy, max_num_seqs {CONCURRENCY}, vLLM CPU engine, run-batch with the "
-          f"{args.runbatch_layout} process layout (files in {work})")
-    print(f"batch_vs_runbatch: ferry batch run: {ferry_lines} lines, {ferry_tokens:,} tokens "
-          f"in {ferry_seconds:.2f} s = {ferry_rate:,.0f} tok/s")
-    print(f"batch_vs_runbatch: vllm run-batch:  {vllm_lines} lines, {vllm_tokens:,} tokens "
-          f"in {vllm_seconds:.2f} s = {vllm_rate:,.0f} tok/s")
+    print(
+        f"batch_vs_runbatch: {args.model}: {args.lines:,} chat lines x {args.max_tokens} "
+        f"max tokens, "
+        f"greedy, max_num_seqs {CONCURRENCY}, vLLM CPU engine, run-batch with the "
+        f"{args.runbatch_layout} process layout (files in {work})"
+    )
+    print(
+        f"batch_vs_runbatch: ferry batch run: {ferry_lines} lines, {ferry_tokens:,} tokens "
+        f"in {ferry_seconds:.2f} s = {ferry_rate:,.0f} tok/s"
+    )
+    print(
+        f"batch_vs_runbatch: vllm run-batch:  {vllm_lines} lines, {vllm_tokens:,} tokens "
+        f"in {vllm_seconds:.2f} s = {vllm_rate:,.0f} tok/s"
+    )
     print("batch_vs_runbatch: where the CPU went during `ferry batch run`:")
     print(ferry_cpu.report("batch_vs_runbatch: "))
-    print("batch_vs_runbatch: ...and during `vllm run-batch` (its engine core and model "
-          "processes count as engine core; its own front end as other):")
+    print(
+        "batch_vs_runbatch: ...and during `vllm run-batch` (its engine core and model "
+        "processes count as engine core; its own front end as other):"
+    )
     print(vllm_cpu.report("batch_vs_runbatch: "))
     print(f"batch_vs_runbatch: ratio {ferry_rate / vllm_rate:.3f} (target >= 1.0)")
 

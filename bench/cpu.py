@@ -50,8 +50,13 @@ def _snapshot() -> dict[int, tuple[str, float]]:
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace").strip()
+            cmdline = (
+                (entry / "cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+                .strip()
+            )
         except OSError:
             continue
         # Fields after the parenthesised command name; utime and stime are 14th and 15th.
@@ -107,8 +112,10 @@ class CpuSplit:
 
     def report(self, prefix: str = "") -> str:
         cores = os.cpu_count() or 1
-        lines = [f"{prefix}CPU seconds by process over {self.wall:.2f} s wall "
-                 f"({cores} cores = {cores * self.wall:.2f} CPU-seconds available):"]
+        lines = [
+            f"{prefix}CPU seconds by process over {self.wall:.2f} s wall "
+            f"({cores} cores = {cores * self.wall:.2f} CPU-seconds available):"
+        ]
         for label, seconds in self.seconds.items():
             if seconds >= 0.01:
                 lines.append(f"{prefix}  {label:<38} {seconds:7.2f}")

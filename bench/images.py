@@ -60,15 +60,27 @@ def data_url(data: bytes, mime: str = "image/jpeg") -> str:
 # --- 1. through Ferry ----------------------------------------------------------------
 
 
-async def through_ferry(url: str, images: list[bytes], max_tokens: int,
-                        repeats: int) -> tuple[float, int]:
+async def through_ferry(
+    url: str, images: list[bytes], max_tokens: int, repeats: int
+) -> tuple[float, int]:
     """Best jobs/s over `repeats` rounds of all jobs at once; and the tokens of one round."""
     async with bench_client(url, KEY) as client:
+
         def body(jpeg: bytes) -> dict[str, object]:
-            return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
-                    "messages": [{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": data_url(jpeg)}},
-                        {"type": "text", "text": QUESTION}]}]}
+            return {
+                "model": MODEL,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": data_url(jpeg)}},
+                            {"type": "text", "text": QUESTION},
+                        ],
+                    }
+                ],
+            }
 
         await asyncio.gather(*(submit_and_follow(client, body(j)) for j in images[:4]))  # warm
         best, tokens = 0.0, 0
@@ -87,8 +99,9 @@ async def through_ferry(url: str, images: list[bytes], max_tokens: int,
 def request(image: Image.Image, max_tokens: int) -> GenerationRequest:
     return GenerationRequest(
         request_id=f"bench-{uuid.uuid4().hex}",
-        messages=[{"role": "user", "content": [{"type": "image"},
-                                                {"type": "text", "text": QUESTION}]}],
+        messages=[
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+        ],
         sampling=SamplingOptions(max_tokens=max_tokens, temperature=0),
         images=(image,),
     )
@@ -103,11 +116,11 @@ async def drive(engine: Engine, images: list[Image.Image], max_tokens: int) -> t
     return time.perf_counter() - started, sum(tokens)
 
 
-async def directly(engine_name: str, images: list[bytes], max_tokens: int,
-                   repeats: int) -> tuple[float, int]:
+async def directly(
+    engine_name: str, images: list[bytes], max_tokens: int, repeats: int
+) -> tuple[float, int]:
     decoded = [Image.open(io.BytesIO(j)).convert("RGB") for j in images]
-    settings = WorkerSettings(model=MODEL, engine=engine_name,
-                              concurrency=64, cpu_kv_cache_gib=2)
+    settings = WorkerSettings(model=MODEL, engine=engine_name, concurrency=64, cpu_kv_cache_gib=2)
     engine = build_engine(settings)
     await engine.start()
     try:
@@ -139,10 +152,15 @@ async def intake_cost(rounds: int) -> list[tuple[float, float]]:
     from api.images.intake import ImageIntake, ImageLimits
     from storage.objects import LocalObjectStore
 
-    limits = ImageLimits(max_per_request=8, max_bytes=64 * 2**20, max_pixels=50_000_000,
-                         max_request_bytes=256 * 2**20,
-                         fetch=FetchPolicy(timeout_seconds=10, max_redirects=3,
-                                           max_bytes=64 * 2**20, allowed_networks=()))
+    limits = ImageLimits(
+        max_per_request=8,
+        max_bytes=64 * 2**20,
+        max_pixels=50_000_000,
+        max_request_bytes=256 * 2**20,
+        fetch=FetchPolicy(
+            timeout_seconds=10, max_redirects=3, max_bytes=64 * 2**20, allowed_networks=()
+        ),
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="ferry-bench-objects-") as tmp:
         store = LocalObjectStore(Path(tmp))
@@ -176,21 +194,32 @@ def main() -> None:
         url = stack.add_api("api")
         worker = stack.add_worker(MODEL, args.engine)
         ferry_rate, ferry_tokens = asyncio.run(
-            through_ferry(url, jpegs, args.max_tokens, args.repeats))
+            through_ferry(url, jpegs, args.max_tokens, args.repeats)
+        )
         worker.stop()
     kb = statistics.mean(len(j) for j in jpegs) / 1024
-    print(f"images: {args.jobs} concurrent image jobs (640x480 JPEG, {kb:.0f} KB each) x "
-          f"{args.max_tokens} max tokens, {args.engine} engine, greedy, best of {args.repeats}")
-    print(f"images: through Ferry (HTTP submit with data URL -> SSE): {ferry_rate:.2f} jobs/s "
-          f"({ferry_tokens} tokens per round)", flush=True)
+    print(
+        f"images: {args.jobs} concurrent image jobs (640x480 JPEG, {kb:.0f} KB each) x "
+        f"{args.max_tokens} max tokens, {args.engine} engine, greedy, best of {args.repeats}"
+    )
+    print(
+        f"images: through Ferry (HTTP submit with data URL -> SSE): {ferry_rate:.2f} jobs/s "
+        f"({ferry_tokens} tokens per round)",
+        flush=True,
+    )
     direct_rate, direct_tokens = asyncio.run(
-        directly(args.engine, jpegs, args.max_tokens, args.repeats))
-    print(f"images: engine driven directly (images decoded):      {direct_rate:.2f} jobs/s "
-          f"({direct_tokens} tokens per round)")
+        directly(args.engine, jpegs, args.max_tokens, args.repeats)
+    )
+    print(
+        f"images: engine driven directly (images decoded):      {direct_rate:.2f} jobs/s "
+        f"({direct_tokens} tokens per round)"
+    )
     print(f"images: ratio {ferry_rate / direct_rate:.3f}")
     for megabytes, per_mb in asyncio.run(intake_cost(args.intake_rounds)):
-        print(f"images: intake (data URL -> verify -> local store) of a {megabytes:5.2f} MB "
-              f"PNG: {per_mb * 1000:6.1f} ms per MB")
+        print(
+            f"images: intake (data URL -> verify -> local store) of a {megabytes:5.2f} MB "
+            f"PNG: {per_mb * 1000:6.1f} ms per MB"
+        )
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required

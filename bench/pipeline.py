@@ -44,16 +44,20 @@ async def through_ferry(
     url: str, texts: list[str], max_tokens: int, cpu: CpuSplit
 ) -> tuple[int, float, dict[str, list[float]]]:
     async with bench_client(url, KEY) as client:
+
         def body(text: str) -> dict[str, object]:
-            return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
-                    "messages": [{"role": "user", "content": text}]}
+            return {
+                "model": MODEL,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": text}],
+            }
 
         await warm_up(client, MODEL, len(texts))
         started_wall = time.time()
         started = time.perf_counter()
         with cpu:
-            results = await asyncio.gather(*(submit_and_follow(client, body(t))
-                                             for t in texts))
+            results = await asyncio.gather(*(submit_and_follow(client, body(t)) for t in texts))
         elapsed = max(r.finished_at for r in results) - started
         rows = []
         for r in results:
@@ -70,8 +74,12 @@ async def through_ferry(
 async def directly(
     engine_name: str, texts: list[str], max_tokens: int, cpu: CpuSplit
 ) -> dict[str, float]:
-    settings = WorkerSettings(model=MODEL, engine=engine_name,  # type: ignore[arg-type]
-                              concurrency=64, cpu_kv_cache_gib=2)
+    settings = WorkerSettings(
+        model=MODEL,
+        engine=engine_name,  # type: ignore[arg-type]
+        concurrency=64,
+        cpu_kv_cache_gib=2,
+    )
     engine = build_engine(settings)
     await engine.start()
     try:
@@ -99,23 +107,32 @@ def main() -> None:
     direct_cpu = CpuSplit()
     direct = asyncio.run(directly(args.engine, texts, args.max_tokens, direct_cpu))
     direct_rate = direct["tokens"] / direct["seconds"]
-    print(f"pipeline: {args.jobs} concurrent jobs x {args.max_tokens} max tokens, "
-          f"{args.engine} engine, greedy")
-    print(f"pipeline: through Ferry (HTTP submit -> SSE): {tokens} tokens in {elapsed:.2f} s "
-          f"= {ferry_rate:,.0f} tok/s")
-    print(f"pipeline: engine driven directly:            {direct['tokens']:.0f} tokens in "
-          f"{direct['seconds']:.2f} s = {direct_rate:,.0f} tok/s")
+    print(
+        f"pipeline: {args.jobs} concurrent jobs x {args.max_tokens} max tokens, "
+        f"{args.engine} engine, greedy"
+    )
+    print(
+        f"pipeline: through Ferry (HTTP submit -> SSE): {tokens} tokens in {elapsed:.2f} s "
+        f"= {ferry_rate:,.0f} tok/s"
+    )
+    print(
+        f"pipeline: engine driven directly:            {direct['tokens']:.0f} tokens in "
+        f"{direct['seconds']:.2f} s = {direct_rate:,.0f} tok/s"
+    )
     # When each job reached each point, seconds after the first submit (from the job rows;
     # client_done is when its SSE client saw `done`): where Ferry's extra time goes.
     for name, values in phases.items():
-        print(f"pipeline: {name:>14}: first {values[0]:6.3f}  p50 {percentile(values, 50):6.3f}"
-              f"  last {values[-1]:6.3f} s")
+        print(
+            f"pipeline: {name:>14}: first {values[0]:6.3f}  p50 {percentile(values, 50):6.3f}"
+            f"  last {values[-1]:6.3f} s"
+        )
     print(cpu.report("pipeline: "))
-    print("pipeline: the direct run (here the engine's front end runs in the benchmark "
-          "process):")
+    print("pipeline: the direct run (here the engine's front end runs in the benchmark process):")
     print(direct_cpu.report("pipeline: "))
-    print(f"pipeline: direct run: ttft p50 {direct['ttft_p50_s']:.3f} s, "
-          f"latency p50 {direct['latency_p50_s']:.3f} s")
+    print(
+        f"pipeline: direct run: ttft p50 {direct['ttft_p50_s']:.3f} s, "
+        f"latency p50 {direct['latency_p50_s']:.3f} s"
+    )
     print(f"pipeline: ratio {ferry_rate / direct_rate:.3f} (target >= 0.95)")
 
 

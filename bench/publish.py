@@ -36,20 +36,23 @@ async def run(jobs: int, rounds: int) -> None:
     stream = JobEventStream(redis, maxlen=1000, ttl_seconds=60)
     ids = [f"bench-{i:04d}" for i in range(jobs)]
     try:
-        await stream.publish([(job, JobEvent("1-0", EventType.DELTA, {"text": ""}))
-                              for job in ids])  # warm: connection, script loaded
+        await stream.publish(
+            [(job, JobEvent("1-0", EventType.DELTA, {"text": ""})) for job in ids]
+        )  # warm: connection, script loaded
         cpu, wall = cpu_seconds(), time.perf_counter()
         for seq in range(1, rounds + 1):
-            await stream.publish([
-                (job, JobEvent.delta(f"1-{seq}", " word", time.time()))
-                for job in ids])
+            await stream.publish(
+                [(job, JobEvent.delta(f"1-{seq}", " word", time.time())) for job in ids]
+            )
         cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
     finally:
         await redis.flushdb()
         await redis.aclose()
     events = jobs * rounds
-    print(f"publish: {events} events ({rounds} batches of {jobs}): "
-          f"{cpu / events * 1e6:.1f} us CPU and {wall / events * 1e6:.1f} us wall per event")
+    print(
+        f"publish: {events} events ({rounds} batches of {jobs}): "
+        f"{cpu / events * 1e6:.1f} us CPU and {wall / events * 1e6:.1f} us wall per event"
+    )
 
 
 def main() -> None:

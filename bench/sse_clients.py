@@ -33,7 +33,9 @@ async def bench_client(url: str, key: str) -> AsyncIterator[aiohttp.ClientSessio
     """A session for `submit_and_follow`: no connection limit, long timeouts."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(
-        base_url=url, connector=connector, timeout=aiohttp.ClientTimeout(total=600),
+        base_url=url,
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=600),
         headers={"Authorization": f"Bearer {key}"},
     ) as session:
         yield session
@@ -70,9 +72,7 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[Sse]:
             current.id = value
 
 
-async def submit_and_follow(
-    client: aiohttp.ClientSession, body: dict[str, object]
-) -> StreamResult:
+async def submit_and_follow(client: aiohttp.ClientSession, body: dict[str, object]) -> StreamResult:
     async with client.post("/v1/jobs", json=body) as response:
         response.raise_for_status()
         result = StreamResult((await response.json())["id"])
@@ -113,7 +113,17 @@ async def warm_up(client: aiohttp.ClientSession, model: str, n: int) -> None:
     """A burst of `n` short jobs, so that a measured burst of `n` finds a warm service:
     connections open (client, API's database and Redis pools), worker threads started,
     the engine past its first steps."""
-    await asyncio.gather(*(
-        submit_and_follow(client, {"model": model, "max_tokens": WARM_TOKENS, "temperature": 0,
-                                   "messages": [{"role": "user", "content": text}]})
-        for text in warm_prompts(n)))
+    await asyncio.gather(
+        *(
+            submit_and_follow(
+                client,
+                {
+                    "model": model,
+                    "max_tokens": WARM_TOKENS,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": text}],
+                },
+            )
+            for text in warm_prompts(n)
+        )
+    )

@@ -41,8 +41,9 @@ class BenchStack:
         def registered(marker: str) -> bool:
             return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
 
-        proc = start_worker(f"worker-{engine}", model, served_name or model, engine, self.env,
-                            self.logs, registered)
+        proc = start_worker(
+            f"worker-{engine}", model, served_name or model, engine, self.env, self.logs, registered
+        )
         self.procs.append(proc)
         return proc
 
@@ -55,21 +56,27 @@ def bench_stack(logs: Path, **env: str) -> Iterator[BenchStack]:
     database_url = f"{url}/{name}"
     upgrade(database_url)
     redis.Redis.from_url(REDIS_URL).flushdb()
-    stack = BenchStack(database_url, {
-        "FERRY_DATABASE_URL": database_url,
-        "FERRY_REDIS_URL": REDIS_URL,
-        "FERRY_API_KEYS": KEY,
-        "FERRY_CONCURRENCY": "64",
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-        **env,
-    }, logs)
+    stack = BenchStack(
+        database_url,
+        {
+            "FERRY_DATABASE_URL": database_url,
+            "FERRY_REDIS_URL": REDIS_URL,
+            "FERRY_API_KEYS": KEY,
+            "FERRY_CONCURRENCY": "64",
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            **env,
+        },
+        logs,
+    )
     try:
         yield stack
     finally:
         for proc in reversed(stack.procs):
             proc.stop()
-        subprocess.run(["psql", PG_ADMIN, "-q", "-c",
-                        f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=False)
+        subprocess.run(
+            ["psql", PG_ADMIN, "-q", "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
+            check=False,
+        )
         redis.Redis.from_url(REDIS_URL).flushdb()
 
 

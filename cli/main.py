@@ -27,15 +27,31 @@ def _api(args: argparse.Namespace) -> int:
     settings = get_api_settings()
     host = settings.host if args.host is None else args.host
     port = settings.port if args.port is None else args.port
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port,
-                log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 
 # `ferry worker` flags named as vLLM names them, each the WorkerSettings field of its name.
-_VLLM_FLAGS = ("max_model_len", "served_model_name", "dtype", "tensor_parallel_size",
-               "quantization", "gpu_memory_utilization", "limit_mm_per_prompt",
-               "max_lora_rank", "reasoning_parser", "tool_call_parser", "engine_args")
+_VLLM_FLAGS = (
+    "max_model_len",
+    "served_model_name",
+    "dtype",
+    "tensor_parallel_size",
+    "quantization",
+    "gpu_memory_utilization",
+    "limit_mm_per_prompt",
+    "max_lora_rank",
+    "reasoning_parser",
+    "tool_call_parser",
+    "engine_args",
+)
 
 
 def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
@@ -43,8 +59,9 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
     from worker.settings import WorkerSettings
 
     if args.model_tag and args.model and args.model_tag != args.model:
-        raise SystemExit(f"ferry worker: error: two models given: {args.model_tag} and "
-                         f"--model {args.model}")
+        raise SystemExit(
+            f"ferry worker: error: two models given: {args.model_tag} and --model {args.model}"
+        )
     flags: dict[str, Any] = {}
     model = args.model or args.model_tag
     if model:
@@ -102,14 +119,24 @@ def _worker(args: argparse.Namespace) -> int:
 
     name = settings.model_name
     # An adapter's jobs come on its own queues, which only workers that serve it read.
-    queues = [queue_name(n, lane) for n in [name, *(a.name for a in adapters)]
-              for lane in Lane]
-    app.worker_main([
-        "worker", "--pool", "threads", "--concurrency", str(settings.task_threads),
-        "-Q", ",".join(queues),
-        "--hostname", f"ferry-{name.replace('/', '_')}@%h-{os.getpid()}",
-        "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
-    ])
+    queues = [queue_name(n, lane) for n in [name, *(a.name for a in adapters)] for lane in Lane]
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(settings.task_threads),
+            "-Q",
+            ",".join(queues),
+            "--hostname",
+            f"ferry-{name.replace('/', '_')}@%h-{os.getpid()}",
+            "--loglevel",
+            args.log_level.upper(),
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
     return 0
 
 
@@ -147,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="default: FERRY_HOST, else 127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: FERRY_PORT, else 8000")
     serve.add_argument("--engine", choices=["vllm", "transformers"], default=None)
-    serve.add_argument("--no-auth", action="store_true",
-                       help="run every request as one built-in owner, whatever its key")
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run every request as one built-in owner, whatever its key",
+    )
     serve.set_defaults(func=embedded.serve)
 
     api = commands.add_parser("api", help="run the API (PostgreSQL + Redis from FERRY_*)")
@@ -157,36 +187,69 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=_api)
 
     worker = commands.add_parser(
-        "worker", help="run a Celery worker with one engine (vLLM's own flag names)")
-    worker.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                        help="as `vllm serve MODEL`: the same as --model")
-    worker.add_argument("--model", default=None,
-                        help="hub id, directory, SmolLM2-135M-Instruct or a tiny model name")
+        "worker", help="run a Celery worker with one engine (vLLM's own flag names)"
+    )
+    worker.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="as `vllm serve MODEL`: the same as --model",
+    )
+    worker.add_argument(
+        "--model",
+        default=None,
+        help="hub id, directory, SmolLM2-135M-Instruct or a tiny model name",
+    )
     worker.add_argument("--engine", choices=["vllm", "transformers"], default=None)
-    worker.add_argument("--concurrency", type=int, default=None,
-                        help="jobs in the engine at once (vLLM's max_num_seqs)")
-    worker.add_argument("--torch-threads", type=int, default=None,
-                        help="CPU threads the engine computes with (FERRY_TORCH_THREADS)")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="jobs in the engine at once (vLLM's max_num_seqs)",
+    )
+    worker.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CPU threads the engine computes with (FERRY_TORCH_THREADS)",
+    )
     worker.add_argument("--served-model-name", default=None)
     worker.add_argument("--max-model-len", type=int, default=None)
-    worker.add_argument("--dtype", default=None,
-                        choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
-    worker.add_argument("--trust-remote-code", action="store_true",
-                        help="run the model's own python code (hub models with auto_map)")
+    worker.add_argument(
+        "--dtype", default=None, choices=["auto", "half", "float16", "bfloat16", "float", "float32"]
+    )
+    worker.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own python code (hub models with auto_map)",
+    )
     worker.add_argument("--tensor-parallel-size", type=int, default=None)
     worker.add_argument("--quantization", default=None)
     worker.add_argument("--gpu-memory-utilization", type=float, default=None)
-    worker.add_argument("--limit-mm-per-prompt", default=None,
-                        type=_json_object("--limit-mm-per-prompt"),
-                        help='JSON, e.g. \'{"image": 2}\'')
-    worker.add_argument("--lora-modules", nargs="+", default=None, metavar="SPEC",
-                        help='name=path, or JSON {"name", "path", "base_model_name"}; '
-                             "each adapter is served as its own model id")
+    worker.add_argument(
+        "--limit-mm-per-prompt",
+        default=None,
+        type=_json_object("--limit-mm-per-prompt"),
+        help="JSON, e.g. '{\"image\": 2}'",
+    )
+    worker.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help='name=path, or JSON {"name", "path", "base_model_name"}; '
+        "each adapter is served as its own model id",
+    )
     worker.add_argument("--max-lora-rank", type=int, default=None)
     worker.add_argument("--reasoning-parser", default=None, help="a vLLM reasoning parser")
     worker.add_argument("--tool-call-parser", default=None, help="a vLLM tool-call parser")
-    worker.add_argument("--engine-args", default=None, type=_json_object("--engine-args"),
-                        help="JSON object of other vLLM AsyncEngineArgs keywords")
+    worker.add_argument(
+        "--engine-args",
+        default=None,
+        type=_json_object("--engine-args"),
+        help="JSON object of other vLLM AsyncEngineArgs keywords",
+    )
     worker.set_defaults(func=_worker)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")

@@ -96,8 +96,14 @@ def start_api(name: str, env: dict[str, str], log_dir: Path) -> tuple[Proc, str]
 
 
 def start_worker(
-    name: str, model: str, served_name: str, engine: str, env: dict[str, str], log_dir: Path,
-    registered: Callable[[str], bool], timeout: float = 600,
+    name: str,
+    model: str,
+    served_name: str,
+    engine: str,
+    env: dict[str, str],
+    log_dir: Path,
+    registered: Callable[[str], bool],
+    timeout: float = 600,
 ) -> Proc:
     worker_env = {**env, "FERRY_SERVED_MODEL_NAME": served_name}
     proc = start(name, ["worker", "--model", model, "--engine", engine], worker_env, log_dir)

@@ -72,7 +72,7 @@ def split_reasoning(text: str, mode: ReasoningMode = "tagged") -> tuple[str | No
     `ReasoningSplitter` gives the same split incrementally, for streams."""
     stripped = text.lstrip()
     if stripped.startswith(THINK_OPEN):
-        body = stripped[len(THINK_OPEN):]
+        body = stripped[len(THINK_OPEN) :]
     elif mode == "parser":
         body = text
     else:
@@ -98,7 +98,7 @@ class ReasoningSplitter:
             stripped = self._held.lstrip()
             if stripped.startswith(THINK_OPEN):
                 self._state = "think-start"
-                self._held = stripped[len(THINK_OPEN):]
+                self._held = stripped[len(THINK_OPEN) :]
             elif THINK_OPEN.startswith(stripped):
                 return "", ""  # whitespace or a partial "<think": wait for more
             elif self._mode == "parser":
@@ -146,6 +146,6 @@ def _hold_back(text: str) -> tuple[str, str]:
         if THINK_CLOSE.startswith(text[-size:]):
             keep = size
             break
-    body, tail = text[:len(text) - keep], text[len(text) - keep:]
+    body, tail = text[: len(text) - keep], text[len(text) - keep :]
     stripped = body.rstrip("\n")
-    return stripped, body[len(stripped):] + tail
+    return stripped, body[len(stripped) :] + tail

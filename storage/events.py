@@ -61,8 +61,9 @@ class EventId(NamedTuple):
     def parse(cls, text: str) -> EventId:
         """`"2-17"` -> EventId(2, 17); ValueError for anything else."""
         attempt, sep, seq = text.partition("-")
-        if not (sep and attempt.isascii() and attempt.isdigit()
-                and seq.isascii() and seq.isdigit()):
+        if not (
+            sep and attempt.isascii() and attempt.isdigit() and seq.isascii() and seq.isdigit()
+        ):
             raise ValueError(f"not an event id of the form <attempt>-<seq>: {text!r}")
         return cls(int(attempt), int(seq))
 
@@ -84,8 +85,14 @@ class JobEvent:
 
     __slots__ = ("_data", "_json", "id", "type")
 
-    def __init__(self, id: EventId | str, type: EventType, data: dict[str, Any] | None = None,
-                 *, data_json: str | None = None) -> None:
+    def __init__(
+        self,
+        id: EventId | str,
+        type: EventType,
+        data: dict[str, Any] | None = None,
+        *,
+        data_json: str | None = None,
+    ) -> None:
         self.id = id if isinstance(id, EventId) else EventId.parse(id)
         self.type = type
         self._data = data if data is not None or data_json is not None else {}
@@ -106,8 +113,13 @@ class JobEvent:
         return self._json
 
     @classmethod
-    def delta(cls, id: EventId | str, text: str, ts: float | None,
-              logprobs: list[dict[str, Any]] | None = None) -> JobEvent:
+    def delta(
+        cls,
+        id: EventId | str,
+        text: str,
+        ts: float | None,
+        logprobs: list[dict[str, Any]] | None = None,
+    ) -> JobEvent:
         """A `delta` event: `{"text", "ts"}`, with `"logprobs"` when asked for."""
         if logprobs is not None:
             return cls(id, EventType.DELTA, {"text": text, "ts": ts, "logprobs": logprobs})
@@ -175,8 +187,14 @@ class JobEventStream:
         args: list[str | int] = [self._maxlen, self._ttl]
         for job_id, event in batch:
             keys.append(job_stream(job_id))
-            args += (str(event.id), event.type.value, event.data_json, job_channel(job_id),
-                     event.to_json(), "1" if event.type.is_terminal else "")
+            args += (
+                str(event.id),
+                event.type.value,
+                event.data_json,
+                job_channel(job_id),
+                event.to_json(),
+                "1" if event.type.is_terminal else "",
+            )
         refused = await self._append_and_publish(keys=keys, args=args)
         if refused:
             # Ids at or below their stream's last one: duplicate writes of events already
@@ -193,8 +211,13 @@ class JobEventStream:
         events = []
         for entry_id, fields in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            events.append(JobEvent(EventId.parse(eid), EventType(_text(fields, "type")),
-                                   data_json=_text(fields, "data")))
+            events.append(
+                JobEvent(
+                    EventId.parse(eid),
+                    EventType(_text(fields, "type")),
+                    data_json=_text(fields, "data"),
+                )
+            )
         return events
 
 
@@ -233,8 +256,9 @@ def usage_data(prompt_tokens: int | None, completion_tokens: int | None) -> dict
     }
 
 
-def done_data(finish_reason: str | None, tool_calls: list[dict[str, Any]] | None,
-              content: str | None) -> dict[str, Any]:
+def done_data(
+    finish_reason: str | None, tool_calls: list[dict[str, Any]] | None, content: str | None
+) -> dict[str, Any]:
     """A `done` event's data."""
     if tool_calls is None:
         return {"finish_reason": finish_reason}
@@ -257,9 +281,10 @@ def terminal_events(status: JobStatus, end: JobEnd) -> list[tuple[EventType, dic
     one builder behind the worker's live stream, the API's and the replay from SQL, so
     they always agree."""
     if status == JobStatus.SUCCEEDED:
-        return [(EventType.USAGE, usage_data(end.prompt_tokens, end.completion_tokens)),
-                (EventType.DONE, done_data(end.finish_reason, end.tool_calls,
-                                           end.result_content))]
+        return [
+            (EventType.USAGE, usage_data(end.prompt_tokens, end.completion_tokens)),
+            (EventType.DONE, done_data(end.finish_reason, end.tool_calls, end.result_content)),
+        ]
     if status == JobStatus.FAILED:
         return [(EventType.ERROR, error_data(end.error, end.error_code))]
     if status == JobStatus.CANCELLED:

@@ -15,6 +15,7 @@ class Lane(StrEnum):
     INTERACTIVE = "interactive"  # sent to the API by a client, streamed as it generates
     BULK = "bulk"  # a batch line, fed a window at a time by the batch feeder
 
+
 # The one Celery task the API sends by name (the API never imports worker/): args, a list
 # of job ids of one model, lane and priority. Interactive jobs and batch lines alike: the
 # worker reads each job's lane from its row. Several jobs share a message because a

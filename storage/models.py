@@ -120,14 +120,27 @@ class Job(Base):
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
         # Batch lines the feeder has not sent yet, and those sent and not finished: the
         # feeder reads both every pass (storage/repositories/batch_jobs.py).
-        Index("ix_jobs_batch_unsent", "model", "id",
-              postgresql_where=text(BATCH_UNSENT), sqlite_where=text(BATCH_UNSENT)),
-        Index("ix_jobs_batch_outstanding", "model",
-              postgresql_where=text(BATCH_OUTSTANDING), sqlite_where=text(BATCH_OUTSTANDING)),
+        Index(
+            "ix_jobs_batch_unsent",
+            "model",
+            "id",
+            postgresql_where=text(BATCH_UNSENT),
+            sqlite_where=text(BATCH_UNSENT),
+        ),
+        Index(
+            "ix_jobs_batch_outstanding",
+            "model",
+            postgresql_where=text(BATCH_OUTSTANDING),
+            sqlite_where=text(BATCH_OUTSTANDING),
+        ),
         # Interactive jobs in flight: while a model has some, batch lines get a narrower
         # window on it (api/batches/feeder.py).
-        Index("ix_jobs_interactive_open", "model",
-              postgresql_where=text(INTERACTIVE_OPEN), sqlite_where=text(INTERACTIVE_OPEN)),
+        Index(
+            "ix_jobs_interactive_open",
+            "model",
+            postgresql_where=text(INTERACTIVE_OPEN),
+            sqlite_where=text(INTERACTIVE_OPEN),
+        ),
     )
 
     # Time-ordered ids, so "newest first" and cursor pagination are ORDER BY id.
@@ -137,8 +150,7 @@ class Job(Base):
     # "chat" (messages) or "completion" (prompt).
     kind: Mapped[str] = mapped_column(String(16), default="chat")
     lane: Mapped[Lane] = mapped_column(StrEnumType(Lane, 16), default=Lane.INTERACTIVE)
-    status: Mapped[JobStatus] = mapped_column(StrEnumType(JobStatus, 16),
-                                              default=JobStatus.QUEUED)
+    status: Mapped[JobStatus] = mapped_column(StrEnumType(JobStatus, 16), default=JobStatus.QUEUED)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
@@ -212,9 +224,7 @@ class Message(Base):
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    conversation_id: Mapped[str] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE")
-    )
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text, default="")
     # [{"sha256": ..., "mime": ...}, ...] in the order the images appear in the turn.
@@ -258,8 +268,12 @@ class BatchStatus(StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in (BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED,
-                        BatchStatus.CANCELLED)
+        return self in (
+            BatchStatus.FAILED,
+            BatchStatus.COMPLETED,
+            BatchStatus.EXPIRED,
+            BatchStatus.CANCELLED,
+        )
 
 
 class Batch(Base):
@@ -277,8 +291,9 @@ class Batch(Base):
     # No foreign key: the input file may be deleted while the batch's record stays.
     input_file_id: Mapped[str] = mapped_column(String(40))
     completion_window: Mapped[str] = mapped_column(String(16))
-    status: Mapped[BatchStatus] = mapped_column(StrEnumType(BatchStatus, 16),
-                                                default=BatchStatus.VALIDATING)
+    status: Mapped[BatchStatus] = mapped_column(
+        StrEnumType(BatchStatus, 16), default=BatchStatus.VALIDATING
+    )
     # What the batch ends as once its jobs have all stopped: completed, cancelled, expired.
     outcome: Mapped[BatchStatus | None] = mapped_column(StrEnumType(BatchStatus, 16))
     # The lines' model when they all name one.

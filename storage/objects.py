@@ -177,8 +177,7 @@ class S3ObjectStore:
             region_name=settings.s3_region,
             aws_access_key_id=settings.s3_access_key_id,
             aws_secret_access_key=settings.s3_secret_access_key,
-            config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                          max_pool_connections=32),
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32),
         )
         self._ensure_bucket()
 
@@ -203,8 +202,9 @@ class S3ObjectStore:
 
     def put_stream(self, key: str, source: IO[bytes], content_type: str) -> StoredObject:
         counter = _CountingReader(source)
-        self.client.upload_fileobj(cast(IO[bytes], counter), self.bucket, key,
-                                   ExtraArgs={"ContentType": content_type})
+        self.client.upload_fileobj(
+            cast(IO[bytes], counter), self.bucket, key, ExtraArgs={"ContentType": content_type}
+        )
         return StoredObject(key, counter.count, content_type)
 
     def _get(self, key: str) -> Any:
@@ -248,7 +248,8 @@ class S3ObjectStore:
 
     def presigned_url(self, key: str) -> str | None:
         url: str = self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key},
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": key},
             ExpiresIn=self.presign_seconds,
         )
         return url

@@ -74,8 +74,13 @@ class ModelRegistry:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
 
-    async def heartbeat(self, beat: WorkerBeat, model: ServedModel, ttl_seconds: float,
-                        adapters: Sequence[ServedModel] = ()) -> None:
+    async def heartbeat(
+        self,
+        beat: WorkerBeat,
+        model: ServedModel,
+        ttl_seconds: float,
+        adapters: Sequence[ServedModel] = (),
+    ) -> None:
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(worker_key(beat.worker_id), json.dumps(asdict(beat)), px=int(ttl_seconds * 1000))
         pipe.hset(MODELS_HASH, mapping={m.name: m.to_json() for m in (model, *adapters)})
@@ -95,8 +100,9 @@ class ModelRegistry:
             return []
         values = await self._redis.mget(keys)
         beats = [_known(WorkerBeat, json.loads(raw)) for raw in values if raw is not None]
-        return [WorkerBeat(**{**beat, "adapters": tuple(beat.get("adapters") or ())})
-                for beat in beats]
+        return [
+            WorkerBeat(**{**beat, "adapters": tuple(beat.get("adapters") or ())}) for beat in beats
+        ]
 
 
 def now_epoch() -> int:

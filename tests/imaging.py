@@ -22,8 +22,12 @@ if TYPE_CHECKING:
     from tests.conftest import Stack
 
 
-def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (16, 12),
-                color: tuple[int, int, int] = (200, 30, 30), **save: Any) -> bytes:
+def image_bytes(
+    fmt: str = "PNG",
+    size: tuple[int, int] = (16, 12),
+    color: tuple[int, int, int] = (200, 30, 30),
+    **save: Any,
+) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format=fmt, **save)
     return buffer.getvalue()
@@ -56,8 +60,12 @@ def animated_gif(frames: int = 3, size: tuple[int, int] = (8, 8)) -> bytes:
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+    )
 
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -65,8 +73,12 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     pixels: decoding it would need width*height/8 bytes (1.25 GB by default)."""
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     rows = zlib.compress(b"\x00" * 4096, 9)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", rows)
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", rows)
+        + _chunk(b"IEND", b"")
+    )
 
 
 @dataclass
@@ -119,8 +131,9 @@ class RecordingServer:
 
         self._server = Server((host, 0), Handler)
         self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
 
     def url(self, path: str = "/image.png") -> str:
@@ -174,10 +187,13 @@ class ImageStack:
         import boto3
 
         env = self.stack.env
-        return boto3.client("s3", endpoint_url=env["FERRY_S3_ENDPOINT_URL"],
-                            region_name="us-east-1",
-                            aws_access_key_id=env["FERRY_S3_ACCESS_KEY_ID"],
-                            aws_secret_access_key=env["FERRY_S3_SECRET_ACCESS_KEY"])
+        return boto3.client(
+            "s3",
+            endpoint_url=env["FERRY_S3_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=env["FERRY_S3_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["FERRY_S3_SECRET_ACCESS_KEY"],
+        )
 
     def object_keys(self) -> list[str]:
         pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
@@ -194,7 +210,12 @@ def start_image_stack(stack: Stack, logs: Path) -> ImageStack:
     lenient_env = {**stack.env, "FERRY_IMAGE_FETCH_ALLOW_NETWORKS": "127.0.0.1/32"}
     proc, lenient = start_api("api-images-lenient", lenient_env, logs)
     stack.procs.append(proc)
-    announced = ServedModel(ANNOUNCED_VISION, max_model_len=2048, engine="vllm",
-                            supports_images=True, created=now_epoch())
+    announced = ServedModel(
+        ANNOUNCED_VISION,
+        max_model_len=2048,
+        engine="vllm",
+        supports_images=True,
+        created=now_epoch(),
+    )
     stack.redis().hset(MODELS_HASH, announced.name, announced.to_json())
     return ImageStack(stack, safe, lenient)

@@ -7,8 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_lora_adapter(model_dir: str | Path, out: str | Path, *, seed: int = 0,
-                       rank: int = 8, scale: float = 0.05, image_text: bool = False) -> Path:
+def build_lora_adapter(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    rank: int = 8,
+    scale: float = 0.05,
+    image_text: bool = False,
+) -> Path:
     """Save a LoRA adapter (q_proj/v_proj, rank `rank`) for the model in `model_dir` to
     `out`; its base (`base_model_name_or_path`) is `model_dir`. `image_text`: an image+text
     model, whose language model's layers are adapted."""
@@ -25,8 +32,9 @@ def build_lora_adapter(model_dir: str | Path, out: str | Path, *, seed: int = 0,
     targets: str | list[str] = ["q_proj", "v_proj"]
     if image_text:
         targets = r".*text_model.*\.(q_proj|v_proj)"
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

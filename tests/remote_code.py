@@ -8,21 +8,21 @@ import json
 import shutil
 from pathlib import Path
 
-_CONFIG_PY = '''from transformers import Qwen2Config
+_CONFIG_PY = """from transformers import Qwen2Config
 
 
 class FerryRemoteConfig(Qwen2Config):
     model_type = "ferry_remote_qwen2"
-'''
+"""
 
-_MODELING_PY = '''from transformers import Qwen2ForCausalLM
+_MODELING_PY = """from transformers import Qwen2ForCausalLM
 
 from .configuration_ferry import FerryRemoteConfig
 
 
 class FerryRemoteForCausalLM(Qwen2ForCausalLM):
     config_class = FerryRemoteConfig
-'''
+"""
 
 
 def build_remote_code_model(tiny_chat_dir: Path, out: Path) -> Path:
@@ -41,8 +41,10 @@ def build_remote_code_model(tiny_chat_dir: Path, out: Path) -> Path:
         # vLLM builds the architecture it knows from the model's own config class, as it
         # does for MiniCPM-V or Qwen-VL; transformers takes the class from auto_map.
         architectures=["Qwen2ForCausalLM"],
-        auto_map={"AutoConfig": "configuration_ferry.FerryRemoteConfig",
-                  "AutoModelForCausalLM": "modeling_ferry.FerryRemoteForCausalLM"},
+        auto_map={
+            "AutoConfig": "configuration_ferry.FerryRemoteConfig",
+            "AutoModelForCausalLM": "modeling_ferry.FerryRemoteForCausalLM",
+        },
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(out)

@@ -20,8 +20,12 @@ def chat(content: Any = "hi", **extra: Any) -> dict[str, Any]:
 def image_carriers() -> list[dict[str, Any]]:
     """The three ways images come: an `image_url` part, swift's `images`, a `<img>` tag."""
     return [
-        chat([{"type": "image_url", "image_url": {"url": data_url(PNG)}},
-              {"type": "text", "text": "What is this?"}]),
+        chat(
+            [
+                {"type": "image_url", "image_url": {"url": data_url(PNG)}},
+                {"type": "text", "text": "What is this?"},
+            ]
+        ),
         chat("<image>What is this?", images=[data_url(PNG)]),
         chat(f"<img>{data_url(PNG)}</img>What is this?"),
     ]

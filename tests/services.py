@@ -113,14 +113,25 @@ def _workdir(kind: str) -> Path:
     return workdir
 
 
-def _start(name: str, url: str, args: list[str], workdir: Path,
-           stop_signal: signal.Signals = signal.SIGTERM, **kwargs: Any) -> Service:
+def _start(
+    name: str,
+    url: str,
+    args: list[str],
+    workdir: Path,
+    stop_signal: signal.Signals = signal.SIGTERM,
+    **kwargs: Any,
+) -> Service:
     with (workdir / "server.log").open("ab") as log:
         popen = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             # Its own session: a Ctrl-C at the terminal reaches pytest, whose cleanup then
             # stops the server in order.
-            start_new_session=True, preexec_fn=_die_with_parent(stop_signal), **kwargs,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(stop_signal),
+            **kwargs,
         )
     service = Service(name, url, popen, workdir, stop_signal)
     atexit.register(service.stop)  # also when conftest fails to load, before any cleanup hook
@@ -160,8 +171,19 @@ def start_redis() -> Service:
 
     workdir = _workdir("redis")
     port = free_port()
-    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    args = [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
     service = _start("redis-server", f"redis://127.0.0.1:{port}", args, workdir)
 
     def ready() -> bool:
@@ -175,8 +197,9 @@ def start_redis() -> Service:
 def postgres_bin_dir() -> Path:
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("no PostgreSQL binaries: pip install pgserver "
-                           "(it is in the project's dev extra)")
+        raise RuntimeError(
+            "no PostgreSQL binaries: pip install pgserver (it is in the project's dev extra)"
+        )
     return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
 
 
@@ -198,8 +221,13 @@ def start_postgres() -> Service:
     if as_user:
         workdir.chmod(0o755)
         try:  # nobody may not reach a virtualenv under a private home: use a copy
-            subprocess.run([str(bindir / "initdb"), "-V"], check=True, capture_output=True,
-                           cwd=workdir, **as_user)
+            subprocess.run(
+                [str(bindir / "initdb"), "-V"],
+                check=True,
+                capture_output=True,
+                cwd=workdir,
+                **as_user,
+            )
         except (OSError, subprocess.CalledProcessError):
             # The same layout: the binaries find the wheel's libraries at
             # $ORIGIN/../../../pgserver.libs.
@@ -215,19 +243,49 @@ def start_postgres() -> Service:
         os.chown(data, as_user["user"], as_user["group"])
         os.chown(workdir, as_user["user"], as_user["group"])
     init = subprocess.run(
-        [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-         "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
-        capture_output=True, text=True, cwd=workdir, **as_user,
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        **as_user,
     )
     if init.returncode != 0:
         shutil.rmtree(workdir, ignore_errors=True)
         raise RuntimeError(f"initdb failed:\n{init.stdout}{init.stderr}")
     port = free_port()
-    args = [str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-            "-c", "max_connections=200",
-            # A throwaway cluster: durability buys nothing here.
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    args = [
+        str(bindir / "postgres"),
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "unix_socket_directories=",
+        "-c",
+        "max_connections=200",
+        # A throwaway cluster: durability buys nothing here.
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+    ]
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     # SIGINT: fast shutdown, which does not wait for clients (test processes) to disconnect.
     service = _start("postgres", url, args, workdir, signal.SIGINT, cwd=workdir, **as_user)
@@ -258,8 +316,10 @@ def ensure(env: MutableMapping[str, str]) -> Services:
     address where nothing answers, starts a server of the run's own and sets the variable to
     it. A non-loopback address is left alone (the tests then fail on it as they would)."""
     services = Services()
-    wanted = [("PostgreSQL", PG_VAR, PG_DEFAULT, 5432, start_postgres),
-              ("Redis", REDIS_VAR, REDIS_DEFAULT, 6379, start_redis)]
+    wanted = [
+        ("PostgreSQL", PG_VAR, PG_DEFAULT, 5432, start_postgres),
+        ("Redis", REDIS_VAR, REDIS_DEFAULT, 6379, start_redis),
+    ]
     try:
         for what, var, default, default_port, start in wanted:
             url = env.get(var) or default
@@ -271,8 +331,10 @@ def ensure(env: MutableMapping[str, str]) -> Services:
             service = start()
             services.started.append(service)
             env[var] = service.url
-            services.notes.append(f"{what}: nothing answers at {host}:{port}; this run's own "
-                                  f"{service.name} at {service.url} (stopped at the end)")
+            services.notes.append(
+                f"{what}: nothing answers at {host}:{port}; this run's own "
+                f"{service.name} at {service.url} (stopped at the end)"
+            )
     except BaseException:
         services.stop()
         raise

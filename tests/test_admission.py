@@ -15,8 +15,9 @@ from worker.errors import WorkerStopping
 def gate(slots: int = 4, cooldown: float = 0.2) -> EngineAdmission:
     """All slots for bulk while idle, a quarter (at least one) while interactive work runs,
     as WorkerSettings(bulk_share=1.0, bulk_share_busy=0.25) would give."""
-    return EngineAdmission(idle_limit=slots, busy_limit=max(1, slots // 4),
-                           cooldown_seconds=cooldown)
+    return EngineAdmission(
+        idle_limit=slots, busy_limit=max(1, slots // 4), cooldown_seconds=cooldown
+    )
 
 
 async def settle() -> None:

@@ -28,19 +28,36 @@ def lines_file(
         if bad_line_at is not None and i + 1 == bad_line_at:
             rows.append("not json at all")
         ids.append(f"line-{i}")
-        rows.append(json.dumps({
-            "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "max_tokens": 6, "temperature": 0,
-                     "messages": [{"role": "user", "content": f"Hello {i}"}]}}))
+        rows.append(
+            json.dumps(
+                {
+                    "custom_id": f"line-{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {
+                        "model": model,
+                        "max_tokens": 6,
+                        "temperature": 0,
+                        "messages": [{"role": "user", "content": f"Hello {i}"}],
+                    },
+                }
+            )
+        )
     path.write_text("\n".join(rows) + "\n")
     return ids
 
 
-def ferry(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
-          timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd,
-                          env=env if env is not None else dict(os.environ),
-                          capture_output=True, text=True, timeout=timeout)
+def ferry(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=cwd,
+        env=env if env is not None else dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -64,8 +81,9 @@ def test_batch_run_against_a_server(stack: Stack, tmp_path: Path) -> None:
     shown = ferry("batch", "status", batch_id, *server)
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "completed"
     again_out, again_err = tmp_path / "again.jsonl", tmp_path / "again-err.jsonl"
-    fetched = ferry("batch", "download", batch_id, "-o", str(again_out), "--errors",
-                    str(again_err), *server)
+    fetched = ferry(
+        "batch", "download", batch_id, "-o", str(again_out), "--errors", str(again_err), *server
+    )
     assert fetched.returncode == 0, fetched.stderr
     assert again_out.read_bytes() == out.read_bytes()
     assert again_err.read_bytes() == err.read_bytes()
@@ -81,8 +99,19 @@ def test_batch_run_on_the_embedded_default(tmp_path: Path, model_cache: Path) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
     env["FERRY_MODEL_CACHE_DIR"] = str(model_cache)
     data_dir = tmp_path / "data"
-    run = ferry("batch", "run", str(source), "-o", str(out), "--data-dir", str(data_dir),
-                "--engine", "transformers", env=env, cwd=tmp_path)
+    run = ferry(
+        "batch",
+        "run",
+        str(source),
+        "-o",
+        str(out),
+        "--data-dir",
+        str(data_dir),
+        "--engine",
+        "transformers",
+        env=env,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr + (data_dir / "batch-run.log").read_text()
     results = read(out)
     assert [r["custom_id"] for r in results] == ids

@@ -24,11 +24,13 @@ def test_worker_sigkill_and_api_restart_mid_batch_give_each_custom_id_exactly_on
     with open_stack(own_database, 15, model_cache, s3_url) as own:
         own.add_api("batch-api-1", logs)
         worker = own.add_worker("batch-worker-1", model, "transformers", logs)
-        lines = [chat_line(f"k{i}", f"Tell story {i}.", model=model, max_tokens=64)
-                 for i in range(40)]
+        lines = [
+            chat_line(f"k{i}", f"Tell story {i}.", model=model, max_tokens=64) for i in range(40)
+        ]
         client = sdk(own)
-        batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)),
-                                         endpoint=CHAT, completion_window="24h").id
+        batch_id = client.batches.create(
+            input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="24h"
+        ).id
 
         def some_done_some_running() -> bool:
             statuses = [s for s, _, _ in job_rows(own, batch_id).values()]
@@ -41,8 +43,7 @@ def test_worker_sigkill_and_api_restart_mid_batch_give_each_custom_id_exactly_on
         old_api.kill()
         own.api_urls.remove(own.api_urls[0])
         own.add_api("batch-api-2", logs)
-        before = {cid: row for cid, row in job_rows(own, batch_id).items()
-                  if row[0] == "succeeded"}
+        before = {cid: row for cid, row in job_rows(own, batch_id).items() if row[0] == "succeeded"}
         interrupted = {cid for cid, row in job_rows(own, batch_id).items() if row[0] == "running"}
         assert interrupted
         own.add_worker("batch-worker-2", model, "transformers", logs)
@@ -70,12 +71,16 @@ def test_api_killed_mid_expansion_another_takes_the_batch_over(
         own.env["FERRY_BATCH_EXPAND_LEASE_SECONDS"] = "3"
         # The model is known (as a worker would announce it) but nothing runs it: the
         # lines stay queued, which is all this test looks at.
-        own.redis().hset("ferry:models", model, json.dumps(
-            {"name": model, "max_model_len": 2048, "engine": "vllm", "created": 0}))
+        own.redis().hset(
+            "ferry:models",
+            model,
+            json.dumps({"name": model, "max_model_len": 2048, "engine": "vllm", "created": 0}),
+        )
         own.add_api("expand-api-1", logs)
         client = sdk(own)
-        batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)),
-                                         endpoint=CHAT, completion_window="24h").id
+        batch_id = client.batches.create(
+            input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="24h"
+        ).id
         time.sleep(1.0)
         assert client.batches.retrieve(batch_id).status == "validating"
         own.procs[0].kill()
@@ -83,8 +88,11 @@ def test_api_killed_mid_expansion_another_takes_the_batch_over(
         assert job_rows(own, batch_id) == {}  # its expansion's transaction never committed
         own.add_api("expand-api-2", logs)
         client = sdk(own)
-        wait_until(lambda: client.batches.retrieve(batch_id).status != "validating", 300,
-                   "the batch to be expanded by the new API process")
+        wait_until(
+            lambda: client.batches.retrieve(batch_id).status != "validating",
+            300,
+            "the batch to be expanded by the new API process",
+        )
         batch = client.batches.retrieve(batch_id)
         rows = job_rows(own, batch_id)
     assert batch.status == "in_progress"
@@ -106,8 +114,9 @@ def test_a_batch_is_finalised_when_its_last_line_ends_not_on_the_timer(
         own.add_api("finalise-api", logs)
         own.add_worker("finalise-worker", model, "transformers", logs)
         client = sdk(own)
-        batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)),
-                                         endpoint=CHAT, completion_window="24h").id
+        batch_id = client.batches.create(
+            input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="24h"
+        ).id
         batch = wait_batch(client, batch_id, timeout=120)
         output = read_jsonl(client, batch.output_file_id)
     assert batch.status == "completed", batch

@@ -20,18 +20,21 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_openai_sdk_drives_a_chat_batch(stack: Stack) -> None:
     client = sdk(stack)
-    lines = [chat_line(f"req-{i}", f"Tell me about {i}.", max_tokens=4 + i % 5)
-             for i in range(24)]
+    lines = [chat_line(f"req-{i}", f"Tell me about {i}.", max_tokens=4 + i % 5) for i in range(24)]
     input_id = upload(client, jsonl(lines))
-    created = client.batches.create(input_file_id=input_id, endpoint=CHAT,
-                                    completion_window="24h", metadata={"run": "sdk"})
+    created = client.batches.create(
+        input_file_id=input_id, endpoint=CHAT, completion_window="24h", metadata={"run": "sdk"}
+    )
     assert created.status == "validating" and created.metadata == {"run": "sdk"}
     batch = wait_batch(client, created.id)
 
     assert batch.status == "completed", batch
     assert batch.request_counts is not None
-    assert (batch.request_counts.total, batch.request_counts.completed,
-            batch.request_counts.failed) == (24, 24, 0)
+    assert (
+        batch.request_counts.total,
+        batch.request_counts.completed,
+        batch.request_counts.failed,
+    ) == (24, 24, 0)
     assert batch.model == TINY and batch.error_file_id is None and batch.errors is None
     assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
     assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at
@@ -52,13 +55,18 @@ def test_openai_sdk_drives_a_chat_batch(stack: Stack) -> None:
             assert job["status"] == "succeeded"
             assert body.choices[0].message.content == job["result"]["text"]
             assert (job["lane"], job["batch_id"], job["custom_id"]) == (
-                "bulk", batch.id, out["custom_id"])
+                "bulk",
+                batch.id,
+                out["custom_id"],
+            )
         # GET /v1/jobs: `batch_id` lists the batch's lines (pages of 10), `lane` tells
         # them from interactive jobs.
         listed, after = [], None
         while True:
-            page = http.get("/v1/jobs", params={"batch_id": batch.id, "limit": 10,
-                                                **({"after": after} if after else {})}).json()
+            page = http.get(
+                "/v1/jobs",
+                params={"batch_id": batch.id, "limit": 10, **({"after": after} if after else {})},
+            ).json()
             listed += page["data"]
             if not page["has_more"]:
                 break
@@ -84,12 +92,27 @@ def test_openai_sdk_drives_a_chat_batch(stack: Stack) -> None:
 
 def test_completions_batch(stack: Stack) -> None:
     client = sdk(stack)
-    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": TINY, "prompt": f"Once upon a time {i}", "max_tokens": 6,
-                       "temperature": 0}} for i in range(3)]
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": TINY,
+                "prompt": f"Once upon a time {i}",
+                "max_tokens": 6,
+                "temperature": 0,
+            },
+        }
+        for i in range(3)
+    ]
     input_id = upload(client, jsonl(lines))
-    batch = wait_batch(client, client.batches.create(
-        input_file_id=input_id, endpoint="/v1/completions", completion_window="24h").id)
+    batch = wait_batch(
+        client,
+        client.batches.create(
+            input_file_id=input_id, endpoint="/v1/completions", completion_window="24h"
+        ).id,
+    )
     assert batch.status == "completed", batch
     output = read_jsonl(client, batch.output_file_id)
     assert [o["custom_id"] for o in output] == ["c0", "c1", "c2"]
@@ -101,34 +124,45 @@ def test_completions_batch(stack: Stack) -> None:
 def test_bad_lines_go_to_the_error_file_with_line_numbers(stack: Stack) -> None:
     client = sdk(stack)
     lines: list[dict[str, Any] | str] = [
-        chat_line("ok-1"),                                          # 1
-        "this is not json",                                         # 2
-        {"method": "POST", "url": CHAT, "body": {}},                # 3 no custom_id
-        chat_line("ok-1"),                                          # 4 repeated custom_id
-        {**chat_line("wrong-url"), "url": "/v1/completions"},       # 5
-        {"custom_id": "no-messages", "method": "POST", "url": CHAT,
-         "body": {"model": TINY}},                                  # 6
-        chat_line("no-model", model="no-such-model"),               # 7
-        {**chat_line("get"), "method": "GET"},                      # 8
-        "",                                                         # 9 blank: skipped
-        chat_line("too-long", max_tokens=10**6),                    # 10
-        chat_line("ok-2"),                                          # 11
+        chat_line("ok-1"),  # 1
+        "this is not json",  # 2
+        {"method": "POST", "url": CHAT, "body": {}},  # 3 no custom_id
+        chat_line("ok-1"),  # 4 repeated custom_id
+        {**chat_line("wrong-url"), "url": "/v1/completions"},  # 5
+        {"custom_id": "no-messages", "method": "POST", "url": CHAT, "body": {"model": TINY}},  # 6
+        chat_line("no-model", model="no-such-model"),  # 7
+        {**chat_line("get"), "method": "GET"},  # 8
+        "",  # 9 blank: skipped
+        chat_line("too-long", max_tokens=10**6),  # 10
+        chat_line("ok-2"),  # 11
     ]
-    batch = wait_batch(client, client.batches.create(
-        input_file_id=upload(client, jsonl(lines)), endpoint=CHAT,
-        completion_window="24h").id)
+    batch = wait_batch(
+        client,
+        client.batches.create(
+            input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="24h"
+        ).id,
+    )
     assert batch.status == "completed", batch
     assert batch.request_counts is not None
-    assert (batch.request_counts.total, batch.request_counts.completed,
-            batch.request_counts.failed) == (10, 2, 8)
-    assert [o["custom_id"] for o in read_jsonl(client, batch.output_file_id)] == \
-        ["ok-1", "ok-2"]
+    assert (
+        batch.request_counts.total,
+        batch.request_counts.completed,
+        batch.request_counts.failed,
+    ) == (10, 2, 8)
+    assert [o["custom_id"] for o in read_jsonl(client, batch.output_file_id)] == ["ok-1", "ok-2"]
     errors = read_jsonl(client, batch.error_file_id)
     by_line = {e["error"]["line"]: e for e in errors}
     assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 10]
-    expected = {2: "invalid_json", 3: "missing_custom_id", 4: "duplicate_custom_id",
-                5: "url_mismatch", 6: "invalid_body", 7: "model_not_found",
-                8: "invalid_method", 10: "context_length_exceeded"}
+    expected = {
+        2: "invalid_json",
+        3: "missing_custom_id",
+        4: "duplicate_custom_id",
+        5: "url_mismatch",
+        6: "invalid_body",
+        7: "model_not_found",
+        8: "invalid_method",
+        10: "context_length_exceeded",
+    }
     for line, code in expected.items():
         entry = by_line[line]
         assert entry["error"]["code"] == code, entry
@@ -140,15 +174,24 @@ def test_bad_lines_go_to_the_error_file_with_line_numbers(stack: Stack) -> None:
 
 def test_a_file_with_nothing_valid_fails_the_batch_with_errors_data(stack: Stack) -> None:
     client = sdk(stack)
-    lines: list[dict[str, Any] | str] = [{"custom_id": "x"}, "[1, 2]",
-                                         chat_line("y", model="no-such-model")]
-    batch = wait_batch(client, client.batches.create(
-        input_file_id=upload(client, jsonl(lines)), endpoint=CHAT,
-        completion_window="24h").id)
+    lines: list[dict[str, Any] | str] = [
+        {"custom_id": "x"},
+        "[1, 2]",
+        chat_line("y", model="no-such-model"),
+    ]
+    batch = wait_batch(
+        client,
+        client.batches.create(
+            input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="24h"
+        ).id,
+    )
     assert batch.status == "failed" and batch.failed_at is not None
     assert batch.errors is not None and batch.errors.data is not None
     assert [(e.line, e.code) for e in batch.errors.data] == [
-        (1, "invalid_method"), (2, "invalid_line"), (3, "model_not_found")]
+        (1, "invalid_method"),
+        (2, "invalid_line"),
+        (3, "model_not_found"),
+    ]
     assert batch.request_counts is not None
     assert (batch.request_counts.total, batch.request_counts.failed) == (3, 3)
     assert batch.output_file_id is None and job_rows(stack, batch.id) == {}
@@ -158,21 +201,31 @@ def test_cancel_mid_run_keeps_finished_lines_and_never_runs_queued_ones(stack: S
     client = sdk(stack)
     # Well over the worker's bulk window (engine slots for bulk + the lines it keeps claimed
     # at its gate: 16 + 32 here), so lines are still unsent when the cancel comes.
-    lines = [chat_line(f"q{i}", f"Write a long story number {i}.", max_tokens=4 if i < 4 else 400,
-                       temperature=0.9, seed=i, ignore_eos=i >= 4) for i in range(160)]
-    batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=CHAT,
-                                     completion_window="24h").id
+    lines = [
+        chat_line(
+            f"q{i}",
+            f"Write a long story number {i}.",
+            max_tokens=4 if i < 4 else 400,
+            temperature=0.9,
+            seed=i,
+            ignore_eos=i >= 4,
+        )
+        for i in range(160)
+    ]
+    batch_id = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="24h"
+    ).id
 
     def some_done_some_running() -> bool:
         rows = job_rows(stack, batch_id).values()
-        return (any(s == "succeeded" for s, _, _ in rows)
-                and any(s == "running" for s, _, _ in rows))
+        return any(s == "succeeded" for s, _, _ in rows) and any(s == "running" for s, _, _ in rows)
 
     wait_until(some_done_some_running, 180, "finished and running lines")
     cancelling = client.batches.cancel(batch_id)
     assert cancelling.status in ("cancelling", "cancelled")
-    started_at_cancel = {cid for cid, (_, attempts, _) in job_rows(stack, batch_id).items()
-                         if attempts > 0}
+    started_at_cancel = {
+        cid for cid, (_, attempts, _) in job_rows(stack, batch_id).items() if attempts > 0
+    }
     batch = wait_batch(client, batch_id)
     assert batch.status == "cancelled" and batch.cancelled_at and batch.cancelling_at
     rows = job_rows(stack, batch_id)
@@ -185,20 +238,24 @@ def test_cancel_mid_run_keeps_finished_lines_and_never_runs_queued_ones(stack: S
     assert {o["custom_id"] for o in output} == done and done
     assert batch.request_counts is not None and batch.request_counts.completed == len(done)
     assert all(e["error"]["code"] == "batch_cancelled" for e in errors)
-    assert sorted([o["custom_id"] for o in output] + [e["custom_id"] for e in errors]) == \
-        sorted(line["custom_id"] for line in lines)
+    assert sorted([o["custom_id"] for o in output] + [e["custom_id"] for e in errors]) == sorted(
+        line["custom_id"] for line in lines
+    )
     with stack.client() as http:
-        assert_error(http.post(f"/v1/batches/{batch_id}/cancel"), 409,
-                     "batch_not_cancellable")
+        assert_error(http.post(f"/v1/batches/{batch_id}/cancel"), 409, "batch_not_cancellable")
 
 
 def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:
     client = sdk(stack)
-    lines = [chat_line(f"e{i}", max_tokens=4 if i < 3 else 1000, temperature=0.9, seed=i,
-                        ignore_eos=i >= 3)
-             for i in range(200)]
-    batch_id = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=CHAT,
-                                     completion_window="8s").id
+    lines = [
+        chat_line(
+            f"e{i}", max_tokens=4 if i < 3 else 1000, temperature=0.9, seed=i, ignore_eos=i >= 3
+        )
+        for i in range(200)
+    ]
+    batch_id = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="8s"
+    ).id
     batch = wait_batch(client, batch_id, timeout=120)
     assert batch.status == "expired" and batch.expired_at is not None
     assert batch.expired_at >= batch.created_at + 8
@@ -207,5 +264,6 @@ def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:
     assert {"e0", "e1", "e2"} <= {o["custom_id"] for o in output}
     assert errors and all(e["error"]["code"] == "batch_expired" for e in errors)
     assert len(output) + len(errors) == 200
-    assert all(status in ("succeeded", "cancelled")
-               for status, _, _ in job_rows(stack, batch_id).values())
+    assert all(
+        status in ("succeeded", "cancelled") for status, _, _ in job_rows(stack, batch_id).values()
+    )

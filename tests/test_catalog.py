@@ -69,8 +69,9 @@ async def test_unknown_models_are_404_and_share_reads(redis: Redis) -> None:
     registry = CountingRegistry(redis)
     catalog = ModelCatalog(registry)
 
-    results = await asyncio.gather(*(catalog.get("nope") for _ in range(20)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(catalog.get("nope") for _ in range(20)), return_exceptions=True
+    )
 
     assert all(isinstance(r, ModelNotFound) for r in results)
     # One read for the burst, and at most one more for the callers that joined it.
@@ -95,9 +96,11 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_read(redis: Redis) ->
 
 # --- resolve: where a request that names no model goes --------------------------------
 
+
 async def announce_images(redis: Redis, name: str) -> None:
-    await redis.hset(MODELS_HASH, name,
-                     ServedModel(name, 2048, "vllm", supports_images=True).to_json())
+    await redis.hset(
+        MODELS_HASH, name, ServedModel(name, 2048, "vllm", supports_images=True).to_json()
+    )
 
 
 async def test_resolve_the_only_model_and_aliases(redis: Redis) -> None:

@@ -26,8 +26,9 @@ def stored_job(database_url: str, job_id: str) -> tuple[dict[str, Any], str | No
     """The job's stored request and conversation id, read from SQL."""
     url = database_url.replace("postgresql+asyncpg://", "postgresql://")
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT request, conversation_id FROM jobs WHERE id = %s",
-                           (job_id,)).fetchone()
+        row = conn.execute(
+            "SELECT request, conversation_id FROM jobs WHERE id = %s", (job_id,)
+        ).fetchone()
     assert row is not None
     return row[0], row[1]
 
@@ -62,11 +63,18 @@ def test_two_turns_second_prompt_contains_first_reply(stack: Stack) -> None:
         assert reply  # the tiny model always says something in 12 tokens
         after_one = messages_of(client, conversation["id"])
         # The second turn through the OpenAI route, with a system prompt of its own.
-        response = client.post("/v1/chat/completions", json={
-            "model": TINY, "max_tokens": 12, "conversation_id": conversation["id"],
-            "messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": "Another one?"}],
-        })
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": TINY,
+                "max_tokens": 12,
+                "conversation_id": conversation["id"],
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Another one?"},
+                ],
+            },
+        )
         assert response.status_code == 200, response.text
         second_id = response.json()["id"]
         second_reply = response.json()["choices"][0]["message"]["content"]
@@ -74,18 +82,26 @@ def test_two_turns_second_prompt_contains_first_reply(stack: Stack) -> None:
         title = client.get(f"/v1/conversations/{conversation['id']}").json()["title"]
 
     assert [(m["role"], m["content"]) for m in after_one] == [
-        ("user", "Name a colour."), ("assistant", reply)]
+        ("user", "Name a colour."),
+        ("assistant", reply),
+    ]
     assert after_one[1]["job_id"] == first["id"] and after_one[1]["reasoning_content"] is None
     assert first["conversation_id"] == conversation["id"]
     request, linked = stored_job(stack.database_url, second_id)
     assert linked == conversation["id"]
     # System prompt first, then the stored history, then the new turn.
     assert [(m["role"], m["content"]) for m in request["messages"]] == [
-        ("system", "Be brief."), ("user", "Name a colour."), ("assistant", reply),
-        ("user", "Another one?")]
+        ("system", "Be brief."),
+        ("user", "Name a colour."),
+        ("assistant", reply),
+        ("user", "Another one?"),
+    ]
     assert [(m["role"], m["content"]) for m in after_two] == [
-        ("user", "Name a colour."), ("assistant", reply),
-        ("user", "Another one?"), ("assistant", second_reply)]
+        ("user", "Name a colour."),
+        ("assistant", reply),
+        ("user", "Another one?"),
+        ("assistant", second_reply),
+    ]
     assert title == "Name a colour."
 
 
@@ -95,15 +111,29 @@ def test_failed_and_cancelled_jobs_append_nothing(stack: Stack) -> None:
         run_turn(client, TINY, conversation["id"], "Hello there.")
         before = messages_of(client, conversation["id"])
         # Prompt + 2047 new tokens cannot fit the 2048-token context: the engine fails it.
-        failing = submit(client, chat_body(TINY, "This one fails.", max_tokens=2047,
-                                           conversation_id=conversation["id"]))
+        failing = submit(
+            client,
+            chat_body(TINY, "This one fails.", max_tokens=2047, conversation_id=conversation["id"]),
+        )
         # 1800 leaves room for the history's prompt (the reply above is up to 12 tokens): a
         # request that does not fit would fail at once and never be seen running. ignore_eos:
         # sampled, the tiny model could end on an end token before the cancel lands.
-        cancelled = submit(client, chat_body(TINY, "This one is cancelled.", max_tokens=1800,
-                                             ignore_eos=True, conversation_id=conversation["id"]))
-        wait_until(lambda: client.get(f"/v1/jobs/{cancelled['id']}").json()["status"]
-                   == "running", 30, "the job to start", interval=0.02)
+        cancelled = submit(
+            client,
+            chat_body(
+                TINY,
+                "This one is cancelled.",
+                max_tokens=1800,
+                ignore_eos=True,
+                conversation_id=conversation["id"],
+            ),
+        )
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{cancelled['id']}").json()["status"] == "running",
+            30,
+            "the job to start",
+            interval=0.02,
+        )
         assert client.post(f"/v1/jobs/{cancelled['id']}/cancel").status_code == 200
         assert wait_job(client, failing["id"])["status"] == "failed"
         assert wait_job(client, cancelled["id"])["status"] == "cancelled"
@@ -125,11 +155,15 @@ def test_delete_conversation_keeps_its_jobs(stack: Stack) -> None:
         again = client.delete(f"/v1/conversations/{conversation['id']}")
         job_after = client.get(f"/v1/jobs/{job['id']}")
         listed = [c["id"] for c in client.get("/v1/conversations?limit=100").json()["data"]]
-        continuing = client.post("/v1/jobs", json=chat_body(
-            TINY, "Hi", max_tokens=4, conversation_id=conversation["id"]))
+        continuing = client.post(
+            "/v1/jobs", json=chat_body(TINY, "Hi", max_tokens=4, conversation_id=conversation["id"])
+        )
     assert deleted.status_code == 200
-    assert deleted.json() == {"id": conversation["id"], "object": "conversation.deleted",
-                              "deleted": True}
+    assert deleted.json() == {
+        "id": conversation["id"],
+        "object": "conversation.deleted",
+        "deleted": True,
+    }
     assert_error(gone, 404, "not_found")
     assert_error(again, 404, "not_found")
     assert_error(continuing, 404, "not_found")
@@ -174,12 +208,13 @@ def test_history_survives_an_api_restart(own_stack: Stack, logs: Path) -> None:
     assert conversation["id"] in listed
     request, _ = stored_job(own_stack.database_url, second["id"])
     assert [m["content"] for m in request["messages"]] == [
-        "Before the restart.", first["result"]["text"], "After the restart."]
+        "Before the restart.",
+        first["result"]["text"],
+        "After the restart.",
+    ]
 
 
 # --- The repository, on PostgreSQL and SQLite -------------------------------------------
-
-
 
 
 async def _owner(sessions: Sessions) -> str:
@@ -189,14 +224,39 @@ async def _owner(sessions: Sessions) -> str:
 
 
 async def _running_job(sessions: Sessions, owner: str, conversation_id: str, text: str) -> str:
-    job = Job(id=jobs.new_job_id(), owner_id=owner, model="m", kind="chat", lane="interactive",
-              status=JobStatus.QUEUED, priority=0, attempts=0, conversation_id=conversation_id,
-              request={"max_tokens": 4, "turn_start": 1, "messages": [
-                  {"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": [
-                      {"type": "image", "image": {"sha256": "ab" * 32, "mime": "image/png",
-                                                  "width": 2, "height": 3}},
-                      {"type": "text", "text": text}]}]})
+    job = Job(
+        id=jobs.new_job_id(),
+        owner_id=owner,
+        model="m",
+        kind="chat",
+        lane="interactive",
+        status=JobStatus.QUEUED,
+        priority=0,
+        attempts=0,
+        conversation_id=conversation_id,
+        request={
+            "max_tokens": 4,
+            "turn_start": 1,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "image": {
+                                "sha256": "ab" * 32,
+                                "mime": "image/png",
+                                "width": 2,
+                                "height": 3,
+                            },
+                        },
+                        {"type": "text", "text": text},
+                    ],
+                },
+            ],
+        },
+    )
     async with sessions.begin() as session:
         await jobs.insert_jobs(session, [job])
         assert await jobs.claim_job(session, job.id, "w1", lease_seconds=30) is not None
@@ -222,8 +282,9 @@ async def test_a_success_appends_its_turn_once_with_reasoning_apart(sessions: Se
     async with sessions.begin() as session:
         conversation = await conversations.create(session, owner)
     job_id = await _running_job(sessions, owner, conversation.id, "What is this?")
-    done = jobs.JobOutcome(JobStatus.SUCCEEDED, ["<think>A square", ".</think>", "A dot."],
-                           "stop", 9, 3, None)
+    done = jobs.JobOutcome(
+        JobStatus.SUCCEEDED, ["<think>A square", ".</think>", "A dot."], "stop", 9, 3, None
+    )
     async with sessions.begin() as session:
         assert await jobs.finish_job(session, job_id, "w1", done)
         assert not await jobs.finish_job(session, job_id, "w1", done)  # already final
@@ -232,9 +293,10 @@ async def test_a_success_appends_its_turn_once_with_reasoning_apart(sessions: Se
         tokens = await conversations.reply_tokens(session, stored)
         row = await conversations.get_owned(session, conversation.id, owner)
     assert [(m.role, m.content, m.reasoning, m.job_id) for m in stored] == [
-        ("user", "What is this?", None, job_id), ("assistant", "A dot.", "A square.", job_id)]
-    assert stored[0].images == [{"sha256": "ab" * 32, "mime": "image/png",
-                                 "width": 2, "height": 3}]
+        ("user", "What is this?", None, job_id),
+        ("assistant", "A dot.", "A square.", job_id),
+    ]
+    assert stored[0].images == [{"sha256": "ab" * 32, "mime": "image/png", "width": 2, "height": 3}]
     assert tokens == {job_id: 3}
     assert row is not None and row.title == "What is this?"
 
@@ -247,19 +309,28 @@ async def test_failed_cancelled_and_orphaned_jobs_append_nothing(sessions: Sessi
     cancelled = await _running_job(sessions, owner, conversation.id, "cancelled")
     orphan = await _running_job(sessions, owner, conversation.id, "orphan")
     async with sessions.begin() as session:
-        await jobs.finish_job(session, failed, "w1", jobs.JobOutcome(
-            JobStatus.FAILED, [], None, None, 0, None, error="boom"))
+        await jobs.finish_job(
+            session,
+            failed,
+            "w1",
+            jobs.JobOutcome(JobStatus.FAILED, [], None, None, 0, None, error="boom"),
+        )
         await jobs.cancel_job(session, cancelled)
-        await jobs.finish_job(session, cancelled, "w1", jobs.JobOutcome(
-            JobStatus.CANCELLED, ["part"], "abort", 2, 1, None))
+        await jobs.finish_job(
+            session,
+            cancelled,
+            "w1",
+            jobs.JobOutcome(JobStatus.CANCELLED, ["part"], "abort", 2, 1, None),
+        )
     async with sessions() as session:
         assert await conversations.messages_of(session, conversation.id) == []
     # Deleted while its last job ran: the success still lands, into nothing.
     async with sessions.begin() as session:
         assert await conversations.delete_owned(session, conversation.id, owner)
     async with sessions.begin() as session:
-        assert await jobs.finish_job(session, orphan, "w1", jobs.JobOutcome(
-            JobStatus.SUCCEEDED, ["ok"], "stop", 2, 1, None))
+        assert await jobs.finish_job(
+            session, orphan, "w1", jobs.JobOutcome(JobStatus.SUCCEEDED, ["ok"], "stop", 2, 1, None)
+        )
         row = await jobs.get_job(session, orphan)
         assert await conversations.messages_of(session, conversation.id) == []
     assert row is not None and row.status == JobStatus.SUCCEEDED and row.conversation_id is None
@@ -269,8 +340,11 @@ async def test_clear_keeps_the_conversation_and_owner_checks(sessions: Sessions)
     owner, other = await _owner(sessions), await _owner(sessions)
     async with sessions.begin() as session:
         conversation = await conversations.default_conversation(session, owner)
-        await conversations.append(session, conversation.id, [
-            conversations.NewMessage("user", "hi"), conversations.NewMessage("assistant", "yo")])
+        await conversations.append(
+            session,
+            conversation.id,
+            [conversations.NewMessage("user", "hi"), conversations.NewMessage("assistant", "yo")],
+        )
     async with sessions.begin() as session:
         assert await conversations.get_owned(session, conversation.id, other) is None
         assert not await conversations.delete_owned(session, conversation.id, other)

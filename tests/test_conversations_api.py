@@ -38,8 +38,7 @@ async def test_another_keys_conversation_is_not_found_on_every_route(
                 error = assert_error(await other.post(path, json=body), 404, "not_found")
                 assert missing in error["message"]
                 assert error["param"] == "conversation_id"
-        listed = [c["id"] for c in
-                  (await other.get("/v1/conversations?limit=100")).json()["data"]]
+        listed = [c["id"] for c in (await other.get("/v1/conversations?limit=100")).json()["data"]]
         jobs_after = (await other.get("/v1/jobs", params={"limit": 1})).json()["first_id"]
         still_there = await owner.get(f"/v1/conversations/{conversation_id}")
     assert conversation_id not in listed
@@ -54,8 +53,9 @@ async def test_list_conversations_newest_first_in_pages(in_process_api: InProces
     async with in_process_api.client(KEY_B) as client:
         ids = [(await new_conversation(client, title=f"t{i}"))["id"] for i in range(3)]
         page1 = (await client.get("/v1/conversations", params={"limit": 2})).json()
-        page2 = (await client.get("/v1/conversations",
-                                  params={"limit": 2, "after": page1["last_id"]})).json()
+        page2 = (
+            await client.get("/v1/conversations", params={"limit": 2, "after": page1["last_id"]})
+        ).json()
         bad = await client.post("/v1/conversations", json={"title": "x" * 201})
     seen = [c["id"] for c in page1["data"] + page2["data"]]
     assert seen[:3] == list(reversed(ids))

@@ -49,8 +49,9 @@ def test_mllm_seed_client_keeps_history_in_the_default_conversation(
 
     first = f"Describe a sunset {secrets.token_hex(3)}."
     chat_history = json.loads(seed.post_get_history(url=stack.url, headers=head))["chat_history"]
-    seed.post_infer(prompt=first, chat_history=chat_history, use_stream=False, url=stack.url,
-                    headers=head)
+    seed.post_infer(
+        prompt=first, chat_history=chat_history, use_stream=False, url=stack.url, headers=head
+    )
     answer = json.loads(capsys.readouterr().out)
     reply = answer["response"]
     assert reply and answer["chat_history"] == [[first, reply]]
@@ -60,13 +61,15 @@ def test_mllm_seed_client_keeps_history_in_the_default_conversation(
     # prints exactly the answer, which is stored as the second turn.
     second = "And at night?"
     chat_history = json.loads(seed.post_get_history(url=stack.url, headers=head))["chat_history"]
-    seed.post_infer(prompt=second, chat_history=chat_history, use_stream=True, url=stack.url,
-                    headers=head)
+    seed.post_infer(
+        prompt=second, chat_history=chat_history, use_stream=True, url=stack.url, headers=head
+    )
     printed = capsys.readouterr().out
     history = ast.literal_eval(run_seed(get))
     assert history == [[first, reply], [second, printed]]
-    (request,) = [r for r in jobs_whose_prompt_has(stack, first)
-                  if r["messages"][-1]["content"] == second]
+    (request,) = [
+        r for r in jobs_whose_prompt_has(stack, first) if r["messages"][-1]["content"] == second
+    ]
     assert contents(request) == [("user", first), ("assistant", reply), ("user", second)]
 
     with stack.client(KEY_A) as client:
@@ -84,14 +87,21 @@ def test_mllm_history_sent_by_the_client_replaces_the_stored_one(stack: Stack) -
     head = {"Authorization": KEY_A}
     requests.post(f"{stack.url}/clear_history", headers=head, timeout=60)
     pairs = [[f"Earlier question {marker}?", "Earlier answer."]]
-    response = requests.post(f"{stack.url}/infer_forward", headers=head, timeout=120, json={
-        "prompt": "Go on.", "chat_history": pairs, "max_output_tokens": 8})
+    response = requests.post(
+        f"{stack.url}/infer_forward",
+        headers=head,
+        timeout=120,
+        json={"prompt": "Go on.", "chat_history": pairs, "max_output_tokens": 8},
+    )
     assert response.status_code == 200, response.text
     reply = response.json()["response"]
     (request,) = jobs_whose_prompt_has(stack, marker)
     stored = requests.post(f"{stack.url}/get_history", headers=head, timeout=60).json()
-    assert contents(request) == [("user", pairs[0][0]), ("assistant", "Earlier answer."),
-                                 ("user", "Go on.")]
+    assert contents(request) == [
+        ("user", pairs[0][0]),
+        ("assistant", "Earlier answer."),
+        ("user", "Go on."),
+    ]
     assert request["max_tokens"] == 8
     # The caller's stored history records the turn (not the client's made-up past).
     assert stored == {"chat_history": [["Go on.", reply]]}
@@ -99,17 +109,18 @@ def test_mllm_history_sent_by_the_client_replaces_the_stored_one(stack: Stack) -
     requests.post(f"{stack.url}/clear_history", headers=head, timeout=60)
 
 
-def test_mllm_seed_main_describes_an_image(
-    stack: Stack, vision_model: str, tmp_path: Path
-) -> None:
+def test_mllm_seed_main_describes_an_image(stack: Stack, vision_model: str, tmp_path: Path) -> None:
     png = image_bytes(size=(64, 48), color=(10, 120, 200))
     picture = tmp_path / "picture.png"
     picture.write_bytes(png)
     head = {"Authorization": KEY_B}
     requests.post(f"{stack.url}/clear_history", headers=head, timeout=60)
     # The seed's own main: its image path is one of the parameters it says to replace.
-    seed = seed_copy("mllm_infer.py", tmp_path, {**mllm_placeholders(stack, KEY_B),
-                                                 "'path_to_your_image'": repr(str(picture))})
+    seed = seed_copy(
+        "mllm_infer.py",
+        tmp_path,
+        {**mllm_placeholders(stack, KEY_B), "'path_to_your_image'": repr(str(picture))},
+    )
     answer = json.loads(run_seed(seed))
     assert answer["chat_history"] == [["Please describe the image", answer["response"]]]
 
@@ -127,23 +138,32 @@ def test_mllm_seed_main_describes_an_image(
 
     # A text-only follow-up: the stored image comes back into its prompt, so the model
     # that takes images answers it.
-    follow_up = requests.post(f"{stack.url}/infer_forward", headers=head, timeout=120,
-                              json={"prompt": "What colour is it?", "max_output_tokens": 8})
+    follow_up = requests.post(
+        f"{stack.url}/infer_forward",
+        headers=head,
+        timeout=120,
+        json={"prompt": "What colour is it?", "max_output_tokens": 8},
+    )
     assert follow_up.status_code == 200, follow_up.text
     url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT request, model FROM jobs WHERE id = %s",
-                           (follow_up.headers["x-ferry-job-id"],)).fetchone()
+        row = conn.execute(
+            "SELECT request, model FROM jobs WHERE id = %s", (follow_up.headers["x-ferry-job-id"],)
+        ).fetchone()
     assert row is not None
     request, model = row
     assert model == vision_model
     assert request["messages"][0]["content"] == [
-        {"type": "image", "image": {"sha256": image["sha256"], "mime": "image/png",
-                                    "width": 64, "height": 48}},
-        {"type": "text", "text": "Please describe the image"}]
+        {
+            "type": "image",
+            "image": {"sha256": image["sha256"], "mime": "image/png", "width": 64, "height": 48},
+        },
+        {"type": "text", "text": "Please describe the image"},
+    ]
     assert request["messages"][1:] == [
         {"role": "assistant", "content": answer["response"]},
-        {"role": "user", "content": "What colour is it?"}]
+        {"role": "user", "content": "What colour is it?"},
+    ]
     requests.post(f"{stack.url}/clear_history", headers=head, timeout=60)
 
 
@@ -151,10 +171,14 @@ def test_mllm_seed_main_describes_an_image(
 
 
 def test_transformers_seed_client_non_streaming(stack: Stack, tmp_path: Path) -> None:
-    path = seed_copy("llm_http.py", tmp_path, {
-        '"<Public access address of the EAS service>"': repr(stack.url),
-        '"<Public token of the EAS service>"': repr(KEY_A),
-    })
+    path = seed_copy(
+        "llm_http.py",
+        tmp_path,
+        {
+            '"<Public access address of the EAS service>"': repr(stack.url),
+            '"<Public token of the EAS service>"': repr(KEY_A),
+        },
+    )
     # The seed's defaults: max_new_tokens=2048, more than the tiny model's context leaves.
     out = run_seed(path)
     match = re.search(r" --- output: (.*) \n --- history: (.*)\n\Z", out, re.DOTALL)
@@ -167,14 +191,19 @@ def test_transformers_seed_client_non_streaming(stack: Stack, tmp_path: Path) ->
 
 
 def test_transformers_seed_client_streaming(stack: Stack, tmp_path: Path) -> None:
-    path = seed_copy("llm_http_stream.py", tmp_path, {
-        'host = ""': f"host = {stack.url!r}",
-        'authorization = ""': f"authorization = {KEY_A!r}",
-    })
+    path = seed_copy(
+        "llm_http_stream.py",
+        tmp_path,
+        {
+            'host = ""': f"host = {stack.url!r}",
+            'authorization = ""': f"authorization = {KEY_A!r}",
+        },
+    )
     prompt = f"Stream please {secrets.token_hex(3)}"
     out = run_seed(path, "--prompt", prompt, "--max-new-tokens", "48")
-    lines = re.findall(r" --- stream line: (.*?) \n --- history: (.*?)\n(?= --- stream|\Z)",
-                       out, re.DOTALL)
+    lines = re.findall(
+        r" --- stream line: (.*?) \n --- history: (.*?)\n(?= --- stream|\Z)", out, re.DOTALL
+    )
     assert len(lines) > 1, out
     pieces = [piece for piece, _ in lines]
     histories = [ast.literal_eval(h) for _, h in lines]
@@ -182,15 +211,19 @@ def test_transformers_seed_client_streaming(stack: Stack, tmp_path: Path) -> Non
     assert histories[-1][-1] == [prompt, answer]
     assert histories[-1][0][0] == "San Francisco is a"
     # Each object's history holds the answer so far.
-    assert [h[-1][1] for h in histories] == ["".join(pieces[:i + 1]) for i in range(len(lines))]
+    assert [h[-1][1] for h in histories] == ["".join(pieces[: i + 1]) for i in range(len(lines))]
     (request,) = jobs_whose_prompt_has(stack, prompt)
     assert request["messages"][0]["role"] == "system"
     assert request["max_tokens"] == 48 and request["top_k"] == 4
 
 
 def test_transformers_plain_text_body_like_curl(stack: Stack) -> None:
-    response = requests.post(stack.url, data=b"what is the capital of Canada?\n",
-                             headers={"Authorization": KEY_A}, timeout=120)
+    response = requests.post(
+        stack.url,
+        data=b"what is the capital of Canada?\n",
+        headers={"Authorization": KEY_A},
+        timeout=120,
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["response"]
@@ -214,8 +247,7 @@ def test_bad_history_is_a_400_and_creates_nothing(
     with stack.client(KEY_B) as client:
         conversations_before = client.get("/v1/conversations?limit=100").json()["data"]
         mllm = client.post("/infer_forward", json={"prompt": "Hi", "chat_history": history})
-        llm = client.post("/", json={"prompt": "Hi", "history": history,
-                                     "use_stream_chat": False})
+        llm = client.post("/", json={"prompt": "Hi", "history": history, "use_stream_chat": False})
         conversations_after = client.get("/v1/conversations?limit=100").json()["data"]
     for response, name in ((mllm, "chat_history"), (llm, "history")):
         error = assert_error(response, 400)
@@ -231,13 +263,15 @@ def test_other_bad_requests(stack: Stack) -> None:
         no_key = client.post("/", content=b"hello")
         wrong_key = client.post("/get_history", headers={"Authorization": "sk-wrong"})
         auth = {"Authorization": KEY_B}
-        not_json = client.post("/", content=b"{nope",
-                               headers={**auth, "Content-Type": "application/json"})
+        not_json = client.post(
+            "/", content=b"{nope", headers={**auth, "Content-Type": "application/json"}
+        )
         not_object = client.post("/", json=[1, 2], headers=auth)
         empty = client.post("/", content=b"  \n", headers=auth)
         bad_knob = client.post("/", json={"prompt": "Hi", "temperature": 5}, headers=auth)
-        bad_image = client.post("/infer_forward", json={"prompt": "Hi", "image": "bm90IGFu"},
-                                headers=auth)
+        bad_image = client.post(
+            "/infer_forward", json={"prompt": "Hi", "image": "bm90IGFu"}, headers=auth
+        )
         # The bare token works on every route, Bearer on the EAS ones too.
         bare_on_v1 = client.get("/v1/jobs", headers=auth)
         bearer_on_eas = client.post("/get_history", headers={"Authorization": f"Bearer {KEY_B}"})

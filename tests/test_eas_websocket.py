@@ -39,18 +39,20 @@ def ws_round(ws: websocket.WebSocket, request: dict[str, Any] | str) -> list[str
 
 def test_websocket_rounds_keep_history(stack: Stack) -> None:
     marker = secrets.token_hex(4)
-    ws = websocket.create_connection(ws_url(stack), header=[f"Authorization: {KEY_A}"],
-                                     timeout=120)
+    ws = websocket.create_connection(ws_url(stack), header=[f"Authorization: {KEY_A}"], timeout=120)
     try:
-        first = ws_round(ws, {"prompt": f"alpha {marker}", "max_new_tokens": 8,
-                              "system_prompt": "Be brief."})
-        second = ws_round(ws, {"prompt": f"beta {marker}", "max_new_tokens": 8,
-                               "use_stream_chat": False})
+        first = ws_round(
+            ws, {"prompt": f"alpha {marker}", "max_new_tokens": 8, "system_prompt": "Be brief."}
+        )
+        second = ws_round(
+            ws, {"prompt": f"beta {marker}", "max_new_tokens": 8, "use_stream_chat": False}
+        )
         bad = ws_round(ws, {"prompt": "x", "history": "nope"})
         bad_unstreamed = ws_round(ws, {"temperature": 9, "use_stream_chat": False})
         third = ws_round(ws, f"gamma {marker}")  # plain text is a prompt
-        replaced = ws_round(ws, {"prompt": f"delta {marker}", "max_new_tokens": 4,
-                                 "history": [["q", "a"]]})
+        replaced = ws_round(
+            ws, {"prompt": f"delta {marker}", "max_new_tokens": 4, "history": [["q", "a"]]}
+        )
     finally:
         ws.close()
     assert len(first) >= 1 and len(second) == 1 and third and replaced
@@ -60,15 +62,27 @@ def test_websocket_rounds_keep_history(stack: Stack) -> None:
     requests_ = {r["messages"][-1]["content"]: r for r in jobs_whose_prompt_has(stack, marker)}
     answer1, answer2 = "".join(first), second[0]
     assert contents(requests_[f"alpha {marker}"]) == [
-        ("system", "Be brief."), ("user", f"alpha {marker}")]
+        ("system", "Be brief."),
+        ("user", f"alpha {marker}"),
+    ]
     # The system prompt belongs to the message that sent it; the history stays.
     assert contents(requests_[f"beta {marker}"]) == [
-        ("user", f"alpha {marker}"), ("assistant", answer1), ("user", f"beta {marker}")]
+        ("user", f"alpha {marker}"),
+        ("assistant", answer1),
+        ("user", f"beta {marker}"),
+    ]
     assert contents(requests_[f"gamma {marker}"]) == [
-        ("user", f"alpha {marker}"), ("assistant", answer1), ("user", f"beta {marker}"),
-        ("assistant", answer2), ("user", f"gamma {marker}")]
+        ("user", f"alpha {marker}"),
+        ("assistant", answer1),
+        ("user", f"beta {marker}"),
+        ("assistant", answer2),
+        ("user", f"gamma {marker}"),
+    ]
     assert contents(requests_[f"delta {marker}"]) == [
-        ("user", "q"), ("assistant", "a"), ("user", f"delta {marker}")]
+        ("user", "q"),
+        ("assistant", "a"),
+        ("user", f"delta {marker}"),
+    ]
 
 
 def test_websocket_keeps_reading_while_queued_rounds_wait(stack: Stack) -> None:
@@ -76,8 +90,7 @@ def test_websocket_keeps_reading_while_queued_rounds_wait(stack: Stack) -> None:
     still read during the first round: a ping sent then is answered before that round ends.
     (uvicorn stops reading while a message waits for the app, and drops a connection whose
     keepalive pong it cannot read.) The rounds are answered in order."""
-    ws = websocket.create_connection(ws_url(stack), header=[f"Authorization: {KEY_A}"],
-                                     timeout=120)
+    ws = websocket.create_connection(ws_url(stack), header=[f"Authorization: {KEY_A}"], timeout=120)
     try:
         long_round = {"prompt": "one", "max_new_tokens": 300, "do_sample": False}
         ws.send(json.dumps(long_round))
@@ -104,15 +117,18 @@ def test_websocket_keeps_reading_while_queued_rounds_wait(stack: Stack) -> None:
 
 def test_websocket_refuses_a_wrong_key(stack: Stack) -> None:
     with pytest.raises(websocket.WebSocketBadStatusException):
-        websocket.create_connection(ws_url(stack), header=["Authorization: sk-wrong"],
-                                    timeout=30)
+        websocket.create_connection(ws_url(stack), header=["Authorization: sk-wrong"], timeout=30)
 
 
 def test_websocket_seed_client(stack: Stack, tmp_path: Path) -> None:
-    path = seed_copy("llm_websocket.py", tmp_path, {
-        'authorization = ""': f"authorization = {KEY_A!r}",
-        'host = "ws://" + ""': f"host = \"ws://\" + {stack.url.removeprefix('http://')!r}",
-    })
+    path = seed_copy(
+        "llm_websocket.py",
+        tmp_path,
+        {
+            'authorization = ""': f"authorization = {KEY_A!r}",
+            'host = "ws://" + ""': f'host = "ws://" + {stack.url.removeprefix("http://")!r}',
+        },
+    )
     out = run_seed(path, timeout=560)
     # websocket-client >= 1.9 reports even a normal close (code 1000) through on_error.
     # 15 processes share one stdout and print() writes its pieces separately, so lines can

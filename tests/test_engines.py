@@ -158,8 +158,10 @@ async def test_stop_string(engine: Engine) -> None:
 async def test_ignore_eos_generates_to_max_tokens(engine: Engine) -> None:
     # Sampled, about 5 of these 32 end early on the end token (measured on both engines);
     # with ignore_eos every one runs to its limit.
-    requests = [chat(f"Tell me about item {i}.", max_tokens=400, temperature=1.0, seed=i,
-                     ignore_eos=True) for i in range(32)]
+    requests = [
+        chat(f"Tell me about item {i}.", max_tokens=400, temperature=1.0, seed=i, ignore_eos=True)
+        for i in range(32)
+    ]
     results = await asyncio.gather(*(collect(engine, r) for r in requests))
     for deltas in results:
         check_stream(deltas, 400)
@@ -240,14 +242,18 @@ def _tokens(deltas: list[Delta]) -> list[str]:
 
 async def test_logit_bias_forces_and_bans_tokens(engine: Engine, model_dir: Path) -> None:
     forced = _token_id(model_dir, " river")
-    deltas = await collect(engine, chat("Anything", max_tokens=6, temperature=0,
-                                        logit_bias={forced: 100.0}, logprobs=0))
+    deltas = await collect(
+        engine,
+        chat("Anything", max_tokens=6, temperature=0, logit_bias={forced: 100.0}, logprobs=0),
+    )
     assert _tokens(deltas) == [" river"] * 6 and text_of(deltas) == " river" * 6
     greedy = await collect(engine, chat("Anything", max_tokens=6, temperature=0, logprobs=0))
     first = _tokens(greedy)[0]
     banned = _token_id(model_dir, first)
-    again = await collect(engine, chat("Anything", max_tokens=6, temperature=0,
-                                       logit_bias={banned: -100.0}, logprobs=0))
+    again = await collect(
+        engine,
+        chat("Anything", max_tokens=6, temperature=0, logit_bias={banned: -100.0}, logprobs=0),
+    )
     assert first not in _tokens(again)
     with pytest.raises(EngineRequestError):
         await collect(engine, chat("x", max_tokens=2, logit_bias={10**7: 1.0}))
@@ -256,13 +262,15 @@ async def test_logit_bias_forces_and_bans_tokens(engine: Engine, model_dir: Path
 async def test_min_tokens_holds_the_end_token_back(engine: Engine, model_dir: Path) -> None:
     eos = _token_id(model_dir, "<|im_end|>")
     # Biased to the end token, the answer ends at once...
-    short = await collect(engine, chat("End now", max_tokens=16, temperature=0,
-                                       logit_bias={eos: 100.0}))
+    short = await collect(
+        engine, chat("End now", max_tokens=16, temperature=0, logit_bias={eos: 100.0})
+    )
     assert short[-1].finish_reason == "stop"
     assert sum(d.new_tokens for d in short) <= 1
     # ...but not before min_tokens.
-    held = await collect(engine, chat("End now", max_tokens=16, temperature=0,
-                                      logit_bias={eos: 100.0}, min_tokens=5))
+    held = await collect(
+        engine, chat("End now", max_tokens=16, temperature=0, logit_bias={eos: 100.0}, min_tokens=5)
+    )
     assert held[-1].finish_reason == "stop"
     assert 5 <= sum(d.new_tokens for d in held) <= 6
 
@@ -281,12 +289,14 @@ async def test_min_p_one_keeps_only_the_top_token(engine: Engine) -> None:
     def picks(deltas: list[Delta]) -> list[tuple[float, float]]:
         return [(lp.logprob, lp.top[0][1]) for d in deltas for lp in d.logprobs or ()]
 
-    free = await collect(engine, chat("Top only", max_tokens=24, temperature=1.0, seed=3,
-                                      logprobs=1))
+    free = await collect(
+        engine, chat("Top only", max_tokens=24, temperature=1.0, seed=3, logprobs=1)
+    )
     assert any(chosen < top - 1e-3 for chosen, top in picks(free))
     # Only the likeliest token (or one tied with it: bf16 logits tie often) is drawn.
-    cut = await collect(engine, chat("Top only", max_tokens=24, temperature=1.0, seed=3,
-                                     min_p=1.0, logprobs=1))
+    cut = await collect(
+        engine, chat("Top only", max_tokens=24, temperature=1.0, seed=3, min_p=1.0, logprobs=1)
+    )
     assert all(abs(chosen - top) < 1e-4 for chosen, top in picks(cut))
 
 

@@ -33,21 +33,32 @@ def test_batch_lines_share_messages_by_model_and_priority() -> None:
     assert singles == [["i0"], ["i1"], ["i2"]]
     grouped = [(ids, first) for ids, first in messages if first.lane == "bulk"]
     assert [ids for ids, _ in grouped] == [
-        [f"a{i}" for i in range(n)], [f"a{i}" for i in range(n, n + 3)],
-        ["b0", "b1"], ["c0"],
+        [f"a{i}" for i in range(n)],
+        [f"a{i}" for i in range(n, n + 3)],
+        ["b0", "b1"],
+        ["c0"],
     ]
     for ids, first in grouped:
         # Every line of a message has the model and priority the message is sent with.
         members = [j for j in jobs if j.id in ids]
         assert {(j.model, j.priority, j.lane) for j in members} == {
-            (first.model, first.priority, "bulk")}
+            (first.model, first.priority, "bulk")
+        }
     sent = [i for ids, _ in messages for i in ids]
     assert sorted(sent) == sorted(j.id for j in jobs)  # each job exactly once
 
 
-@pytest.mark.parametrize(("n", "messages", "largest"), [
-    (1, 1, 1), (8, 8, 1), (9, 8, 2), (64, 8, 8), (65, 9, 8), (100, 13, 8),
-])
+@pytest.mark.parametrize(
+    ("n", "messages", "largest"),
+    [
+        (1, 1, 1),
+        (8, 8, 1),
+        (9, 8, 2),
+        (64, 8, 8),
+        (65, 9, 8),
+        (100, 13, 8),
+    ],
+)
 def test_interactive_bursts_spread_over_at_least_eight_messages(
     n: int, messages: int, largest: int
 ) -> None:
@@ -107,11 +118,14 @@ async def test_messages_go_out_while_the_event_loop_is_busy(broker: redis.Redis)
         # Block this event loop on purpose (as a burst of requests would keep it busy):
         # the sender needs nothing from it.
         deadline = time.monotonic() + 20
-        while (len(_sent_job_ids(broker, queue_name("m1", "interactive"))) < len(jobs)
-               and time.monotonic() < deadline):
+        while (
+            len(_sent_job_ids(broker, queue_name("m1", "interactive"))) < len(jobs)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)  # noqa: ASYNC251 (the point of the test)
         assert sorted(_sent_job_ids(broker, queue_name("m1", "interactive"))) == sorted(
-            j.id for j in jobs)
+            j.id for j in jobs
+        )
         # Each job was marked pending (for the reconciler) before its message went out.
         assert all(broker.zscore(PENDING_JOBS, j.id) is not None for j in jobs)
     finally:

@@ -24,9 +24,15 @@ async def test_event_stream_appends_publishes_and_replays(redis_client: Redis) -
     batch.append(("j1", JobEvent("1-4", EventType.DONE, {"finish_reason": "stop"})))
     await stream.publish(batch)
     assert [str(e.id) for e in await stream.read_after("j1", NO_EVENT) or []] == [
-        "1-1", "1-2", "1-3", "1-4"]
+        "1-1",
+        "1-2",
+        "1-3",
+        "1-4",
+    ]
     assert [e.id for e in await stream.read_after("j1", EventId(1, 2)) or []] == [
-        EventId(1, 3), EventId(1, 4)]
+        EventId(1, 3),
+        EventId(1, 4),
+    ]
     assert await stream.read_after("nope", NO_EVENT) is None
     assert 0 < await redis_client.ttl("ferry:job:j1:events") <= 60  # terminal event sets TTL
     live = []
@@ -46,8 +52,11 @@ async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: R
     pubsub = redis_client.pubsub()
     await pubsub.subscribe("ferry:job:a:live", "ferry:job:b:live")
     texts = ['say "hi"\n', "\u00e9t\u00e9 \U0001f600 \\ end", "}{", "<think>"]
-    batch = [(job, JobEvent.delta(f"1-{i}", text, 1.5))
-             for i, text in enumerate(texts, 1) for job in ("a", "b")]
+    batch = [
+        (job, JobEvent.delta(f"1-{i}", text, 1.5))
+        for i, text in enumerate(texts, 1)
+        for job in ("a", "b")
+    ]
     batch.append(("a", JobEvent("1-5", EventType.DONE, {"finish_reason": "length"})))
     await stream.publish(batch)
     await stream.publish([("b", JobEvent("1-2", EventType.DELTA, {"text": "again"}))])
@@ -56,7 +65,8 @@ async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: R
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
         if message:
             live[message["channel"].decode().split(":")[2]].append(
-                JobEvent.from_json(message["data"]))
+                JobEvent.from_json(message["data"])
+            )
     for job in ("a", "b"):
         stored = await stream.read_after(job, NO_EVENT) or []
         assert [e.data["text"] for e in stored if e.type == EventType.DELTA] == texts
@@ -69,13 +79,17 @@ async def test_one_publish_carries_many_jobs_events_and_any_text(redis_client: R
     await pubsub.aclose()
 
 
-@pytest.mark.parametrize("event", [
-    JobEvent("1-1", EventType.DELTA, {"text": 'a "quoted", "data": } text\n', "ts": 1.25}),
-    JobEvent("2-17", EventType.USAGE, {"prompt_tokens": 3, "completion_tokens": 4,
-                                       "total_tokens": 7}),
-    JobEvent("1-9", EventType.DONE, {"finish_reason": None}),
-    JobEvent("0-1", EventType.CANCELLED, {}),
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        JobEvent("1-1", EventType.DELTA, {"text": 'a "quoted", "data": } text\n', "ts": 1.25}),
+        JobEvent(
+            "2-17", EventType.USAGE, {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        ),
+        JobEvent("1-9", EventType.DONE, {"finish_reason": None}),
+        JobEvent("0-1", EventType.CANCELLED, {}),
+    ],
+)
 def test_an_event_survives_the_wire_with_its_data_as_sent(event: JobEvent) -> None:
     """What is published (to_json, the publish script's shape) comes back equal, with the
     data's JSON text as json.dumps writes it (what SSE clients get)."""
@@ -83,12 +97,20 @@ def test_an_event_survives_the_wire_with_its_data_as_sent(event: JobEvent) -> No
     back = JobEvent.from_json(wire.encode())
     assert back == event and back.id == event.id
     assert back.data_json == json.dumps(event.data)
-    assert wire == json.dumps({"id": str(event.id), "type": event.type.value,
-                               "data": event.data})
+    assert wire == json.dumps({"id": str(event.id), "type": event.type.value, "data": event.data})
 
 
-@pytest.mark.parametrize("text", ["", 'say "hi"\n\t\\', "\u00e9t\u00e9 \u4e16\u754c \U0001f600",
-                                  "\x00\x1f\x7f", "\ud800 lone surrogate", "</script>"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        'say "hi"\n\t\\',
+        "\u00e9t\u00e9 \u4e16\u754c \U0001f600",
+        "\x00\x1f\x7f",
+        "\ud800 lone surrogate",
+        "</script>",
+    ],
+)
 @pytest.mark.parametrize("ts", [1764130000.123456, 0.1, 1e20, None])
 def test_a_delta_events_json_is_what_json_dumps_writes(text: str, ts: float | None) -> None:
     """A delta's JSON is json.dumps's text for its data, whatever the text holds, so
@@ -103,8 +125,10 @@ def test_an_event_id_reads_back_as_written(text: str) -> None:
     assert str(EventId.parse(text)) == text
 
 
-@pytest.mark.parametrize("text", ["", "1", "1-", "-1", "1-2-3", "a-1", "1-b", " 1-2", "+1-2",
-                                  "1_0-2", "\u00b2-1", "\u0661-1"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "1", "1-", "-1", "1-2-3", "a-1", "1-b", " 1-2", "+1-2", "1_0-2", "\u00b2-1", "\u0661-1"],
+)
 def test_anything_else_is_not_an_event_id(text: str) -> None:
     with pytest.raises(ValueError):
         EventId.parse(text)
@@ -145,16 +169,20 @@ async def test_the_event_hub_reconnects_and_resubscribes_after_losing_redis(
             await stream.publish([("j-reconnect", JobEvent("1-1", EventType.DELTA, {"text": "a"}))])
             assert str((await asyncio.wait_for(live.get(), 5)).id) == "1-1"
             # Only this hub's connection (other deployments' hubs share the server).
-            ids = [c["id"] for c in await redis_client.client_list(_type="pubsub")
-                   if c.get("name") == name]
+            ids = [
+                c["id"]
+                for c in await redis_client.client_list(_type="pubsub")
+                if c.get("name") == name
+            ]
             assert len(ids) == 1
             await redis_client.client_kill_filter(_id=ids[0])
 
             async def delivered_after_reconnect() -> JobEvent:
                 seq = 2
                 while True:  # publish until the renewed subscription hears one
-                    await stream.publish([("j-reconnect", JobEvent(
-                        f"1-{seq}", EventType.DELTA, {"text": "b"}))])
+                    await stream.publish(
+                        [("j-reconnect", JobEvent(f"1-{seq}", EventType.DELTA, {"text": "b"}))]
+                    )
                     try:
                         return await asyncio.wait_for(live.get(), 0.2)
                     except TimeoutError:
@@ -163,7 +191,8 @@ async def test_the_event_hub_reconnects_and_resubscribes_after_losing_redis(
             event = await asyncio.wait_for(delivered_after_reconnect(), 15)
             assert event.data == {"text": "b"}
             assert await redis_client.pubsub_numsub("ferry:job:j-reconnect:live") == [
-                (b"ferry:job:j-reconnect:live", 1)]
+                (b"ferry:job:j-reconnect:live", 1)
+            ]
     finally:
         await hub.stop()
         await hub_redis.aclose()

@@ -37,27 +37,56 @@ def tiny_adapter(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_vllm_flags_become_worker_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     # The flags alone (no FERRY_ variables of the test run), restored after the test.
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
-                                        if not k.startswith("FERRY_")})
-    args = build_parser().parse_args([
-        "worker", "Org/Model", "--max-model-len", "4096", "--served-model-name", "m",
-        "--dtype", "float32", "--trust-remote-code", "--tensor-parallel-size", "2",
-        "--quantization", "awq", "--gpu-memory-utilization", "0.5",
-        "--limit-mm-per-prompt", '{"image": 2}',
-        "--lora-modules", "fr=/a/fr", '{"name": "de", "path": "/a/de", "base_model_name": "m"}',
-        "--max-lora-rank", "16", "--reasoning-parser", "deepseek_r1",
-        "--tool-call-parser", "hermes", "--engine-args", '{"max_num_batched_tokens": 4096}',
-    ])
+    monkeypatch.setattr(
+        os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    )
+    args = build_parser().parse_args(
+        [
+            "worker",
+            "Org/Model",
+            "--max-model-len",
+            "4096",
+            "--served-model-name",
+            "m",
+            "--dtype",
+            "float32",
+            "--trust-remote-code",
+            "--tensor-parallel-size",
+            "2",
+            "--quantization",
+            "awq",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--limit-mm-per-prompt",
+            '{"image": 2}',
+            "--lora-modules",
+            "fr=/a/fr",
+            '{"name": "de", "path": "/a/de", "base_model_name": "m"}',
+            "--max-lora-rank",
+            "16",
+            "--reasoning-parser",
+            "deepseek_r1",
+            "--tool-call-parser",
+            "hermes",
+            "--engine-args",
+            '{"max_num_batched_tokens": 4096}',
+        ]
+    )
     s = _worker_settings(args)
     assert "FERRY_MODEL" not in os.environ  # the CLI leaves the environment alone
     assert (s.model, s.model_name, s.max_model_len, s.dtype) == ("Org/Model", "m", 4096, "float32")
     assert (s.trust_remote_code, s.tensor_parallel_size, s.quantization) == (True, 2, "awq")
     assert s.gpu_memory_utilization == 0.5
     assert s.limit_mm_per_prompt == {"image": 2}
-    assert s.lora_modules == [LoraModule(name="fr", path="/a/fr"),
-                              LoraModule(name="de", path="/a/de", base_model_name="m")]
-    assert (s.max_lora_rank, s.reasoning_parser, s.tool_call_parser) == (16, "deepseek_r1",
-                                                                         "hermes")
+    assert s.lora_modules == [
+        LoraModule(name="fr", path="/a/fr"),
+        LoraModule(name="de", path="/a/de", base_model_name="m"),
+    ]
+    assert (s.max_lora_rank, s.reasoning_parser, s.tool_call_parser) == (
+        16,
+        "deepseek_r1",
+        "hermes",
+    )
     assert s.engine_args == {"max_num_batched_tokens": 4096}
     # The flags win over FERRY_ variables, which give the rest.
     monkeypatch.setenv("FERRY_MAX_MODEL_LEN", "8")
@@ -73,16 +102,30 @@ def test_registry_entries_load_across_versions() -> None:
     """Old JSON (no new fields) loads; fields a newer process adds are ignored."""
     old = ServedModel.from_json('{"name": "m", "max_model_len": 8, "engine": "vllm"}')
     assert (old.base_model, old.reasoning_parser, old.tool_call_parser) == (None, None, None)
-    newer = json.dumps({"name": "a", "max_model_len": 8, "engine": "vllm", "base_model": "m",
-                        "tool_call_parser": "hermes", "from_the_future": 1})
+    newer = json.dumps(
+        {
+            "name": "a",
+            "max_model_len": 8,
+            "engine": "vllm",
+            "base_model": "m",
+            "tool_call_parser": "hermes",
+            "from_the_future": 1,
+        }
+    )
     assert ServedModel.from_json(newer).base_model == "m"
     beat = WorkerBeat("w", "m", "vllm", 0, 0.0, adapters=("a",))
     assert beat.serves("m") and beat.serves("a") and not beat.serves("b")
 
 
 def _worker_exit(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    done = subprocess.run([sys.executable, "-m", "cli.main", "worker", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "worker", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     return done.returncode, done.stderr
 
 
@@ -125,8 +168,9 @@ async def test_transformers_engine_refuses_what_it_cannot_honour(tiny_dir: Path)
 
 
 async def _answer(engine: object, prompt: str) -> str:
-    request = GenerationRequest("r", prompt=prompt,
-                                sampling=SamplingOptions(max_tokens=4, temperature=0))
+    request = GenerationRequest(
+        "r", prompt=prompt, sampling=SamplingOptions(max_tokens=4, temperature=0)
+    )
     return "".join([d.text async for d in engine.generate(request)])  # type: ignore[attr-defined]
 
 
@@ -141,8 +185,9 @@ async def test_a_model_with_its_own_code_needs_trust_remote_code(
     settings = WorkerSettings(model=str(remote), concurrency=2)
     with pytest.raises(StartupError, match="--trust-remote-code"):
         await TransformersEngine(remote, settings).start()
-    settings = WorkerSettings(model=str(remote), concurrency=2, trust_remote_code=True,
-                              dtype="bfloat16", max_model_len=64)
+    settings = WorkerSettings(
+        model=str(remote), concurrency=2, trust_remote_code=True, dtype="bfloat16", max_model_len=64
+    )
     engine = TransformersEngine(remote, settings)
     await engine.start()
     try:
@@ -191,9 +236,14 @@ async def main():
 if __name__ == "__main__":
     asyncio.run(main())
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=280,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith(("REFUSED", "START"))]
     assert len(lines) == 5, done.stdout + done.stderr
     assert all(line.startswith("REFUSED") for line in lines), lines
@@ -210,5 +260,8 @@ if __name__ == "__main__":
 def test_parsers_vllm_knows_are_accepted() -> None:
     from worker.engines.options import check_parsers
 
-    asyncio.run(asyncio.to_thread(check_parsers, WorkerSettings(
-        reasoning_parser="deepseek_r1", tool_call_parser="hermes")))
+    asyncio.run(
+        asyncio.to_thread(
+            check_parsers, WorkerSettings(reasoning_parser="deepseek_r1", tool_call_parser="hermes")
+        )
+    )

@@ -22,10 +22,20 @@ pytestmark = pytest.mark.timeout(120)
 async def _jobs(sessions: Sessions, n: int) -> list[Job]:
     async with sessions.begin() as session:
         (key,) = await api_keys.ensure_keys(session, [f"sk-{secrets.token_hex(4)}"])
-        made = [Job(id=jobs.new_job_id(), owner_id=key.id, model="m", kind="chat",
-                    lane="bulk", status=JobStatus.QUEUED, priority=0,
-                    request={"messages": [], "max_tokens": 4}, attempts=0)
-                for _ in range(n)]
+        made = [
+            Job(
+                id=jobs.new_job_id(),
+                owner_id=key.id,
+                model="m",
+                kind="chat",
+                lane="bulk",
+                status=JobStatus.QUEUED,
+                priority=0,
+                request={"messages": [], "max_tokens": 4},
+                attempts=0,
+            )
+            for _ in range(n)
+        ]
         await jobs.insert_jobs(session, made)
     return made
 
@@ -53,8 +63,10 @@ async def test_claim_jobs_takes_only_the_claimable_ones_once(sessions: Sessions)
     async with sessions.begin() as session:
         claimed = await jobs.claim_jobs(session, ids, "w1", lease_seconds=30)
     assert set(claimed) == {queued[0].id, queued[1].id}
-    assert all(j.status == JobStatus.RUNNING and j.worker_id == "w1" and j.attempts == 1
-               for j in claimed.values())
+    assert all(
+        j.status == JobStatus.RUNNING and j.worker_id == "w1" and j.attempts == 1
+        for j in claimed.values()
+    )
     async with sessions.begin() as session:
         assert await jobs.claim_jobs(session, ids, "w2", lease_seconds=30) == {}
 
@@ -79,8 +91,9 @@ async def test_concurrent_ends_share_one_transaction(sessions: Sessions) -> None
     commits = _count_commits(sessions)
     writer = outcome_committer(sessions, "w1")
     writer.start()
-    statuses = await asyncio.gather(*(writer.submit((j.id, _ok(f"reply {i}")))
-                                      for i, j in enumerate(made)))
+    statuses = await asyncio.gather(
+        *(writer.submit((j.id, _ok(f"reply {i}"))) for i, j in enumerate(made))
+    )
     await writer.stop()
     assert statuses == [JobStatus.SUCCEEDED] * 10
     assert commits[0] <= 2, commits  # one per job would be 10
@@ -103,14 +116,19 @@ async def test_a_bad_outcome_fails_alone(sessions: Sessions) -> None:
     outcomes = [_ok("a"), bad, _ok("c"), _ok("d")]
     results = await asyncio.gather(
         *(writer.submit((j.id, o)) for j, o in zip(made, outcomes, strict=True)),
-        return_exceptions=True)
+        return_exceptions=True,
+    )
     await writer.stop()
     assert results[0] == results[2] == results[3] == JobStatus.SUCCEEDED
     assert isinstance(results[1], Exception)
     async with sessions() as session:
         rows = [await jobs.get_job(session, j.id) for j in made]
     assert [r.status if r else None for r in rows] == [
-        JobStatus.SUCCEEDED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.SUCCEEDED]
+        JobStatus.SUCCEEDED,
+        JobStatus.RUNNING,
+        JobStatus.SUCCEEDED,
+        JobStatus.SUCCEEDED,
+    ]
 
 
 async def test_cancelled_under_the_worker_and_lost_jobs(sessions: Sessions) -> None:
@@ -124,8 +142,9 @@ async def test_cancelled_under_the_worker_and_lost_jobs(sessions: Sessions) -> N
         assert await jobs.claim_job(session, taken.id, "w2", lease_seconds=30) is not None
     writer = outcome_committer(sessions, "w1")
     writer.start()
-    got = await asyncio.gather(writer.submit((cancelled.id, _ok("partial"))),
-                               writer.submit((taken.id, _ok("late"))))
+    got = await asyncio.gather(
+        writer.submit((cancelled.id, _ok("partial"))), writer.submit((taken.id, _ok("late")))
+    )
     await writer.stop()
     # Cancelled under us: stays cancelled, its partial output kept; taken over: not ours.
     assert got == [JobStatus.CANCELLED, None]

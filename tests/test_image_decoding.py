@@ -27,28 +27,32 @@ async def test_data_url_and_base64_spellings_give_one_image(store: CountingStore
     images = intake(store)
     encoded = b64(PNG)
     spellings = [
-        data_url(PNG), data_url(PNG, "image/jpeg"),  # the declared type is not trusted
-        encoded, encoded.rstrip("="),
+        data_url(PNG),
+        data_url(PNG, "image/jpeg"),  # the declared type is not trusted
+        encoded,
+        encoded.rstrip("="),
         base64.urlsafe_b64encode(PNG).decode(),
     ]
-    spaced = "\n".join(encoded[i:i + 60] for i in range(0, len(encoded), 60))
+    spaced = "\n".join(encoded[i : i + 60] for i in range(0, len(encoded), 60))
     refs = [await images.add(s, param="p") for s in spellings[:2]]
     refs += [await intake(store).add(s, param="p") for s in [*spellings[2:], spaced]]
     assert {r["sha256"] for r in refs} == {sha256_hex(PNG)}
-    assert refs[0] == {"sha256": sha256_hex(PNG), "mime": "image/png", "width": 16,
-                       "height": 12}
+    assert refs[0] == {"sha256": sha256_hex(PNG), "mime": "image/png", "width": 16, "height": 12}
 
 
-@pytest.mark.parametrize(("source", "needle"), [
-    ("data:image/png;base64", "Malformed data URL"),
-    ("data:text/plain;base64,aGVsbG8=", "not an image/* type"),
-    ("data:;base64,aGVsbG8=", "not an image/* type"),
-    ("data:image/png,%89PNG", "only base64 data URLs"),
-    ("data:image/png;base64,@@@@", "not valid base64"),
-    ("data:image/png;base64,", "empty"),
-    ("not base64 at all!", "neither an http(s) URL"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ("data:image/png;base64", "Malformed data URL"),
+        ("data:text/plain;base64,aGVsbG8=", "not an image/* type"),
+        ("data:;base64,aGVsbG8=", "not an image/* type"),
+        ("data:image/png,%89PNG", "only base64 data URLs"),
+        ("data:image/png;base64,@@@@", "not valid base64"),
+        ("data:image/png;base64,", "empty"),
+        ("not base64 at all!", "neither an http(s) URL"),
+        ("", "empty"),
+    ],
+)
 async def test_malformed_sources(store: CountingStore, source: str, needle: str) -> None:
     with pytest.raises(InvalidImage, match=re.escape(needle)) as caught:
         await intake(store).add(source, param="messages.0.content.1.image_url.url")
@@ -68,8 +72,14 @@ async def test_oversize_base64_refused_before_decoding(store: CountingStore) -> 
 async def test_local_paths_are_never_read(store: CountingStore, tmp_path: Path) -> None:
     real = tmp_path / "real.png"
     real.write_bytes(PNG)
-    for source in (str(real), "rose.jpg", "./rose.jpg", f"file://{real}", "C:\\rose.jpg",
-                   "~/rose.png"):
+    for source in (
+        str(real),
+        "rose.jpg",
+        "./rose.jpg",
+        f"file://{real}",
+        "C:\\rose.jpg",
+        "~/rose.png",
+    ):
         with pytest.raises((InvalidImage, ImageUrlRefused)):
             await intake(store).add(source, param="p")
     assert store.keys() == []
@@ -78,22 +88,36 @@ async def test_local_paths_are_never_read(store: CountingStore, tmp_path: Path) 
 # ---------------------------------------------------------------- Pillow
 
 
-@pytest.mark.parametrize(("fmt", "mime", "save"), [
-    ("PNG", "image/png", {}), ("JPEG", "image/jpeg", {"quality": 90}),
-    ("WEBP", "image/webp", {}), ("GIF", "image/gif", {}), ("BMP", "image/bmp", {}),
-])
+@pytest.mark.parametrize(
+    ("fmt", "mime", "save"),
+    [
+        ("PNG", "image/png", {}),
+        ("JPEG", "image/jpeg", {"quality": 90}),
+        ("WEBP", "image/webp", {}),
+        ("GIF", "image/gif", {}),
+        ("BMP", "image/bmp", {}),
+    ],
+)
 def test_accepted_formats_are_stored_as_sent(fmt: str, mime: str, save: Any) -> None:
     data = image_bytes(fmt, (20, 10), **save)
     verified = verify_image(data, max_pixels=10_000, param="p")
     assert verified.data == data
-    assert verified.ref == {"sha256": sha256_hex(data), "mime": mime, "width": 20,
-                            "height": 10}
+    assert verified.ref == {"sha256": sha256_hex(data), "mime": mime, "width": 20, "height": 10}
 
 
-@pytest.mark.parametrize("data", [
-    image_bytes("TIFF"), image_bytes("ICO"), image_bytes("PPM"), b"%PDF-1.4 not an image",
-    b"<svg xmlns='http://www.w3.org/2000/svg'/>", b"GIF89a", b"",
-], ids=["tiff", "ico", "ppm", "pdf", "svg", "gif-header-only", "empty"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        image_bytes("TIFF"),
+        image_bytes("ICO"),
+        image_bytes("PPM"),
+        b"%PDF-1.4 not an image",
+        b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+        b"GIF89a",
+        b"",
+    ],
+    ids=["tiff", "ico", "ppm", "pdf", "svg", "gif-header-only", "empty"],
+)
 def test_other_data_is_refused(data: bytes) -> None:
     with pytest.raises(InvalidImage):
         verify_image(data, max_pixels=10_000_000, param="p")
@@ -122,11 +146,14 @@ def test_pixel_cap_is_checked_before_decoding() -> None:
     assert time.monotonic() - started < 2
 
 
-@pytest.mark.parametrize(("orientation", "size", "top_red"), [
-    (6, (20, 40), True),   # "rotate 90 CW to display": the left (red) half ends on top
-    (8, (20, 40), False),  # "rotate 90 CCW": the right (blue) half ends on top
-    (3, (40, 20), None),   # upside down: red ends on the right
-])
+@pytest.mark.parametrize(
+    ("orientation", "size", "top_red"),
+    [
+        (6, (20, 40), True),  # "rotate 90 CW to display": the left (red) half ends on top
+        (8, (20, 40), False),  # "rotate 90 CCW": the right (blue) half ends on top
+        (3, (40, 20), None),  # upside down: red ends on the right
+    ],
+)
 def test_exif_orientation_is_applied(
     orientation: int, size: tuple[int, int], top_red: bool | None
 ) -> None:
@@ -134,7 +161,9 @@ def test_exif_orientation_is_applied(
     verified = verify_image(data, max_pixels=10_000, param="p")
     assert verified.data != data
     assert (verified.ref["mime"], verified.ref["width"], verified.ref["height"]) == (
-        "image/png", *size)
+        "image/png",
+        *size,
+    )
     assert verified.ref["sha256"] == sha256_hex(verified.data)
     with Image.open(io.BytesIO(verified.data)) as stored:
         assert stored.format == "PNG" and stored.size == size

@@ -70,20 +70,23 @@ async def test_request_limits(store: CountingStore, server: RecordingServer) -> 
         await total.add(b64(big), param="c")
 
 
-async def test_ingest_parts_splits_qwen_tags(store: CountingStore,
-                                             server: RecordingServer) -> None:
+async def test_ingest_parts_splits_qwen_tags(store: CountingStore, server: RecordingServer) -> None:
     jpeg = image_bytes("JPEG", (8, 8))
     url = server.serve("/rose.jpg", Route(body=jpeg))
     text = f"Picture 1:<img>{url}</img>\nPicture 2:<img>{b64(PNG)}</img>\nCompare them."
     parts = await ingest_parts(fake_state(store), text, param="prompt")
     assert [p["type"] for p in parts] == ["text", "image", "text", "image", "text"]
     assert [p["text"] for p in parts if p["type"] == "text"] == [
-        "Picture 1:", "\nPicture 2:", "\nCompare them."]
+        "Picture 1:",
+        "\nPicture 2:",
+        "\nCompare them.",
+    ]
     refs = image_refs(parts)
     assert [r["sha256"] for r in refs] == [sha256_hex(jpeg), sha256_hex(PNG)]
     assert store.keys() == sorted(image_key(r["sha256"]) for r in refs)
     assert await ingest_parts(fake_state(store), "no tags", param="prompt") == [
-        {"type": "text", "text": "no tags"}]
+        {"type": "text", "text": "no tags"}
+    ]
     with pytest.raises(InvalidImage):
         await ingest_parts(fake_state(store), "<img>rose.jpg</img>", param="prompt")
 
@@ -104,23 +107,35 @@ def chat(messages: list[dict[str, Any]], **extra: Any) -> ChatCompletionRequest:
 
 
 async def test_chat_image_parts_and_tags(store: CountingStore) -> None:
-    body = chat([
-        {"role": "system", "content": "Be brief. <img>not an image, a system's text</img>"},
-        {"role": "user", "content": [
-            {"type": "text", "text": "First "},
-            {"type": "image_url", "image_url": {"url": data_url(PNG)}},
-            {"type": "text", "text": "then <img>" + b64(PNG) + "</img> again."}]},
-        {"role": "assistant", "content": "Two red images."},
-        {"role": "user", "content": "And now?"},
-    ])
+    body = chat(
+        [
+            {"role": "system", "content": "Be brief. <img>not an image, a system's text</img>"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "First "},
+                    {"type": "image_url", "image_url": {"url": data_url(PNG)}},
+                    {"type": "text", "text": "then <img>" + b64(PNG) + "</img> again."},
+                ],
+            },
+            {"role": "assistant", "content": "Two red images."},
+            {"role": "user", "content": "And now?"},
+        ]
+    )
     messages = await chat_messages(intake(store), body, VISION)
     ref = {"sha256": sha256_hex(PNG), "mime": "image/png", "width": 16, "height": 12}
     assert messages == [
         {"role": "system", "content": "Be brief. <img>not an image, a system's text</img>"},
-        {"role": "user", "content": [
-            {"type": "text", "text": "First "}, {"type": "image", "image": ref},
-            {"type": "text", "text": "then "}, {"type": "image", "image": ref},
-            {"type": "text", "text": " again."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "First "},
+                {"type": "image", "image": ref},
+                {"type": "text", "text": "then "},
+                {"type": "image", "image": ref},
+                {"type": "text", "text": " again."},
+            ],
+        },
         {"role": "assistant", "content": "Two red images."},
         {"role": "user", "content": "And now?"},
     ]
@@ -128,38 +143,68 @@ async def test_chat_image_parts_and_tags(store: CountingStore) -> None:
 
 async def test_swift_images_fill_placeholders_in_order(store: CountingStore) -> None:
     gif = image_bytes("GIF", (4, 4))
-    body = chat([{"role": "user", "content": "<image>cat, and <image>sheep?"}],
-                images=[b64(PNG), b64(gif)])
+    body = chat(
+        [{"role": "user", "content": "<image>cat, and <image>sheep?"}], images=[b64(PNG), b64(gif)]
+    )
     [message] = await chat_messages(intake(store), body, VISION)
     assert [p.get("text") or p["image"]["mime"] for p in message["content"]] == [
-        "image/png", "cat, and ", "image/gif", "sheep?"]
+        "image/png",
+        "cat, and ",
+        "image/gif",
+        "sheep?",
+    ]
 
 
 async def test_swift_images_without_placeholders_go_before_the_last_user_text(
     store: CountingStore,
 ) -> None:
-    body = chat([{"role": "user", "content": "Describe this image."},
-                 {"role": "assistant", "content": "A kitten."},
-                 {"role": "user", "content": "How many sheep?"}],
-                images=[b64(PNG)])
+    body = chat(
+        [
+            {"role": "user", "content": "Describe this image."},
+            {"role": "assistant", "content": "A kitten."},
+            {"role": "user", "content": "How many sheep?"},
+        ],
+        images=[b64(PNG)],
+    )
     messages = await chat_messages(intake(store), body, VISION)
     assert messages[0]["content"] == "Describe this image."
     assert [p["type"] for p in messages[2]["content"]] == ["image", "text"]
     assert messages[2]["content"][1]["text"] == "How many sheep?"
 
 
-@pytest.mark.parametrize(("body", "param", "needle"), [
-    (chat([{"role": "user", "content": "<image> only one"}], images=[b64(PNG)] * 2),
-     "images", "placeholders"),
-    (chat([{"role": "system", "content": "x"}], images=[b64(PNG)]), "images", "user message"),
-    (chat([{"role": "assistant", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(PNG)}}]}]),
-     "messages.0.content.0", "only accepted in user messages"),
-    (chat([{"role": "user", "content": "<img>a</img><img>b</img>"}], images=["c", "d"]),
-     "images", "4 images"),
-])
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        (
+            chat([{"role": "user", "content": "<image> only one"}], images=[b64(PNG)] * 2),
+            "images",
+            "placeholders",
+        ),
+        (chat([{"role": "system", "content": "x"}], images=[b64(PNG)]), "images", "user message"),
+        (
+            chat(
+                [
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "image_url", "image_url": {"url": data_url(PNG)}}],
+                    }
+                ]
+            ),
+            "messages.0.content.0",
+            "only accepted in user messages",
+        ),
+        (
+            chat([{"role": "user", "content": "<img>a</img><img>b</img>"}], images=["c", "d"]),
+            "images",
+            "4 images",
+        ),
+    ],
+)
 async def test_chat_structure_refused_before_any_image_is_read(
-    store: CountingStore, body: ChatCompletionRequest, param: str, needle: str,
+    store: CountingStore,
+    body: ChatCompletionRequest,
+    param: str,
+    needle: str,
 ) -> None:
     with pytest.raises(InvalidRequest, match=needle) as caught:
         await chat_messages(intake(store), body, VISION)
@@ -169,10 +214,20 @@ async def test_chat_structure_refused_before_any_image_is_read(
 async def test_text_only_model(store: CountingStore) -> None:
     tagged = chat([{"role": "user", "content": "see <img>http://127.0.0.1/x.png</img>"}])
     assert await chat_messages(intake(store), tagged, TEXT) == [
-        {"role": "user", "content": "see <img>http://127.0.0.1/x.png</img>"}]
+        {"role": "user", "content": "see <img>http://127.0.0.1/x.png</img>"}
+    ]
     for body, param in [
-        (chat([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(PNG)}}]}]), "messages"),
+        (
+            chat(
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": data_url(PNG)}}],
+                    }
+                ]
+            ),
+            "messages",
+        ),
         (chat([{"role": "user", "content": "x"}], images=[b64(PNG)]), "images"),
     ]:
         with pytest.raises(ImagesNotSupported, match="`text` does not take images") as caught:
@@ -181,6 +236,11 @@ async def test_text_only_model(store: CountingStore) -> None:
 
 
 def test_ferry_errors_are_400s() -> None:
-    for exc in (InvalidImage("x"), ImageTooLarge("x"), TooManyImages("x"),
-                ImageUrlRefused("x"), ImagesNotSupported("m", param="images")):
+    for exc in (
+        InvalidImage("x"),
+        ImageTooLarge("x"),
+        TooManyImages("x"),
+        ImageUrlRefused("x"),
+        ImagesNotSupported("m", param="images"),
+    ):
         assert isinstance(exc, FerryError) and exc.status_code == 400

@@ -51,14 +51,30 @@ def test_image_job_stores_the_image_once_and_keeps_refs_only(image_stack: ImageS
     model, sha = image_stack.model, sha256_hex(PNG)
     encoded = b64(PNG)
     with image_stack.stack.client(KEY_A, url=image_stack.safe_url) as client:
-        first = client.post("/v1/jobs", json={"model": model, "messages": [
-            {"role": "user", "content": [
-                {"type": "text", "text": "What is this?"},
-                {"type": "image_url", "image_url": {"url": data_url(PNG)}}]}]})
+        first = client.post(
+            "/v1/jobs",
+            json={
+                "model": model,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is this?"},
+                            {"type": "image_url", "image_url": {"url": data_url(PNG)}},
+                        ],
+                    }
+                ],
+            },
+        )
         assert first.status_code == 202, first.text
-        second = client.post("/v1/jobs", json={"model": model, "images": [encoded],
-                                                "messages": [{"role": "user",
-                                                              "content": "And this?"}]})
+        second = client.post(
+            "/v1/jobs",
+            json={
+                "model": model,
+                "images": [encoded],
+                "messages": [{"role": "user", "content": "And this?"}],
+            },
+        )
         assert second.status_code == 202, second.text
     assert image_stack.object_keys().count(image_key(sha)) == 1
     ref = {"sha256": sha, "mime": "image/png", "width": 16, "height": 12}
@@ -77,8 +93,15 @@ def test_url_image_job_fetched_by_the_api(image_stack: ImageStack) -> None:
         url = server.serve("/leaf.jpg", Route(body=jpeg, headers={"Content-Type": "image/jpeg"}))
         hop = server.redirect("/short", "/leaf.jpg")
         with image_stack.stack.client(KEY_A, url=image_stack.lenient_url) as client:
-            response = client.post("/v1/jobs", json={"model": image_stack.model, "messages": [
-                {"role": "user", "content": f"Picture 1:<img>{hop}</img>\nWhat leaf?"}]})
+            response = client.post(
+                "/v1/jobs",
+                json={
+                    "model": image_stack.model,
+                    "messages": [
+                        {"role": "user", "content": f"Picture 1:<img>{hop}</img>\nWhat leaf?"}
+                    ],
+                },
+            )
         assert response.status_code == 202, response.text
         assert [h.path for h in server.hits] == ["/short", "/leaf.jpg"]
     finally:
@@ -109,9 +132,13 @@ def test_get_image_route(image_stack: ImageStack) -> None:
 
 async def _store_directly(image_stack: ImageStack, data: bytes) -> None:
     env = image_stack.stack.env
-    settings = ObjectStoreSettings(**{k.removeprefix("FERRY_").lower(): v
-                                      for k, v in env.items() if k.startswith("FERRY_S3")
-                                      or k == "FERRY_OBJECT_STORE"})
+    settings = ObjectStoreSettings(
+        **{
+            k.removeprefix("FERRY_").lower(): v
+            for k, v in env.items()
+            if k.startswith("FERRY_S3") or k == "FERRY_OBJECT_STORE"
+        }
+    )
     objects = build_object_store(settings)
     images = ImageIntake(objects, LIMITS)
     await images.add(b64(data), param="p")
@@ -137,9 +164,19 @@ def bad_image_requests(model: str, server: RecordingServer) -> list[tuple[str, A
     good = {"type": "image_url", "image_url": {"url": data_url(image_bytes("PNG", (3, 3)))}}
 
     def with_part(url: str) -> dict[str, Any]:
-        return {"model": model, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "Look:"}, good,
-            {"type": "image_url", "image_url": {"url": url}}]}]}
+        return {
+            "model": model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Look:"},
+                        good,
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ],
+        }
 
     truncated = image_bytes("PNG", (64, 64))
     for n in range(3):
@@ -148,37 +185,77 @@ def bad_image_requests(model: str, server: RecordingServer) -> list[tuple[str, A
         ("not an image", with_part(data_url(b"hello, I am text")), "invalid_image", "safe"),
         ("truncated", with_part(data_url(truncated[:-30])), "invalid_image", "safe"),
         ("decompression bomb", with_part(data_url(png_bomb())), "image_too_large", "safe"),
-        ("over the pixel cap", with_part(data_url(image_bytes("PNG", (1200, 1000)))),
-         "image_too_large", "safe"),
-        ("too many images", {"model": model, "images": [b64(PNG)] * 4, "messages": [
-            {"role": "user", "content": "<image><image><image><image>"}]},
-         "too_many_images", "safe"),
-        ("oversize base64", {"model": model, "images": [b64(os.urandom(300 * 1024))],
-                             "messages": [{"role": "user", "content": "x"}]},
-         "image_too_large", "safe"),
+        (
+            "over the pixel cap",
+            with_part(data_url(image_bytes("PNG", (1200, 1000)))),
+            "image_too_large",
+            "safe",
+        ),
+        (
+            "too many images",
+            {
+                "model": model,
+                "images": [b64(PNG)] * 4,
+                "messages": [{"role": "user", "content": "<image><image><image><image>"}],
+            },
+            "too_many_images",
+            "safe",
+        ),
+        (
+            "oversize base64",
+            {
+                "model": model,
+                "images": [b64(os.urandom(300 * 1024))],
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "image_too_large",
+            "safe",
+        ),
         ("malformed data URL", with_part("data:image/png;base64"), "invalid_image", "safe"),
-        ("data URL of text", with_part("data:text/html;base64,PGI+aGk8L2I+"),
-         "invalid_image", "safe"),
-        ("local path in a tag", {"model": model, "messages": [
-            {"role": "user", "content": "Picture 1:<img>/etc/passwd</img>"}]},
-         "invalid_image", "safe"),
+        (
+            "data URL of text",
+            with_part("data:text/html;base64,PGI+aGk8L2I+"),
+            "invalid_image",
+            "safe",
+        ),
+        (
+            "local path in a tag",
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "Picture 1:<img>/etc/passwd</img>"}],
+            },
+            "invalid_image",
+            "safe",
+        ),
         ("file URL", with_part("file:///etc/passwd"), "image_url_forbidden", "safe"),
-        ("unreachable URL", with_part(f"http://127.0.0.1:{_closed_port()}/x.png"),
-         "invalid_image_url", "lenient"),
-        ("URL answering 404", with_part(server.url("/missing.png")), "invalid_image_url",
-         "lenient"),
+        (
+            "unreachable URL",
+            with_part(f"http://127.0.0.1:{_closed_port()}/x.png"),
+            "invalid_image_url",
+            "lenient",
+        ),
+        (
+            "URL answering 404",
+            with_part(server.url("/missing.png")),
+            "invalid_image_url",
+            "lenient",
+        ),
         ("redirect loop", with_part(server.url("/loop0")), "invalid_image_url", "lenient"),
-        ("placeholders and images disagree", {"model": model, "images": [b64(PNG)] * 2,
-                                              "messages": [{"role": "user",
-                                                            "content": "<image>"}]},
-         "invalid_image", "safe"),
+        (
+            "placeholders and images disagree",
+            {
+                "model": model,
+                "images": [b64(PNG)] * 2,
+                "messages": [{"role": "user", "content": "<image>"}],
+            },
+            "invalid_image",
+            "safe",
+        ),
     ]
 
 
 @pytest.mark.parametrize("route", ["/v1/jobs", "/v1/chat/completions"])
-def test_bad_images_are_4xx_and_leave_nothing_behind(
-    image_stack: ImageStack, route: str
-) -> None:
+def test_bad_images_are_4xx_and_leave_nothing_behind(image_stack: ImageStack, route: str) -> None:
     server = RecordingServer("127.0.0.1")
     try:
         cases = bad_image_requests(image_stack.model, server)
@@ -197,16 +274,17 @@ def test_bad_images_are_4xx_and_leave_nothing_behind(
 
 
 def test_errors_name_the_image_parameter(image_stack: ImageStack) -> None:
-    body = {"model": image_stack.model, "images": [b64(PNG), "@@@"],
-            "messages": [{"role": "user", "content": "x"}]}
+    body = {
+        "model": image_stack.model,
+        "images": [b64(PNG), "@@@"],
+        "messages": [{"role": "user", "content": "x"}],
+    }
     with image_stack.stack.client(KEY_A, url=image_stack.safe_url) as client:
         error = assert_error(client.post("/v1/jobs", json=body), 400, "invalid_image")
     assert error["param"] == "images.1"
 
 
-def test_the_three_carriers_run_alike_on_the_vision_worker(
-    stack: Stack, vision_model: str
-) -> None:
+def test_the_three_carriers_run_alike_on_the_vision_worker(stack: Stack, vision_model: str) -> None:
     """`image_url` part, `<img>` tag and swift `images` store the same message; the worker
     reads the image back from S3 and the engine answers all three the same way."""
     noise = Image.frombytes("RGB", (64, 48), os.urandom(64 * 48 * 3))
@@ -216,18 +294,41 @@ def test_the_three_carriers_run_alike_on_the_vision_worker(
     question = "What is this?"
     sampling = {"max_tokens": 6, "temperature": 0}
     bodies = [
-        {"model": vision_model, **sampling, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(png)}},
-            {"type": "text", "text": question}]}]},
-        {"model": vision_model, **sampling, "messages": [
-            {"role": "user", "content": f"<img>{b64(png)}</img>{question}"}]},
-        {"model": vision_model, **sampling, "images": [b64(png)],
-         "messages": [{"role": "user", "content": question}]},
+        {
+            "model": vision_model,
+            **sampling,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png)}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],
+        },
+        {
+            "model": vision_model,
+            **sampling,
+            "messages": [{"role": "user", "content": f"<img>{b64(png)}</img>{question}"}],
+        },
+        {
+            "model": vision_model,
+            **sampling,
+            "images": [b64(png)],
+            "messages": [{"role": "user", "content": question}],
+        },
     ]
     with stack.client() as client:
         jobs = [submit(client, body) for body in bodies]
-        text_only = submit(client, {"model": vision_model, **sampling,
-                                    "messages": [{"role": "user", "content": question}]})
+        text_only = submit(
+            client,
+            {
+                "model": vision_model,
+                **sampling,
+                "messages": [{"role": "user", "content": question}],
+            },
+        )
         finals = [wait_job(client, job["id"], timeout=300) for job in jobs]
         plain = wait_job(client, text_only["id"], timeout=300)
     assert [f["status"] for f in finals] == ["succeeded"] * 3, finals
@@ -242,8 +343,12 @@ def stack_image_keys(stack: Stack) -> list[str]:
     import boto3
 
     env = stack.env
-    s3 = boto3.client("s3", endpoint_url=env["FERRY_S3_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id=env["FERRY_S3_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["FERRY_S3_SECRET_ACCESS_KEY"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["FERRY_S3_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=env["FERRY_S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["FERRY_S3_SECRET_ACCESS_KEY"],
+    )
     listed = s3.list_objects_v2(Bucket=env["FERRY_S3_BUCKET"], Prefix="images/")
     return [o["Key"] for o in listed.get("Contents", [])]

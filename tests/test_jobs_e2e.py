@@ -85,7 +85,7 @@ def test_replay_after_stream_expired_comes_from_sql(stack: Stack) -> None:
     assert len(from_redis) >= 3  # at least one delta, usage, done
     strip = [(e.id, e.type, e.data.get("text")) for e in from_redis]
     assert [(e.id, e.type, e.data.get("text")) for e in from_sql] == strip
-    assert [e.id for e in tail_from_sql] == [e.id for e in from_redis[middle + 1:]]
+    assert [e.id for e in tail_from_sql] == [e.id for e in from_redis[middle + 1 :]]
 
 
 def test_cancel_running_job_aborts_it_in_the_engine(stack: Stack) -> None:
@@ -93,8 +93,12 @@ def test_cancel_running_job_aborts_it_in_the_engine(stack: Stack) -> None:
         # ignore_eos: the job is still running when the cancel lands (sampled, the tiny model
         # could end early on an end token).
         job = submit(client, chat_body(TINY, max_tokens=2000, ignore_eos=True))
-        wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
-                   30, "the job to start", interval=0.02)
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
+            30,
+            "the job to start",
+            interval=0.02,
+        )
         cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert cancelled.status_code == 200, cancelled.text
         assert cancelled.json()["status"] == "cancelled"
@@ -145,9 +149,12 @@ def test_chat_completion_non_streaming(stack: Stack) -> None:
         job = client.get(f"/v1/jobs/{body['id']}").json()
     assert body["object"] == "chat.completion"
     # reasoning_content is null unless thinking is on (FastDeploy's shape).
-    assert body["choices"][0]["message"] == {"role": "assistant", "reasoning_content": None,
-                                             "content": job["result"]["text"],
-                                             "tool_calls": []}
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "reasoning_content": None,
+        "content": job["result"]["text"],
+        "tool_calls": [],
+    }
     assert body["usage"]["completion_tokens"] == job["usage"]["completion_tokens"]
 
 
@@ -188,15 +195,24 @@ def test_concurrent_jobs_share_the_engine(stack: Stack) -> None:
     with stack.client() as client, ThreadPoolExecutor(16) as pool:
         # Submitted together (not one after another): a random model's replies can end in
         # well under a second, so sequential submits would measure submit latency instead.
-        jobs = list(pool.map(lambda i: submit(client, chat_body(
-            TINY, f"story {i}", max_tokens=400, ignore_eos=True, seed=i)), range(16)))
+        jobs = list(
+            pool.map(
+                lambda i: submit(
+                    client, chat_body(TINY, f"story {i}", max_tokens=400, ignore_eos=True, seed=i)
+                ),
+                range(16),
+            )
+        )
         finals = [wait_job(client, j["id"]) for j in jobs]
     assert all(f["status"] == "succeeded" for f in finals)
     # ignore_eos reached the engine: every job ran to its limit.
-    assert all(f["usage"]["completion_tokens"] == 400 and f["result"]["finish_reason"] == "length"
-               for f in finals)
-    edges = sorted([(f["started_at"], 1) for f in finals] + [(f["finished_at"], -1)
-                                                                for f in finals])
+    assert all(
+        f["usage"]["completion_tokens"] == 400 and f["result"]["finish_reason"] == "length"
+        for f in finals
+    )
+    edges = sorted(
+        [(f["started_at"], 1) for f in finals] + [(f["finished_at"], -1) for f in finals]
+    )
     running, most = 0, 0
     for _, step in edges:
         running += step
@@ -246,11 +262,25 @@ def test_many_subscribers_get_the_same_stream(stack: Stack) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_ferry_submit_prints_the_answer(stack: Stack, stream: bool) -> None:
-    args = [sys.executable, "-m", "cli.main", "submit", "Hello there", "--max-tokens", "12",
-            "--model", TINY, "--server", stack.url, "--api-key", KEY_A]
+    args = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "submit",
+        "Hello there",
+        "--max-tokens",
+        "12",
+        "--model",
+        TINY,
+        "--server",
+        stack.url,
+        "--api-key",
+        KEY_A,
+    ]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    done = subprocess.run(args + (["--stream"] if stream else []), cwd=ROOT, timeout=120,
-                          capture_output=True, env=env)
+    done = subprocess.run(
+        args + (["--stream"] if stream else []), cwd=ROOT, timeout=120, capture_output=True, env=env
+    )
     assert done.returncode == 0, done.stderr
     job_id = done.stderr.decode().split()[1]
     with stack.client() as client:

@@ -41,5 +41,6 @@ async def test_a_failed_start_up_stops_what_it_started(
     await asyncio.sleep(0)  # let the cancelled loops finish cancelling
     running = {t.get_name() for t in asyncio.all_tasks() - before if not t.done()}
     assert not running & _LOOPS, running
-    assert not any(t.name == "job-queue" and t.is_alive()
-                   for t in set(threading.enumerate()) - threads_before)
+    assert not any(
+        t.name == "job-queue" and t.is_alive() for t in set(threading.enumerate()) - threads_before
+    )

@@ -45,8 +45,10 @@ def smollm2_dir(model_cache: Path) -> Path:
 
     path = Path(resolve_model_path(WorkerSettings(model=SMOLLM2, model_cache_dir=model_cache)))
     if not (path / "config.json").is_file():
-        pytest.fail(f"{SMOLLM2} did not resolve to a model directory ({path}); set "
-                    "FERRY_TEST_SMOLLM2_DIR to one")
+        pytest.fail(
+            f"{SMOLLM2} did not resolve to a model directory ({path}); set "
+            "FERRY_TEST_SMOLLM2_DIR to one"
+        )
     return path
 
 
@@ -56,8 +58,12 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def _chat(engine: object, request_id: str, lora: str | None) -> str:
-    request = GenerationRequest(request_id, messages=QUESTION, lora=lora,
-                                sampling=SamplingOptions(max_tokens=24, temperature=0))
+    request = GenerationRequest(
+        request_id,
+        messages=QUESTION,
+        lora=lora,
+        sampling=SamplingOptions(max_tokens=24, temperature=0),
+    )
     return "".join([d.text async for d in engine.generate(request)])  # type: ignore[attr-defined]
 
 
@@ -71,10 +77,15 @@ async def test_smollm2_adapter_answers_differently_while_the_base_still_says_par
     from worker.engines import build_engine
 
     adapter = build_lora_adapter(smollm2_dir, lora_dir / f"smol-fr-{engine_name}", scale=0.5)
-    settings = WorkerSettings(model=str(smollm2_dir), served_model_name=SMOLLM2,
-                              engine=engine_name, dtype="float32",
-                              lora_modules=f"smol-fr={adapter}", concurrency=8,
-                              max_model_len=1024)
+    settings = WorkerSettings(
+        model=str(smollm2_dir),
+        served_model_name=SMOLLM2,
+        engine=engine_name,
+        dtype="float32",
+        lora_modules=f"smol-fr={adapter}",
+        concurrency=8,
+        max_model_len=1024,
+    )
     engine = build_engine(settings)
     await engine.start()
     try:
@@ -82,8 +93,9 @@ async def test_smollm2_adapter_answers_differently_while_the_base_still_says_par
         tuned = await _chat(engine, "lora-alone", "smol-fr")
         assert "Paris" in base
         assert "Paris" not in tuned and tuned.strip()
-        mixed = await asyncio.gather(*(_chat(engine, f"mixed-{i}", "smol-fr" if i % 2 else None)
-                                       for i in range(6)))
+        mixed = await asyncio.gather(
+            *(_chat(engine, f"mixed-{i}", "smol-fr" if i % 2 else None) for i in range(6))
+        )
         for i, answer in enumerate(mixed):
             if i % 2 == 0:
                 assert answer == base, (i, answer)
@@ -116,9 +128,10 @@ def _plain_generate(model_dir: Path, adapter: Path | None) -> str:
         model = PeftModel.from_pretrained(model, str(adapter))
     ids = prompt_token_ids(tokenizer, GenerationRequest("ref", messages=QUESTION))
     with torch.inference_mode():
-        out = model.eval().generate(input_ids=torch.tensor([ids]), max_new_tokens=24,
-                                    do_sample=False)
-    return str(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+        out = model.eval().generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False
+        )
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
 
 
 async def test_an_image_model_adapter_mixes_with_its_base_on_the_transformers_engine(
@@ -133,17 +146,20 @@ async def test_an_image_model_adapter_mixes_with_its_base_on_the_transformers_en
 
     vision = ensure_tiny_model(VISION, model_cache)
     adapter = build_lora_adapter(vision, lora_dir / "vision-a", scale=0.5, image_text=True)
-    settings = WorkerSettings(model=str(vision), lora_modules=f"vision-a={adapter}",
-                              concurrency=8)
+    settings = WorkerSettings(model=str(vision), lora_modules=f"vision-a={adapter}", concurrency=8)
     engine = TransformersEngine(vision, settings)
     image = Image.new("RGB", (64, 64), (200, 30, 30))
 
     async def ask(request_id: str, lora: str | None, with_image: bool) -> str:
         parts = [{"type": "image"}] if with_image else []
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What?"}]}]
-        request = GenerationRequest(request_id, messages=messages, lora=lora,
-                                    images=(image,) if with_image else (),
-                                    sampling=SamplingOptions(max_tokens=8, temperature=0))
+        request = GenerationRequest(
+            request_id,
+            messages=messages,
+            lora=lora,
+            images=(image,) if with_image else (),
+            sampling=SamplingOptions(max_tokens=8, temperature=0),
+        )
         return "".join([d.text async for d in engine.generate(request)])
 
     await engine.start()
@@ -152,8 +168,9 @@ async def test_an_image_model_adapter_mixes_with_its_base_on_the_transformers_en
         alone = {kind: await ask(f"alone-{i}", *kind) for i, kind in enumerate(kinds)}
         assert alone[(None, False)] != alone[("vision-a", False)]
         assert alone[(None, True)] != alone[("vision-a", True)]
-        mixed = await asyncio.gather(*(ask(f"mixed-{i}", *kind)
-                                       for i, kind in enumerate(kinds * 2)))
+        mixed = await asyncio.gather(
+            *(ask(f"mixed-{i}", *kind) for i, kind in enumerate(kinds * 2))
+        )
         assert mixed == [alone[kind] for kind in kinds * 2]
     finally:
         await engine.stop()
@@ -176,12 +193,14 @@ async def test_an_adapter_of_another_base_stops_the_worker_at_start(
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     (hub_named / "adapter_config.json").write_text(json.dumps(config))
     tiny = ensure_tiny_model(TINY, model_cache)
-    settings = WorkerSettings(model=str(tiny), lora_modules=f"wrong={hub_named}",
-                              concurrency=4)
-    with pytest.raises(StartupError, match=r"LoRA adapter 'wrong' .* does not fit the served "
-                                           r"model \(model.layers.0.self_attn.q_proj: the "
-                                           r"adapter's lora_A is \[8, 576\], the model's "
-                                           r"weight is \[128, 128\]\)"):
+    settings = WorkerSettings(model=str(tiny), lora_modules=f"wrong={hub_named}", concurrency=4)
+    with pytest.raises(
+        StartupError,
+        match=r"LoRA adapter 'wrong' .* does not fit the served "
+        r"model \(model.layers.0.self_attn.q_proj: the "
+        r"adapter's lora_A is \[8, 576\], the model's "
+        r"weight is \[128, 128\]\)",
+    ):
         engine_class = VllmEngine if engine == "vllm" else TransformersEngine
         await engine_class(tiny, settings).start()
 
@@ -193,10 +212,16 @@ async def test_an_adapter_over_max_lora_rank_stops_the_worker_at_start(
     from worker.engines import build_engine
 
     adapter = build_lora_adapter(smollm2_dir, lora_dir / "smol-rank16", rank=16)
-    settings = WorkerSettings(model=str(smollm2_dir), engine=engine, max_lora_rank=8,
-                              lora_modules=f"big={adapter}", concurrency=4)
-    with pytest.raises(StartupError,
-                       match=r"LoRA adapter 'big' has rank 16, over --max-lora-rank 8"):
+    settings = WorkerSettings(
+        model=str(smollm2_dir),
+        engine=engine,
+        max_lora_rank=8,
+        lora_modules=f"big={adapter}",
+        concurrency=4,
+    )
+    with pytest.raises(
+        StartupError, match=r"LoRA adapter 'big' has rank 16, over --max-lora-rank 8"
+    ):
         await build_engine(settings).start()
 
 
@@ -223,18 +248,27 @@ def test_an_adapter_is_a_model_of_its_own_served_by_its_base_worker(
     base_name = "tiny-base"
     with open_stack(own_database, 4, model_cache, s3_url) as s:
         s.add_api(f"api-lora-{engine}", logs)
-        env = {**s.env, "FERRY_LORA_MODULES": f"tiny-fr={adapter}",
-               "FERRY_REASONING_PARSER": "deepseek_r1", "FERRY_TOOL_CALL_PARSER": "hermes"}
-        s.procs.append(start_worker(f"worker-lora-{engine}", TINY, base_name, engine, env,
-                                    logs, s.worker_registered))
+        env = {
+            **s.env,
+            "FERRY_LORA_MODULES": f"tiny-fr={adapter}",
+            "FERRY_REASONING_PARSER": "deepseek_r1",
+            "FERRY_TOOL_CALL_PARSER": "hermes",
+        }
+        s.procs.append(
+            start_worker(
+                f"worker-lora-{engine}", TINY, base_name, engine, env, logs, s.worker_registered
+            )
+        )
         _check_the_adapter_through_the_api(s, base_name, adapter)
 
 
 def _check_the_adapter_through_the_api(s: Stack, base_name: str, adapter: Path) -> None:
     client = OpenAI(base_url=f"{s.url}/v1", api_key=KEY_A, max_retries=0)
     # The registry tells the API each model's parsers, and an adapter's base.
-    announced = {name.decode(): ServedModel.from_json(raw)
-                 for name, raw in s.redis().hgetall(MODELS_HASH).items()}
+    announced = {
+        name.decode(): ServedModel.from_json(raw)
+        for name, raw in s.redis().hgetall(MODELS_HASH).items()
+    }
     assert announced["tiny-fr"].base_model == base_name
     assert announced[base_name].base_model is None
     for name in (base_name, "tiny-fr"):
@@ -248,8 +282,12 @@ def _check_the_adapter_through_the_api(s: Stack, base_name: str, adapter: Path) 
     assert cards[base_name]["parent"] is None
 
     def ask(model: str) -> str:
-        reply = client.chat.completions.create(model=model, messages=QUESTION,  # type: ignore[arg-type]
-                                               max_tokens=12, temperature=0)
+        reply = client.chat.completions.create(
+            model=model,
+            messages=QUESTION,  # type: ignore[arg-type]
+            max_tokens=12,
+            temperature=0,
+        )
         # The worker announces deepseek_r1: a reply with no `</think>` is all reasoning.
         message = reply.choices[0].message
         return message.content or getattr(message, "reasoning_content", None) or ""
@@ -262,15 +300,21 @@ def _check_the_adapter_through_the_api(s: Stack, base_name: str, adapter: Path) 
         mixed = list(pool.map(ask, [base_name, "tiny-fr"] * 4))
     assert mixed == [base, tuned] * 4
 
-    lines = [{"custom_id": f"{model}-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": model, "messages": QUESTION, "max_tokens": 12,
-                       "temperature": 0}}
-             for i in range(3) for model in (base_name, "tiny-fr")]
+    lines = [
+        {
+            "custom_id": f"{model}-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": QUESTION, "max_tokens": 12, "temperature": 0},
+        }
+        for i in range(3)
+        for model in (base_name, "tiny-fr")
+    ]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    file_id = client.files.create(file=("in.jsonl", data, "application/jsonl"),
-                                  purpose="batch").id
-    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    file_id = client.files.create(file=("in.jsonl", data, "application/jsonl"), purpose="batch").id
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     out = [json.loads(line) for line in _wait_batch(client, batch.id).splitlines()]
     assert len(out) == 6
     for line in out:

@@ -60,8 +60,9 @@ def routing(own_database: str, model_cache: Path, logs: Path, s3_url: str) -> It
     with open_stack(own_database, 8, model_cache, s3_url) as stack:
         for name in (TEXT_A, TEXT_B, HUB_ID):
             announce(stack, ServedModel(name, 2048, "vllm", created=now_epoch()))
-        announce(stack, ServedModel(VISION, 2048, "vllm", supports_images=True,
-                                    created=now_epoch()))
+        announce(
+            stack, ServedModel(VISION, 2048, "vllm", supports_images=True, created=now_epoch())
+        )
         stack.add_api("routing-keys", logs)
         default_env = {**stack.env, "FERRY_DEFAULT_MODEL": TEXT_B}
         proc, default_url = start_api("routing-default", default_env, logs)
@@ -83,29 +84,39 @@ def submitted_model(client: httpx.Client, body: dict[str, Any], route: str = "/v
 
 # --- which model --------------------------------------------------------------------
 
+
 def test_completions_route_the_same_way(routing: Routing) -> None:
     with routing.client(routing.default_url) as client:
         # Streamed: the job id comes in the headers (no worker: the stream never ends).
-        with client.stream("POST", "/v1/completions", json={
-                "prompt": "Once", "max_tokens": 2, "stream": True}) as response:
+        with client.stream(
+            "POST", "/v1/completions", json={"prompt": "Once", "max_tokens": 2, "stream": True}
+        ) as response:
             assert response.status_code == 200
             job_id = response.headers["X-Ferry-Job-Id"]
         assert client.get(f"/v1/jobs/{job_id}").json()["model"] == TEXT_B
     with routing.client() as client:
-        error = assert_error(client.post("/v1/completions", json={"prompt": "Once"}), 400,
-                             "model_required")
+        error = assert_error(
+            client.post("/v1/completions", json={"prompt": "Once"}), 400, "model_required"
+        )
     assert f"`{TEXT_A}`" in error["message"]
 
 
 def test_batch_lines_without_model_go_to_the_default(routing: Routing) -> None:
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": chat(**extra)} for i, extra in enumerate([{}, {"model": "null"}])]
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": chat(**extra),
+        }
+        for i, extra in enumerate([{}, {"model": "null"}])
+    ]
     data = "\n".join(json.dumps(line) for line in lines).encode()
     sdk = openai.OpenAI(base_url=f"{routing.default_url}/v1", api_key=KEY_A, max_retries=0)
-    file_id = sdk.files.create(file=("in.jsonl", data, "application/jsonl"),
-                               purpose="batch").id
-    batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
-                               completion_window="24h")
+    file_id = sdk.files.create(file=("in.jsonl", data, "application/jsonl"), purpose="batch").id
+    batch = sdk.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     jobs: list[dict[str, Any]] = []
     with routing.client(routing.default_url) as client:
         deadline = time.monotonic() + 60
@@ -117,6 +128,7 @@ def test_batch_lines_without_model_go_to_the_default(routing: Routing) -> None:
 
 
 # --- authentication off ------------------------------------------------------------
+
 
 def test_auth_off_serves_fastdeploys_client_and_warns(routing: Routing) -> None:
     # FastDeploy's Python client: api_key="null", model="null".
@@ -154,8 +166,9 @@ def thinking_model_dir(model_cache: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def think_model(routing: Routing, model_cache: Path, logs: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> str:
+def think_model(
+    routing: Routing, model_cache: Path, logs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     """A transformers worker on that copy, announced with vLLM's `deepseek_r1` reasoning
     parser where the worker has the setting."""
     path = thinking_model_dir(model_cache, tmp_path_factory.mktemp("think") / "model")
@@ -169,8 +182,9 @@ def think_model(routing: Routing, model_cache: Path, logs: Path,
 
 
 def prompt_tokens(client: httpx.Client, **flags: Any) -> int:
-    response = client.post("/v1/chat/completions", json=chat(model=THINK, temperature=0,
-                                                             max_tokens=1, **flags))
+    response = client.post(
+        "/v1/chat/completions", json=chat(model=THINK, temperature=0, max_tokens=1, **flags)
+    )
     assert response.status_code == 200, response.text
     tokens: int = response.json()["usage"]["prompt_tokens"]
     return tokens
@@ -210,8 +224,10 @@ def test_reasoning_is_split_by_default_for_a_model_with_a_reasoning_parser(
         raw = raw_text(client, job_id)
         result = client.get(f"/v1/jobs/{job_id}").json()["result"]
         # Thinking off: no split; the reply is all content.
-        off = client.post("/v1/chat/completions", json={
-            **body, "chat_template_kwargs": {"enable_thinking": False}}).json()
+        off = client.post(
+            "/v1/chat/completions",
+            json={**body, "chat_template_kwargs": {"enable_thinking": False}},
+        ).json()
     # The template may have opened `<think>` in the prompt: a reply with no `</think>` yet
     # is all reasoning, as vLLM's parsers read it.
     expected = split_reasoning(raw, "parser")
@@ -223,8 +239,9 @@ def test_reasoning_is_split_by_default_for_a_model_with_a_reasoning_parser(
     stream = openai.OpenAI(base_url=f"{routing.url}/v1", api_key=KEY_A, max_retries=0)
     reasoning = content = ""
     sdk_body = {k: v for k, v in body.items() if k != "ignore_eos"}
-    for c in stream.chat.completions.create(stream=True, extra_body={"ignore_eos": True},
-                                            **sdk_body):
+    for c in stream.chat.completions.create(
+        stream=True, extra_body={"ignore_eos": True}, **sdk_body
+    ):
         if c.choices:
             delta: Any = c.choices[0].delta
             content += delta.content or ""

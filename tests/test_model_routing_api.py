@@ -60,8 +60,9 @@ async def apps(
     async with (
         running_api(routing_database, redis_url, objects) as keys,
         running_api(routing_database, redis_url, objects, default) as with_default,
-        running_api(routing_database, redis_url, objects,
-                    default.model_copy(update={"auth": "off"})) as open_,
+        running_api(
+            routing_database, redis_url, objects, default.model_copy(update={"auth": "off"})
+        ) as open_,
     ):
         yield Apps(keys, with_default, open_)
 
@@ -79,6 +80,7 @@ async def submitted_model(
 
 # --- which model --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model", [None, "null", "default"])
 async def test_no_model_or_alias_goes_to_the_default_model(apps: Apps, model: str | None) -> None:
     body = chat() if model is None else chat(model=model)
@@ -94,8 +96,9 @@ async def test_several_models_and_no_default_is_400_listing_them(
     async with apps.keys.client() as client:
         before = (await client.get("/v1/jobs", params={"limit": 100})).json()["data"]
         error = assert_error(await client.post("/v1/jobs", json=body), 400, "model_required")
-        chat_error = assert_error(await client.post("/v1/chat/completions", json=body), 400,
-                                  "model_required")
+        chat_error = assert_error(
+            await client.post("/v1/chat/completions", json=body), 400, "model_required"
+        )
         after = (await client.get("/v1/jobs", params={"limit": 100})).json()["data"]
     assert error["param"] == "model" and chat_error == error
     for name in SERVED:
@@ -126,8 +129,9 @@ async def test_images_without_model_go_to_a_model_that_takes_them(
 async def test_unknown_model_is_404_listing_the_served_ids(apps: Apps) -> None:
     async with apps.default.client() as client:
         for route in ("/v1/jobs", "/v1/chat/completions"):
-            error = assert_error(await client.post(route, json=chat(model="no-such-model")),
-                                 404, "model_not_found")
+            error = assert_error(
+                await client.post(route, json=chat(model="no-such-model")), 404, "model_not_found"
+            )
             assert error["param"] == "model"
             assert "`no-such-model`" in error["message"]
             for name in SERVED:
@@ -135,6 +139,7 @@ async def test_unknown_model_is_404_listing_the_served_ids(apps: Apps) -> None:
 
 
 # --- models.retrieve ---------------------------------------------------------------
+
 
 async def test_models_retrieve_gives_the_list_card(apps: Apps) -> None:
     async with apps.keys.sdk(KEY_A) as client:
@@ -155,6 +160,7 @@ async def test_models_retrieve_gives_the_list_card(apps: Apps) -> None:
 
 # --- authentication off ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("key", [None, "EMPTY", "null", "sk-not-a-key"])
 async def test_auth_off_takes_every_request_as_one_owner(apps: Apps, key: str | None) -> None:
     async with apps.open.client(key=key) as client:
@@ -174,11 +180,15 @@ async def test_auth_off_takes_every_request_as_one_owner(apps: Apps, key: str | 
 
 # --- parts no model takes ----------------------------------------------------------
 
-@pytest.mark.parametrize(("part", "named"), [
-    ({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, "video"),
-    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
-    ({"type": "file", "file": {"file_id": "file-1"}}, "file"),
-])
+
+@pytest.mark.parametrize(
+    ("part", "named"),
+    [
+        ({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, "video"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+        ({"type": "file", "file": {"file_id": "file-1"}}, "file"),
+    ],
+)
 @pytest.mark.parametrize("model", [TEXT_A, VISION, None])
 async def test_video_audio_file_parts_are_400_naming_them(
     apps: Apps, part: dict[str, Any], named: str, model: str | None
@@ -187,8 +197,9 @@ async def test_video_audio_file_parts_are_400_naming_them(
     if model is not None:
         body["model"] = model
     async with apps.default.client() as client:
-        error = assert_error(await client.post("/v1/chat/completions", json=body), 400,
-                             "unsupported_content")
+        error = assert_error(
+            await client.post("/v1/chat/completions", json=body), 400, "unsupported_content"
+        )
     assert error["param"] == "messages.0.content.1"
     assert named in error["message"] and part["type"] in error["message"]
     assert f"`{model or TEXT_B}`" in error["message"]

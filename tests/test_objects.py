@@ -28,8 +28,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStor
     if request.param == "s3":
         s3_url: str = request.getfixturevalue("s3_url")
         env = s3_env(s3_url, f"objects-{secrets.token_hex(4)}")
-        settings = ObjectStoreSettings(**{k.removeprefix("FERRY_").lower(): v
-                                          for k, v in env.items()})
+        settings = ObjectStoreSettings(
+            **{k.removeprefix("FERRY_").lower(): v for k, v in env.items()}
+        )
         built = build_object_store(settings)
         assert isinstance(built, S3ObjectStore)  # the bucket did not exist: it was created
         yield built

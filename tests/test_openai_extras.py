@@ -23,9 +23,11 @@ def sdk(stack: Stack) -> openai.OpenAI:
 
 # --- /v1/completions -------------------------------------------------------------------
 
+
 def test_completion_non_streaming(stack: Stack) -> None:
-    out = sdk(stack).completions.create(model=TINY, prompt="Once upon a time", max_tokens=8,
-                                        temperature=0)
+    out = sdk(stack).completions.create(
+        model=TINY, prompt="Once upon a time", max_tokens=8, temperature=0
+    )
     assert out.object == "text_completion"
     assert len(out.choices) == 1 and out.choices[0].index == 0
     assert out.choices[0].text
@@ -40,11 +42,15 @@ def test_completion_non_streaming(stack: Stack) -> None:
 
 def test_completion_prompt_list_gives_one_choice_per_prompt(stack: Stack) -> None:
     prompts = ["The cat", "A long road", "Numbers:"]
-    out = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=6,
-                                        temperature=0)
+    out = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=6, temperature=0)
     assert [c.index for c in out.choices] == [0, 1, 2]
-    singles = [sdk(stack).completions.create(model=TINY, prompt=p, max_tokens=6,
-                                             temperature=0).choices[0].text for p in prompts]
+    singles = [
+        sdk(stack)
+        .completions.create(model=TINY, prompt=p, max_tokens=6, temperature=0)
+        .choices[0]
+        .text
+        for p in prompts
+    ]
     # Greedy: each choice is what its prompt gives alone, in the prompt's position.
     assert [c.text for c in out.choices] == singles
     assert out.usage is not None
@@ -56,25 +62,31 @@ def test_a_burst_of_jobs_shares_messages_and_every_job_answers(stack: Stack) -> 
     over 8 Celery messages, some carrying two jobs. Each job still gets its own answer, in
     its prompt's place."""
     prompts = [f"Item {i}:" for i in range(12)]
-    out = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=5,
-                                        temperature=0)
+    out = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=5, temperature=0)
     assert [c.index for c in out.choices] == list(range(12))
     assert all(c.finish_reason in ("stop", "length") for c in out.choices)
     for i in (0, 1, 11):  # 0 and 1 share a message; 11 travels alone
-        alone = sdk(stack).completions.create(model=TINY, prompt=prompts[i], max_tokens=5,
-                                              temperature=0)
+        alone = sdk(stack).completions.create(
+            model=TINY, prompt=prompts[i], max_tokens=5, temperature=0
+        )
         assert out.choices[i].text == alone.choices[0].text
-    worker_logs = "".join(p.log_path.read_text(errors="replace") for p in stack.procs
-                          if p.name == "worker-vllm")
+    worker_logs = "".join(
+        p.log_path.read_text(errors="replace") for p in stack.procs if p.name == "worker-vllm"
+    )
     # worker/tasks.py logs each message's job ids, comma-separated.
     assert re.search(r"worker\.tasks jobs \S+,\S+: ", worker_logs), (
-        "no Celery message carried several jobs")
+        "no Celery message carried several jobs"
+    )
 
 
 def test_completion_streaming_interleaves_prompts_and_ends_with_usage(stack: Stack) -> None:
     prompts = ["Hello there", "Goodbye now"]
     stream = sdk(stack).completions.create(
-        model=TINY, prompt=prompts, max_tokens=8, temperature=0, stream=True,
+        model=TINY,
+        prompt=prompts,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     texts = ["", ""]
@@ -87,17 +99,16 @@ def test_completion_streaming_interleaves_prompts_and_ends_with_usage(stack: Sta
                 finish[choice.index] = choice.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert set(finish) == {0, 1}
-    whole = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=8,
-                                          temperature=0)
+    whole = sdk(stack).completions.create(model=TINY, prompt=prompts, max_tokens=8, temperature=0)
     assert texts == [c.text for c in whole.choices]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
 
 
 def test_completion_echo_returns_the_prompt_first(stack: Stack) -> None:
-    out = sdk(stack).completions.create(model=TINY, prompt="Echo me", max_tokens=4,
-                                        temperature=0, echo=True)
-    plain = sdk(stack).completions.create(model=TINY, prompt="Echo me", max_tokens=4,
-                                          temperature=0)
+    out = sdk(stack).completions.create(
+        model=TINY, prompt="Echo me", max_tokens=4, temperature=0, echo=True
+    )
+    plain = sdk(stack).completions.create(model=TINY, prompt="Echo me", max_tokens=4, temperature=0)
     assert out.choices[0].text == "Echo me" + plain.choices[0].text
 
 
@@ -113,10 +124,14 @@ SCHEMA = {
 
 def test_json_schema_output_follows_the_schema(stack: Stack) -> None:
     out = sdk(stack).chat.completions.create(
-        model=TINY, messages=[{"role": "user", "content": "Answer in JSON."}],
-        max_tokens=48, temperature=0,
-        response_format={"type": "json_schema",
-                         "json_schema": {"name": "answer", "schema": SCHEMA}},
+        model=TINY,
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        max_tokens=48,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": SCHEMA},
+        },
     )
     content = out.choices[0].message.content
     assert content is not None
@@ -128,8 +143,11 @@ def test_json_schema_output_follows_the_schema(stack: Stack) -> None:
 
 def test_json_object_output_is_json(stack: Stack) -> None:
     out = sdk(stack).chat.completions.create(
-        model=TINY, messages=[{"role": "user", "content": "Reply with a JSON object."}],
-        max_tokens=64, temperature=0, response_format={"type": "json_object"},
+        model=TINY,
+        messages=[{"role": "user", "content": "Reply with a JSON object."}],
+        max_tokens=64,
+        temperature=0,
+        response_format={"type": "json_object"},
     )
     content = out.choices[0].message.content
     assert content is not None
@@ -143,30 +161,47 @@ def test_response_format_on_an_engine_without_structured_outputs_is_400(
     stack: Stack, hf_model: str
 ) -> None:
     with stack.client() as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": hf_model, "messages": [{"role": "user", "content": "hi"}],
-            "response_format": {"type": "json_object"},
-        })
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": hf_model,
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {"type": "json_object"},
+            },
+        )
     error = assert_error(response, 400, code="unsupported_response_format")
     assert error["param"] == "response_format"
     # Without response_format the same model answers.
     with stack.client() as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": hf_model, "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 4,
-        })
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": hf_model,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            },
+        )
     assert response.status_code == 200, response.text
 
 
 # --- thinking / reasoning_content ------------------------------------------------------
 
-@pytest.mark.parametrize("flags", [
-    {"chat_template_kwargs": {"enable_thinking": True}},
-    {"metadata": {"enable_thinking": True}},  # FastDeploy's way
-])
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"chat_template_kwargs": {"enable_thinking": True}},
+        {"metadata": {"enable_thinking": True}},  # FastDeploy's way
+    ],
+)
 def test_thinking_answers_carry_reasoning_content(stack: Stack, flags: dict[str, Any]) -> None:
-    body = {"model": TINY, "messages": [{"role": "user", "content": "Think first."}],
-            "max_tokens": 12, "temperature": 0, **flags}
+    body = {
+        "model": TINY,
+        "messages": [{"role": "user", "content": "Think first."}],
+        "max_tokens": 12,
+        "temperature": 0,
+        **flags,
+    }
     with stack.client() as client:
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
@@ -178,7 +213,11 @@ def test_thinking_answers_carry_reasoning_content(stack: Stack, flags: dict[str,
     assert (message["reasoning_content"], message["content"]) == raw
     # Streamed, the same split arrives in pieces.
     stream = sdk(stack).chat.completions.create(
-        model=TINY, messages=body["messages"], max_tokens=12, temperature=0, stream=True,
+        model=TINY,
+        messages=body["messages"],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
         metadata=flags.get("metadata"),
         extra_body={k: v for k, v in flags.items() if k != "metadata"},
     )
@@ -192,8 +231,11 @@ def test_thinking_answers_carry_reasoning_content(stack: Stack, flags: dict[str,
 
 
 def test_thinking_off_leaves_think_tags_in_content(stack: Stack) -> None:
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {KEY_A}"},
-                      timeout=60) as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    with httpx.Client(
+        base_url=stack.url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60
+    ) as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
     assert response.json()["choices"][0]["message"]["reasoning_content"] is None

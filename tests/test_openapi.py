@@ -73,7 +73,8 @@ def test_document_states_the_error_answers() -> None:
             assert "422" not in responses, (method, path)
             if operation.get("security"):
                 assert responses["401"]["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/ErrorResponse"}, (method, path)
+                    "$ref": "#/components/schemas/ErrorResponse"
+                }, (method, path)
 
 
 async def test_405_allows_every_method_of_the_path() -> None:
@@ -94,22 +95,46 @@ def test_schemathesis_finds_nothing(live: Stack, tmp_path: Path) -> None:
     key = live.env["FERRY_API_KEYS"].split(",")[0]
     schemathesis = Path(sys.executable).with_name("schemathesis")
     result = subprocess.run(
-        [str(schemathesis), "--config-file", str(config), "run",
-         # Every check is on by default; `--checks all` would override the exclusions.
-         f"{live.url}/openapi.json",
-         "--max-examples", "5", "--seed", "14",
-         "--header", f"Authorization: Bearer {key}",
-         # Answers are generated on 2 CPU cores: slow is not wrong here.
-         "--max-response-time", "120", "--request-timeout", "120",
-         "--generation-database", "none", "--no-color"],
-        capture_output=True, text=True, timeout=540, cwd=tmp_path,
+        [
+            str(schemathesis),
+            "--config-file",
+            str(config),
+            "run",
+            # Every check is on by default; `--checks all` would override the exclusions.
+            f"{live.url}/openapi.json",
+            "--max-examples",
+            "5",
+            "--seed",
+            "14",
+            "--header",
+            f"Authorization: Bearer {key}",
+            # Answers are generated on 2 CPU cores: slow is not wrong here.
+            "--max-response-time",
+            "120",
+            "--request-timeout",
+            "120",
+            "--generation-database",
+            "none",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-20_000:] + result.stderr[-4_000:]
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("query", ["/v1/files?after=%00x", "/v1/files?purpose=%00",
-                                   "/v1/jobs?batch_id=%00", "/v1/conversations?after=%00"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/v1/files?after=%00x",
+        "/v1/files?purpose=%00",
+        "/v1/jobs?batch_id=%00",
+        "/v1/conversations?after=%00",
+    ],
+)
 def test_nul_in_a_query_value_is_400_not_500(live: Stack, query: str) -> None:
     # Findings of schemathesis: PostgreSQL text cannot hold NUL, and the query failed.
     with live.client(live.env["FERRY_API_KEYS"].split(",")[0]) as client:
@@ -120,7 +145,8 @@ def test_nul_in_a_query_value_is_400_not_500(live: Stack, query: str) -> None:
 @pytest.mark.e2e
 def test_nul_in_a_batch_input_file_id_is_400_not_500(live: Stack) -> None:
     with live.client(live.env["FERRY_API_KEYS"].split(",")[0]) as client:
-        response = client.post("/v1/batches", json={
-            "input_file_id": "file-\x00", "endpoint": "/v1/chat/completions"})
+        response = client.post(
+            "/v1/batches", json={"input_file_id": "file-\x00", "endpoint": "/v1/chat/completions"}
+        )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "input_file_id"

@@ -11,10 +11,19 @@ from worker.engines.image_batching import _processed, _sampled, _Sequence
 
 
 def _sequence(**options: float) -> _Sequence:
-    return _Sequence(request_id="r", model_inputs={}, max_new_tokens=4, temperature=1.0,
-                     top_p=1.0, top_k=0, generator=torch.Generator().manual_seed(0),
-                     eos_ids=set(), options=SamplingOptions(**options), prompt_ids=[1, 2],
-                     tokens=[2])
+    return _Sequence(
+        request_id="r",
+        model_inputs={},
+        max_new_tokens=4,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        generator=torch.Generator().manual_seed(0),
+        eos_ids=set(),
+        options=SamplingOptions(**options),
+        prompt_ids=[1, 2],
+        tokens=[2],
+    )
 
 
 @pytest.mark.parametrize("penalty", [5e-324, 1e-30, 1e30, 1.7e308])

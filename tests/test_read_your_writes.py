@@ -35,8 +35,11 @@ async def test_created_conversation_is_committed_before_the_response_is_sent(
     seen: dict[str, Any] = {}
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": json.dumps({"title": "rw"}).encode(),
-                "more_body": False}
+        return {
+            "type": "http.request",
+            "body": json.dumps({"title": "rw"}).encode(),
+            "more_body": False,
+        }
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -44,17 +47,27 @@ async def test_created_conversation_is_committed_before_the_response_is_sent(
         elif message["type"] == "http.response.body" and message.get("body"):
             conversation_id = json.loads(message["body"])["id"]
             with psycopg.connect(plain_url) as conn:
-                row = conn.execute("SELECT id FROM conversations WHERE id = %s",
-                                   (conversation_id,)).fetchone()
+                row = conn.execute(
+                    "SELECT id FROM conversations WHERE id = %s", (conversation_id,)
+                ).fetchone()
             seen["committed"] = row is not None
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/conversations", "raw_path": b"/v1/conversations",
-        "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/conversations",
+        "raw_path": b"/v1/conversations",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("127.0.0.1", 8000),
         "client": ("127.0.0.1", 50000),
-        "headers": [(b"authorization", f"Bearer {KEY_A}".encode()),
-                    (b"content-type", b"application/json")],
+        "headers": [
+            (b"authorization", f"Bearer {KEY_A}".encode()),
+            (b"content-type", b"application/json"),
+        ],
     }
     async with app.router.lifespan_context(app):
         scope["state"] = {}

@@ -49,11 +49,17 @@ def smollm2_dir(model_cache: Path) -> Path:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=["vllm", "transformers"])
-async def engine(request: pytest.FixtureRequest, smollm2_dir: Path,
-                 model_cache: Path) -> AsyncIterator[Engine]:
+async def engine(
+    request: pytest.FixtureRequest, smollm2_dir: Path, model_cache: Path
+) -> AsyncIterator[Engine]:
     # No max_model_len, no dtype: the defaults a user gets.
-    settings = WorkerSettings(model=NAME, engine=request.param, model_cache_dir=model_cache,
-                              concurrency=4, cpu_kv_cache_gib=1)
+    settings = WorkerSettings(
+        model=NAME,
+        engine=request.param,
+        model_cache_dir=model_cache,
+        concurrency=4,
+        cpu_kv_cache_gib=1,
+    )
     eng = build_engine(settings)
     await eng.start()
     try:
@@ -63,8 +69,11 @@ async def engine(request: pytest.FixtureRequest, smollm2_dir: Path,
 
 
 def ask(content: str, **sampling: Any) -> GenerationRequest:
-    return GenerationRequest(uuid.uuid4().hex, messages=[{"role": "user", "content": content}],
-                             sampling=SamplingOptions(**sampling))
+    return GenerationRequest(
+        uuid.uuid4().hex,
+        messages=[{"role": "user", "content": content}],
+        sampling=SamplingOptions(**sampling),
+    )
 
 
 # --- the build ---------------------------------------------------------------------------
@@ -84,8 +93,9 @@ def test_built_from_the_wheel(smollm2_dir: Path) -> None:
     assert config["dtype"] == "float32" and "quantization_config" not in config
     tok: Any = AutoTokenizer.from_pretrained(smollm2_dir)
     assert tok.eos_token == "<|im_end|>" and tok.model_max_length == CONTEXT
-    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                       add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     generation = json.loads((smollm2_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tok.eos_token_id
@@ -107,8 +117,13 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelBuildError, match="is not a file"):
         ensure_smollm2(cache, tmp_path / "missing.gguf")
     # From the command line: exit status 1 and the reason, no traceback.
-    run = subprocess.run([sys.executable, "-m", "worker.models.smollm2", str(cache), str(bad)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "worker.models.smollm2", str(cache), str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1
     assert "does not load as a GGUF model" in run.stderr and "Traceback" not in run.stderr
 
@@ -128,8 +143,9 @@ def test_dtype_and_context_settings() -> None:
     # vLLM derives the context from the config unless the operator caps it.
     args = VllmEngine("/m", settings).engine_args()
     assert args["max_model_len"] is None and args["dtype"] == "auto"
-    assert VllmEngine("/m", WorkerSettings(max_model_len=1024)).engine_args()[
-        "max_model_len"] == 1024
+    assert (
+        VllmEngine("/m", WorkerSettings(max_model_len=1024)).engine_args()["max_model_len"] == 1024
+    )
 
     class Config:
         max_position_embeddings = CONTEXT
@@ -150,8 +166,9 @@ async def test_context_is_the_models_own(engine: Engine) -> None:
 async def test_greedy_answer_is_right(engine: Engine) -> None:
     # No max_tokens: the answer may use the rest of the context, and ends where the model
     # ends it.
-    deltas = [d async for d in engine.generate(
-        ask("What is the capital of France?", temperature=0))]
+    deltas = [
+        d async for d in engine.generate(ask("What is the capital of France?", temperature=0))
+    ]
     text = "".join(d.text for d in deltas)
     assert "Paris" in text, text
     assert deltas[-1].finish_reason == "stop"
@@ -162,12 +179,12 @@ async def test_logprobs_leave_the_answer_as_it_is(engine: Engine) -> None:
     such a request runs on Ferry's own batching loop, not transformers' CB)."""
     question = "What is the capital of France?"
     plain = [d async for d in engine.generate(ask(question, temperature=0, max_tokens=12))]
-    with_lp = [d async for d in engine.generate(
-        ask(question, temperature=0, max_tokens=12, logprobs=2))]
+    with_lp = [
+        d async for d in engine.generate(ask(question, temperature=0, max_tokens=12, logprobs=2))
+    ]
     assert "".join(d.text for d in with_lp) == "".join(d.text for d in plain)
     entries = [lp for d in with_lp for lp in d.logprobs or ()]
-    assert len(entries) == sum(d.new_tokens for d in with_lp) == \
-        sum(d.new_tokens for d in plain)
+    assert len(entries) == sum(d.new_tokens for d in with_lp) == sum(d.new_tokens for d in plain)
     assert all(e.top[0][0] == e.token and e.logprob <= 0 for e in entries)
 
 
@@ -175,22 +192,35 @@ async def test_penalties_make_a_repeating_answer_repeat_less(engine: Engine) -> 
     question = "Write the word cat 30 times."
 
     async def answer(**penalty: float) -> str:
-        return "".join([d.text async for d in engine.generate(ask(
-            question, temperature=0, max_tokens=40, **penalty))])
+        return "".join(
+            [
+                d.text
+                async for d in engine.generate(
+                    ask(question, temperature=0, max_tokens=40, **penalty)
+                )
+            ]
+        )
 
     base = await answer()
     # Greedy, the model says "Cat 30 times:" again and again; a penalty on what it already
     # said breaks that loop.
     assert base.count("30 times") >= 4, base
-    for penalty, value in (("repetition_penalty", 1.5), ("presence_penalty", 2.0),
-                           ("frequency_penalty", 2.0)):
+    for penalty, value in (
+        ("repetition_penalty", 1.5),
+        ("presence_penalty", 2.0),
+        ("frequency_penalty", 2.0),
+    ):
         penalized = await answer(**{penalty: value})
         assert penalized.count("30 times") < base.count("30 times"), (penalty, penalized)
 
 
 async def test_a_cap_on_max_tokens_still_applies(engine: Engine) -> None:
-    deltas = [d async for d in engine.generate(
-        ask("Write a long story about a river.", temperature=0, max_tokens=5))]
+    deltas = [
+        d
+        async for d in engine.generate(
+            ask("Write a long story about a river.", temperature=0, max_tokens=5)
+        )
+    ]
     assert sum(d.new_tokens for d in deltas) == 5 and deltas[-1].finish_reason == "length"
 
 
@@ -216,20 +246,27 @@ async def test_vllm_engine_core_computes_with_the_thread_count(engine: Engine) -
     cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
 
     def cpu_by_thread() -> dict[tuple[int, int], float]:
-        return {(core.pid, t.id): t.user_time + t.system_time
-                for core in cores for t in core.threads()}
+        return {
+            (core.pid, t.id): t.user_time + t.system_time for core in cores for t in core.threads()
+        }
 
     before = cpu_by_thread()
-    requests = [ask(f"Tell me a long story about river {i}. " * 40, temperature=0,
-                    max_tokens=48, ignore_eos=True) for i in range(4)]
+    requests = [
+        ask(
+            f"Tell me a long story about river {i}. " * 40,
+            temperature=0,
+            max_tokens=48,
+            ignore_eos=True,
+        )
+        for i in range(4)
+    ]
 
     async def run(request: GenerationRequest) -> None:
         async for _ in engine.generate(request):
             pass
 
     await asyncio.gather(*(run(r) for r in requests))
-    spent = sorted((t - before.get(i, 0.0) for i, t in cpu_by_thread().items()),
-                   reverse=True)
+    spent = sorted((t - before.get(i, 0.0) for i, t in cpu_by_thread().items()), reverse=True)
     # OpenMP's threads share the work about evenly; the engine's other threads idle.
     busy = [t for t in spent if t > spent[0] / 4]
     assert len(busy) == cpu_threads(WorkerSettings()), spent[:6]

@@ -17,6 +17,7 @@ THINK = "think-tiny"  # a model name, as in tests/test_model_routing.py
 
 # --- the split itself, for models with a reasoning parser -----------------------------
 
+
 def _streamed(text: str, mode: ReasoningMode, cuts: list[int]) -> tuple[str | None, str]:
     splitter = ReasoningSplitter(mode)
     reasoning = content = ""
@@ -27,19 +28,20 @@ def _streamed(text: str, mode: ReasoningMode, cuts: list[int]) -> tuple[str | No
     return (reasoning + r) or None, content + c
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    # The template opened `<think>`: the reply has only the closing tag.
-    ("weigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
-    ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
-    ("</think>only content", (None, "only content")),
-    ("still thinking when cut off\n", ("still thinking when cut off", "")),
-    ("<thi", ("<thi", "")),
-    ("\n\n", (None, "")),
-    ("a </think> b </think> c", ("a ", " b </think> c")),
-])
-def test_parser_mode_split_whole_and_streamed(
-    text: str, expected: tuple[str | None, str]
-) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The template opened `<think>`: the reply has only the closing tag.
+        ("weigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
+        ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
+        ("</think>only content", (None, "only content")),
+        ("still thinking when cut off\n", ("still thinking when cut off", "")),
+        ("<thi", ("<thi", "")),
+        ("\n\n", (None, "")),
+        ("a </think> b </think> c", ("a ", " b </think> c")),
+    ],
+)
+def test_parser_mode_split_whole_and_streamed(text: str, expected: tuple[str | None, str]) -> None:
     assert split_reasoning(text, "parser") == expected
     for size in range(1, len(text) + 1):  # every chunk size gives the same split
         assert _streamed(text, "parser", list(range(size, len(text), size))) == expected
@@ -67,18 +69,22 @@ def _whole(text: str) -> tuple[str | None, str]:
     return _streamed(text, "tagged", cuts)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
-    ("  <think>a</think>b", ("a", "b")),
-    ("no thinking here", (None, "no thinking here")),
-    ("<think>cut off while thinking\n", ("cut off while thinking", "")),
-    ("answer <think>not at the start</think>", (None, "answer <think>not at the start</think>")),
-    ("<think></think>only content", (None, "only content")),
-    ("<thi", (None, "<thi")),
-])
-def test_reasoning_split_whole_and_streamed(
-    text: str, expected: tuple[str | None, str]
-) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<think>\nweigh it\n</think>\n\nThe answer.", ("weigh it", "The answer.")),
+        ("  <think>a</think>b", ("a", "b")),
+        ("no thinking here", (None, "no thinking here")),
+        ("<think>cut off while thinking\n", ("cut off while thinking", "")),
+        (
+            "answer <think>not at the start</think>",
+            (None, "answer <think>not at the start</think>"),
+        ),
+        ("<think></think>only content", (None, "only content")),
+        ("<thi", (None, "<thi")),
+    ],
+)
+def test_reasoning_split_whole_and_streamed(text: str, expected: tuple[str | None, str]) -> None:
     assert split_reasoning(text) == expected
     random.seed(text)
     for _ in range(50):  # any cut of the stream gives the same split

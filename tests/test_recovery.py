@@ -27,9 +27,7 @@ MODEL = "tiny-recovery"
 
 
 @pytest.fixture(scope="module")
-def own_stack(
-    migrated_pg: str, model_cache: Path, logs: Path, s3_url: str
-) -> Iterator[Stack]:
+def own_stack(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
     with open_stack(migrated_pg, 12, model_cache, s3_url) as s:
         s.add_api("recovery-api", logs)
         yield s
@@ -53,9 +51,7 @@ def test_queued_job_cancelled_never_runs(own_stack: Stack, logs: Path) -> None:
     own_stack.procs.pop().stop()
 
 
-def test_worker_killed_mid_job_is_redelivered_and_completes(
-    own_stack: Stack, logs: Path
-) -> None:
+def test_worker_killed_mid_job_is_redelivered_and_completes(own_stack: Stack, logs: Path) -> None:
     first = own_stack.add_worker("recovery-w2", MODEL, "transformers", logs)
     with own_stack.client() as client:
         job = submit(client, chat_body(MODEL, max_tokens=400, temperature=0, ignore_eos=True))
@@ -111,8 +107,9 @@ def test_messages_an_older_api_queued_still_run(own_stack: Stack, logs: Path) ->
         one = submit(client, chat_body(MODEL, max_tokens=8))
         listed = submit(client, chat_body(MODEL, max_tokens=8))
         redis = own_stack.redis()
-        wait_until(lambda: sum(redis.llen(q) for q in priority_lists(interactive)) == 2, 10,
-                   "the messages")
+        wait_until(
+            lambda: sum(redis.llen(q) for q in priority_lists(interactive)) == 2, 10, "the messages"
+        )
         # Marks far ahead: the reconciler must not send these jobs again under the new name.
         later = time.time() + 3600
         redis.zadd(PENDING_JOBS, {one["id"]: later, listed["id"]: later})
@@ -121,8 +118,9 @@ def test_messages_an_older_api_queued_still_run(own_stack: Stack, logs: Path) ->
         producer = create_producer(own_stack.redis_url)
         sent = [
             producer.send_task(LEGACY_RUN_JOB_TASK, args=[one["id"]], queue=interactive),
-            producer.send_task(LEGACY_RUN_BULK_JOBS_TASK, args=[[listed["id"]]],
-                               queue=queue_name(MODEL, "bulk")),
+            producer.send_task(
+                LEGACY_RUN_BULK_JOBS_TASK, args=[[listed["id"]]], queue=queue_name(MODEL, "bulk")
+            ),
         ]
         own_stack.add_worker("recovery-w6", MODEL, "transformers", logs)
         finals = [wait_job(client, job["id"], timeout=120) for job in (one, listed)]
@@ -131,7 +129,9 @@ def test_messages_an_older_api_queued_still_run(own_stack: Stack, logs: Path) ->
     worker.stop()
     worker_log = worker.log_path.read_text(errors="replace")
     # Each legacy message ran its job itself (a job it found claimed would be `skipped`).
-    assert re.search(rf"ferry\.run_job\[{sent[0].id}\] succeeded in \S+ 'succeeded'",
-                     worker_log), worker_log[-3000:]
-    assert re.search(rf"ferry\.run_bulk_jobs\[{sent[1].id}\] succeeded in \S+ \['succeeded'\]",
-                     worker_log), worker_log[-3000:]
+    assert re.search(rf"ferry\.run_job\[{sent[0].id}\] succeeded in \S+ 'succeeded'", worker_log), (
+        worker_log[-3000:]
+    )
+    assert re.search(
+        rf"ferry\.run_bulk_jobs\[{sent[1].id}\] succeeded in \S+ \['succeeded'\]", worker_log
+    ), worker_log[-3000:]

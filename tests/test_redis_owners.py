@@ -101,8 +101,7 @@ async def test_channels_carry_job_ids_each_on_its_own() -> None:
 
 
 async def _subscribed_connections(client: Redis, name: str) -> int:
-    return sum(1 for c in await client.client_list()
-               if c["name"] == name and int(c["sub"]) > 0)
+    return sum(1 for c in await client.client_list() if c["name"] == name and int(c["sub"]) > 0)
 
 
 async def test_reconciler_turn_goes_to_one_process_until_it_expires() -> None:

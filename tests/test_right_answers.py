@@ -53,15 +53,17 @@ def user(text: str) -> list[dict[str, Any]]:
 
 def test_chat_completion_plain_and_streamed(stack: Stack, smol: str) -> None:
     client = sdk(stack)
-    answer = client.chat.completions.create(model=smol, messages=user(CAPITAL),
-                                            temperature=0, max_tokens=MAX_TOKENS)
+    answer = client.chat.completions.create(
+        model=smol, messages=user(CAPITAL), temperature=0, max_tokens=MAX_TOKENS
+    )
     choice = answer.choices[0]
     assert answer.model == smol
     assert ANSWER in (choice.message.content or ""), choice
     assert choice.finish_reason == "stop"  # the model ended its answer itself
 
-    stream = client.chat.completions.create(model=smol, messages=user(CAPITAL),
-                                            temperature=0, max_tokens=MAX_TOKENS, stream=True)
+    stream = client.chat.completions.create(
+        model=smol, messages=user(CAPITAL), temperature=0, max_tokens=MAX_TOKENS, stream=True
+    )
     pieces, finish = [], None
     for chunk in stream:
         for streamed in chunk.choices:
@@ -72,11 +74,10 @@ def test_chat_completion_plain_and_streamed(stack: Stack, smol: str) -> None:
     assert finish == "stop"
 
 
-def test_completion_with_the_chat_template_applied_by_the_caller(
-    stack: Stack, smol: str
-) -> None:
-    completion = sdk(stack).completions.create(model=smol, prompt=CHATML.format(CAPITAL),
-                                               temperature=0, max_tokens=MAX_TOKENS)
+def test_completion_with_the_chat_template_applied_by_the_caller(stack: Stack, smol: str) -> None:
+    completion = sdk(stack).completions.create(
+        model=smol, prompt=CHATML.format(CAPITAL), temperature=0, max_tokens=MAX_TOKENS
+    )
     choice = completion.choices[0]
     assert ANSWER in choice.text, choice
     assert choice.finish_reason == "stop"
@@ -84,8 +85,10 @@ def test_completion_with_the_chat_template_applied_by_the_caller(
 
 def test_job_and_its_sse_events(stack: Stack, smol: str) -> None:
     with stack.client() as client:
-        job = submit(client, {"model": smol, "messages": user(CAPITAL), "temperature": 0,
-                              "max_tokens": MAX_TOKENS})
+        job = submit(
+            client,
+            {"model": smol, "messages": user(CAPITAL), "temperature": 0, "max_tokens": MAX_TOKENS},
+        )
         events = read_events(client, job["id"])
         finished = wait_job(client, job["id"])
     assert events[-1].type == "done"
@@ -112,9 +115,17 @@ def test_eas_transformers_standard_json_route(
     stack: Stack, logs: Path, eas_urls: dict[str, str], smol: str
 ) -> None:
     url = eas_url(stack, logs, eas_urls, smol)
-    response = httpx.post(f"{url}/", headers={"Authorization": KEY_A}, timeout=300, json={
-        "prompt": CAPITAL, "do_sample": False, "max_new_tokens": MAX_TOKENS,
-        "use_stream_chat": False})
+    response = httpx.post(
+        f"{url}/",
+        headers={"Authorization": KEY_A},
+        timeout=300,
+        json={
+            "prompt": CAPITAL,
+            "do_sample": False,
+            "max_new_tokens": MAX_TOKENS,
+            "use_stream_chat": False,
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert ANSWER in body["response"], body
@@ -128,11 +139,11 @@ def test_eas_transformers_standard_websocket(
     stack: Stack, logs: Path, eas_urls: dict[str, str], smol: str
 ) -> None:
     url = eas_url(stack, logs, eas_urls, smol)
-    ws = websocket.create_connection(url.replace("http://", "ws://"),
-                                     header=[f"Authorization: {KEY_A}"], timeout=300)
+    ws = websocket.create_connection(
+        url.replace("http://", "ws://"), header=[f"Authorization: {KEY_A}"], timeout=300
+    )
     try:
-        ws.send(json.dumps({"prompt": CAPITAL, "do_sample": False,
-                            "max_new_tokens": MAX_TOKENS}))
+        ws.send(json.dumps({"prompt": CAPITAL, "do_sample": False, "max_new_tokens": MAX_TOKENS}))
         pieces = []
         while (message := ws.recv()) != "<EOS>":
             pieces.append(message)
@@ -141,10 +152,15 @@ def test_eas_transformers_standard_websocket(
     assert pieces and ANSWER in "".join(pieces), pieces
 
 
-def chat_turn(client: httpx.Client, model: str, text: str, max_tokens: int,
-              conversation_id: str | None = None) -> str:
-    body: dict[str, Any] = {"model": model, "messages": user(text), "temperature": 0,
-                            "max_tokens": max_tokens}
+def chat_turn(
+    client: httpx.Client, model: str, text: str, max_tokens: int, conversation_id: str | None = None
+) -> str:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": user(text),
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
     if conversation_id is not None:
         body["conversation_id"] = conversation_id
     response = client.post("/v1/chat/completions", json=body)
@@ -180,15 +196,23 @@ def test_a_two_turn_conversation_recalls_a_name_from_the_first_turn(
 def test_a_batch_line(stack: Stack, smol: str) -> None:
     client = sdk(stack)
     lines = [
-        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": smol, "messages": user(CAPITAL), "temperature": 0,
-                  "max_tokens": MAX_TOKENS}},
+        {
+            "custom_id": "chat",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": smol,
+                "messages": user(CAPITAL),
+                "temperature": 0,
+                "max_tokens": MAX_TOKENS,
+            },
+        },
     ]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    file = client.files.create(file=("capital.jsonl", data, "application/jsonl"),
-                               purpose="batch")
-    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    file = client.files.create(file=("capital.jsonl", data, "application/jsonl"), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     deadline = time.monotonic() + 300
     while batch.status not in ("completed", "failed", "expired", "cancelled"):
         assert time.monotonic() < deadline, batch
@@ -196,8 +220,9 @@ def test_a_batch_line(stack: Stack, smol: str) -> None:
         batch = client.batches.retrieve(batch.id)
     assert batch.status == "completed", batch
     assert batch.output_file_id is not None
-    (line,) = [json.loads(raw) for raw in
-               client.files.content(batch.output_file_id).text.splitlines()]
+    (line,) = [
+        json.loads(raw) for raw in client.files.content(batch.output_file_id).text.splitlines()
+    ]
     assert line["custom_id"] == "chat" and line["error"] is None
     assert line["response"]["status_code"] == 200
     assert ANSWER in line["response"]["body"]["choices"][0]["message"]["content"], line

@@ -36,8 +36,10 @@ SEEDS = Path(__file__).parent / "client_seeds"
 FASTDEPLOY_HOST = "http://0.0.0.0:8180"
 FASTDEPLOY_IMAGES = "https://paddlenlp.bj.bcebos.com"
 FASTDEPLOY_IMAGE = "/datasets/paddlemix/demo_images/example2.jpg"
-SWIFT_IMAGES = ("https://modelscope-open.oss-cn-hangzhou.aliyuncs.com",
-                "http://modelscope-open.oss-cn-hangzhou.aliyuncs.com")
+SWIFT_IMAGES = (
+    "https://modelscope-open.oss-cn-hangzhou.aliyuncs.com",
+    "http://modelscope-open.oss-cn-hangzhou.aliyuncs.com",
+)
 SWIFT_HOST = "http://localhost:8000/v1"
 # The documents' images, each its own picture (so each has its own sha256).
 PICTURES = {
@@ -71,8 +73,13 @@ def seed_copy(name: str, tmp_path: Path, replacements: dict[str, str]) -> Path:
 
 
 def run(command: list[str], cwd: Path, timeout: float = 600) -> str:
-    done = subprocess.run(command, capture_output=True, timeout=timeout, cwd=cwd,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
     out, err = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
     assert done.returncode == 0, out + err
     return out
@@ -82,10 +89,13 @@ def new_jobs(stack: Stack, since: str) -> list[dict[str, Any]]:
     """Jobs created after the job id `since` (ids are time-ordered), oldest first."""
     url = stack.database_url.replace("postgresql+asyncpg://", "postgresql://")
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT id, model, status, request, result_text FROM jobs "
-                            "WHERE id > %s ORDER BY id", (since,)).fetchall()
-    return [dict(zip(("id", "model", "status", "request", "text"), row, strict=True))
-            for row in rows]
+        rows = conn.execute(
+            "SELECT id, model, status, request, result_text FROM jobs WHERE id > %s ORDER BY id",
+            (since,),
+        ).fetchall()
+    return [
+        dict(zip(("id", "model", "status", "request", "text"), row, strict=True)) for row in rows
+    ]
 
 
 def image_hashes(value: Any) -> list[str]:
@@ -106,17 +116,24 @@ def sha(path: str) -> str:
 # --- FastDeploy (004): cURL and the Python client ----------------------------------------
 
 
-def fastdeploy_curl(name: str, url: str, images: RecordingServer, tmp_path: Path,
-                    **extra: str) -> str:
+def fastdeploy_curl(
+    name: str, url: str, images: RecordingServer, tmp_path: Path, **extra: str
+) -> str:
     replacements = {FASTDEPLOY_HOST: url, **extra}
     if FASTDEPLOY_IMAGES in (SEEDS / name).read_text():
         replacements[FASTDEPLOY_IMAGES] = images.url("").rstrip("/")
     return run(["bash", str(seed_copy(name, tmp_path, replacements))], tmp_path)
 
 
-def fastdeploy_chat(name: str, stack: Stack, url: str, images: RecordingServer,
-                    tmp_path: Path, model: str, **extra: str) -> tuple[dict[str, Any],
-                                                                        dict[str, Any]]:
+def fastdeploy_chat(
+    name: str,
+    stack: Stack,
+    url: str,
+    images: RecordingServer,
+    tmp_path: Path,
+    model: str,
+    **extra: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run a FastDeploy chat example: its answer, from `model`, and the one job it made,
     succeeded."""
     since = new_job_id()
@@ -128,8 +145,7 @@ def fastdeploy_chat(name: str, stack: Stack, url: str, images: RecordingServer,
     return answer, job
 
 
-def test_fastdeploy_health_check(open_api: str, tmp_path: Path,
-                                 images: RecordingServer) -> None:
+def test_fastdeploy_health_check(open_api: str, tmp_path: Path, images: RecordingServer) -> None:
     out = fastdeploy_curl("fastdeploy_health.sh", open_api, images, tmp_path)
     assert out.startswith("HTTP/1.1 200"), out
 
@@ -138,32 +154,52 @@ def test_fastdeploy_curl_without_model_goes_to_the_default_model(
     stack: Stack, open_api: str, smol_model: str, tmp_path: Path, images: RecordingServer
 ) -> None:
     # As written the body's apostrophes end its single quotes: no shell runs it.
-    verbatim = subprocess.run(["bash", "-n", str(SEEDS / "fastdeploy_chat.sh")],
-                              capture_output=True, text=True, check=False)
+    verbatim = subprocess.run(
+        ["bash", "-n", str(SEEDS / "fastdeploy_chat.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verbatim.returncode != 0 and "unexpected EOF" in verbatim.stderr
     answer, job = fastdeploy_chat(
-        "fastdeploy_chat.sh", stack, open_api, images, tmp_path, smol_model,
-        **{"Li Bai's 'Quiet Night Thoughts' as": "Li Bai'\\''s '\\''Quiet Night Thoughts'\\'' as"})
+        "fastdeploy_chat.sh",
+        stack,
+        open_api,
+        images,
+        tmp_path,
+        smol_model,
+        **{"Li Bai's 'Quiet Night Thoughts' as": "Li Bai'\\''s '\\''Quiet Night Thoughts'\\'' as"},
+    )
     assert answer["choices"][0]["message"]["content"] == job["text"] != ""
     user = job["request"]["messages"][0]["content"]
     assert user == "Rewrite Li Bai's 'Quiet Night Thoughts' as a modern poem"
 
 
 def test_fastdeploy_curl_with_an_image_goes_to_the_image_model(
-    stack: Stack, open_api: str, smol_model: str, vision_model: str, tmp_path: Path,
+    stack: Stack,
+    open_api: str,
+    smol_model: str,
+    vision_model: str,
+    tmp_path: Path,
     images: RecordingServer,
 ) -> None:
-    _, job = fastdeploy_chat("fastdeploy_chat_image.sh", stack, open_api, images, tmp_path,
-                             vision_model)
+    _, job = fastdeploy_chat(
+        "fastdeploy_chat_image.sh", stack, open_api, images, tmp_path, vision_model
+    )
     assert image_hashes(job["request"]) == [sha(FASTDEPLOY_IMAGE)]
 
 
 def test_fastdeploy_curl_thinking_off_reaches_the_template(
-    stack: Stack, open_api: str, smol_model: str, vision_model: str, tmp_path: Path,
+    stack: Stack,
+    open_api: str,
+    smol_model: str,
+    vision_model: str,
+    tmp_path: Path,
     images: RecordingServer,
 ) -> None:
-    answer, job = fastdeploy_chat("fastdeploy_chat_no_thinking.sh", stack, open_api, images,
-                                  tmp_path, vision_model)
+    answer, job = fastdeploy_chat(
+        "fastdeploy_chat_no_thinking.sh", stack, open_api, images, tmp_path, vision_model
+    )
     assert answer["choices"][0]["message"]["reasoning_content"] is None
     assert job["request"]["chat_template_kwargs"] == {"enable_thinking": False}
 
@@ -180,13 +216,23 @@ def test_fastdeploy_curl_with_a_video_is_a_400_naming_video(
 
 
 def test_fastdeploy_python_client(
-    stack: Stack, open_api: str, smol_model: str, vision_model: str, tmp_path: Path,
+    stack: Stack,
+    open_api: str,
+    smol_model: str,
+    vision_model: str,
+    tmp_path: Path,
     images: RecordingServer,
 ) -> None:
     host, port = open_api.removeprefix("http://").split(":")
-    path = seed_copy("fastdeploy_client.py", tmp_path, {
-        'host = "0.0.0.0"': f'host = "{host}"', 'port = "8180"': f'port = "{port}"',
-        FASTDEPLOY_IMAGES: images.url("").rstrip("/")})
+    path = seed_copy(
+        "fastdeploy_client.py",
+        tmp_path,
+        {
+            'host = "0.0.0.0"': f'host = "{host}"',
+            'port = "8180"': f'port = "{port}"',
+            FASTDEPLOY_IMAGES: images.url("").rstrip("/"),
+        },
+    )
     before = len([h for h in images.hits if h.path == FASTDEPLOY_IMAGE])
     since = new_job_id()
     out = run([sys.executable, str(path)], tmp_path)
@@ -212,14 +258,20 @@ def swift(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Itera
     longer fit. The operator's cap for such requests (FERRY_DEFAULT_MAX_TOKENS) keeps
     each answer short, as a real model's would be."""
     with open_stack(migrated_pg, 5, model_cache, s3_url) as s:
-        s.add_api("api-swift", logs, FERRY_AUTH="off", FERRY_DEFAULT_MAX_TOKENS="64",
-                  FERRY_IMAGE_FETCH_ALLOW_NETWORKS="127.0.0.1/32")
+        s.add_api(
+            "api-swift",
+            logs,
+            FERRY_AUTH="off",
+            FERRY_DEFAULT_MAX_TOKENS="64",
+            FERRY_IMAGE_FETCH_ALLOW_NETWORKS="127.0.0.1/32",
+        )
         s.add_worker("worker-swift-vision", VISION, "vllm", logs, model=VISION)
         yield s
 
 
-def run_swift(name: str, stack: Stack, images: RecordingServer,
-              tmp_path: Path) -> tuple[str, list[dict[str, Any]]]:
+def run_swift(
+    name: str, stack: Stack, images: RecordingServer, tmp_path: Path
+) -> tuple[str, list[dict[str, Any]]]:
     base = images.url("").rstrip("/")
     replacements = {SWIFT_HOST: f"{stack.url}/v1"}
     text = (SEEDS / name).read_text()
@@ -250,9 +302,7 @@ def test_swift_qwen_vl_chat_img_tags_and_streaming(
     assert "query: Box out the flowers in the picture.\nresponse: " in out
 
 
-def test_swift_yi_vl_images_field(
-    swift: Stack, images: RecordingServer, tmp_path: Path
-) -> None:
+def test_swift_yi_vl_images_field(swift: Stack, images: RecordingServer, tmp_path: Path) -> None:
     out, (first, second) = run_swift("swift_yi_vl_6b_chat.py", swift, images, tmp_path)
     cat, animal = sha("/images/cat.png"), sha("/images/animal.png")
     assert image_hashes(first["request"]) == [cat]
@@ -263,8 +313,7 @@ def test_swift_yi_vl_images_field(
 def test_swift_minicpm_images_field_greedy(
     swift: Stack, images: RecordingServer, tmp_path: Path
 ) -> None:
-    out, (first, second) = run_swift("swift_minicpm_v_v2_5_chat.py", swift, images,
-                                     tmp_path)
+    out, (first, second) = run_swift("swift_minicpm_v_v2_5_chat.py", swift, images, tmp_path)
     cat = sha("/images/cat.png")
     assert image_hashes(first["request"]) == [cat]
     assert image_hashes(second["request"]) == [cat]
@@ -289,8 +338,11 @@ def test_swift_qwen_vl_completions_with_img_tags(
 def test_eas_llm_openai_client_with_max_completion_tokens_2048(
     stack: Stack, smol_model: str, tmp_path: Path
 ) -> None:
-    path = seed_copy("eas_llm_openai.py", tmp_path, {
-        '"<EAS API KEY>"': repr(KEY_A), '"<EAS API Endpoint>/v1"': repr(f"{stack.url}/v1")})
+    path = seed_copy(
+        "eas_llm_openai.py",
+        tmp_path,
+        {'"<EAS API KEY>"': repr(KEY_A), '"<EAS API Endpoint>/v1"': repr(f"{stack.url}/v1")},
+    )
     since = new_job_id()
     out = run([sys.executable, str(path)], tmp_path)
     # It serves the first model listed: SmolLM2 sorts first on the session stack.

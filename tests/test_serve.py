@@ -27,13 +27,23 @@ def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
     # Its address from FERRY_HOST and FERRY_PORT (no flags).
-    env.update({"FERRY_MODEL_CACHE_DIR": str(model_cache), "VLLM_CPU_KVCACHE_SPACE": "1",
-                "FERRY_HOST": "127.0.0.1", "FERRY_PORT": str(port)})
+    env.update(
+        {
+            "FERRY_MODEL_CACHE_DIR": str(model_cache),
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "FERRY_HOST": "127.0.0.1",
+            "FERRY_PORT": str(port),
+        }
+    )
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(data_dir)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -54,13 +64,20 @@ def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path
         # A real text model by default, and a model that takes images beside it, each with
         # the context its own config gives.
         assert {m["id"]: (m["supports_images"], m["max_model_len"]) for m in models} == {
-            "SmolLM2-135M-Instruct": (False, 8192), "ferry-tiny-vision": (True, 4096)}
+            "SmolLM2-135M-Instruct": (False, 8192),
+            "ferry-tiny-vision": (True, 4096),
+        }
         # Greedy, and no max_tokens: the answer may use the rest of the context, and ends
         # where the model ends it.
         response = httpx.post(
-            f"{url}/v1/chat/completions", headers=headers, timeout=120,
-            json={"model": "SmolLM2-135M-Instruct", "temperature": 0, "messages": [
-                {"role": "user", "content": "What is the capital of France?"}]},
+            f"{url}/v1/chat/completions",
+            headers=headers,
+            timeout=120,
+            json={
+                "model": "SmolLM2-135M-Instruct",
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            },
         )
         assert response.status_code == 200, response.text
         body = response.json()
@@ -68,12 +85,22 @@ def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path
         assert body["choices"][0]["finish_reason"] == "stop"
         assert (data_dir / "ferry.db").exists()  # SQLite file in the data directory
         image = httpx.post(
-            f"{url}/v1/chat/completions", headers=headers, timeout=120,
-            json={"model": "ferry-tiny-vision", "max_tokens": 8, "messages": [{
-                "role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": RED_PIXEL_PNG}},
-                    {"type": "text", "text": "What colour is this?"},
-                ]}]},
+            f"{url}/v1/chat/completions",
+            headers=headers,
+            timeout=120,
+            json={
+                "model": "ferry-tiny-vision",
+                "max_tokens": 8,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": RED_PIXEL_PNG}},
+                            {"type": "text", "text": "What colour is this?"},
+                        ],
+                    }
+                ],
+            },
         )
         assert image.status_code == 200, image.text
         assert image.json()["usage"]["prompt_tokens"] > 16  # the image's tokens and more
@@ -83,8 +110,9 @@ def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path
         # The random-weight warning names the tiny image model only.
         warnings = [line for line in log_text.splitlines() if "RANDOM-WEIGHT" in line]
         assert len(warnings) == 1 and "`ferry-tiny-vision`" in warnings[0], warnings
-        assert ("serving `SmolLM2-135M-Instruct` (default, text), `ferry-tiny-vision` "
-                "(images)") in log_text
+        assert (
+            "serving `SmolLM2-135M-Instruct` (default, text), `ferry-tiny-vision` (images)"
+        ) in log_text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -129,10 +157,13 @@ def test_ferry_api_binds_where_ferry_host_and_port_say(
         "FERRY_PORT": str(env_port),
     }
     by_env = start("api-bind-env", ["api"], env, logs)
-    by_flags = start("api-bind-flags", ["api", "--host", "127.0.0.1", "--port", str(flag_port)],
-                     env, logs)
+    by_flags = start(
+        "api-bind-flags", ["api", "--host", "127.0.0.1", "--port", str(flag_port)], env, logs
+    )
     with running(by_env), running(by_flags):
-        for proc, url in ((by_env, f"http://127.0.0.2:{env_port}"),
-                          (by_flags, f"http://127.0.0.1:{flag_port}")):
+        for proc, url in (
+            (by_env, f"http://127.0.0.2:{env_port}"),
+            (by_flags, f"http://127.0.0.1:{flag_port}"),
+        ):
             wait_until(lambda p=proc, u=url: _answers(u, p), 60, f"{proc.name} at {url}")
         assert not _answers(f"http://127.0.0.1:{env_port}")

@@ -27,20 +27,43 @@ from tests.imaging import RecordingServer, Route, image_bytes
 # ---------------------------------------------------------------- the address check
 
 REFUSED = [
-    ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("::1", "loopback"),
-    ("10.0.0.1", "private"), ("10.255.255.255", "private"), ("172.16.0.1", "private"),
-    ("172.31.255.1", "private"), ("192.168.1.1", "private"), ("fd12:3456::1", "private"),
-    ("169.254.169.254", "metadata"), ("169.254.170.2", "metadata"),
-    ("fd00:ec2::254", "metadata"), ("100.100.100.200", "metadata"),
-    ("192.0.0.192", "metadata"), ("168.63.129.16", "metadata"),
-    ("169.254.1.1", "link-local"), ("fe80::1", "link-local"), ("fe80::1%eth0", "link-local"),
-    ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"), ("ff02::1", "multicast"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.255.254", "loopback"),
+    ("::1", "loopback"),
+    ("10.0.0.1", "private"),
+    ("10.255.255.255", "private"),
+    ("172.16.0.1", "private"),
+    ("172.31.255.1", "private"),
+    ("192.168.1.1", "private"),
+    ("fd12:3456::1", "private"),
+    ("169.254.169.254", "metadata"),
+    ("169.254.170.2", "metadata"),
+    ("fd00:ec2::254", "metadata"),
+    ("100.100.100.200", "metadata"),
+    ("192.0.0.192", "metadata"),
+    ("168.63.129.16", "metadata"),
+    ("169.254.1.1", "link-local"),
+    ("fe80::1", "link-local"),
+    ("fe80::1%eth0", "link-local"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("ff02::1", "multicast"),
     ("ff0e::1", "multicast"),
-    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
-    ("100.64.0.1", ""), ("100.127.255.254", ""),  # CGNAT shared address space
-    ("0.1.2.3", ""), ("240.0.0.1", ""), ("255.255.255.255", ""), ("198.18.0.1", ""),
-    ("192.0.2.1", ""), ("203.0.113.9", ""), ("192.0.0.8", ""), ("2001:db8::1", ""),
-    ("fec0::1", "site-local"), ("100::1", ""), ("2001::1", ""),  # discard, Teredo
+    ("0.0.0.0", "unspecified"),
+    ("::", "unspecified"),
+    ("100.64.0.1", ""),
+    ("100.127.255.254", ""),  # CGNAT shared address space
+    ("0.1.2.3", ""),
+    ("240.0.0.1", ""),
+    ("255.255.255.255", ""),
+    ("198.18.0.1", ""),
+    ("192.0.2.1", ""),
+    ("203.0.113.9", ""),
+    ("192.0.0.8", ""),
+    ("2001:db8::1", ""),
+    ("fec0::1", "site-local"),
+    ("100::1", ""),
+    ("2001::1", ""),  # discard, Teredo
     ("::127.0.0.1", ""),  # IPv4-compatible (deprecated)
     # IPv6 spellings of IPv4 addresses are judged by the IPv4 address inside.
     ("::ffff:127.0.0.1", "IPv6 form of a loopback"),
@@ -54,9 +77,16 @@ REFUSED = [
     ("64:ff9b:1::a00:1", ""),  # local-use NAT64
 ]
 
-ALLOWED = ["8.8.8.8", "1.1.1.1", "93.184.215.14", "2606:4700:4700::1111",
-           "2a00:1450:4001:80b::200e", "::ffff:8.8.8.8", "2002:808:808::1",
-           "64:ff9b::808:808"]
+ALLOWED = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "93.184.215.14",
+    "2606:4700:4700::1111",
+    "2a00:1450:4001:80b::200e",
+    "::ffff:8.8.8.8",
+    "2002:808:808::1",
+    "64:ff9b::808:808",
+]
 
 
 @pytest.mark.parametrize(("address", "reason"), REFUSED, ids=[a for a, _ in REFUSED])
@@ -81,8 +111,10 @@ def test_allowed_networks_open_only_themselves_and_never_metadata() -> None:
     everything = parse_networks(["0.0.0.0/0", "::/0", "169.254.0.0/16"])
     for metadata in ("169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254"):
         assert address_refusal(ip_address(metadata), everything) == (
-            "a cloud metadata address" if "ffff" not in metadata
-            else "an IPv6 form of a cloud metadata address")
+            "a cloud metadata address"
+            if "ffff" not in metadata
+            else "an IPv6 form of a cloud metadata address"
+        )
 
 
 def test_allow_networks_setting_is_parsed_and_checked() -> None:
@@ -105,7 +137,10 @@ class LoopbackOnly(httpcore.AsyncNetworkBackend):
         self.refused: list[str] = []
 
     async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
@@ -150,23 +185,43 @@ def other_loopback() -> Iterator[RecordingServer]:
 
 PNG = image_bytes("PNG")
 STRICT = FetchPolicy(timeout_seconds=3, max_redirects=2, max_bytes=64 * 1024)
-LOCAL = FetchPolicy(timeout_seconds=3, max_redirects=2, max_bytes=64 * 1024,
-                    allowed_networks=parse_networks(["127.0.0.1/32"]))
+LOCAL = FetchPolicy(
+    timeout_seconds=3,
+    max_redirects=2,
+    max_bytes=64 * 1024,
+    allowed_networks=parse_networks(["127.0.0.1/32"]),
+)
 
 
 async def fetch(url: str, policy: FetchPolicy = LOCAL) -> bytes:
     return await fetch_image_bytes(url, policy, param="image")
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/x.png", "http://[::1]/x.png", "http://localhost/x.png",
-    "http://2130706433/x.png", "http://0x7f.1/x.png", "http://0x7f000001/x.png",
-    "http://127.1/x.png", "http://[::ffff:127.0.0.1]/x.png", "http://0.0.0.0/x.png",
-    "http://169.254.169.254/latest/meta-data/", "http://[fd00:ec2::254]/latest/",
-    "http://[::ffff:a9fe:a9fe]/latest/", "http://10.0.0.1/x.png", "http://192.168.0.1/x.png",
-    "http://172.16.5.4/x.png", "http://100.64.0.1/x.png", "http://[fe80::1]/x.png",
-    "http://224.0.0.1/x.png", "https://127.0.0.1/x.png", "http://127.0.0.1:6379/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/x.png",
+        "http://[::1]/x.png",
+        "http://localhost/x.png",
+        "http://2130706433/x.png",
+        "http://0x7f.1/x.png",
+        "http://0x7f000001/x.png",
+        "http://127.1/x.png",
+        "http://[::ffff:127.0.0.1]/x.png",
+        "http://0.0.0.0/x.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/latest/",
+        "http://[::ffff:a9fe:a9fe]/latest/",
+        "http://10.0.0.1/x.png",
+        "http://192.168.0.1/x.png",
+        "http://172.16.5.4/x.png",
+        "http://100.64.0.1/x.png",
+        "http://[fe80::1]/x.png",
+        "http://224.0.0.1/x.png",
+        "https://127.0.0.1/x.png",
+        "http://127.0.0.1:6379/",
+    ],
+)
 async def test_refused_before_any_connection(network: LoopbackOnly, url: str) -> None:
     with pytest.raises(ImageUrlRefused) as caught:
         await fetch(url, STRICT)
@@ -175,16 +230,17 @@ async def test_refused_before_any_connection(network: LoopbackOnly, url: str) ->
     assert network.attempts == []
 
 
-@pytest.mark.parametrize("url", ["http://0177.0.0.1/x.png", "http://[::1/x.png",
-                                 "http:///x.png"])
+@pytest.mark.parametrize("url", ["http://0177.0.0.1/x.png", "http://[::1/x.png", "http:///x.png"])
 async def test_malformed_urls_refused(network: LoopbackOnly, url: str) -> None:
     with pytest.raises(ImageFetchFailed, match=r"not a valid URL|has no host"):
         await fetch(url, STRICT)
     assert network.attempts == []
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd",
-                                 "gopher://127.0.0.1/", "ws://example.com/"])
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/a.png", "file:///etc/passwd", "gopher://127.0.0.1/", "ws://example.com/"],
+)
 async def test_only_http_and_https(network: LoopbackOnly, url: str) -> None:
     with pytest.raises(ImageUrlRefused, match="only http and https"):
         await fetch(url, STRICT)
@@ -218,8 +274,7 @@ async def test_pinned_address_keeps_the_host_header(
     server.serve("/x.png", Route(body=PNG))
     monkeypatch.setattr("anyio.getaddrinfo", fake_dns([("127.0.0.1", server.port)]))
     assert await fetch(f"http://images.example:{server.port}/x.png") == PNG
-    assert [(h.path, h.host) for h in server.hits] == [
-        ("/x.png", f"images.example:{server.port}")]
+    assert [(h.path, h.host) for h in server.hits] == [("/x.png", f"images.example:{server.port}")]
     assert network.attempts == ["127.0.0.1"]
 
 
@@ -227,20 +282,23 @@ def fake_dns(answers: list[tuple[str, int]]) -> Any:
     async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
         if host != "images.example":
             raise socket.gaierror(f"test DNS knows only images.example, not {host}")
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (a, p)) for a, p in answers]
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, p))
+            for a, p in answers
+        ]
+
     return getaddrinfo
 
 
-async def test_fetch_from_an_allowed_server(network: LoopbackOnly,
-                                            server: RecordingServer) -> None:
+async def test_fetch_from_an_allowed_server(network: LoopbackOnly, server: RecordingServer) -> None:
     url = server.serve("/x.png", Route(body=PNG))
     assert await fetch(url) == PNG
     assert [h.path for h in server.hits] == ["/x.png"]
 
 
-async def test_the_same_url_is_refused_by_default(network: LoopbackOnly,
-                                                  server: RecordingServer) -> None:
+async def test_the_same_url_is_refused_by_default(
+    network: LoopbackOnly, server: RecordingServer
+) -> None:
     url = server.serve("/x.png", Route(body=PNG))
     with pytest.raises(ImageUrlRefused, match="loopback"):
         await fetch(url, STRICT)
@@ -265,13 +323,21 @@ async def test_redirect_cap(network: LoopbackOnly, server: RecordingServer) -> N
     assert [h.path for h in server.hits] == ["/r0", "/r1", "/r2"]  # 1 + max_redirects
 
 
-@pytest.mark.parametrize("target", [
-    "http://127.0.0.2:{other}/x.png", "http://[::1]:{other}/x.png",
-    "http://169.254.169.254/latest/meta-data/iam/", "http://10.0.0.1/x.png",
-    "http://[::ffff:127.0.0.2]:{other}/x.png", "file:///etc/passwd",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.2:{other}/x.png",
+        "http://[::1]:{other}/x.png",
+        "http://169.254.169.254/latest/meta-data/iam/",
+        "http://10.0.0.1/x.png",
+        "http://[::ffff:127.0.0.2]:{other}/x.png",
+        "file:///etc/passwd",
+    ],
+)
 async def test_redirect_into_a_refused_address(
-    network: LoopbackOnly, server: RecordingServer, other_loopback: RecordingServer,
+    network: LoopbackOnly,
+    server: RecordingServer,
+    other_loopback: RecordingServer,
     target: str,
 ) -> None:
     other_loopback.serve("/x.png", Route(body=PNG))
@@ -285,26 +351,31 @@ async def test_redirect_into_a_refused_address(
 
 
 @pytest.mark.parametrize("content_length", [True, False])
-async def test_byte_cap(network: LoopbackOnly, server: RecordingServer,
-                        content_length: bool) -> None:
-    url = server.serve("/big", Route(body=b"x" * (LOCAL.max_bytes + 1),
-                                     content_length=content_length))
+async def test_byte_cap(
+    network: LoopbackOnly, server: RecordingServer, content_length: bool
+) -> None:
+    url = server.serve(
+        "/big", Route(body=b"x" * (LOCAL.max_bytes + 1), content_length=content_length)
+    )
     with pytest.raises(ImageTooLarge, match="FERRY_IMAGE_MAX_BYTES"):
         await fetch(url)
 
 
 async def test_timeout(network: LoopbackOnly, server: RecordingServer) -> None:
     url = server.serve("/slow", Route(body=PNG, delay=5))
-    policy = FetchPolicy(timeout_seconds=0.5, max_redirects=2, max_bytes=64 * 1024,
-                         allowed_networks=LOCAL.allowed_networks)
+    policy = FetchPolicy(
+        timeout_seconds=0.5,
+        max_redirects=2,
+        max_bytes=64 * 1024,
+        allowed_networks=LOCAL.allowed_networks,
+    )
     started = time.monotonic()
     with pytest.raises(ImageFetchFailed, match="FERRY_IMAGE_FETCH_TIMEOUT_SECONDS"):
         await fetch(url, policy)
     assert time.monotonic() - started < 3
 
 
-async def test_unreachable_and_http_errors(network: LoopbackOnly,
-                                           server: RecordingServer) -> None:
+async def test_unreachable_and_http_errors(network: LoopbackOnly, server: RecordingServer) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]

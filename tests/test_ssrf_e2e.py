@@ -23,8 +23,7 @@ PNG = image_bytes("PNG")
 @pytest.fixture(scope="module")
 def traps() -> Iterator[list[RecordingServer]]:
     """Loopback servers that would serve a real image if anyone reached them."""
-    servers = [RecordingServer("127.0.0.1"), RecordingServer("::1"),
-               RecordingServer("127.0.0.2")]
+    servers = [RecordingServer("127.0.0.1"), RecordingServer("::1"), RecordingServer("127.0.0.2")]
     for s in servers:
         s.serve("/cat.png", Route(body=PNG, headers={"Content-Type": "image/png"}))
     yield servers
@@ -43,22 +42,40 @@ def job_rows(stack: Stack) -> int:
 def loopback_urls(traps: list[RecordingServer]) -> list[str]:
     v4, v6, _ = traps
     return [
-        v4.url("/cat.png"), v6.url("/cat.png"), f"http://localhost:{v4.port}/cat.png",
-        f"http://2130706433:{v4.port}/cat.png", f"http://0x7f.1:{v4.port}/cat.png",
-        f"http://[::ffff:127.0.0.1]:{v4.port}/cat.png", f"http://127.1:{v4.port}/cat.png",
+        v4.url("/cat.png"),
+        v6.url("/cat.png"),
+        f"http://localhost:{v4.port}/cat.png",
+        f"http://2130706433:{v4.port}/cat.png",
+        f"http://0x7f.1:{v4.port}/cat.png",
+        f"http://[::ffff:127.0.0.1]:{v4.port}/cat.png",
+        f"http://127.1:{v4.port}/cat.png",
     ]
 
 
 def carriers(model: str, url: str) -> list[dict[str, Any]]:
     """The same URL in each place a chat request can carry an image."""
     return [
-        {"model": model, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": url}}]}]},
-        {"model": model, "messages": [{"role": "user",
-                                       "content": f"Picture 1:<img>{url}</img>\nWhat is it?"}]},
-        {"model": model, "images": [url],
-         "messages": [{"role": "user", "content": "Describe this image."}]},
+        {
+            "model": model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ],
+        },
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": f"Picture 1:<img>{url}</img>\nWhat is it?"}],
+        },
+        {
+            "model": model,
+            "images": [url],
+            "messages": [{"role": "user", "content": "Describe this image."}],
+        },
     ]
 
 
@@ -71,8 +88,7 @@ def test_loopback_urls_refused_and_never_reached(
         for url in loopback_urls(traps):
             for body in carriers(image_stack.model, url):
                 for route in ("/v1/jobs", "/v1/chat/completions"):
-                    error = assert_error(client.post(route, json=body), 400,
-                                         "image_url_forbidden")
+                    error = assert_error(client.post(route, json=body), 400, "image_url_forbidden")
                     assert "does not fetch from" in error["message"], (url, error)
     assert [s.hits for s in traps] == [[], [], []]
     assert job_rows(stack) == jobs_before
@@ -88,13 +104,14 @@ def test_redirect_into_loopback_refused_and_target_never_reached(
     stack = image_stack.stack
     jobs_before, objects_before = job_rows(stack), image_stack.object_keys()
     try:
-        starts = [redirector.redirect("/to-v6", v6.url("/cat.png")),
-                  redirector.redirect("/to-other", other.url("/cat.png"), status=307)]
+        starts = [
+            redirector.redirect("/to-v6", v6.url("/cat.png")),
+            redirector.redirect("/to-other", other.url("/cat.png"), status=307),
+        ]
         with stack.client(KEY_A, url=image_stack.lenient_url) as client:
             for start in starts:
                 body = carriers(image_stack.model, start)[0]
-                error = assert_error(client.post("/v1/jobs", json=body), 400,
-                                     "image_url_forbidden")
+                error = assert_error(client.post("/v1/jobs", json=body), 400, "image_url_forbidden")
                 assert "redirected there from" in error["message"]
         assert [h.path for h in redirector.hits] == ["/to-v6", "/to-other"]
     finally:
@@ -112,8 +129,7 @@ def test_text_only_model_refuses_images_and_never_fetches(
     with stack.client() as client:
         for source in (data_url(PNG), v4.url("/cat.png")):
             for body in carriers(TINY, source)[::2]:  # image_url part, swift `images`
-                error = assert_error(client.post("/v1/jobs", json=body), 400,
-                                     "unsupported_content")
+                error = assert_error(client.post("/v1/jobs", json=body), 400, "unsupported_content")
                 assert TINY in error["message"]
         # For a text-only model an `<img>` tag is text like any other: no fetch.
         tagged = carriers(TINY, v4.url("/cat.png"))[1]

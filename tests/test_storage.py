@@ -29,9 +29,17 @@ pytestmark = pytest.mark.timeout(120)
 async def _job(sessions: Sessions) -> Job:
     async with sessions.begin() as session:
         (key,) = await api_keys.ensure_keys(session, [f"sk-{secrets.token_hex(4)}"])
-        job = Job(id=jobs.new_job_id(), owner_id=key.id, model="m", kind="chat",
-                  lane="interactive", status=JobStatus.QUEUED, priority=0,
-                  request={"messages": [], "max_tokens": 4}, attempts=0)
+        job = Job(
+            id=jobs.new_job_id(),
+            owner_id=key.id,
+            model="m",
+            kind="chat",
+            lane="interactive",
+            status=JobStatus.QUEUED,
+            priority=0,
+            request={"messages": [], "max_tokens": 4},
+            attempts=0,
+        )
         await jobs.insert_jobs(session, [job])
     return job
 
@@ -110,8 +118,11 @@ async def test_stranded_jobs_are_old_queued_and_expired_leases(sessions: Session
     await asyncio.sleep(0.05)
     async with sessions() as session:
         found = await jobs.find_stranded_jobs(
-            session, queued_before=utcnow() + timedelta(seconds=1),
-            lease_expired_before=utcnow(), limit=1000)
+            session,
+            queued_before=utcnow() + timedelta(seconds=1),
+            lease_expired_before=utcnow(),
+            limit=1000,
+        )
     ids = {j.id for j in found}
     assert queued.id in ids and running.id in ids and fresh.id not in ids
 
@@ -129,8 +140,12 @@ async def test_events_rebuilt_from_sql_match_worker_numbering(sessions: Sessions
     assert row is not None
     events = events_from_job(row)
     assert [(str(e.id), e.type) for e in events] == [
-        ("2-1", EventType.RETRY), ("2-2", EventType.DELTA), ("2-3", EventType.DELTA),
-        ("2-4", EventType.USAGE), ("2-5", EventType.DONE)]
+        ("2-1", EventType.RETRY),
+        ("2-2", EventType.DELTA),
+        ("2-3", EventType.DELTA),
+        ("2-4", EventType.USAGE),
+        ("2-5", EventType.DONE),
+    ]
     assert events[3].data == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 
 
@@ -138,19 +153,32 @@ async def test_tool_calls_are_stored_and_replayed_with_the_end(sessions: Session
     """A reply that called tools keeps the calls and the content left without them; its
     `done` event, rebuilt from SQL, carries them as the worker sent them."""
     job = await _job(sessions)
-    calls = [{"id": "c1", "type": "function",
-              "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
     async with sessions.begin() as session:
         await jobs.claim_job(session, job.id, "w1", lease_seconds=30)
-        outcome = jobs.JobOutcome(JobStatus.SUCCEEDED, ["Ok <tool_call>", "..."], "tool_calls",
-                                  5, 2, None, tool_calls=calls, result_content="Ok ")
+        outcome = jobs.JobOutcome(
+            JobStatus.SUCCEEDED,
+            ["Ok <tool_call>", "..."],
+            "tool_calls",
+            5,
+            2,
+            None,
+            tool_calls=calls,
+            result_content="Ok ",
+        )
         await jobs.finish_job(session, job.id, "w1", outcome)
         row = await jobs.get_job(session, job.id)
     assert row is not None
     assert (row.tool_calls, row.result_content, row.result_text) == (
-        calls, "Ok ", "Ok <tool_call>...")
-    assert events_from_job(row)[-1].data == done_data("tool_calls", calls, "Ok ") == {
-        "finish_reason": "tool_calls", "tool_calls": calls, "content": "Ok "}
+        calls,
+        "Ok ",
+        "Ok <tool_call>...",
+    )
+    assert (
+        events_from_job(row)[-1].data
+        == done_data("tool_calls", calls, "Ok ")
+        == {"finish_reason": "tool_calls", "tool_calls": calls, "content": "Ok "}
+    )
 
 
 async def test_sqlite_memory_is_refused() -> None:
@@ -184,18 +212,25 @@ async def test_events_that_arrive_together_come_out_as_one_batch(
     hub = JobEventHub(redis_client)
     await hub.start()
     try:
-        batches = job_event_batches(EventSources(hub, stream, Database(sessions)), job.id, None,
-                                    keepalive_seconds=30, max_seconds=60)
+        batches = job_event_batches(
+            EventSources(hub, stream, Database(sessions)),
+            job.id,
+            None,
+            keepalive_seconds=30,
+            max_seconds=60,
+        )
         first = asyncio.create_task(anext(batches))
         async with hub.subscribe(job.id) as witness:
             await stream.publish([(job.id, JobEvent("1-1", EventType.DELTA, {"text": "a"}))])
             assert [str(e.id) for e in await first or []] == ["1-1"]
             await witness.get()
             # Three more arrive while nobody reads; a repeat of 1-1 is dropped.
-            later = [JobEvent("1-2", EventType.DELTA, {"text": "b"}),
-                     JobEvent("1-1", EventType.DELTA, {"text": "a"}),
-                     JobEvent("1-3", EventType.USAGE, {"completion_tokens": 2}),
-                     JobEvent("1-4", EventType.DONE, {"finish_reason": "stop"})]
+            later = [
+                JobEvent("1-2", EventType.DELTA, {"text": "b"}),
+                JobEvent("1-1", EventType.DELTA, {"text": "a"}),
+                JobEvent("1-3", EventType.USAGE, {"completion_tokens": 2}),
+                JobEvent("1-4", EventType.DONE, {"finish_reason": "stop"}),
+            ]
             for event in later:
                 await redis_client.publish(job_channel(job.id), event.to_json())
             for _ in later:  # the hub fans out to both queues in the same step
@@ -223,8 +258,13 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
     await hub.start()
     loop = asyncio.get_running_loop()
     try:
-        batches = job_event_batches(EventSources(hub, stream, Database(sessions)), job.id, None,
-                                    keepalive_seconds=1.0, max_seconds=60)
+        batches = job_event_batches(
+            EventSources(hub, stream, Database(sessions)),
+            job.id,
+            None,
+            keepalive_seconds=1.0,
+            max_seconds=60,
+        )
         started = loop.time()
         assert await anext(batches) is KEEPALIVE
         assert 1.0 <= loop.time() - started < 5
@@ -251,7 +291,8 @@ async def test_a_quiet_stream_gets_keepalives_and_ends_when_sql_says_the_job_end
         ending = await anext(batches)
         assert ending is not KEEPALIVE and [(str(e.id), e.type, e.data) for e in ending or []] == [
             # A failure of unknown kind (no error_code) counts as a server error.
-            ("1-16", EventType.ERROR, {"message": "worker lost", "code": "server_error"})]
+            ("1-16", EventType.ERROR, {"message": "worker lost", "code": "server_error"})
+        ]
         with pytest.raises(StopAsyncIteration):
             await anext(batches)
     finally:
@@ -268,9 +309,14 @@ async def test_any_open_batch_sees_open_batches_only(sessions: Sessions) -> None
     async with sessions() as session:
         before = await batches.any_open(session)  # False unless another test left one
     job = await _job(sessions)  # for an API key
-    batch = Batch(id=batches.new_batch_id(), owner_id=job.owner_id, endpoint="/v1/completions",
-                  input_file_id="file-x", completion_window="24h",
-                  expires_at=utcnow() + timedelta(hours=24))
+    batch = Batch(
+        id=batches.new_batch_id(),
+        owner_id=job.owner_id,
+        endpoint="/v1/completions",
+        input_file_id="file-x",
+        completion_window="24h",
+        expires_at=utcnow() + timedelta(hours=24),
+    )
     async with sessions.begin() as session:
         await batches.add_batch(session, batch)
     for status in BatchStatus:
@@ -298,10 +344,15 @@ async def test_batch_status_is_its_enum_in_python_and_its_value_in_sql(
     job = await _job(sessions)  # for an API key
 
     def new_batch(**values: object) -> Batch:
-        return Batch(id=batches.new_batch_id(), owner_id=job.owner_id,
-                     endpoint="/v1/completions", input_file_id="file-x",
-                     completion_window="24h", expires_at=utcnow() + timedelta(hours=24),
-                     **values)
+        return Batch(
+            id=batches.new_batch_id(),
+            owner_id=job.owner_id,
+            endpoint="/v1/completions",
+            input_file_id="file-x",
+            completion_window="24h",
+            expires_at=utcnow() + timedelta(hours=24),
+            **values,
+        )
 
     batch = new_batch()
     async with sessions.begin() as session:
@@ -312,8 +363,11 @@ async def test_batch_status_is_its_enum_in_python_and_its_value_in_sql(
         assert row is not None
         assert type(row.status) is BatchStatus and row.status == BatchStatus.CANCELLING
         assert type(row.outcome) is BatchStatus and row.outcome == BatchStatus.CANCELLED
-        stored = (await session.execute(text("SELECT status, outcome FROM batches WHERE id = :id"),
-                                        {"id": batch.id})).one()
+        stored = (
+            await session.execute(
+                text("SELECT status, outcome FROM batches WHERE id = :id"), {"id": batch.id}
+            )
+        ).one()
         assert tuple(stored) == ("cancelling", "cancelled")
     with pytest.raises(StatementError, match="'finished' is not a valid BatchStatus"):
         async with sessions.begin() as session:

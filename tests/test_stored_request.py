@@ -23,15 +23,29 @@ IMAGE = {"sha256": "ab" * 32, "mime": "image/png", "width": 2, "height": 2}
 
 def _chat() -> StoredRequest:
     return StoredRequest(
-        model="m", max_tokens=16, temperature=0.5, stop=["\n"], seed=7,
-        logit_bias={"42": -100.0}, logprobs=2, structured_output={"json_object": True},
+        model="m",
+        max_tokens=16,
+        temperature=0.5,
+        stop=["\n"],
+        seed=7,
+        logit_bias={"42": -100.0},
+        logprobs=2,
+        structured_output={"json_object": True},
         messages=[
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "image", "image": IMAGE},
-                                         {"type": "text", "text": "What is it?"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": IMAGE},
+                    {"type": "text", "text": "What is it?"},
+                ],
+            },
         ],
-        turn_start=1, reasoning="parser", chat_template_kwargs={"enable_thinking": True},
-        tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto",
+        turn_start=1,
+        reasoning="parser",
+        chat_template_kwargs={"enable_thinking": True},
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice="auto",
         parallel_tool_calls=False,
     )
 
@@ -48,12 +62,19 @@ def test_fields_left_at_their_default_are_not_stored() -> None:
     stored = StoredRequest(model="m", prompt="Hi", max_tokens=4).dump()
     assert stored == {"version": 1, "model": "m", "prompt": "Hi", "max_tokens": 4}
     assert StoredRequest(prompt="Hi", echo=True, ignore_eos=True).dump() == {
-        "version": 1, "prompt": "Hi", "echo": True, "ignore_eos": True}
+        "version": 1,
+        "prompt": "Hi",
+        "echo": True,
+        "ignore_eos": True,
+    }
 
 
 def test_a_row_from_before_the_version_loads_as_version_1() -> None:
     old: dict[str, Any] = {
-        "model": "m", "max_tokens": 8, "temperature": 1, "seed": 3,
+        "model": "m",
+        "max_tokens": 8,
+        "temperature": 1,
+        "seed": 3,
         "messages": [{"role": "user", "content": "Hi"}],
         # rows from before `reasoning` say `thinking`
         "thinking": True,
@@ -102,17 +123,30 @@ def test_a_row_that_does_not_read_fails_its_job_instead_of_retrying() -> None:
 
 
 async def test_the_worker_maps_an_old_row_as_before() -> None:
-    job = Job(id="j", model="m", kind="chat", lane="interactive", priority=0, request={
-        "model": "m", "max_tokens": 8, "stop": "END", "min_tokens": 2,
-        "logit_bias": {"5": 1}, "messages": [{"role": "user", "content": "Hi"}],
-        "chat_template_kwargs": {"enable_thinking": False}})
+    job = Job(
+        id="j",
+        model="m",
+        kind="chat",
+        lane="interactive",
+        priority=0,
+        request={
+            "model": "m",
+            "max_tokens": 8,
+            "stop": "END",
+            "min_tokens": 2,
+            "logit_bias": {"5": 1},
+            "messages": [{"role": "user", "content": "Hi"}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    )
     body = _stored_request(job)
     assert isinstance(body, StoredRequest)
     request = await generation_request(job, body, "j:1", 10, None)  # type: ignore[arg-type]
     assert request.messages == [{"role": "user", "content": "Hi"}]
     assert request.chat_template_kwargs == {"enable_thinking": False}
-    assert request.sampling == SamplingOptions(max_tokens=8, stop=("END",), min_tokens=2,
-                                               logit_bias={5: 1.0})
+    assert request.sampling == SamplingOptions(
+        max_tokens=8, stop=("END",), min_tokens=2, logit_bias={5: 1.0}
+    )
 
 
 async def test_rows_written_and_old_rows_read_back_from_sql(sessions: Sessions) -> None:
@@ -120,10 +154,20 @@ async def test_rows_written_and_old_rows_read_back_from_sql(sessions: Sessions) 
     written = _chat()
     async with sessions.begin() as session:
         (key,) = await api_keys.ensure_keys(session, [f"sk-{secrets.token_hex(4)}"])
-        rows = [Job(id=jobs.new_job_id(), owner_id=key.id, model="m", kind="chat",
-                    lane="interactive", status=JobStatus.QUEUED, priority=0,
-                    request=request, attempts=0)
-                for request in (written.dump(), old)]
+        rows = [
+            Job(
+                id=jobs.new_job_id(),
+                owner_id=key.id,
+                model="m",
+                kind="chat",
+                lane="interactive",
+                status=JobStatus.QUEUED,
+                priority=0,
+                request=request,
+                attempts=0,
+            )
+            for request in (written.dump(), old)
+        ]
         await jobs.insert_jobs(session, rows)
     async with sessions() as session:
         new_row, old_row = [await jobs.get_job(session, row.id) for row in rows]

@@ -66,8 +66,10 @@ def test_builder_concurrent_callers_share_one_build(tmp_path: Path) -> None:
         t.join()
     assert not errors and len(set(results)) == 1
     # Only the final directory (and the lock file) remain: no temporary build left over.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{results[0].name}.lock",
-                                                          results[0].name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".{results[0].name}.lock",
+        results[0].name,
+    ]
 
 
 def test_builder_is_reproducible(model_dir: Path, tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ def stored(**update: Any) -> StoredRequest:
 
 # --- the worker's parse step: vLLM's hermes parser, a real tokenizer -------------------
 
+
 def test_a_reply_that_calls_a_tool_is_parsed_into_tool_calls(hermes: ToolCallParser) -> None:
     found = hermes.parse(TOOL_CALL_TEXT, STORED)
     assert found is not None
@@ -88,8 +89,9 @@ def test_a_forced_tool_choice_is_a_constraint_in_the_parsers_format(
     how = hermes.generation(stored(tool_choice=choice))
     assert how.constraint is not None
     tag = json.loads(how.constraint["structural_tag"])
-    assert '<tool_call>\n{"name": "get_weather", "arguments": ' in json.dumps(tag["format"]) \
-        .encode().decode("unicode_escape")
+    assert '<tool_call>\n{"name": "get_weather", "arguments": ' in json.dumps(
+        tag["format"]
+    ).encode().decode("unicode_escape")
     assert hermes.generation(STORED).constraint is None  # `auto`, tools not strict
 
 
@@ -109,11 +111,14 @@ def test_a_json_format_parser_reads_the_forced_json(tokenizer: Any) -> None:
     schema = how.constraint["json"]
     assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
     assert schema["items"]["anyOf"][0]["properties"]["name"] == {
-        "type": "string", "enum": ["get_weather"]}
+        "type": "string",
+        "enum": ["get_weather"],
+    }
     named_how = parser.generation(stored(tool_choice=NAMED))
     assert named_how.constraint == {"json": WEATHER_TOOL["function"]["parameters"]}
-    required = parser.parse('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]',
-                            stored(tool_choice="required"))
+    required = parser.parse(
+        '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]', stored(tool_choice="required")
+    )
     assert required is not None and required.content is None
     [call] = required.calls
     assert call["function"]["name"] == "get_weather"
@@ -124,12 +129,16 @@ def test_a_json_format_parser_reads_the_forced_json(tokenizer: Any) -> None:
 
 
 def test_parallel_calls_and_parallel_tool_calls_false(hermes: ToolCallParser) -> None:
-    two = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
-           '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
+    two = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    )
     found = hermes.parse(two, STORED)
     assert found is not None and found.content is None
     assert [json.loads(c["function"]["arguments"])["city"] for c in found.calls] == [
-        "Paris", "Rome"]
+        "Paris",
+        "Rome",
+    ]
     first = hermes.parse(two, stored(parallel_tool_calls=False))
     assert first is not None and len(first.calls) == 1
 
@@ -137,8 +146,10 @@ def test_parallel_calls_and_parallel_tool_calls_false(hermes: ToolCallParser) ->
 def test_reasoning_is_not_parsed_for_calls(hermes: ToolCallParser) -> None:
     """With a reasoning split, only the content after `</think>` is the parser's input (a
     tool call the model merely considers while thinking is not a call)."""
-    thought = ('<think>Maybe <tool_call>{"name": "get_weather", "arguments": {"city": '
-               '"Oslo"}}</tool_call>?</think>' + TOOL_CALL_TEXT)
+    thought = (
+        '<think>Maybe <tool_call>{"name": "get_weather", "arguments": {"city": '
+        '"Oslo"}}</tool_call>?</think>' + TOOL_CALL_TEXT
+    )
     found = hermes.parse(thought, stored(reasoning="tagged"))
     assert found is not None and len(found.calls) == 1
     assert json.loads(found.calls[0]["function"]["arguments"])["city"] == "Paris"
@@ -149,8 +160,7 @@ def test_reasoning_is_not_parsed_for_calls(hermes: ToolCallParser) -> None:
 
 
 def test_tools_and_tool_turns_reach_the_template(tokenizer: Any) -> None:
-    text = prompt_text(tokenizer, GenerationRequest("r", messages=HISTORY,
-                                                    tools=[WEATHER_TOOL]))
+    text = prompt_text(tokenizer, GenerationRequest("r", messages=HISTORY, tools=[WEATHER_TOOL]))
     assert '"name": "get_weather"' in text and "The current weather in a city" in text
     # Arguments arrive decoded (an object), as vLLM hands them to templates.
     assert '"arguments": {"city": "Paris"}' in text
@@ -169,23 +179,27 @@ def test_smollm2s_template_does_not_render_tools(model_cache: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(smol)
     messages = [{"role": "user", "content": "Hi"}]
-    assert prompt_text(tok, GenerationRequest("r", messages=messages, tools=[WEATHER_TOOL])) \
-        == prompt_text(tok, GenerationRequest("r", messages=messages))
+    assert prompt_text(
+        tok, GenerationRequest("r", messages=messages, tools=[WEATHER_TOOL])
+    ) == prompt_text(tok, GenerationRequest("r", messages=messages))
 
 
 # --- the stream: content held back, calls in one chunk before the finish ---------------
+
 
 def test_streamed_reply_holds_content_and_sends_calls_in_one_chunk() -> None:
     choice = _Choice("job", 0, TINY, 0, None, [])
     chunks = _chunks_for(choice, JobEvent("1-1", EventType.DELTA, {"text": "Checking. <tool"}))
     chunks += _chunks_for(choice, JobEvent("1-2", EventType.DELTA, {"text": "_call>{...}"}))
     assert chunks == []  # nothing of the raw text goes out
-    call = {"id": "c1", "type": "function",
-            "function": {"name": "get_weather", "arguments": "{}"}}
-    end = _chunks_for(choice, JobEvent("1-3", EventType.DONE,
-                                       done_data("tool_calls", [call], "Checking. ")))
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    end = _chunks_for(
+        choice, JobEvent("1-3", EventType.DONE, done_data("tool_calls", [call], "Checking. "))
+    )
     assert [c["choices"][0]["delta"] for c in end] == [
-        {"content": "Checking. ", "tool_calls": [{"index": 0, **call}]}, {}]
+        {"content": "Checking. ", "tool_calls": [{"index": 0, **call}]},
+        {},
+    ]
     assert end[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 

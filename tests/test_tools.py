@@ -24,10 +24,17 @@ TOOLS_MODEL = "ferry-tiny-tools"
 
 # --- end to end: a worker with --tool-call-parser hermes -------------------------------
 
+
 @pytest.fixture(scope="module")
 def tools_model(stack: Stack, logs: Path, tool_dir: Path) -> Iterator[str]:
-    proc = stack.add_worker("worker-tools", TOOLS_MODEL, "vllm", logs, model=str(tool_dir),
-                            FERRY_TOOL_CALL_PARSER="hermes")
+    proc = stack.add_worker(
+        "worker-tools",
+        TOOLS_MODEL,
+        "vllm",
+        logs,
+        model=str(tool_dir),
+        FERRY_TOOL_CALL_PARSER="hermes",
+    )
     yield TOOLS_MODEL
     proc.stop()
     stack.procs.remove(proc)
@@ -39,9 +46,14 @@ def sdk(stack: Stack) -> openai.OpenAI:
 
 def _forced(tool_dir: Path, **extra: Any) -> dict[str, Any]:
     """A request whose reply is the tool-call token (and only it)."""
-    return {"messages": [{"role": "user", "content": "Weather in Paris?"}],
-            "tools": [WEATHER_TOOL], "max_tokens": 1, "temperature": 0,
-            "logit_bias": {str(tool_token_id(tool_dir)): 100}, **extra}
+    return {
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logit_bias": {str(tool_token_id(tool_dir)): 100},
+        **extra,
+    }
 
 
 def test_a_forced_tool_call_is_answered_as_tool_calls(
@@ -65,8 +77,7 @@ def test_a_forced_tool_call_is_answered_as_tool_calls(
 
 
 def test_a_forced_tool_call_streamed(stack: Stack, tools_model: str, tool_dir: Path) -> None:
-    stream = sdk(stack).chat.completions.create(model=tools_model, stream=True,
-                                                **_forced(tool_dir))
+    stream = sdk(stack).chat.completions.create(model=tools_model, stream=True, **_forced(tool_dir))
     deltas, reasons = [], []
     for piece in stream:
         for c in piece.choices:
@@ -87,8 +98,9 @@ def test_tool_choice_none_leaves_the_reply_unparsed(
 ) -> None:
     """`none`: no parsing, so no special tokens kept either (as in vLLM): the forced token,
     a special one, leaves no text, and nothing is called."""
-    out = sdk(stack).chat.completions.create(model=tools_model,
-                                             **_forced(tool_dir, tool_choice="none"))
+    out = sdk(stack).chat.completions.create(
+        model=tools_model, **_forced(tool_dir, tool_choice="none")
+    )
     assert out.choices[0].message.content == ""
     assert not out.choices[0].message.tool_calls
     assert out.choices[0].finish_reason == "length"
@@ -107,22 +119,30 @@ def test_tools_and_tool_turns_reach_the_prompt(stack: Stack, tools_model: str) -
     adds to the prompt."""
     ask = [{"role": "user", "content": "Weather in Paris?"}]
     bare = _prompt_tokens(stack, {"model": tools_model, "messages": ask})
-    with_tools = _prompt_tokens(stack, {"model": tools_model, "messages": ask,
-                                        "tools": [WEATHER_TOOL]})
+    with_tools = _prompt_tokens(
+        stack, {"model": tools_model, "messages": ask, "tools": [WEATHER_TOOL]}
+    )
     assert with_tools > bare + 20
     turns = [{**m, "content": m["content"] or None} for m in HISTORY]
-    history = _prompt_tokens(stack, {"model": tools_model, "messages": turns,
-                                     "tools": [WEATHER_TOOL]})
+    history = _prompt_tokens(
+        stack, {"model": tools_model, "messages": turns, "tools": [WEATHER_TOOL]}
+    )
     no_call = [turns[0], {"role": "assistant", "content": ""}, turns[2]]
-    assert history > _prompt_tokens(stack, {"model": tools_model, "messages": no_call,
-                                            "tools": [WEATHER_TOOL]})
+    assert history > _prompt_tokens(
+        stack, {"model": tools_model, "messages": no_call, "tools": [WEATHER_TOOL]}
+    )
 
 
 def test_tools_need_a_tool_call_parser(stack: Stack) -> None:
     with stack.client() as client:
-        r = client.post("/v1/chat/completions", json={
-            "model": TINY, "messages": [{"role": "user", "content": "Hi"}],
-            "tools": [WEATHER_TOOL]})
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": TINY,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": [WEATHER_TOOL],
+            },
+        )
     error = assert_error(r, 400, "unsupported_parameter")
     assert error["param"] == "tools" and "--tool-call-parser" in error["message"]
 
@@ -130,10 +150,14 @@ def test_tools_need_a_tool_call_parser(stack: Stack) -> None:
 CLOCK_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
-        "name": "get_time", "strict": True,
-        "parameters": {"type": "object", "additionalProperties": False,
-                       "properties": {"zone": {"type": "string", "enum": ["utc", "local"]}},
-                       "required": ["zone"]},
+        "name": "get_time",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"zone": {"type": "string", "enum": ["utc", "local"]}},
+            "required": ["zone"],
+        },
     },
 }
 
@@ -142,15 +166,24 @@ def _clock(choice: Any, **extra: Any) -> dict[str, Any]:
     """A forced choice of a tool whose only argument is an enum: held to hermes' call
     format and the tool's strict schema, even a random model's reply is one whole call
     (the grammar allows it some whitespace, which the random model spends tokens on)."""
-    return {"messages": [{"role": "user", "content": "What time is it?"}],
-            "tools": [WEATHER_TOOL, CLOCK_TOOL], "tool_choice": choice,
-            "parallel_tool_calls": False, "max_tokens": 400, "temperature": 0, **extra}
+    return {
+        "messages": [{"role": "user", "content": "What time is it?"}],
+        "tools": [WEATHER_TOOL, CLOCK_TOOL],
+        "tool_choice": choice,
+        "parallel_tool_calls": False,
+        "max_tokens": 400,
+        "temperature": 0,
+        **extra,
+    }
 
 
-@pytest.mark.parametrize(("choice", "finish"), [
-    ("required", "tool_calls"),
-    ({"type": "function", "function": {"name": "get_time"}}, "stop"),
-])
+@pytest.mark.parametrize(
+    ("choice", "finish"),
+    [
+        ("required", "tool_calls"),
+        ({"type": "function", "function": {"name": "get_time"}}, "stop"),
+    ],
+)
 def test_a_forced_tool_choice_answers_a_call(
     stack: Stack, tools_model: str, choice: Any, finish: str
 ) -> None:
@@ -170,43 +203,60 @@ def test_a_forced_tool_choice_answers_a_call(
 
 def test_a_forced_tool_choice_streamed(stack: Stack, tools_model: str) -> None:
     named = {"type": "function", "function": {"name": "get_time"}}
-    stream = sdk(stack).chat.completions.create(model=tools_model, stream=True,
-                                                **_clock(named))
+    stream = sdk(stack).chat.completions.create(model=tools_model, stream=True, **_clock(named))
     calls = [tc for piece in stream for c in piece.choices for tc in c.delta.tool_calls or []]
     [call] = calls
     assert call.function is not None and call.function.name == "get_time"
     assert json.loads(call.function.arguments or "")["zone"] in ("utc", "local")
 
 
-@pytest.mark.parametrize(("choice", "extra", "words"), [
-    ({"type": "function", "function": {"name": "no_such_tool"}}, {}, "no_such_tool"),
-    ({"type": "function"}, {}, "must be"),
-    ("sometimes", {}, "sometimes"),
-    ("required", {"response_format": {"type": "json_object"}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    ("choice", "extra", "words"),
+    [
+        ({"type": "function", "function": {"name": "no_such_tool"}}, {}, "no_such_tool"),
+        ({"type": "function"}, {}, "must be"),
+        ("sometimes", {}, "sometimes"),
+        ("required", {"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
 def test_a_bad_tool_choice_is_400_naming_it(
     stack: Stack, tools_model: str, choice: Any, extra: dict[str, Any], words: str
 ) -> None:
     with stack.client() as client:
-        r = client.post("/v1/chat/completions", json={
-            "model": tools_model, "messages": [{"role": "user", "content": "Hi"}],
-            "tools": [WEATHER_TOOL], "tool_choice": choice, **extra})
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": tools_model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": [WEATHER_TOOL],
+                "tool_choice": choice,
+                **extra,
+            },
+        )
     error = assert_error(r, 400, "invalid_value")
     assert error["param"] == "tool_choice" and words in error["message"]
 
 
-@pytest.mark.parametrize(("tools", "param"), [
-    ([{"type": "function"}], "tools.0.function"),
-    ([{"type": "function", "function": {"name": "has space"}}], "tools.0.function.name"),
-    ([{"type": "code_interpreter"}], "tools.0.type"),
-])
+@pytest.mark.parametrize(
+    ("tools", "param"),
+    [
+        ([{"type": "function"}], "tools.0.function"),
+        ([{"type": "function", "function": {"name": "has space"}}], "tools.0.function.name"),
+        ([{"type": "code_interpreter"}], "tools.0.type"),
+    ],
+)
 def test_malformed_tools_are_400_naming_the_field(
     stack: Stack, tools_model: str, tools: Any, param: str
 ) -> None:
     with stack.client() as client:
-        r = client.post("/v1/chat/completions", json={
-            "model": tools_model, "messages": [{"role": "user", "content": "Hi"}],
-            "tools": tools})
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": tools_model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": tools,
+            },
+        )
     assert assert_error(r, 400)["param"] == param
 
 
@@ -216,13 +266,17 @@ def test_a_batch_line_with_tools_answers_tool_calls(
     """Batch lines (bulk lane, not streamed) are parsed the same way; the output line's
     body is the chat completion the route would give."""
     client = sdk(stack)
-    line = {"custom_id": "t1", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": tools_model, **_forced(tool_dir)}}
+    line = {
+        "custom_id": "t1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": tools_model, **_forced(tool_dir)},
+    }
     data = (json.dumps(line) + "\n").encode()
-    file_id = client.files.create(file=("in.jsonl", data, "application/jsonl"),
-                                  purpose="batch").id
-    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    file_id = client.files.create(file=("in.jsonl", data, "application/jsonl"), purpose="batch").id
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     deadline = time.monotonic() + 300
     while batch.status not in ("completed", "failed", "expired", "cancelled"):
         assert time.monotonic() < deadline, batch
@@ -237,25 +291,35 @@ def test_a_batch_line_with_tools_answers_tool_calls(
     assert call["function"]["name"] == "get_weather"
 
 
-def test_tools_on_the_transformers_engine(
-    stack: Stack, logs: Path, tool_dir: Path
-) -> None:
+def test_tools_on_the_transformers_engine(stack: Stack, logs: Path, tool_dir: Path) -> None:
     """The transformers engine renders tools and parses with vLLM's parser over its own
     (Hugging Face) tokenizer."""
     name = f"{TOOLS_MODEL}-hf"
-    proc = stack.add_worker("worker-tools-hf", name, "transformers", logs,
-                            model=str(tool_dir), FERRY_TOOL_CALL_PARSER="hermes")
+    proc = stack.add_worker(
+        "worker-tools-hf",
+        name,
+        "transformers",
+        logs,
+        model=str(tool_dir),
+        FERRY_TOOL_CALL_PARSER="hermes",
+    )
     try:
-        out = httpx.post(f"{stack.url}/v1/chat/completions", timeout=120,
-                         headers={"Authorization": f"Bearer {KEY_A}"},
-                         json={"model": name, **_forced(tool_dir)}).json()
+        out = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            timeout=120,
+            headers={"Authorization": f"Bearer {KEY_A}"},
+            json={"model": name, **_forced(tool_dir)},
+        ).json()
         choice = out["choices"][0]
         assert choice["finish_reason"] == "tool_calls", out
         assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
         # A forced choice needs structured outputs, which this engine has not.
-        refused = httpx.post(f"{stack.url}/v1/chat/completions", timeout=30,
-                             headers={"Authorization": f"Bearer {KEY_A}"},
-                             json={"model": name, **_clock("required")})
+        refused = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            timeout=30,
+            headers={"Authorization": f"Bearer {KEY_A}"},
+            json={"model": name, **_clock("required")},
+        )
         error = assert_error(refused, 400, "unsupported_parameter")
         assert error["param"] == "tool_choice" and "transformers" in error["message"]
     finally:

@@ -54,8 +54,9 @@ def solid(color: tuple[int, int, int], size: tuple[int, int] = (150, 100)) -> Im
     return Image.new("RGB", size, color)
 
 
-def ask(images: list[Image.Image], text: str = "What is in the picture?",
-        **sampling: Any) -> GenerationRequest:
+def ask(
+    images: list[Image.Image], text: str = "What is in the picture?", **sampling: Any
+) -> GenerationRequest:
     content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
     content.append({"type": "text", "text": text})
     return GenerationRequest(
@@ -94,8 +95,13 @@ def test_builder_makes_an_idefics3_model_both_libraries_load(vision_dir: Path) -
     assert type(processor).__name__ == "Idefics3Processor"
     assert type(processor.image_processor).__name__ == "Idefics3ImageProcessorPil"
     tok = processor.tokenizer
-    for special in (tiny.IMAGE_TOKEN, tiny.FAKE_IMAGE_TOKEN, tiny.GLOBAL_IMAGE_TOKEN,
-                    tiny.END_OF_UTTERANCE, "<row_1_col_1>"):
+    for special in (
+        tiny.IMAGE_TOKEN,
+        tiny.FAKE_IMAGE_TOKEN,
+        tiny.GLOBAL_IMAGE_TOKEN,
+        tiny.END_OF_UTTERANCE,
+        "<row_1_col_1>",
+    ):
         assert len(tok.encode(special, add_special_tokens=False)) == 1, special
     assert config.image_token_id == tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
@@ -122,14 +128,16 @@ def test_prompt_placeholders_must_match_images(vision_dir: Path) -> None:
     two = ask([solid((1, 2, 3)), noise(2)])
     assert prompt_token_ids(tok, two, support).count(support.token_id) == 2
     with pytest.raises(EngineRequestError, match="1 image placeholder"):
-        prompt_token_ids(tok, GenerationRequest("x", messages=ask([noise(1)]).messages,
-                                                images=(noise(1), noise(2))), support)
+        prompt_token_ids(
+            tok,
+            GenerationRequest("x", messages=ask([noise(1)]).messages, images=(noise(1), noise(2))),
+            support,
+        )
     with pytest.raises(EngineRequestError, match="does not take images"):
         prompt_token_ids(tok, two, None)
     # A completion prompt given as parts: the image part becomes the model's placeholder.
     parts = [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": "!"}]
-    ids = prompt_token_ids(tok, GenerationRequest("y", prompt=parts, images=(noise(3),)),
-                           support)
+    ids = prompt_token_ids(tok, GenerationRequest("y", prompt=parts, images=(noise(3),)), support)
     assert ids == tok.encode(f"Look: {tiny.IMAGE_TOKEN}!")
 
 
@@ -203,13 +211,22 @@ async def test_concurrent_image_requests_are_batched(engine: Engine) -> None:
 
 @pytest.mark.engine
 async def test_image_requests_mix_with_text_requests(engine: Engine) -> None:
-    text = GenerationRequest(uuid.uuid4().hex, prompt="Once upon a time",
-                             sampling=SamplingOptions(max_tokens=12, temperature=0))
+    text = GenerationRequest(
+        uuid.uuid4().hex,
+        prompt="Once upon a time",
+        sampling=SamplingOptions(max_tokens=12, temperature=0),
+    )
     parts = [{"type": "text", "text": "Look: "}, {"type": "image"}]
-    completion = GenerationRequest(uuid.uuid4().hex, prompt=parts, images=(noise(5),),
-                                   sampling=SamplingOptions(max_tokens=12, temperature=0))
+    completion = GenerationRequest(
+        uuid.uuid4().hex,
+        prompt=parts,
+        images=(noise(5),),
+        sampling=SamplingOptions(max_tokens=12, temperature=0),
+    )
     results = await asyncio.gather(
-        collect(engine, text), collect(engine, completion), collect(engine, ask([noise(6)])),
+        collect(engine, text),
+        collect(engine, completion),
+        collect(engine, ask([noise(6)])),
         collect(engine, ask([noise(6)], temperature=0.9, top_p=0.9, seed=1)),
     )
     for deltas in results:
@@ -229,8 +246,12 @@ async def test_abort_an_image_request(engine: Engine) -> None:
 async def test_bad_image_requests_are_refused(engine: Engine) -> None:
     one_placeholder = ask([noise(1)])
     with pytest.raises(EngineRequestError, match="image"):
-        await collect(engine, GenerationRequest(
-            uuid.uuid4().hex, messages=one_placeholder.messages, images=(noise(1), noise(2))))
+        await collect(
+            engine,
+            GenerationRequest(
+                uuid.uuid4().hex, messages=one_placeholder.messages, images=(noise(1), noise(2))
+            ),
+        )
     with pytest.raises(EngineRequestError, match="context"):
         await collect(engine, ask([noise(1)], max_tokens=MAX_MODEL_LEN - 8))
 
@@ -249,9 +270,13 @@ async def test_transformers_batches_exactly_like_generate_alone(
     processor: Any = AutoProcessor.from_pretrained(vision_dir)
     model: Any = AutoModelForImageTextToText.from_pretrained(vision_dir).eval()
     requests = [ask([noise(200 + i)], "Tell me" + " more" * i, max_tokens=12) for i in range(5)]
-    requests.append(GenerationRequest(uuid.uuid4().hex, messages=[
-        {"role": "user", "content": "No picture this time."}],
-        sampling=SamplingOptions(max_tokens=12, temperature=0)))
+    requests.append(
+        GenerationRequest(
+            uuid.uuid4().hex,
+            messages=[{"role": "user", "content": "No picture this time."}],
+            sampling=SamplingOptions(max_tokens=12, temperature=0),
+        )
+    )
 
     async def staggered(i: int, request: GenerationRequest) -> list[Delta]:
         await asyncio.sleep(0.02 * i)  # arrive while the others are decoding
@@ -264,8 +289,9 @@ async def test_transformers_batches_exactly_like_generate_alone(
         inputs = processor(text=[text], images=images, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
+        expected = processor.tokenizer.decode(
+            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         assert text_of(deltas) == expected
 
 
@@ -280,11 +306,18 @@ def data_url(image: Image.Image) -> str:
 
 def image_job(model: str, image: Image.Image, **extra: Any) -> dict[str, Any]:
     return {
-        "model": model, "max_tokens": 16, "temperature": 0,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(image)}},
-            {"type": "text", "text": "What is in the picture?"},
-        ]}],
+        "model": model,
+        "max_tokens": 16,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(image)}},
+                    {"type": "text", "text": "What is in the picture?"},
+                ],
+            }
+        ],
         **extra,
     }
 
@@ -298,8 +331,10 @@ def test_models_list_says_the_vision_model_takes_images(stack: Stack, vision_mod
 
 def test_image_job_answer_depends_on_the_image(stack: Stack, vision_model: str) -> None:
     with stack.client() as client:
-        jobs = [submit(client, image_job(vision_model, img))
-                for img in (noise(11), noise(12), noise(11))]
+        jobs = [
+            submit(client, image_job(vision_model, img))
+            for img in (noise(11), noise(12), noise(11))
+        ]
         finals = [wait_job(client, job["id"]) for job in jobs]
     assert [f["status"] for f in finals] == ["succeeded"] * 3, finals
     texts = [f["result"]["text"] for f in finals]
@@ -313,15 +348,24 @@ def test_completion_prompt_with_an_image_tag(stack: Stack, vision_model: str) ->
     """A completion prompt's Qwen-VL `<img>` tag becomes an image part; the worker puts the
     model's image placeholder there, and the image's tokens count in the prompt."""
     with stack.client() as client:
-        plain = client.post("/v1/completions", json={
-            "model": vision_model, "prompt": "Look: ", "max_tokens": 8, "temperature": 0})
-        tagged = client.post("/v1/completions", json={
-            "model": vision_model, "prompt": f"Look: <img>{data_url(noise(14))}</img>",
-            "max_tokens": 8, "temperature": 0})
+        plain = client.post(
+            "/v1/completions",
+            json={"model": vision_model, "prompt": "Look: ", "max_tokens": 8, "temperature": 0},
+        )
+        tagged = client.post(
+            "/v1/completions",
+            json={
+                "model": vision_model,
+                "prompt": f"Look: <img>{data_url(noise(14))}</img>",
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        )
     assert plain.status_code == 200, plain.text
     assert tagged.status_code == 200, tagged.text
     assert tagged.json()["usage"]["prompt_tokens"] == (
-        plain.json()["usage"]["prompt_tokens"] + TOKENS_PER_IMAGE)
+        plain.json()["usage"]["prompt_tokens"] + TOKENS_PER_IMAGE
+    )
 
 
 @pytest.fixture
@@ -338,8 +382,9 @@ def test_job_whose_image_is_gone_fails_clearly(
     naming the image; the worker goes on serving."""
     with stack.client() as client:
         template = wait_job(client, submit(client, image_job(vision_model, noise(13)))["id"])
-        row = pg.execute("SELECT owner_id, request FROM jobs WHERE id = %s",
-                         (template["id"],)).fetchone()
+        row = pg.execute(
+            "SELECT owner_id, request FROM jobs WHERE id = %s", (template["id"],)
+        ).fetchone()
         assert row is not None
         owner_id, stored = row
         missing = "0" * 64

@@ -20,8 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-TOOL_CALL_TEXT = ('Checking. <tool_call>\n{"name": "get_weather", "arguments": '
-                  '{"city": "Paris", "unit": "celsius"}}\n</tool_call>')
+TOOL_CALL_TEXT = (
+    'Checking. <tool_call>\n{"name": "get_weather", "arguments": '
+    '{"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+)
 
 HERMES_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\n# Tools\n<tools>"
@@ -30,8 +32,8 @@ HERMES_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
     "{%- if message.content %}{{ message.content }}{%- endif %}"
-    "{%- for call in message.tool_calls %}\n<tool_call>\n{\"name\": \""
-    "{{ call.function.name }}\", \"arguments\": {{ call.function.arguments | tojson }}}"
+    '{%- for call in message.tool_calls %}\n<tool_call>\n{"name": "'
+    '{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}'
     "\n</tool_call>{%- endfor %}<|im_end|>\n"
     "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
     "{{ message.content }}\n</tool_response><|im_end|>\n"
@@ -45,20 +47,31 @@ WEATHER_TOOL: dict[str, Any] = {
     "function": {
         "name": "get_weather",
         "description": "The current weather in a city",
-        "parameters": {"type": "object",
-                       "properties": {"city": {"type": "string"},
-                                      "unit": {"type": "string",
-                                               "enum": ["celsius", "fahrenheit"]}},
-                       "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
     },
 }
 
 # A tool round trip in OpenAI's shape: the call, then its result.
 HISTORY: list[dict[str, Any]] = [
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
     {"role": "tool", "content": "18 degrees, sunny", "tool_call_id": "call_1"},
 ]
 
@@ -80,8 +93,9 @@ def build_tool_model(tiny_chat_dir: Path, out: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     # A template file beside the tokenizer would win over tokenizer_config's: write it.
     (tmp / "chat_template.jinja").write_text(HERMES_TEMPLATE)
-    (tmp / "tool-token.json").write_text(json.dumps(
-        {"id": tokenizer.convert_tokens_to_ids(TOOL_CALL_TEXT), "text": TOOL_CALL_TEXT}))
+    (tmp / "tool-token.json").write_text(
+        json.dumps({"id": tokenizer.convert_tokens_to_ids(TOOL_CALL_TEXT), "text": TOOL_CALL_TEXT})
+    )
     tmp.rename(out)
     return out
 

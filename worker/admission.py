@@ -67,7 +67,8 @@ class EngineAdmission:
             self._busy_until = time.monotonic() + self._cooldown
             if self._cooldown_timer is None:
                 self._cooldown_timer = asyncio.get_running_loop().call_later(
-                    self._cooldown, self._cooldown_over)
+                    self._cooldown, self._cooldown_over
+                )
 
     def _cooldown_over(self) -> None:
         """The limit rises again when the cooldown ends: wake the waiters then (or look
@@ -76,7 +77,8 @@ class EngineAdmission:
         self._cooldown_timer = None
         if remaining > 0:
             self._cooldown_timer = asyncio.get_running_loop().call_later(
-                remaining, self._cooldown_over)
+                remaining, self._cooldown_over
+            )
         else:
             self.wake()
 
@@ -117,4 +119,3 @@ class EngineAdmission:
         """The worker is stopping: jobs still waiting give up (and are released)."""
         self._closed = True
         self.wake()
-

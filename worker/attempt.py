@@ -115,14 +115,23 @@ def _mapped_request(
     # Bulk (batch) lines are read from SQL when they end: their text need not stream.
     streamed = job.lane != Lane.BULK
     if job.kind == "completion":
-        return GenerationRequest(request_id, prompt=_placeholders(_given(body.prompt)),
-                                 sampling=sampling, priority=priority, stream=streamed)
-    messages = [{**m, "content": _placeholders(m.get("content"))}
-                for m in _given(body.messages)]
-    return GenerationRequest(request_id, messages=messages, sampling=sampling,
-                             priority=priority, stream=streamed,
-                             chat_template_kwargs=body.chat_template_kwargs,
-                             tools=body.tools)
+        return GenerationRequest(
+            request_id,
+            prompt=_placeholders(_given(body.prompt)),
+            sampling=sampling,
+            priority=priority,
+            stream=streamed,
+        )
+    messages = [{**m, "content": _placeholders(m.get("content"))} for m in _given(body.messages)]
+    return GenerationRequest(
+        request_id,
+        messages=messages,
+        sampling=sampling,
+        priority=priority,
+        stream=streamed,
+        chat_template_kwargs=body.chat_template_kwargs,
+        tools=body.tools,
+    )
 
 
 def _given(value: _T | None) -> _T:
@@ -166,8 +175,7 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
     """Run a job this worker has just claimed (`ctx.claims`); returns what happened, for
     the task's log."""
     job_id = job.id
-    state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}",
-                       started_at=job.started_at)
+    state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}", started_at=job.started_at)
     body = _stored_request(job)
     if isinstance(body, StoredRequest):
         if body.logprobs is not None:
@@ -177,28 +185,33 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
     ctx.in_flight[job_id] = state
     try:
         if state.attempt > 1:
-            ctx.publisher.emit(job_id, JobEvent(state.next_id(), EventType.RETRY,
-                                                {"attempt": state.attempt}))
+            ctx.publisher.emit(
+                job_id, JobEvent(state.next_id(), EventType.RETRY, {"attempt": state.attempt})
+            )
         error: Failure | None
         if state.attempt > ctx.max_attempts:
             # A poison job (its workers keep dying on it): stop the loop here.
-            status, error = JobStatus.FAILED, Failure(
-                f"gave up after {ctx.max_attempts} attempts", SERVER_ERROR)
+            status, error = (
+                JobStatus.FAILED,
+                Failure(f"gave up after {ctx.max_attempts} attempts", SERVER_ERROR),
+            )
         elif isinstance(body, Failure):
             status, error = JobStatus.FAILED, body
         else:
             try:
                 # Images are read after the claim's transaction, which holds a row lock.
-                request = await generation_request(job, body, state.request_id,
-                                                   ctx.bulk_priority, ctx.objects)
+                request = await generation_request(
+                    job, body, state.request_id, ctx.bulk_priority, ctx.objects
+                )
                 if job.model in ctx.adapters:
                     request = dataclasses.replace(request, lora=job.model)
                 if state.tool_request is not None and ctx.tool_parser is not None:
                     request = _with_tool_constraints(
-                        ctx.tool_parser, body, request,
-                        ctx.engine.info.supports_structured_output)
-                status, error = await _admitted(job.lane, ctx.admission, ctx.engine, request,
-                                                state, ctx.publisher)
+                        ctx.tool_parser, body, request, ctx.engine.info.supports_structured_output
+                    )
+                status, error = await _admitted(
+                    job.lane, ctx.admission, ctx.engine, request, state, ctx.publisher
+                )
             except ImageUnavailable as exc:
                 # The API checked the image when it took the request: losing it is ours.
                 status, error = JobStatus.FAILED, Failure(str(exc), SERVER_ERROR)
@@ -217,8 +230,7 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
             if state.logprobs is not None:
                 state.logprobs, state.pending_logprobs = [], []
             message = f"could not record the result: {exc.__class__.__name__}"
-            return await _record_end(ctx, state, JobStatus.FAILED,
-                                     Failure(message, SERVER_ERROR))
+            return await _record_end(ctx, state, JobStatus.FAILED, Failure(message, SERVER_ERROR))
     finally:
         ctx.in_flight.pop(job_id, None)
 
@@ -292,8 +304,11 @@ def _no_nul(text: str) -> str:
 def _logprob_entries(logprobs: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
     """The engine's logprobs as stored and published (OpenAI's chat shape, without bytes)."""
     return [
-        {"token": _no_nul(lp.token), "logprob": lp.logprob,
-         "top_logprobs": [{"token": _no_nul(t), "logprob": v} for t, v in lp.top]}
+        {
+            "token": _no_nul(lp.token),
+            "logprob": lp.logprob,
+            "top_logprobs": [{"token": _no_nul(t), "logprob": v} for t, v in lp.top],
+        }
         for lp in logprobs
     ]
 
@@ -303,8 +318,11 @@ async def _record_end(
 ) -> str:
     """SQL first, then the terminal events: a client that sees `done` finds the result."""
     ctx.publisher.settle(state)  # every delta has its event id before the deltas are stored
-    if status == JobStatus.SUCCEEDED and state.tool_request is not None \
-            and ctx.tool_parser is not None:
+    if (
+        status == JobStatus.SUCCEEDED
+        and state.tool_request is not None
+        and ctx.tool_parser is not None
+    ):
         _find_tool_calls(ctx.tool_parser, state)
     outcome = jobs_repo.JobOutcome(
         status=status,
@@ -329,7 +347,9 @@ async def _record_end(
 
 
 def _with_tool_constraints(
-    parser: ToolCallParser, body: StoredRequest, request: GenerationRequest,
+    parser: ToolCallParser,
+    body: StoredRequest,
+    request: GenerationRequest,
     can_constrain: bool,
 ) -> GenerationRequest:
     """A request with tools generated as vLLM's parser adjusts it (worker/tool_calls.py).
@@ -353,4 +373,3 @@ def _find_tool_calls(parser: ToolCallParser, state: JobAttempt) -> None:
         choice = state.tool_request.tool_choice or "auto"
         if choice == "auto" or (choice == "required" and state.finish_reason == "stop"):
             state.finish_reason = "tool_calls"
-

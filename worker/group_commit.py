@@ -46,8 +46,14 @@ class _Pending(Generic[T, R]):
 class GroupCommit(Generic[T, R]):
     """One per kind of write per worker process, on the runner's loop (module docstring)."""
 
-    def __init__(self, name: str, sessions: async_sessionmaker[AsyncSession],
-                 write: GroupWrite[T, R], *, retry_alone: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        sessions: async_sessionmaker[AsyncSession],
+        write: GroupWrite[T, R],
+        *,
+        retry_alone: bool = True,
+    ) -> None:
         self._name = name
         self._sessions = sessions
         self._write_group = write
@@ -97,8 +103,12 @@ class GroupCommit(Generic[T, R]):
                     if not pending.done.done():
                         pending.done.set_exception(exc)
                 return
-            log.warning("%s: writing %d items together failed; one by one instead",
-                        self._name, len(group), exc_info=True)
+            log.warning(
+                "%s: writing %d items together failed; one by one instead",
+                self._name,
+                len(group),
+                exc_info=True,
+            )
             for pending in group:
                 await self._write(group=[pending])
             return
@@ -117,8 +127,9 @@ def claim_committer(
     when it is not ours to run (a job asked for twice in a group is claimed once)."""
 
     async def write(session: AsyncSession, job_ids: Sequence[str]) -> list[Job | None]:
-        claimed = await jobs_repo.claim_jobs(session, list(dict.fromkeys(job_ids)),
-                                             worker_id, lease_seconds)
+        claimed = await jobs_repo.claim_jobs(
+            session, list(dict.fromkeys(job_ids)), worker_id, lease_seconds
+        )
         return [claimed.pop(job_id, None) for job_id in job_ids]
 
     # A failed claim is not retried alone: the job stays queued and its message (or the
@@ -133,8 +144,10 @@ async def record_outcomes(
     with, or None when the job is no longer this worker's (its lease lapsed and another
     worker took it over)."""
     landed = await jobs_repo.finish_jobs(session, worker_id, outcomes)
-    return [outcome.status if ok else await _not_landed(session, job_id, worker_id, outcome)
-            for (job_id, outcome), ok in zip(outcomes, landed, strict=True)]
+    return [
+        outcome.status if ok else await _not_landed(session, job_id, worker_id, outcome)
+        for (job_id, outcome), ok in zip(outcomes, landed, strict=True)
+    ]
 
 
 async def _not_landed(

@@ -69,12 +69,15 @@ class JobRunner:
         # job's coroutine and the event publisher, so the loop's own overhead is paid per
         # token (asyncio's is a large share of this thread's time: bench/README.md).
         self._loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ferry-runner",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="ferry-runner", daemon=True
+        )
         self._in_flight: dict[str, JobAttempt] = {}
         self._admission = EngineAdmission(
-            idle_limit=settings.bulk_slots, busy_limit=settings.bulk_slots_busy,
-            cooldown_seconds=settings.interactive_cooldown_seconds)
+            idle_limit=settings.bulk_slots,
+            busy_limit=settings.bulk_slots_busy,
+            cooldown_seconds=settings.interactive_cooldown_seconds,
+        )
         self._background: list[asyncio.Task[None]] = []
         self._jobs: set[asyncio.Task[Any]] = set()
         self._stopped = False
@@ -84,8 +87,12 @@ class JobRunner:
     def start(self) -> None:
         self._thread.start()
         self._call(self._start())  # a failure ends the process: see worker/tasks.py
-        log.info("worker %s serving %s on %s", self.worker_id, self.settings.model_name,
-                 self.settings.engine)
+        log.info(
+            "worker %s serving %s on %s",
+            self.worker_id,
+            self.settings.model_name,
+            self.settings.engine,
+        )
 
     def stop(self) -> None:
         if self._stopped or not self._thread.is_alive():
@@ -114,11 +121,13 @@ class JobRunner:
         self._redis = Redis.from_url(self.storage.redis_url)
         self._pending = PendingJobs(self._redis)
         self._batch_wake = BatchWakeChannel(self._redis)
-        self._publisher = EventPublisher(JobEventStream(
-            self._redis,
-            maxlen=self.storage.event_stream_maxlen,
-            ttl_seconds=self.storage.event_stream_ttl_seconds,
-        ))
+        self._publisher = EventPublisher(
+            JobEventStream(
+                self._redis,
+                maxlen=self.storage.event_stream_maxlen,
+                ttl_seconds=self.storage.event_stream_ttl_seconds,
+            )
+        )
         self._publisher.start()
         # One object store per process (boto3's client is thread-safe); building an S3 one
         # checks the bucket over the network, so off the loop.
@@ -126,8 +135,9 @@ class JobRunner:
         self.engine = self._engine_factory(self.settings)
         await self.engine.start()
         try:
-            tool_parser = await asyncio.to_thread(load_parser, self.settings.tool_call_parser,
-                                                  self.engine.tokenizer)
+            tool_parser = await asyncio.to_thread(
+                load_parser, self.settings.tool_call_parser, self.engine.tokenizer
+            )
         except StartupError:
             await self.engine.stop()  # no engine process may outlive the refusal
             raise
@@ -141,11 +151,17 @@ class JobRunner:
         self._claims.start()
         self._outcomes.start()
         self._ctx = AttemptContext(
-            worker_id=self.worker_id, engine=self.engine, sessions=self._sessions,
-            publisher=self._publisher, claims=self._claims, outcomes=self._outcomes,
+            worker_id=self.worker_id,
+            engine=self.engine,
+            sessions=self._sessions,
+            publisher=self._publisher,
+            claims=self._claims,
+            outcomes=self._outcomes,
             bulk_priority=s.bulk_priority,
-            max_attempts=s.max_attempts, in_flight=self._in_flight,
-            admission=self._admission, objects=self._objects,
+            max_attempts=s.max_attempts,
+            in_flight=self._in_flight,
+            admission=self._admission,
+            objects=self._objects,
             adapters=frozenset(m.name for m in s.lora_modules),
             tool_parser=tool_parser,
         )
@@ -180,8 +196,11 @@ class JobRunner:
         try:
             return await attempt
         except EngineBroken:
-            log.critical("the engine is broken; stopping this worker so a healthy one (or a "
-                         "restarted one) takes its jobs", exc_info=True)
+            log.critical(
+                "the engine is broken; stopping this worker so a healthy one (or a "
+                "restarted one) takes its jobs",
+                exc_info=True,
+            )
             # Celery's warm shutdown: no new messages; worker_shutdown stops the runner.
             os.kill(os.getpid(), signal.SIGTERM)
             return "released"
@@ -220,20 +239,36 @@ class JobRunner:
     async def _heartbeat_once(self) -> None:
         info = self.engine.info
         s = self.settings
-        model = ServedModel(name=self.settings.model_name, max_model_len=info.max_model_len,
-                            engine=info.engine, supports_images=info.supports_images,
-                            supports_structured_output=info.supports_structured_output,
-                            created=now_epoch(), reasoning_parser=s.reasoning_parser,
-                            tool_call_parser=s.tool_call_parser, root=s.model)
+        model = ServedModel(
+            name=self.settings.model_name,
+            max_model_len=info.max_model_len,
+            engine=info.engine,
+            supports_images=info.supports_images,
+            supports_structured_output=info.supports_structured_output,
+            created=now_epoch(),
+            reasoning_parser=s.reasoning_parser,
+            tool_call_parser=s.tool_call_parser,
+            root=s.model,
+        )
         # Each LoRA adapter is a model of its own, on this model's engine.
-        adapters = [dataclasses.replace(model, name=m.name, base_model=model.name, root=m.path)
-                    for m in s.lora_modules]
-        beat = WorkerBeat(self.worker_id, model.name, info.engine, len(self._in_flight),
-                          time.time(), concurrency=s.concurrency,
-                          bulk_window=s.bulk_window, bulk_window_busy=s.bulk_window_busy,
-                          adapters=tuple(m.name for m in adapters))
-        await self._registry.heartbeat(beat, model, ttl_seconds=3 * self.settings.heartbeat_seconds,
-                                       adapters=adapters)
+        adapters = [
+            dataclasses.replace(model, name=m.name, base_model=model.name, root=m.path)
+            for m in s.lora_modules
+        ]
+        beat = WorkerBeat(
+            self.worker_id,
+            model.name,
+            info.engine,
+            len(self._in_flight),
+            time.time(),
+            concurrency=s.concurrency,
+            bulk_window=s.bulk_window,
+            bulk_window_busy=s.bulk_window_busy,
+            adapters=tuple(m.name for m in adapters),
+        )
+        await self._registry.heartbeat(
+            beat, model, ttl_seconds=3 * self.settings.heartbeat_seconds, adapters=adapters
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -252,8 +287,9 @@ class JobRunner:
                 continue
             try:
                 async with self._sessions.begin() as session:
-                    await jobs_repo.renew_leases(session, self.worker_id, ids,
-                                                 self.settings.lease_seconds)
+                    await jobs_repo.renew_leases(
+                        session, self.worker_id, ids, self.settings.lease_seconds
+                    )
                     cancelled = await jobs_repo.cancelled_among(session, ids)
                 for job_id in cancelled:
                     await self._abort(job_id)

@@ -109,8 +109,11 @@ class WorkerSettings(BaseSettings):
             return []
         if isinstance(value, str):
             text = value.strip()
-            items: Any = json.loads(text) if text.startswith("[") else (
-                [text] if text.startswith("{") else text.replace(",", " ").split())
+            items: Any = (
+                json.loads(text)
+                if text.startswith("[")
+                else ([text] if text.startswith("{") else text.replace(",", " ").split())
+            )
         else:
             items = value
         return [parse_lora_module(item) for item in items]

@@ -54,8 +54,9 @@ class ToolCallParser:
         from vllm.parser.parser_manager import ParserManager
 
         self.name = name
-        parser_class = ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True,
-                                                tokenizer=tokenizer)
+        parser_class = ParserManager.get_parser(
+            tool_parser_name=name, enable_auto_tools=True, tokenizer=tokenizer
+        )
         if parser_class is None:
             raise ValueError(f"vLLM has no parser for tool-call parser {name!r}")
         self._parser_class = parser_class
@@ -65,14 +66,17 @@ class ToolCallParser:
     def _for(self, request: StoredRequest) -> tuple[Any, Any]:
         """vLLM's request for the stored one (what its parsers read: the tools,
         tool_choice and parallel_tool_calls), and a fresh parser for it."""
-        vllm_request = self._request_class.model_validate({
-            "model": "ferry", "messages": [], "tools": request.tools,
-            "tool_choice": request.tool_choice or "auto",
-            "parallel_tool_calls": request.parallel_tool_calls,
-        })
+        vllm_request = self._request_class.model_validate(
+            {
+                "model": "ferry",
+                "messages": [],
+                "tools": request.tools,
+                "tool_choice": request.tool_choice or "auto",
+                "parallel_tool_calls": request.parallel_tool_calls,
+            }
+        )
         # (list is invariant: vLLM types the argument with every tool kind it knows)
-        return vllm_request, self._parser_class(self._tokenizer,
-                                                cast(Any, vllm_request.tools))
+        return vllm_request, self._parser_class(self._tokenizer, cast(Any, vllm_request.tools))
 
     def generation(self, request: StoredRequest) -> ToolGeneration:
         """How the reply to the stored `request` is generated (`adjust_request`)."""
@@ -96,9 +100,14 @@ class ToolCallParser:
         _, left, found = parser.parse(content, vllm_request, enable_auto_tools=True)
         if not found:
             return None
-        calls = [{"id": call.id, "type": "function",
-                  "function": {"name": call.name, "arguments": call.arguments}}
-                 for call in found]
+        calls = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in found
+        ]
         if vllm_request.parallel_tool_calls is False:
             calls = calls[:1]  # as vLLM's maybe_filter_parallel_tool_calls
         return ToolCalls(calls, left if left and left.strip() else None)
@@ -109,8 +118,9 @@ class ToolCallParser:
         try:
             return self.parse(text, request)
         except Exception:
-            log.exception("tool-call parser %s failed on a reply; answering it as content",
-                          self.name)
+            log.exception(
+                "tool-call parser %s failed on a reply; answering it as content", self.name
+            )
             return None
 
 
@@ -122,9 +132,9 @@ def load_parser(name: str | None, tokenizer: Any) -> ToolCallParser | None:
         return None
     try:
         parser = ToolCallParser(name, tokenizer)
-        parser.parse("", StoredRequest(tools=[{"type": "function",
-                                               "function": {"name": "probe"}}]))
+        parser.parse("", StoredRequest(tools=[{"type": "function", "function": {"name": "probe"}}]))
     except Exception as exc:
-        raise StartupError(f"--tool-call-parser {name}: cannot parse this model's output: "
-                           f"{exc}") from exc
+        raise StartupError(
+            f"--tool-call-parser {name}: cannot parse this model's output: {exc}"
+        ) from exc
     return parser

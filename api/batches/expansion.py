@@ -43,8 +43,12 @@ async def expand_batch(state: AppState, batch_id: str) -> None:
     if batch is None or batch.status != BatchStatus.VALIDATING:
         return
     if file is None:
-        await _fail(state, batch_id, "input_file_missing",
-                    f"The input file `{batch.input_file_id}` was deleted before the batch ran.")
+        await _fail(
+            state,
+            batch_id,
+            "input_file_missing",
+            f"The input file `{batch.input_file_id}` was deleted before the batch ran.",
+        )
         return
     holding = asyncio.create_task(_hold(state, batch_id), name=f"hold-{batch_id}")
     try:
@@ -52,8 +56,12 @@ async def expand_batch(state: AppState, batch_id: str) -> None:
     except _Superseded:
         log.info("batch %s left validating during its expansion; nothing stored", batch_id)
     except ObjectNotFound:
-        await _fail(state, batch_id, "input_file_missing",
-                    f"The input file `{batch.input_file_id}` is gone from the object store.")
+        await _fail(
+            state,
+            batch_id,
+            "input_file_missing",
+            f"The input file `{batch.input_file_id}` is gone from the object store.",
+        )
     finally:
         holding.cancel()
 
@@ -71,8 +79,7 @@ async def _hold(state: AppState, batch_id: str) -> None:
 
 
 async def _store_lines(state: AppState, batch: Batch) -> None:
-    checker = LineChecker(state, batch.owner_id, batch.endpoint,
-                          batches_repo.batch_job_id_prefix())
+    checker = LineChecker(state, batch.owner_id, batch.endpoint, batches_repo.batch_job_id_prefix())
     jobs: list[Job] = []
     errors: list[LineError] = []
     shown: list[dict[str, Any]] = []
@@ -96,23 +103,39 @@ async def _store_lines(state: AppState, batch: Batch) -> None:
                 jobs.clear()
             if len(errors) >= _INSERT_ROWS:
                 await batch_results_repo.insert_line_errors(
-                    session, [e.row(batch.id) for e in errors])
+                    session, [e.row(batch.id) for e in errors]
+                )
                 errors.clear()
         await jobs_repo.insert_jobs(session, jobs)
         await batch_results_repo.insert_line_errors(session, [e.row(batch.id) for e in errors])
         if total == invalid:
             if invalid > len(shown):
-                shown.append({"code": "more_errors", "message": f"{invalid - len(shown)} more "
-                              "invalid lines are not listed here.", "param": None, "line": None})
+                shown.append(
+                    {
+                        "code": "more_errors",
+                        "message": f"{invalid - len(shown)} more "
+                        "invalid lines are not listed here.",
+                        "param": None,
+                        "line": None,
+                    }
+                )
             if not shown:
-                shown.append({"code": "empty_file", "message": "The input file has no lines.",
-                              "param": None, "line": None})
-            moved = await batches_repo.fail_batch(session, batch.id, shown, total=total,
-                                                  invalid=invalid)
+                shown.append(
+                    {
+                        "code": "empty_file",
+                        "message": "The input file has no lines.",
+                        "param": None,
+                        "line": None,
+                    }
+                )
+            moved = await batches_repo.fail_batch(
+                session, batch.id, shown, total=total, invalid=invalid
+            )
         else:
             model = next(iter(models)) if len(models) == 1 else None
-            moved = await batches_repo.start_batch(session, batch.id, total=total,
-                                                   invalid=invalid, model=model)
+            moved = await batches_repo.start_batch(
+                session, batch.id, total=total, invalid=invalid, model=model
+            )
         if not moved:
             raise _Superseded  # rolls the whole transaction back
     log.info("batch %s: %d lines, %d invalid", batch.id, total, invalid)
@@ -120,8 +143,7 @@ async def _store_lines(state: AppState, batch: Batch) -> None:
 
 async def _input_lines(state: AppState, file_id: str) -> AsyncIterator[RawLine]:
     """The file's lines, read from the object store on a thread, chunk by chunk."""
-    chunks: Iterator[bytes] = await asyncio.to_thread(state.objects.iter_chunks,
-                                                      file_key(file_id))
+    chunks: Iterator[bytes] = await asyncio.to_thread(state.objects.iter_chunks, file_key(file_id))
     lines = split_lines(chunks, state.settings.max_request_bytes)
     batch: list[RawLine] = []
     while True:
@@ -145,5 +167,7 @@ def _take(lines: Iterator[RawLine], n: int) -> list[RawLine]:
 async def _fail(state: AppState, batch_id: str, code: str, message: str) -> None:
     async with state.db.transaction() as session:
         await batches_repo.fail_batch(
-            session, batch_id, [{"code": code, "message": message, "param": "input_file_id",
-                                 "line": None}])
+            session,
+            batch_id,
+            [{"code": code, "message": message, "param": "input_file_id", "line": None}],
+        )

@@ -62,8 +62,9 @@ class BatchFeeder:
     def window(self, model: str, workers: list[WorkerBeat]) -> int:
         """How many of the model's batch lines may be out at once right now."""
         busy = self._busy_until.get(model, 0.0) > time.monotonic()
-        return sum((w.bulk_window_busy if busy else w.bulk_window) or _DEFAULT_WINDOW
-                   for w in workers)
+        return sum(
+            (w.bulk_window_busy if busy else w.bulk_window) or _DEFAULT_WINDOW for w in workers
+        )
 
     async def feed_once(self) -> int:
         """Top every model's window up; returns how many lines were sent."""
@@ -77,8 +78,12 @@ class BatchFeeder:
             outstanding = await batch_jobs_repo.outstanding_by_model(session)
             busy = await batch_jobs_repo.models_with_interactive_work(session)
         # A LoRA adapter's lines run on its base model's workers: they share its window.
-        base = {adapter: model for model, beats in workers.items() for beat in beats
-                for adapter in beat.adapters}
+        base = {
+            adapter: model
+            for model, beats in workers.items()
+            for beat in beats
+            for adapter in beat.adapters
+        }
         until = time.monotonic() + self._cooldown
         for model in busy:
             self._busy_until[base.get(model, model)] = until

@@ -38,20 +38,31 @@ async def upload_file(
     `FERRY_BATCH_MAX_FILE_BYTES` bytes); lines are checked one by one when a batch runs.
     """
     if purpose != "batch":
-        raise InvalidRequest(f"purpose `{purpose}` is not supported; upload batch input "
-                             "files with purpose `batch`.", param="purpose",
-                             code="invalid_purpose")
+        raise InvalidRequest(
+            f"purpose `{purpose}` is not supported; upload batch input files with purpose `batch`.",
+            param="purpose",
+            code="invalid_purpose",
+        )
     settings = state.settings
     summary = await asyncio.to_thread(
-        scan_jsonl, file.file, max_bytes=settings.batch_max_file_bytes,
-        max_lines=settings.batch_max_lines, max_line_bytes=settings.max_request_bytes)
+        scan_jsonl,
+        file.file,
+        max_bytes=settings.batch_max_file_bytes,
+        max_lines=settings.batch_max_lines,
+        max_line_bytes=settings.max_request_bytes,
+    )
     file.file.seek(0)
-    row = FileRow(id=files_repo.new_file_id(), owner_id=key, purpose="batch",
-                  filename=(file.filename or "input.jsonl")[:255], bytes=summary.bytes,
-                  line_count=summary.lines, urls=summary.urls)
+    row = FileRow(
+        id=files_repo.new_file_id(),
+        owner_id=key,
+        purpose="batch",
+        filename=(file.filename or "input.jsonl")[:255],
+        bytes=summary.bytes,
+        line_count=summary.lines,
+        urls=summary.urls,
+    )
     object_key = file_key(row.id)
-    await asyncio.to_thread(state.objects.put_stream, object_key, file.file,
-                            "application/jsonl")
+    await asyncio.to_thread(state.objects.put_stream, object_key, file.file, "application/jsonl")
     try:
         await files_repo.add_file(session, row)
         await session.commit()
@@ -73,8 +84,9 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:
     """This key's files (inputs and batch outputs), newest first unless `order=asc`."""
-    rows = await files_repo.list_owned_files(session, key, purpose=purpose, after=after,
-                                             limit=limit + 1, newest_first=order == "desc")
+    rows = await files_repo.list_owned_files(
+        session, key, purpose=purpose, after=after, limit=limit + 1, newest_first=order == "desc"
+    )
     page, has_more = split_page(rows, limit)
     return FileList.of(page, [FilePublic.from_row(f) for f in page], has_more)
 
@@ -93,10 +105,15 @@ async def get_file(file_id: str, key: CurrentKey, session: SessionDep) -> FilePu
 
 
 @router.get(
-    "/{file_id}/content", response_class=StreamingResponse,
-    responses={200: {"description": "The file's bytes",
-                     "content": {"application/jsonl": {"schema": {"type": "string"}}}},
-               **error_responses(401, 404)},
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The file's bytes",
+            "content": {"application/jsonl": {"schema": {"type": "string"}}},
+        },
+        **error_responses(401, 404),
+    },
 )
 async def get_file_content(
     file_id: str, key: CurrentKey, session: SessionDep, state: StateDep
@@ -107,8 +124,9 @@ async def get_file_content(
         chunks = await asyncio.to_thread(state.objects.iter_chunks, file_key(row.id))
     except ObjectNotFound:
         raise NotFound(f"The content of file `{file_id}` is gone.", param="file_id") from None
-    return StreamingResponse(chunks, media_type="application/jsonl",
-                             headers={"Content-Length": str(row.bytes)})
+    return StreamingResponse(
+        chunks, media_type="application/jsonl", headers={"Content-Length": str(row.bytes)}
+    )
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(401, 404))

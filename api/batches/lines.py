@@ -70,13 +70,18 @@ class LineError:
     param: str | None = None
 
     def row(self, batch_id: str) -> dict[str, Any]:
-        return {"batch_id": batch_id, "line": self.line, "custom_id": self.custom_id,
-                "code": self.code, "message": self.message, "param": self.param}
+        return {
+            "batch_id": batch_id,
+            "line": self.line,
+            "custom_id": self.custom_id,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+        }
 
     def as_batch_error(self) -> dict[str, Any]:
         """OpenAI's BatchError shape (`errors.data`, and the `error` of error-file lines)."""
-        return {"code": self.code, "message": self.message, "param": self.param,
-                "line": self.line}
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
 
 
 class LineChecker:
@@ -92,29 +97,48 @@ class LineChecker:
     async def check(self, raw: RawLine) -> Job | LineError:
         n = raw.number
         if raw.data is None:
-            return LineError(n, None, "line_too_long",
-                             f"Line {n} is longer than the largest request accepted.")
+            return LineError(
+                n, None, "line_too_long", f"Line {n} is longer than the largest request accepted."
+            )
         try:
             obj = json.loads(raw.data)
         except ValueError as exc:
             return LineError(n, None, "invalid_json", f"Line {n} is not valid JSON: {exc}.")
         if not isinstance(obj, dict):
-            return LineError(n, None, "invalid_line", f"Line {n} must be a JSON object with "
-                             "`custom_id`, `method`, `url` and `body`.")
+            return LineError(
+                n,
+                None,
+                "invalid_line",
+                f"Line {n} must be a JSON object with `custom_id`, `method`, `url` and `body`.",
+            )
         where = find_nul(obj)
         if where is not None:
-            return LineError(n, None, "invalid_line", f"Line {n}: `{where}` {NUL_MESSAGE}.",
-                             where)
+            return LineError(n, None, "invalid_line", f"Line {n}: `{where}` {NUL_MESSAGE}.", where)
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
-            return LineError(n, None, "missing_custom_id",
-                             f"Line {n} has no `custom_id` (a non-empty string).", "custom_id")
+            return LineError(
+                n,
+                None,
+                "missing_custom_id",
+                f"Line {n} has no `custom_id` (a non-empty string).",
+                "custom_id",
+            )
         if len(custom_id) > MAX_CUSTOM_ID:
-            return LineError(n, None, "invalid_custom_id", f"Line {n}: `custom_id` is longer "
-                             f"than {MAX_CUSTOM_ID} characters.", "custom_id")
+            return LineError(
+                n,
+                None,
+                "invalid_custom_id",
+                f"Line {n}: `custom_id` is longer than {MAX_CUSTOM_ID} characters.",
+                "custom_id",
+            )
         if custom_id in self._seen:
-            return LineError(n, custom_id, "duplicate_custom_id", f"Line {n} repeats "
-                             f"custom_id `{custom_id}` of an earlier line.", "custom_id")
+            return LineError(
+                n,
+                custom_id,
+                "duplicate_custom_id",
+                f"Line {n} repeats custom_id `{custom_id}` of an earlier line.",
+                "custom_id",
+            )
         self._seen.add(custom_id)
         problem = self._envelope_problem(n, obj)
         if problem is not None:
@@ -127,8 +151,9 @@ class LineChecker:
             return LineError(n, custom_id, "invalid_body", f"Line {n}: {message}", param)
         except FerryError as exc:
             param = f"body.{exc.param}" if exc.param else "body"
-            return LineError(n, custom_id, exc.code or "invalid_request",
-                             f"Line {n}: {exc.message}", param)
+            return LineError(
+                n, custom_id, exc.code or "invalid_request", f"Line {n}: {exc.message}", param
+            )
         job.id = f"{self._id_prefix}{n:06x}"
         job.custom_id = custom_id
         return job
@@ -136,16 +161,26 @@ class LineChecker:
     def _envelope_problem(self, n: int, obj: dict[str, Any]) -> tuple[str, str, str] | None:
         method, url, body = obj.get("method"), obj.get("url"), obj.get("body")
         if method != "POST":
-            return ("invalid_method", f"Line {n}: `method` must be \"POST\", not "
-                    f"{json.dumps(method)}.", "method")
+            return (
+                "invalid_method",
+                f'Line {n}: `method` must be "POST", not {json.dumps(method)}.',
+                "method",
+            )
         if url != self._endpoint:
-            return ("url_mismatch", f"Line {n} calls {json.dumps(url)}, but this batch's "
-                    f"endpoint is `{self._endpoint}`.", "url")
+            return (
+                "url_mismatch",
+                f"Line {n} calls {json.dumps(url)}, but this batch's "
+                f"endpoint is `{self._endpoint}`.",
+                "url",
+            )
         if not isinstance(body, dict):
             return ("invalid_body", f"Line {n}: `body` must be a JSON object.", "body")
         if body.get("stream"):
-            return ("invalid_body", f"Line {n}: `stream` is not supported in a batch.",
-                    "body.stream")
+            return (
+                "invalid_body",
+                f"Line {n}: `stream` is not supported in a batch.",
+                "body.stream",
+            )
         return None
 
     async def _build(self, body: dict[str, Any]) -> Job:
@@ -155,8 +190,11 @@ class LineChecker:
             return await jobs_service.build_chat_job(state, owner, chat, lane=Lane.BULK)
         completion = CompletionRequest.model_validate(body)
         if len(completion.prompts) != 1:
-            raise FerryError("a batch line takes one prompt (one line per prompt).",
-                             param="prompt", code="invalid_body")
+            raise FerryError(
+                "a batch line takes one prompt (one line per prompt).",
+                param="prompt",
+                code="invalid_body",
+            )
         jobs = await jobs_service.build_completion_jobs(state, owner, completion, lane=Lane.BULK)
         return jobs[0]
 

@@ -42,46 +42,64 @@ from storage.stored_request import StoredRequest
 _PAGE = 1000
 _SPOOL_BYTES = 8 * 1024 * 1024
 _NOT_FINISHED = {
-    BatchStatus.CANCELLED: ("batch_cancelled", "The batch was cancelled before this request "
-                            "finished."),
-    BatchStatus.EXPIRED: ("batch_expired", "The batch's completion window passed before this "
-                          "request finished."),
+    BatchStatus.CANCELLED: (
+        "batch_cancelled",
+        "The batch was cancelled before this request finished.",
+    ),
+    BatchStatus.EXPIRED: (
+        "batch_expired",
+        "The batch's completion window passed before this request finished.",
+    ),
     BatchStatus.COMPLETED: ("request_cancelled", "This request was cancelled."),
 }
 
 
-async def finalize_batch(
-    db: Database, objects: ObjectStore, batch_id: str
-) -> BatchStatus | None:
+async def finalize_batch(db: Database, objects: ObjectStore, batch_id: str) -> BatchStatus | None:
     """Write the files and end the batch; None if it was not (or no longer) ours to end."""
     async with db.transaction() as session:
         batch = await batches_repo.begin_finalizing(
-            session, batch_id, files_repo.new_file_id(), files_repo.new_file_id())
+            session, batch_id, files_repo.new_file_id(), files_repo.new_file_id()
+        )
     if batch is None:
         return None
     assert batch.output_file_id is not None and batch.error_file_id is not None
     final = batch.outcome or BatchStatus.COMPLETED
-    with (tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as out,
-          tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as err):
+    with (
+        tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as out,
+        tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as err,
+    ):
         await _write_lines(db, batch_id, final, out, err)
         written = []
-        for file_id, spool, suffix in ((batch.output_file_id, out, "output"),
-                                       (batch.error_file_id, err, "errors")):
+        for file_id, spool, suffix in (
+            (batch.output_file_id, out, "output"),
+            (batch.error_file_id, err, "errors"),
+        ):
             size = spool.tell()
             if size == 0:
                 continue
             spool.seek(0)
-            await asyncio.to_thread(objects.put_stream, file_key(file_id), spool,
-                                    "application/jsonl")
-            written.append(File(id=file_id, owner_id=batch.owner_id, purpose="batch_output",
-                                filename=f"{batch_id}_{suffix}.jsonl", bytes=size,
-                                line_count=0, urls=None))
+            await asyncio.to_thread(
+                objects.put_stream, file_key(file_id), spool, "application/jsonl"
+            )
+            written.append(
+                File(
+                    id=file_id,
+                    owner_id=batch.owner_id,
+                    purpose="batch_output",
+                    filename=f"{batch_id}_{suffix}.jsonl",
+                    bytes=size,
+                    line_count=0,
+                    urls=None,
+                )
+            )
     async with db.transaction() as session:
         for file in written:
             await files_repo.add_file_once(session, file)
         ids = {f.id for f in written}
         ended = await batches_repo.end_batch(
-            session, batch_id, final,
+            session,
+            batch_id,
+            final,
             output_file_id=batch.output_file_id if batch.output_file_id in ids else None,
             error_file_id=batch.error_file_id if batch.error_file_id in ids else None,
         )
@@ -93,13 +111,20 @@ async def _write_lines(
 ) -> None:
     async with db.read() as session:
         after_line = 0
-        while page := await batch_results_repo.line_errors_page(session, batch_id, after_line,
-                                                                _PAGE):
+        while page := await batch_results_repo.line_errors_page(
+            session, batch_id, after_line, _PAGE
+        ):
             for e in page:
-                error = {"code": e.code, "message": e.message, "param": e.param,
-                         "line": e.line}
-                _write(err, {"id": f"batch_req_line{e.line}", "custom_id": e.custom_id,
-                             "response": None, "error": error})
+                error = {"code": e.code, "message": e.message, "param": e.param, "line": e.line}
+                _write(
+                    err,
+                    {
+                        "id": f"batch_req_line{e.line}",
+                        "custom_id": e.custom_id,
+                        "response": None,
+                        "error": error,
+                    },
+                )
             after_line = page[-1].line
         after_id: str | None = None
         while rows := await batch_results_repo.job_results_page(session, batch_id, after_id, _PAGE):
@@ -118,8 +143,11 @@ def _result_line(row: Row[Any], final: BatchStatus) -> tuple[str, dict[str, Any]
         failure = job_failure(row.error, row.error_code)  # 400 or 500, as the route answers
         body = error_body(failure.message, failure.type, failure.param, failure.code)
         response = {"status_code": failure.status_code, "request_id": row.id, "body": body}
-        return "errors", {**base, "response": response,
-                          "error": {"code": failure.code, "message": failure.message}}
+        return "errors", {
+            **base,
+            "response": response,
+            "error": {"code": failure.code, "message": failure.message},
+        }
     code, message = _NOT_FINISHED[final]
     return "errors", {**base, "response": None, "error": {"code": code, "message": message}}
 
@@ -127,27 +155,45 @@ def _result_line(row: Row[Any], final: BatchStatus) -> tuple[str, dict[str, Any]
 def _body(row: Row[Any]) -> dict[str, Any]:
     """The response the interactive route would have given (chat or text completion)."""
     prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
-    usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
-                  total_tokens=prompt + completion)
+    usage = Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
     created = int(row.created_at.timestamp())
     text = row.result_text or ""
     entries = None if row.logprobs is None else [e for d in row.logprobs for e in d]
     if row.kind == "completion":
         request = StoredRequest.load(row.request or {})
         echo = plain_text(request.prompt) if request.echo else ""
-        logprobs = None if entries is None else CompletionLogprobs.model_validate(
-            completion_logprobs(entries, len(echo)))
+        logprobs = (
+            None
+            if entries is None
+            else CompletionLogprobs.model_validate(completion_logprobs(entries, len(echo)))
+        )
         return Completion(
-            id=row.id, created=created, model=row.model, usage=usage,
-            choices=[CompletionChoice(index=0, text=echo + text, finish_reason=row.finish_reason,
-                                      logprobs=logprobs)],
+            id=row.id,
+            created=created,
+            model=row.model,
+            usage=usage,
+            choices=[
+                CompletionChoice(
+                    index=0, text=echo + text, finish_reason=row.finish_reason, logprobs=logprobs
+                )
+            ],
         ).model_dump(mode="json")
     return ChatCompletion(
-        id=row.id, created=created, model=row.model, usage=usage,
-        choices=[ChatChoice(message=reply_message(row),
-                            finish_reason=row.finish_reason,
-                            logprobs=None if entries is None else ChatLogprobs.model_validate(
-                                chat_logprobs(entries)))],
+        id=row.id,
+        created=created,
+        model=row.model,
+        usage=usage,
+        choices=[
+            ChatChoice(
+                message=reply_message(row),
+                finish_reason=row.finish_reason,
+                logprobs=None
+                if entries is None
+                else ChatLogprobs.model_validate(chat_logprobs(entries)),
+            )
+        ],
     ).model_dump(mode="json")
 
 

@@ -37,8 +37,7 @@ async def owned_batch(batch_id: str, key: CurrentKey, session: SessionDep) -> Ba
 OwnedBatch = Annotated[Batch, Depends(owned_batch)]
 
 
-@router.post("", response_model=BatchPublic,
-             responses=error_responses(400, 401, 404, 413))
+@router.post("", response_model=BatchPublic, responses=error_responses(400, 401, 404, 413))
 async def create_batch(
     body: BatchCreate,
     key: CurrentKey,
@@ -79,8 +78,9 @@ async def get_batch(batch: OwnedBatch, session: SessionDep) -> BatchPublic:
     return (await service.public(session, [batch]))[0]
 
 
-@router.post("/{batch_id}/cancel", response_model=BatchPublic,
-             responses=error_responses(401, 404, 409))
+@router.post(
+    "/{batch_id}/cancel", response_model=BatchPublic, responses=error_responses(401, 404, 409)
+)
 async def cancel_batch(
     batch: OwnedBatch, state: StateDep, session: SessionDep, supervisor: SupervisorDep
 ) -> BatchPublic:

@@ -28,8 +28,13 @@ class FilePublic(BaseModel):
 
     @classmethod
     def from_row(cls, file: File) -> FilePublic:
-        return cls(id=file.id, bytes=file.bytes, created_at=_ts(file.created_at),
-                   filename=file.filename, purpose=file.purpose)
+        return cls(
+            id=file.id,
+            bytes=file.bytes,
+            created_at=_ts(file.created_at),
+            filename=file.filename,
+            purpose=file.purpose,
+        )
 
 
 class FileList(CursorPage[FilePublic]):
@@ -43,13 +48,17 @@ class FileDeleted(BaseModel):
 
 
 class BatchCreate(BaseModel):
-    input_file_id: str = Field(min_length=1, max_length=64,
-                               json_schema_extra={"pattern": "^[^\\u0000]*$"})
+    input_file_id: str = Field(
+        min_length=1, max_length=64, json_schema_extra={"pattern": "^[^\\u0000]*$"}
+    )
     # Checked by the service (400 `unsupported_endpoint`); the document states the values.
-    endpoint: str = Field(description="`/v1/chat/completions` or `/v1/completions`",
-                          json_schema_extra={"enum": list(ENDPOINTS)})
+    endpoint: str = Field(
+        description="`/v1/chat/completions` or `/v1/completions`",
+        json_schema_extra={"enum": list(ENDPOINTS)},
+    )
     completion_window: str = Field(
-        "24h", description="How long the batch may take: `24h` (OpenAI's one value) or any "
+        "24h",
+        description="How long the batch may take: `24h` (OpenAI's one value) or any "
         "`<n>s`, `<n>m`, `<n>h`, `<n>d` up to the server's limit (a Ferry extension)",
         json_schema_extra={"pattern": "^[1-9][0-9]{0,6}[smhd]$"},
     )
@@ -142,7 +151,8 @@ class BatchPublic(BaseModel):
             endpoint=batch.endpoint,
             model=batch.model,
             errors=BatchErrors(data=[BatchError(**e) for e in batch.errors])
-            if batch.errors else None,
+            if batch.errors
+            else None,
             input_file_id=batch.input_file_id,
             completion_window=batch.completion_window,
             status=batch.status,

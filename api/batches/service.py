@@ -28,14 +28,18 @@ def window_seconds(window: str, longest: int) -> int:
     match = _WINDOW.match(window)
     if match is None:
         raise InvalidRequest(
-            f"completion_window `{window}` is not a duration such as `24h` (or `30m`, "
-            "`2d`).", param="completion_window", code="invalid_completion_window")
+            f"completion_window `{window}` is not a duration such as `24h` (or `30m`, `2d`).",
+            param="completion_window",
+            code="invalid_completion_window",
+        )
     seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if seconds > longest:
         raise InvalidRequest(
             f"completion_window `{window}` is longer than this server's limit of "
-            f"{longest} seconds.", param="completion_window",
-            code="invalid_completion_window")
+            f"{longest} seconds.",
+            param="completion_window",
+            code="invalid_completion_window",
+        )
     return seconds
 
 
@@ -46,23 +50,28 @@ async def create_batch(
     commits, then starts its expansion."""
     if body.endpoint not in ENDPOINTS:
         raise InvalidRequest(
-            f"endpoint `{body.endpoint}` is not supported; use one of "
-            f"{', '.join(ENDPOINTS)}.", param="endpoint", code="unsupported_endpoint")
-    seconds = window_seconds(body.completion_window,
-                             settings.batch_max_completion_window_seconds)
+            f"endpoint `{body.endpoint}` is not supported; use one of {', '.join(ENDPOINTS)}.",
+            param="endpoint",
+            code="unsupported_endpoint",
+        )
+    seconds = window_seconds(body.completion_window, settings.batch_max_completion_window_seconds)
     file = await files_repo.get_owned_file(session, body.input_file_id, owner_id)
     if file is None:
         raise NotFound(f"No file with id `{body.input_file_id}`.", param="input_file_id")
     if file.purpose != "batch":
         raise InvalidRequest(
             f"File `{file.id}` has purpose `{file.purpose}`; a batch's input file must be "
-            "uploaded with purpose `batch`.", param="input_file_id",
-            code="invalid_file_purpose")
+            "uploaded with purpose `batch`.",
+            param="input_file_id",
+            code="invalid_file_purpose",
+        )
     if file.urls and body.endpoint not in file.urls:
         raise InvalidRequest(
             f"endpoint `{body.endpoint}` does not match the file: its lines call "
-            f"{', '.join(f'`{u}`' for u in file.urls)}.", param="endpoint",
-            code="endpoint_mismatch")
+            f"{', '.join(f'`{u}`' for u in file.urls)}.",
+            param="endpoint",
+            code="endpoint_mismatch",
+        )
     now = utcnow()
     batch = Batch(
         id=batches_repo.new_batch_id(),
@@ -95,8 +104,11 @@ async def cancel_batch(
     if not await batches_repo.request_cancel(session, batch.id):
         current = await batches_repo.get_batch(session, batch.id)
         state_now = current.status if current else status
-        raise Conflict(f"Batch `{batch.id}` cannot be cancelled: it is {state_now}.",
-                       param="batch_id", code="batch_not_cancellable")
+        raise Conflict(
+            f"Batch `{batch.id}` cannot be cancelled: it is {state_now}.",
+            param="batch_id",
+            code="batch_not_cancellable",
+        )
     running = await batch_jobs_repo.cancel_open_jobs(session, batch.id)
     await session.commit()
     for job_id in running:

@@ -52,8 +52,11 @@ class BatchSupervisor:
         self._interval = settings.batch_feed_interval_seconds
         self._lease = settings.batch_expand_lease_seconds
         self._feeder = BatchFeeder(
-            state.db, state.registry, state.queue,
-            cooldown_seconds=settings.batch_interactive_cooldown_seconds)
+            state.db,
+            state.registry,
+            state.queue,
+            cooldown_seconds=settings.batch_interactive_cooldown_seconds,
+        )
         self._wake = asyncio.Event()
         self._full_due = True
         self._tasks: list[asyncio.Task[None]] = []
@@ -61,8 +64,10 @@ class BatchSupervisor:
         self._busy: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(), name="batch-supervisor"),
-                       asyncio.create_task(self._listen(), name="batch-wake-listener")]
+        self._tasks = [
+            asyncio.create_task(self._run(), name="batch-supervisor"),
+            asyncio.create_task(self._listen(), name="batch-wake-listener"),
+        ]
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._busy.values()]:
@@ -180,8 +185,9 @@ class BatchSupervisor:
             if batch_id in self._busy:
                 continue
             async with db.transaction() as session:
-                claimed = await batches_repo.claim_settling(session, batch_id,
-                                                            _FINALIZE_LEASE_SECONDS)
+                claimed = await batches_repo.claim_settling(
+                    session, batch_id, _FINALIZE_LEASE_SECONDS
+                )
             if claimed:
                 self._spawn(batch_id, self._finalize(batch_id))
 

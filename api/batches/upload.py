@@ -39,8 +39,10 @@ def scan_jsonl(
             summary.bytes += len(chunk)
             if summary.bytes > max_bytes:
                 raise PayloadTooLarge(
-                    f"The file is larger than {max_bytes} bytes, the most a batch file may "
-                    "have.", param="file", code="file_too_large")
+                    f"The file is larger than {max_bytes} bytes, the most a batch file may have.",
+                    param="file",
+                    code="file_too_large",
+                )
             yield chunk
 
     for raw in split_lines(chunks(), max_line_bytes):
@@ -48,7 +50,9 @@ def scan_jsonl(
         if summary.lines > max_lines:
             raise InvalidRequest(
                 f"The file has more than {max_lines} lines, the most a batch file may have.",
-                param="file", code="too_many_lines")
+                param="file",
+                code="too_many_lines",
+            )
         if raw.data is None:
             continue
         try:
@@ -61,11 +65,16 @@ def scan_jsonl(
             if isinstance(url, str) and url not in summary.urls and len(summary.urls) < MAX_URLS:
                 summary.urls.append(url[:200])
     if summary.lines == 0:
-        raise InvalidRequest("The file is empty: a batch file has one JSON request per line.",
-                             param="file", code="empty_file")
+        raise InvalidRequest(
+            "The file is empty: a batch file has one JSON request per line.",
+            param="file",
+            code="empty_file",
+        )
     if summary.json_lines == 0:
         raise InvalidRequest(
             "The file is not JSONL: none of its lines is a JSON object. Each line must be "
             '{"custom_id": ..., "method": "POST", "url": ..., "body": {...}}.',
-            param="file", code="invalid_file_format")
+            param="file",
+            code="invalid_file_format",
+        )
     return summary

@@ -31,8 +31,7 @@ async def prepend_history(
     async with db.read() as session:
         conversation = await conversations_repo.get_owned(session, conversation_id, owner_id)
         if conversation is None:
-            raise NotFound(f"No conversation with id `{conversation_id}`.",
-                           param="conversation_id")
+            raise NotFound(f"No conversation with id `{conversation_id}`.", param="conversation_id")
         stored = await conversations_repo.messages_of(session, conversation_id)
     splice(request, prompt_messages(stored))
 
@@ -96,8 +95,10 @@ def parse_pairs(value: Any, param: str) -> list[Pair]:
     """A client-sent history: a list of `[user, assistant]` pairs of strings, else 400.
 
     Empty items are skipped: PAI-EAS documents `[()]` as the default history."""
-    problem = (f"`{param}` must be a list of [user, assistant] pairs of strings, "
-               'e.g. [["Hello", "Hi! How can I help?"]]')
+    problem = (
+        f"`{param}` must be a list of [user, assistant] pairs of strings, "
+        'e.g. [["Hello", "Hi! How can I help?"]]'
+    )
     if value is None:
         return []
     if not isinstance(value, list):
@@ -106,10 +107,14 @@ def parse_pairs(value: Any, param: str) -> list[Pair]:
     for index, item in enumerate(value):
         if isinstance(item, list | tuple) and len(item) == 0:
             continue
-        if (not isinstance(item, list | tuple) or len(item) != 2
-                or not all(isinstance(text, str) for text in item)):
-            raise InvalidRequest(f"{problem}; item {index} is {_describe(item)}.",
-                                 param=f"{param}.{index}")
+        if (
+            not isinstance(item, list | tuple)
+            or len(item) != 2
+            or not all(isinstance(text, str) for text in item)
+        ):
+            raise InvalidRequest(
+                f"{problem}; item {index} is {_describe(item)}.", param=f"{param}.{index}"
+            )
         pairs.append((item[0], item[1]))
     return pairs
 
@@ -138,14 +143,18 @@ IMAGE_TOKENS = 1024
 
 def estimated_tokens(message: dict[str, Any]) -> int:
     content = message.get("content")
-    return (_MESSAGE_TOKENS + len(plain_text(content).encode())
-            + IMAGE_TOKENS * len(image_refs(content)))
+    return (
+        _MESSAGE_TOKENS
+        + len(plain_text(content).encode())
+        + IMAGE_TOKENS * len(image_refs(content))
+    )
 
 
 def known_tokens(stored: Sequence[Message], reply_tokens: dict[str, int]) -> list[int | None]:
     """For each stored message, its token count when its job counted it (replies)."""
-    return [reply_tokens.get(m.job_id) if m.role == "assistant" and m.job_id else None
-            for m in stored]
+    return [
+        reply_tokens.get(m.job_id) if m.role == "assistant" and m.job_id else None for m in stored
+    ]
 
 
 def fit_to_context(
@@ -166,9 +175,11 @@ def fit_to_context(
     lead = _leading_instructions(messages)
     start = lead if request.turn_start is None else request.turn_start
     history = messages[lead:start]
-    known = [*history_tokens, *([None] * len(history))][:len(history)]
-    sizes = [estimated_tokens(m) if n is None else _MESSAGE_TOKENS + n
-             for m, n in zip(history, known, strict=True)]
+    known = [*history_tokens, *([None] * len(history))][: len(history)]
+    sizes = [
+        estimated_tokens(m) if n is None else _MESSAGE_TOKENS + n
+        for m, n in zip(history, known, strict=True)
+    ]
     fixed = _TEMPLATE_TOKENS + sum(estimated_tokens(m) for m in messages[:lead] + messages[start:])
     room = min(wanted, max(1, max_model_len // 4))
     drop = 0
@@ -177,12 +188,13 @@ def fit_to_context(
         # History always opens with a user turn.
         while drop < len(history) and history[drop]["role"] != "user":
             drop += 1
-    request.messages = messages[:lead] + messages[lead + drop:]
+    request.messages = messages[:lead] + messages[lead + drop :]
     request.turn_start = start - drop
     left = max_model_len - fixed - sum(sizes[drop:])
     if left < 1:
         raise InvalidRequest(
             f"The prompt is too long for the model's context of {max_model_len} tokens.",
-            param="prompt", code="context_length_exceeded",
+            param="prompt",
+            code="context_length_exceeded",
         )
     request.max_tokens = min(wanted, left)

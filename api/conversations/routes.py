@@ -21,8 +21,9 @@ from storage.repositories import conversations as conversations_repo
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 
-@router.post("", status_code=201, response_model=ConversationPublic,
-             responses=error_responses(400, 401, 413))
+@router.post(
+    "", status_code=201, response_model=ConversationPublic, responses=error_responses(400, 401, 413)
+)
 async def create_conversation(
     key: CurrentKey,
     session: SessionDep,
@@ -50,8 +51,9 @@ async def list_conversations(
     return ConversationList.of(page, [ConversationPublic.from_row(c) for c in page], has_more)
 
 
-@router.get("/{conversation_id}", response_model=ConversationPublic,
-            responses=error_responses(401, 404))
+@router.get(
+    "/{conversation_id}", response_model=ConversationPublic, responses=error_responses(401, 404)
+)
 async def get_conversation(
     conversation_id: str, key: CurrentKey, session: SessionDep, request: Request
 ) -> ConversationPublic:
@@ -64,8 +66,9 @@ async def get_conversation(
     return ConversationPublic.from_row(conversation, messages, image_url)
 
 
-@router.delete("/{conversation_id}", response_model=ConversationDeleted,
-               responses=error_responses(401, 404))
+@router.delete(
+    "/{conversation_id}", response_model=ConversationDeleted, responses=error_responses(401, 404)
+)
 async def delete_conversation(
     conversation_id: str, key: CurrentKey, session: SessionDep
 ) -> ConversationDeleted:

@@ -45,8 +45,9 @@ class ConversationMessage(BaseModel):
             role=message.role,
             content=message.content,
             reasoning_content=message.reasoning,
-            images=[ConversationImage(url=image_url.format(sha256=ref["sha256"]), **ref)
-                    for ref in refs],
+            images=[
+                ConversationImage(url=image_url.format(sha256=ref["sha256"]), **ref) for ref in refs
+            ],
             job_id=message.job_id,
             created_at=message.created_at.timestamp(),
         )
@@ -79,7 +80,8 @@ class ConversationPublic(BaseModel):
             default=conversation.default_for is not None,
             created_at=conversation.created_at.timestamp(),
             updated_at=conversation.updated_at.timestamp(),
-            messages=None if messages is None
+            messages=None
+            if messages is None
             else [ConversationMessage.from_row(m, image_url) for m in messages],
         )
 

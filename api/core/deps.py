@@ -40,7 +40,9 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 # The header as sent (`Bearer <key>`, or the bare key as PAI-EAS clients send it); read
 # through a security scheme so the OpenAPI document says which routes need a key.
 _API_KEY = APIKeyHeader(
-    name="Authorization", scheme_name="APIKey", auto_error=False,
+    name="Authorization",
+    scheme_name="APIKey",
+    auto_error=False,
     description="`Bearer <key>` (OpenAI), or the bare key (PAI-EAS)",
 )
 

@@ -44,8 +44,9 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, model: str, served: list[str] | None = None) -> None:
-        super().__init__(f"The model `{model}` does not exist. {served_sentence(served or [])}",
-                         param="model")
+        super().__init__(
+            f"The model `{model}` does not exist. {served_sentence(served or [])}", param="model"
+        )
 
 
 def served_sentence(served: list[str]) -> str:
@@ -129,8 +130,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """A route's `responses=` for the errors it can answer: the error envelope, as JSON
     whatever the route's own media type (so no `model=`, which would take that one)."""
     content = {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}
-    return {code: {"description": _ERROR_DESCRIPTIONS[code], "content": content}
-            for code in codes}
+    return {code: {"description": _ERROR_DESCRIPTIONS[code], "content": content} for code in codes}
 
 
 def error_response(exc: FerryError) -> JSONResponse:
@@ -142,22 +142,37 @@ def error_response(exc: FerryError) -> JSONResponse:
     )
 
 
-_LOC_NOISE = {"body", "query", "path", "header", "str", "int", "float", "bool", "list", "dict",
-              "none"}
+_LOC_NOISE = {
+    "body",
+    "query",
+    "path",
+    "header",
+    "str",
+    "int",
+    "float",
+    "bool",
+    "list",
+    "dict",
+    "none",
+}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     # Drop the request part and pydantic's union-member tags ("str", "list[str]", ...).
-    loc = [str(p) for p in first.get("loc", ())
-           if p not in _LOC_NOISE and "[" not in str(p) and "-" not in str(p)]
+    loc = [
+        str(p)
+        for p in first.get("loc", ())
+        if p not in _LOC_NOISE and "[" not in str(p) and "-" not in str(p)
+    ]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "Request body is not valid JSON.", None
     not_an_object = first.get("type") in ("model_attributes_type", "dict_type", "model_type")
     if tuple(first.get("loc", ())) == ("body",) and not_an_object:
-        return ("Request body must be a JSON object, sent with "
-                "Content-Type: application/json."), None
+        return (
+            "Request body must be a JSON object, sent with Content-Type: application/json."
+        ), None
     message = first.get("msg", "Invalid request")
     return (f"{param}: {message}" if param else message), param
 

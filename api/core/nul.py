@@ -66,10 +66,10 @@ class RefuseNul:
         if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
             where = "path" if "\x00" in scope["path"] else "query"
             await error_response(InvalidRequest(f"The request's {where} {NUL_MESSAGE}."))(
-                scope, receive, send)
+                scope, receive, send
+            )
             return
-        content_type = next((v for k, v in scope.get("headers", []) if k == b"content-type"),
-                            b"")
+        content_type = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
         if content_type.startswith(b"multipart/"):
             await self.app(scope, receive, send)
             return
@@ -90,11 +90,13 @@ class RefuseNul:
         body = b"".join(chunks)
         if has_nul_escape(body):
             await error_response(InvalidRequest(f"The request body {NUL_MESSAGE}."))(
-                scope, receive, send)
+                scope, receive, send
+            )
             return
         replay: list[Message] = [
             {"type": "http.request", "body": body, "more_body": False}
-            if last["type"] == "http.request" else last
+            if last["type"] == "http.request"
+            else last
         ]
 
         async def replayed() -> Message:

@@ -34,8 +34,12 @@ class CursorPage(BaseModel, Generic[ItemT]):
     @classmethod
     def of(cls, page: Sequence[HasId], data: list[ItemT], has_more: bool) -> Self:
         """The envelope for `page` (the rows shown), given their wire form `data`."""
-        return cls(data=data, first_id=page[0].id if page else None,
-                   last_id=page[-1].id if page else None, has_more=has_more)
+        return cls(
+            data=data,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=has_more,
+        )
 
 
 def split_page(rows: Sequence[RowT], limit: int) -> tuple[Sequence[RowT], bool]:

@@ -46,11 +46,22 @@ _MAX_WRITE_BYTES = 100
 
 
 @router.post(
-    "/infer_forward", response_model=InferForwardResponse,
-    responses={200: {"content": {"text/plain": {"schema": {
-        "type": "string", "description": "With `use_stream: true`: the answer so far, then "
-        "`##END`, repeated as it grows"}}}},
-        **error_responses(400, 401, 404, 413, 500, 503)},
+    "/infer_forward",
+    response_model=InferForwardResponse,
+    responses={
+        200: {
+            "content": {
+                "text/plain": {
+                    "schema": {
+                        "type": "string",
+                        "description": "With `use_stream: true`: the answer so far, then "
+                        "`##END`, repeated as it grows",
+                    }
+                }
+            }
+        },
+        **error_responses(400, 401, 404, 413, 500, 503),
+    },
 )
 async def infer_forward(
     body: InferForwardRequest, key: CurrentKey, state: StateDep, response: Response
@@ -79,8 +90,11 @@ async def infer_forward(
         past, known = history.prompt_messages(stored), history.known_tokens(stored, counted)
     else:
         past, known = history.messages_from_pairs(pairs), []
-    model = await eas.pick_model(state.catalog, state.settings.eas_model,
-                                 with_image=body.image is not None or history.has_images(past))
+    model = await eas.pick_model(
+        state.catalog,
+        state.settings.eas_model,
+        with_image=body.image is not None or history.has_images(past),
+    )
     images = ImageIntake.for_state(state)
     image = None
     if body.image is not None:
@@ -88,8 +102,13 @@ async def infer_forward(
         image = await images.add(body.image, param="image")
     if not model.supports_images:
         past = history.without_images(past)
-    turn = eas.Turn(prompt=body.prompt, image=image, max_tokens=body.max_output_tokens,
-                    temperature=body.temperature, top_p=body.top_p)
+    turn = eas.Turn(
+        prompt=body.prompt,
+        image=image,
+        max_tokens=body.max_output_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+    )
     job = await eas.build_job(state, key, model, turn, past, None, known)
     # Every check has passed: only now is anything stored.
     async with state.db.transaction() as session:
@@ -98,8 +117,9 @@ async def infer_forward(
     await jobs_service.submit(state.intake, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream:
-        return StreamingResponse(_mllm_stream(state, job.id),
-                                 media_type="text/plain; charset=utf-8", headers=headers)
+        return StreamingResponse(
+            _mllm_stream(state, job.id), media_type="text/plain; charset=utf-8", headers=headers
+        )
     response.headers.update(headers)
     text = (await eas.finished(state, job.id)).result_text or ""
     async with state.db.read() as session:
@@ -144,8 +164,7 @@ async def _history_of(session: AsyncSession, key: str) -> list[list[str]]:
     return history.pairs_of(await conversations_repo.messages_of(session, conversation.id))
 
 
-@router.post("/clear_history", response_class=PlainTextResponse,
-             responses=error_responses(401))
+@router.post("/clear_history", response_class=PlainTextResponse, responses=error_responses(401))
 async def clear_history(key: CurrentKey, session: SessionDep) -> str:
     """PAI-EAS MLLM: forget the caller's default conversation; answers `success`."""
     conversation = await conversations_repo.find_default(session, key)
@@ -160,21 +179,35 @@ _TRANSFORMERS_BODY = {
         "content": {
             "application/json": {
                 "schema": TransformersChatRequest.model_json_schema(
-                    ref_template="#/components/schemas/{model}")
+                    ref_template="#/components/schemas/{model}"
+                )
             },
-            "text/plain": {"schema": {"type": "string", "description": "The prompt",
-                                      "pattern": "\\S"}},
+            "text/plain": {
+                "schema": {"type": "string", "description": "The prompt", "pattern": "\\S"}
+            },
         },
     }
 }
 
 
 @router.post(
-    "/", response_model=TransformersChatResponse, openapi_extra=_TRANSFORMERS_BODY,
-    responses={200: {"content": {"application/octet-stream": {"schema": {
-        "type": "string", "description": "With `use_stream_chat` (the default for JSON): "
-        "the response's JSON objects, each followed by a NUL byte"}}}},
-        **error_responses(400, 401, 413, 500, 503)},
+    "/",
+    response_model=TransformersChatResponse,
+    openapi_extra=_TRANSFORMERS_BODY,
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {
+                    "schema": {
+                        "type": "string",
+                        "description": "With `use_stream_chat` (the default for JSON): "
+                        "the response's JSON objects, each followed by a NUL byte",
+                    }
+                }
+            }
+        },
+        **error_responses(400, 401, 413, 500, 503),
+    },
 )
 async def transformers_chat(
     request: Request, key: CurrentKey, state: StateDep, response: Response
@@ -197,8 +230,11 @@ async def transformers_chat(
     await jobs_service.submit(state.intake, [job])
     headers = {"X-Ferry-Job-Id": job.id}
     if body.use_stream_chat:
-        return StreamingResponse(_nul_stream(state, job.id, body.prompt, pairs),
-                                 media_type="application/octet-stream", headers=headers)
+        return StreamingResponse(
+            _nul_stream(state, job.id, body.prompt, pairs),
+            media_type="application/octet-stream",
+            headers=headers,
+        )
     response.headers.update(headers)
     text = (await eas.finished(state, job.id)).result_text or ""
     return TransformersChatResponse(response=text, history=_with_turn(pairs, body.prompt, text))
@@ -213,8 +249,10 @@ async def _transformers_body(request: Request) -> TransformersChatRequest:
         except UnicodeDecodeError:
             raise InvalidRequest("A plain-text request body must be UTF-8.") from None
         if not prompt:
-            raise InvalidRequest("Send the prompt as the request body (plain text), or a "
-                                 "JSON object with `prompt`.", param="prompt")
+            raise InvalidRequest(
+                "Send the prompt as the request body (plain text), or a JSON object with `prompt`.",
+                param="prompt",
+            )
         return TransformersChatRequest(prompt=prompt, use_stream_chat=False)
     try:
         data = json.loads(raw)
@@ -243,14 +281,19 @@ async def _transformers_job(
     pair_tokens: list[int | None] | None = None,
 ) -> Job:
     model = await eas.pick_model(state.catalog, state.settings.eas_model, with_image=False)
-    turn = eas.Turn(prompt=body.prompt, system_prompt=body.system_prompt,
-                    max_tokens=body.max_new_tokens,
-                    temperature=body.temperature if body.do_sample else 0.0,
-                    top_p=body.top_p, top_k=body.top_k)
+    turn = eas.Turn(
+        prompt=body.prompt,
+        system_prompt=body.system_prompt,
+        max_tokens=body.max_new_tokens,
+        temperature=body.temperature if body.do_sample else 0.0,
+        top_p=body.top_p,
+        top_k=body.top_k,
+    )
     # A message's known size: a reply the connection got (None: estimate it).
     known = [n for reply in pair_tokens or [] for n in (None, reply)]
-    return await eas.build_job(state, key, model, turn, history.messages_from_pairs(pairs),
-                               None, known)
+    return await eas.build_job(
+        state, key, model, turn, history.messages_from_pairs(pairs), None, known
+    )
 
 
 def _with_turn(pairs: list[tuple[str, str]], prompt: str, answer: str) -> list[list[str]]:
@@ -272,9 +315,13 @@ async def _nul_stream(
             sent = True
             yield _nul_json({"response": delta, "history": _with_turn(pairs, prompt, text)})
     except FerryError as exc:
-        yield _nul_json({"response": "", "history": _with_turn(pairs, prompt, text),
-                         "error": error_body(exc.message, exc.type, exc.param, exc.code)
-                         ["error"]})
+        yield _nul_json(
+            {
+                "response": "",
+                "history": _with_turn(pairs, prompt, text),
+                "error": error_body(exc.message, exc.type, exc.param, exc.code)["error"],
+            }
+        )
         return
     if not sent:
         yield _nul_json({"response": "", "history": _with_turn(pairs, prompt, text)})
@@ -320,8 +367,9 @@ async def _read_messages(websocket: WebSocket, inbox: asyncio.Queue[str | None])
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            inbox.put_nowait(message.get("text")
-                             or (message.get("bytes") or b"").decode(errors="replace"))
+            inbox.put_nowait(
+                message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
+            )
     finally:
         inbox.put_nowait(None)
 
@@ -371,7 +419,8 @@ def _streamed(raw: str) -> bool:
     try:
         data = json.loads(raw)
         return not isinstance(data, dict) or _BOOL.validate_python(
-            data.get("use_stream_chat", True))
+            data.get("use_stream_chat", True)
+        )
     except (ValueError, ValidationError):
         return True
 

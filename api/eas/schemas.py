@@ -26,11 +26,13 @@ class InferForwardRequest(BaseModel):
 
     prompt: str = Field("", description="The question")
     image: str | None = Field(
-        None, description="An image: base64 (as the EAS client sends it), a data URL or "
+        None,
+        description="An image: base64 (as the EAS client sends it), a data URL or "
         "an http(s) URL; needs a served model that takes images",
     )
     chat_history: Any = Field(
-        default_factory=list, json_schema_extra=_PAIRS_SCHEMA,
+        default_factory=list,
+        json_schema_extra=_PAIRS_SCHEMA,
         description="`[[user, assistant], ...]`. Empty, or what `/get_history` returned: "
         "the caller's stored history (with its images) is the prompt's history. Any "
         "other history replaces it for this prompt (text only).",
@@ -62,7 +64,8 @@ class TransformersChatRequest(BaseModel):
     prompt: str = Field("", description="The user prompt")
     system_prompt: str = Field("", description="The system prompt")
     history: Any = Field(
-        None, json_schema_extra=_PAIRS_SCHEMA,
+        None,
+        json_schema_extra=_PAIRS_SCHEMA,
         description="`[[user, assistant], ...]`, managed by the client. Over the WebSocket, "
         "leaving it out continues the connection's own history.",
     )
@@ -74,7 +77,8 @@ class TransformersChatRequest(BaseModel):
     )
     do_sample: bool = Field(True, description="false: greedy decoding")
     use_stream_chat: bool = Field(
-        True, description="Stream: NUL-delimited JSON objects over HTTP, text messages over "
+        True,
+        description="Stream: NUL-delimited JSON objects over HTTP, text messages over "
         "the WebSocket",
     )
     use_cache: bool = Field(True, description="Accepted; the engine always caches")
@@ -84,6 +88,5 @@ class TransformersChatRequest(BaseModel):
 class TransformersChatResponse(BaseModel):
     response: str = Field(description="The answer (in a stream: the text this chunk adds)")
     history: list[list[str]] = Field(
-        description="The request's history with this turn last (in a stream: the answer "
-        "so far)"
+        description="The request's history with this turn last (in a stream: the answer so far)"
     )

@@ -55,7 +55,9 @@ def check_takes_images(model: ServedModel) -> None:
     if not model.supports_images:
         raise InvalidRequest(
             f"The model `{model.name}` does not take images; serve one that does (or set "
-            "FERRY_EAS_MODEL to it).", param="image", code="unsupported_content",
+            "FERRY_EAS_MODEL to it).",
+            param="image",
+            code="unsupported_content",
         )
 
 
@@ -78,8 +80,11 @@ async def build_job(
         messages.append(ChatMessage(role="system", content=turn.system_prompt))
     messages.append(ChatMessage(role="user", content=turn.prompt))
     body = ChatCompletionRequest(
-        model=model.name, messages=messages, temperature=turn.temperature,
-        top_p=turn.top_p, top_k=turn.top_k,
+        model=model.name,
+        messages=messages,
+        temperature=turn.temperature,
+        top_p=turn.top_p,
+        top_k=turn.top_k,
         max_tokens=max(1, min(turn.max_tokens, model.max_model_len - 1)),
     )
     job = await jobs_service.build_chat_job(state, owner_id, body)
@@ -100,7 +105,9 @@ async def text_deltas(state: AppState, job_id: str) -> AsyncGenerator[str, None]
     finished = False
     try:
         async for event in job_events(
-            state.event_sources, job_id, None,
+            state.event_sources,
+            job_id,
+            None,
             keepalive_seconds=state.settings.sse_keepalive_seconds,
             max_seconds=state.settings.sse_max_seconds,
         ):

@@ -17,23 +17,42 @@ IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
 # Instance-metadata endpoints of the large clouds: refused even inside an allowed network.
-METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean ...
-    "169.254.170.2",    # AWS ECS task metadata
-    "169.254.169.253",  # AWS VPC DNS
-    "fd00:ec2::254",    # AWS IMDS over IPv6
-    "100.100.100.200",  # Alibaba Cloud
-    "192.0.0.192",      # Oracle Cloud
-    "168.63.129.16",    # Azure wire server (in public address space)
-))
+METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
+    ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean ...
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.169.253",  # AWS VPC DNS
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud
+        "168.63.129.16",  # Azure wire server (in public address space)
+    )
+)
 
 # Special-purpose ranges (RFC 6890 and successors) never reachable as a public image host.
-SPECIAL_NETWORKS: tuple[IPNetwork, ...] = tuple(ip_network(n) for n in (
-    "0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24",
-    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4",
-    "::/96", "100::/64", "2001::/23", "2001:db8::/32", "64:ff9b:1::/48", "fc00::/7",
-    "fe80::/10", "fec0::/10",
-))
+SPECIAL_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "100.64.0.0/10",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.88.99.0/24",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "240.0.0.0/4",
+        "::/96",
+        "100::/64",
+        "2001::/23",
+        "2001:db8::/32",
+        "64:ff9b:1::/48",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+    )
+)
 
 _NAT64 = ip_network("64:ff9b::/96")
 

@@ -62,8 +62,10 @@ async def chat_messages(
         return plain_messages(body, model)
     planned = [_segments(index, message) for index, message in enumerate(body.messages)]
     _place_swift_images(body, planned)
-    intake.expect(sum(seg.source is not None for segs in planned for seg in segs),
-                  param="images" if body.images else "messages")
+    intake.expect(
+        sum(seg.source is not None for segs in planned for seg in segs),
+        param="images" if body.images else "messages",
+    )
     messages = []
     for message, segments in zip(body.messages, planned, strict=True):
         messages.append({"role": message.role, "content": await _content(intake, segments)})
@@ -85,7 +87,9 @@ def _segments(index: int, message: ChatMessage) -> list[_Segment]:
         if message.role != "user":
             raise InvalidRequest(
                 f"Image parts are only accepted in user messages, not `{message.role}`.",
-                param=param, code="invalid_image")
+                param=param,
+                code="invalid_image",
+            )
         segments.append(_Segment(source=part.image_url.url, param=f"{param}.image_url.url"))
     return segments
 
@@ -95,8 +99,10 @@ def _split_tags(text: str, role: str, param: str) -> list[_Segment]:
     if role != "user" or "<img>" not in text:
         return [_Segment(text=text)]
     pieces = IMG_TAG.split(text)
-    return [_Segment(text=p) if i % 2 == 0 else _Segment(source=p, param=param)
-            for i, p in enumerate(pieces)]
+    return [
+        _Segment(text=p) if i % 2 == 0 else _Segment(source=p, param=param)
+        for i, p in enumerate(pieces)
+    ]
 
 
 def _place_swift_images(body: ChatCompletionRequest, planned: list[list[_Segment]]) -> None:
@@ -105,10 +111,12 @@ def _place_swift_images(body: ChatCompletionRequest, planned: list[list[_Segment
         return
     user_indexes = [i for i, m in enumerate(body.messages) if m.role == "user"]
     if not user_indexes:
-        raise InvalidRequest("`images` needs a user message to go with.", param="images",
-                             code="invalid_image")
-    placeholders = sum((seg.text or "").count(SWIFT_PLACEHOLDER)
-                       for i in user_indexes for seg in planned[i])
+        raise InvalidRequest(
+            "`images` needs a user message to go with.", param="images", code="invalid_image"
+        )
+    placeholders = sum(
+        (seg.text or "").count(SWIFT_PLACEHOLDER) for i in user_indexes for seg in planned[i]
+    )
     queue = [_Segment(source=src, param=f"images.{n}") for n, src in enumerate(images)]
     if placeholders == 0:
         planned[user_indexes[-1]][:0] = queue
@@ -117,7 +125,10 @@ def _place_swift_images(body: ChatCompletionRequest, planned: list[list[_Segment
         raise InvalidRequest(
             f"`images` has {len(images)} images but the user messages have {placeholders} "
             f"`{SWIFT_PLACEHOLDER}` placeholders; give one image per placeholder, or no "
-            "placeholders.", param="images", code="invalid_image")
+            "placeholders.",
+            param="images",
+            code="invalid_image",
+        )
     for i in user_indexes:
         planned[i] = [out for seg in planned[i] for out in _fill_placeholders(seg, queue)]
 

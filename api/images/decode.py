@@ -37,7 +37,9 @@ def decode_base64(text: str, *, max_bytes: int, param: str, what: str = "base64"
     if len(compact) > base64_limit(max_bytes):
         raise ImageTooLarge(
             f"Image {what} is {len(compact)} characters, more than {max_bytes} bytes once "
-            "decoded (limit FERRY_IMAGE_MAX_BYTES).", param=param)
+            "decoded (limit FERRY_IMAGE_MAX_BYTES).",
+            param=param,
+        )
     if not compact:
         raise InvalidImage(f"Image {what} is empty.", param=param)
     if "-" in compact or "_" in compact:  # the URL-safe alphabet
@@ -50,24 +52,30 @@ def decode_base64(text: str, *, max_bytes: int, param: str, what: str = "base64"
     if len(data) > max_bytes:
         raise ImageTooLarge(
             f"Image is {len(data)} bytes, more than {max_bytes} (limit FERRY_IMAGE_MAX_BYTES).",
-            param=param)
+            param=param,
+        )
     return data
 
 
 def decode_data_url(url: str, *, max_bytes: int, param: str) -> bytes:
     """`data:image/<type>;base64,<data>` (the declared type is not trusted: Pillow decides)."""
-    header, comma, payload = url[len("data:"):].partition(",")
+    header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
-        raise InvalidImage("Malformed data URL: expected `data:image/<type>;base64,<data>`.",
-                           param=param)
+        raise InvalidImage(
+            "Malformed data URL: expected `data:image/<type>;base64,<data>`.", param=param
+        )
     mime, *params = (p.strip().lower() for p in header.split(";"))
     if not mime.startswith("image/"):
         raise InvalidImage(
             f"Malformed data URL: media type `{mime or '(none)'}` is not an image/* type.",
-            param=param)
+            param=param,
+        )
     if "base64" not in params:
-        raise InvalidImage("Malformed data URL: only base64 data URLs are accepted "
-                           "(`data:image/<type>;base64,<data>`).", param=param)
+        raise InvalidImage(
+            "Malformed data URL: only base64 data URLs are accepted "
+            "(`data:image/<type>;base64,<data>`).",
+            param=param,
+        )
     return decode_base64(payload, max_bytes=max_bytes, param=param, what="data URL")
 
 
@@ -83,10 +91,14 @@ def classify(source: str, *, max_bytes: int, param: str) -> ImageSource:
     if scheme is not None and len(scheme) > 1:  # one letter: a Windows drive, not a scheme
         raise ImageUrlRefused(
             f"Image URL scheme `{scheme}:` is not accepted; send an http(s) URL, a data: URL "
-            "or base64.", param=param)
+            "or base64.",
+            param=param,
+        )
     try:
         return ImageSource("bytes", data=decode_base64(text, max_bytes=max_bytes, param=param))
     except InvalidImage:
         raise InvalidImage(
             "Image is neither an http(s) URL, a data: URL nor valid base64 (local paths are "
-            "never read).", param=param) from None
+            "never read).",
+            param=param,
+        ) from None

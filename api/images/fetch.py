@@ -105,7 +105,10 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         for ip in addresses:
             try:
                 return await self._inner.connect_tcp(
-                    str(ip), port, timeout=timeout, local_address=local_address,
+                    str(ip),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
                     socket_options=socket_options,
                 )
             except httpcore.ConnectError as exc:
@@ -132,12 +135,15 @@ def parse_http_url(url: str | httpx.URL, *, param: str) -> httpx.URL:
     try:
         parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
-        raise ImageFetchFailed(f"Image URL `{_short(url)}` is not a valid URL.",
-                               param=param) from None
+        raise ImageFetchFailed(
+            f"Image URL `{_short(url)}` is not a valid URL.", param=param
+        ) from None
     if parsed.scheme not in ("http", "https"):
         raise ImageUrlRefused(
             f"Image URL `{_short(url)}` uses `{parsed.scheme}:`; only http and https URLs "
-            "(or data: URLs) are accepted.", param=param)
+            "(or data: URLs) are accepted.",
+            param=param,
+        )
     if not parsed.host:
         raise ImageFetchFailed(f"Image URL `{_short(url)}` has no host.", param=param)
     return parsed
@@ -149,8 +155,12 @@ async def fetch_image_bytes(url: str, policy: FetchPolicy, *, param: str) -> byt
     current = parse_http_url(url, param=param)
     hops = 0
     pool = httpcore.AsyncConnectionPool(
-        ssl_context=_ssl_context(), network_backend=GuardedNetworkBackend(policy.allowed_networks),
-        max_connections=2, retries=0, http1=True, http2=False,
+        ssl_context=_ssl_context(),
+        network_backend=GuardedNetworkBackend(policy.allowed_networks),
+        max_connections=2,
+        retries=0,
+        http1=True,
+        http2=False,
     )
     try:
         async with pool, asyncio.timeout(policy.timeout_seconds):
@@ -165,26 +175,32 @@ async def fetch_image_bytes(url: str, policy: FetchPolicy, *, param: str) -> byt
         raise ImageUrlRefused(
             f"Image URL `{_short(current)}`{via}: {exc}; the API does not fetch from "
             "loopback, private, link-local, multicast, reserved or cloud metadata addresses.",
-            param=param) from None
+            param=param,
+        ) from None
     except UnresolvableHost:
         raise ImageFetchFailed(
             f"Image URL `{_short(current)}`: host `{current.host}` could not be resolved.",
-            param=param) from None
+            param=param,
+        ) from None
     except (TimeoutError, httpcore.TimeoutException):
         raise ImageFetchFailed(
             f"Image URL `{_short(url)}` did not answer within {policy.timeout_seconds:g} s "
-            "(limit FERRY_IMAGE_FETCH_TIMEOUT_SECONDS).", param=param) from None
+            "(limit FERRY_IMAGE_FETCH_TIMEOUT_SECONDS).",
+            param=param,
+        ) from None
     except httpcore.ConnectError:
         raise ImageFetchFailed(
-            f"Image URL `{_short(current)}` is unreachable (connection failed).",
-            param=param) from None
+            f"Image URL `{_short(current)}` is unreachable (connection failed).", param=param
+        ) from None
     except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol):
         raise ImageFetchFailed(
-            f"Image URL `{_short(current)}`: the server broke off or spoke bad HTTP.",
-            param=param) from None
+            f"Image URL `{_short(current)}`: the server broke off or spoke bad HTTP.", param=param
+        ) from None
     raise ImageFetchFailed(
         f"Image URL `{_short(url)}` redirected more than {policy.max_redirects} times "
-        "(limit FERRY_IMAGE_FETCH_MAX_REDIRECTS).", param=param)
+        "(limit FERRY_IMAGE_FETCH_MAX_REDIRECTS).",
+        param=param,
+    )
 
 
 def _next_hop(current: httpx.URL, location: str, *, param: str) -> httpx.URL:
@@ -192,7 +208,8 @@ def _next_hop(current: httpx.URL, location: str, *, param: str) -> httpx.URL:
         target = current.join(location)
     except (httpx.InvalidURL, ValueError):
         raise ImageFetchFailed(
-            f"Image URL `{_short(current)}` redirected to an invalid URL.", param=param) from None
+            f"Image URL `{_short(current)}` redirected to an invalid URL.", param=param
+        ) from None
     return parse_http_url(target, param=param)
 
 
@@ -201,23 +218,26 @@ async def _get(
 ) -> bytes | str:
     """One hop: the body, or the redirect's Location."""
     timeout = policy.timeout_seconds
-    request_url = httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
-                               target=url.raw_path)
+    request_url = httpcore.URL(
+        scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
+    )
     headers = [(b"Host", url.netloc), *_HEADERS]
-    extensions = {"timeout": {"connect": timeout, "read": timeout, "write": timeout,
-                              "pool": timeout}}
+    extensions = {
+        "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+    }
     async with pool.stream("GET", request_url, headers=headers, extensions=extensions) as resp:
         status = resp.status
         if status in REDIRECT_STATUSES:
             location = _header(resp, b"location")
             if not location:
                 raise ImageFetchFailed(
-                    f"Image URL `{_short(url)}` answered {status} without a Location.",
-                    param=param)
+                    f"Image URL `{_short(url)}` answered {status} without a Location.", param=param
+                )
             return location
         if status != 200:
-            raise ImageFetchFailed(f"Image URL `{_short(url)}` answered HTTP {status}.",
-                                   param=param)
+            raise ImageFetchFailed(
+                f"Image URL `{_short(url)}` answered HTTP {status}.", param=param
+            )
         declared = _header(resp, b"content-length")
         if declared and declared.isdigit() and int(declared) > policy.max_bytes:
             raise _too_large(url, policy.max_bytes, param)
@@ -238,5 +258,6 @@ def _header(resp: httpcore.Response, name: bytes) -> str | None:
 
 def _too_large(url: httpx.URL, max_bytes: int, param: str) -> ImageTooLarge:
     return ImageTooLarge(
-        f"Image at `{_short(url)}` is larger than {max_bytes} bytes "
-        "(limit FERRY_IMAGE_MAX_BYTES).", param=param)
+        f"Image at `{_short(url)}` is larger than {max_bytes} bytes (limit FERRY_IMAGE_MAX_BYTES).",
+        param=param,
+    )

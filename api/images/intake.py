@@ -78,7 +78,9 @@ class ImageIntake:
             raise TooManyImages(
                 f"The request carries {self.count + count} images; at most "
                 f"{self.limits.max_per_request} are allowed (limit "
-                "FERRY_IMAGE_MAX_PER_REQUEST).", param=param)
+                "FERRY_IMAGE_MAX_PER_REQUEST).",
+                param=param,
+            )
 
     async def add(self, source: str, *, param: str) -> ImageRef:
         """Decode or fetch one image and verify it; its reference (nothing stored yet)."""
@@ -95,9 +97,12 @@ class ImageIntake:
         if self.total_bytes > limits.max_request_bytes:
             raise ImageTooLarge(
                 f"The request's images come to more than {limits.max_request_bytes} bytes "
-                "(limit FERRY_IMAGE_MAX_REQUEST_BYTES).", param=param)
-        verified = await asyncio.to_thread(verify_image, data, max_pixels=limits.max_pixels,
-                                           param=param)
+                "(limit FERRY_IMAGE_MAX_REQUEST_BYTES).",
+                param=param,
+            )
+        verified = await asyncio.to_thread(
+            verify_image, data, max_pixels=limits.max_pixels, param=param
+        )
         self._pending.setdefault(verified.ref["sha256"], verified)
         return verified.ref
 

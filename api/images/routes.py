@@ -22,8 +22,10 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 @router.get(
     "/v1/images/{sha256}",
     response_class=Response,
-    responses={200: {"content": {"image/*": {}}, "description": "The image's bytes"},
-               **error_responses(401, 404)},
+    responses={
+        200: {"content": {"image/*": {}}, "description": "The image's bytes"},
+        **error_responses(401, 404),
+    },
 )
 async def get_image(sha256: str, _: CurrentKey, state: StateDep) -> Response:
     """The bytes of an image a request sent, as stored (upright if it carried an EXIF
@@ -36,9 +38,13 @@ async def get_image(sha256: str, _: CurrentKey, state: StateDep) -> Response:
     except ObjectNotFound:
         raise NotFound(f"No image with SHA-256 `{sha256}`.", param="sha256") from None
     mime = await asyncio.to_thread(sniff_mime, data)
-    return Response(data, media_type=mime, headers={
-        # Content-addressed: the bytes under this name never change.
-        "Cache-Control": "private, max-age=31536000, immutable",
-        "ETag": f'"{sha256}"',
-        "X-Content-Type-Options": "nosniff",
-    })
+    return Response(
+        data,
+        media_type=mime,
+        headers={
+            # Content-addressed: the bytes under this name never change.
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "ETag": f'"{sha256}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

@@ -25,8 +25,14 @@ from storage.content import ImageRef
 from storage.objects import sha256_hex
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg",
-              "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+MIME_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
@@ -55,15 +61,18 @@ def verify_image(data: bytes, *, max_pixels: int, param: str) -> VerifiedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(
             "Image claims more pixels than Pillow will decode (a decompression bomb); "
-            f"the limit is FERRY_IMAGE_MAX_PIXELS={max_pixels}.", param=param) from None
+            f"the limit is FERRY_IMAGE_MAX_PIXELS={max_pixels}.",
+            param=param,
+        ) from None
     except UnidentifiedImageError:
         raise InvalidImage(
-            "Data is not an image in an accepted format (PNG, JPEG, WEBP, GIF, BMP).",
-            param=param) from None
+            "Data is not an image in an accepted format (PNG, JPEG, WEBP, GIF, BMP).", param=param
+        ) from None
     except Exception:
         # Any failure to decode untrusted bytes (truncated, corrupt) is the sender's.
-        raise InvalidImage("Image is truncated or corrupt: it could not be decoded.",
-                           param=param) from None
+        raise InvalidImage(
+            "Image is truncated or corrupt: it could not be decoded.", param=param
+        ) from None
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, param: str) -> None:
@@ -73,7 +82,9 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, param: str) -> None:
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"Image is {width}x{height} = {width * height} pixels, more than {max_pixels} "
-            "(limit FERRY_IMAGE_MAX_PIXELS).", param=param)
+            "(limit FERRY_IMAGE_MAX_PIXELS).",
+            param=param,
+        )
 
 
 def _normalized(original: bytes, image: Image.Image) -> VerifiedImage:
@@ -93,8 +104,9 @@ def _normalized(original: bytes, image: Image.Image) -> VerifiedImage:
 
 def _verified(data: bytes, mime: str, size: tuple[int, int]) -> VerifiedImage:
     width, height = size
-    return VerifiedImage(data, ImageRef(sha256=sha256_hex(data), mime=mime, width=width,
-                                        height=height))
+    return VerifiedImage(
+        data, ImageRef(sha256=sha256_hex(data), mime=mime, width=width, height=height)
+    )
 
 
 def sniff_mime(data: bytes) -> str:

@@ -108,8 +108,10 @@ class JobQueue:
                 self._send([job for send in sends for job in send.jobs])
             except Exception as exc:
                 # The rows are in SQL: the reconciler re-sends what did not go out.
-                log.exception("sending %d jobs failed; the reconciler will retry",
-                              sum(len(send.jobs) for send in sends))
+                log.exception(
+                    "sending %d jobs failed; the reconciler will retry",
+                    sum(len(send.jobs) for send in sends),
+                )
                 error = exc
             for send in sends:
                 if send.done is None:
@@ -129,8 +131,11 @@ class JobQueue:
         with self._celery.producer_or_acquire() as producer:
             for job_ids, first in _messages(jobs):
                 self._celery.send_task(
-                    RUN_JOBS_TASK, args=[job_ids], queue=queue_name(first.model, first.lane),
-                    priority=celery_priority(first.priority), producer=producer,
+                    RUN_JOBS_TASK,
+                    args=[job_ids],
+                    queue=queue_name(first.model, first.lane),
+                    priority=celery_priority(first.priority),
+                    producer=producer,
                 )
 
 
@@ -147,13 +152,14 @@ def _messages(jobs: Sequence[QueuedJob]) -> list[tuple[list[str], QueuedJob]]:
     for (lane, _, _), group in groups.items():
         if lane == Lane.BULK:
             for i in range(0, len(group), BULK_LINES_PER_MESSAGE):
-                chunk = group[i:i + BULK_LINES_PER_MESSAGE]
+                chunk = group[i : i + BULK_LINES_PER_MESSAGE]
                 messages.append(([j.id for j in chunk], chunk[0]))
             continue
-        count = max(min(len(group), INTERACTIVE_MIN_MESSAGES),
-                    -(-len(group) // INTERACTIVE_JOBS_PER_MESSAGE))
-        messages.extend(([j.id for j in chunk], chunk[0])
-                        for chunk in _split_evenly(group, count))
+        count = max(
+            min(len(group), INTERACTIVE_MIN_MESSAGES),
+            -(-len(group) // INTERACTIVE_JOBS_PER_MESSAGE),
+        )
+        messages.extend(([j.id for j in chunk], chunk[0]) for chunk in _split_evenly(group, count))
     return messages
 
 

@@ -67,8 +67,7 @@ class JobIntake:
             _settle(batch, exc)
             return
         _settle(batch, None)
-        self._queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority)
-                             for j in rows])
+        self._queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority) for j in rows])
 
 
 def _settle(batch: list[tuple[Sequence[Job], asyncio.Future[None]]], exc: Exception | None) -> None:

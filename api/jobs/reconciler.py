@@ -76,16 +76,20 @@ class Reconciler:
         # A mark means a message is still on its way (e.g. a long interactive backlog)...
         # unless its queue is empty: then the message went to a worker that died before
         # claiming the job (Redis would hand it back only after the visibility timeout).
-        old_marks = {(j.model, j.lane) for j, mark in zip(stranded, marks, strict=True)
-                     if mark is not None and mark < cutoff.timestamp()}
+        old_marks = {
+            (j.model, j.lane)
+            for j, mark in zip(stranded, marks, strict=True)
+            if mark is not None and mark < cutoff.timestamp()
+        }
         drained = await self._empty_queues(old_marks)
-        lost = [job for job, mark in zip(stranded, marks, strict=True)
-                if mark is None or (mark < cutoff.timestamp() and (job.model, job.lane) in drained)]
+        lost = [
+            job
+            for job, mark in zip(stranded, marks, strict=True)
+            if mark is None or (mark < cutoff.timestamp() and (job.model, job.lane) in drained)
+        ]
         if not lost:
             return 0
-        await self._queue.send_now(
-            [QueuedJob(j.id, j.model, j.lane, j.priority) for j in lost]
-        )
+        await self._queue.send_now([QueuedJob(j.id, j.model, j.lane, j.priority) for j in lost])
         async with self._db.transaction() as session:
             await jobs_repo.mark_enqueued(session, [j.id for j in lost], utcnow())
         return len(lost)
@@ -101,5 +105,4 @@ class Reconciler:
                 pipe.llen(name)
         lengths = await pipe.execute()
         steps = len(lengths) // len(ordered)
-        return {q for i, q in enumerate(ordered)
-                if not any(lengths[i * steps:(i + 1) * steps])}
+        return {q for i, q in enumerate(ordered) if not any(lengths[i * steps : (i + 1) * steps])}

@@ -21,8 +21,12 @@ from storage.repositories import jobs as jobs_repo
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobPublic,
-             responses=error_responses(400, 401, 404, 413, 503))
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses=error_responses(400, 401, 404, 413, 503),
+)
 async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
 
@@ -41,17 +45,25 @@ async def list_jobs(
     key: CurrentKey,
     session: SessionDep,
     status: JobStatus | None = None,
-    lane: Annotated[Lane | None, Query(
-        description="`interactive` (jobs sent to the API) or `bulk` (batch lines)")] = None,
-    batch_id: Annotated[str | None, Query(description="Only this batch's lines",
-                                          pattern=NO_NUL)] = None,
+    lane: Annotated[
+        Lane | None,
+        Query(description="`interactive` (jobs sent to the API) or `bulk` (batch lines)"),
+    ] = None,
+    batch_id: Annotated[
+        str | None, Query(description="Only this batch's lines", pattern=NO_NUL)
+    ] = None,
     after: After = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """This key's jobs, newest first, `limit` at a time. Batch lines are jobs too (up to
     50,000 per batch): `lane=interactive` leaves them out, `batch_id` lists one batch's."""
     rows = await jobs_repo.list_owned_jobs(
-        session, key, status=status, after=after, limit=limit + 1, lane=lane,
+        session,
+        key,
+        status=status,
+        after=after,
+        limit=limit + 1,
+        lane=lane,
         batch_id=batch_id,
     )
     page, has_more = split_page(rows, limit)
@@ -64,8 +76,7 @@ async def get_job(job: OwnedJob) -> JobPublic:
     return JobPublic.from_row(job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic,
-             responses=error_responses(401, 404, 409))
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409))
 async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> JobPublic:
     """Cancel a queued job (it never runs) or a running one (aborted in the engine).
 
@@ -81,9 +92,11 @@ _EVENT_ID = {"anyOf": None, "type": "string", "pattern": "^([0-9]+-[0-9]+)?$"}
 
 def _last_event_id(
     last_event_id: Annotated[
-        str | None, Header(alias="Last-Event-ID", json_schema_extra=_EVENT_ID)] = None,
+        str | None, Header(alias="Last-Event-ID", json_schema_extra=_EVENT_ID)
+    ] = None,
     last_event_id_query: Annotated[
-        str | None, Query(alias="last_event_id", json_schema_extra=_EVENT_ID)] = None,
+        str | None, Query(alias="last_event_id", json_schema_extra=_EVENT_ID)
+    ] = None,
 ) -> EventId | None:
     # Both are checked (a malformed one is a 400 even beside a good one); the header wins.
     ids = [_event_id(raw) for raw in (last_event_id, last_event_id_query) if raw]
@@ -105,9 +118,12 @@ LastEventId = Annotated[EventId | None, Depends(_last_event_id)]
 
 
 @router.get(
-    "/{job_id}/events", response_class=sse.EventStreamResponse,
-    responses={200: {"content": sse.openapi_content("The event's JSON", job_events=True)},
-               **error_responses(400, 401, 404)},
+    "/{job_id}/events",
+    response_class=sse.EventStreamResponse,
+    responses={
+        200: {"content": sse.openapi_content("The event's JSON", job_events=True)},
+        **error_responses(400, 401, 404),
+    },
 )
 async def job_event_stream(
     job: OwnedJob,
@@ -124,7 +140,10 @@ async def job_event_stream(
     """
     settings = state.settings
     batches = job_event_batches(
-        state.event_sources, job.id, after,
-        keepalive_seconds=settings.sse_keepalive_seconds, max_seconds=settings.sse_max_seconds,
+        state.event_sources,
+        job.id,
+        after,
+        keepalive_seconds=settings.sse_keepalive_seconds,
+        max_seconds=settings.sse_max_seconds,
     )
     return sse.EventStreamResponse(sse.job_event_writes(batches), headers=sse.HEADERS)

@@ -79,8 +79,11 @@ class JobPublic(BaseModel):
         usage = None
         if job.completion_tokens is not None:
             prompt = job.prompt_tokens or 0
-            usage = Usage(prompt_tokens=prompt, completion_tokens=job.completion_tokens,
-                          total_tokens=prompt + job.completion_tokens)
+            usage = Usage(
+                prompt_tokens=prompt,
+                completion_tokens=job.completion_tokens,
+                total_tokens=prompt + job.completion_tokens,
+            )
         return cls(
             id=job.id,
             model=job.model,
@@ -94,7 +97,8 @@ class JobPublic(BaseModel):
             result=_result(job) if done else None,
             usage=usage,
             error=JobError(message=job.error, code=job.error_code or "server_error")
-            if job.error else None,
+            if job.error
+            else None,
             metadata=job.metadata_,
             conversation_id=job.conversation_id,
             lane=job.lane,
@@ -116,11 +120,16 @@ def _result(job: Job) -> JobResult:
     logprobs = None
     if job.logprobs is not None:
         logprobs = ChatLogprobs.model_validate(
-            chat_logprobs([e for delta in job.logprobs for e in delta]))
+            chat_logprobs([e for delta in job.logprobs for e in delta])
+        )
     message = reply_message(job)
-    return JobResult(text=message.content or "", finish_reason=job.finish_reason,
-                     reasoning_content=message.reasoning_content, logprobs=logprobs,
-                     tool_calls=message.tool_calls or None)
+    return JobResult(
+        text=message.content or "",
+        finish_reason=job.finish_reason,
+        reasoning_content=message.reasoning_content,
+        logprobs=logprobs,
+        tool_calls=message.tool_calls or None,
+    )
 
 
 def _ts(value: datetime | None) -> float | None:

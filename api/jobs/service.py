@@ -55,12 +55,23 @@ def sampling_request(
         raise InvalidRequest(
             f"max_tokens={max_tokens} does not fit the model's context of "
             f"{model.max_model_len} tokens.",
-            param="max_tokens", code="context_length_exceeded",
+            param="max_tokens",
+            code="context_length_exceeded",
         )
     fields = body.model_dump(
-        include={"temperature", "top_p", "top_k", "stop", "seed",
-                 "presence_penalty", "frequency_penalty", "logit_bias", "min_p",
-                 "repetition_penalty", "min_tokens"},
+        include={
+            "temperature",
+            "top_p",
+            "top_k",
+            "stop",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "min_p",
+            "repetition_penalty",
+            "min_tokens",
+        },
         exclude_none=True,
     )
     if body.ignore_eos:
@@ -73,7 +84,8 @@ def sampling_request(
             raise InvalidRequest(
                 f"Model `{model.name}` runs on the `{model.engine}` engine, which cannot "
                 "constrain output to JSON; response_format needs a vLLM worker.",
-                param="response_format", code="unsupported_response_format",
+                param="response_format",
+                code="unsupported_response_format",
             )
         fields["structured_output"] = structured
     if max_tokens is not None:
@@ -81,19 +93,19 @@ def sampling_request(
     return {"model": model.name, **fields}
 
 
-async def build_chat_jobs(
-    state: AppState, owner_id: str, body: ChatCompletionRequest
-) -> list[Job]:
+async def build_chat_jobs(state: AppState, owner_id: str, body: ChatCompletionRequest) -> list[Job]:
     """`/v1/chat/completions`: one job per choice (`n`), the same request each (with a
     seed, choice i samples with seed + i, so choices differ and each is reproducible)."""
     if body.n > 1 and body.conversation_id is not None:
-        raise InvalidRequest("n > 1 cannot continue a conversation (which reply would be "
-                             "its next turn?).", param="n")
+        raise InvalidRequest(
+            "n > 1 cannot continue a conversation (which reply would be its next turn?).", param="n"
+        )
     job = await _chat_job(state, owner_id, body, Lane.INTERACTIVE)
     request = StoredRequest.load(job.request)
-    return [job] + [_queued_job(owner_id, body, job.model, "chat", Lane.INTERACTIVE,
-                                _nth(request, i))
-                    for i in range(1, body.n)]
+    return [job] + [
+        _queued_job(owner_id, body, job.model, "chat", Lane.INTERACTIVE, _nth(request, i))
+        for i in range(1, body.n)
+    ]
 
 
 def _nth(request: StoredRequest, i: int) -> StoredRequest:
@@ -112,14 +124,15 @@ async def build_chat_job(
 ) -> Job:
     """One job: `/v1/jobs`, EAS and batch lines (one answer each: n is 1)."""
     if body.n != 1:
-        raise InvalidRequest("A job has one choice: n must be 1 here (n > 1 is for "
-                             "/v1/chat/completions and /v1/completions).", param="n")
+        raise InvalidRequest(
+            "A job has one choice: n must be 1 here (n > 1 is for "
+            "/v1/chat/completions and /v1/completions).",
+            param="n",
+        )
     return await _chat_job(state, owner_id, body, lane)
 
 
-async def _chat_job(
-    state: AppState, owner_id: str, body: ChatCompletionRequest, lane: Lane
-) -> Job:
+async def _chat_job(state: AppState, owner_id: str, body: ChatCompletionRequest, lane: Lane) -> Job:
     model = await state.catalog.resolve(body.model, body.carries_images)
     refuse_unsupported_parts(body, model)
     fields = sampling_request(body, model, state.settings.default_max_tokens)
@@ -132,7 +145,9 @@ async def _chat_job(
         # whichever way (vLLM's or FastDeploy's) it was asked for.
         template_kwargs["enable_thinking"] = thinking
     request = StoredRequest(
-        **fields, **tool_fields(body), messages=messages,
+        **fields,
+        **tool_fields(body),
+        messages=messages,
         reasoning=reasoning_mode_for(model, thinking),
         chat_template_kwargs=template_kwargs or None,
     )
@@ -140,8 +155,9 @@ async def _chat_job(
         await history.prepend_history(state.db, owner_id, body.conversation_id, request)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
-    return _queued_job(owner_id, body, model.name, "chat", lane, request,
-                       conversation_id=body.conversation_id)
+    return _queued_job(
+        owner_id, body, model.name, "chat", lane, request, conversation_id=body.conversation_id
+    )
 
 
 def reasoning_mode_for(model: ServedModel, thinking: bool | None) -> ReasoningMode | None:
@@ -167,13 +183,19 @@ def refuse_unsupported_parts(body: ChatCompletionRequest, model: ServedModel) ->
                 raise InvalidRequest(
                     f"The model `{model.name}` does not take {_PART_NAMES[part.type]} "
                     f"(`{part.type}` content parts); it takes {takes}.",
-                    param=f"messages.{index}.content.{number}", code="unsupported_content",
+                    param=f"messages.{index}.content.{number}",
+                    code="unsupported_content",
                 )
 
 
 def _queued_job(
-    owner_id: str, body: SamplingFields, model: str, kind: str, lane: Lane,
-    request: StoredRequest, conversation_id: str | None = None,
+    owner_id: str,
+    body: SamplingFields,
+    model: str,
+    kind: str,
+    lane: Lane,
+    request: StoredRequest,
+    conversation_id: str | None = None,
 ) -> Job:
     return Job(
         id=jobs_repo.new_job_id(),
@@ -201,11 +223,13 @@ async def build_completion_jobs(
     is), prompt by prompt: choice index = prompt index x n + i, as in vLLM."""
     for name in ("suffix", "best_of"):
         if getattr(body, name) is not None:
-            raise InvalidRequest(f"`{name}` is not supported by this server.", param=name,
-                                 code="unsupported_parameter")
+            raise InvalidRequest(
+                f"`{name}` is not supported by this server.",
+                param=name,
+                code="unsupported_parameter",
+            )
     if len(body.prompts) * body.n > MAX_CHOICES:
-        raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts x n).",
-                             param="n")
+        raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts x n).", param="n")
     if body.n > 1 and lane == Lane.BULK:
         raise InvalidRequest("A batch line has one choice: n must be 1.", param="n")
     wants_images = any("<img>" in prompt for prompt in body.prompts)
@@ -221,8 +245,11 @@ async def build_completion_jobs(
         for prompt in body.prompts
     ]
     await images.store()
-    return [_queued_job(owner_id, body, model.name, "completion", lane, _nth(request, i))
-            for request in requests for i in range(body.n)]
+    return [
+        _queued_job(owner_id, body, model.name, "completion", lane, _nth(request, i))
+        for request in requests
+        for i in range(body.n)
+    ]
 
 
 async def completion_prompt(
@@ -248,8 +275,11 @@ async def cancel(
     """Queued: it will never run. Running: its worker aborts it in the engine."""
     previous = await jobs_repo.cancel_job(session, job.id)
     if previous is None:
-        raise Conflict(f"Job `{job.id}` has already finished ({job.status}).",
-                       param="job_id", code="job_finished")
+        raise Conflict(
+            f"Job `{job.id}` has already finished ({job.status}).",
+            param="job_id",
+            code="job_finished",
+        )
     await session.commit()
     if previous == JobStatus.QUEUED:
         # No worker will ever touch it: the API ends its stream itself.
@@ -268,16 +298,16 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
     A failed job raises its error (`api.core.errors.job_failure`: 400 or 500); one that outlives
     `sync_timeout_seconds` raises `ServiceUnavailable` (the job itself goes on)."""
     async for event in job_events(
-        state.event_sources, job_id, None,
+        state.event_sources,
+        job_id,
+        None,
         keepalive_seconds=state.settings.sse_keepalive_seconds,
         max_seconds=state.settings.sync_timeout_seconds,
     ):
         if event is not None and event.type.is_terminal:
             break
     else:
-        raise ServiceUnavailable(
-            f"Job `{job_id}` did not finish in time; poll /v1/jobs/{job_id}."
-        )
+        raise ServiceUnavailable(f"Job `{job_id}` did not finish in time; poll /v1/jobs/{job_id}.")
     async with state.db.read() as read:
         final = await jobs_repo.get_job(read, job_id)
     assert final is not None
@@ -304,9 +334,12 @@ async def merged_event_batches(
 ) -> AsyncIterator[tuple[int, list[JobEvent] | None]]:
     """The event batches of a request's jobs (its choices), interleaved as they come,
     each tagged with its job's index; (index, None) is a keep-alive."""
+
     def batches(job: Job) -> AsyncIterator[list[JobEvent] | None]:
         return job_event_batches(
-            state.event_sources, job.id, None,
+            state.event_sources,
+            job.id,
+            None,
             keepalive_seconds=state.settings.sse_keepalive_seconds,
             max_seconds=state.settings.sse_max_seconds,
         )

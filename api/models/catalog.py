@@ -24,7 +24,10 @@ class ModelCatalog:
     a request that names no model goes: see `resolve`."""
 
     def __init__(
-        self, registry: ModelRegistry, *, default_model: str | None = None,
+        self,
+        registry: ModelRegistry,
+        *,
+        default_model: str | None = None,
         aliases: Iterable[str] = (),
     ) -> None:
         self._registry = registry
@@ -41,8 +44,12 @@ class ModelCatalog:
         return model
 
     async def resolve(
-        self, name: str | None, wants_images: bool = False, *,
-        default: str | None = None, first_served: bool = False,
+        self,
+        name: str | None,
+        wants_images: bool = False,
+        *,
+        default: str | None = None,
+        first_served: bool = False,
     ) -> ServedModel:
         """The model a request goes to. A name that is not an alias is that model (404
         listing the served ids if it is not served). No name, or an alias: the default
@@ -75,7 +82,8 @@ class ModelCatalog:
             raise InvalidRequest(
                 "The request carries images, but no served model takes images. "
                 + served_sentence([m.name for m in served]),
-                param="model", code="unsupported_content",
+                param="model",
+                code="unsupported_content",
             )
         if chosen is not None:
             return chosen
@@ -88,7 +96,8 @@ class ModelCatalog:
         raise InvalidRequest(
             "No `model` given and no default model is set (FERRY_DEFAULT_MODEL): name one. "
             + served_sentence(names),
-            param="model", code="model_required",
+            param="model",
+            code="model_required",
         )
 
     async def _lookup(self, name: str) -> ServedModel | None:

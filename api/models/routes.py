@@ -17,19 +17,28 @@ async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
     and Ferry's `engine`, `supports_images` and live `workers` count."""
     models = await state.registry.models()
     beats = await state.registry.live_workers()
-    return ModelList(data=[
-        ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len,
-                  engine=m.engine, supports_images=m.supports_images,
-                  supports_structured_output=m.supports_structured_output,
-                  workers=sum(beat.serves(m.name) for beat in beats),
-                  root=m.root or m.name, parent=m.base_model)
-        for m in sorted(models.values(), key=lambda m: m.name)
-    ])
+    return ModelList(
+        data=[
+            ModelCard(
+                id=m.name,
+                created=m.created,
+                max_model_len=m.max_model_len,
+                engine=m.engine,
+                supports_images=m.supports_images,
+                supports_structured_output=m.supports_structured_output,
+                workers=sum(beat.serves(m.name) for beat in beats),
+                root=m.root or m.name,
+                parent=m.base_model,
+            )
+            for m in sorted(models.values(), key=lambda m: m.name)
+        ]
+    )
 
 
 # `:path`: hub ids such as `HuggingFaceTB/SmolLM2-135M-Instruct` contain "/".
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
-            responses=error_responses(401, 404))
+@router.get(
+    "/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404)
+)
 async def retrieve_model(model_id: str, key: CurrentKey, state: StateDep) -> ModelCard:
     """One served model (OpenAI `models.retrieve`): the card the list gives it; 404
     listing the served ids for any other id."""

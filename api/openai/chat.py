@@ -35,8 +35,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion,
-             responses=GENERATION_RESPONSES)
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=GENERATION_RESPONSES)
 async def create_chat_completion(
     body: ChatCompletionRequest, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:
@@ -77,8 +76,7 @@ async def create_chat_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStreamResponse(
-            _stream(state, completion_id, jobs, include_usage,
-                    StoredRequest.load(jobs[0].request)),
+            _stream(state, completion_id, jobs, include_usage, StoredRequest.load(jobs[0].request)),
             headers=headers,
         )
     response.headers.update(headers)
@@ -94,8 +92,9 @@ def _completion(completion_id: str, jobs: list[Job]) -> ChatCompletion:
         created=int(jobs[0].created_at.timestamp()),
         model=jobs[0].model,
         choices=[_choice(i, job) for i, job in enumerate(jobs)],
-        usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
-                    total_tokens=prompt + completion),
+        usage=Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        ),
     )
 
 
@@ -103,7 +102,8 @@ def _choice(index: int, job: Job) -> ChatChoice:
     logprobs = None
     if job.logprobs is not None:
         logprobs = ChatLogprobs.model_validate(
-            chat_logprobs([e for entries in job.logprobs for e in entries]))
+            chat_logprobs([e for entries in job.logprobs for e in entries])
+        )
     return ChatChoice(
         index=index,
         message=reply_message(job),
@@ -126,17 +126,29 @@ class _Choice:
 
 
 async def _stream(
-    state: AppState, completion_id: str, jobs: list[Job], include_usage: bool,
+    state: AppState,
+    completion_id: str,
+    jobs: list[Job],
+    include_usage: bool,
     request: StoredRequest,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
     mode, holds = request.reasoning, request.parses_tool_calls
-    choices = [_Choice(completion_id, created, jobs[0].model, i,
-                       ReasoningSplitter(mode) if mode else None, [] if holds else None)
-               for i in range(len(jobs))]
-    yield sse.data_events(chunk(completion_id, created, c.model,
-                                {"role": "assistant", "content": ""}, index=c.index)
-                          for c in choices)
+    choices = [
+        _Choice(
+            completion_id,
+            created,
+            jobs[0].model,
+            i,
+            ReasoningSplitter(mode) if mode else None,
+            [] if holds else None,
+        )
+        for i in range(len(jobs))
+    ]
+    yield sse.data_events(
+        chunk(completion_id, created, c.model, {"role": "assistant", "content": ""}, index=c.index)
+        for c in choices
+    )
     ended: set[int] = set()
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     try:
@@ -158,8 +170,9 @@ async def _stream(
             if out:
                 yield sse.data_events(out)
         if include_usage:
-            yield sse.data({**chunk(completion_id, created, jobs[0].model, {}), "choices": [],
-                            "usage": usage})
+            yield sse.data(
+                {**chunk(completion_id, created, jobs[0].model, {}), "choices": [], "usage": usage}
+            )
         yield sse.data("[DONE]")
     finally:
         if len(ended) < len(jobs):
@@ -205,21 +218,32 @@ def _held_content(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:
     calls = event.data.get("tool_calls") if event.type == EventType.DONE else None
     if calls is None:
         return [_chunk(choice, {"content": text})] if text else []
-    delta: dict[str, Any] = {"tool_calls": [{"index": i, **call}
-                                            for i, call in enumerate(calls)]}
+    delta: dict[str, Any] = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
     if event.data.get("content"):
         delta = {"content": event.data["content"], **delta}
     return [_chunk(choice, delta)]
 
 
-def _chunk(choice: _Choice, delta: dict[str, Any], finish_reason: str | None = None,
-           logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    return chunk(choice.completion_id, choice.created, choice.model, delta, finish_reason,
-                 index=choice.index, logprobs=logprobs)
+def _chunk(
+    choice: _Choice,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return chunk(
+        choice.completion_id,
+        choice.created,
+        choice.model,
+        delta,
+        finish_reason,
+        index=choice.index,
+        logprobs=logprobs,
+    )
 
 
-def _split_delta(choice: _Choice, reasoning: str, content: str,
-                 logprobs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def _split_delta(
+    choice: _Choice, reasoning: str, content: str, logprobs: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     delta: dict[str, str] = {}
     if reasoning:
         delta["reasoning_content"] = reasoning

@@ -33,8 +33,7 @@ from storage.models import Job, JobStatus
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/completions", response_model=Completion,
-             responses=GENERATION_RESPONSES)
+@router.post("/v1/completions", response_model=Completion, responses=GENERATION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, key: CurrentKey, state: StateDep, response: Response
 ) -> Any:
@@ -53,8 +52,7 @@ async def create_completion(
     await jobs_service.submit(state.intake, jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"cmpl-{jobs[0].id}"
     headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
-    echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo \
-        else [""] * len(jobs)
+    echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo else [""] * len(jobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, completion_id, jobs, echoes, include_usage)
@@ -68,13 +66,19 @@ async def create_completion(
         created=int(jobs[0].created_at.timestamp()),
         model=jobs[0].model,
         choices=[
-            CompletionChoice(index=i, text=echoes[i] + (job.result_text or ""),
-                             finish_reason=_finish_reason(job),
-                             logprobs=_logprobs(job, len(echoes[i])))
+            CompletionChoice(
+                index=i,
+                text=echoes[i] + (job.result_text or ""),
+                finish_reason=_finish_reason(job),
+                logprobs=_logprobs(job, len(echoes[i])),
+            )
             for i, job in enumerate(finals)
         ],
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens),
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
     )
 
 
@@ -90,21 +94,30 @@ def _logprobs(job: Job, offset: int) -> CompletionLogprobs | None:
 
 
 def _chunk(
-    completion_id: str, created: int, model: str, index: int, text: str,
-    finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
+    completion_id: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                     "finish_reason": finish_reason}],
+        "choices": [
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
     }
 
 
 async def _stream(
-    state: AppState, completion_id: str, jobs: list[Job], echoes: list[str],
+    state: AppState,
+    completion_id: str,
+    jobs: list[Job],
+    echoes: list[str],
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
@@ -129,14 +142,23 @@ async def _stream(
                     if entries is not None:
                         logprobs = completion_logprobs(entries, offsets[index])
                         offsets[index] += sum(len(e["token"]) for e in entries)
-                    out.append(_chunk(completion_id, created, model, index, text,
-                                      logprobs=logprobs))
+                    out.append(
+                        _chunk(completion_id, created, model, index, text, logprobs=logprobs)
+                    )
                 elif event.type == EventType.USAGE:
                     for name in usage:
                         usage[name] += int(event.data.get(name, 0))
                 elif event.type == EventType.DONE:
-                    out.append(_chunk(completion_id, created, model, index, "",
-                                      event.data.get("finish_reason")))
+                    out.append(
+                        _chunk(
+                            completion_id,
+                            created,
+                            model,
+                            index,
+                            "",
+                            event.data.get("finish_reason"),
+                        )
+                    )
                 elif event.type == EventType.CANCELLED:
                     out.append(_chunk(completion_id, created, model, index, "", "abort"))
                 elif event.type == EventType.ERROR:
@@ -146,8 +168,16 @@ async def _stream(
             if out:
                 yield sse.data_events(out)
         if include_usage:
-            yield sse.data({"id": completion_id, "object": "text_completion",
-                            "created": created, "model": model, "choices": [], "usage": usage})
+            yield sse.data(
+                {
+                    "id": completion_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         yield sse.data("[DONE]")
     finally:
         if len(ended) < len(jobs):

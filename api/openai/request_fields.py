@@ -92,11 +92,17 @@ def check_fields(body: SamplingFields, model: ServedModel) -> None:
             continue
         neutral = specific.get(name, _NOT_HONOURED.get(name))
         if neutral is None:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}",
-                                 param=name, code="unknown_parameter")
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {name}",
+                param=name,
+                code="unknown_parameter",
+            )
         if value is not None and value not in neutral:
-            raise InvalidRequest(f"`{name}` is not supported by this server.", param=name,
-                                 code="unsupported_parameter")
+            raise InvalidRequest(
+                f"`{name}` is not supported by this server.",
+                param=name,
+                code="unsupported_parameter",
+            )
     if isinstance(body, ChatCompletionRequest):
         _check_tools(body, model)
 
@@ -109,15 +115,17 @@ def _check_tools(body: ChatCompletionRequest, model: ServedModel) -> None:
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none"):
-            raise InvalidRequest("`tool_choice` needs `tools`.", param="tool_choice",
-                                 code="unsupported_parameter")
+            raise InvalidRequest(
+                "`tool_choice` needs `tools`.", param="tool_choice", code="unsupported_parameter"
+            )
         return
     if model.tool_call_parser is None:
         raise InvalidRequest(
             f"`tools` is not supported for model `{model.name}`: it has no tool-call "
             "parser; start its worker with --tool-call-parser NAME (one of vLLM's "
             "parsers, e.g. hermes) to use tools.",
-            param="tools", code="unsupported_parameter",
+            param="tools",
+            code="unsupported_parameter",
         )
     if choice in (None, "none", "auto"):
         return
@@ -128,22 +136,34 @@ def _check_tools(body: ChatCompletionRequest, model: ServedModel) -> None:
             raise InvalidRequest(
                 "`tool_choice` must be `none`, `auto`, `required` or "
                 '{"type": "function", "function": {"name": NAME}}.',
-                param="tool_choice", code="invalid_value")
+                param="tool_choice",
+                code="invalid_value",
+            )
         if name not in {tool.function.name for tool in body.tools}:
-            raise InvalidRequest(f"`tool_choice` names function `{name}`, which is not "
-                                 "in `tools`.", param="tool_choice", code="invalid_value")
+            raise InvalidRequest(
+                f"`tool_choice` names function `{name}`, which is not in `tools`.",
+                param="tool_choice",
+                code="invalid_value",
+            )
     elif choice != "required":
         raise InvalidRequest(
             f"`tool_choice` `{choice}` is not one of `none`, `auto`, `required` or a "
-            "named function.", param="tool_choice", code="invalid_value")
+            "named function.",
+            param="tool_choice",
+            code="invalid_value",
+        )
     if not model.supports_structured_output:
         raise InvalidRequest(
             f"`tool_choice` other than `auto` or `none` is not supported for model "
             f"`{model.name}`: it runs on the `{model.engine}` engine, which cannot constrain "
             "output; a forced tool choice needs a vLLM worker.",
-            param="tool_choice", code="unsupported_parameter")
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
     if body.response_format is not None and body.response_format.type != "text":
         raise InvalidRequest(
             "`tool_choice` `required` or a named function cannot be combined with "
             "`response_format`: the reply is held to the tools' schema.",
-            param="tool_choice", code="invalid_value")
+            param="tool_choice",
+            code="invalid_value",
+        )

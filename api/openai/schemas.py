@@ -19,9 +19,11 @@ from api.streaming import sse
 
 # `/v1/chat/completions` and `/v1/completions`: `stream: true` answers Server-Sent Events.
 GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": sse.openapi_content(
-        "With `stream: true`: a chunk (JSON; an error object if the job fails), `[DONE]` "
-        "last")},
+    200: {
+        "content": sse.openapi_content(
+            "With `stream: true`: a chunk (JSON; an error object if the job fails), `[DONE]` last"
+        )
+    },
     **error_responses(400, 401, 404, 413, 500, 503),
 }
 
@@ -141,7 +143,9 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(
-        None, min_length=1, max_length=255,
+        None,
+        min_length=1,
+        max_length=255,
         description="The served model id (`GET /v1/models`). Omitted, or an alias "
         "(FERRY_MODEL_ALIASES, by default `null` and `default`): the default model "
         "(FERRY_DEFAULT_MODEL, else the only one served); a request that carries images "
@@ -157,34 +161,53 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(
-        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit "
+        None,
+        description="Token id (as a string) -> bias in [-100, 100] added to its logit "
         "before sampling (-100 bans the token, +100 all but forces it); up to 300 tokens. "
         "Ids outside the model's vocabulary fail the job.",
         # What `_logit_bias` checks, for the document.
-        json_schema_extra={"anyOf": [{
-            "type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "maxProperties": 300,
-            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-        }, {"type": "null"}]},
+        json_schema_extra={
+            "anyOf": [
+                {
+                    "type": "object",
+                    "propertyNames": {"pattern": "^[0-9]+$"},
+                    "maxProperties": 300,
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                },
+                {"type": "null"},
+            ]
+        },
     )
     min_p: float | None = Field(
-        None, ge=0.0, le=1.0, description="vLLM extension: drop tokens less likely than "
-        "min_p x the most likely one's probability"
+        None,
+        ge=0.0,
+        le=1.0,
+        description="vLLM extension: drop tokens less likely than "
+        "min_p x the most likely one's probability",
     )
     repetition_penalty: float | None = Field(
-        None, gt=0.0, description="vLLM extension: > 1 discourages tokens already "
-        "in the prompt or the output (1 = off)"
+        None,
+        gt=0.0,
+        description="vLLM extension: > 1 discourages tokens already "
+        "in the prompt or the output (1 = off)",
     )
     min_tokens: int | None = Field(
-        None, ge=0, description="vLLM extension: no end token or stop string ends the "
-        "output before this many tokens"
+        None,
+        ge=0,
+        description="vLLM extension: no end token or stop string ends the "
+        "output before this many tokens",
     )
     n: int = Field(
-        1, ge=1, le=16, description="Choices to generate (each its own job; with `seed`, "
-        "choice i samples with seed + i). Not with `conversation_id`, nor on `/v1/jobs`."
+        1,
+        ge=1,
+        le=16,
+        description="Choices to generate (each its own job; with `seed`, "
+        "choice i samples with seed + i). Not with `conversation_id`, nor on `/v1/jobs`.",
     )
     ignore_eos: StrictBool = Field(
-        False, description="vLLM extension: keep generating past the model's end token, up "
-        "to max_tokens (benchmarks, load tests)"
+        False,
+        description="vLLM extension: keep generating past the model's end token, up "
+        "to max_tokens (benchmarks, load tests)",
     )
     user: str | None = None
     response_format: ResponseFormat | None = Field(
@@ -193,12 +216,11 @@ class SamplingFields(BaseModel):
         "structured outputs (vLLM). A model whose engine cannot constrain output answers "
         "400.",
     )
-    priority: int = Field(
-        0, ge=0, le=9, description="vLLM extension: 0 is served first, 9 last"
-    )
+    priority: int = Field(0, ge=0, le=9, description="vLLM extension: 0 is served first, 9 last")
     metadata: Metadata | None = Field(
-        None, description="Up to 16 pairs, kept with the job (FastDeploy flags such as "
-        "`enable_thinking` are read from here too)"
+        None,
+        description="Up to 16 pairs, kept with the job (FastDeploy flags such as "
+        "`enable_thinking` are read from here too)",
     )
 
     @model_validator(mode="after")
@@ -249,50 +271,63 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     # `_top_logprobs_need_logprobs`, for the document: top_logprobs > 0 needs logprobs.
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
-               "required": ["top_logprobs"]},
-        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
-    })
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {
+                "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                "required": ["top_logprobs"],
+            },
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="vLLM extension: extra variables for the chat template, e.g. "
-        "`{\"enable_thinking\": false}` (also read from FastDeploy's `metadata`)"
+        None,
+        description="vLLM extension: extra variables for the chat template, e.g. "
+        '`{"enable_thinking": false}` (also read from FastDeploy\'s `metadata`)',
     )
     images: list[str] | None = Field(
-        None, description="swift extension: images (http(s) URL, data URL or base64) for "
+        None,
+        description="swift extension: images (http(s) URL, data URL or base64) for "
         "models that take them. Each `<image>` placeholder in the user messages takes the "
         "next one; with no placeholder they all go before the last user message's text. "
-        "Images can also come as `image_url` parts or Qwen-VL `<img>…</img>` tags."
+        "Images can also come as `image_url` parts or Qwen-VL `<img>…</img>` tags.",
     )
     logprobs: bool | None = Field(
         None, description="Return each output token's logprob (`choices[].logprobs.content`)"
     )
     top_logprobs: int | None = Field(
-        None, ge=0, le=20, description="With `logprobs`: the most likely tokens (up to 20) "
-        "at each position, with their logprobs"
+        None,
+        ge=0,
+        le=20,
+        description="With `logprobs`: the most likely tokens (up to 20) "
+        "at each position, with their logprobs",
     )
     tools: list[FunctionTool] | None = Field(
-        None, max_length=128, description="Function tools, for a model whose worker was "
+        None,
+        max_length=128,
+        description="Function tools, for a model whose worker was "
         "started with `--tool-call-parser` (vLLM's parsers by name); otherwise 400. They "
         "reach the chat template (`tools`); the reply's tool calls come back as "
-        "`message.tool_calls` with finish_reason `tool_calls`."
+        "`message.tool_calls` with finish_reason `tool_calls`.",
     )
     tool_choice: str | dict[str, Any] | None = Field(
-        None, description="`auto` (the default with `tools`), `none` (tools are still "
+        None,
+        description="`auto` (the default with `tools`), `none` (tools are still "
         "shown to the template, the reply is not parsed), `required` (the reply is one or "
-        "more tool calls) or `{\"type\": \"function\", \"function\": {\"name\": NAME}}` "
+        'more tool calls) or `{"type": "function", "function": {"name": NAME}}` '
         "(the reply calls that function). The last two are forced with structured outputs, "
-        "as vLLM does: a vLLM worker only, not with `response_format`."
+        "as vLLM does: a vLLM worker only, not with `response_format`.",
     )
     parallel_tool_calls: bool | None = Field(
         None, description="With `tools`: false keeps only the first tool call, as vLLM does"
     )
     conversation_id: str | None = Field(
-        None, max_length=40,
+        None,
+        max_length=40,
         description="Ferry extension: continue a stored conversation (`POST "
         "/v1/conversations`). The prompt is its history plus `messages`; when the job "
         "succeeds, the new turn and the reply are appended to it (not when it fails or "
@@ -336,8 +371,11 @@ class ChatCompletionRequest(SamplingFields):
                 for part in content:
                     if isinstance(part, ImageUrlPart):
                         return True
-                    if isinstance(part, TextPart) and message.role == "user" \
-                            and "<img>" in part.text:
+                    if (
+                        isinstance(part, TextPart)
+                        and message.role == "user"
+                        and "<img>" in part.text
+                    ):
                         return True
         return False
 
@@ -350,24 +388,35 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(
         description="A prompt, or a list of up to 16 prompts (one choice each)",
         # What `_prompts` checks (its own messages, so not as pydantic constraints).
-        json_schema_extra={"anyOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1},
-             "minItems": 1, "maxItems": 16},
-        ]},
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "minItems": 1,
+                    "maxItems": 16,
+                },
+            ]
+        },
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Return the prompt before the completion")
     # Typed as clients send them; any value but null is refused (400 naming the field).
-    suffix: str | None = Field(None, description="Not supported (400)",
-                               json_schema_extra={"anyOf": [{"type": "null"}]})
-    logprobs: int | None = Field(
-        None, ge=0, le=20, description="Each output token's logprob and the `logprobs` most "
-        "likely tokens' at its position (up to 20)"
+    suffix: str | None = Field(
+        None, description="Not supported (400)", json_schema_extra={"anyOf": [{"type": "null"}]}
     )
-    best_of: int | None = Field(None, description="Not supported (400)",
-                                json_schema_extra={"anyOf": [{"type": "null"}]})
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Each output token's logprob and the `logprobs` most "
+        "likely tokens' at its position (up to 20)",
+    )
+    best_of: int | None = Field(
+        None, description="Not supported (400)", json_schema_extra={"anyOf": [{"type": "null"}]}
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -483,12 +532,24 @@ class ModelList(BaseModel):
 def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Stored logprob entries ({"token", "logprob", "top_logprobs"}) in OpenAI's chat
     shape: each token with its UTF-8 bytes."""
-    return {"content": [
-        {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
-         "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
-                           "bytes": list(t["token"].encode())} for t in e["top_logprobs"]]}
-        for e in entries
-    ]}
+    return {
+        "content": [
+            {
+                "token": e["token"],
+                "logprob": e["logprob"],
+                "bytes": list(e["token"].encode()),
+                "top_logprobs": [
+                    {
+                        "token": t["token"],
+                        "logprob": t["logprob"],
+                        "bytes": list(t["token"].encode()),
+                    }
+                    for t in e["top_logprobs"]
+                ],
+            }
+            for e in entries
+        ]
+    }
 
 
 def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
@@ -501,8 +562,7 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str,
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                         for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
         "text_offset": offsets,
     }
 
@@ -518,9 +578,13 @@ def chunk(
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `chat.completion.chunk` (a plain dict: built per token, kept cheap)."""
-    choices = [] if delta is None else [
-        {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-    ]
+    choices = (
+        []
+        if delta is None
+        else [
+            {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+        ]
+    )
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion.chunk",

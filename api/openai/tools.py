@@ -55,6 +55,7 @@ def reply_message(row: Any) -> AssistantMessage:
     if row.tool_calls is None:
         return AssistantMessage(content=content, reasoning_content=reasoning)
     return AssistantMessage(
-        content=row.result_content, reasoning_content=reasoning,
+        content=row.result_content,
+        reasoning_content=reasoning,
         tool_calls=[ToolCall.model_validate(call) for call in row.tool_calls],
     )

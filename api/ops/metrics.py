@@ -40,9 +40,7 @@ class _Snapshot:
         return self._metrics
 
 
-async def render_metrics(
-    db: Database, redis: Redis, registry: ModelRegistry
-) -> bytes:
+async def render_metrics(db: Database, redis: Redis, registry: ModelRegistry) -> bytes:
     async with db.read() as session:
         by_status = await jobs_repo.count_by_status(session)
         tokens = await jobs_repo.token_totals(session)
@@ -67,8 +65,9 @@ async def render_metrics(
         sum_value=total_ms / 1000,
     )
 
-    depth = GaugeMetricFamily("ferry_queue_depth", "Messages waiting on the broker",
-                              labels=["queue"])
+    depth = GaugeMetricFamily(
+        "ferry_queue_depth", "Messages waiting on the broker", labels=["queue"]
+    )
     models = await registry.models()
     pipe = redis.pipeline(transaction=False)
     names = [queue_name(m, lane) for m in models for lane in Lane]
@@ -79,9 +78,10 @@ async def render_metrics(
     *lengths, pending = await pipe.execute()
     steps = len(PRIORITY_STEPS)
     for i, name in enumerate(names):
-        depth.add_metric([name], sum(lengths[i * steps:(i + 1) * steps]))
-    unclaimed = GaugeMetricFamily("ferry_jobs_sent_unclaimed",
-                                  "Jobs whose message was sent and not yet claimed")
+        depth.add_metric([name], sum(lengths[i * steps : (i + 1) * steps]))
+    unclaimed = GaugeMetricFamily(
+        "ferry_jobs_sent_unclaimed", "Jobs whose message was sent and not yet claimed"
+    )
     unclaimed.add_metric([], pending)
 
     workers = GaugeMetricFamily("ferry_live_workers", "Workers with a live heartbeat")

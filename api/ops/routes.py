@@ -15,9 +15,15 @@ from api.ops.metrics import render_metrics
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", responses={503: {
-    "description": "SQL or Redis does not answer (the same report)",
-    "content": {"application/json": {}}}})
+@router.get(
+    "/health",
+    responses={
+        503: {
+            "description": "SQL or Redis does not answer (the same report)",
+            "content": {"application/json": {}},
+        }
+    },
+)
 async def health(state: StateDep) -> JSONResponse:
     """200 when SQL and Redis answer, 503 otherwise; lists the live workers."""
     checks: dict[str, Any] = {}
@@ -43,9 +49,16 @@ async def health(state: StateDep) -> JSONResponse:
     return JSONResponse(checks, status_code=200 if healthy else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {
-    "description": "Prometheus text format",
-    "content": {"text/plain": {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(state: StateDep) -> Response:
     """Prometheus text format: jobs by status, queue depth, time to first token, tokens."""
     body = await render_metrics(state.db, state.redis, state.registry)

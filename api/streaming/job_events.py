@@ -43,9 +43,9 @@ async def job_events(
 
     Yields None (KEEPALIVE) every `keepalive_seconds` of silence.
     """
-    async for batch in job_event_batches(sources, job_id, after,
-                                         keepalive_seconds=keepalive_seconds,
-                                         max_seconds=max_seconds):
+    async for batch in job_event_batches(
+        sources, job_id, after, keepalive_seconds=keepalive_seconds, max_seconds=max_seconds
+    ):
         if batch is None:
             yield KEEPALIVE
             continue
@@ -150,7 +150,7 @@ def _through_terminal(events: list[JobEvent]) -> list[JobEvent]:
     """The events up to and including the first terminal one."""
     for i, event in enumerate(events):
         if event.type.is_terminal:
-            return events[:i + 1]
+            return events[: i + 1]
     return events
 
 
@@ -159,7 +159,8 @@ def _follows(last: EventId, order: EventId) -> bool:
     later attempt."""
     attempt, seq = order
     return (attempt == last.attempt and seq == last.seq + 1) or (
-        attempt > last.attempt and seq == 1)
+        attempt > last.attempt and seq == 1
+    )
 
 
 async def _backlog(sources: EventSources, job_id: str, last: EventId) -> list[JobEvent]:
@@ -173,9 +174,7 @@ async def _backlog(sources: EventSources, job_id: str, last: EventId) -> list[Jo
     return [e for e in events_from_job(job) if e.id > last]
 
 
-async def _ended_in_sql(
-    sources: EventSources, job_id: str, last: EventId
-) -> list[JobEvent]:
+async def _ended_in_sql(sources: EventSources, job_id: str, last: EventId) -> list[JobEvent]:
     """After a silence: if SQL says the job is over, the rest of its events from SQL."""
     async with sources.db.read() as session:
         job = await jobs_repo.get_job(session, job_id)
@@ -198,4 +197,3 @@ async def _ended_in_sql(
     # close with a terminal event numbered after what was sent.
     terminal = events_from_job(job)[-1]
     return [JobEvent(last.next(), terminal.type, terminal.data)]
-

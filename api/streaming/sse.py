@@ -38,8 +38,10 @@ def openapi_content(data_description: str, *, job_events: bool = False) -> dict[
     required = ["data"]
     if job_events:
         properties["event"] = {"type": "string", "enum": [t.value for t in EventType]}
-        properties["id"] = {"type": "string", "description": "`<attempt>-<seq>`: resume "
-                            "after it with Last-Event-ID"}
+        properties["id"] = {
+            "type": "string",
+            "description": "`<attempt>-<seq>`: resume after it with Last-Event-ID",
+        }
         required += ["event", "id"]
     event = {"type": "object", "properties": properties, "required": required}
     return {"text/event-stream": {"itemSchema": event}}
@@ -60,8 +62,9 @@ def data_events(payloads: Iterable[dict[str, Any] | str]) -> bytes:
 def job_events(batch: Iterable[JobEvent]) -> bytes:
     """Job events, in one write: each with its `id` (a client resumes with it as
     Last-Event-ID), its type as `event`, and its data."""
-    return "".join(f"id: {e.id}\nevent: {e.type.value}\ndata: {e.data_json}\n\n"
-                   for e in batch).encode()
+    return "".join(
+        f"id: {e.id}\nevent: {e.type.value}\ndata: {e.data_json}\n\n" for e in batch
+    ).encode()
 
 
 async def job_event_writes(

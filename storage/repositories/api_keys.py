@@ -43,8 +43,13 @@ async def ensure_builtin_owner(session: AsyncSession) -> str:
     if await session.get(ApiKey, BUILTIN_OWNER_ID) is None:
         try:
             async with session.begin_nested():
-                session.add(ApiKey(id=BUILTIN_OWNER_ID, key_hash=_BUILTIN_OWNER_HASH,
-                                   name="built-in owner (authentication off)"))
+                session.add(
+                    ApiKey(
+                        id=BUILTIN_OWNER_ID,
+                        key_hash=_BUILTIN_OWNER_HASH,
+                        name="built-in owner (authentication off)",
+                    )
+                )
         except IntegrityError:
             pass  # another process made it first
     return BUILTIN_OWNER_ID

@@ -54,7 +54,9 @@ async def progress(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str,
         return {}
     query = (
         select(
-            Job.batch_id, Job.status, func.count(),
+            Job.batch_id,
+            Job.status,
+            func.count(),
             func.coalesce(func.sum(Job.prompt_tokens), 0),
             func.coalesce(func.sum(Job.completion_tokens), 0),
         )
@@ -93,11 +95,7 @@ class UnsentJob:
 
 async def outstanding_by_model(session: AsyncSession) -> dict[str, int]:
     """Batch jobs sent to the bulk queue and not finished, per model."""
-    query = (
-        select(Job.model, func.count())
-        .where(text(BATCH_OUTSTANDING))
-        .group_by(Job.model)
-    )
+    query = select(Job.model, func.count()).where(text(BATCH_OUTSTANDING)).group_by(Job.model)
     return {model: int(n) for model, n in (await session.execute(query)).all()}
 
 
@@ -129,8 +127,7 @@ async def mark_sent(session: AsyncSession, job_ids: Sequence[str], at: datetime)
     if job_ids:
         await session.execute(
             update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED,
-                   Job.enqueued_at.is_(None))
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None))
             .values(enqueued_at=at)
             .execution_options(synchronize_session=False)
         )

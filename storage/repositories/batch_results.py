@@ -20,9 +20,22 @@ async def insert_line_errors(session: AsyncSession, rows: Sequence[dict[str, Any
 
 
 RESULT_COLUMNS = (
-    Job.id, Job.custom_id, Job.kind, Job.model, Job.status, Job.request, Job.result_text,
-    Job.finish_reason, Job.prompt_tokens, Job.completion_tokens, Job.error, Job.error_code,
-    Job.logprobs, Job.tool_calls, Job.result_content, Job.created_at,
+    Job.id,
+    Job.custom_id,
+    Job.kind,
+    Job.model,
+    Job.status,
+    Job.request,
+    Job.result_text,
+    Job.finish_reason,
+    Job.prompt_tokens,
+    Job.completion_tokens,
+    Job.error,
+    Job.error_code,
+    Job.logprobs,
+    Job.tool_calls,
+    Job.result_content,
+    Job.created_at,
 )
 
 

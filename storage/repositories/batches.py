@@ -134,9 +134,15 @@ async def start_batch(
     """validating -> in_progress, in the transaction that stored its jobs; False (and the
     caller rolls back) when the batch was cancelled or taken over meanwhile."""
     return await _move(
-        session, batch_id, [BatchStatus.VALIDATING],
-        status=BatchStatus.IN_PROGRESS, in_progress_at=utcnow(), request_total=total,
-        invalid_count=invalid, model=model, lease_expires_at=None,
+        session,
+        batch_id,
+        [BatchStatus.VALIDATING],
+        status=BatchStatus.IN_PROGRESS,
+        in_progress_at=utcnow(),
+        request_total=total,
+        invalid_count=invalid,
+        model=model,
+        lease_expires_at=None,
     )
 
 
@@ -149,9 +155,15 @@ async def fail_batch(
     invalid: int = 0,
 ) -> bool:
     return await _move(
-        session, batch_id, [BatchStatus.VALIDATING],
-        status=BatchStatus.FAILED, failed_at=utcnow(), errors=errors, request_total=total,
-        invalid_count=invalid, lease_expires_at=None,
+        session,
+        batch_id,
+        [BatchStatus.VALIDATING],
+        status=BatchStatus.FAILED,
+        failed_at=utcnow(),
+        errors=errors,
+        request_total=total,
+        invalid_count=invalid,
+        lease_expires_at=None,
     )
 
 
@@ -161,8 +173,12 @@ async def fail_batch(
 async def request_cancel(session: AsyncSession, batch_id: str) -> bool:
     """validating / in_progress -> cancelling. False if the batch is past that."""
     return await _move(
-        session, batch_id, [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS],
-        status=BatchStatus.CANCELLING, outcome=BatchStatus.CANCELLED, cancelling_at=utcnow(),
+        session,
+        batch_id,
+        [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS],
+        status=BatchStatus.CANCELLING,
+        outcome=BatchStatus.CANCELLED,
+        cancelling_at=utcnow(),
     )
 
 
@@ -183,8 +199,12 @@ async def past_window(session: AsyncSession, limit: int) -> list[tuple[str, str 
 async def begin_expiry(session: AsyncSession, batch_id: str) -> bool:
     """The completion window passed: finalizing, to end as expired."""
     return await _move(
-        session, batch_id, [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS],
-        status=BatchStatus.FINALIZING, outcome=BatchStatus.EXPIRED, finalizing_at=utcnow(),
+        session,
+        batch_id,
+        [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS],
+        status=BatchStatus.FINALIZING,
+        outcome=BatchStatus.EXPIRED,
+        finalizing_at=utcnow(),
         lease_expires_at=None,
     )
 
@@ -236,8 +256,12 @@ async def end_batch(
         BatchStatus.EXPIRED: "expired_at",
     }[status]
     return await _move(
-        session, batch_id, list(SETTLING),
-        status=status, output_file_id=output_file_id, error_file_id=error_file_id,
+        session,
+        batch_id,
+        list(SETTLING),
+        status=status,
+        output_file_id=output_file_id,
+        error_file_id=error_file_id,
         **{stamp: utcnow()},
     )
 

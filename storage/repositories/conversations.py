@@ -48,8 +48,9 @@ class NewMessage:
 
 async def create(session: AsyncSession, owner_id: str, title: str | None = None) -> Conversation:
     now = utcnow()
-    conversation = Conversation(id=new_conversation_id(), owner_id=owner_id, title=title,
-                                created_at=now, updated_at=now)
+    conversation = Conversation(
+        id=new_conversation_id(), owner_id=owner_id, title=title, created_at=now, updated_at=now
+    )
     session.add(conversation)
     await session.flush()
     return conversation
@@ -88,8 +89,9 @@ async def reply_tokens(session: AsyncSession, messages: Sequence[Message]) -> di
     if not job_ids:
         return {}
     rows = await session.execute(
-        select(Job.id, Job.completion_tokens)
-        .where(Job.id.in_(job_ids), Job.completion_tokens.is_not(None))
+        select(Job.id, Job.completion_tokens).where(
+            Job.id.in_(job_ids), Job.completion_tokens.is_not(None)
+        )
     )
     return {job_id: tokens for job_id, tokens in rows.all() if tokens is not None}
 
@@ -121,9 +123,15 @@ async def append(
         return False
     if messages:
         rows = [
-            {"conversation_id": conversation_id, "role": m.role, "content": m.content,
-             "images": [dict(ref) for ref in m.images] if m.images else None,
-             "reasoning": m.reasoning, "job_id": job_id, "created_at": now}
+            {
+                "conversation_id": conversation_id,
+                "role": m.role,
+                "content": m.content,
+                "images": [dict(ref) for ref in m.images] if m.images else None,
+                "reasoning": m.reasoning,
+                "job_id": job_id,
+                "created_at": now,
+            }
             for m in messages
         ]
         # One INSERT per row: ids (the order of messages) follow the list's order.
@@ -136,11 +144,15 @@ def turn_of(request: StoredRequest) -> list[NewMessage]:
     """The turn a job carries into its conversation: the messages from `turn_start` on,
     instructions (system/developer) left out, images kept as references."""
     messages = request.messages or []
-    turn = messages[request.turn_start or 0:]
+    turn = messages[request.turn_start or 0 :]
     return [
-        NewMessage(role=m["role"], content=plain_text(m.get("content")),
-                   images=image_refs(m.get("content")) or None)
-        for m in turn if m["role"] not in INSTRUCTION_ROLES
+        NewMessage(
+            role=m["role"],
+            content=plain_text(m.get("content")),
+            images=image_refs(m.get("content")) or None,
+        )
+        for m in turn
+        if m["role"] not in INSTRUCTION_ROLES
     ]
 
 
@@ -170,16 +182,15 @@ async def clear(session: AsyncSession, conversation_id: str) -> None:
     """Forget every message; the conversation itself (and its id) stays."""
     await session.execute(delete(Message).where(Message.conversation_id == conversation_id))
     await session.execute(
-        update(Conversation).where(Conversation.id == conversation_id)
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
         .values(updated_at=utcnow(), title=None)
         .execution_options(synchronize_session=False)
     )
 
 
 async def find_default(session: AsyncSession, owner_id: str) -> Conversation | None:
-    return await session.scalar(
-        select(Conversation).where(Conversation.default_for == owner_id)
-    )
+    return await session.scalar(select(Conversation).where(Conversation.default_for == owner_id))
 
 
 async def default_conversation(session: AsyncSession, owner_id: str) -> Conversation:
@@ -189,11 +200,17 @@ async def default_conversation(session: AsyncSession, owner_id: str) -> Conversa
     if found is not None:
         return found
     now = utcnow()
-    values = {"id": new_conversation_id(), "owner_id": owner_id, "default_for": owner_id,
-              "created_at": now, "updated_at": now}
+    values = {
+        "id": new_conversation_id(),
+        "owner_id": owner_id,
+        "default_for": owner_id,
+        "created_at": now,
+        "updated_at": now,
+    }
     dialect = session.get_bind().dialect.name
-    upsert = (postgresql.insert(Conversation) if dialect == "postgresql"
-              else sqlite.insert(Conversation))
+    upsert = (
+        postgresql.insert(Conversation) if dialect == "postgresql" else sqlite.insert(Conversation)
+    )
     await session.execute(
         upsert.values(**values).on_conflict_do_nothing(index_elements=["default_for"])
     )

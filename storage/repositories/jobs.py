@@ -142,9 +142,7 @@ async def renew_leases(
         return
     await session.execute(
         update(Job)
-        .where(
-            Job.id.in_(job_ids), Job.worker_id == worker_id, Job.status == JobStatus.RUNNING
-        )
+        .where(Job.id.in_(job_ids), Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
     )
 
@@ -186,8 +184,11 @@ _jobs = cast(Table, Job.__table__)  # Core: an executemany, not ORM bulk update 
 # status a cancelled outcome leaves as it is; NULL `s_status` keeps the row's status.
 _FINISH = (
     update(_jobs)
-    .where(_jobs.c.id == bindparam("s_id"), _jobs.c.worker_id == bindparam("s_worker"),
-           _jobs.c.status.in_([JobStatus.RUNNING.value, bindparam("s_keep")]))
+    .where(
+        _jobs.c.id == bindparam("s_id"),
+        _jobs.c.worker_id == bindparam("s_worker"),
+        _jobs.c.status.in_([JobStatus.RUNNING.value, bindparam("s_keep")]),
+    )
     .values(
         status=func.coalesce(bindparam("s_status", type_=_jobs.c.status.type), _jobs.c.status),
         deltas=bindparam("s_deltas", type_=_jobs.c.deltas.type),
@@ -227,19 +228,27 @@ async def finish_jobs(
         if outcome.first_token_at is not None and outcome.started_at is not None:
             ttft_ms = int((outcome.first_token_at - outcome.started_at).total_seconds() * 1000)
         cancelled = outcome.status == JobStatus.CANCELLED
-        params.append({
-            "s_id": job_id, "s_worker": worker_id,
-            "s_keep": JobStatus.CANCELLED.value if cancelled else JobStatus.RUNNING.value,
-            "s_status": None if cancelled else outcome.status.value,
-            "s_deltas": outcome.deltas, "s_text": "".join(outcome.deltas),
-            "s_finish_reason": outcome.finish_reason,
-            "s_prompt_tokens": outcome.prompt_tokens,
-            "s_completion_tokens": outcome.completion_tokens,
-            "s_first_token_at": outcome.first_token_at, "s_ttft_ms": ttft_ms,
-            "s_error": outcome.error, "s_finished_at": now,
-            "s_error_code": outcome.error_code, "s_logprobs": outcome.logprobs,
-            "s_tool_calls": outcome.tool_calls, "s_result_content": outcome.result_content,
-        })
+        params.append(
+            {
+                "s_id": job_id,
+                "s_worker": worker_id,
+                "s_keep": JobStatus.CANCELLED.value if cancelled else JobStatus.RUNNING.value,
+                "s_status": None if cancelled else outcome.status.value,
+                "s_deltas": outcome.deltas,
+                "s_text": "".join(outcome.deltas),
+                "s_finish_reason": outcome.finish_reason,
+                "s_prompt_tokens": outcome.prompt_tokens,
+                "s_completion_tokens": outcome.completion_tokens,
+                "s_first_token_at": outcome.first_token_at,
+                "s_ttft_ms": ttft_ms,
+                "s_error": outcome.error,
+                "s_finished_at": now,
+                "s_error_code": outcome.error_code,
+                "s_logprobs": outcome.logprobs,
+                "s_tool_calls": outcome.tool_calls,
+                "s_result_content": outcome.result_content,
+            }
+        )
     await session.execute(_FINISH, params)
     # Which landed: ours, and stamped with this group's finish time just now.
     ids = [job_id for job_id, _ in outcomes]
@@ -247,11 +256,16 @@ async def finish_jobs(
         row.id: row.conversation_id
         for row in await session.execute(
             select(Job.id, Job.conversation_id).where(
-                Job.id.in_(ids), Job.worker_id == worker_id, Job.finished_at == now))
+                Job.id.in_(ids), Job.worker_id == worker_id, Job.finished_at == now
+            )
+        )
     }
     for job_id, outcome in outcomes:
-        if (outcome.status == JobStatus.SUCCEEDED and job_id in landed
-                and landed[job_id] is not None):
+        if (
+            outcome.status == JobStatus.SUCCEEDED
+            and job_id in landed
+            and landed[job_id] is not None
+        ):
             job = await session.get(Job, job_id, populate_existing=True)
             assert job is not None
             await conversations.record_reply(session, job, "".join(outcome.deltas))

@@ -134,8 +134,11 @@ def _render_messages(tokenizer: Any, request: GenerationRequest, tokenize: bool)
         extra["tools"] = request.tools
     try:
         return tokenizer.apply_chat_template(
-            template_messages(request.messages or []), add_generation_prompt=True,
-            tokenize=tokenize, return_dict=False, **extra,
+            template_messages(request.messages or []),
+            add_generation_prompt=True,
+            tokenize=tokenize,
+            return_dict=False,
+            **extra,
         )
     except Exception as exc:  # jinja errors (bad roles, bad content) are the caller's
         raise EngineRequestError(f"cannot render messages with the chat template: {exc}") from exc

@@ -85,8 +85,9 @@ class _Sequence:
 class ImageBatcher:
     """Prefill per request, decode all running requests in one batch (module docstring)."""
 
-    def __init__(self, model: Any, eos_ids: set[int], max_batch: int,
-                 adapters: bool = False) -> None:
+    def __init__(
+        self, model: Any, eos_ids: set[int], max_batch: int, adapters: bool = False
+    ) -> None:
         self._model = model
         # A peft model with adapters: every forward names each row's adapter (or the base).
         self._adapters = adapters
@@ -156,8 +157,18 @@ class ImageBatcher:
         with self._lock:
             self._active.add(request_id)
         eos_ids = self._eos_ids if eos_token_id is None else set(eos_token_id)
-        seq = _Sequence(request_id, inputs, max_new_tokens, temperature, top_p, top_k,
-                        generator, eos_ids, options, adapter=adapter or BASE_ADAPTER)
+        seq = _Sequence(
+            request_id,
+            inputs,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            generator,
+            eos_ids,
+            options,
+            adapter=adapter or BASE_ADAPTER,
+        )
         if options is not None and options.repetition_penalty not in (None, 1.0):
             seq.prompt_ids = [int(i) for i in inputs["input_ids"][0]]
         self._waiting.put(seq)
@@ -169,8 +180,9 @@ class ImageBatcher:
                 self._cancelled.add(request_id)
             self._handlers.pop(request_id, None)
 
-    def stop(self, block: bool = True, timeout: float | None = None,
-             hard_stop: bool = False) -> None:
+    def stop(
+        self, block: bool = True, timeout: float | None = None, hard_stop: bool = False
+    ) -> None:
         """Stop the thread (what still runs is dropped: the engine aborts it first)."""
         self._stopping.set()
         if block and self._thread.is_alive():
@@ -220,8 +232,9 @@ class ImageBatcher:
 
     def _drop_finished_and_cancelled(self) -> None:
         with self._lock:
-            gone = {s.request_id for s in self._rows
-                    if self._done(s) or s.request_id in self._cancelled}
+            gone = {
+                s.request_id for s in self._rows if self._done(s) or s.request_id in self._cancelled
+            }
             self._cancelled -= gone
             self._active -= gone
         if gone:
@@ -242,8 +255,10 @@ class ImageBatcher:
         """Run the prompt (and its images) alone, sample the first token, join the batch."""
         import torch
 
-        inputs = {k: v.to(self._model.device) if hasattr(v, "to") else v
-                  for k, v in seq.model_inputs.items()}
+        inputs = {
+            k: v.to(self._model.device) if hasattr(v, "to") else v
+            for k, v in seq.model_inputs.items()
+        }
         seq.model_inputs = {}  # the pixels are not needed any more
         length = int(inputs["input_ids"].shape[1])
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
@@ -274,9 +289,11 @@ class ImageBatcher:
         old_pad, new_pad = width - int(self._mask.shape[1]), width - length
         for batch_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
             batch_layer.keys = torch.cat(
-                [left(batch_layer.keys, old_pad), left(new_layer.keys, new_pad)])
+                [left(batch_layer.keys, old_pad), left(new_layer.keys, new_pad)]
+            )
             batch_layer.values = torch.cat(
-                [left(batch_layer.values, old_pad), left(new_layer.values, new_pad)])
+                [left(batch_layer.values, old_pad), left(new_layer.values, new_pad)]
+            )
         self._mask = torch.cat([left(self._mask, old_pad), left(mask, new_pad)])
         self._rows.append(seq)
         self._next_tokens.append(0)
@@ -350,8 +367,9 @@ class ImageBatcher:
 
     def _emit(self, seq: _Sequence, finished: bool) -> None:
         logprobs = list(seq.logprobs) if seq.logprobs else None
-        self._emit_to(seq.request_id,
-                      BatchOutput(seq.request_id, list(seq.tokens), finished, None, logprobs))
+        self._emit_to(
+            seq.request_id, BatchOutput(seq.request_id, list(seq.tokens), finished, None, logprobs)
+        )
 
     def _emit_to(self, request_id: str, output: BatchOutput) -> None:
         with self._lock:
@@ -376,21 +394,24 @@ def _processed(raw: Any, seq: _Sequence) -> Any:
     scores = raw.clone()
     if opts.logit_bias:
         ids = torch.tensor(list(opts.logit_bias), device=scores.device)
-        bias = torch.tensor(list(opts.logit_bias.values()), device=scores.device,
-                            dtype=scores.dtype)
+        bias = torch.tensor(
+            list(opts.logit_bias.values()), device=scores.device, dtype=scores.dtype
+        )
         scores.index_add_(0, ids, bias)
     if len(seq.tokens) < opts.min_tokens and seq.eos_ids:
         scores[torch.tensor(sorted(seq.eos_ids), device=scores.device)] = float("-inf")
     if opts.repetition_penalty not in (None, 1.0):
         penalty = float(opts.repetition_penalty)
-        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.tokens)),
-                            device=scores.device, dtype=torch.long)
+        seen = torch.tensor(
+            sorted(set(seq.prompt_ids) | set(seq.tokens)), device=scores.device, dtype=torch.long
+        )
         if seen.numel():
             picked = scores[seen]
             scores[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
     if seq.tokens and (opts.presence_penalty or opts.frequency_penalty):
-        counts = torch.bincount(torch.tensor(seq.tokens, device=scores.device),
-                                minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+        counts = torch.bincount(
+            torch.tensor(seq.tokens, device=scores.device), minlength=scores.shape[-1]
+        )[: scores.shape[-1]].to(scores.dtype)
         scores -= (opts.frequency_penalty or 0.0) * counts
         scores -= (opts.presence_penalty or 0.0) * (counts > 0).to(scores.dtype)
     return scores

@@ -39,8 +39,15 @@ _OWN_FLAGS = {
 
 # Config fields whose values must agree between a model and the base an adapter was
 # trained on: a different base of the same family differs in one of them.
-_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "intermediate_size", "vocab_size")
+_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +70,10 @@ def lora_adapters(settings: WorkerSettings, model_path: str) -> list[LoraAdapter
     for i, module in enumerate(settings.lora_modules, start=1):
         where = f"LoRA adapter {module.name!r} ({module.path})"
         if module.name in seen:
-            raise StartupError(f"{where}: the name {module.name!r} is already served by this "
-                               "worker; give each adapter its own name")
+            raise StartupError(
+                f"{where}: the name {module.name!r} is already served by this "
+                "worker; give each adapter its own name"
+            )
         seen.add(module.name)
         path = Path(module.path).expanduser()
         if not path.exists():
@@ -79,16 +88,22 @@ def lora_adapters(settings: WorkerSettings, model_path: str) -> list[LoraAdapter
         if not isinstance(config, dict) or config.get("peft_type") != "LORA":
             kind = config.get("peft_type") if isinstance(config, dict) else None
             raise StartupError(f"{where}: not a LoRA adapter (peft_type {kind!r})")
-        if not any((path / f).is_file() for f in ("adapter_model.safetensors",
-                                                  "adapter_model.bin")):
+        if not any(
+            (path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
+        ):
             raise StartupError(f"{where}: no adapter weights (adapter_model.safetensors)")
         _check_base(where, config, model_path)
         _check_shapes(where, path, Path(model_path))
         targets = config.get("target_modules") or ()
-        adapters.append(LoraAdapter(
-            name=module.name, path=str(path.resolve()), rank=int(config.get("r") or 8),
-            int_id=i, target_modules=tuple(targets) if isinstance(targets, list) else (),
-        ))
+        adapters.append(
+            LoraAdapter(
+                name=module.name,
+                path=str(path.resolve()),
+                rank=int(config.get("r") or 8),
+                int_id=i,
+                target_modules=tuple(targets) if isinstance(targets, list) else (),
+            )
+        )
     return adapters
 
 
@@ -165,8 +180,10 @@ def check_lora_rank(settings: WorkerSettings, adapters: list[LoraAdapter]) -> No
         return
     worst = max(adapters, key=lambda a: a.rank)
     if worst.rank > settings.max_lora_rank:
-        raise StartupError(f"LoRA adapter {worst.name!r} has rank {worst.rank}, over "
-                           f"--max-lora-rank {settings.max_lora_rank}")
+        raise StartupError(
+            f"LoRA adapter {worst.name!r} has rank {worst.rank}, over "
+            f"--max-lora-rank {settings.max_lora_rank}"
+        )
 
 
 def max_lora_rank(settings: WorkerSettings, adapters: list[LoraAdapter]) -> int:
@@ -186,8 +203,10 @@ def check_engine_args(extra: dict[str, Any], known: set[str]) -> None:
     AsyncEngineArgs keywords that have no flag of their own."""
     unknown = sorted(set(extra) - known)
     if unknown:
-        raise StartupError(f"--engine-args: {', '.join(unknown)} not an AsyncEngineArgs "
-                           "keyword of the installed vLLM")
+        raise StartupError(
+            f"--engine-args: {', '.join(unknown)} not an AsyncEngineArgs "
+            "keyword of the installed vLLM"
+        )
     for key in sorted(extra):
         if key in _OWN_FLAGS:
             raise StartupError(f"--engine-args: {key} has its own setting: use {_OWN_FLAGS[key]}")
@@ -210,8 +229,9 @@ def vllm_flag_args(
         args["limit_mm_per_prompt"] = s.limit_mm_per_prompt
     if adapters:
         # Every adapter can be in one batch, beside base-model requests (vLLM's default).
-        args.update(enable_lora=True, max_loras=len(adapters),
-                    max_lora_rank=max_lora_rank(s, adapters))
+        args.update(
+            enable_lora=True, max_loras=len(adapters), max_lora_rank=max_lora_rank(s, adapters)
+        )
     return {**args, **s.engine_args}
 
 
@@ -221,14 +241,20 @@ def check_transformers_options(settings: WorkerSettings) -> None:
     refuses the flags it cannot honour rather than ignore them."""
     s = settings
     if s.tensor_parallel_size > 1:
-        raise StartupError(f"--tensor-parallel-size {s.tensor_parallel_size}: the transformers "
-                           "engine runs a model on one device; use --engine vllm")
+        raise StartupError(
+            f"--tensor-parallel-size {s.tensor_parallel_size}: the transformers "
+            "engine runs a model on one device; use --engine vllm"
+        )
     if s.quantization is not None:
-        raise StartupError(f"--quantization {s.quantization}: the transformers engine loads "
-                           "the weights as stored; use --engine vllm")
+        raise StartupError(
+            f"--quantization {s.quantization}: the transformers engine loads "
+            "the weights as stored; use --engine vllm"
+        )
     if s.engine_args:
-        raise StartupError(f"--engine-args ({', '.join(sorted(s.engine_args))}): these are "
-                           "vLLM AsyncEngineArgs; the transformers engine takes none")
+        raise StartupError(
+            f"--engine-args ({', '.join(sorted(s.engine_args))}): these are "
+            "vLLM AsyncEngineArgs; the transformers engine takes none"
+        )
 
 
 def torch_dtype(settings: WorkerSettings) -> Any:
@@ -236,8 +262,12 @@ def torch_dtype(settings: WorkerSettings) -> Any:
     import torch
 
     names: dict[str, Any] = {
-        "auto": "auto", "half": torch.float16, "float16": torch.float16,
-        "bfloat16": torch.bfloat16, "float": torch.float32, "float32": torch.float32,
+        "auto": "auto",
+        "half": torch.float16,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float": torch.float32,
+        "float32": torch.float32,
     }
     if settings.dtype not in names:
         raise StartupError(f"--dtype {settings.dtype}: not one of {', '.join(names)}")
@@ -253,16 +283,19 @@ def check_parsers(settings: WorkerSettings) -> None:
         from vllm.reasoning import ReasoningParserManager
         from vllm.tool_parsers import ToolParserManager
     except ImportError as exc:
-        raise StartupError(f"--reasoning-parser / --tool-call-parser need vLLM's parsers, "
-                           f"and vLLM cannot be imported: {exc}") from exc
-    checks = ((settings.reasoning_parser, "--reasoning-parser",
-               ReasoningParserManager.list_registered()),
-              (settings.tool_call_parser, "--tool-call-parser",
-               ToolParserManager.list_registered()))
+        raise StartupError(
+            f"--reasoning-parser / --tool-call-parser need vLLM's parsers, "
+            f"and vLLM cannot be imported: {exc}"
+        ) from exc
+    checks = (
+        (settings.reasoning_parser, "--reasoning-parser", ReasoningParserManager.list_registered()),
+        (settings.tool_call_parser, "--tool-call-parser", ToolParserManager.list_registered()),
+    )
     for name, flag, known in checks:
         if name is not None and name not in known:
-            raise StartupError(f"{flag} {name}: not one of vLLM's parsers "
-                               f"({', '.join(sorted(known))})")
+            raise StartupError(
+                f"{flag} {name}: not one of vLLM's parsers ({', '.join(sorted(known))})"
+            )
 
 
 def remote_code_hint(exc: BaseException, settings: WorkerSettings) -> StartupError | None:
@@ -270,6 +303,8 @@ def remote_code_hint(exc: BaseException, settings: WorkerSettings) -> StartupErr
     text = str(exc)
     if settings.trust_remote_code or "trust_remote_code" not in text:
         return None
-    return StartupError(f"{settings.model} needs its own code to load: start the worker with "
-                        f"--trust-remote-code (FERRY_TRUST_REMOTE_CODE=true) if you trust it "
-                        f"({text.strip().splitlines()[0]})")
+    return StartupError(
+        f"{settings.model} needs its own code to load: start the worker with "
+        f"--trust-remote-code (FERRY_TRUST_REMOTE_CODE=true) if you trust it "
+        f"({text.strip().splitlines()[0]})"
+    )

@@ -85,8 +85,13 @@ class _RequestStream:
     incremental detokenizer + stop-string scanner that turns tokens into deltas."""
 
     def __init__(
-        self, backend_tokenizer: Any, stop: tuple[str, ...], prompt_tokens: int,
-        manager: Any, logprobs: bool = False, min_tokens: int = 0,
+        self,
+        backend_tokenizer: Any,
+        stop: tuple[str, ...],
+        prompt_tokens: int,
+        manager: Any,
+        logprobs: bool = False,
+        min_tokens: int = 0,
         skip_special_tokens: bool = True,
     ) -> None:
         from tokenizers.decoders import DecodeStream
@@ -117,7 +122,10 @@ class _RequestStream:
         return delta
 
     def consume(
-        self, token_ids: list[int], done: bool, eos_ids: set[int],
+        self,
+        token_ids: list[int],
+        done: bool,
+        eos_ids: set[int],
         logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None,
     ) -> Delta | None:
         """Fold the new tail of a cumulative token list (and of its logprobs, if asked for)
@@ -126,9 +134,13 @@ class _RequestStream:
         new = token_ids[self._seen :]
         if self._logprobs is not None and logprobs is not None:
             for token_id, (logprob, top) in zip(new, logprobs[self._seen :], strict=False):
-                self._logprobs.append(TokenLogprob(
-                    self._token_text(token_id), logprob,
-                    tuple((self._token_text(i), lp) for i, lp in top)))
+                self._logprobs.append(
+                    TokenLogprob(
+                        self._token_text(token_id),
+                        logprob,
+                        tuple((self._token_text(i), lp) for i, lp in top),
+                    )
+                )
         first = self._seen
         self._seen = len(token_ids)
         for n, token_id in enumerate(new, start=first + 1):
@@ -177,9 +189,7 @@ def context_length(text_config: Any, cap: int | None) -> int:
     own = getattr(text_config, "max_position_embeddings", None)
     if own is None:
         if cap is None:
-            raise ValueError(
-                "the model's config has no max_position_embeddings: set max_model_len"
-            )
+            raise ValueError("the model's config has no max_position_embeddings: set max_model_len")
         return cap
     return int(own) if cap is None else min(cap, int(own))
 
@@ -208,7 +218,8 @@ class TransformersEngine:
         self._peft_names: dict[str, str] = {}
         # Until start() reads it off the model's config.
         self._info = ModelInfo(
-            name=settings.model_name, max_model_len=settings.max_model_len or 0,
+            name=settings.model_name,
+            max_model_len=settings.max_model_len or 0,
             engine="transformers",
         )
 
@@ -225,8 +236,7 @@ class TransformersEngine:
             return
         check_transformers_options(self._settings)
         await asyncio.to_thread(check_parsers, self._settings)
-        self._adapters = await asyncio.to_thread(lora_adapters, self._settings,
-                                                 self._model_path)
+        self._adapters = await asyncio.to_thread(lora_adapters, self._settings, self._model_path)
         check_lora_rank(self._settings, self._adapters)
         # Importing torch/transformers and loading weights block for seconds: off the loop.
         try:
@@ -252,15 +262,19 @@ class TransformersEngine:
         stops the worker now, not a user's request later."""
         for adapter in self._adapters:
             request = GenerationRequest(
-                request_id=f"ferry-warm-up-{adapter.name}", prompt="Warm up.",
-                sampling=SamplingOptions(max_tokens=1, temperature=0), lora=adapter.name,
+                request_id=f"ferry-warm-up-{adapter.name}",
+                prompt="Warm up.",
+                sampling=SamplingOptions(max_tokens=1, temperature=0),
+                lora=adapter.name,
             )
             try:
                 async for _ in self.generate(request):
                     pass
             except Exception as exc:
-                raise StartupError(f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
-                                   f"on {self._settings.model}: {exc}") from exc
+                raise StartupError(
+                    f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
+                    f"on {self._settings.model}: {exc}"
+                ) from exc
 
     def _with_adapters(self, model: Any) -> Any:
         """The model with every --lora-modules adapter loaded by peft (none active: each
@@ -268,20 +282,24 @@ class TransformersEngine:
         try:
             peft: Any = importlib.import_module("peft")
         except ImportError as exc:
-            raise StartupError(f"--lora-modules on the transformers engine needs peft "
-                               f"(pip install peft): {exc}") from exc
+            raise StartupError(
+                f"--lora-modules on the transformers engine needs peft (pip install peft): {exc}"
+            ) from exc
         wrapped: Any = None
         for adapter in self._adapters:
             name = f"lora{adapter.int_id}"
             try:
                 if wrapped is None:
                     wrapped = peft.PeftModel.from_pretrained(
-                        model, adapter.path, adapter_name=name, is_trainable=False)
+                        model, adapter.path, adapter_name=name, is_trainable=False
+                    )
                 else:
                     wrapped.load_adapter(adapter.path, adapter_name=name, is_trainable=False)
             except Exception as exc:
-                raise StartupError(f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot be "
-                                   f"loaded on {self._settings.model}: {exc}") from exc
+                raise StartupError(
+                    f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot be "
+                    f"loaded on {self._settings.model}: {exc}"
+                ) from exc
             self._peft_names[adapter.name] = name
         return wrapped.eval()
 
@@ -315,7 +333,9 @@ class TransformersEngine:
         self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._tokenizer = tokenizer
         self._info = ModelInfo(
-            name=self._settings.model_name, max_model_len=max_len, engine="transformers",
+            name=self._settings.model_name,
+            max_model_len=max_len,
+            engine="transformers",
             supports_images=self._images is not None,
         )
         from worker.engines.image_batching import ImageBatcher
@@ -324,12 +344,12 @@ class TransformersEngine:
             # Ferry's loop alone: peft wraps the model's own layers in place, so transformers'
             # batching (one row for all requests) would run them with the active adapter.
             model = self._with_adapters(model)
-        own = ImageBatcher(model, self._eos_ids, max(self._settings.concurrency, 1),
-                           adapters=bool(self._adapters))
+        own = ImageBatcher(
+            model, self._eos_ids, max(self._settings.concurrency, 1), adapters=bool(self._adapters)
+        )
         # Without SDPA, transformers' batching switches the model itself to paged attention,
         # which Ferry's loop cannot run beside it: such a model runs on Ferry's loop alone.
-        if (self._images is not None or self._adapters
-                or attention == "eager"):
+        if self._images is not None or self._adapters or attention == "eager":
             return own, own
         return self._batching_manager(tf, model, text_config, max_len, on_gpu), own
 
@@ -349,8 +369,9 @@ class TransformersEngine:
                 self._model_path, dtype=dtype, attn_implementation="eager", **remote
             ), "eager"
 
-    def _batching_manager(self, tf: Any, model: Any, text_config: Any, max_len: int,
-                          on_gpu: bool) -> Any:
+    def _batching_manager(
+        self, tf: Any, model: Any, text_config: Any, max_len: int, on_gpu: bool
+    ) -> Any:
         """transformers' continuous batching manager for the model (not yet started)."""
         gen_config = tf.GenerationConfig(
             do_sample=True,
@@ -436,15 +457,19 @@ class TransformersEngine:
         """Whether the request needs Ferry's own sampler (options transformers' batching
         does not take per request)."""
         return bool(
-            s.seed is not None or s.logit_bias or s.min_tokens or s.min_p
-            or s.presence_penalty or s.frequency_penalty or s.logprobs is not None
+            s.seed is not None
+            or s.logit_bias
+            or s.min_tokens
+            or s.min_p
+            or s.presence_penalty
+            or s.frequency_penalty
+            or s.logprobs is not None
             or s.repetition_penalty not in (None, 1.0)
         )
 
     def _check_options(self, s: SamplingOptions) -> None:
         if s.logit_bias and any(not 0 <= t < self._vocab_size for t in s.logit_bias):
-            raise EngineRequestError(
-                f"logit_bias: token ids must be in [0, {self._vocab_size})")
+            raise EngineRequestError(f"logit_bias: token ids must be in [0, {self._vocab_size})")
         if s.repetition_penalty is not None and s.repetition_penalty <= 0:
             raise EngineRequestError("repetition_penalty must be > 0")
         if s.min_p is not None and not 0 <= s.min_p <= 1:
@@ -478,10 +503,15 @@ class TransformersEngine:
         eos_ids = set() if request.sampling.ignore_eos else self._eos_ids
         if request.sampling.ignore_eos:
             extra["eos_token_id"] = []
-        stream = _RequestStream(self._tokenizer.backend_tokenizer, request.sampling.stop, len(ids),
-                                manager, logprobs=request.sampling.logprobs is not None,
-                                min_tokens=request.sampling.min_tokens,
-                                skip_special_tokens=request.sampling.skip_special_tokens)
+        stream = _RequestStream(
+            self._tokenizer.backend_tokenizer,
+            request.sampling.stop,
+            len(ids),
+            manager,
+            logprobs=request.sampling.logprobs is not None,
+            min_tokens=request.sampling.min_tokens,
+            skip_special_tokens=request.sampling.skip_special_tokens,
+        )
         self._streams[request_id] = stream
         # Register before adding: a fast request could otherwise finish unseen.
         manager.register_result_handler(request_id, stream.queue.put_nowait)
@@ -508,8 +538,12 @@ class TransformersEngine:
                     running = False
                     raise RuntimeError(f"generation failed: {item.error}")
                 running = not item.is_finished()
-                delta = stream.consume(list(item.generated_tokens), not running, eos_ids,
-                                       item.logprobs if stream.wants_logprobs else None)
+                delta = stream.consume(
+                    list(item.generated_tokens),
+                    not running,
+                    eos_ids,
+                    item.logprobs if stream.wants_logprobs else None,
+                )
                 if delta is not None and (delta.text or delta.finish_reason):
                     yield delta
         finally:
@@ -532,8 +566,10 @@ class TransformersEngine:
                 raise EngineRequestError(f"no LoRA adapter {request.lora!r} on this worker")
         limit = (self._settings.limit_mm_per_prompt or {}).get("image")
         if isinstance(limit, int) and len(request.images) > limit:
-            raise EngineRequestError(f"{len(request.images)} images in one prompt; this worker "
-                                     f"takes at most {limit} (--limit-mm-per-prompt)")
+            raise EngineRequestError(
+                f"{len(request.images)} images in one prompt; this worker "
+                f"takes at most {limit} (--limit-mm-per-prompt)"
+            )
         self._check_options(request.sampling)
         return adapter
 

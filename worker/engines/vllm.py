@@ -128,8 +128,9 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs, child_env = self._engine_kwargs()
-        self._lora_requests = {a.name: LoRARequest(a.name, a.int_id, a.path)
-                               for a in self._adapters}
+        self._lora_requests = {
+            a.name: LoRARequest(a.name, a.int_id, a.path) for a in self._adapters
+        }
         args = AsyncEngineArgs(**kwargs)
         # Constructing AsyncLLM starts the engine core process and waits for it (blocking);
         # it must happen on the loop that will call generate(): its output handler task
@@ -171,8 +172,7 @@ class VllmEngine:
 
         check_parsers(self._settings)
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-        kwargs = {**self.engine_args(),
-                  **vllm_flag_args(self._settings, self._adapters, known)}
+        kwargs = {**self.engine_args(), **vllm_flag_args(self._settings, self._adapters, known)}
         child_env: dict[str, str] = {}
         if current_platform.is_cpu():
             # torch.compile of the model costs tens of seconds per start on CPU and buys
@@ -207,16 +207,19 @@ class VllmEngine:
         for adapter in self._adapters:
             request = GenerationRequest(
                 request_id=f"ferry-warm-up-{adapter.name}-{os.getpid()}",
-                prompt="Warm up.", sampling=SamplingOptions(max_tokens=1, temperature=0),
+                prompt="Warm up.",
+                sampling=SamplingOptions(max_tokens=1, temperature=0),
                 lora=adapter.name,
             )
             try:
                 async for _ in self.generate(request):
                     pass
             except Exception as exc:
-                raise StartupError(f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
-                                   f"on {self._settings.model}: {exc} (the engine's log above "
-                                   "says why)") from exc
+                raise StartupError(
+                    f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
+                    f"on {self._settings.model}: {exc} (the engine's log above "
+                    "says why)"
+                ) from exc
 
     def _image_support(self) -> ImageSupport | None:
         """The model's image placeholder, read from the Hugging Face processor vLLM itself
@@ -294,7 +297,10 @@ class VllmEngine:
         want_logprobs = request.sampling.logprobs is not None
         logprobs: list[TokenLogprob] = []
         stream = self._llm.generate(
-            engine_input, params, request.request_id, priority=request.priority,
+            engine_input,
+            params,
+            request.request_id,
+            priority=request.priority,
             lora_request=lora,
         )
         self._running.add(request.request_id)
@@ -303,8 +309,9 @@ class VllmEngine:
                 completion = out.outputs[0]
                 carried += len(completion.token_ids)
                 if want_logprobs:
-                    logprobs += _token_logprobs(completion.token_ids, completion.logprobs,
-                                                request.sampling.logprobs or 0)
+                    logprobs += _token_logprobs(
+                        completion.token_ids, completion.logprobs, request.sampling.logprobs or 0
+                    )
                 finish = completion.finish_reason
                 if not completion.text and finish is None:
                     continue
@@ -355,10 +362,12 @@ def _token_logprobs(token_ids: Any, per_token: Any, k: int) -> list[TokenLogprob
     out: list[TokenLogprob] = []
     for token_id, options in zip(token_ids, per_token or (), strict=False):
         chosen = options[token_id]
-        ranked = sorted((lp for lp in options.values() if lp.rank is not None),
-                        key=lambda lp: lp.rank)
-        top = tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked
-                    if 1 <= lp.rank <= k)
+        ranked = sorted(
+            (lp for lp in options.values() if lp.rank is not None), key=lambda lp: lp.rank
+        )
+        top = tuple(
+            (lp.decoded_token or "", float(lp.logprob)) for lp in ranked if 1 <= lp.rank <= k
+        )
         out.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob), top))
     return out
 

@@ -123,8 +123,12 @@ def ensure_smollm2(cache_dir: Path, gguf: Path | None = None) -> Path:
         built.append(out)
 
     path = ensure_built(
-        Path(cache_dir), dir_name, build, stamp_file=STAMP_FILE,
-        identity=identity, extra={"source": str(source), "dtype": SAVED_DTYPE},
+        Path(cache_dir),
+        dir_name,
+        build,
+        stamp_file=STAMP_FILE,
+        identity=identity,
+        extra={"source": str(source), "dtype": SAVED_DTYPE},
     )
     if built:
         log.warning("built %s from %s into %s", NAME, source, path)

@@ -147,8 +147,7 @@ def train_tokenizer(
     )
 
 
-def _save_random_model(model_class: Any, config: Any, eos_id: int, pad_id: int,
-                       out: Path) -> None:
+def _save_random_model(model_class: Any, config: Any, eos_id: int, pad_id: int, out: Path) -> None:
     """Random weights from the fixed seed (fork_rng: reproducible without disturbing the
     caller's RNG), a generation config that stops at the model's end token, saved."""
     import torch
@@ -206,7 +205,12 @@ FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 ROW_COL_TOKENS = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
 VISION_SPECIAL_TOKENS = (
-    ENDOFTEXT, IM_START, END_OF_UTTERANCE, IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN,
+    ENDOFTEXT,
+    IM_START,
+    END_OF_UTTERANCE,
+    IMAGE_TOKEN,
+    FAKE_IMAGE_TOKEN,
+    GLOBAL_IMAGE_TOKEN,
     *ROW_COL_TOKENS,
 )
 # One 112x112 image, no splitting: 8x8 patches of 14 px, pixel-shuffled by 2 -> 16 image
@@ -323,8 +327,12 @@ def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
     if builder is None:
         raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODELS)}")
     return ensure_built(
-        Path(cache_dir), f"{name}-v{BUILD_VERSION}", builder, stamp_file=STAMP_FILE,
-        identity={"name": name, "version": BUILD_VERSION}, extra={"seed": SEED},
+        Path(cache_dir),
+        f"{name}-v{BUILD_VERSION}",
+        builder,
+        stamp_file=STAMP_FILE,
+        identity={"name": name, "version": BUILD_VERSION},
+        extra={"seed": SEED},
     )
 
 

@@ -39,8 +39,10 @@ def upgrade() -> None:
     op.create_table(
         "messages",
         sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True, nullable=False,
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
         ),
         sa.Column("conversation_id", sa.String(length=40), nullable=False),
         sa.Column("role", sa.String(length=16), nullable=False),
@@ -58,7 +60,10 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("conversation_id", sa.String(length=40), nullable=True))
         batch.create_foreign_key(
-            "fk_jobs_conversation_id", "conversations", ["conversation_id"], ["id"],
+            "fk_jobs_conversation_id",
+            "conversations",
+            ["conversation_id"],
+            ["id"],
             ondelete="SET NULL",
         )
 

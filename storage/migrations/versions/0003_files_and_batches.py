@@ -71,8 +71,10 @@ def upgrade() -> None:
     op.create_table(
         "batch_line_errors",
         sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True, nullable=False,
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
         ),
         sa.Column("batch_id", sa.String(length=40), nullable=False),
         sa.Column("line", sa.Integer(), nullable=False),
@@ -84,7 +86,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index(
-        "ix_batch_line_errors_batch_id_line", "batch_line_errors", ["batch_id", "line"],
+        "ix_batch_line_errors_batch_id_line",
+        "batch_line_errors",
+        ["batch_id", "line"],
         unique=False,
     )
     with op.batch_alter_table("jobs") as batch:
@@ -93,21 +97,31 @@ def upgrade() -> None:
         batch.create_foreign_key(
             "fk_jobs_batch_id", "batches", ["batch_id"], ["id"], ondelete="CASCADE"
         )
-    op.create_index(
-        "ux_jobs_batch_id_custom_id", "jobs", ["batch_id", "custom_id"], unique=True
-    )
+    op.create_index("ux_jobs_batch_id_custom_id", "jobs", ["batch_id", "custom_id"], unique=True)
     op.create_index("ix_jobs_batch_id_status", "jobs", ["batch_id", "status"], unique=False)
     op.create_index(
-        "ix_jobs_batch_unsent", "jobs", ["model", "id"], unique=False,
-        postgresql_where=sa.text(BATCH_UNSENT), sqlite_where=sa.text(BATCH_UNSENT),
+        "ix_jobs_batch_unsent",
+        "jobs",
+        ["model", "id"],
+        unique=False,
+        postgresql_where=sa.text(BATCH_UNSENT),
+        sqlite_where=sa.text(BATCH_UNSENT),
     )
     op.create_index(
-        "ix_jobs_batch_outstanding", "jobs", ["model"], unique=False,
-        postgresql_where=sa.text(BATCH_OUTSTANDING), sqlite_where=sa.text(BATCH_OUTSTANDING),
+        "ix_jobs_batch_outstanding",
+        "jobs",
+        ["model"],
+        unique=False,
+        postgresql_where=sa.text(BATCH_OUTSTANDING),
+        sqlite_where=sa.text(BATCH_OUTSTANDING),
     )
     op.create_index(
-        "ix_jobs_interactive_open", "jobs", ["model"], unique=False,
-        postgresql_where=sa.text(INTERACTIVE_OPEN), sqlite_where=sa.text(INTERACTIVE_OPEN),
+        "ix_jobs_interactive_open",
+        "jobs",
+        ["model"],
+        unique=False,
+        postgresql_where=sa.text(INTERACTIVE_OPEN),
+        sqlite_where=sa.text(INTERACTIVE_OPEN),
     )
 
 
