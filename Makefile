@@ -29,6 +29,7 @@ run: $(STAMP)
 # where none answers, the run starts its own on free ports and stops them (tests/services.py).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
 
@@ -36,6 +37,7 @@ test: $(STAMP)
 # left out; tests/conftest.py marks them), in under a minute.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -m "not e2e"
 
 lint: $(STAMP)
