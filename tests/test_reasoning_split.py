@@ -51,15 +51,21 @@ def test_tagged_mode_still_leaves_an_unopened_reply_alone() -> None:
     assert split_reasoning("weigh it</think>answer") == (None, "weigh it</think>answer")
 
 
-def test_streamed_chunks_split_at_a_closing_tag_only() -> None:
-    choice = _Choice("job-1", 0, THINK, 0, ReasoningSplitter("parser"))
-    deltas = ["step", " one\n</th", "ink>\n\nFinal", " answer."]
+def _chat_chunks(choice: _Choice, deltas: list[str]) -> tuple[list[dict[str, Any]], str, str]:
+    """The chat chunks of `deltas` then a stop, and the reasoning and content they carry."""
     chunks: list[dict[str, Any]] = []
     for i, text in enumerate(deltas):
         chunks += _chunks_for(choice, JobEvent(f"1-{i}", EventType.DELTA, {"text": text}))
     chunks += _chunks_for(choice, JobEvent("1-9", EventType.DONE, {"finish_reason": "stop"}))
     reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    return chunks, reasoning, content
+
+
+def test_streamed_chunks_split_at_a_closing_tag_only() -> None:
+    choice = _Choice("job-1", 0, THINK, 0, ReasoningSplitter("parser"))
+    deltas = ["step", " one\n</th", "ink>\n\nFinal", " answer."]
+    _, reasoning, content = _chat_chunks(choice, deltas)
     assert (reasoning, content) == ("step one", "Final answer.")
 
 
@@ -94,11 +100,6 @@ def test_reasoning_split_whole_and_streamed(text: str, expected: tuple[str | Non
 def test_streamed_chunks_split_reasoning_from_content() -> None:
     choice = _Choice("job-1", 0, THINK, 0, ReasoningSplitter())
     deltas = ["<thi", "nk>\nstep one", " and two\n</th", "ink>\n\nFinal", " answer."]
-    chunks: list[dict[str, Any]] = []
-    for i, text in enumerate(deltas):
-        chunks += _chunks_for(choice, JobEvent(f"1-{i}", EventType.DELTA, {"text": text}))
-    chunks += _chunks_for(choice, JobEvent("1-9", EventType.DONE, {"finish_reason": "stop"}))
-    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
-    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    chunks, reasoning, content = _chat_chunks(choice, deltas)
     assert (reasoning, content) == ("step one and two", "Final answer.")
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"

@@ -375,6 +375,16 @@ async def merged_event_batches(
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def cancel_unfinished(state: AppState, jobs: list[Job], ended: set[int]) -> None:
+    """A stream's clean-up: cancel its jobs (by index) that have not ended, shielded from
+    the cancellation of a client that left."""
+    if len(ended) < len(jobs):
+        with anyio.CancelScope(shield=True):
+            for index, job in enumerate(jobs):
+                if index not in ended:
+                    await cancel_quietly(state, job.id)
+
+
 async def cancel_quietly(state: AppState, job_id: str) -> None:
     """Cancel a job whose client went away (best effort; never raises)."""
     with contextlib.suppress(Exception):

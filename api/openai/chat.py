@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Response
 
 from api.core.deps import CurrentKey, StateDep
@@ -175,12 +174,7 @@ async def _stream(
             )
         yield sse.data("[DONE]")
     finally:
-        if len(ended) < len(jobs):
-            # The client left (we are being cancelled): shield the clean-up.
-            with anyio.CancelScope(shield=True):
-                for index, job in enumerate(jobs):
-                    if index not in ended:
-                        await jobs_service.cancel_quietly(state, job.id)
+        await jobs_service.cancel_unfinished(state, jobs, ended)
 
 
 def _chunks_for(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:

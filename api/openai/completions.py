@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Response
 
 from api.core.deps import CurrentKey, StateDep
@@ -180,9 +179,4 @@ async def _stream(
             )
         yield sse.data("[DONE]")
     finally:
-        if len(ended) < len(jobs):
-            # The client left (we are being cancelled): shield the clean-up.
-            with anyio.CancelScope(shield=True):
-                for index, job in enumerate(jobs):
-                    if index not in ended:
-                        await jobs_service.cancel_quietly(state, job.id)
+        await jobs_service.cancel_unfinished(state, jobs, ended)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.engines.base import Engine, GenerationRequest, SamplingOptions
-from worker.errors import EngineRequestError
+from worker.errors import EngineRequestError, StartupError
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.engines.options import LoraAdapter
 
 
 def cpu_threads(settings: WorkerSettings) -> int:
@@ -233,3 +237,24 @@ async def warm_up(engine: Engine) -> None:
             return
         except EngineRequestError:  # a context too small for the long text
             continue
+
+
+async def warm_up_adapters(
+    engine: Engine, adapters: Sequence[LoraAdapter], model: str, hint: str = ""
+) -> None:
+    """Run each adapter once (one token), so that one the engine cannot load or apply to
+    this model stops the worker now, not a user's request later."""
+    for adapter in adapters:
+        request = GenerationRequest(
+            request_id=f"ferry-warm-up-{adapter.name}-{uuid.uuid4().hex}",
+            prompt="Warm up.",
+            sampling=SamplingOptions(max_tokens=1, temperature=0),
+            lora=adapter.name,
+        )
+        try:
+            async for _ in engine.generate(request):
+                pass
+        except Exception as exc:
+            raise StartupError(
+                f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run on {model}: {exc}{hint}"
+            ) from exc

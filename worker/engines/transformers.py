@@ -58,6 +58,7 @@ from worker.engines.common import (
     prompt_text,
     prompt_token_ids,
     warm_up,
+    warm_up_adapters,
 )
 from worker.engines.options import (
     LoraAdapter,
@@ -252,29 +253,10 @@ class TransformersEngine:
         self._manager, self._own = manager, own
         await warm_up(self)
         try:
-            await self._warm_up_adapters()
+            await warm_up_adapters(self, self._adapters, self._settings.model)
         except StartupError:
             await self.stop()
             raise
-
-    async def _warm_up_adapters(self) -> None:
-        """Run each adapter once (one token), so that one peft cannot apply to this model
-        stops the worker now, not a user's request later."""
-        for adapter in self._adapters:
-            request = GenerationRequest(
-                request_id=f"ferry-warm-up-{adapter.name}",
-                prompt="Warm up.",
-                sampling=SamplingOptions(max_tokens=1, temperature=0),
-                lora=adapter.name,
-            )
-            try:
-                async for _ in self.generate(request):
-                    pass
-            except Exception as exc:
-                raise StartupError(
-                    f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
-                    f"on {self._settings.model}: {exc}"
-                ) from exc
 
     def _with_adapters(self, model: Any) -> Any:
         """The model with every --lora-modules adapter loaded by peft (none active: each

@@ -34,6 +34,7 @@ from worker.engines.common import (
     image_support,
     prompt_token_ids,
     warm_up,
+    warm_up_adapters,
 )
 from worker.engines.options import (
     LoraAdapter,
@@ -159,7 +160,9 @@ class VllmEngine:
         )
         await warm_up(self)
         try:
-            await self._warm_up_adapters()
+            await warm_up_adapters(
+                self, self._adapters, self._settings.model, " (the engine's log above says why)"
+            )
         except StartupError:
             await self.stop()  # the engine core process must not outlive the refusal
             raise
@@ -200,26 +203,6 @@ class VllmEngine:
                 # base model's (with every slot in use they got the last adapter applied).
                 kwargs["max_loras"] = int(kwargs.get("max_loras") or 1) + 1
         return kwargs, child_env
-
-    async def _warm_up_adapters(self) -> None:
-        """Run each adapter once (one token), so that one vLLM cannot load or apply to this
-        model stops the worker now, not a user's request later."""
-        for adapter in self._adapters:
-            request = GenerationRequest(
-                request_id=f"ferry-warm-up-{adapter.name}-{os.getpid()}",
-                prompt="Warm up.",
-                sampling=SamplingOptions(max_tokens=1, temperature=0),
-                lora=adapter.name,
-            )
-            try:
-                async for _ in self.generate(request):
-                    pass
-            except Exception as exc:
-                raise StartupError(
-                    f"LoRA adapter {adapter.name!r} ({adapter.path}) cannot run "
-                    f"on {self._settings.model}: {exc} (the engine's log above "
-                    "says why)"
-                ) from exc
 
     def _image_support(self) -> ImageSupport | None:
         """The model's image placeholder, read from the Hugging Face processor vLLM itself
