@@ -215,29 +215,36 @@ async def test_bad_list_parameters(api_client: httpx.AsyncClient) -> None:
 
 
 NUL_TEXT = "a\u0000b"
-NUL_REQUESTS: list[tuple[str, str, Any]] = [
-    # (method, path, JSON body): PostgreSQL can store no NUL, so each is refused up front.
-    ("POST", "/v1/chat/completions", chat_body(TINY, NUL_TEXT)),
-    ("POST", "/v1/completions", {"model": TINY, "prompt": NUL_TEXT, "max_tokens": 2}),
-    ("POST", "/v1/jobs", chat_body(TINY, NUL_TEXT)),
-    ("POST", "/v1/jobs", chat_body(TINY, metadata={"k": NUL_TEXT})),
-    ("POST", "/v1/conversations", {"title": NUL_TEXT}),
-    ("POST", "/", {"prompt": NUL_TEXT}),
-    ("POST", "/infer_forward", {"prompt": NUL_TEXT}),
-    ("GET", "/v1/jobs/job%00x", None),
-    ("GET", "/v1/conversations/conv%00x", None),
-    ("GET", "/v1/files/file%00x", None),
-    ("GET", "/v1/jobs?after=job%00x", None),
+NUL_REQUESTS: list[tuple[str, str, Any, str | None]] = [
+    # (method, path, JSON body, the param the error names): PostgreSQL can store no NUL,
+    # so each is refused up front.
+    ("POST", "/v1/chat/completions", chat_body(TINY, NUL_TEXT), "messages.0.content"),
+    ("POST", "/v1/completions", {"model": TINY, "prompt": NUL_TEXT, "max_tokens": 2}, "prompt"),
+    ("POST", "/v1/jobs", chat_body(TINY, NUL_TEXT), "messages.0.content"),
+    ("POST", "/v1/jobs", chat_body(TINY, metadata={"k": NUL_TEXT}), "metadata.k"),
+    ("POST", "/v1/conversations", {"title": NUL_TEXT}, "title"),
+    ("POST", "/", {"prompt": NUL_TEXT}, "prompt"),
+    ("POST", "/infer_forward", {"prompt": NUL_TEXT}, "prompt"),
+    ("GET", "/v1/jobs/job%00x", None, None),
+    ("GET", "/v1/conversations/conv%00x", None, None),
+    ("GET", "/v1/files/file%00x", None, None),
+    ("GET", "/v1/jobs?after=job%00x", None, "after"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body"), NUL_REQUESTS)
+@pytest.mark.parametrize(("method", "path", "body", "param"), NUL_REQUESTS)
 async def test_a_nul_anywhere_is_400_and_stores_nothing(
-    api_client: httpx.AsyncClient, job_count: Any, method: str, path: str, body: Any
+    api_client: httpx.AsyncClient,
+    job_count: Any,
+    method: str,
+    path: str,
+    body: Any,
+    param: str | None,
 ) -> None:
     before = job_count()
     response = await api_client.request(method, path, json=body)
-    assert "NUL" in assert_error(response, 400)["message"]
+    error = assert_error(response, 400)
+    assert "NUL" in error["message"] and error["param"] == param, error
     assert job_count() == before
 
 

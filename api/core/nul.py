@@ -9,8 +9,10 @@ Multipart uploads are left to their own checks: a batch file's lines are checked
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -64,10 +66,7 @@ class RefuseNul:
             return
         query = scope.get("query_string", b"")
         if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
-            where = "path" if "\x00" in scope["path"] else "query"
-            await error_response(InvalidRequest(f"The request's {where} {NUL_MESSAGE}."))(
-                scope, receive, send
-            )
+            await error_response(_url_error(scope["path"], query))(scope, receive, send)
             return
         content_type = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
         if content_type.startswith(b"multipart/"):
@@ -89,9 +88,7 @@ class RefuseNul:
             return
         body = b"".join(chunks)
         if has_nul_escape(body):
-            await error_response(InvalidRequest(f"The request body {NUL_MESSAGE}."))(
-                scope, receive, send
-            )
+            await error_response(_body_error(body))(scope, receive, send)
             return
         replay: list[Message] = [
             {"type": "http.request", "body": body, "more_body": False}
@@ -103,3 +100,24 @@ class RefuseNul:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, replayed, send)
+
+
+def _url_error(path: str, query: bytes) -> InvalidRequest:
+    """The error naming the query parameter that holds the NUL (the path has no name)."""
+    if "\x00" in path:
+        return InvalidRequest(f"The request's path {NUL_MESSAGE}.")
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return InvalidRequest(f"`{name}` {NUL_MESSAGE}.", param=name)
+    return InvalidRequest(f"The request's query {NUL_MESSAGE}.")
+
+
+def _body_error(body: bytes) -> InvalidRequest:
+    """The error naming the JSON field that holds the NUL, where the body is JSON."""
+    try:
+        where = find_nul(json.loads(body))
+    except ValueError:
+        where = None
+    if where is None:
+        return InvalidRequest(f"The request body {NUL_MESSAGE}.")
+    return InvalidRequest(f"`{where}` {NUL_MESSAGE}.", param=where)
