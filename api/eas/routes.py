@@ -264,9 +264,6 @@ async def _transformers_body(request: Request) -> TransformersChatRequest:
 def _parse_message(data: Any) -> TransformersChatRequest:
     if not isinstance(data, dict):
         raise InvalidRequest("The request must be a JSON object (or a plain-text prompt).")
-    where = find_nul(data)
-    if where is not None:  # (WebSocket messages: HTTP bodies were checked by RefuseNul)
-        raise InvalidRequest(f"`{where}` {NUL_MESSAGE}.", param=where)
     try:
         return TransformersChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -439,6 +436,9 @@ def _websocket_message(raw: str) -> TransformersChatRequest:
         if not raw.strip():
             raise InvalidRequest("Send a JSON request or a plain-text prompt.", param="prompt")
         return TransformersChatRequest(prompt=raw.strip())
+    where = find_nul(data)  # (HTTP bodies were checked by RefuseNul already)
+    if where is not None:
+        raise InvalidRequest(f"`{where}` {NUL_MESSAGE}.", param=where)
     return _parse_message(data)
 
 
