@@ -42,6 +42,7 @@ KEY_B = "sk-test-b-" + secrets.token_hex(4)
 # Fixtures by topic, as modules of their own.
 pytest_plugins = [
     "tests.fixtures.api",
+    "tests.fixtures.browser",
     "tests.fixtures.images",
     "tests.fixtures.redis",
     "tests.fixtures.tools",
