@@ -34,6 +34,8 @@ from api.models.catalog import ModelCatalog
 from api.openai import chat, completions
 from api.ops import routes as ops
 from api.streaming.event_hub import JobEventHub
+from api.ui.routes import mount_page
+from api.ui.security import PAGE_CSP, SecurityHeaders
 from storage.channels import CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -211,10 +213,12 @@ def create_app(
         batches,
     ):
         app.include_router(module.router)
+    mount_page(app)
     # A batch file may be far larger than a request: the route checks its own limit, this
     # one only bounds the multipart body around it.
     upload_limit = settings.batch_max_file_bytes + 1024 * 1024
     app.add_middleware(RefuseNul)
+    app.add_middleware(SecurityHeaders, policies={"/ui": PAGE_CSP})
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits={"/v1/files": upload_limit}
     )
