@@ -34,8 +34,9 @@ from api.models.catalog import ModelCatalog
 from api.openai import chat, completions
 from api.ops import routes as ops
 from api.streaming.event_hub import JobEventHub
+from api.ui import docs
 from api.ui.routes import mount_page
-from api.ui.security import PAGE_CSP, SecurityHeaders
+from api.ui.security import DOCS_CSP, PAGE_CSP, SecurityHeaders
 from storage.channels import CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -194,6 +195,9 @@ def create_app(
         ),
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's pages load Swagger UI and ReDoc from a CDN: api.ui.docs serves its own.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.storage = storage or get_storage_settings()
@@ -211,6 +215,7 @@ def create_app(
         eas,
         files,
         batches,
+        docs,
     ):
         app.include_router(module.router)
     mount_page(app)
@@ -218,8 +223,12 @@ def create_app(
     # one only bounds the multipart body around it.
     upload_limit = settings.batch_max_file_bytes + 1024 * 1024
     app.add_middleware(RefuseNul)
-    app.add_middleware(SecurityHeaders, policies={"/ui": PAGE_CSP})
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits={"/v1/files": upload_limit}
+    )
+    # Outermost, so that even an answer another middleware gives on these paths has them.
+    app.add_middleware(
+        SecurityHeaders,
+        policies={"/docs": DOCS_CSP, "/redoc": DOCS_CSP, "/ui/docs": DOCS_CSP, "/ui": PAGE_CSP},
     )
     return app

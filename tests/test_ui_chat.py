@@ -58,9 +58,7 @@ def test_a_message_streams_then_ends_as_the_stored_result(ui: FerryPage, stack: 
     assert ui.page.get_by_label("Message").input_value() == ""
 
 
-def test_a_reload_mid_answer_carries_on_without_gap_or_repeat(
-    ui: FerryPage, stack: Stack
-) -> None:
+def test_a_reload_mid_answer_carries_on_without_gap_or_repeat(ui: FerryPage, stack: Stack) -> None:
     ui.choose(model=SMOL, temperature=0, max_tokens=400)
     ui.send(STORY)
     before = ui.wait_for_text(40)

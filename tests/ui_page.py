@@ -3,6 +3,7 @@ the page exposes for checking (`data-role`, `data-text`, `data-state`, `data-job
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from dataclasses import dataclass
@@ -56,7 +57,10 @@ class FerryPage:
         assert key not in self.page.content()
 
     def choose(
-        self, model: str | None = None, temperature: float | None = None, max_tokens: int | None = None
+        self,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         settings = self.page.locator("#settings")
         if settings.get_attribute("open") is None:
@@ -189,8 +193,6 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()

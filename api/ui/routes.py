@@ -54,5 +54,3 @@ def mount_page(app: FastAPI) -> None:
     """The routes above, then the files: `/ui/config.json` must match before the mount."""
     app.include_router(router)
     app.mount("/ui", PageFiles(directory=STATIC_DIR, html=True), name="ui")
-
-
