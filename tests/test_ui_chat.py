@@ -163,7 +163,7 @@ def test_an_image_gets_an_answer_and_its_conversation_survives_a_reload(
 
     ui.page.reload()
     entry = ui.page.locator(f'#conversations li[data-id="{conversation_id}"]')
-    entry.get_by_role("button", name="What is in the picture?").click()
+    entry.get_by_role("button", name="What is in the picture?", exact=True).click()
     user = ui.page.locator('[data-role="user"]').last
     user.get_by_text("What is in the picture?").wait_for()
     image = user.locator("img")
