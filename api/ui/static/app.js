@@ -61,6 +61,7 @@ async function enter(who) {
   $("#who").textContent = who;
   $("#sign-out").hidden = session.open;
   show(current);
+  if (current === "chat") $("#message").focus();
   try {
     await startChat();
   } catch (error) {

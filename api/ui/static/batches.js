@@ -36,8 +36,9 @@ async function start(event) {
   }
 }
 
-// The file's lines as the API will read them: a clear message here beats an upload that
-// ends in a failed batch. Resolves with the endpoint the lines call.
+// A file that is not JSONL is refused here, before any upload. Lines that are JSON but
+// not a valid request are the API's to judge: they go to the batch's error file, each with
+// its line number. Resolves with the endpoint the lines call.
 async function check(file) {
   const limit = config().batch_max_file_bytes;
   if (file.size > limit) throw new Error(`${file.name} is larger than the ${limit}-byte limit.`);
@@ -51,21 +52,18 @@ async function check(file) {
     try {
       line = JSON.parse(raw);
     } catch (problem) {
-      throw new Error(`${where} is not JSON (${problem.message}). A batch file has one JSON request per line.`);
+      throw new Error(
+        `${where} is not JSON (${problem.message}). A batch file is JSONL: one JSON request per line.`,
+      );
     }
     if (typeof line !== "object" || line === null || Array.isArray(line)) {
-      throw new Error(`${where} is not a JSON object.`);
+      throw new Error(`${where} is not a JSON object: a batch file has one request object per line.`);
     }
-    for (const field of ["custom_id", "url", "body"]) {
-      if (!(field in line)) throw new Error(`${where} has no "${field}".`);
-    }
-    if (endpoint && line.url !== endpoint) {
-      throw new Error(`${where} calls ${line.url}, but the lines before call ${endpoint}: one endpoint per batch.`);
-    }
-    endpoint = line.url;
+    endpoint = endpoint || (typeof line.url === "string" ? line.url : null);
     count += 1;
   }
   if (!count) throw new Error(`${file.name} has no requests.`);
+  if (!endpoint) throw new Error(`${file.name}: no line names the "url" it calls.`);
   return endpoint;
 }
 
