@@ -66,8 +66,8 @@ async def test_every_module_the_page_imports_is_served_as_javascript(
         for target in IMPORT.findall(response.text):
             queue.append(_join(base, target[2:]))
     assert {"api.js", "chat.js", "sse.js", "markdown.js", "jobs.js", "batches.js"} <= seen
-    assert "vendor/markdown-it/markdown-it.esm.min.js" in seen
-    assert "vendor/dompurify/purify.es.js" in seen
+    assert "vendor/markdown-it/markdown-it.esm.min.mjs" in seen
+    assert "vendor/dompurify/purify.es.mjs" in seen
 
 
 def _join(base: str, name: str) -> str:

@@ -10,6 +10,8 @@ VENDOR="$HERE/static/vendor"
 
 # name@version|integrity|target folder|files, relative to the package's root
 PINS=(
+  "markdown-it@15.0.3|sha512-+Az7Ojz3iRGu8KYMvJ6xVhvrxP3eE+vEtJX75Ow88XBpcQNV/0lGX5ZynIIBftREo4DC2jsveAMDaeltmm8QvQ==|markdown-it|dist/browser/markdown-it.esm.min.mjs LICENSE"
+  "dompurify@3.5.0|sha512-LYC0ZkE8P1V42JsRYTwMdme/2ET8SpOc5AA2eOFjP/IadvRd2fwiT4TVz5vkfy0XUx12aS2UaRkTnfVPNOv9vw==|dompurify|dist/purify.es.mjs LICENSE LICENSE-MPL"
   "swagger-ui-dist@5.36.0|sha512-Lt6/Kb0gXmLdiabLhvso4VdJP9V7qJWB0zh0gzeXUV3+CMOTzMmvpJRSXN7EAjfwixwmoi9ezDbLHiexC7lA9A==|swagger-ui|swagger-ui-bundle.js swagger-ui-bundle.js.LICENSE.txt swagger-ui.css LICENSE NOTICE"
   "redoc@2.5.4|sha512-M6jWhG1qoBnH6TFmzJnstyCZ87HmOY/UzDm78mHiYihEdlV/YcS9ogOo1NlElnJMeLsyxHFe2yFc4sNjHTrABQ==|redoc|bundles/redoc.standalone.js bundles/redoc.standalone.js.LICENSE.txt LICENSE"
 )

@@ -2,8 +2,8 @@
 // (model or user), and DOMPurify then removes whatever markup could still run script, so
 // no text can inject HTML whatever it holds.
 
-import markdownit from "./vendor/markdown-it/markdown-it.esm.min.js";
-import DOMPurify from "./vendor/dompurify/purify.es.js";
+import markdownit from "./vendor/markdown-it/markdown-it.esm.min.mjs";
+import DOMPurify from "./vendor/dompurify/purify.es.mjs";
 
 const md = markdownit({ html: false, linkify: true, breaks: true });
 

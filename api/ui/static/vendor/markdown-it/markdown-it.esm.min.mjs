@@ -3061,3 +3061,4 @@ var vr = Ae($);
 //#endregion
 export { vr as default };
 
+//# sourceMappingURL=markdown-it.esm.min.mjs.map

@@ -2606,3 +2606,4 @@ function createDOMPurify() {
 var purify_default = createDOMPurify();
 export { purify_default as default };
 
+//# sourceMappingURL=purify.es.mjs.map
