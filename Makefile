@@ -7,6 +7,11 @@ STAMP := $(VENV)/.ferry-installed
 
 .PHONY: run test test-fast lint hooks install clean
 
+# The browser tests drive Debian's Chromium: Playwright's own browser download cannot work
+# on machines without general internet access. Installed once, from Debian's packages.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -22,12 +27,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
 run: $(STAMP)
 	$(BIN)/ferry serve
 
 # PostgreSQL and Redis: those on 127.0.0.1:5432 and :6379 (or FERRY_TEST_PG, FERRY_TEST_REDIS);
 # where none answers, the run starts its own on free ports and stops them (tests/services.py).
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

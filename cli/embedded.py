@@ -205,7 +205,13 @@ def _announce_when_ready(args: argparse.Namespace, url: str, key: str, names: li
                 roles = ["default, text", "images"] if len(names) > 1 else ["default"]
                 served = ", ".join(f"`{n}` ({r})" for n, r in zip(names, roles, strict=True))
                 access = "authentication off" if args.no_auth else f"API key: {key}"
-                log.warning("Ferry is ready at %s serving %s. %s", url, served, access)
+                log.warning(
+                    "Ferry is ready at %s serving %s. %s. In a browser: %s/ui/",
+                    url,
+                    served,
+                    access,
+                    url,
+                )
                 return
         except (httpx.HTTPError, ValueError, KeyError):
             pass

@@ -5,6 +5,7 @@ screen with the keyboard alone, and what bad input gets."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,31 @@ def test_markup_in_a_message_and_in_a_model_reply_renders_as_text(
     detail.get_by_text("<script>alert(1)</script>", exact=False).wait_for()
     assert detail.locator("script, img").count() == 0
     ui.watch.shot("markup-as-text")
+
+
+def test_conversations_start_new_and_delete_from_the_sidebar(ui: FerryPage, stack: Stack) -> None:
+    ui.choose(model=SMOL, temperature=0, max_tokens=8)
+    ui.send("Name a colour.")
+    first = ui.wait_end()
+    ui.page.get_by_role("button", name="New chat").click()
+    assert ui.page.locator("#messages > *").count() == 0
+    assert ui.page.locator("#chat-title").inner_text() == "New chat"
+    ui.send("Name a fruit.")
+    second = ui.wait_end()
+    with stack.client() as client:
+        kept = stored_job(client, second.job_id)["conversation_id"]
+        gone = stored_job(client, first.job_id)["conversation_id"]
+    assert kept != gone
+    entry = ui.page.locator(f'#conversations li[data-id="{gone}"]')
+    delete = entry.get_by_role("button", name=re.compile("^Delete conversation"))
+    delete.click()
+    assert delete.inner_text() == "Confirm delete"  # a second press deletes: no dialog
+    delete.click()
+    entry.wait_for(state="detached")
+    ui.watch.shot("conversation-deleted")
+    with stack.client() as client:
+        assert client.get(f"/v1/conversations/{gone}").status_code == 404
+        assert client.get(f"/v1/conversations/{kept}").status_code == 200
 
 
 def test_a_wrong_key_gets_a_clear_message(stack: Stack, watch: Watch) -> None:

@@ -121,10 +121,13 @@ class FerryPage:
         ]
 
     def assert_key_private(self, key: str) -> None:
-        """No request carried the key in its address, and the page's HTML holds it nowhere."""
+        """No request carried the key in its address, none left Ferry's origin (no CDN, no
+        third party), and the page's HTML holds the key nowhere."""
         assert self.watch.requests
         for request in self.watch.requests:
             assert key not in request.url, request.url
+            home = request.url.startswith(f"{self.url}/")
+            assert home or urlsplit(request.url).scheme in ("blob", "data"), request.url
         assert key not in self.page.content()
 
 

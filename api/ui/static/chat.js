@@ -199,6 +199,7 @@ export async function openConversation(id, { keepInflight = false } = {}) {
     } else if (message.role === "assistant") {
       const reply = appendAssistant(message.job_id);
       showReply(reply, message.content, message.reasoning_content || "");
+      if (message.job_id) showUsage(reply, message.job_id);
     }
   }
 }
