@@ -19,6 +19,9 @@ the routes call:
 - `images/`         image intake (fetch behind an SSRF guard, verify, store) and
                     `/v1/images/{sha256}`.
 - `ops/`            `/health`, `/metrics`.
+- `ui/`             the web page (`/ui/`, static files that call the routes above) and the
+                    `/docs`, `/redoc` pages, from the package's own files, under a strict
+                    Content-Security-Policy (`security.py`).
 - `core/`           what every feature shares: settings, API keys, errors, request
                     dependencies, the process's clients (`state.py`), pagination.
 

@@ -16,6 +16,7 @@ from tests.batching import chat_line, jsonl
 from tests.conftest import KEY_A, SMOL, TINY, Stack
 from tests.fixtures.browser import Watch
 from tests.helpers import chat_body, submit, wait_job
+from tests.imaging import image_bytes
 from tests.ui_page import FerryPage, stored_job
 
 pytestmark = pytest.mark.timeout(600)
@@ -254,6 +255,29 @@ def test_bad_images_are_refused_on_the_page(ui: FerryPage, tmp_path: Path) -> No
     assert ui.page.locator("#attachments img").count() == 0
     assert ui.page.get_by_label("Message").input_value() == "Look at this"
     ui.watch.shot("bad-images")
+
+
+# A PNG dropped onto the page or pasted into it, as the browser hands it over: a DataTransfer.
+HAND_OVER = """([kind, bytes]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([new Uint8Array(bytes)], `${kind}.png`, { type: "image/png" }));
+  const target = document.getElementById(kind === "dropped" ? "view-chat" : "message");
+  const event = kind === "dropped"
+    ? new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true })
+    : new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true });
+  target.dispatchEvent(event);
+}"""
+
+
+def test_images_can_be_dropped_or_pasted(ui: FerryPage) -> None:
+    png = list(image_bytes("PNG", (20, 10)))
+    for kind in ("dropped", "pasted"):
+        ui.page.evaluate(HAND_OVER, [kind, png])
+        ui.page.locator(f'#attachments img[alt="{kind}.png"]').wait_for()
+    assert ui.page.locator("#attachments img").count() == 2
+    ui.watch.shot("dropped-and-pasted")
+    ui.page.get_by_role("button", name="Remove dropped.png").click()
+    assert ui.page.locator("#attachments img").count() == 1
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import { $, config, el, notice, seconds } from "./ui.js";
 
 const INFLIGHT_ITEM = "ferry.inflight";
 const SETTINGS_ITEM = "ferry.chatSettings";
+const TITLE_CHARS = 80;
 
 let models = [];
 let conversation = null; // {id, title}
@@ -282,7 +283,9 @@ async function send() {
     const images = await Promise.all(attachments.map((item) => readDataUrl(item.file)));
     const body = requestBody(text, images);
     if (!conversation) {
-      created = await api("/v1/conversations", { method: "POST", json: {} });
+      // Titled by its first question, as the API would title it once the reply is in.
+      const title = text.split("\n")[0].slice(0, TITLE_CHARS) || null;
+      created = await api("/v1/conversations", { method: "POST", json: { title } });
     }
     body.conversation_id = (created || conversation).id;
     job = await api("/v1/jobs", { method: "POST", json: body });
@@ -296,7 +299,10 @@ async function send() {
     composerError(error.message);
     return;
   }
-  if (created) conversation = { id: created.id, title: null };
+  if (created) {
+    conversation = { id: created.id, title: created.title };
+    $("#chat-title").textContent = created.title || "Untitled";
+  }
   const shown = attachments.map((item) => ({ url: item.url }));
   attachments = [];
   renderAttachments();
