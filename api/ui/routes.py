@@ -3,31 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel, Field
 from starlette.staticfiles import StaticFiles
 
 from api.core.deps import StateDep
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter()
 
 
-@router.get("/")
-async def root(request: Request) -> Response:
-    """A browser is sent to the page; an API client gets where things are. (EAS's `POST /`
-    and WebSocket `/` are routes of their own.)"""
+class ServiceIndex(BaseModel):
+    object: Literal["ferry"] = "ferry"
+    ui: str = Field("/ui/", description="The web page")
+    docs: str = Field("/docs", description="This document as Swagger UI (also `/redoc`)")
+    openapi: str = Field("/openapi.json", description="This document")
+
+
+@router.get(
+    "/",
+    tags=["ops"],
+    response_model=ServiceIndex,
+    responses={303: {"description": "Asked for HTML (a browser): sent to the web page, `/ui/`"}},
+)
+async def root(request: Request) -> Response | ServiceIndex:
+    """Where things are. A browser (`Accept: text/html`) is sent to the web page. (PAI-EAS's
+    `POST /` and WebSocket `/` are routes of their own.)"""
     if "text/html" in request.headers.get("accept", ""):
         return RedirectResponse("/ui/", status_code=303)
-    return JSONResponse(
-        {"object": "ferry", "ui": "/ui/", "docs": "/docs", "openapi": "/openapi.json"}
-    )
+    return ServiceIndex()
 
 
-@router.get("/ui/config.json")
+@router.get("/ui/config.json", include_in_schema=False)
 async def page_config(state: StateDep) -> dict[str, Any]:
     """What the page checks before sending (the API checks again): no secret in it."""
     settings = state.settings
