@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Route
+from axe_playwright_python.sync_playwright import Axe
+from playwright.sync_api import Page, Route
 
 from tests.batching import chat_line, jsonl
 from tests.conftest import KEY_A, SMOL, TINY, Stack
@@ -22,6 +23,19 @@ from tests.ui_page import FerryPage, stored_job
 pytestmark = pytest.mark.timeout(600)
 
 MARKUP = "<script>alert(1)</script> <img src=x onerror=alert(2)>"
+# axe-core's rules for WCAG 2.1 A and AA, and its best practices.
+AXE_RULES = {
+    "runOnly": {
+        "type": "tag",
+        "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"],
+    }
+}
+
+
+def accessibility_problems(page: Page) -> list[str]:
+    """What axe-core finds on the page as it is now, one line per rule broken."""
+    found = Axe().run(page, options=AXE_RULES).response["violations"]
+    return [f"{v['id']}: {v['help']} at {[n['target'] for n in v['nodes']]}" for v in found]
 
 
 @pytest.fixture
@@ -187,6 +201,25 @@ def test_conversations_start_new_and_delete_from_the_sidebar(ui: FerryPage, stac
         assert client.get(f"/v1/conversations/{kept}").status_code == 200
 
 
+def test_every_view_passes_an_accessibility_audit(ui: FerryPage, stack: Stack) -> None:
+    page = ui.page
+    ui.choose(model=SMOL, temperature=0, max_tokens=24)  # the settings open, as a person has them
+    ui.send("What is the capital of France?")
+    reply = ui.wait_end()
+    assert accessibility_problems(page) == []
+    page.get_by_role("button", name="Jobs").click()
+    job = page.locator(f'tr[data-job-id="{reply.job_id}"]')
+    job.get_by_role("button", name="Open").click()
+    page.locator("#job-detail-meta").get_by_text("succeeded").wait_for()
+    assert accessibility_problems(page) == []
+    page.get_by_role("button", name="Batches").click()
+    page.wait_for_load_state("networkidle")
+    assert accessibility_problems(page) == []
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.get_by_role("button", name="Chat").click()
+    assert accessibility_problems(page) == []
+
+
 def test_a_wrong_key_gets_a_clear_message(stack: Stack, watch: Watch) -> None:
     page = FerryPage(watch, stack.url)
     page.open()
@@ -196,6 +229,7 @@ def test_a_wrong_key_gets_a_clear_message(stack: Stack, watch: Watch) -> None:
     error = page.page.locator("#signin-error")
     error.get_by_text("not accepted (401)").wait_for()
     watch.shot("wrong-key")
+    assert accessibility_problems(page.page) == []
     assert page.page.get_by_label("API key").is_visible()
     assert not page.page.get_by_role("button", name="Send").is_visible()
     page.assert_key_private(wrong)
@@ -275,6 +309,7 @@ def test_images_can_be_dropped_or_pasted(ui: FerryPage) -> None:
         ui.page.evaluate(HAND_OVER, [kind, png])
         ui.page.locator(f'#attachments img[alt="{kind}.png"]').wait_for()
     assert ui.page.locator("#attachments img").count() == 2
+    assert accessibility_problems(ui.page) == []
     ui.watch.shot("dropped-and-pasted")
     ui.page.get_by_role("button", name="Remove dropped.png").click()
     assert ui.page.locator("#attachments img").count() == 1
