@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import KEY_A, SMOL, Stack
 from tests.fixtures.browser import Watch
+from tests.helpers import chat_body, read_events, submit, text_of, wait_job
 from tests.imaging import image_bytes
 from tests.ui_page import CuttableProxy, FerryPage, stored_job
 
@@ -86,6 +87,33 @@ def test_a_reload_mid_answer_carries_on_without_gap_or_repeat(ui: FerryPage, sta
     resumed = [h for h in ui.events_requests(job_id) if h.get("last-event-id")]
     assert resumed, ui.events_requests(job_id)
     assert len(ui.page.locator('[data-role="assistant"]').all()) == 1
+
+
+def test_a_reload_as_the_answer_ends_shows_it_ended(ui: FerryPage, stack: Stack) -> None:
+    # The page kept the whole reply and the id of its last event (the terminal one) just
+    # before the reload: nothing follows that id, and the page must still learn that the
+    # job has ended (the API closes such a stream with a terminal event from SQL).
+    with stack.client() as client:
+        job = submit(client, chat_body(SMOL, "What is the capital of France?", max_tokens=24))
+        stored = wait_job(client, job["id"])
+        events = read_events(client, job["id"])
+    kept = {
+        "jobId": job["id"],
+        "conversationId": None,
+        "model": SMOL,
+        "user": "What is the capital of France?",
+        "images": 0,
+        "text": text_of(events),
+        "lastEventId": events[-1].id,
+    }
+    ui.page.evaluate(
+        "(kept) => sessionStorage.setItem('ferry.inflight', JSON.stringify(kept))", kept
+    )
+    ui.page.reload()
+    reply = ui.wait_end(timeout=15)
+    assert reply.state == "done" and reply.job_id == job["id"]
+    assert reply.text == stored["result"]["text"]
+    assert ui.page.get_by_role("button", name="Send").is_enabled()
 
 
 def test_a_dropped_connection_resumes_where_it_stopped(

@@ -391,8 +391,12 @@ async function follow(state, reply) {
   const signal = controller.signal;
   setBusy(true, "Waiting for the model…");
   let scheduled = false;
+  let ended = false;
   const render = () => {
     scheduled = false;
+    // The text and the id of the event that made it, saved together once per frame: a
+    // reload resumes after that id, so a frame not yet saved is fetched again, not lost.
+    if (!ended) saveInflight(state);
     const { reasoning, content } = splitThinking(state.text);
     showReply(reply, content, reasoning);
   };
@@ -411,9 +415,6 @@ async function follow(state, reply) {
         else if (type === "retry") state.text = "";
         else if (type === "error") reply.dataset.error = data.message || "The job failed.";
         if (id) state.lastEventId = id;
-        // The text and the id of the event that made it, together: a reload resumes
-        // exactly after what is on the screen.
-        saveInflight(state);
         if (!scheduled) {
           scheduled = true;
           requestAnimationFrame(render);
@@ -425,6 +426,7 @@ async function follow(state, reply) {
     reply.dataset.error = error.message;
   }
   if (signal.aborted) return;
+  ended = true;
   render();
   sessionStorage.removeItem(INFLIGHT_ITEM);
   inflight = null;
