@@ -43,6 +43,7 @@ KEY_B = "sk-test-b-" + secrets.token_hex(4)
 pytest_plugins = [
     "tests.fixtures.api",
     "tests.fixtures.browser",
+    "tests.fixtures.pages",
     "tests.fixtures.images",
     "tests.fixtures.redis",
     "tests.fixtures.tools",

@@ -5,7 +5,6 @@ Redis, moto S3). Each step leaves a screenshot under the test's temporary folder
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,6 @@ from tests.ui_page import CuttableProxy, FerryPage, stored_job
 pytestmark = pytest.mark.timeout(600)
 
 STORY = "Tell me a long story about a lighthouse keeper and his cat."
-
-
-@pytest.fixture
-def ui(stack: Stack, smol_model: str, watch: Watch) -> Iterator[FerryPage]:
-    page = FerryPage(watch, stack.url)
-    page.open()
-    page.sign_in(KEY_A)
-    yield page
-    page.assert_key_private(KEY_A)
-    assert not watch.dialogs
 
 
 def test_a_message_streams_then_ends_as_the_stored_result(ui: FerryPage, stack: Stack) -> None:

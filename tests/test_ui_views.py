@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Page, Route
 
 from tests.batching import chat_line, jsonl
-from tests.conftest import KEY_A, SMOL, TINY, Stack
+from tests.conftest import SMOL, TINY, Stack
 from tests.fixtures.browser import Watch
 from tests.helpers import chat_body, submit, wait_job
 from tests.imaging import image_bytes
@@ -36,17 +35,6 @@ def accessibility_problems(page: Page) -> list[str]:
     """What axe-core finds on the page as it is now, one line per rule broken."""
     found = Axe().run(page, options=AXE_RULES).response["violations"]
     return [f"{v['id']}: {v['help']} at {[n['target'] for n in v['nodes']]}" for v in found]
-
-
-@pytest.fixture
-def ui(stack: Stack, smol_model: str, watch: Watch) -> Iterator[FerryPage]:
-    page = FerryPage(watch, stack.url)
-    page.open()
-    page.sign_in(KEY_A)
-    yield page
-    page.assert_key_private(KEY_A)
-    assert not watch.dialogs
-    assert not [e for e in watch.console_errors if "Content Security Policy" in e]
 
 
 def test_jobs_are_listed_watched_and_cancelled(ui: FerryPage, stack: Stack) -> None:

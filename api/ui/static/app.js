@@ -2,7 +2,7 @@
 
 import { api, ApiError, onUnauthorized, session } from "./api.js";
 import { batchesView } from "./batches.js";
-import { initChat, startChat, stopChat } from "./chat.js";
+import { initChat, startChat, stopFollowing } from "./chat.js";
 import { jobsView } from "./jobs.js";
 import { $, loadConfig } from "./ui.js";
 
@@ -71,7 +71,7 @@ async function enter(who) {
 }
 
 function signOut(message) {
-  stopChat();
+  stopFollowing();
   for (const view of Object.values(views)) view?.leave();
   session.key = null;
   sessionStorage.clear();

@@ -7,7 +7,7 @@
 import { api, ApiError, blobUrl, localPath } from "./api.js";
 import { renderMarkdown, splitThinking } from "./markdown.js";
 import { followJob } from "./sse.js";
-import { $, config, el, notice, seconds } from "./ui.js";
+import { $, config, el, notice, onceAFrame, seconds } from "./ui.js";
 
 const INFLIGHT_ITEM = "ferry.inflight";
 const SETTINGS_ITEM = "ferry.chatSettings";
@@ -74,12 +74,6 @@ export async function startChat() {
     await openConversation(state.conversationId, { keepInflight: true });
     resume(state);
   }
-}
-
-export function stopChat() {
-  controller?.abort();
-  controller = null;
-  inflight = null;
 }
 
 // --- models and settings ---
@@ -174,7 +168,7 @@ async function deleteConversation(item, button) {
 }
 
 export async function openConversation(id, { keepInflight = false } = {}) {
-  if (!keepInflight && inflight) detachInflight();
+  if (!keepInflight && inflight) stopFollowing();
   $("#messages").replaceChildren();
   if (!id) {
     conversation = null;
@@ -206,8 +200,8 @@ export async function openConversation(id, { keepInflight = false } = {}) {
 }
 
 // Leaves a streaming reply to the server (it still finishes and lands in the
-// conversation) when the person opens another conversation.
-function detachInflight() {
+// conversation) when the person opens another conversation or signs out.
+export function stopFollowing() {
   controller?.abort();
   controller = null;
   inflight = null;
@@ -390,16 +384,15 @@ async function follow(state, reply) {
   controller = new AbortController();
   const signal = controller.signal;
   setBusy(true, "Waiting for the model…");
-  let scheduled = false;
   let ended = false;
   const render = () => {
-    scheduled = false;
     // The text and the id of the event that made it, saved together once per frame: a
     // reload resumes after that id, so a frame not yet saved is fetched again, not lost.
     if (!ended) saveInflight(state);
     const { reasoning, content } = splitThinking(state.text);
     showReply(reply, content, reasoning);
   };
+  const renderSoon = onceAFrame(render);
   let end;
   try {
     end = await followJob(state.jobId, {
@@ -415,10 +408,7 @@ async function follow(state, reply) {
         else if (type === "retry") state.text = "";
         else if (type === "error") reply.dataset.error = data.message || "The job failed.";
         if (id) state.lastEventId = id;
-        if (!scheduled) {
-          scheduled = true;
-          requestAnimationFrame(render);
-        }
+        renderSoon();
       },
     });
   } catch (error) {

@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
 import { followJob } from "./sse.js";
-import { $, el, notice, seconds, when } from "./ui.js";
+import { $, el, notice, onceAFrame, seconds, when } from "./ui.js";
 
 const REFRESH_MS = 3000;
 const OPEN = new Set(["queued", "running"]);
@@ -89,12 +89,13 @@ async function openJob(id) {
   const controller = new AbortController();
   watching = { id, controller };
   let text = "";
+  const render = onceAFrame(() => controller.signal.aborted || renderMarkdown(output, text));
   const end = await followJob(id, {
     signal: controller.signal,
     onEvent: (type, data) => {
       if (type === "delta") text += data.text;
       else if (type === "retry") text = "";
-      renderMarkdown(output, text);
+      render();
     },
   }).catch((error) => notice(error.message));
   if (controller.signal.aborted || !end) return;

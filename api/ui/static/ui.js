@@ -35,6 +35,20 @@ export async function loadConfig() {
 
 export const config = () => settings;
 
+// `fn` wrapped to run at most once per animation frame, however often it is called: a
+// stream's events re-render a whole reply, and a frame is as often as anyone sees it.
+export function onceAFrame(fn) {
+  let pending = false;
+  return () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      fn();
+    });
+  };
+}
+
 let noticeTimer = null;
 export function notice(text) {
   const box = $("#notice");
