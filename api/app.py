@@ -107,7 +107,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             registry=registry,
             queue=queue,
             intake=intake,
-            keys=KeyRing(db, open_owner),
+            keys=KeyRing(
+                db,
+                open_owner,
+                defaults=settings.default_limits(),
+                admin_key=settings.admin_key,
+                cache_seconds=settings.key_cache_seconds,
+            ),
             catalog=ModelCatalog(
                 registry, default_model=settings.default_model, aliases=settings.model_aliases
             ),

@@ -100,6 +100,17 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Where the key came from: "env" (FERRY_API_KEYS; revoked at start once no longer
+    # listed there), "admin" (made through /v1/admin/keys) or "builtin" (auth off).
+    source: Mapped[str] = mapped_column(String(16), default="env", server_default="env")
+    # The key's own limits (api/core/limits.py KeyLimits; a field left out takes the
+    # deployment's default). NULL: all defaults.
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Standard Webhooks signing secret (`whsec_` + base64), made on first use.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    # Set once revoked: the key is refused from then on; its rows stay.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 # Partial-index predicates (SQL text, shared by the model, the migration and the queries
@@ -109,6 +120,8 @@ BATCH_OUTSTANDING = (
     "batch_id IS NOT NULL AND enqueued_at IS NOT NULL AND status IN ('queued', 'running')"
 )
 INTERACTIVE_OPEN = "lane = 'interactive' AND status IN ('queued', 'running')"
+# Interactive jobs accepted but not yet released to the workers (api/jobs/dispatch.py).
+INTERACTIVE_HELD = "lane = 'interactive' AND status = 'queued' AND enqueued_at IS NULL"
 
 
 class Job(Base):
@@ -140,6 +153,16 @@ class Job(Base):
             "model",
             postgresql_where=text(INTERACTIVE_OPEN),
             sqlite_where=text(INTERACTIVE_OPEN),
+        ),
+        # The dispatcher picks each model's held jobs key by key, in priority order.
+        Index(
+            "ix_jobs_interactive_held",
+            "model",
+            "owner_id",
+            "priority",
+            "id",
+            postgresql_where=text(INTERACTIVE_HELD),
+            sqlite_where=text(INTERACTIVE_HELD),
         ),
     )
 
@@ -196,6 +219,13 @@ class Job(Base):
     # makes a batch's results exactly-once however often expansion or delivery repeats.
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(256))
+    # Tokens counted against the key's tokens_per_minute when accepted (prompt estimate +
+    # max completion); the difference from the real usage is given back when it ends.
+    reserved_tokens: Mapped[int | None] = mapped_column(Integer)
+    # A signed webhook (storage/repositories/webhooks.py) to this URL on the events named
+    # in webhook_events ("start", "completed"); NULL: none.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
 
 
 class Conversation(Base):
@@ -320,6 +350,10 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A signed webhook when the batch ends, on the events in webhook_events ("completed",
+    # "failed", "expired", "cancelled"); NULL: none.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
 
 
 class BatchLineError(Base):
@@ -338,3 +372,79 @@ class BatchLineError(Base):
     code: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     param: Mapped[str | None] = mapped_column(String(255))
+
+
+class IdempotencyRecord(Base):
+    """A request sent with an `Idempotency-Key`: the first one's answer, replayed to the
+    same key with the same body for 24 h (api/core/idempotency.py). The primary key is
+    what makes racing replicas agree on one winner."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # The route (method and path template) and a SHA-256 of the body it was sent with.
+    route: Mapped[str] = mapped_column(String(100))
+    body_hash: Mapped[str] = mapped_column(String(64))
+    # NULL while the first request is still being handled.
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # What the request created (a job, file or batch id), for answers rebuilt from it.
+    object_id: Mapped[str | None] = mapped_column(String(40))
+    # The first request's claim lapses at this time if its process died mid-way.
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+WEBHOOK_DUE = "delivered_at IS NULL AND failed_at IS NULL"
+
+
+class WebhookDelivery(Base):
+    """One webhook message, written in the same transaction as the state change it
+    announces and retried until a 2xx (or 24 h): at least once, under a stable id."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text(WEBHOOK_DUE),
+            sqlite_where=text(WEBHOOK_DUE),
+        ),
+        Index("ix_webhook_deliveries_object", "object_id"),
+    )
+
+    # `msg_...`: sent as `webhook-id`, the same on every attempt.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    url: Mapped[str] = mapped_column(Text)
+    # "job" or "batch", and which event ("start", "completed", "failed", ...).
+    object_kind: Mapped[str] = mapped_column(String(16))
+    object_id: Mapped[str] = mapped_column(String(40))
+    event: Mapped[str] = mapped_column(String(32))
+    # The body, rendered at the first attempt (the object as GET returns it) and sent
+    # unchanged on every retry.
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # A deliverer holds the message until then (another takes it over if it died).
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Given up (24 h of failures, or a URL the guard now refuses).
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ImageOwner(Base):
+    """Which keys sent an image: images are stored once by content hash, but only a key
+    that sent the image may read it back."""
+
+    __tablename__ = "image_owners"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

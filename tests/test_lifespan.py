@@ -13,7 +13,7 @@ from api.app import create_app
 from api.batches.supervisor import BatchSupervisor
 from api.core.settings import ApiSettings
 from storage.settings import StorageSettings
-from tests.conftest import KEY_A, REDIS_BASE
+from tests.conftest import KEY_A, KEY_B, REDIS_BASE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,7 +26,7 @@ async def test_a_failed_start_up_stops_what_it_started(
     redis_url = f"{REDIS_BASE}/10"  # no test stack uses db 10
     Redis.from_url(redis_url).flushdb()
     storage = StorageSettings(database_url=migrated_pg, redis_url=redis_url)
-    app = create_app(ApiSettings(api_keys=[KEY_A]), storage)
+    app = create_app(ApiSettings(api_keys=[KEY_A, KEY_B]), storage)
 
     def fail(self: BatchSupervisor) -> None:
         raise RuntimeError("supervisor could not start")

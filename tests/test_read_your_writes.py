@@ -19,7 +19,7 @@ from redis import Redis
 from api.app import create_app
 from api.core.settings import ApiSettings
 from storage.settings import StorageSettings
-from tests.conftest import KEY_A, REDIS_BASE
+from tests.conftest import KEY_A, KEY_B, REDIS_BASE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,7 +30,7 @@ async def test_created_conversation_is_committed_before_the_response_is_sent(
     redis_url = f"{REDIS_BASE}/10"  # no test stack uses db 10
     Redis.from_url(redis_url).flushdb()
     storage = StorageSettings(database_url=migrated_pg, redis_url=redis_url)
-    app = create_app(ApiSettings(api_keys=[KEY_A]), storage)
+    app = create_app(ApiSettings(api_keys=[KEY_A, KEY_B]), storage)
     plain_url = migrated_pg.replace("postgresql+asyncpg://", "postgresql://")
     seen: dict[str, Any] = {}
 

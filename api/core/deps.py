@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.core.errors import NotFound
+from api.core.limits import Caller
 from api.core.state import AppState
 from storage.models import Job
 from storage.repositories import jobs as jobs_repo
@@ -47,10 +48,18 @@ _API_KEY = APIKeyHeader(
 )
 
 
-async def current_key(
+async def current_caller(
     state: StateDep, authorization: Annotated[str | None, Security(_API_KEY)]
-) -> str:
-    return await state.keys.owner_of(authorization)
+) -> Caller:
+    return await state.keys.caller_of(authorization)
+
+
+# The API key making the request, with its effective limits.
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
+
+
+async def current_key(caller: CurrentCaller) -> str:
+    return caller.id
 
 
 # The id of the API key making the request.

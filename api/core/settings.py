@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from api.core.limits import KeyLimits
+
 
 class ApiSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FERRY_", extra="ignore")
@@ -71,6 +73,21 @@ class ApiSettings(BaseSettings):
     # another takes the batch over once the lease has lapsed.
     batch_expand_lease_seconds: float = Field(60.0, gt=0)
 
+    # The admin key: the only one that reaches /v1/admin/* (keys, limits, secrets).
+    # Unset: no admin API (every /v1/admin route is a 404).
+    admin_key: str | None = None
+    # Each key's limits where the key sets none (api/core/limits.py); unset: no limit.
+    default_requests_per_minute: int | None = Field(None, ge=1)
+    default_tokens_per_minute: int | None = Field(None, ge=1)
+    default_batch_lines_per_day: int | None = Field(None, ge=1)
+    default_max_concurrent_jobs: int | None = Field(None, ge=1)
+    default_max_queued_jobs: int | None = Field(None, ge=0)
+    default_max_priority: int | None = Field(None, ge=0, le=9)
+    default_weight: int = Field(1, ge=1)
+    # How long a key looked up stays trusted in one process: a revoked key is refused by
+    # every replica within this time.
+    key_cache_seconds: float = Field(2.0, ge=0, le=5)
+
     @field_validator("api_keys", "image_fetch_allow_networks", "model_aliases", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -84,6 +101,17 @@ class ApiSettings(BaseSettings):
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
         return value
+
+    def default_limits(self) -> KeyLimits:
+        return KeyLimits(
+            requests_per_minute=self.default_requests_per_minute,
+            tokens_per_minute=self.default_tokens_per_minute,
+            batch_lines_per_day=self.default_batch_lines_per_day,
+            max_concurrent_jobs=self.default_max_concurrent_jobs,
+            max_queued_jobs=self.default_max_queued_jobs,
+            max_priority=self.default_max_priority,
+            weight=self.default_weight,
+        )
 
 
 @lru_cache(maxsize=1)

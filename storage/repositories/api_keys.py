@@ -6,11 +6,11 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import ApiKey
+from storage.models import ApiKey, utcnow
 
 
 def hash_key(token: str) -> str:
@@ -18,17 +18,48 @@ def hash_key(token: str) -> str:
 
 
 async def ensure_keys(session: AsyncSession, tokens: Iterable[str]) -> list[ApiKey]:
-    """Store the given tokens' hashes (idempotent) and return their rows."""
+    """Store the given tokens' hashes as `env` keys (idempotent; several API processes may
+    start at once) and return their rows. A listed key that was revoked is not revived:
+    revocation is for good. `env` keys no longer listed are revoked."""
     rows = []
+    digests = []
     for token in tokens:
         digest = hash_key(token)
+        digests.append(digest)
         row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
         if row is None:
-            row = ApiKey(id=f"key_{secrets.token_hex(8)}", key_hash=digest, name=token[:4] + "…")
-            session.add(row)
-            await session.flush()
-        rows.append(row)
+            try:
+                async with session.begin_nested():
+                    row = ApiKey(
+                        id=new_key_id(), key_hash=digest, name=token[:4] + "…", source="env"
+                    )
+                    session.add(row)
+            except IntegrityError:  # another process made it first
+                row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+        if row is not None:
+            rows.append(row)
+    unlisted = (
+        update(ApiKey)
+        .where(ApiKey.source == "env", ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow(), updated_at=utcnow())
+    )
+    if digests:
+        unlisted = unlisted.where(ApiKey.key_hash.not_in(digests))
+    await session.execute(unlisted)
     return rows
+
+
+def new_key_id() -> str:
+    return f"key_{secrets.token_hex(8)}"
+
+
+def new_token() -> str:
+    """A new bearer token: `sk-ferry-` and 32 random bytes (URL-safe base64)."""
+    return "sk-ferry-" + secrets.token_urlsafe(32)
+
+
+async def get_key(session: AsyncSession, key_id: str) -> ApiKey | None:
+    return await session.get(ApiKey, key_id)
 
 
 # The owner of every request when authentication is off (FERRY_AUTH=off). Its hash is not
@@ -48,6 +79,7 @@ async def ensure_builtin_owner(session: AsyncSession) -> str:
                         id=BUILTIN_OWNER_ID,
                         key_hash=_BUILTIN_OWNER_HASH,
                         name="built-in owner (authentication off)",
+                        source="builtin",
                     )
                 )
         except IntegrityError:
