@@ -74,7 +74,7 @@ async def test_ingest_parts_splits_qwen_tags(store: CountingStore, server: Recor
     jpeg = image_bytes("JPEG", (8, 8))
     url = server.serve("/rose.jpg", Route(body=jpeg))
     text = f"Picture 1:<img>{url}</img>\nPicture 2:<img>{b64(PNG)}</img>\nCompare them."
-    parts = await ingest_parts(fake_state(store), text, param="prompt")
+    parts = await ingest_parts(fake_state(store), "key_test", text, param="prompt")
     assert [p["type"] for p in parts] == ["text", "image", "text", "image", "text"]
     assert [p["text"] for p in parts if p["type"] == "text"] == [
         "Picture 1:",
@@ -84,15 +84,15 @@ async def test_ingest_parts_splits_qwen_tags(store: CountingStore, server: Recor
     refs = image_refs(parts)
     assert [r["sha256"] for r in refs] == [sha256_hex(jpeg), sha256_hex(PNG)]
     assert store.keys() == sorted(image_key(r["sha256"]) for r in refs)
-    assert await ingest_parts(fake_state(store), "no tags", param="prompt") == [
+    assert await ingest_parts(fake_state(store), "key_test", "no tags", param="prompt") == [
         {"type": "text", "text": "no tags"}
     ]
     with pytest.raises(InvalidImage):
-        await ingest_parts(fake_state(store), "<img>rose.jpg</img>", param="prompt")
+        await ingest_parts(fake_state(store), "key_test", "<img>rose.jpg</img>", param="prompt")
 
 
 async def test_ingest_image_stores_at_once(store: CountingStore) -> None:
-    ref = await ingest_image(fake_state(store), b64(PNG), param="image")
+    ref = await ingest_image(fake_state(store), "key_test", b64(PNG), param="image")
     assert store.keys() == [image_key(ref["sha256"])]
 
 

@@ -18,8 +18,12 @@ import psycopg
 import pytest
 from PIL import Image
 
+from api.core.db import Database
 from api.images import ImageIntake
+from storage.db import create_db_engine, create_session_factory
 from storage.objects import ObjectStoreSettings, build_object_store, image_key, sha256_hex
+from storage.repositories import api_keys
+from storage.settings import StorageSettings
 from tests.conftest import KEY_A, KEY_B, Stack
 from tests.fixtures.images import LIMITS, PNG
 from tests.helpers import assert_error, submit, wait_job
@@ -115,7 +119,7 @@ def test_url_image_job_fetched_by_the_api(image_stack: ImageStack) -> None:
 
 def test_get_image_route(image_stack: ImageStack) -> None:
     gif = image_bytes("GIF", (5, 5), (1, 2, 3))
-    asyncio.run(_store_directly(image_stack, gif))
+    asyncio.run(_store_directly(image_stack, gif, KEY_B))
     sha = sha256_hex(gif)
     with image_stack.stack.client(KEY_B, url=image_stack.safe_url) as client:
         response = client.get(f"/v1/images/{sha}")
@@ -130,7 +134,7 @@ def test_get_image_route(image_stack: ImageStack) -> None:
         assert_error(client.get(f"/v1/images/{sha}"), 401, "invalid_api_key")
 
 
-async def _store_directly(image_stack: ImageStack, data: bytes) -> None:
+async def _store_directly(image_stack: ImageStack, data: bytes, owner: str) -> None:
     env = image_stack.stack.env
     settings = ObjectStoreSettings(
         **{
@@ -140,9 +144,17 @@ async def _store_directly(image_stack: ImageStack, data: bytes) -> None:
         }
     )
     objects = build_object_store(settings)
-    images = ImageIntake(objects, LIMITS)
-    await images.add(b64(data), param="p")
-    await images.store()
+    engine = create_db_engine(StorageSettings(database_url=image_stack.stack.database_url))
+    try:
+        db = Database(create_session_factory(engine))
+        async with db.read() as session:
+            key = await api_keys.find_key(session, owner)
+        assert key is not None
+        images = ImageIntake(objects, LIMITS, owner_id=key.id, db=db)
+        await images.add(b64(data), param="p")
+        await images.store()
+    finally:
+        await engine.dispose()
 
 
 def test_models_say_which_take_images(image_stack: ImageStack) -> None:

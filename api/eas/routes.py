@@ -95,7 +95,7 @@ async def infer_forward(
         state.settings.eas_model,
         with_image=body.image is not None or history.has_images(past),
     )
-    images = ImageIntake.for_state(state)
+    images = ImageIntake.for_state(state, key)
     image = None
     if body.image is not None:
         eas.check_takes_images(model)

@@ -25,8 +25,10 @@ from api.images.fetch import FetchPolicy, fetch_image_bytes
 from api.images.verify import VerifiedImage, verify_image
 from storage.content import ImageRef, image_part, text_part
 from storage.objects import ObjectStore, image_key
+from storage.repositories import images as images_repo
 
 if TYPE_CHECKING:
+    from api.core.db import Database
     from api.core.settings import ApiSettings
     from api.core.state import AppState
 
@@ -61,16 +63,30 @@ class ImageLimits:
 class ImageIntake:
     """One request's images: checked as they are added, stored together at the end."""
 
-    def __init__(self, objects: ObjectStore, limits: ImageLimits) -> None:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        limits: ImageLimits,
+        *,
+        owner_id: str | None = None,
+        db: Database | None = None,
+    ) -> None:
         self.objects = objects
         self.limits = limits
+        # Recorded as an owner of each stored image: only its owners may read it back.
+        self._owner = (owner_id, db) if owner_id is not None and db is not None else None
         self.count = 0
         self.total_bytes = 0
         self._pending: dict[str, VerifiedImage] = {}
 
     @classmethod
-    def for_state(cls, state: AppState) -> ImageIntake:
-        return cls(state.objects, ImageLimits.from_settings(state.settings))
+    def for_state(cls, state: AppState, owner_id: str) -> ImageIntake:
+        return cls(
+            state.objects,
+            ImageLimits.from_settings(state.settings),
+            owner_id=owner_id,
+            db=state.db,
+        )
 
     def expect(self, count: int, *, param: str) -> None:
         """Refuse at once a request that carries too many images (before any fetch)."""
@@ -121,9 +137,16 @@ class ImageIntake:
         return parts
 
     async def store(self) -> None:
-        """Upload every verified image not stored yet (boto3 is blocking: a thread)."""
-        if self._pending:
-            await asyncio.to_thread(self._store_all)
+        """Upload every verified image not stored yet (boto3 is blocking: a thread), and
+        record the request's key as an owner of each (first: an image never exists
+        without the owner who can read it)."""
+        if not self._pending:
+            return
+        if self._owner is not None:
+            owner_id, db = self._owner
+            async with db.transaction() as session:
+                await images_repo.add_owner(session, owner_id, list(self._pending))
+        await asyncio.to_thread(self._store_all)
 
     def _store_all(self) -> None:
         for sha, image in self._pending.items():
@@ -134,14 +157,14 @@ class ImageIntake:
 
 
 async def ingest_image(
-    state: AppState, source: str, *, param: str, intake: ImageIntake | None = None
+    state: AppState, owner_id: str, source: str, *, param: str, intake: ImageIntake | None = None
 ) -> ImageRef:
     """One image (data URL, http(s) URL or bare base64) into the object store; its ref.
 
     With `intake`, the image counts towards that request's limits and is stored by
     `intake.store()` (call it once every image of the request has been added)."""
     own = intake is None
-    intake = intake or ImageIntake.for_state(state)
+    intake = intake or ImageIntake.for_state(state, owner_id)
     ref = await intake.add(source, param=param)
     if own:
         await intake.store()
@@ -149,12 +172,12 @@ async def ingest_image(
 
 
 async def ingest_parts(
-    state: AppState, text: str, *, param: str, intake: ImageIntake | None = None
+    state: AppState, owner_id: str, text: str, *, param: str, intake: ImageIntake | None = None
 ) -> list[dict[str, Any]]:
     """Text with Qwen-VL `<img>…</img>` tags into stored parts (storage/content.py), the
     images pulled into the object store (URL, data URL or base64; never a local path)."""
     own = intake is None
-    intake = intake or ImageIntake.for_state(state)
+    intake = intake or ImageIntake.for_state(state, owner_id)
     parts = await intake.add_text(text, param=param)
     if own:
         await intake.store()

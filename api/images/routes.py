@@ -13,6 +13,7 @@ from api.core.deps import CurrentKey, StateDep
 from api.core.errors import NotFound, error_responses
 from api.images.verify import sniff_mime
 from storage.objects import ObjectNotFound, image_key
+from storage.repositories import images as images_repo
 
 router = APIRouter(tags=["images"])
 
@@ -27,12 +28,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
         **error_responses(401, 404),
     },
 )
-async def get_image(sha256: str, _: CurrentKey, state: StateDep) -> Response:
-    """The bytes of an image a request sent, as stored (upright if it carried an EXIF
-    rotation; the first frame if it was animated). Any API key may read an image whose
-    SHA-256 it knows: images are stored once, whoever sent them."""
+async def get_image(sha256: str, key: CurrentKey, state: StateDep) -> Response:
+    """The bytes of an image a request of this key sent, as stored (upright if it carried
+    an EXIF rotation; the first frame if it was animated). Images are stored once by
+    content, but only keys that sent an image may read it: to any other it is absent."""
     if not _SHA256.fullmatch(sha256):
         raise NotFound(f"No image with SHA-256 `{sha256[:80]}`.", param="sha256")
+    async with state.db.read() as session:
+        if not await images_repo.owns(session, key, sha256):
+            raise NotFound(f"No image with SHA-256 `{sha256}`.", param="sha256")
     try:
         data = await asyncio.to_thread(state.objects.get_bytes, image_key(sha256))
     except ObjectNotFound:

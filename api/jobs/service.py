@@ -136,7 +136,7 @@ async def _chat_job(state: AppState, owner_id: str, body: ChatCompletionRequest,
     model = await state.catalog.resolve(body.model, body.carries_images)
     refuse_unsupported_parts(body, model)
     fields = sampling_request(body, model, state.settings.default_max_tokens)
-    images = ImageIntake.for_state(state)
+    images = ImageIntake.for_state(state, owner_id)
     messages = with_tool_turns(body, await chat_messages(images, body, model))
     template_kwargs = dict(body.chat_template_kwargs or {})
     thinking = body.enable_thinking
@@ -237,7 +237,7 @@ async def build_completion_jobs(
     base = sampling_request(body, model, state.settings.default_max_tokens)
     # One intake for all prompts: the request's image limits span them, and nothing is
     # stored unless every prompt passed.
-    images = ImageIntake.for_state(state)
+    images = ImageIntake.for_state(state, owner_id)
     if body.echo:
         base["echo"] = True  # the answer starts with the prompt (batch output reads it)
     requests = [
