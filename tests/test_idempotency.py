@@ -13,6 +13,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.core.settings import ApiSettings
 from storage.db import create_db_engine, create_session_factory
-from storage.models import Batch, File, IdempotencyRecord, Job
+from storage.models import ApiKey, Batch, File, IdempotencyRecord, Job, utcnow
+from storage.repositories import idempotency as records
+from storage.repositories.api_keys import hash_key, new_key_id, new_token
 from storage.settings import StorageSettings
 from tests.batching import CHAT, chat_line, jsonl
-from tests.conftest import KEY_A, KEY_B, TINY, Stack
+from tests.conftest import KEY_A, KEY_B, TINY, Sessions, Stack
 from tests.fixtures.api import InProcessApi, running_api
 from tests.helpers import assert_error, chat_body
 
@@ -370,3 +373,101 @@ def test_chat_replays_the_same_completion_end_to_end(stack: Stack) -> None:
             texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks))
         assert ids[0] == ids[1]
         assert texts[0] == texts[1] and texts[0]
+
+
+async def test_a_retry_waits_for_the_first_answer_or_takes_over_a_dead_one(
+    in_process_api: InProcessApi, sql: async_sessionmaker[AsyncSession]
+) -> None:
+    """The first request still running (its record has no answer yet, its lease holds): a
+    retry waits for its answer, or gets a 409 after the wait; once the lease has lapsed
+    (its replica died) the retry runs as new."""
+    key = new_key()
+    settings = ApiSettings(api_keys=[KEY_A, KEY_B], idempotency_wait_seconds=1.0)
+    where = IdempotencyRecord.key == key
+
+    async def set_record(**values: Any) -> None:
+        async with sql() as session:
+            await session.execute(IdempotencyRecord.__table__.update().where(where).values(values))
+            await session.commit()
+
+    async with (
+        running_api(
+            in_process_api.database_url,
+            in_process_api.redis_url,
+            in_process_api.object_dir,
+            settings,
+        ) as api,
+        api.client() as http,
+    ):
+        first = await http.post("/v1/jobs", json=job_body(), headers={HEADER: key})
+        answer = {"status": first.status_code, "body": first.json()}
+        running = {"response_status": None, "response_body": None}
+        await set_record(**running, locked_until=utcnow() + timedelta(seconds=60))
+        assert_error(
+            await http.post("/v1/jobs", json=job_body(), headers={HEADER: key}),
+            409,
+            "idempotency_key_in_use",
+        )
+        # The answer arrives while the retry waits: the retry replays it.
+        retry = asyncio.create_task(http.post("/v1/jobs", json=job_body(), headers={HEADER: key}))
+        await asyncio.sleep(0.3)
+        assert not retry.done()
+        await set_record(
+            response_status=answer["status"], response_body=answer["body"], locked_until=None
+        )
+        replayed = await retry
+        assert replayed.headers["Idempotent-Replayed"] == "true"
+        assert replayed.json() == first.json()
+        # A first request that died mid-way: the retry (even with another body) is new.
+        await set_record(**running, locked_until=utcnow() - timedelta(seconds=1))
+        jobs_before = await count(sql, Job)
+        fresh = await http.post("/v1/jobs", json=job_body("fresh"), headers={HEADER: key})
+        assert fresh.status_code == 202 and "Idempotent-Replayed" not in fresh.headers
+        assert fresh.json()["id"] != first.json()["id"]
+    assert await count(sql, Job) == jobs_before + 1
+
+
+async def test_record_queries_on_both_backends(sessions: Sessions) -> None:
+    """storage/repositories/idempotency.py on PostgreSQL and SQLite: one claim wins, an
+    expired or lapsed record is taken over once, only the holder records or releases."""
+    owner = ApiKey(id=new_key_id(), key_hash=hash_key(new_token()), name="t", source="admin")
+    async with sessions.begin() as session:
+        session.add(owner)
+    now = utcnow()
+    lease, expiry = now + timedelta(seconds=60), now + timedelta(hours=24)
+    claim = {"route": "POST /v1/jobs", "body_hash": "h1", "now": now}
+    async with sessions.begin() as session:
+        args = {**claim, "locked_until": lease, "expires_at": expiry}
+        assert await records.insert_claim(session, owner.id, "k", **args)
+        assert not await records.insert_claim(session, owner.id, "k", **args)
+        assert await records.insert_claim(session, owner.id, "other", **args)
+        # Neither expired nor lapsed: nobody takes it over.
+        assert not await records.take_over(session, owner.id, "k", **args)
+        # Only the holder's lease records.
+        answer = {"status": 202, "body": {"id": "job"}, "object_id": "job"}
+        assert not await records.record_answer(session, owner.id, "k", locked_until=now, **answer)
+        assert await records.record_answer(session, owner.id, "k", locked_until=lease, **answer)
+        await records.release(session, owner.id, "k", lease)  # answered: kept
+        found = await records.get_record(session, owner.id, "k")
+        assert found is not None and found.response_status == 202 and found.locked_until is None
+        # Expired: taken over, once.
+        later = {
+            **claim,
+            "now": expiry,
+            "locked_until": expiry + timedelta(seconds=60),
+            "expires_at": expiry + timedelta(hours=24),
+        }
+        assert await records.take_over(session, owner.id, "k", **later)
+        assert not await records.take_over(session, owner.id, "k", **later)
+        found = await records.get_record(session, owner.id, "k")
+        assert found is not None and found.response_status is None and found.object_id is None
+        # Unanswered "other": released by its holder only.
+        await records.release(session, owner.id, "other", now)
+        assert await records.get_record(session, owner.id, "other") is not None
+        await records.release(session, owner.id, "other", lease)
+        assert await records.get_record(session, owner.id, "other") is None
+        # Expired rows go in bounded batches.
+        assert await records.delete_expired(session, expiry, limit=10) == 0
+        far = expiry + timedelta(days=2)
+        assert await records.delete_expired(session, far, limit=10) == 1
+        assert await records.get_record(session, owner.id, "k") is None
