@@ -309,8 +309,9 @@ async def test_files_and_batches_replay_their_object(
 async def test_chat_and_completions_replay_their_jobs_in_process(
     in_process_api: InProcessApi, sql: async_sessionmaker[AsyncSession]
 ) -> None:
-    """Without a worker a synchronous completion times out (503) and its job is cancelled;
-    the job exists, so a retry is answered from that job (not a new one)."""
+    """Without a worker a synchronous completion times out (503). With an Idempotency-Key
+    its jobs go on (a retry is meant to find them); the retry is answered from those jobs,
+    here once they have been cancelled, not from new ones."""
     settings = ApiSettings(api_keys=[KEY_A, KEY_B], sync_timeout_seconds=0.5)
     requests = [
         (CHAT, job_body("chat replay")),
@@ -328,29 +329,40 @@ async def test_chat_and_completions_replay_their_jobs_in_process(
         for path, body in requests:
             key = new_key()
             jobs_before = await count(sql, Job)
-            timed_out = await http.post(path, json=body, headers={HEADER: key})
-            assert_error(timed_out, 503)
-            created = await count(sql, Job) - jobs_before
-            assert created == len(body.get("prompt", [None]))
-            replay = await http.post(path, json=body, headers={HEADER: key})
-            assert replay.status_code == 200, replay.text
-            assert replay.headers["Idempotent-Replayed"] == "true"
-            ids = replay.headers["X-Ferry-Job-Id"].split(",")
-            assert len(ids) == created
-            assert {c["finish_reason"] for c in replay.json()["choices"]} == {"abort"}
-            assert await count(sql, Job) == jobs_before + created
+            assert_error(await http.post(path, json=body, headers={HEADER: key}), 503)
             async with sql() as session:
                 record = (
                     await session.scalars(
                         select(IdempotencyRecord).where(IdempotencyRecord.key == key)
                     )
                 ).one()
-            assert record.response_body == {"job_ids": ids}
+            ids = record.response_body["job_ids"] if record.response_body else []
+            assert len(ids) == len(body.get("prompt", [None]))
+            assert await count(sql, Job) == jobs_before + len(ids)
+            assert await count(sql, Job, Job.id.in_(ids), Job.status == "queued") == len(ids)
+            # Still waiting: the retry times out the same way, on the same jobs.
+            assert_error(await http.post(path, json=body, headers={HEADER: key}), 503)
+            for job_id in ids:
+                assert (await http.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+            replay = await http.post(path, json=body, headers={HEADER: key})
+            assert replay.status_code == 200, replay.text
+            assert replay.headers["Idempotent-Replayed"] == "true"
+            assert replay.headers["X-Ferry-Job-Id"].split(",") == ids
+            assert {c["finish_reason"] for c in replay.json()["choices"]} == {"abort"}
+            assert await count(sql, Job) == jobs_before + len(ids)
+            # Without a key, a timed-out request's jobs are cancelled, as before.
+            assert_error(await http.post(path, json=body), 503)
+            async with sql() as session:
+                newest = (
+                    await session.scalars(select(Job).order_by(Job.id.desc()).limit(len(ids)))
+                ).all()
+            assert {j.status for j in newest} == {"cancelled"}
 
 
 def test_chat_replays_the_same_completion_end_to_end(stack: Stack) -> None:
-    """With a worker: a retried completion is the same completion (same id, same text),
-    and a retried stream streams the same job's events from the start."""
+    """With a worker: a retried completion is the same completion (same id, same text);
+    a stream whose client left keeps its job, and the retry streams that job's events from
+    the start to its end."""
     key, stream_key = new_key(), new_key()
     body = chat_body(TINY, max_tokens=12, temperature=1.0)
     with stack.client() as one, stack.client(url=stack.api_urls[1]) as two:
@@ -361,17 +373,25 @@ def test_chat_replays_the_same_completion_end_to_end(stack: Stack) -> None:
         assert replay.headers["Idempotent-Replayed"] == "true"
         assert replay.json() == first.json()
 
-        streamed = {**body, "stream": True}
-        texts, ids = [], []
-        for client in (one, two):
-            with connect_sse(
-                client, "POST", CHAT, json=streamed, headers={HEADER: stream_key}
-            ) as s:
+        streamed = {**chat_body(TINY, max_tokens=150, ignore_eos=True), "stream": True}
+        headers = {HEADER: stream_key}
+        with connect_sse(one, "POST", CHAT, json=streamed, headers=headers) as s:
+            assert s.response.status_code == 200
+            first_id = s.response.headers["X-Ferry-Job-Id"]
+            for event in s.iter_sse():  # leave after the first piece of text
+                delta = json.loads(event.data)["choices"][0]["delta"]
+                if delta.get("content"):
+                    break
+        texts, reasons = [], []
+        for client in (two, one):
+            with connect_sse(client, "POST", CHAT, json=streamed, headers=headers) as s:
                 assert s.response.status_code == 200
-                ids.append(s.response.headers["X-Ferry-Job-Id"])
-                chunks = [json.loads(e.data) for e in s.iter_sse() if e.data and e.data != "[DONE]"]
+                assert s.response.headers["Idempotent-Replayed"] == "true"
+                assert s.response.headers["X-Ferry-Job-Id"] == first_id
+                chunks = [json.loads(e.data) for e in s.iter_sse() if e.data != "[DONE]"]
             texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks))
-        assert ids[0] == ids[1]
+            reasons.append(chunks[-1]["choices"][0]["finish_reason"])
+        assert reasons == ["length", "length"]
         assert texts[0] == texts[1] and texts[0]
 
 

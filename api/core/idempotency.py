@@ -69,7 +69,7 @@ _KEY_SCHEMA = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_KEY_LENGTH,
-    "pattern": "^[ -~]+$",
+    "pattern": "^[!-~]([ -~]*[!-~])?$",
 }
 
 
@@ -103,6 +103,12 @@ class Idempotency:
     lease: datetime | None = None
     replayed_jobs: list[Job] | None = None
     settled: bool = field(default=False)
+
+    @property
+    def keeps_jobs(self) -> bool:
+        """A client that sent a key retries with it: its jobs go on when it leaves (or its
+        wait times out), for the retry to find them running, not cancelled."""
+        return self.db is not None or self.replayed_jobs is not None
 
     @property
     def headers(self) -> dict[str, str]:

@@ -88,11 +88,18 @@ async def create_chat_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStreamResponse(
-            _stream(state, completion_id, jobs, include_usage, StoredRequest.load(jobs[0].request)),
+            _stream(
+                state,
+                completion_id,
+                jobs,
+                include_usage,
+                StoredRequest.load(jobs[0].request),
+                keep=idempotency.keeps_jobs,
+            ),
             headers=headers,
         )
     response.headers.update(headers)
-    finals = await jobs_service.wait_for_all(state, jobs)
+    finals = await jobs_service.wait_for_all(state, jobs, keep=idempotency.keeps_jobs)
     return _completion(completion_id, finals)
 
 
@@ -143,6 +150,8 @@ async def _stream(
     jobs: list[Job],
     include_usage: bool,
     request: StoredRequest,
+    *,
+    keep: bool = False,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
     mode, holds = request.reasoning, request.parses_tool_calls
@@ -187,7 +196,7 @@ async def _stream(
             )
         yield sse.data("[DONE]")
     finally:
-        await jobs_service.cancel_unfinished(state, jobs, ended)
+        await jobs_service.cancel_unfinished(state, jobs, ended, keep=keep)
 
 
 def _chunks_for(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:

@@ -67,10 +67,12 @@ async def create_completion(
     echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo else [""] * len(jobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(state, completion_id, jobs, echoes, include_usage)
+        stream = _stream(
+            state, completion_id, jobs, echoes, include_usage, keep=idempotency.keeps_jobs
+        )
         return sse.EventStreamResponse(stream, headers=headers)
     response.headers.update(headers)
-    finals = await jobs_service.wait_for_all(state, jobs)
+    finals = await jobs_service.wait_for_all(state, jobs, keep=idempotency.keeps_jobs)
     prompt_tokens = sum(j.prompt_tokens or 0 for j in finals)
     completion_tokens = sum(j.completion_tokens or 0 for j in finals)
     return Completion(
@@ -131,6 +133,8 @@ async def _stream(
     jobs: list[Job],
     echoes: list[str],
     include_usage: bool,
+    *,
+    keep: bool = False,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
     model = jobs[0].model
@@ -192,4 +196,4 @@ async def _stream(
             )
         yield sse.data("[DONE]")
     finally:
-        await jobs_service.cancel_unfinished(state, jobs, ended)
+        await jobs_service.cancel_unfinished(state, jobs, ended, keep=keep)
