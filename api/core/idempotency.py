@@ -29,6 +29,8 @@ Replays: jobs, files and batches replay the stored JSON answer and status, witho
 the route (so a replay costs no rate limit, and creates nothing). Chat and completions store
 their jobs' ids; the route then answers from those jobs as it answered the first time:
 waiting for them and rendering the completion, or streaming their events from the start.
+Those jobs are not cancelled when a client with a key leaves or times out (`keeps_jobs`):
+the retry after a dropped connection is what the key is for.
 
 Expired records are replaced when their key is reused; `delete_expired` removes them in
 bounded batches for a periodic cleanup (left to the retention sweep, issue 17).

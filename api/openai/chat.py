@@ -55,7 +55,7 @@ async def create_chat_completion(
     completion id is the job id (`GET /v1/jobs/{id}` works on it); with `n` > 1 each
     choice is its own job (ids in `X-Ferry-Job-Id`, comma-separated; the completion id is
     `chatcmpl-` + the first's), streamed interleaved. A streaming client that disconnects
-    cancels its jobs, as in vLLM.
+    cancels its jobs, as in vLLM (unless it sent an `Idempotency-Key`: its retry gets them).
 
     `model` may be omitted (or an alias such as `null`): the default model, or one that
     takes images for a request that carries them.
