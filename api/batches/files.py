@@ -13,6 +13,8 @@ from api.batches.schemas import FileDeleted, FileList, FilePublic
 from api.batches.upload import scan_jsonl
 from api.core.deps import CurrentKey, SessionDep, StateDep
 from api.core.errors import InvalidRequest, NotFound, error_responses
+from api.core.idempotency import IdempotentCreate
+from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import NO_NUL, After, split_page
 from storage.models import File as FileRow
 from storage.objects import ObjectNotFound, file_key
@@ -21,7 +23,11 @@ from storage.repositories import files as files_repo
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FilePublic, responses=error_responses(400, 401, 413))
+@router.post(
+    "",
+    response_model=FilePublic,
+    responses={**error_responses(400, 401, 413), **idempotent_responses(200)},
+)
 async def upload_file(
     file: Annotated[UploadFile, File(description="JSONL, one request per line")],
     # Checked below (400 `invalid_purpose`); the document states the one value.
@@ -29,6 +35,7 @@ async def upload_file(
     key: CurrentKey,
     state: StateDep,
     session: SessionDep,
+    idempotency: IdempotentCreate,
 ) -> FilePublic:
     """Upload a batch input file (multipart, `purpose=batch`).
 
@@ -71,7 +78,9 @@ async def upload_file(
         with contextlib.suppress(Exception):
             await asyncio.to_thread(state.objects.delete, object_key)
         raise
-    return FilePublic.from_row(row)
+    public = FilePublic.from_row(row)
+    await idempotency.record(200, public, row.id)
+    return public
 
 
 @router.get("", response_model=FileList, responses=error_responses(400, 401))

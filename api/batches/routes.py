@@ -11,6 +11,8 @@ from api.batches.schemas import BatchCreate, BatchList, BatchPublic
 from api.batches.supervisor import BatchSupervisor
 from api.core.deps import CurrentKey, SessionDep, StateDep
 from api.core.errors import NotFound, error_responses
+from api.core.idempotency import IdempotentCreate
+from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import After, split_page
 from storage.models import Batch
 from storage.repositories import batches as batches_repo
@@ -37,13 +39,18 @@ async def owned_batch(batch_id: str, key: CurrentKey, session: SessionDep) -> Ba
 OwnedBatch = Annotated[Batch, Depends(owned_batch)]
 
 
-@router.post("", response_model=BatchPublic, responses=error_responses(400, 401, 404, 413))
+@router.post(
+    "",
+    response_model=BatchPublic,
+    responses={**error_responses(400, 401, 404, 413), **idempotent_responses(200)},
+)
 async def create_batch(
     body: BatchCreate,
     key: CurrentKey,
     state: StateDep,
     session: SessionDep,
     supervisor: SupervisorDep,
+    idempotency: IdempotentCreate,
 ) -> BatchPublic:
     """Run every line of an uploaded `purpose=batch` file as a bulk job.
 
@@ -56,7 +63,9 @@ async def create_batch(
     batch = await service.create_batch(state.settings, session, key, body)
     await session.commit()
     supervisor.expand_soon(batch.id)
-    return (await service.public(session, [batch]))[0]
+    public = (await service.public(session, [batch]))[0]
+    await idempotency.record(200, public, batch.id)
+    return public
 
 
 @router.get("", response_model=BatchList, responses=error_responses(400, 401))

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -94,6 +94,15 @@ class ServiceUnavailable(FerryError):
     status_code = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class Answered(Exception):
+    """Raised by a dependency that already has the request's whole answer (a replay of
+    an `Idempotency-Key`'s first answer): the route does not run, this is sent."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__("answered")
+        self.response = response
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
@@ -208,6 +217,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(str(exc.detail), kind, None, None), exc.status_code, headers=headers
         )
 
+    async def on_answered(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Answered)
+        return exc.response
+
+    app.add_exception_handler(Answered, on_answered)
     app.add_exception_handler(FerryError, on_ferry_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -73,6 +73,13 @@ class ApiSettings(BaseSettings):
     # another takes the batch over once the lease has lapsed.
     batch_expand_lease_seconds: float = Field(60.0, gt=0)
 
+    # Idempotency-Key (api/core/idempotency.py): how long an answer is replayed; how long
+    # a first request holds its key while it creates its object (a replica that dies
+    # mid-way frees it after this); how long a retry waits for that first answer (then 409).
+    idempotency_ttl_seconds: float = Field(24 * 3600, gt=0)
+    idempotency_lease_seconds: float = Field(60.0, gt=0)
+    idempotency_wait_seconds: float = Field(10.0, ge=0)
+
     # The admin key: the only one that reaches /v1/admin/* (keys, limits, secrets).
     # Unset: no admin API (every /v1/admin route is a 404).
     admin_key: str | None = None

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, Header, Query
 
 from api.core.deps import CurrentKey, OwnedJob, SessionDep, StateDep
 from api.core.errors import InvalidRequest, error_responses
+from api.core.idempotency import IdempotentCreate
+from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
 from api.jobs.schemas import JobCreate, JobList, JobPublic
@@ -25,9 +27,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     "",
     status_code=202,
     response_model=JobPublic,
-    responses=error_responses(400, 401, 404, 413, 503),
+    responses={**error_responses(400, 401, 404, 413, 503), **idempotent_responses(202)},
 )
-async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPublic:
+async def create_job(
+    body: JobCreate, key: CurrentKey, state: StateDep, idempotency: IdempotentCreate
+) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
 
     The job is stored before this returns (202) and runs on a worker serving `model`
@@ -37,7 +41,9 @@ async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPu
     """
     job = await jobs_service.build_chat_job(state, key, body)
     await jobs_service.submit(state.intake, [job])
-    return JobPublic.from_row(job)
+    public = JobPublic.from_row(job)
+    await idempotency.record(202, public, job.id)
+    return public
 
 
 @router.get("", response_model=JobList, responses=error_responses(400, 401))

@@ -317,12 +317,15 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
     return final
 
 
-async def wait_for_all(state: AppState, jobs: list[Job]) -> list[Job]:
+async def wait_for_all(state: AppState, jobs: list[Job], *, keep: bool = False) -> list[Job]:
     """`wait_for_end` for every job (a request's choices); if one fails or the client
-    goes away, the others are cancelled."""
+    goes away, the others are cancelled (unless `keep`: a request with an
+    Idempotency-Key, whose retry waits for the same jobs)."""
     try:
         return list(await asyncio.gather(*(wait_for_end(state, j.id) for j in jobs)))
     except BaseException:
+        if keep:
+            raise
         with anyio.CancelScope(shield=True):
             for job in jobs:
                 await cancel_quietly(state, job.id)
@@ -375,10 +378,12 @@ async def merged_event_batches(
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def cancel_unfinished(state: AppState, jobs: list[Job], ended: set[int]) -> None:
+async def cancel_unfinished(
+    state: AppState, jobs: list[Job], ended: set[int], *, keep: bool = False
+) -> None:
     """A stream's clean-up: cancel its jobs (by index) that have not ended, shielded from
-    the cancellation of a client that left."""
-    if len(ended) < len(jobs):
+    the cancellation of a client that left (unless `keep`, as in `wait_for_all`)."""
+    if len(ended) < len(jobs) and not keep:
         with anyio.CancelScope(shield=True):
             for index, job in enumerate(jobs):
                 if index not in ended:

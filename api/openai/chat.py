@@ -11,6 +11,8 @@ from fastapi import APIRouter, Response
 
 from api.core.deps import CurrentKey, StateDep
 from api.core.errors import stream_error
+from api.core.idempotency import IdempotentJobs
+from api.core.idempotency import responses as idempotent_responses
 from api.core.state import AppState
 from api.jobs import service as jobs_service
 from api.openai.schemas import (
@@ -34,9 +36,17 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=GENERATION_RESPONSES)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={**GENERATION_RESPONSES, **idempotent_responses(200)},
+)
 async def create_chat_completion(
-    body: ChatCompletionRequest, key: CurrentKey, state: StateDep, response: Response
+    body: ChatCompletionRequest,
+    key: CurrentKey,
+    state: StateDep,
+    response: Response,
+    idempotency: IdempotentJobs,
 ) -> Any:
     """OpenAI chat completions, through the same queue and workers as `/v1/jobs`.
 
@@ -45,7 +55,7 @@ async def create_chat_completion(
     completion id is the job id (`GET /v1/jobs/{id}` works on it); with `n` > 1 each
     choice is its own job (ids in `X-Ferry-Job-Id`, comma-separated; the completion id is
     `chatcmpl-` + the first's), streamed interleaved. A streaming client that disconnects
-    cancels its jobs, as in vLLM.
+    cancels its jobs, as in vLLM (unless it sent an `Idempotency-Key`: its retry gets them).
 
     `model` may be omitted (or an alias such as `null`): the default model, or one that
     takes images for a request that carries them.
@@ -68,18 +78,28 @@ async def create_chat_completion(
     outputs as vLLM forces them (vLLM workers only). Without a parser `tools` is a 400.
     A field Ferry cannot honour is refused (400 naming it), never ignored.
     """
-    jobs = await jobs_service.build_chat_jobs(state, key, body)
-    await jobs_service.submit(state.intake, jobs)
+    jobs = idempotency.replayed_jobs  # a retry with the same Idempotency-Key: its jobs
+    if jobs is None:
+        jobs = await jobs_service.build_chat_jobs(state, key, body)
+        await jobs_service.submit(state.intake, jobs)
+        await idempotency.record_jobs(jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"chatcmpl-{jobs[0].id}"
-    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
+    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs), **idempotency.headers}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStreamResponse(
-            _stream(state, completion_id, jobs, include_usage, StoredRequest.load(jobs[0].request)),
+            _stream(
+                state,
+                completion_id,
+                jobs,
+                include_usage,
+                StoredRequest.load(jobs[0].request),
+                keep=idempotency.keeps_jobs,
+            ),
             headers=headers,
         )
     response.headers.update(headers)
-    finals = await jobs_service.wait_for_all(state, jobs)
+    finals = await jobs_service.wait_for_all(state, jobs, keep=idempotency.keeps_jobs)
     return _completion(completion_id, finals)
 
 
@@ -130,6 +150,8 @@ async def _stream(
     jobs: list[Job],
     include_usage: bool,
     request: StoredRequest,
+    *,
+    keep: bool = False,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
     mode, holds = request.reasoning, request.parses_tool_calls
@@ -174,7 +196,7 @@ async def _stream(
             )
         yield sse.data("[DONE]")
     finally:
-        await jobs_service.cancel_unfinished(state, jobs, ended)
+        await jobs_service.cancel_unfinished(state, jobs, ended, keep=keep)
 
 
 def _chunks_for(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:

@@ -14,6 +14,8 @@ from fastapi import APIRouter, Response
 
 from api.core.deps import CurrentKey, StateDep
 from api.core.errors import stream_error
+from api.core.idempotency import IdempotentJobs
+from api.core.idempotency import responses as idempotent_responses
 from api.core.state import AppState
 from api.jobs import service as jobs_service
 from api.openai.schemas import (
@@ -32,9 +34,17 @@ from storage.models import Job, JobStatus
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/completions", response_model=Completion, responses=GENERATION_RESPONSES)
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses={**GENERATION_RESPONSES, **idempotent_responses(200)},
+)
 async def create_completion(
-    body: CompletionRequest, key: CurrentKey, state: StateDep, response: Response
+    body: CompletionRequest,
+    key: CurrentKey,
+    state: StateDep,
+    response: Response,
+    idempotency: IdempotentJobs,
 ) -> Any:
     """OpenAI completions: `prompt` (a string or up to 16 strings) continued by the model.
 
@@ -47,17 +57,22 @@ async def create_completion(
     `X-Ferry-Job-Id` header (comma-separated); a single choice's completion id is its
     job id.
     """
-    jobs = await jobs_service.build_completion_jobs(state, key, body)
-    await jobs_service.submit(state.intake, jobs)
+    jobs = idempotency.replayed_jobs  # a retry with the same Idempotency-Key: its jobs
+    if jobs is None:
+        jobs = await jobs_service.build_completion_jobs(state, key, body)
+        await jobs_service.submit(state.intake, jobs)
+        await idempotency.record_jobs(jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"cmpl-{jobs[0].id}"
-    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
+    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs), **idempotency.headers}
     echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo else [""] * len(jobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(state, completion_id, jobs, echoes, include_usage)
+        stream = _stream(
+            state, completion_id, jobs, echoes, include_usage, keep=idempotency.keeps_jobs
+        )
         return sse.EventStreamResponse(stream, headers=headers)
     response.headers.update(headers)
-    finals = await jobs_service.wait_for_all(state, jobs)
+    finals = await jobs_service.wait_for_all(state, jobs, keep=idempotency.keeps_jobs)
     prompt_tokens = sum(j.prompt_tokens or 0 for j in finals)
     completion_tokens = sum(j.completion_tokens or 0 for j in finals)
     return Completion(
@@ -118,6 +133,8 @@ async def _stream(
     jobs: list[Job],
     echoes: list[str],
     include_usage: bool,
+    *,
+    keep: bool = False,
 ) -> AsyncIterator[bytes]:
     created = int(jobs[0].created_at.timestamp())
     model = jobs[0].model
@@ -179,4 +196,4 @@ async def _stream(
             )
         yield sse.data("[DONE]")
     finally:
-        await jobs_service.cancel_unfinished(state, jobs, ended)
+        await jobs_service.cancel_unfinished(state, jobs, ended, keep=keep)
