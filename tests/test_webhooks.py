@@ -10,12 +10,13 @@ shortened); a job's start and end are recorded by the same repository calls a wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,16 @@ from standardwebhooks import Webhook
 from api.core.settings import ApiSettings
 from api.core.state import AppState
 from api.webhooks import urls
+from storage.db import create_db_engine, create_session_factory
 from storage.keys import MODELS_HASH
 from storage.models import Batch, Job, JobStatus, WebhookDelivery, utcnow
 from storage.registry import ServedModel, now_epoch
 from storage.repositories import api_keys
 from storage.repositories import jobs as jobs_repo
 from storage.repositories import webhooks as webhooks_repo
+from storage.settings import StorageSettings
 from tests.batching import chat_line, jsonl
-from tests.conftest import KEY_A, KEY_B, REDIS_BASE, TINY, new_database
+from tests.conftest import KEY_A, KEY_B, REDIS_BASE, TINY, Sessions, new_database
 from tests.fixtures.api import InProcessApi, running_api
 
 pytestmark = pytest.mark.timeout(120)
@@ -315,9 +318,6 @@ async def test_delivery_survives_an_api_restart(
 
 
 async def deliveries_in(database_url: str, object_id: str) -> list[WebhookDelivery]:
-    from storage.db import create_db_engine, create_session_factory
-    from storage.settings import StorageSettings
-
     engine = create_db_engine(StorageSettings(database_url=database_url, redis_url=REDIS_URL))
     try:
         async with create_session_factory(engine)() as session:
@@ -356,21 +356,17 @@ async def test_the_due_messages_are_claimed_once_across_replicas(
 ) -> None:
     """Two deliverers asking at once never hold the same message (FOR UPDATE SKIP LOCKED)."""
     state = state_of(api)
+    # The two claimants below are the only ones: the app's own deliverer stops.
+    await api.app.state.webhook_deliverer.stop()
     async with state.db.transaction() as session:
         key = await api_keys.find_key(session, KEY_A)
         assert key is not None
-        # Not due for a minute: the app's own deliverer leaves them alone.
         await webhooks_repo.record(
             session,
             [
                 webhooks_repo.Announcement(key.id, receiver.url("/x"), "job", f"job_x{i}", "start")
                 for i in range(20)
             ],
-        )
-        await session.execute(
-            WebhookDelivery.__table__.update()  # type: ignore[attr-defined]
-            .where(WebhookDelivery.object_id.like("job_x%"))
-            .values(next_attempt_at=utcnow() - timedelta(seconds=1), locked_until=None)
         )
 
     async def claim() -> set[str]:
@@ -559,3 +555,102 @@ def test_signature_matches_the_specification() -> None:
     expected = hmac.new(key, b"msg_1." + str(int(at.timestamp())).encode() + b"." + body, "sha256")
     signed = Webhook(secret).sign("msg_1", at, body)
     assert signed == "v1," + base64.b64encode(expected.digest()).decode()
+
+
+# -- the repository, on both backends ---------------------------------------------------
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def sessions(
+    request: pytest.FixtureRequest, tmp_path: Path, hooks_database: str
+) -> AsyncIterator[Sessions]:
+    """conftest's `sessions`, but on this module's database: the session stack's API
+    processes (which deliver from the session database) must not claim these messages."""
+    from storage.migrate import upgrade
+
+    url = hooks_database
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'ferry.db'}"
+        await asyncio.to_thread(upgrade, url)
+    engine = create_db_engine(StorageSettings(database_url=url))
+    try:
+        yield create_session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_messages_are_recorded_with_the_state_change_once_each(sessions: Sessions) -> None:
+    """A start per job (not per claim: a job taken over after its lease lapsed has started
+    already), a completion per end (a cancel's, not again when the worker's partial output
+    lands), none for a rolled-back change; claims hold a message until the lease lapses."""
+    async with sessions.begin() as session:
+        (key,) = await api_keys.ensure_keys(session, [f"sk-{secrets.token_hex(4)}"])
+    hooked = [
+        Job(
+            id=jobs_repo.new_job_id(),
+            owner_id=key.id,
+            model="m",
+            kind="chat",
+            lane="interactive",
+            status=JobStatus.QUEUED,
+            priority=0,
+            request={"messages": [], "max_tokens": 4},
+            attempts=0,
+            webhook_url="https://10.9.9.9/x",
+            webhook_events=events,
+        )
+        for events in (None, None, ["completed"])
+    ]
+    done, cancelled, filtered = hooked
+    async with sessions.begin() as session:
+        await jobs_repo.insert_jobs(session, hooked)
+    async with sessions.begin() as session:
+        claimed = await jobs_repo.claim_jobs(session, [j.id for j in hooked], "w1", 0.2)
+    assert len(claimed) == 3
+    # A claim that rolls back leaves no message.
+    with contextlib.suppress(RuntimeError):
+        async with sessions.begin() as session:
+            await asyncio.sleep(0.3)
+            assert await jobs_repo.claim_job(session, done.id, "w2", 30) is not None
+            raise RuntimeError("rolled back")
+    async with sessions.begin() as session:
+        retaken = await jobs_repo.claim_job(session, done.id, "w2", 30)
+        assert retaken is not None and retaken.attempts == 2
+        assert await jobs_repo.cancel_job(session, cancelled.id) == JobStatus.RUNNING
+    ok = jobs_repo.JobOutcome(JobStatus.SUCCEEDED, ["a"], "stop", 1, 1, None)
+    partial = jobs_repo.JobOutcome(JobStatus.CANCELLED, ["x"], "abort", 1, 1, None)
+    failed = jobs_repo.JobOutcome(JobStatus.FAILED, [], None, 1, 0, None, error="boom")
+    async with sessions.begin() as session:
+        assert await jobs_repo.finish_jobs(session, "w2", [(done.id, ok)]) == [True]
+        assert await jobs_repo.finish_jobs(
+            session, "w1", [(cancelled.id, partial), (filtered.id, failed)]
+        ) == [True, True]
+    async with sessions() as session:
+        events = {
+            j.id: [r.event for r in await webhooks_repo.list_for_object(session, j.id)]
+            for j in hooked
+        }
+    assert events == {
+        done.id: ["start", "completed"],
+        cancelled.id: ["start", "completed"],
+        filtered.id: ["completed"],
+    }
+    # Claims: each due message once, until its lease lapses.
+    async with sessions.begin() as session:
+        first = await webhooks_repo.claim_due(session, limit=100, lease_seconds=0.3)
+    mine = {r.id for r in first if r.object_id in events}
+    assert len(mine) == 5
+    async with sessions.begin() as session:
+        again = await webhooks_repo.claim_due(session, limit=100, lease_seconds=30)
+    assert not mine & {r.id for r in again}
+    await asyncio.sleep(0.4)
+    async with sessions.begin() as session:
+        lapsed = await webhooks_repo.claim_due(session, limit=100, lease_seconds=30)
+        target = next(r for r in lapsed if r.id in mine)
+        await webhooks_repo.record_attempt(
+            session, target.id, status=200, error=None, delivered=True, next_attempt_at=None
+        )
+    assert mine <= {r.id for r in lapsed}
+    async with sessions() as session:
+        row = await webhooks_repo.get(session, target.id)
+    assert row is not None and row.delivered_at is not None and row.attempts == 1
