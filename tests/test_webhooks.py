@@ -221,6 +221,8 @@ async def test_job_start_and_completed_are_signed_and_carry_the_job(
         assert completed == shown
         assert completed["status"] == "succeeded" and completed["result"]["text"] == "Hi there"
     assert end_message.headers["Content-Type"] == "application/json"
+    events = [m.headers["ferry-webhook-event"] for m in receiver.at("/job")]
+    assert events == ["start", "completed"]
     ids = [m.headers["webhook-id"] for m in receiver.at("/job")]
     assert all(i.startswith("msg_") for i in ids) and len(set(ids)) == 2
     rows = await deliveries(api, job["id"])

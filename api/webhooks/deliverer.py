@@ -126,7 +126,7 @@ class WebhookDeliverer:
             delivery = await webhooks_repo.get(session, message_id)
             if delivery is None:
                 return
-            kind, url = delivery.object_kind, delivery.url
+            kind, url, event = delivery.object_kind, delivery.url, delivery.event
             attempts, created_at = delivery.attempts, delivery.created_at
             payload = delivery.payload
             if payload is None:
@@ -141,7 +141,7 @@ class WebhookDeliverer:
         if payload is None:
             await self._record(message_id, None, f"{kind} not found", give_up=True)
             return
-        status, error, give_up = await self.send(message_id, url, body_bytes(payload), secret)
+        status, error, give_up = await self.send(message_id, url, body_bytes(payload), secret, event)
         if status is not None and 200 <= status < 300:
             await self._record(message_id, status, None, delivered=True)
             return
@@ -189,7 +189,7 @@ class WebhookDeliverer:
             )
 
     async def send(
-        self, message_id: str, url: str, body: bytes, secret: str
+        self, message_id: str, url: str, body: bytes, secret: str, event: str
     ) -> tuple[int | None, str | None, bool]:
         """One signed POST: (HTTP status or None, error, whether to give up for good)."""
         try:
@@ -207,6 +207,8 @@ class WebhookDeliverer:
             (b"webhook-id", message_id.encode()),
             (b"webhook-timestamp", str(int(timestamp.timestamp())).encode()),
             (b"webhook-signature", Webhook(secret).sign(message_id, timestamp, body).encode()),
+            # Which event (the body is the object at the first attempt, maybe past it).
+            (b"ferry-webhook-event", event.encode()),
         ]
         timeout = self._settings.webhook_timeout_seconds
         request_url = httpcore.URL(
