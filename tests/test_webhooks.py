@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from redis import Redis
 from sqlalchemy import func, select
@@ -39,7 +40,7 @@ from storage.repositories import jobs as jobs_repo
 from storage.repositories import webhooks as webhooks_repo
 from storage.settings import StorageSettings
 from tests.batching import chat_line, jsonl
-from tests.conftest import KEY_A, KEY_B, REDIS_BASE, TINY, Sessions, new_database
+from tests.conftest import KEY_A, KEY_B, REDIS_BASE, TINY, Sessions, new_database, open_stack
 from tests.fixtures.api import InProcessApi, running_api
 
 pytestmark = pytest.mark.timeout(120)
@@ -656,3 +657,42 @@ async def test_messages_are_recorded_with_the_state_change_once_each(sessions: S
     async with sessions() as session:
         row = await webhooks_repo.get(session, target.id)
     assert row is not None and row.delivered_at is not None and row.attempts == 1
+
+
+# -- with a real worker (last: its stack empties this module's Redis db) ------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_real_worker_sends_start_and_completed(
+    own_database: str, model_cache: Path, logs: Path, s3_url: str, receiver: Receiver
+) -> None:
+    """The worker's claim and its end, through Celery and the engine, each announced."""
+    with open_stack(own_database, 6, model_cache, s3_url) as stack:
+        stack.add_api(
+            "hooks-api",
+            logs,
+            FERRY_WEBHOOK_ALLOW_NETWORKS="127.0.0.1/32",
+            FERRY_WEBHOOK_POLL_SECONDS="0.2",
+        )
+        stack.add_worker("hooks-worker", TINY, "transformers", logs)
+        with stack.client() as client:
+            response = client.post("/v1/jobs", json=job_body(webhook=receiver.url("/e2e")))
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            deadline = time.monotonic() + 120
+            while len(receiver.at("/e2e")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            shown = client.get(f"/v1/jobs/{job_id}").json()
+        plain = own_database.replace("postgresql+asyncpg://", "postgresql://")
+        with psycopg.connect(plain) as conn:
+            row = conn.execute(
+                "SELECT webhook_secret FROM api_keys WHERE key_hash = %s",
+                (api_keys.hash_key(KEY_A),),
+            ).fetchone()
+    assert row is not None
+    start, completed = receiver.at("/e2e")
+    assert start.headers["ferry-webhook-event"] == "start"
+    assert verified(row[0], start)["id"] == job_id
+    assert completed.headers["ferry-webhook-event"] == "completed"
+    body = verified(row[0], completed)
+    assert body == shown and body["status"] == "succeeded" and body["result"]["text"]

@@ -141,7 +141,8 @@ class WebhookDeliverer:
         if payload is None:
             await self._record(message_id, None, f"{kind} not found", give_up=True)
             return
-        status, error, give_up = await self.send(message_id, url, body_bytes(payload), secret, event)
+        body = body_bytes(payload)
+        status, error, give_up = await self.send(message_id, url, body, secret, event)
         if status is not None and 200 <= status < 300:
             await self._record(message_id, status, None, delivered=True)
             return

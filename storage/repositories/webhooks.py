@@ -82,17 +82,17 @@ async def claim_due(
     if limit <= 0:
         return []
     now = utcnow()
-    due = (
-        select(WebhookDelivery.id)
-        .where(
-            text(WEBHOOK_DUE),
-            WebhookDelivery.next_attempt_at <= now,
-            or_(WebhookDelivery.locked_until.is_(None), WebhookDelivery.locked_until < now),
-        )
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    due = select(WebhookDelivery.id).where(
+        text(WEBHOOK_DUE),
+        WebhookDelivery.next_attempt_at <= now,
+        or_(WebhookDelivery.locked_until.is_(None), WebhookDelivery.locked_until < now),
     )
+    # A read first: most passes find nothing, and an UPDATE, even of no row, would take
+    # SQLite's write lock every pass.
+    if await session.scalar(due.limit(1)) is None:
+        return []
+    due = due.order_by(WebhookDelivery.next_attempt_at).limit(limit)
+    due = due.with_for_update(skip_locked=True)
     rows = await session.scalars(
         update(WebhookDelivery)
         .where(WebhookDelivery.id.in_(due.scalar_subquery()))
