@@ -679,10 +679,30 @@ def test_a_real_worker_sends_start_and_completed(
             response = client.post("/v1/jobs", json=job_body(webhook=receiver.url("/e2e")))
             assert response.status_code == 202, response.text
             job_id = response.json()["id"]
+            # And a batch run to its end: `completed`.
+            upload = client.post(
+                "/v1/files",
+                files={"file": ("in.jsonl", jsonl([chat_line("a")]), "application/jsonl")},
+                data={"purpose": "batch"},
+            )
+            assert upload.status_code == 200, upload.text
+            response = client.post(
+                "/v1/batches",
+                json={
+                    "input_file_id": upload.json()["id"],
+                    "endpoint": "/v1/chat/completions",
+                    "webhook": receiver.url("/e2e-batch"),
+                },
+            )
+            assert response.status_code == 200, response.text
+            batch_id = response.json()["id"]
             deadline = time.monotonic() + 120
-            while len(receiver.at("/e2e")) < 2 and time.monotonic() < deadline:
+            while time.monotonic() < deadline and (
+                len(receiver.at("/e2e")) < 2 or not receiver.at("/e2e-batch")
+            ):
                 time.sleep(0.1)
             shown = client.get(f"/v1/jobs/{job_id}").json()
+            batch_shown = client.get(f"/v1/batches/{batch_id}").json()
         plain = own_database.replace("postgresql+asyncpg://", "postgresql://")
         with psycopg.connect(plain) as conn:
             row = conn.execute(
@@ -690,9 +710,14 @@ def test_a_real_worker_sends_start_and_completed(
                 (api_keys.hash_key(KEY_A),),
             ).fetchone()
     assert row is not None
-    start, completed = receiver.at("/e2e")
-    assert start.headers["ferry-webhook-event"] == "start"
-    assert verified(row[0], start)["id"] == job_id
-    assert completed.headers["ferry-webhook-event"] == "completed"
-    body = verified(row[0], completed)
+    # Two messages, in no promised order (each is sent on its own).
+    by_event = {m.headers["ferry-webhook-event"]: m for m in receiver.at("/e2e")}
+    assert sorted(by_event) == ["completed", "start"]
+    assert verified(row[0], by_event["start"])["id"] == job_id
+    body = verified(row[0], by_event["completed"])
     assert body == shown and body["status"] == "succeeded" and body["result"]["text"]
+    [batch_message] = receiver.at("/e2e-batch")
+    assert batch_message.headers["ferry-webhook-event"] == "completed"
+    batch_body = verified(row[0], batch_message)
+    assert batch_body == batch_shown and batch_body["status"] == "completed"
+    assert batch_body["request_counts"]["completed"] == 1

@@ -5,6 +5,7 @@ address (api/images/fetch.py GuardedNetworkBackend)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import httpx
@@ -79,10 +80,12 @@ async def check_subscription(
             )
         return None, None
     try:
-        await vet(url, allowed)
+        # A resolver that hangs must not hold the request.
+        async with asyncio.timeout(settings.webhook_timeout_seconds):
+            await vet(url, allowed)
     except RefusedUrl as exc:
         raise InvalidRequest(str(exc), param="webhook", code="invalid_webhook") from None
-    except UnresolvableHost:
+    except (UnresolvableHost, TimeoutError):
         raise InvalidRequest(
             f"Webhook URL `{_short(url)}`: its host could not be resolved.",
             param="webhook",
