@@ -320,6 +320,57 @@ async def test_delivery_survives_an_api_restart(
     assert verified(secret, retry)["id"] == job["id"]
 
 
+async def settled(api: InProcessApi, object_id: str) -> WebhookDelivery:
+    """The object's one message, once delivered or given up."""
+    for _ in range(300):
+        [row] = await deliveries(api, object_id)
+        if row.delivered_at is not None or row.failed_at is not None:
+            return row
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{object_id}: its message is still pending")
+
+
+async def test_a_url_refused_at_delivery_is_given_up(api: InProcessApi) -> None:
+    """The guard runs again at each attempt: a message whose URL now points somewhere
+    private (as a DNS change would make it) is never sent, and given up at once."""
+    async with api.client() as client:
+        job = await submit(client)
+        assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
+    async with state_of(api).db.transaction() as session:
+        key = await api_keys.find_key(session, KEY_A)
+        assert key is not None
+        await webhooks_repo.record(
+            session,
+            [
+                webhooks_repo.Announcement(
+                    key.id, "https://10.20.30.40/hook", "job", job["id"], "completed"
+                )
+            ],
+        )
+    row = await settled(api, job["id"])
+    assert row.failed_at is not None and row.delivered_at is None
+    assert row.attempts == 1 and row.last_status is None
+    assert row.last_error is not None and "private" in row.last_error
+
+
+async def test_retries_stop_when_the_message_is_too_old(
+    hooks_database: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.statuses["/down"] = [500] * 100
+    settings = hook_settings(webhook_max_age_seconds=1.5)
+    async with running_api(hooks_database, REDIS_URL, tmp_path, settings) as api:
+        async with api.client() as client:
+            job = await submit(
+                client, webhook=receiver.url("/down"), webhook_events_filter=["completed"]
+            )
+            assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
+        row = await settled(api, job["id"])
+    assert row.failed_at is not None and row.delivered_at is None and row.last_status == 500
+    # Tried until the age limit (the last try at it), not one more time.
+    assert row.attempts == len(receiver.at("/down")) >= 2
+    assert (row.failed_at - row.created_at).total_seconds() < 1.5 + 1.0
+
+
 async def deliveries_in(database_url: str, object_id: str) -> list[WebhookDelivery]:
     engine = create_db_engine(StorageSettings(database_url=database_url, redis_url=REDIS_URL))
     try:
