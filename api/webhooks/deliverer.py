@@ -85,13 +85,14 @@ class WebhookDeliverer:
 
     async def _run(self) -> None:
         while True:
+            # Cleared first: a wake-up during the pass (a slot freed) starts the next one.
+            self._wake.clear()
             try:
                 await self._pass()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("webhook deliverer pass failed; trying again")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.webhook_poll_seconds)
 
