@@ -37,6 +37,7 @@ from api.streaming.event_hub import JobEventHub
 from api.ui import docs
 from api.ui.routes import mount_page
 from api.ui.security import DOCS_CSP, PAGE_CSP, SecurityHeaders
+from api.webhooks.deliverer import WebhookDeliverer
 from storage.channels import CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -134,6 +135,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.batch_supervisor = batch_supervisor
         batch_supervisor.start()
         stack.push_async_callback(batch_supervisor.stop)
+        webhook_deliverer = WebhookDeliverer(db, settings)
+        app.state.webhook_deliverer = webhook_deliverer
+        webhook_deliverer.start()
+        stack.push_async_callback(webhook_deliverer.stop)
         # What start-up imported and built lives as long as the process: out of the garbage
         # collector's sight, a full collection no longer walks it (a pause every request
         # in flight would wait out).

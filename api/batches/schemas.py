@@ -47,6 +47,9 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
+BatchWebhookEvent = Literal["completed", "failed", "expired", "cancelled"]
+
+
 class BatchCreate(BaseModel):
     input_file_id: str = Field(
         min_length=1, max_length=64, json_schema_extra={"pattern": "^[^\\u0000]*$"}
@@ -63,6 +66,19 @@ class BatchCreate(BaseModel):
         json_schema_extra={"pattern": "^[1-9][0-9]{0,6}[smhd]$"},
     )
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs")
+    # Ferry extension: a signed webhook when the batch ends (see Webhooks in docs/api.md).
+    webhook: str | None = Field(
+        None,
+        max_length=2048,
+        description="An https URL that gets the batch (as `GET /v1/batches/{id}` shows "
+        "it), signed per Standard Webhooks, when it ends (a Ferry extension)",
+    )
+    webhook_events_filter: list[BatchWebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="Which ends the webhook gets: `completed`, `failed`, `expired`, "
+        "`cancelled` (default all)",
+    )
 
     @field_validator("input_file_id")
     @classmethod
@@ -141,6 +157,9 @@ class BatchPublic(BaseModel):
     request_counts: BatchRequestCounts
     usage: BatchUsage
     metadata: dict[str, Any] | None
+    # Ferry extension: its webhook (null: none) and the events it gets (null: all).
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
 
     @classmethod
     def from_row(cls, batch: Batch, progress: BatchProgress | None) -> BatchPublic:
@@ -179,6 +198,8 @@ class BatchPublic(BaseModel):
                 total_tokens=p.prompt_tokens + p.completion_tokens,
             ),
             metadata=batch.metadata_,
+            webhook=batch.webhook_url,
+            webhook_events_filter=batch.webhook_events,
         )
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.batches.schemas import ENDPOINTS, BatchCreate, BatchPublic
 from api.core.errors import Conflict, InvalidRequest, NotFound
 from api.core.settings import ApiSettings
+from api.webhooks import urls as webhook_urls
 from storage.channels import CancelChannel
 from storage.models import Batch, BatchStatus, utcnow
 from storage.repositories import batch_jobs as batch_jobs_repo
@@ -72,6 +73,9 @@ async def create_batch(
             param="endpoint",
             code="endpoint_mismatch",
         )
+    webhook, webhook_events = await webhook_urls.check_subscription(
+        body.webhook, body.webhook_events_filter, settings
+    )
     now = utcnow()
     batch = Batch(
         id=batches_repo.new_batch_id(),
@@ -81,6 +85,8 @@ async def create_batch(
         completion_window=body.completion_window,
         status=BatchStatus.VALIDATING,
         metadata_=body.metadata,
+        webhook_url=webhook,
+        webhook_events=webhook_events,
         request_total=0,
         invalid_count=0,
         created_at=now,

@@ -59,6 +59,19 @@ class ApiSettings(BaseSettings):
     # CIDRs the fetcher may reach although they are private or loopback (an internal image
     # server), comma-separated; empty by default. Cloud metadata addresses stay refused.
     image_fetch_allow_networks: Annotated[list[str], NoDecode] = []
+    # Webhooks (api/webhooks): URLs must be https and public. These CIDRs are reachable
+    # although private or loopback, and loopback ones over plain http too (a receiver on
+    # the same host; tests); empty by default. Cloud metadata addresses stay refused.
+    webhook_allow_networks: Annotated[list[str], NoDecode] = []
+    # A failed delivery is retried after base x 2^(attempt-1) seconds (at most max, with
+    # jitter), until max_age after the event; then it is given up.
+    webhook_retry_base_seconds: float = Field(5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0)
+    webhook_max_age_seconds: float = Field(24 * 3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    # Deliveries in flight per API process, and how often it looks for due ones.
+    webhook_concurrency: int = Field(64, ge=1)
+    webhook_poll_seconds: float = Field(1.0, gt=0)
     # Batches (api/batches): input file limits, the longest completion window accepted.
     batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
     batch_max_lines: int = Field(50_000, ge=1)
@@ -95,14 +108,20 @@ class ApiSettings(BaseSettings):
     # every replica within this time.
     key_cache_seconds: float = Field(2.0, ge=0, le=5)
 
-    @field_validator("api_keys", "image_fetch_allow_networks", "model_aliases", mode="before")
+    @field_validator(
+        "api_keys",
+        "image_fetch_allow_networks",
+        "webhook_allow_networks",
+        "model_aliases",
+        mode="before",
+    )
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("image_fetch_allow_networks")
+    @field_validator("image_fetch_allow_networks", "webhook_allow_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         for cidr in value:

@@ -15,6 +15,7 @@ from api.jobs import service as jobs_service
 from api.jobs.schemas import JobCreate, JobList, JobPublic
 from api.streaming import sse
 from api.streaming.job_events import job_event_batches
+from api.webhooks import urls as webhook_urls
 from storage.events import EventId
 from storage.keys import Lane
 from storage.models import JobStatus
@@ -37,9 +38,15 @@ async def create_job(
     The job is stored before this returns (202) and runs on a worker serving `model`
     (omitted or an alias: the default model, as in `/v1/chat/completions`; the job names
     the model it went to).
-    Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`.
+    Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`, or give a `webhook`
+    to be called when it starts and completes (see Webhooks in docs/api.md).
     """
+    # Before the job is built: a refused webhook stores nothing (not even its images).
+    hook = await webhook_urls.check_subscription(
+        body.webhook, body.webhook_events_filter, state.settings
+    )
     job = await jobs_service.build_chat_job(state, key, body)
+    job.webhook_url, job.webhook_events = hook
     await jobs_service.submit(state.intake, [job])
     public = JobPublic.from_row(job)
     await idempotency.record(202, public, job.id)

@@ -19,10 +19,25 @@ from api.openai.tools import reply_message
 from storage.keys import Lane
 from storage.models import Job, JobStatus
 
+# Which of a job's states its webhook announces (Replicate's names); all by default.
+JobWebhookEvent = Literal["start", "completed"]
+
 
 class JobCreate(ChatCompletionRequest):
     """An OpenAI chat-completions request (with `priority` and `metadata`), run
     asynchronously."""
+
+    webhook: str | None = Field(
+        None,
+        max_length=2048,
+        description="An https URL that gets the job (as `GET /v1/jobs/{id}` shows it), "
+        "signed per Standard Webhooks, when it starts and when it completes",
+    )
+    webhook_events_filter: list[JobWebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="Which events the webhook gets: `start`, `completed` (default both)",
+    )
 
 
 class JobResult(BaseModel):
@@ -72,6 +87,9 @@ class JobPublic(BaseModel):
     batch_id: str | None = None
     custom_id: str | None = None
     timings: JobTimings
+    # Its webhook (null: none) and the events it gets (null: all).
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
 
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:
@@ -109,6 +127,8 @@ class JobPublic(BaseModel):
                 ttft_seconds=job.ttft_ms / 1000 if job.ttft_ms is not None else None,
                 total_seconds=_between(job.created_at, job.finished_at),
             ),
+            webhook=job.webhook_url,
+            webhook_events_filter=job.webhook_events,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from collections.abc import Iterable
@@ -89,3 +90,26 @@ async def ensure_builtin_owner(session: AsyncSession) -> str:
 
 async def find_key(session: AsyncSession, token: str) -> ApiKey | None:
     return await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def webhook_secret(session: AsyncSession, key_id: str) -> str:
+    """The key's webhook signing secret, made on first use. Race-safe: the secret is only
+    set while still NULL, so API processes asking at once all read the one that won."""
+    query = select(ApiKey.webhook_secret).where(ApiKey.id == key_id)
+    secret = await session.scalar(query)
+    if secret is None:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, ApiKey.webhook_secret.is_(None))
+            .values(webhook_secret=new_webhook_secret())
+            .execution_options(synchronize_session=False)
+        )
+        secret = await session.scalar(query)
+    if secret is None:
+        raise LookupError(f"no API key {key_id}")
+    return secret

@@ -18,6 +18,7 @@ from sqlalchemy import exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import Batch, BatchStatus, Job, JobStatus, utcnow
+from storage.repositories import webhooks
 
 # Batches whose jobs may still be running: they end once none of their jobs is open.
 SETTLING = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING, BatchStatus.FINALIZING)
@@ -154,7 +155,7 @@ async def fail_batch(
     total: int = 0,
     invalid: int = 0,
 ) -> bool:
-    return await _move(
+    moved = await _move(
         session,
         batch_id,
         [BatchStatus.VALIDATING],
@@ -165,6 +166,9 @@ async def fail_batch(
         invalid_count=invalid,
         lease_expires_at=None,
     )
+    if moved:
+        await _announce_end(session, batch_id, BatchStatus.FAILED)
+    return moved
 
 
 # -- cancel and expiry -------------------------------------------------------------------
@@ -255,7 +259,7 @@ async def end_batch(
         BatchStatus.CANCELLED: "cancelled_at",
         BatchStatus.EXPIRED: "expired_at",
     }[status]
-    return await _move(
+    moved = await _move(
         session,
         batch_id,
         list(SETTLING),
@@ -264,6 +268,26 @@ async def end_batch(
         error_file_id=error_file_id,
         **{stamp: utcnow()},
     )
+    if moved:
+        await _announce_end(session, batch_id, status)
+    return moved
+
+
+async def _announce_end(session: AsyncSession, batch_id: str, status: BatchStatus) -> None:
+    """The batch's webhook for its end, in the transaction that ended it."""
+    row = (
+        await session.execute(
+            select(Batch.owner_id, Batch.webhook_url, Batch.webhook_events).where(
+                Batch.id == batch_id
+            )
+        )
+    ).one()
+    event = status.value
+    if row.webhook_url is not None and webhooks.wanted(row.webhook_url, row.webhook_events, event):
+        await webhooks.record(
+            session,
+            [webhooks.Announcement(row.owner_id, row.webhook_url, "batch", batch_id, event)],
+        )
 
 
 async def _move(

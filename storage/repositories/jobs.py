@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
-from storage.repositories import conversations
+from storage.repositories import conversations, webhooks
 
 
 def new_job_id() -> str:
@@ -132,7 +132,22 @@ async def claim_jobs(
         .returning(Job),
         execution_options={"populate_existing": True, "synchronize_session": False},
     )
-    return {job.id: job for job in claimed}
+    jobs = {job.id: job for job in claimed}
+    # `start` once: a job claimed again (its worker died) has started already.
+    await webhooks.record(
+        session,
+        [
+            _announce(job.owner_id, job.webhook_url, job.id, "start")
+            for job in jobs.values()
+            if job.attempts == 1 and webhooks.wanted(job.webhook_url, job.webhook_events, "start")
+        ],
+    )
+    return jobs
+
+
+def _announce(owner_id: str, url: str | None, job_id: str, event: str) -> webhooks.Announcement:
+    assert url is not None
+    return webhooks.Announcement(owner_id, url, "job", job_id, event)
 
 
 async def renew_leases(
@@ -252,14 +267,24 @@ async def finish_jobs(
     await session.execute(_FINISH, params)
     # Which landed: ours, and stamped with this group's finish time just now.
     ids = [job_id for job_id, _ in outcomes]
-    landed = {
-        row.id: row.conversation_id
-        for row in await session.execute(
-            select(Job.id, Job.conversation_id).where(
-                Job.id.in_(ids), Job.worker_id == worker_id, Job.finished_at == now
-            )
+    rows = (
+        await session.execute(
+            select(
+                Job.id, Job.conversation_id, Job.owner_id, Job.webhook_url, Job.webhook_events
+            ).where(Job.id.in_(ids), Job.worker_id == worker_id, Job.finished_at == now)
         )
-    }
+    ).all()
+    landed = {row.id: row.conversation_id for row in rows}
+    # A cancelled job was announced by its cancel (`cancel_job`); these end here.
+    ended = {o_id for o_id, outcome in outcomes if outcome.status != JobStatus.CANCELLED}
+    await webhooks.record(
+        session,
+        [
+            _announce(row.owner_id, row.webhook_url, row.id, "completed")
+            for row in rows
+            if row.id in ended and webhooks.wanted(row.webhook_url, row.webhook_events, "completed")
+        ],
+    )
     for job_id, outcome in outcomes:
         if (
             outcome.status == JobStatus.SUCCEEDED
@@ -299,13 +324,20 @@ async def cancelled_among(session: AsyncSession, job_ids: Sequence[str]) -> list
 async def cancel_job(session: AsyncSession, job_id: str) -> JobStatus | None:
     """Cancel a queued or running job; returns the status it had, None if already final."""
     for previous in (JobStatus.QUEUED, JobStatus.RUNNING):
-        result = await session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == previous)
-            .values(status=JobStatus.CANCELLED, finished_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount:  # type: ignore[attr-defined]
+        row = (
+            await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == previous)
+                .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+                .returning(Job.owner_id, Job.webhook_url, Job.webhook_events)
+                .execution_options(synchronize_session=False)
+            )
+        ).one_or_none()
+        if row is not None:
+            if webhooks.wanted(row.webhook_url, row.webhook_events, "completed"):
+                await webhooks.record(
+                    session, [_announce(row.owner_id, row.webhook_url, job_id, "completed")]
+                )
             return previous
     return None
 
