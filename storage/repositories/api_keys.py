@@ -169,15 +169,19 @@ def new_webhook_secret() -> str:
 
 
 async def webhook_secret(session: AsyncSession, key_id: str) -> str:
-    """The key's signing secret, made on first use. Two processes asking at once agree:
-    only the first UPDATE finds the column empty, and both then read what it wrote."""
-    await session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, ApiKey.webhook_secret.is_(None))
-        .values(webhook_secret=new_webhook_secret())
-        .execution_options(synchronize_session=False)
-    )
-    secret = await session.scalar(select(ApiKey.webhook_secret).where(ApiKey.id == key_id))
+    """The key's signing secret, made on first use (LookupError: no such key). Two
+    processes making it at once agree: only the first UPDATE finds the column empty, and
+    both then read what it wrote. Read first: once made, asking writes nothing."""
+    query = select(ApiKey.webhook_secret).where(ApiKey.id == key_id)
+    secret = await session.scalar(query)
+    if secret is None:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, ApiKey.webhook_secret.is_(None))
+            .values(webhook_secret=new_webhook_secret())
+            .execution_options(synchronize_session=False)
+        )
+        secret = await session.scalar(query)
     if secret is None:
         raise LookupError(f"no API key `{key_id}`")
     return secret
