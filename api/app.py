@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.admin import routes as admin
+from api.admin import webhooks as webhook_secret
 from api.batches import files
 from api.batches import routes as batches
 from api.batches.supervisor import BatchSupervisor
@@ -226,6 +228,8 @@ def create_app(
         eas,
         files,
         batches,
+        admin,
+        webhook_secret,
         docs,
     ):
         app.include_router(module.router)

@@ -26,8 +26,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.settings import CliSettings
+
+if TYPE_CHECKING:
+    from api.core.settings import ApiSettings
 
 log = logging.getLogger("ferry.serve")
 
@@ -68,6 +72,23 @@ def embedded_api_key(data_dir: Path, configured: list[str]) -> str:
     return path.read_text().strip()
 
 
+def embedded_api_settings(
+    api: ApiSettings, key: str, names: list[str], *, no_auth: bool
+) -> ApiSettings:
+    """The API's settings under `ferry serve`: FERRY_* as read (FERRY_ADMIN_KEY included:
+    set, the admin API and `ferry keys` work; none is made up), with the embedded key and
+    default model."""
+    return api.model_copy(
+        update={
+            "api_keys": api.api_keys or [key],
+            # A request without `model` goes to the text model (or, with images, to one that
+            # takes them: the API's choice).
+            "default_model": names[0] if api.default_model is None else api.default_model,
+            "auth": "off" if no_auth else api.auth,
+        }
+    )
+
+
 def _default_engine() -> str:
     return "vllm" if importlib.util.find_spec("vllm") else "transformers"
 
@@ -100,15 +121,7 @@ def serve(args: argparse.Namespace) -> int:
     objects = ObjectStoreSettings(object_store="local", object_dir=data_dir / "objects")
     model = text_model(settings)
     names = served_models(settings)
-    api = api.model_copy(
-        update={
-            "api_keys": api.api_keys or [key],
-            # A request without `model` goes to the text model (or, with images, to one that
-            # takes them: the API's choice).
-            "default_model": names[0] if api.default_model is None else api.default_model,
-            "auth": "off" if args.no_auth else api.auth,
-        }
-    )
+    api = embedded_api_settings(api, key, names, no_auth=args.no_auth)
     worker_env = {
         **os.environ,
         "FERRY_DATABASE_URL": storage.database_url,
@@ -126,7 +139,9 @@ def serve(args: argparse.Namespace) -> int:
     if IMAGE_MODEL in names[1:]:
         workers.append(_start_worker(args, worker_env, IMAGE_MODEL))
     url = f"http://{host}:{port}"
-    threading.Thread(target=_announce_when_ready, args=(args, url, key, names), daemon=True).start()
+    threading.Thread(
+        target=_announce_when_ready, args=(args, url, key, names, bool(api.admin_key)), daemon=True
+    ).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turn that into a
     # normal exit so the `finally` below stops the workers and Redis.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -191,7 +206,9 @@ def _start_worker(
     )
 
 
-def _announce_when_ready(args: argparse.Namespace, url: str, key: str, names: list[str]) -> None:
+def _announce_when_ready(
+    args: argparse.Namespace, url: str, key: str, names: list[str], admin: bool
+) -> None:
     import httpx
 
     deadline = time.monotonic() + 900
@@ -205,6 +222,8 @@ def _announce_when_ready(args: argparse.Namespace, url: str, key: str, names: li
                 roles = ["default, text", "images"] if len(names) > 1 else ["default"]
                 served = ", ".join(f"`{n}` ({r})" for n, r in zip(names, roles, strict=True))
                 access = "authentication off" if args.no_auth else f"API key: {key}"
+                if admin:
+                    access += f". Admin API on: ferry keys list --url {url}"
                 log.warning(
                     "Ferry is ready at %s serving %s. %s. In a browser: %s/ui/",
                     url,

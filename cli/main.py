@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli import batch, client, embedded
+from cli import batch, client, embedded, keys
 from cli.settings import CliSettings
 
 if TYPE_CHECKING:
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=client.submit)
 
     batch.add_parser(commands, settings)
+    keys.add_parser(commands, settings)
     return parser
 
 

@@ -25,3 +25,6 @@ class CliSettings(BaseSettings):
     # `ferry serve` wrote to .ferry/api-key).
     server: str = "http://127.0.0.1:8000"
     api_key: str | None = None
+    # `ferry keys`: the API (unset: `server`) and the server's admin key.
+    url: str | None = None
+    admin_key: str | None = None

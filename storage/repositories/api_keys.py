@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -92,14 +93,85 @@ async def find_key(session: AsyncSession, token: str) -> ApiKey | None:
     return await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
 
 
+# -- administration (/v1/admin/keys) ------------------------------------------------------
+
+
+async def create_admin_key(
+    session: AsyncSession, name: str, limits: dict[str, Any] | None
+) -> tuple[ApiKey, str]:
+    """A new `admin` key and its bearer token (the token is not kept: shown once)."""
+    token = new_token()
+    now = utcnow()
+    row = ApiKey(
+        id=new_key_id(),
+        key_hash=hash_key(token),
+        name=name,
+        source="admin",
+        limits=limits or None,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    await session.flush()
+    return row, token
+
+
+async def list_keys(session: AsyncSession, *, after: str | None, limit: int) -> Sequence[ApiKey]:
+    """Every key, revoked ones too, newest first; `after` is the last id of the previous
+    page (ids are random, so the cursor is that key's (created_at, id))."""
+    query = select(ApiKey).order_by(ApiKey.created_at.desc(), ApiKey.id.desc()).limit(limit)
+    if after is not None:
+        after_created = select(ApiKey.created_at).where(ApiKey.id == after).scalar_subquery()
+        query = query.where(
+            tuple_(ApiKey.created_at, ApiKey.id) < tuple_(after_created, literal(after))
+        )
+    return (await session.scalars(query)).all()
+
+
+async def update_key(
+    session: AsyncSession,
+    key_id: str,
+    *,
+    name: str | None = None,
+    limits: dict[str, Any] | None = None,
+) -> ApiKey | None:
+    """Rename the key and/or replace its stored limits (`limits` is the whole new set, None
+    leaves them, empty clears them: all defaults)."""
+    row = await session.get(ApiKey, key_id, with_for_update=True)
+    if row is None:
+        return None
+    if name is not None:
+        row.name = name
+    if limits is not None:
+        row.limits = limits or None
+    row.updated_at = utcnow()
+    await session.flush()
+    return row
+
+
+async def revoke_key(session: AsyncSession, key_id: str) -> ApiKey | None:
+    """Revoke the key for good (its rows stay); revoking it again keeps the first time."""
+    row = await session.get(ApiKey, key_id, with_for_update=True)
+    if row is None:
+        return None
+    if row.revoked_at is None:
+        row.revoked_at = row.updated_at = utcnow()
+        await session.flush()
+    return row
+
+
+# -- Standard Webhooks signing secrets ---------------------------------------------------
+
+
 def new_webhook_secret() -> str:
-    """A Standard Webhooks signing secret: `whsec_` and 32 random bytes in base64."""
+    """`whsec_` and 32 random bytes in base64, as Standard Webhooks libraries read it."""
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 async def webhook_secret(session: AsyncSession, key_id: str) -> str:
-    """The key's webhook signing secret, made on first use. Race-safe: the secret is only
-    set while still NULL, so API processes asking at once all read the one that won."""
+    """The key's signing secret, made on first use (LookupError: no such key). Two
+    processes making it at once agree: only the first UPDATE finds the column empty, and
+    both then read what it wrote. Read first: once made, asking writes nothing."""
     query = select(ApiKey.webhook_secret).where(ApiKey.id == key_id)
     secret = await session.scalar(query)
     if secret is None:
@@ -111,5 +183,17 @@ async def webhook_secret(session: AsyncSession, key_id: str) -> str:
         )
         secret = await session.scalar(query)
     if secret is None:
-        raise LookupError(f"no API key {key_id}")
+        raise LookupError(f"no API key `{key_id}`")
     return secret
+
+
+async def rotate_webhook_secret(session: AsyncSession, key_id: str) -> str | None:
+    """A new signing secret for the key (the old one stops signing); None: no such key."""
+    secret = new_webhook_secret()
+    result = await session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id)
+        .values(webhook_secret=secret, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return secret if result.rowcount else None  # type: ignore[attr-defined]
