@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Wakes come as often as lines end (hundreds a second): passes are at least this far apart.
 _MIN_GAP_SECONDS = 0.05
 _LIMIT = 100
+_STOP_SECONDS = 5.0
 # Writing a batch's files takes seconds; a finalisation cut short is retried after this.
 _FINALIZE_LEASE_SECONDS = 120.0
 
@@ -70,11 +71,19 @@ class BatchSupervisor:
         ]
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._busy.values()]:
+        tasks = [*self._tasks, *self._busy.values()]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._busy.values()]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if not tasks:
+            return
+        # Bounded: a pub/sub teardown has been seen to wait forever on the connection
+        # pool at shutdown, and a stopping process must not hang on it.
+        done, stuck = await asyncio.wait(tasks, timeout=_STOP_SECONDS)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: it ended with the process, nothing to report
+        if stuck:
+            log.warning("batch supervisor: %d tasks still stopping; leaving them", len(stuck))
 
     def wake(self, *, full: bool = False) -> None:
         """Feed now; `full` also runs the timed steps (expiry, finalisation)."""
