@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 _DEFAULT_SLOTS = 64
 _WORKERS_CACHE_SECONDS = 1.0
 _LIMITS_CACHE_SECONDS = 2.0
-# Passes woken by job ends come at most this often: under a flood of short jobs each end
-# would otherwise cost a pass, and the window's backlog covers the wait.
+# Passes woken by job ends (not by submits) come at most this often: under a flood of short
+# jobs each end would otherwise cost a pass, and the window's backlog covers the wait.
 _MIN_GAP_SECONDS = 0.05
 
 
@@ -70,6 +70,8 @@ class Dispatcher:
         self._factor = window_factor
         self._interval = interval_seconds
         self._wake = asyncio.Event()
+        # Woken by a submit (no gap: a lone job must not wait), not only by job ends.
+        self._urgent = False
         self._tasks: list[asyncio.Task[None]] = []
         self._workers: dict[str, list[WorkerBeat]] = {}
         self._workers_at = -math.inf
@@ -87,7 +89,8 @@ class Dispatcher:
             task.cancel()
 
     def wake(self) -> None:
-        """Run a pass now (or as soon as the one running ends)."""
+        """Run a pass now (or as soon as the one running ends): jobs were submitted."""
+        self._urgent = True
         self._wake.set()
 
     async def _run(self) -> None:
@@ -96,9 +99,10 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             gap = last + _MIN_GAP_SECONDS - time.monotonic()
-            if gap > 0:
+            if gap > 0 and not self._urgent:
                 await asyncio.sleep(gap)
             self._wake.clear()
+            self._urgent = False
             last = time.monotonic()
             try:
                 await self.dispatch_once()
