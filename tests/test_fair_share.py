@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,6 +28,7 @@ from api.jobs.enqueue import JobQueue, create_producer
 from storage.broker import priority_lists
 from storage.db import create_db_engine, create_session_factory
 from storage.keys import Lane, queue_name
+from storage.migrate import upgrade
 from storage.models import ApiKey, Job, JobStatus, utcnow
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat
 from storage.repositories import jobs as jobs_repo
@@ -124,9 +126,16 @@ class Env:
         return total
 
 
-@pytest.fixture
-async def env(fair_db: str, redis_client: Redis) -> AsyncIterator[Env]:
-    engine = create_db_engine(StorageSettings(database_url=fair_db))
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def env(
+    request: pytest.FixtureRequest, fair_db: str, redis_client: Redis, tmp_path: Path
+) -> AsyncIterator[Env]:
+    """PostgreSQL, and SQLite (`ferry serve`'s embedded database: one process)."""
+    url = fair_db
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'ferry.db'}"
+        await asyncio.to_thread(upgrade, url)
+    engine = create_db_engine(StorageSettings(database_url=url))
     queue = JobQueue(create_producer(REDIS_URL), REDIS_URL)
     queue.start()
     try:
@@ -258,6 +267,8 @@ async def test_held_jobs_survive_a_redis_flush(env: Env) -> None:
 async def test_two_dispatchers_never_overfill_the_window(env: Env, fair_db: str) -> None:
     """Two dispatchers, each with its own connection pool as two API processes have, pass
     at once again and again: together they release exactly the window."""
+    if env.db.sessions.kw["bind"].dialect.name != "postgresql":
+        pytest.skip("SQLite is one embedded process: one dispatcher")
     await env.announce(slots=16)
     keys = [await env.key() for _ in range(3)]
     for key in keys:
