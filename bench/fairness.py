@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -63,20 +64,25 @@ async def submit(client: aiohttp.ClientSession, payload: dict[str, object]) -> s
         return str((await response.json())["id"])
 
 
-def rows(dsn: str, ids: list[str]) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(status, started_at, first_token_at, finished_at) as epoch seconds, per job id."""
+_TIMES = ("created_at", "enqueued_at", "started_at", "first_token_at", "finished_at")
+
+
+def rows(dsn: str, ids: list[str]) -> list[tuple[str, dict[str, float | None]]]:
+    """(status, {created_at, enqueued_at, started_at, first_token_at, finished_at} as epoch
+    seconds) per job id."""
+    columns = ", ".join(f"extract(epoch FROM {t})" for t in _TIMES)
     with psycopg.connect(dsn) as conn:
         got = conn.execute(
-            "SELECT id, status, extract(epoch FROM started_at), extract(epoch FROM "
-            "first_token_at), extract(epoch FROM finished_at) FROM jobs WHERE id = ANY(%s)",
-            (ids,),
+            f"SELECT id, status, {columns} FROM jobs WHERE id = ANY(%s)", (ids,)
         ).fetchall()
     by_id = {r[0]: r[1:] for r in got}
-
-    def f(v: object) -> float | None:
-        return None if v is None else float(v)  # type: ignore[arg-type]
-
-    return [(str(by_id[i][0]), f(by_id[i][1]), f(by_id[i][2]), f(by_id[i][3])) for i in ids]
+    return [
+        (
+            str(by_id[i][0]),
+            {t: None if v is None else float(v) for t, v in zip(_TIMES, by_id[i][1:], strict=True)},
+        )
+        for i in ids
+    ]
 
 
 def open_count(dsn: str, ids: list[str]) -> int:
@@ -148,16 +154,30 @@ async def one_run(url: str, dsn: str, args: argparse.Namespace, with_b: bool, ta
     b_sent = await b_task if b_task is not None else []
     await wait_done(dsn, a_ids + [i for _, i in b_sent])
     a_rows = await asyncio.to_thread(rows, dsn, a_ids)
-    failed = sum(1 for r in a_rows if r[0] != "succeeded")
-    last = max(r[3] or 0.0 for r in a_rows)
+    failed = sum(1 for status, _ in a_rows if status != "succeeded")
+    last = max(t["finished_at"] or 0.0 for _, t in a_rows)
     waits = []
     if b_sent:
         b_rows = await asyncio.to_thread(rows, dsn, [i for _, i in b_sent])
-        failed += sum(1 for r in b_rows if r[0] != "succeeded")
+        failed += sum(1 for status, _ in b_rows if status != "succeeded")
         waits = [
-            ((r[1] or at) - at, (r[2] or at) - at)
-            for (at, _), r in zip(b_sent, b_rows, strict=True)
+            ((t["started_at"] or at) - at, (t["first_token_at"] or at) - at)
+            for (at, _), (_, t) in zip(b_sent, b_rows, strict=True)
         ]
+        # Where B's wait goes: submit -> committed -> released to the queue -> claimed.
+        steps = [("submit", None), *((name, name) for name in _TIMES[:4])]
+        pairs = [*itertools.pairwise(steps), (steps[1], steps[3])]
+        for (a_name, a_key), (b_name, b_key) in pairs:
+            gaps = [
+                (t[b_key] or 0.0) - (at if a_key is None else (t[a_key] or 0.0))
+                for (at, _), (_, t) in zip(b_sent, b_rows, strict=True)
+                if t[b_key] is not None and (a_key is None or t[a_key] is not None)
+            ]
+            if gaps:
+                print(
+                    f"fairness: {tag}: B {a_name} -> {b_name}: p50 {percentile(gaps, 50):.3f}"
+                    f" s, p99 {percentile(gaps, 99):.3f} s ({len(gaps)} jobs)"
+                )
     if failed:
         print(f"fairness: {tag}: {failed} jobs did not succeed")
     return Run(len(a_ids), last - started, waits)

@@ -181,6 +181,26 @@ async def test_a_lone_job_of_another_key_goes_out_in_the_first_round(env: Env) -
     assert await env.dispatcher().dispatch_once() == 2
 
 
+async def test_a_newcomer_goes_out_over_a_window_another_key_filled(env: Env) -> None:
+    a, b = await env.key(), await env.key()
+    await env.hold(a, 100)
+    dispatcher = env.dispatcher()
+    assert await dispatcher.dispatch_once() == SLOTS
+    # B arrives with A's jobs filling the window: B's first jobs go out at once, up to its
+    # half of the window, without waiting for A's to end; A gets no more.
+    b_jobs = await env.hold(b, 5)
+    assert await dispatcher.dispatch_once() == SLOTS // 2
+    released = await env.released()
+    assert released[b] == b_jobs[: SLOTS // 2] and len(released[a]) == SLOTS
+    # Out now: A 4, B 2. As A's jobs end, the window is full until A is down to its half.
+    await env.finish(released[a][:2])
+    assert await dispatcher.dispatch_once() == 0
+    await env.finish(released[a][2:])
+    assert await dispatcher.dispatch_once() == 2  # A 0 out, B 2: both refills are A's
+    after = await env.released()
+    assert len(after[b]) == SLOTS // 2 and len(after[a]) == SLOTS + 2
+
+
 async def test_weights_share_the_window(env: Env) -> None:
     await env.announce(slots=30)
     heavy, light = await env.key(weight=2), await env.key()

@@ -8,7 +8,10 @@ backlog the engine refills from at once, so a wave of jobs ending does not leave
 for a round trip). Each pass fills the free room in weighted round-robin across keys: the
 key with the fewest released-and-unfinished jobs relative to its `weight` goes next (ties:
 the key whose oldest held job is oldest), taking its own jobs by priority, then age. A key
-at its `max_concurrent_jobs` is skipped; its jobs wait.
+at its `max_concurrent_jobs` is skipped; its jobs wait. A key below its fair part of the
+window (the window times its weight over the weights of the keys with work on the model)
+may go beyond a full window by the difference: a key that arrives while another fills the
+window does not wait for that key's jobs to end (bench/README.md, fairness).
 
 A pass runs when a submit commits (so a lone job waits for no timer), when a worker says an
 interactive job ended (JOB_WAKE_CHANNEL), and every `dispatch_interval_seconds`. SQL is the
@@ -146,7 +149,8 @@ class Dispatcher:
                 if not held:
                     return 0
                 out = await dispatch_repo.released(session)
-                limits = await self._key_limits(session, {h.owner_id for h in held})
+                owners = {h.owner_id for h in held} | {owner for _, owner in out}
+                limits = await self._key_limits(session, owners)
                 picks = self._plan(held, out, workers, limits)
                 now = utcnow()
                 jobs = [
@@ -185,18 +189,25 @@ class Dispatcher:
             total[owner] = total.get(owner, 0) + n
         picks: dict[tuple[str, tuple[str, ...]], int] = {}
         for engine, owners in engines.items():
-            busy = sum(n for (e, _), n in running.items() if e == engine)
-            room = self.window(workers.get(engine, [])) - busy
-            heap: list[tuple[float, str, str]] = []
-            left: dict[str, int] = {}
-            for owner, (count, oldest) in owners.items():
-                left[owner] = count
-                weight = limits[owner].weight or 1
-                heap.append((running.get((engine, owner), 0) / weight, oldest, owner))
+            window = self.window(workers.get(engine, []))
+            out_here = {o: n for (e, o), n in running.items() if e == engine}
+            room = window - sum(out_here.values())
+            # A key's fair part of the window, by weight among the keys with work here. A
+            # key below it may go over the window by the difference: a key that just
+            # arrived need not wait for another key's jobs to end (at most twice the window
+            # is out then).
+            weights = {o: limits[o].weight or 1 for o in {*owners, *out_here}}
+            per_weight = window / sum(weights.values())
+            heap = [
+                (out_here.get(o, 0) / weights[o], oldest, o) for o, (_, oldest) in owners.items()
+            ]
             heapq.heapify(heap)
+            left = {o: count for o, (count, _) in owners.items()}
             given: dict[str, int] = {}
-            while room > 0 and heap:
-                _, oldest, owner = heapq.heappop(heap)
+            while heap:
+                ratio, oldest, owner = heapq.heappop(heap)
+                if room <= 0 and ratio + 1 / weights[owner] > per_weight:
+                    continue  # the window is full and this key has its part
                 cap = limits[owner].max_concurrent_jobs
                 if cap is not None and total.get(owner, 0) >= cap:
                     continue  # at its limit: its jobs wait for one of its own to end
@@ -205,8 +216,8 @@ class Dispatcher:
                 left[owner] -= 1
                 room -= 1
                 if left[owner] > 0:
-                    share = running.get((engine, owner), 0) + given[owner]
-                    heapq.heappush(heap, (share / (limits[owner].weight or 1), oldest, owner))
+                    ratio = (out_here.get(owner, 0) + given[owner]) / weights[owner]
+                    heapq.heappush(heap, (ratio, oldest, owner))
             models = tuple(sorted(models_of[engine]))
             for owner, n in given.items():
                 picks[owner, models] = picks.get((owner, models), 0) + n
