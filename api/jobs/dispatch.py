@@ -51,6 +51,9 @@ _LIMITS_CACHE_SECONDS = 2.0
 # Passes woken by job ends (not by submits) come at most this often: under a flood of short
 # jobs each end would otherwise cost a pass, and the window's backlog covers the wait.
 _MIN_GAP_SECONDS = 0.05
+# ...and those woken by submits this often: a lone submit on an idle API passes at once,
+# a flood of submits does not cost a pass per group commit.
+_MIN_GAP_URGENT = 0.02
 
 
 class Dispatcher:
@@ -101,8 +104,8 @@ class Dispatcher:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            gap = last + _MIN_GAP_SECONDS - time.monotonic()
-            if gap > 0 and not self._urgent:
+            gap = last + (_MIN_GAP_URGENT if self._urgent else _MIN_GAP_SECONDS) - time.monotonic()
+            if gap > 0:
                 await asyncio.sleep(gap)
             self._wake.clear()
             self._urgent = False
