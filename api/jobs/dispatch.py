@@ -100,11 +100,14 @@ class Dispatcher:
         self._wake.set()
 
     async def _run(self) -> None:
-        last = -math.inf
+        last, took = -math.inf, 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            gap = last + (_MIN_GAP_URGENT if self._urgent else _MIN_GAP_SECONDS) - time.monotonic()
+            # A pass reads every held job: under a flood, passes that took long come less
+            # often (at most about a quarter of the time is spent passing).
+            least = max(_MIN_GAP_URGENT if self._urgent else _MIN_GAP_SECONDS, 3 * took)
+            gap = last + least - time.monotonic()
             if gap > 0:
                 await asyncio.sleep(gap)
             self._wake.clear()
@@ -114,6 +117,7 @@ class Dispatcher:
                 await self.dispatch_once()
             except Exception:
                 log.exception("dispatch pass failed (the next one retries)")
+            took = time.monotonic() - last
 
     async def _listen(self) -> None:
         while True:
