@@ -105,8 +105,8 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             # A pass reads every held job: under a flood, passes that took long come less
-            # often (at most about a quarter of the time is spent passing).
-            least = max(_MIN_GAP_URGENT if self._urgent else _MIN_GAP_SECONDS, 3 * took)
+            # often (about a quarter of the time spent passing), but at least 5 a second.
+            least = min(max(_MIN_GAP_URGENT if self._urgent else _MIN_GAP_SECONDS, 3 * took), 0.2)
             gap = last + least - time.monotonic()
             if gap > 0:
                 await asyncio.sleep(gap)
