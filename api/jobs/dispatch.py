@@ -76,7 +76,7 @@ class Dispatcher:
         self._factor = window_factor
         self._interval = interval_seconds
         self._wake = asyncio.Event()
-        # Woken by a submit (no gap: a lone job must not wait), not only by job ends.
+        # Woken by a submit (the shorter gap: a lone job must not wait), not by job ends.
         self._urgent = False
         self._tasks: list[asyncio.Task[None]] = []
         self._workers: dict[str, list[WorkerBeat]] = {}
