@@ -28,6 +28,7 @@ from api.core.state import AppState
 from api.eas import routes as eas
 from api.images import routes as images
 from api.jobs import routes as jobs
+from api.jobs.dispatch import Dispatcher
 from api.jobs.enqueue import JobQueue, create_producer
 from api.jobs.intake import JobIntake
 from api.jobs.reconciler import Reconciler
@@ -83,11 +84,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue = JobQueue(create_producer(storage.redis_url), storage.redis_url)
         # Safe before start(): it then only closes the queue's Redis client.
         stack.push_async_callback(queue.stop)
-        intake = JobIntake(db, queue)
+        dispatcher = Dispatcher(
+            db,
+            registry,
+            queue,
+            redis,
+            defaults=settings.default_limits(),
+            window_factor=settings.dispatch_window_factor,
+            interval_seconds=settings.dispatch_interval_seconds,
+        )
+        app.state.dispatcher = dispatcher
+        intake = JobIntake(db, queue, on_held=dispatcher.wake)
         objects = await asyncio.to_thread(build_object_store, app.state.object_store)
         queue.start()
         intake.start()
         stack.push_async_callback(intake.stop)
+        dispatcher.start()
+        stack.push_async_callback(dispatcher.stop)
         # The hub's own client, on RESP2: under RESP3 (redis-py's default) every pub/sub
         # message is a push notification, which redis-py's hiredis parser formats for a
         # debug log, and the hub reads one per token per stream (bench/README.md).

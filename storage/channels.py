@@ -3,6 +3,7 @@
 `CancelChannel`: the API asks whichever worker runs a job to abort it (a job cancelled, a
 batch cancelled or expired). `BatchWakeChannel`: a worker says a batch line ended, so the
 API's batch supervisor feeds the next lines at once instead of at its next timed pass.
+`JobWakeChannel`: the same for interactive jobs and the dispatcher.
 A message is a hint: whoever misses one (not subscribed, Redis gone) learns the same from
 SQL on its next pass.
 """
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from storage.keys import BATCH_WAKE_CHANNEL, CANCEL_CHANNEL
+from storage.keys import BATCH_WAKE_CHANNEL, CANCEL_CHANNEL, JOB_WAKE_CHANNEL
 
 
 class _JobIdChannel:
@@ -43,6 +44,13 @@ class CancelChannel(_JobIdChannel):
 
 class BatchWakeChannel(_JobIdChannel):
     _name = BATCH_WAKE_CHANNEL
+
+
+class JobWakeChannel(_JobIdChannel):
+    """An interactive job ended: the API's dispatcher (api/jobs/dispatch.py) releases the
+    next held one at once instead of at its next timed pass."""
+
+    _name = JOB_WAKE_CHANNEL
 
 
 async def _job_ids(pubsub: PubSub) -> AsyncIterator[str]:

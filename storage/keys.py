@@ -30,6 +30,8 @@ LEGACY_RUN_BULK_JOBS_TASK = "ferry.run_bulk_jobs"
 
 # Workers publish here (payload: the job id) when a batch line ends; API processes listen.
 BATCH_WAKE_CHANNEL = "ferry:batches:wake"
+# A worker says an interactive job ended: the API's dispatcher fills the freed slot.
+JOB_WAKE_CHANNEL = "ferry:jobs:wake"
 
 # Held by the API process doing a batch supervisor pass (expand, feed, expire, finalise).
 BATCH_SUPERVISOR_LOCK = "ferry:batches:lock"

@@ -28,7 +28,7 @@ import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from storage.channels import BatchWakeChannel, CancelChannel
+from storage.channels import BatchWakeChannel, CancelChannel, JobWakeChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.objects import get_object_store
@@ -121,6 +121,7 @@ class JobRunner:
         self._redis = Redis.from_url(self.storage.redis_url)
         self._pending = PendingJobs(self._redis)
         self._batch_wake = BatchWakeChannel(self._redis)
+        self._job_wake = JobWakeChannel(self._redis)
         self._publisher = EventPublisher(
             JobEventStream(
                 self._redis,
@@ -228,11 +229,12 @@ class JobRunner:
                 log.exception("job %s was given back to the queue", job_id)
                 return "released"
             finally:
-                if job.lane == "bulk":
-                    try:
-                        await self._batch_wake.publish(job_id)
-                    except RedisError:
-                        log.warning("could not wake the batch feeder (it passes on its timer)")
+                # Interactive jobs likewise wake the API's dispatcher (api/jobs/dispatch.py).
+                wake = self._batch_wake if job.lane == "bulk" else self._job_wake
+                try:
+                    await wake.publish(job_id)
+                except RedisError:
+                    log.warning("could not wake the API's feeder (it passes on its timer)")
 
         return list(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
 

@@ -82,6 +82,11 @@ class ApiSettings(BaseSettings):
     batch_interactive_cooldown_seconds: float = Field(5.0, ge=0)
     # The feeder's pass interval (workers also wake it whenever a batch line ends).
     batch_feed_interval_seconds: float = Field(1.0, gt=0)
+    # Interactive jobs are released to the workers fairly across keys (api/jobs/dispatch.py):
+    # per model, up to its live workers' engine slots times this factor (the rest a backlog
+    # that keeps the engines full); a pass at least this often (also on submit and job end).
+    dispatch_window_factor: float = Field(4.0, ge=1.0, le=100.0)
+    dispatch_interval_seconds: float = Field(1.0, gt=0)
     # An API process expanding a batch holds it (renewed as it goes) this long; if it dies,
     # another takes the batch over once the lease has lapsed.
     batch_expand_lease_seconds: float = Field(60.0, gt=0)

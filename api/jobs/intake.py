@@ -4,17 +4,20 @@ A commit costs a WAL flush and a round trip or two; at a thousand submits a seco
 is the API's whole budget. So each submit hands its rows here and waits: whatever rows
 arrive while one transaction is committing go into the next one together. A caller's
 `accept` returns only once its rows are committed (so a 202 always means "in SQL"), and
-only then are the jobs handed to the queue for sending.
+only then are the jobs handed to the queue for sending. With a dispatcher (the API's), an
+interactive job is committed held instead and the dispatcher woken: it releases held jobs
+fairly across keys (api/jobs/dispatch.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob
+from storage.keys import Lane
 from storage.models import Job
 from storage.repositories import jobs as jobs_repo
 
@@ -23,9 +26,13 @@ _MAX_BATCH = 500
 
 
 class JobIntake:
-    def __init__(self, db: Database, queue: JobQueue) -> None:
+    def __init__(
+        self, db: Database, queue: JobQueue, on_held: Callable[[], None] | None = None
+    ) -> None:
         self._db = db
         self._queue = queue
+        # Wakes the dispatcher; None: interactive jobs are sent at once too.
+        self._on_held = on_held
         self._waiting: list[tuple[Sequence[Job], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -67,6 +74,9 @@ class JobIntake:
             _settle(batch, exc)
             return
         _settle(batch, None)
+        if self._on_held is not None and any(j.lane == Lane.INTERACTIVE for j in rows):
+            self._on_held()
+            rows = [j for j in rows if j.lane != Lane.INTERACTIVE]
         self._queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority) for j in rows])
 
 

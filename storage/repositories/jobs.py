@@ -364,8 +364,12 @@ async def find_stranded_jobs(
                     Job.status == JobStatus.QUEUED,
                     func.coalesce(Job.enqueued_at, Job.created_at) < queued_before,
                     # A batch line not sent yet waits for the batch feeder (api/batches),
-                    # which sends a window at a time; it is not stranded.
-                    or_(Job.batch_id.is_(None), Job.enqueued_at.is_not(None)),
+                    # an interactive job not released yet for the dispatcher
+                    # (api/jobs/dispatch.py): neither is stranded.
+                    or_(
+                        Job.enqueued_at.is_not(None),
+                        and_(Job.batch_id.is_(None), Job.lane != Lane.INTERACTIVE),
+                    ),
                 ),
                 and_(
                     Job.status == JobStatus.RUNNING,
