@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Response
 
-from api.core.deps import CurrentKey, OwnedJob, SessionDep, StateDep
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, CurrentKey, OwnedJob, SessionDep, StateDep
 from api.core.errors import InvalidRequest, error_responses
 from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
@@ -25,9 +26,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     "",
     status_code=202,
     response_model=JobPublic,
-    responses=error_responses(400, 401, 404, 413, 503),
+    responses=error_responses(400, 401, 404, 413, 429, 503),
 )
-async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPublic:
+async def create_job(
+    body: JobCreate, caller: CurrentCaller, state: StateDep, response: Response
+) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
 
     The job is stored before this returns (202) and runs on a worker serving `model`
@@ -35,7 +38,10 @@ async def create_job(body: JobCreate, key: CurrentKey, state: StateDep) -> JobPu
     the model it went to).
     Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`.
     """
-    job = await jobs_service.build_chat_job(state, key, body)
+    tokens = ratelimit.chat_tokens(body, state.settings)
+    async with ratelimit.admission(state, caller, tokens=tokens, body=body) as admitted:
+        [job] = admitted.reserve([await jobs_service.build_chat_job(state, caller.id, body)])
+    response.headers.update(admitted.headers)
     await jobs_service.submit(state.intake, [job])
     return JobPublic.from_row(job)
 
@@ -82,7 +88,8 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
 
     Its event stream ends with a `cancelled` event. A finished job answers 409.
     """
-    return JobPublic.from_row(await jobs_service.cancel(state.events, state.cancels, session, job))
+    cancelled = await jobs_service.cancel(state.events, state.cancels, session, job, state.limiter)
+    return JobPublic.from_row(cancelled)
 
 
 # What `EventId.parse` takes (empty: from the start); checked there, with its own message.

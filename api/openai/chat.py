@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from api.core.deps import CurrentKey, StateDep
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, StateDep
 from api.core.errors import stream_error
 from api.core.state import AppState
 from api.jobs import service as jobs_service
@@ -36,7 +37,7 @@ router = APIRouter(tags=["openai"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=GENERATION_RESPONSES)
 async def create_chat_completion(
-    body: ChatCompletionRequest, key: CurrentKey, state: StateDep, response: Response
+    body: ChatCompletionRequest, caller: CurrentCaller, state: StateDep, response: Response
 ) -> Any:
     """OpenAI chat completions, through the same queue and workers as `/v1/jobs`.
 
@@ -68,10 +69,13 @@ async def create_chat_completion(
     outputs as vLLM forces them (vLLM workers only). Without a parser `tools` is a 400.
     A field Ferry cannot honour is refused (400 naming it), never ignored.
     """
-    jobs = await jobs_service.build_chat_jobs(state, key, body)
+    tokens = ratelimit.chat_tokens(body, state.settings)
+    sync = not body.stream
+    async with ratelimit.admission(state, caller, tokens=tokens, sync=sync, body=body) as admitted:
+        jobs = admitted.reserve(await jobs_service.build_chat_jobs(state, caller.id, body))
     await jobs_service.submit(state.intake, jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"chatcmpl-{jobs[0].id}"
-    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
+    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs), **admitted.headers}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStreamResponse(

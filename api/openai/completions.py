@@ -12,7 +12,8 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from api.core.deps import CurrentKey, StateDep
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, StateDep
 from api.core.errors import stream_error
 from api.core.state import AppState
 from api.jobs import service as jobs_service
@@ -34,7 +35,7 @@ router = APIRouter(tags=["openai"])
 
 @router.post("/v1/completions", response_model=Completion, responses=GENERATION_RESPONSES)
 async def create_completion(
-    body: CompletionRequest, key: CurrentKey, state: StateDep, response: Response
+    body: CompletionRequest, caller: CurrentCaller, state: StateDep, response: Response
 ) -> Any:
     """OpenAI completions: `prompt` (a string or up to 16 strings) continued by the model.
 
@@ -47,10 +48,13 @@ async def create_completion(
     `X-Ferry-Job-Id` header (comma-separated); a single choice's completion id is its
     job id.
     """
-    jobs = await jobs_service.build_completion_jobs(state, key, body)
+    tokens = ratelimit.completion_tokens(body, state.settings)
+    sync = not body.stream
+    async with ratelimit.admission(state, caller, tokens=tokens, sync=sync, body=body) as admitted:
+        jobs = admitted.reserve(await jobs_service.build_completion_jobs(state, caller.id, body))
     await jobs_service.submit(state.intake, jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"cmpl-{jobs[0].id}"
-    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs)}
+    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs), **admitted.headers}
     echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo else [""] * len(jobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -24,7 +24,7 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
             "With `stream: true`: a chunk (JSON; an error object if the job fails), `[DONE]` last"
         )
     },
-    **error_responses(400, 401, 404, 413, 500, 503),
+    **error_responses(400, 401, 404, 413, 429, 500, 503),
 }
 
 
