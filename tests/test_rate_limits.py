@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +16,27 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+import websocket
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from api.core.ratelimit import reset_text
 from api.core.settings import ApiSettings
+from ferry_testing.procs import free_port
 from storage.keys import MODELS_HASH
 from storage.models import Batch, Job, JobStatus
 from storage.ratelimit import Limits, RateLimiter, unused_tokens
 from storage.registry import ServedModel, now_epoch
 from storage.repositories import api_keys
+from storage.settings import StorageSettings
 from tests.conftest import REDIS_BASE, TINY, new_database
 from tests.fixtures.api import InProcessApi, running_api
 from tests.imaging import data_url, image_bytes
+from worker.engines.base import Delta, GenerationRequest, ModelInfo
+from worker.runner import JobRunner
+from worker.settings import WorkerSettings
 
 LIMITS_REDIS_DB = 9
 FROZEN = 1_800_000_000.0
@@ -275,6 +283,10 @@ async def test_remaining_decreases_and_every_work_route_counts(replicas: Replica
     assert await replicas.count(Job, owner) == 4
 
 
+def _stored_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
 async def test_refused_request_stores_no_image_and_no_job(replicas: Replicas) -> None:
     replicas.freeze()
     token, owner = await replicas.key(requests_per_minute=1)
@@ -291,12 +303,12 @@ async def test_refused_request_stores_no_image_and_no_job(replicas: Replicas) ->
             }
         ],
     }
-    objects = replicas.apps[0].object_dir
+    objects = Path(replicas.apps[0].object_dir)
     async with replicas.client(token) as client:
         assert (await client.post("/v1/jobs", json=chat())).status_code == 202
-        before = sorted(p for p in Path(objects).rglob("*") if p.is_file())
+        before = _stored_files(objects)
         assert_429(await client.post("/v1/jobs", json=body), "requests")
-    assert sorted(p for p in Path(objects).rglob("*") if p.is_file()) == before
+    assert _stored_files(objects) == before
     assert await replicas.count(Job, owner) == 1
 
 
@@ -395,3 +407,96 @@ async def test_openapi_declares_429_with_the_headers(replicas: Replicas) -> None
         assert "Retry-After" in answer["headers"]
         assert "x-ratelimit-remaining-tokens" in answer["headers"]
 
+
+async def test_websocket_message_over_the_limit_gets_an_error_message(
+    replicas: Replicas,
+) -> None:
+    """A WebSocket has no status: each message over the limit is answered with the 429's
+    error (then `<EOS>` when streamed), and the connection stays open."""
+    replicas.freeze()
+    token, owner = await replicas.key(requests_per_minute=1)
+    async with replicas.client(token) as client:
+        assert (await client.post("/v1/jobs", json=chat())).status_code == 202
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            replicas.apps[0].app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for it)
+            await asyncio.sleep(0.05)
+
+        def rounds() -> list[str]:
+            ws = websocket.create_connection(
+                f"ws://127.0.0.1:{port}/", header=[f"Authorization: {token}"], timeout=30
+            )
+            try:
+                ws.send(json.dumps({"prompt": "Hi"}))
+                streamed = [ws.recv(), ws.recv()]
+                ws.send(json.dumps({"prompt": "Hi", "use_stream_chat": False}))
+                return [*streamed, ws.recv()]
+            finally:
+                ws.close()
+
+        first, eos, unstreamed = await asyncio.to_thread(rounds)
+    finally:
+        server.should_exit = True
+        await serving
+    for message in (first, unstreamed):
+        error = json.loads(message)["error"]
+        assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
+    assert eos == "<EOS>"
+    assert await replicas.count(Job, owner) == 1
+
+
+class _CountingEngine:
+    """An engine that answers at once with a known usage: 10 prompt + 5 completion tokens.
+    (The worker around it, its group commit and its settlement are the real ones.)"""
+
+    info = ModelInfo(TINY, 2048, "vllm", supports_images=True, supports_structured_output=True)
+    tokenizer = None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        yield Delta("Hello", 5, prompt_tokens=10, finish_reason="stop")
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+
+async def test_worker_settles_a_finished_job(replicas: Replicas) -> None:
+    """A real clock on both sides (the worker's give-back reads Redis's): a 3,000 tokens/min
+    budget refills 50 tokens a second, so only the settlement can bring it near full
+    within the test."""
+    replicas.freeze(None)
+    token, owner = await replicas.key(tokens_per_minute=3000)
+    async with replicas.client(token) as client:
+        started = time.monotonic()
+        job = await client.post("/v1/jobs", json=chat("Hi", max_tokens=2000))
+        assert int(job.headers["x-ratelimit-remaining-tokens"]) < 1100  # 2,005 reserved
+        runner = JobRunner(
+            WorkerSettings(served_model_name=TINY),
+            StorageSettings(
+                database_url=replicas.apps[0].database_url, redis_url=replicas.redis_url
+            ),
+            lambda _: _CountingEngine(),
+        )
+        await asyncio.to_thread(runner.start)
+        try:
+            outcome = await asyncio.to_thread(runner.run_jobs, [job.json()["id"]])
+        finally:
+            await asyncio.to_thread(runner.stop)
+        assert outcome == ["succeeded"]
+        after = await client.post("/v1/jobs", json=chat("Hi", max_tokens=1))
+        elapsed = time.monotonic() - started
+    # 2,005 - 15 came back: without them at most 995 + 50/s would be left.
+    assert elapsed < 30
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) > 995 + 50 * elapsed + 1000
+    assert await replicas.count(Job, owner) == 2
