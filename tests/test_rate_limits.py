@@ -26,7 +26,7 @@ from api.core.ratelimit import reset_text
 from api.core.settings import ApiSettings
 from ferry_testing.procs import free_port
 from storage.keys import MODELS_HASH
-from storage.models import Batch, Job, JobStatus
+from storage.models import Batch, BatchLineError, Job, JobStatus
 from storage.ratelimit import Limits, RateLimiter, unused_tokens
 from storage.registry import ServedModel, now_epoch
 from storage.repositories import api_keys
@@ -499,4 +499,53 @@ async def test_worker_settles_a_finished_job(replicas: Replicas) -> None:
     # 2,005 - 15 came back: without them at most 995 + 50/s would be left.
     assert elapsed < 30
     assert int(after.headers["x-ratelimit-remaining-tokens"]) > 995 + 50 * elapsed + 1000
+    assert await replicas.count(Job, owner) == 2
+
+
+async def test_batch_lines_take_the_priority_ceiling(replicas: Replicas) -> None:
+    """A line naming a more urgent priority than max_priority goes to the error file; a
+    line naming none gets the ceiling."""
+    token, owner = await replicas.key(max_priority=5)
+    lines = [
+        {"custom_id": "plain", "body": chat()},
+        {"custom_id": "urgent", "body": chat(priority=2)},
+        {"custom_id": "patient", "body": chat(priority=7)},
+    ]
+    data = "\n".join(
+        json.dumps({"method": "POST", "url": "/v1/chat/completions", **line}) for line in lines
+    )
+    async with replicas.client(token) as client:
+        upload = await client.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": ("in.jsonl", data.encode(), "application/jsonl")},
+        )
+        created = await client.post(
+            "/v1/batches",
+            json={
+                "input_file_id": upload.json()["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+        )
+        assert created.status_code == 200, created.text
+        batch_id = created.json()["id"]
+        deadline = time.monotonic() + 30
+        while (await client.get(f"/v1/batches/{batch_id}")).json()["status"] == "validating":
+            assert time.monotonic() < deadline, "the batch was not expanded"
+            await asyncio.sleep(0.1)
+    async with replicas.apps[0].app.state.ferry.db.read() as session:
+        rows = await session.execute(
+            select(Job.custom_id, Job.priority).where(Job.batch_id == batch_id)
+        )
+        priorities = dict(rows.tuples().all())
+        errors = (
+            await session.execute(
+                select(BatchLineError.custom_id, BatchLineError.code).where(
+                    BatchLineError.batch_id == batch_id
+                )
+            )
+        ).all()
+    assert priorities == {"plain": 5, "patient": 7}
+    assert [tuple(e) for e in errors] == [("urgent", "priority_above_limit")]
     assert await replicas.count(Job, owner) == 2
