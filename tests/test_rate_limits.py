@@ -471,7 +471,23 @@ class _CountingEngine:
         return None
 
 
-async def test_worker_settles_a_finished_job(replicas: Replicas) -> None:
+@pytest.fixture
+async def counting_worker(replicas: Replicas) -> AsyncIterator[JobRunner]:
+    """A real worker runner (claims, group commit, events, settlement) on the counting
+    engine; it runs the jobs a test hands it (no Celery)."""
+    runner = JobRunner(
+        WorkerSettings(served_model_name=TINY),
+        StorageSettings(database_url=replicas.apps[0].database_url, redis_url=replicas.redis_url),
+        lambda _: _CountingEngine(),
+    )
+    await asyncio.to_thread(runner.start)
+    yield runner
+    await asyncio.to_thread(runner.stop)
+
+
+async def test_worker_settles_a_finished_job(
+    replicas: Replicas, counting_worker: JobRunner
+) -> None:
     """A real clock on both sides (the worker's give-back reads Redis's): a 3,000 tokens/min
     budget refills 50 tokens a second, so only the settlement can bring it near full
     within the test."""
@@ -481,18 +497,7 @@ async def test_worker_settles_a_finished_job(replicas: Replicas) -> None:
         started = time.monotonic()
         job = await client.post("/v1/jobs", json=chat("Hi", max_tokens=2000))
         assert int(job.headers["x-ratelimit-remaining-tokens"]) < 1100  # 2,005 reserved
-        runner = JobRunner(
-            WorkerSettings(served_model_name=TINY),
-            StorageSettings(
-                database_url=replicas.apps[0].database_url, redis_url=replicas.redis_url
-            ),
-            lambda _: _CountingEngine(),
-        )
-        await asyncio.to_thread(runner.start)
-        try:
-            outcome = await asyncio.to_thread(runner.run_jobs, [job.json()["id"]])
-        finally:
-            await asyncio.to_thread(runner.stop)
+        outcome = await asyncio.to_thread(counting_worker.run_jobs, [job.json()["id"]])
         assert outcome == ["succeeded"]
         after = await client.post("/v1/jobs", json=chat("Hi", max_tokens=1))
         elapsed = time.monotonic() - started
@@ -500,6 +505,36 @@ async def test_worker_settles_a_finished_job(replicas: Replicas) -> None:
     assert elapsed < 30
     assert int(after.headers["x-ratelimit-remaining-tokens"]) > 995 + 50 * elapsed + 1000
     assert await replicas.count(Job, owner) == 2
+
+
+async def test_eas_answer_carries_the_headers_and_the_ceiling(
+    replicas: Replicas, counting_worker: JobRunner
+) -> None:
+    """A synchronous route's answer carries the headers; an EAS job, which names no
+    priority, runs at the key's ceiling."""
+    replicas.freeze(None)
+    token, owner = await replicas.key(max_priority=4, requests_per_minute=10)
+    async with replicas.client(token) as client:
+        answer = asyncio.create_task(
+            client.post("/", content="Hello", headers={"Content-Type": "text/plain"})
+        )
+        deadline = time.monotonic() + 20
+        while not (queued := await _job_ids(replicas, owner)):
+            assert time.monotonic() < deadline, "no job was stored"
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(counting_worker.run_jobs, queued) == ["succeeded"]
+        response = await answer
+    assert response.status_code == 200, response.text
+    assert response.json()["response"] == "Hello"
+    assert response.headers["x-ratelimit-limit-requests"] == "10"
+    assert response.headers["x-ratelimit-remaining-requests"] == "9"
+    async with replicas.apps[0].app.state.ferry.db.read() as session:
+        assert await session.scalar(select(Job.priority).where(Job.id == queued[0])) == 4
+
+
+async def _job_ids(replicas: Replicas, owner: str) -> list[str]:
+    async with replicas.apps[0].app.state.ferry.db.read() as session:
+        return list((await session.scalars(select(Job.id).where(Job.owner_id == owner))).all())
 
 
 async def test_batch_lines_take_the_priority_ceiling(replicas: Replicas) -> None:

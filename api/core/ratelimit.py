@@ -171,6 +171,8 @@ class Admission:
     """What a request was charged; `reserve` records it on the jobs it built."""
 
     limiter_owner: str
+    # The key's max_priority: a job built without asking (EAS) is raised to it.
+    ceiling: int | None
     tokens: list[int]
     lines: int
     charged: bool
@@ -188,6 +190,8 @@ class Admission:
             shares = [base + (1 if i < extra else 0) for i in range(len(jobs))]
         for job, share in zip(jobs, shares, strict=False):
             job.reserved_tokens = share if self.charged else None
+            if self.ceiling is not None and job.priority < self.ceiling:
+                job.priority = self.ceiling
         self.used = True
         return jobs
 
@@ -231,6 +235,7 @@ async def admission(
             raise _refusal(limits, verdict, sum(wanted), lines)
     taken = Admission(
         caller.id,
+        limits.max_priority,
         wanted if limits.tokens_per_minute is not None else [0] * len(wanted),
         lines if checked.batch_lines_per_day is not None else 0,
         limits.tokens_per_minute is not None,
