@@ -584,3 +584,24 @@ async def test_batch_lines_take_the_priority_ceiling(replicas: Replicas) -> None
     assert priorities == {"plain": 5, "patient": 7}
     assert [tuple(e) for e in errors] == [("urgent", "priority_above_limit")]
     assert await replicas.count(Job, owner) == 2
+
+
+async def test_racing_requests_on_redis_time_stay_within_the_limit(replicas: Replicas) -> None:
+    """The same race on Redis's own clock: the budget refills 1 request per 1.2 s while
+    it runs, never more."""
+    replicas.freeze(None)
+    token, owner = await replicas.key(requests_per_minute=50)
+    clients = [replicas.client(token, 0), replicas.client(token, 1)]
+    started = time.monotonic()
+    try:
+        answers = await asyncio.gather(
+            *(clients[i % 2].post("/v1/jobs", json=chat(f"race {i}")) for i in range(200))
+        )
+    finally:
+        elapsed = time.monotonic() - started
+        for client in clients:
+            await client.aclose()
+    accepted = sum(r.status_code == 202 for r in answers)
+    assert 50 <= accepted <= 50 + int(elapsed / 1.2) + 1
+    assert await replicas.count(Job, owner) == accepted
+    assert all(r.status_code in (202, 429) for r in answers)
