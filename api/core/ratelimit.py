@@ -26,6 +26,7 @@ whole charge back: a refused request takes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -35,6 +36,7 @@ from typing import Any
 
 import anyio
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 
 from api.core.errors import InvalidRequest, RateLimited
 from api.core.limits import Caller, KeyLimits
@@ -170,7 +172,6 @@ def apply_priority(body: BaseModel, limits: KeyLimits) -> None:
 class Admission:
     """What a request was charged; `reserve` records it on the jobs it built."""
 
-    limiter_owner: str
     # The key's max_priority: a job built without asking (EAS) is raised to it.
     ceiling: int | None
     tokens: list[int]
@@ -234,7 +235,6 @@ async def admission(
         if not verdict.taken:
             raise _refusal(limits, verdict, sum(wanted), lines)
     taken = Admission(
-        caller.id,
         limits.max_priority,
         wanted if limits.tokens_per_minute is not None else [0] * len(wanted),
         lines if checked.batch_lines_per_day is not None else 0,
@@ -245,7 +245,8 @@ async def admission(
         yield taken
     except BaseException:
         if charged and not taken.used:
-            with anyio.CancelScope(shield=True):
+            # Best effort: Redis failing here must not hide why the request failed.
+            with anyio.CancelScope(shield=True), contextlib.suppress(RedisError):
                 await state.limiter.give_back(
                     caller.id,
                     sum(taken.tokens),
