@@ -11,7 +11,7 @@ from api.batches.schemas import BatchCreate, BatchList, BatchPublic
 from api.batches.supervisor import BatchSupervisor
 from api.core import ratelimit
 from api.core.deps import CurrentCaller, CurrentKey, SessionDep, StateDep
-from api.core.errors import NotFound, error_responses
+from api.core.errors import ACCEPTED_RATE_HEADERS, NotFound, error_responses
 from api.core.pages import After, split_page
 from storage.models import Batch
 from storage.repositories import batches as batches_repo
@@ -38,7 +38,11 @@ async def owned_batch(batch_id: str, key: CurrentKey, session: SessionDep) -> Ba
 OwnedBatch = Annotated[Batch, Depends(owned_batch)]
 
 
-@router.post("", response_model=BatchPublic, responses=error_responses(400, 401, 404, 413, 429))
+@router.post(
+    "",
+    response_model=BatchPublic,
+    responses={200: {"headers": ACCEPTED_RATE_HEADERS}, **error_responses(400, 401, 404, 413, 429)},
+)
 async def create_batch(
     body: BatchCreate,
     caller: CurrentCaller,

@@ -168,6 +168,8 @@ RATE_LIMIT_HEADERS: dict[str, Any] = {
     "x-ratelimit-remaining-tokens": _header("Tokens left now", "integer"),
     "x-ratelimit-reset-tokens": _header("Until the token budget is full again (`6m0s`)"),
 }
+# The same on an accepted request (for the limits the key has).
+ACCEPTED_RATE_HEADERS = {k: v for k, v in RATE_LIMIT_HEADERS.items() if k != "Retry-After"}
 
 
 def error_response(exc: FerryError) -> JSONResponse:

@@ -22,7 +22,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.conversations import history
 from api.core import ratelimit
 from api.core.deps import CurrentCaller, CurrentKey, SessionDep, StateDep
-from api.core.errors import FerryError, InvalidRequest, error_body, error_responses
+from api.core.errors import (
+    ACCEPTED_RATE_HEADERS,
+    FerryError,
+    InvalidRequest,
+    error_body,
+    error_responses,
+)
 from api.core.limits import Caller
 from api.core.nul import NUL_MESSAGE, find_nul
 from api.core.state import AppState
@@ -60,7 +66,8 @@ _MAX_WRITE_BYTES = 100
                         "`##END`, repeated as it grows",
                     }
                 }
-            }
+            },
+            "headers": ACCEPTED_RATE_HEADERS,
         },
         **error_responses(400, 401, 404, 413, 429, 500, 503),
     },
@@ -211,7 +218,8 @@ _TRANSFORMERS_BODY = {
                         "the response's JSON objects, each followed by a NUL byte",
                     }
                 }
-            }
+            },
+            "headers": ACCEPTED_RATE_HEADERS,
         },
         **error_responses(400, 401, 413, 429, 500, 503),
     },

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 
 from api.core import ratelimit
 from api.core.deps import CurrentCaller, CurrentKey, OwnedJob, SessionDep, StateDep
-from api.core.errors import InvalidRequest, error_responses
+from api.core.errors import ACCEPTED_RATE_HEADERS, InvalidRequest, error_responses
 from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
 from api.jobs.schemas import JobCreate, JobList, JobPublic
@@ -26,7 +26,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     "",
     status_code=202,
     response_model=JobPublic,
-    responses=error_responses(400, 401, 404, 413, 429, 503),
+    responses={
+        202: {"headers": ACCEPTED_RATE_HEADERS},
+        **error_responses(400, 401, 404, 413, 429, 503),
+    },
 )
 async def create_job(
     body: JobCreate, caller: CurrentCaller, state: StateDep, response: Response
