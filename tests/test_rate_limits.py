@@ -38,7 +38,7 @@ from worker.engines.base import Delta, GenerationRequest, ModelInfo
 from worker.runner import JobRunner
 from worker.settings import WorkerSettings
 
-LIMITS_REDIS_DB = 9
+LIMITS_REDIS_DB = 6  # no test stack or other module uses db 6
 FROZEN = 1_800_000_000.0
 
 
@@ -121,10 +121,10 @@ def assert_429(response: httpx.Response, kind: str) -> dict[str, Any]:
 
 @pytest.fixture
 async def limiter_redis() -> AsyncIterator[Redis]:
-    client = Redis.from_url(f"{REDIS_BASE}/{LIMITS_REDIS_DB + 1}")
-    await client.flushdb()
+    """The module's Redis db (not emptied: the replicas' registry lives there too; each
+    test's key is new)."""
+    client = Redis.from_url(f"{REDIS_BASE}/{LIMITS_REDIS_DB}")
     yield client
-    await client.flushdb()
     await client.aclose()
 
 
@@ -134,48 +134,50 @@ async def test_bucket_takes_both_or_nothing_refills_and_takes_settlement(
     now = [FROZEN]
     limiter = RateLimiter(limiter_redis, clock=lambda: now[0])
     limits = Limits(requests_per_minute=10, tokens_per_minute=1000)
-    first = await limiter.take("k", limits, tokens=700)
+    k = "unit-" + secrets.token_hex(4)
+    first = await limiter.take(k, limits, tokens=700)
     assert first.taken and first.remaining_requests == 9 and first.remaining_tokens == 300
     # 30% of a minute to be full again: 18 s.
     assert first.reset_tokens_ms == 42_000 and first.reset_requests_ms == 6000
     # Short of tokens: nothing taken, the request included.
-    refused = await limiter.take("k", limits, tokens=400)
+    refused = await limiter.take(k, limits, tokens=400)
     assert not refused.taken and refused.short == "tokens"
     assert refused.remaining_requests == 9 and refused.remaining_tokens == 300
     assert refused.retry_ms == 6000  # 100 tokens at 1000/min
     # The job used 200 of its 700: 500 come back (settlement).
-    await limiter.give_back("k", unused_tokens(700, 150, 50))
-    second = await limiter.take("k", limits, tokens=800)
+    await limiter.give_back(k, unused_tokens(700, 150, 50))
+    second = await limiter.take(k, limits, tokens=800)
     assert second.taken and second.remaining_tokens == 0 and second.remaining_requests == 8
     # Refill: 6 s is a tenth of a minute.
     now[0] += 6
-    third = await limiter.take("k", limits, tokens=100)
+    third = await limiter.take(k, limits, tokens=100)
     assert third.taken and third.remaining_tokens == 0 and third.remaining_requests == 8
     # Giving back never fills past the limit.
-    await limiter.give_back("k", 10_000, requests=50)
-    full = await limiter.take("k", limits, tokens=0)
+    await limiter.give_back(k, 10_000, requests=50)
+    full = await limiter.take(k, limits, tokens=0)
     assert full.remaining_tokens == 1000 and full.remaining_requests == 9
     # Larger than the limit itself: never, and said so.
-    huge = await limiter.take("k", limits, tokens=1001)
+    huge = await limiter.take(k, limits, tokens=1001)
     assert not huge.taken and huge.retry_ms is None
     # Idle keys vanish: the hash expires once it would be full anyway.
-    ttl = await limiter_redis.pttl("ferry:ratelimit:{k}")
+    ttl = await limiter_redis.pttl(f"ferry:ratelimit:{{{k}}}")
     assert 0 < ttl <= 60_000
 
 
 async def test_requests_bucket_and_daily_lines(limiter_redis: Redis) -> None:
     limiter = RateLimiter(limiter_redis, clock=lambda: FROZEN)
     limits = Limits(requests_per_minute=2, batch_lines_per_day=10)
-    assert (await limiter.take("k", limits, lines=6)).taken
-    over = await limiter.take("k", limits, lines=5)
+    k = "unit-" + secrets.token_hex(4)
+    assert (await limiter.take(k, limits, lines=6)).taken
+    over = await limiter.take(k, limits, lines=5)
     assert not over.taken and over.short == "lines" and over.lines_used == 6
     assert over.retry_ms is not None and over.retry_ms == over.reset_lines_ms
-    assert (await limiter.take("k", limits, lines=4)).taken
-    refused = await limiter.take("k", limits, lines=0)
+    assert (await limiter.take(k, limits, lines=4)).taken
+    refused = await limiter.take(k, limits, lines=0)
     assert not refused.taken and refused.short == "requests" and refused.retry_ms == 30_000
     # A give-back of lines and a request (a batch that was then not created).
-    await limiter.give_back("k", requests=1, lines=4)
-    assert (await limiter.take("k", limits, lines=4)).taken
+    await limiter.give_back(k, requests=1, lines=4)
+    assert (await limiter.take(k, limits, lines=4)).taken
 
 
 def test_reset_is_written_as_openai_writes_it() -> None:
