@@ -122,6 +122,8 @@ BATCH_OUTSTANDING = (
 INTERACTIVE_OPEN = "lane = 'interactive' AND status IN ('queued', 'running')"
 # Interactive jobs accepted but not yet released to the workers (api/jobs/dispatch.py).
 INTERACTIVE_HELD = "lane = 'interactive' AND status = 'queued' AND enqueued_at IS NULL"
+# A key's interactive jobs waiting (sent to the workers or not): its max_queued_jobs.
+INTERACTIVE_QUEUED = "lane = 'interactive' AND status = 'queued'"
 
 
 class Job(Base):
@@ -163,6 +165,13 @@ class Job(Base):
             "id",
             postgresql_where=text(INTERACTIVE_HELD),
             sqlite_where=text(INTERACTIVE_HELD),
+        ),
+        # A key's queued interactive jobs, counted by synchronous routes (max_queued_jobs).
+        Index(
+            "ix_jobs_owner_queued",
+            "owner_id",
+            postgresql_where=text(INTERACTIVE_QUEUED),
+            sqlite_where=text(INTERACTIVE_QUEUED),
         ),
     )
 

@@ -16,6 +16,7 @@ from storage.events import INVALID_REQUEST, SERVER_ERROR, EventType, JobEvent, t
 from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
+from storage.ratelimit import RateLimiter, unused_tokens
 from storage.repositories import jobs as jobs_repo
 from storage.stored_request import StoredRequest
 from worker.admission import EngineAdmission
@@ -169,6 +170,8 @@ class AttemptContext:
     adapters: frozenset[str] = frozenset()
     # `--tool-call-parser`: replies to requests with tools are parsed with it.
     tool_parser: ToolCallParser | None = None
+    # Settlement: a job's unused reserved tokens go back to its key's tokens_per_minute.
+    limiter: RateLimiter | None = None
 
 
 async def run_claimed(ctx: AttemptContext, job: Job) -> str:
@@ -176,6 +179,7 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
     the task's log."""
     job_id = job.id
     state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}", started_at=job.started_at)
+    state.owner_id, state.reserved_tokens = job.owner_id, job.reserved_tokens
     body = _stored_request(job)
     if isinstance(body, StoredRequest):
         if body.logprobs is not None:
@@ -343,7 +347,23 @@ async def _record_end(
         return "lost"
     for event_type, data in terminal_events(recorded, outcome):
         ctx.publisher.emit(state.job_id, JobEvent(state.next_id(), event_type, data))
+    await _settle(ctx, state, outcome)
     return recorded.value
+
+
+async def _settle(ctx: AttemptContext, state: JobAttempt, outcome: jobs_repo.JobOutcome) -> None:
+    """Give back what the job reserved and did not use (api/core/ratelimit.py). Here,
+    where the end is recorded, because the worker is the one place every run job ends
+    (succeeded, failed or cancelled while running) and knows the real usage; only once the
+    end has landed, so an attempt that lost its job gives nothing back. Best effort: Redis
+    being away costs the key some budget for a minute, never the job."""
+    unused = unused_tokens(state.reserved_tokens, outcome.prompt_tokens, outcome.completion_tokens)
+    if ctx.limiter is None or state.owner_id is None or not unused:
+        return
+    try:
+        await ctx.limiter.give_back(state.owner_id, unused)
+    except Exception:
+        log.warning("could not give back %d tokens of job %s", unused, state.job_id, exc_info=True)
 
 
 def _with_tool_constraints(

@@ -36,6 +36,9 @@ class JobAttempt:
     tool_request: StoredRequest | None = None
     tool_calls: list[dict[str, Any]] | None = None
     result_content: str | None = None
+    # The job's key and its reserved tokens (settled when the job ends).
+    owner_id: str | None = None
+    reserved_tokens: int | None = None
     _seq: int = 0
 
     def next_id(self) -> EventId:

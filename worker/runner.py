@@ -33,6 +33,7 @@ from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.objects import get_object_store
 from storage.pending import PendingJobs
+from storage.ratelimit import RateLimiter
 from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
@@ -165,6 +166,7 @@ class JobRunner:
             objects=self._objects,
             adapters=frozenset(m.name for m in s.lora_modules),
             tool_parser=tool_parser,
+            limiter=RateLimiter(self._redis),
         )
         self._registry = ModelRegistry(self._redis)
         await self._heartbeat_once()

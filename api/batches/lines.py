@@ -16,13 +16,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from api.core import ratelimit
 from api.core.errors import FerryError
+from api.core.limits import KeyLimits, stored_limits
 from api.core.nul import NUL_MESSAGE, find_nul, has_nul_escape
 from api.core.state import AppState
 from api.jobs import service as jobs_service
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from storage.keys import Lane
 from storage.models import Job
+from storage.repositories import api_keys as api_keys_repo
 
 MAX_CUSTOM_ID = 256
 
@@ -93,6 +96,16 @@ class LineChecker:
         self._endpoint = endpoint
         self._id_prefix = id_prefix
         self._seen: set[str] = set()
+        self._limits: KeyLimits | None = None
+
+    async def _key_limits(self) -> KeyLimits:
+        """The owner's effective limits, read once per batch (its lines' max_priority)."""
+        if self._limits is None:
+            async with self._state.db.read() as session:
+                key = await api_keys_repo.get_key(session, self._owner_id)
+            own = stored_limits(key.limits if key is not None else None)
+            self._limits = own.over(self._state.settings.default_limits())
+        return self._limits
 
     async def check(self, raw: RawLine) -> Job | LineError:
         n = raw.number
@@ -188,8 +201,10 @@ class LineChecker:
         state, owner = self._state, self._owner_id
         if self._endpoint == "/v1/chat/completions":
             chat = ChatCompletionRequest.model_validate(body)
+            ratelimit.apply_priority(chat, await self._key_limits())
             return await jobs_service.build_chat_job(state, owner, chat, lane=Lane.BULK)
         completion = CompletionRequest.model_validate(body)
+        ratelimit.apply_priority(completion, await self._key_limits())
         if len(completion.prompts) != 1:
             raise FerryError(
                 "a batch line takes one prompt (one line per prompt).",

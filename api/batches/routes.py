@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from api.batches import service
 from api.batches.schemas import BatchCreate, BatchList, BatchPublic
 from api.batches.supervisor import BatchSupervisor
-from api.core.deps import CurrentKey, SessionDep, StateDep
-from api.core.errors import NotFound, error_responses
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, CurrentKey, SessionDep, StateDep
+from api.core.errors import ACCEPTED_RATE_HEADERS, NotFound, error_responses
 from api.core.idempotency import IdempotentCreate
 from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import After, split_page
@@ -42,15 +43,19 @@ OwnedBatch = Annotated[Batch, Depends(owned_batch)]
 @router.post(
     "",
     response_model=BatchPublic,
-    responses={**error_responses(400, 401, 404, 413), **idempotent_responses(200)},
+    responses={
+        **error_responses(400, 401, 404, 413, 429),
+        **idempotent_responses(200, ACCEPTED_RATE_HEADERS),
+    },
 )
 async def create_batch(
     body: BatchCreate,
-    key: CurrentKey,
+    caller: CurrentCaller,
     state: StateDep,
     session: SessionDep,
     supervisor: SupervisorDep,
     idempotency: IdempotentCreate,
+    response: Response,
 ) -> BatchPublic:
     """Run every line of an uploaded `purpose=batch` file as a bulk job.
 
@@ -60,7 +65,12 @@ async def create_batch(
     `completed`. A file with no valid line makes it `failed` (see `errors`). A batch not
     done within `completion_window` ends `expired`, keeping what finished.
     """
-    batch = await service.create_batch(state.settings, session, key, body)
+    batch = await service.create_batch(state.settings, session, caller.id, body)
+    # Its lines against batch_lines_per_day (a 429 rolls the batch back: nothing stored).
+    lines = await service.input_lines(session, batch)
+    async with ratelimit.admission(state, caller, lines=lines) as admitted:
+        admitted.reserve([])
+    response.headers.update(admitted.headers)
     await session.commit()
     supervisor.expand_soon(batch.id)
     public = (await service.public(session, [batch]))[0]

@@ -44,6 +44,12 @@ def window_seconds(window: str, longest: int) -> int:
     return seconds
 
 
+async def input_lines(session: AsyncSession, batch: Batch) -> int:
+    """The non-blank lines of a batch's input file (create_batch has just read it)."""
+    file = await files_repo.get_owned_file(session, batch.input_file_id, batch.owner_id)
+    return file.line_count if file is not None else 0
+
+
 async def create_batch(
     settings: ApiSettings, session: AsyncSession, owner_id: str, body: BatchCreate
 ) -> Batch:

@@ -115,8 +115,11 @@ class BatchSupervisor:
     async def _run(self) -> None:
         last_full = 0.0
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that
+            # lands as the wake arrives, and stop() then waits on this task for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
             self._wake.clear()
             full = self._full_due or time.monotonic() - last_full >= self._interval
             if full:

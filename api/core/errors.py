@@ -66,6 +66,19 @@ class PayloadTooLarge(FerryError):
     code = "payload_too_large"
 
 
+class RateLimited(FerryError):
+    """Over one of the key's limits (api/core/ratelimit.py): 429 with `Retry-After` and
+    OpenAI's `x-ratelimit-*` headers. `type` says which limit, as OpenAI's does."""
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.type = kind
+        self.headers = headers
+
+
 class GenerationFailed(FerryError):
     """A job failed for a server-side reason (its worker gave up, its result could not be
     recorded, ...): not the request's fault."""
@@ -130,20 +143,62 @@ _ERROR_DESCRIPTIONS = {
     404: "No such object for this API key (or no such model)",
     409: "The object's state does not allow this (it has already ended)",
     413: "Request body (or uploaded file) too large",
+    429: "Over one of the API key's limits (requests or tokens per minute, batch lines "
+    "per day, queued jobs): retry after `Retry-After` seconds",
     500: "The job failed for a reason on the server's side",
     503: "No worker serves the model yet, or the answer did not come in time",
 }
+
+
+def merge_responses(*parts: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """Several `responses=` dicts as one: entries for the same status are merged (their
+    `headers` too), not replaced."""
+    merged: dict[int | str, dict[str, Any]] = {}
+    for part in parts:
+        for status, entry in part.items():
+            into = merged.setdefault(status, {})
+            headers = {**into.get("headers", {}), **entry.get("headers", {})}
+            into.update(entry)
+            if headers:
+                into["headers"] = headers
+    return merged
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """A route's `responses=` for the errors it can answer: the error envelope, as JSON
     whatever the route's own media type (so no `model=`, which would take that one)."""
     content = {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}
-    return {code: {"description": _ERROR_DESCRIPTIONS[code], "content": content} for code in codes}
+    answers: dict[int | str, dict[str, Any]] = {
+        code: {"description": _ERROR_DESCRIPTIONS[code], "content": content} for code in codes
+    }
+    if 429 in answers:
+        answers[429]["headers"] = RATE_LIMIT_HEADERS
+    return answers
+
+
+def _header(description: str, kind: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+# OpenAI's rate-limit headers (api/core/ratelimit.py), on a 429 and, for a key with such a
+# limit, on every answer of a route that creates work.
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "Retry-After": _header("Seconds to wait before retrying (429 only)", "integer"),
+    "x-ratelimit-limit-requests": _header("The key's requests per minute", "integer"),
+    "x-ratelimit-remaining-requests": _header("Requests left now", "integer"),
+    "x-ratelimit-reset-requests": _header("Until the request budget is full again (`1s`)"),
+    "x-ratelimit-limit-tokens": _header("The key's tokens per minute", "integer"),
+    "x-ratelimit-remaining-tokens": _header("Tokens left now", "integer"),
+    "x-ratelimit-reset-tokens": _header("Until the token budget is full again (`6m0s`)"),
+}
+# The same on an accepted request (for the limits the key has).
+ACCEPTED_RATE_HEADERS = {k: v for k, v in RATE_LIMIT_HEADERS.items() if k != "Retry-After"}
 
 
 def error_response(exc: FerryError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    if isinstance(exc, RateLimited):
+        headers = exc.headers
     return JSONResponse(
         error_body(exc.message, exc.type, exc.param, exc.code),
         status_code=exc.status_code,

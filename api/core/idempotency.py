@@ -75,9 +75,11 @@ _KEY_SCHEMA = {
 }
 
 
-def responses(success: int) -> dict[int | str, dict[str, Any]]:
-    """What an idempotent route adds to its OpenAPI `responses`: the replay header on its
-    success, and its 409."""
+def responses(
+    success: int, headers: dict[str, Any] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """What an idempotent route adds to its OpenAPI `responses`: the replay header (and the
+    route's own `headers`) on its success, and its 409."""
     conflict = error_responses(409)[409]
     conflict = {
         **conflict,
@@ -91,7 +93,7 @@ def responses(success: int) -> dict[int | str, dict[str, Any]]:
             "schema": {"type": "string", "enum": ["true"]},
         }
     }
-    return {success: {"headers": header}, 409: conflict}
+    return {success: {"headers": {**(headers or {}), **header}}, 409: conflict}
 
 
 @dataclass

@@ -109,6 +109,10 @@ class ApiSettings(BaseSettings):
     default_max_queued_jobs: int | None = Field(None, ge=0)
     default_max_priority: int | None = Field(None, ge=0, le=9)
     default_weight: int = Field(1, ge=1)
+    # tokens_per_minute counts a request's max completion: this many tokens when the
+    # request names no max_tokens and FERRY_DEFAULT_MAX_TOKENS is unset (the real use is
+    # settled when the job ends).
+    tpm_default_completion_tokens: int = Field(1024, ge=1, le=10_000_000)
     # How long a key looked up stays trusted in one process: a revoked key is refused by
     # every replica within this time.
     key_cache_seconds: float = Field(2.0, ge=0, le=5)

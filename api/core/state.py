@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from redis.asyncio import Redis
 
@@ -17,6 +18,7 @@ from api.streaming.job_events import EventSources
 from storage.channels import CancelChannel
 from storage.events import JobEventStream
 from storage.objects import ObjectStore
+from storage.ratelimit import RateLimiter
 from storage.registry import ModelRegistry
 from storage.settings import StorageSettings
 
@@ -38,6 +40,11 @@ class AppState:
     objects: ObjectStore
     # Running jobs' aborts, heard by every worker.
     cancels: CancelChannel
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        """Per-key rate limits (api/core/ratelimit.py), on this process's Redis client."""
+        return RateLimiter(self.redis)
 
     @property
     def event_sources(self) -> EventSources:

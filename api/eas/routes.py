@@ -20,8 +20,16 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.conversations import history
-from api.core.deps import CurrentKey, SessionDep, StateDep
-from api.core.errors import FerryError, InvalidRequest, error_body, error_responses
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, CurrentKey, SessionDep, StateDep
+from api.core.errors import (
+    ACCEPTED_RATE_HEADERS,
+    FerryError,
+    InvalidRequest,
+    error_body,
+    error_responses,
+)
+from api.core.limits import Caller
 from api.core.nul import NUL_MESSAGE, find_nul
 from api.core.state import AppState
 from api.eas import service as eas
@@ -58,13 +66,14 @@ _MAX_WRITE_BYTES = 100
                         "`##END`, repeated as it grows",
                     }
                 }
-            }
+            },
+            "headers": ACCEPTED_RATE_HEADERS,
         },
-        **error_responses(400, 401, 404, 413, 500, 503),
+        **error_responses(400, 401, 404, 413, 429, 500, 503),
     },
 )
 async def infer_forward(
-    body: InferForwardRequest, key: CurrentKey, state: StateDep, response: Response
+    body: InferForwardRequest, caller: CurrentCaller, state: StateDep, response: Response
 ) -> Any:
     """PAI-EAS MLLM: answer `prompt` (about `image`, if given) in the caller's default
     conversation, which keeps the history (`/get_history`, `/clear_history`, and
@@ -78,6 +87,7 @@ async def infer_forward(
     The model: `FERRY_EAS_MODEL`, else the first served model by name, or the first that
     takes images when the prompt carries one (this request's or the history's).
     """
+    key = caller.id
     pairs = history.parse_pairs(body.chat_history, "chat_history")
     # Short units of its own, not the request's session: this route waits for the answer.
     async with state.db.read() as session:
@@ -90,32 +100,36 @@ async def infer_forward(
         past, known = history.prompt_messages(stored), history.known_tokens(stored, counted)
     else:
         past, known = history.messages_from_pairs(pairs), []
-    model = await eas.pick_model(
-        state.catalog,
-        state.settings.eas_model,
-        with_image=body.image is not None or history.has_images(past),
+    tokens = ratelimit.eas_tokens(
+        [body.prompt], body.max_output_tokens, past=past, images=int(body.image is not None)
     )
-    images = ImageIntake.for_state(state, key)
-    image = None
-    if body.image is not None:
-        eas.check_takes_images(model)
-        image = await images.add(body.image, param="image")
-    if not model.supports_images:
-        past = history.without_images(past)
-    turn = eas.Turn(
-        prompt=body.prompt,
-        image=image,
-        max_tokens=body.max_output_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-    )
-    job = await eas.build_job(state, key, model, turn, past, None, known)
+    async with ratelimit.admission(state, caller, tokens=tokens, sync=True) as admitted:
+        model = await eas.pick_model(
+            state.catalog,
+            state.settings.eas_model,
+            with_image=body.image is not None or history.has_images(past),
+        )
+        images = ImageIntake.for_state(state, key)
+        image = None
+        if body.image is not None:
+            eas.check_takes_images(model)
+            image = await images.add(body.image, param="image")
+        if not model.supports_images:
+            past = history.without_images(past)
+        turn = eas.Turn(
+            prompt=body.prompt,
+            image=image,
+            max_tokens=body.max_output_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+        )
+        [job] = admitted.reserve([await eas.build_job(state, key, model, turn, past, None, known)])
     # Every check has passed: only now is anything stored.
     async with state.db.transaction() as session:
         job.conversation_id = (await conversations_repo.default_conversation(session, key)).id
     await images.store()
     await jobs_service.submit(state.intake, [job])
-    headers = {"X-Ferry-Job-Id": job.id}
+    headers = {"X-Ferry-Job-Id": job.id, **admitted.headers}
     if body.use_stream:
         return StreamingResponse(
             _mllm_stream(state, job.id), media_type="text/plain; charset=utf-8", headers=headers
@@ -204,13 +218,14 @@ _TRANSFORMERS_BODY = {
                         "the response's JSON objects, each followed by a NUL byte",
                     }
                 }
-            }
+            },
+            "headers": ACCEPTED_RATE_HEADERS,
         },
-        **error_responses(400, 401, 413, 500, 503),
+        **error_responses(400, 401, 413, 429, 500, 503),
     },
 )
 async def transformers_chat(
-    request: Request, key: CurrentKey, state: StateDep, response: Response
+    request: Request, caller: CurrentCaller, state: StateDep, response: Response
 ) -> Any:
     """PAI-EAS "Transformers standard": a plain-text body is the prompt (answered
     whole); a JSON body (`Content-Type: application/json`) takes `prompt`,
@@ -226,9 +241,10 @@ async def transformers_chat(
     """
     body = await _transformers_body(request)
     pairs = history.parse_pairs(body.history, "history")
-    job = await _transformers_job(state, key, body, pairs)
+    async with _transformers_admission(state, caller, body, pairs) as admitted:
+        [job] = admitted.reserve([await _transformers_job(state, caller.id, body, pairs)])
     await jobs_service.submit(state.intake, [job])
-    headers = {"X-Ferry-Job-Id": job.id}
+    headers = {"X-Ferry-Job-Id": job.id, **admitted.headers}
     if body.use_stream_chat:
         return StreamingResponse(
             _nul_stream(state, job.id, body.prompt, pairs),
@@ -238,6 +254,15 @@ async def transformers_chat(
     response.headers.update(headers)
     text = (await eas.finished(state, job.id)).result_text or ""
     return TransformersChatResponse(response=text, history=_with_turn(pairs, body.prompt, text))
+
+
+def _transformers_admission(
+    state: AppState, caller: Caller, body: TransformersChatRequest, pairs: list[tuple[str, str]]
+) -> contextlib.AbstractAsyncContextManager[ratelimit.Admission]:
+    """The key's limits for one "Transformers standard" turn (api/core/ratelimit.py)."""
+    texts = [body.prompt, body.system_prompt]
+    tokens = ratelimit.eas_tokens(texts, body.max_new_tokens, pairs=pairs)
+    return ratelimit.admission(state, caller, tokens=tokens, sync=True)
 
 
 async def _transformers_body(request: Request) -> TransformersChatRequest:
@@ -333,7 +358,7 @@ async def transformers_websocket(websocket: WebSocket) -> None:
     own. A bad message gets one `{"error": ...}` message (then `<EOS>` if streamed)."""
     state: AppState = websocket.app.state.ferry
     try:
-        key = await state.keys.owner_of(websocket.headers.get("authorization"))
+        caller = await state.keys.caller_of(websocket.headers.get("authorization"))
     except FerryError:
         await websocket.close(code=1008, reason="invalid API key")
         return
@@ -348,7 +373,7 @@ async def transformers_websocket(websocket: WebSocket) -> None:
     reader = asyncio.create_task(_read_messages(websocket, inbox))
     try:
         while (raw := await inbox.get()) is not None:
-            await _websocket_round(websocket, state, key, raw, past)
+            await _websocket_round(websocket, state, caller, raw, past)
     except WebSocketDisconnect:
         return
     finally:
@@ -380,7 +405,7 @@ class _WebSocketHistory:
 
 
 async def _websocket_round(
-    websocket: WebSocket, state: AppState, key: str, raw: str, past: _WebSocketHistory
+    websocket: WebSocket, state: AppState, caller: Caller, raw: str, past: _WebSocketHistory
 ) -> None:
     """Answer one message, and add the round to the connection's history.
 
@@ -394,7 +419,10 @@ async def _websocket_round(
         if body.history is not None:
             pairs = history.parse_pairs(body.history, "history")
             past.pairs, past.reply_tokens = pairs, [None] * len(pairs)
-        job = await _transformers_job(state, key, body, past.pairs, past.reply_tokens)
+        # Over a limit: a 429's error as the message's answer (a WebSocket has no status).
+        async with _transformers_admission(state, caller, body, past.pairs) as admitted:
+            job = await _transformers_job(state, caller.id, body, past.pairs, past.reply_tokens)
+            admitted.reserve([job])
         await jobs_service.submit(state.intake, [job])
         if streamed:
             async with contextlib.aclosing(eas.text_deltas(state, job.id)) as deltas:

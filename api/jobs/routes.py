@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Response
 
-from api.core.deps import CurrentKey, OwnedJob, SessionDep, StateDep
-from api.core.errors import InvalidRequest, error_responses
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, CurrentKey, OwnedJob, SessionDep, StateDep
+from api.core.errors import ACCEPTED_RATE_HEADERS, InvalidRequest, error_responses
 from api.core.idempotency import IdempotentCreate
 from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import NO_NUL, After, split_page
@@ -28,10 +29,17 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     "",
     status_code=202,
     response_model=JobPublic,
-    responses={**error_responses(400, 401, 404, 413, 503), **idempotent_responses(202)},
+    responses={
+        **error_responses(400, 401, 404, 413, 429, 503),
+        **idempotent_responses(202, ACCEPTED_RATE_HEADERS),
+    },
 )
 async def create_job(
-    body: JobCreate, key: CurrentKey, state: StateDep, idempotency: IdempotentCreate
+    body: JobCreate,
+    caller: CurrentCaller,
+    state: StateDep,
+    response: Response,
+    idempotency: IdempotentCreate,
 ) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
 
@@ -45,8 +53,11 @@ async def create_job(
     hook = await webhook_urls.check_subscription(
         body.webhook, body.webhook_events_filter, state.settings
     )
-    job = await jobs_service.build_chat_job(state, key, body)
+    tokens = ratelimit.chat_tokens(body, state.settings)
+    async with ratelimit.admission(state, caller, tokens=tokens, body=body) as admitted:
+        [job] = admitted.reserve([await jobs_service.build_chat_job(state, caller.id, body)])
     job.webhook_url, job.webhook_events = hook
+    response.headers.update(admitted.headers)
     await jobs_service.submit(state.intake, [job])
     public = JobPublic.from_row(job)
     await idempotency.record(202, public, job.id)
@@ -95,7 +106,8 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
 
     Its event stream ends with a `cancelled` event. A finished job answers 409.
     """
-    return JobPublic.from_row(await jobs_service.cancel(state.events, state.cancels, session, job))
+    cancelled = await jobs_service.cancel(state.events, state.cancels, session, job, state.limiter)
+    return JobPublic.from_row(cancelled)
 
 
 # What `EventId.parse` takes (empty: from the start); checked there, with its own message.

@@ -31,6 +31,7 @@ from storage.content import ReasoningMode
 from storage.events import FIRST_UNCLAIMED, JobEvent, JobEventStream, terminal_events
 from storage.keys import Lane
 from storage.models import Job, JobStatus
+from storage.ratelimit import RateLimiter, unused_tokens
 from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
 from storage.stored_request import StoredRequest
@@ -270,9 +271,14 @@ async def submit(intake: JobIntake, jobs: list[Job]) -> None:
 
 
 async def cancel(
-    events: JobEventStream, cancels: CancelChannel, session: AsyncSession, job: Job
+    events: JobEventStream,
+    cancels: CancelChannel,
+    session: AsyncSession,
+    job: Job,
+    limiter: RateLimiter | None = None,
 ) -> Job:
-    """Queued: it will never run. Running: its worker aborts it in the engine."""
+    """Queued: it will never run (its reserved tokens go back to its key at once).
+    Running: its worker aborts it in the engine (and settles its tokens)."""
     previous = await jobs_repo.cancel_job(session, job.id)
     if previous is None:
         raise Conflict(
@@ -285,6 +291,8 @@ async def cancel(
         # No worker will ever touch it: the API ends its stream itself.
         [(kind, data)] = terminal_events(JobStatus.CANCELLED, job)
         await events.publish([(job.id, JobEvent(FIRST_UNCLAIMED, kind, data))])
+        if limiter is not None:
+            await limiter.give_back(job.owner_id, unused_tokens(job.reserved_tokens, 0, 0))
     else:
         await cancels.publish(job.id)
     refreshed = await jobs_repo.get_job(session, job.id)
@@ -396,5 +404,5 @@ async def cancel_quietly(state: AppState, job_id: str) -> None:
         async with state.db.transaction() as session:
             job = await jobs_repo.get_job(session, job_id)
             if job is not None and not job.status.is_terminal:
-                await cancel(state.events, state.cancels, session, job)
+                await cancel(state.events, state.cancels, session, job, state.limiter)
                 log.info("client left: cancelled job %s", job_id)

@@ -9,8 +9,9 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from api.core.deps import CurrentKey, StateDep
-from api.core.errors import stream_error
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, StateDep
+from api.core.errors import merge_responses, stream_error
 from api.core.idempotency import IdempotentJobs
 from api.core.idempotency import responses as idempotent_responses
 from api.core.state import AppState
@@ -39,11 +40,11 @@ router = APIRouter(tags=["openai"])
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
-    responses={**GENERATION_RESPONSES, **idempotent_responses(200)},
+    responses=merge_responses(GENERATION_RESPONSES, idempotent_responses(200)),
 )
 async def create_chat_completion(
     body: ChatCompletionRequest,
-    key: CurrentKey,
+    caller: CurrentCaller,
     state: StateDep,
     response: Response,
     idempotency: IdempotentJobs,
@@ -79,12 +80,23 @@ async def create_chat_completion(
     A field Ferry cannot honour is refused (400 naming it), never ignored.
     """
     jobs = idempotency.replayed_jobs  # a retry with the same Idempotency-Key: its jobs
+    rate_headers: dict[str, str] = {}
     if jobs is None:
-        jobs = await jobs_service.build_chat_jobs(state, key, body)
+        tokens = ratelimit.chat_tokens(body, state.settings)
+        sync = not body.stream
+        async with ratelimit.admission(
+            state, caller, tokens=tokens, sync=sync, body=body
+        ) as admitted:
+            jobs = admitted.reserve(await jobs_service.build_chat_jobs(state, caller.id, body))
+        rate_headers = admitted.headers
         await jobs_service.submit(state.intake, jobs)
         await idempotency.record_jobs(jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"chatcmpl-{jobs[0].id}"
-    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs), **idempotency.headers}
+    headers = {
+        "X-Ferry-Job-Id": ",".join(j.id for j in jobs),
+        **idempotency.headers,
+        **rate_headers,
+    }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.EventStreamResponse(

@@ -12,8 +12,9 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from api.core.deps import CurrentKey, StateDep
-from api.core.errors import stream_error
+from api.core import ratelimit
+from api.core.deps import CurrentCaller, StateDep
+from api.core.errors import merge_responses, stream_error
 from api.core.idempotency import IdempotentJobs
 from api.core.idempotency import responses as idempotent_responses
 from api.core.state import AppState
@@ -37,11 +38,11 @@ router = APIRouter(tags=["openai"])
 @router.post(
     "/v1/completions",
     response_model=Completion,
-    responses={**GENERATION_RESPONSES, **idempotent_responses(200)},
+    responses=merge_responses(GENERATION_RESPONSES, idempotent_responses(200)),
 )
 async def create_completion(
     body: CompletionRequest,
-    key: CurrentKey,
+    caller: CurrentCaller,
     state: StateDep,
     response: Response,
     idempotency: IdempotentJobs,
@@ -58,12 +59,25 @@ async def create_completion(
     job id.
     """
     jobs = idempotency.replayed_jobs  # a retry with the same Idempotency-Key: its jobs
+    rate_headers: dict[str, str] = {}
     if jobs is None:
-        jobs = await jobs_service.build_completion_jobs(state, key, body)
+        tokens = ratelimit.completion_tokens(body, state.settings)
+        sync = not body.stream
+        async with ratelimit.admission(
+            state, caller, tokens=tokens, sync=sync, body=body
+        ) as admitted:
+            jobs = admitted.reserve(
+                await jobs_service.build_completion_jobs(state, caller.id, body)
+            )
+        rate_headers = admitted.headers
         await jobs_service.submit(state.intake, jobs)
         await idempotency.record_jobs(jobs)
     completion_id = jobs[0].id if len(jobs) == 1 else f"cmpl-{jobs[0].id}"
-    headers = {"X-Ferry-Job-Id": ",".join(j.id for j in jobs), **idempotency.headers}
+    headers = {
+        "X-Ferry-Job-Id": ",".join(j.id for j in jobs),
+        **idempotency.headers,
+        **rate_headers,
+    }
     echoes = [p for p in body.prompts for _ in range(body.n)] if body.echo else [""] * len(jobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from api.core.errors import error_responses
+from api.core.errors import ACCEPTED_RATE_HEADERS, error_responses
 from api.streaming import sse
 
 # `/v1/chat/completions` and `/v1/completions`: `stream: true` answers Server-Sent Events.
@@ -22,9 +22,10 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": sse.openapi_content(
             "With `stream: true`: a chunk (JSON; an error object if the job fails), `[DONE]` last"
-        )
+        ),
+        "headers": ACCEPTED_RATE_HEADERS,
     },
-    **error_responses(400, 401, 404, 413, 500, 503),
+    **error_responses(400, 401, 404, 413, 429, 500, 503),
 }
 
 

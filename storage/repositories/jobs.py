@@ -21,14 +21,16 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.keys import Lane
-from storage.models import Job, JobStatus, utcnow
+from storage.models import INTERACTIVE_QUEUED, Job, JobStatus, utcnow
 from storage.repositories import conversations, webhooks
 
 
@@ -306,6 +308,22 @@ async def release_job(session: AsyncSession, job_id: str, worker_id: str) -> Non
         .values(status=JobStatus.QUEUED, worker_id=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
+
+
+async def count_queued(session: AsyncSession, owner_id: str, up_to: int) -> int:
+    """The key's queued interactive jobs, counted up to `up_to` (enough to compare with
+    its max_queued_jobs: a key with 10,000 queued costs no more than one with `up_to`).
+    Through ix_jobs_owner_queued: the predicate is its own, word for word."""
+    if up_to <= 0:
+        return 0
+    queued = (
+        select(literal(1))
+        .select_from(Job)
+        .where(Job.owner_id == owner_id, text(INTERACTIVE_QUEUED))
+        .limit(up_to)
+        .subquery()
+    )
+    return int(await session.scalar(select(func.count()).select_from(queued)) or 0)
 
 
 async def is_cancelled(session: AsyncSession, job_id: str) -> bool:
