@@ -112,7 +112,9 @@ async def test_stranded_jobs_are_old_queued_and_expired_leases(sessions: Session
     from storage.models import utcnow
 
     queued, running, fresh = await _job(sessions), await _job(sessions), await _job(sessions)
+    held = await _job(sessions)  # never released by the dispatcher: not lost, waiting
     async with sessions.begin() as session:
+        await jobs.mark_enqueued(session, [queued.id], utcnow())
         await jobs.claim_job(session, running.id, "w1", lease_seconds=0.01)
         await jobs.claim_job(session, fresh.id, "w1", lease_seconds=60)
     await asyncio.sleep(0.05)
@@ -125,6 +127,7 @@ async def test_stranded_jobs_are_old_queued_and_expired_leases(sessions: Session
         )
     ids = {j.id for j in found}
     assert queued.id in ids and running.id in ids and fresh.id not in ids
+    assert held.id not in ids
 
 
 async def test_events_rebuilt_from_sql_match_worker_numbering(sessions: Sessions) -> None:
