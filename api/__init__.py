@@ -4,7 +4,8 @@ One package per feature, each with its routes, wire types (`schemas.py`) and the
 the routes call:
 
 - `jobs/`           `/v1/jobs`: submit, poll, cancel (`service.py`); group commit of new
-                    rows (`intake.py`); Celery messages (`enqueue.py`) and their re-sending
+                    rows (`intake.py`); held interactive jobs released fairly across keys
+                    (`dispatch.py`); Celery messages (`enqueue.py`) and their re-sending
                     (`reconciler.py`).
 - `streaming/`      a job's events to a subscriber: one pub/sub connection per process
                     (`event_hub.py`), backlog then live exactly once (`job_events.py`), the
@@ -19,11 +20,17 @@ the routes call:
 - `images/`         image intake (fetch behind an SSRF guard, verify, store) and
                     `/v1/images/{sha256}`.
 - `ops/`            `/health`, `/metrics`.
+- `admin/`          `/v1/admin/keys` (the admin key only; 404 to any other) and
+                    `/v1/webhooks/secret`.
+- `webhooks/`       signed webhooks: URL checks (`urls.py`) and the deliverer that sends
+                    and retries the messages SQL holds (`deliverer.py`).
 - `ui/`             the web page (`/ui/`, static files that call the routes above) and the
                     `/docs`, `/redoc` pages, from the package's own files, under a strict
                     Content-Security-Policy (`security.py`).
-- `core/`           what every feature shares: settings, API keys, errors, request
-                    dependencies, the process's clients (`state.py`), pagination.
+- `core/`           what every feature shares: settings, API keys (`auth.py`) and their
+                    limits (`limits.py`, enforced by `ratelimit.py`), `Idempotency-Key`
+                    (`idempotency.py`), errors, request dependencies, the process's
+                    clients (`state.py`), pagination.
 
 `app.py` builds the application and owns the clients' lifetimes (its lifespan).
 
