@@ -71,6 +71,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await api_keys.ensure_keys(session, settings.api_keys)
             if settings.auth == "off":
                 open_owner = await api_keys.ensure_builtin_owner(session)
+            else:
+                # FERRY_API_KEYS is the list in force: a key dropped from it stops working.
+                # (With authentication off no key is in force, so none is revoked.)
+                revoked = await api_keys.revoke_unlisted(session, settings.api_keys)
+                if revoked:
+                    log.warning("revoked %d keys no longer in FERRY_API_KEYS", revoked)
         if open_owner is not None:
             log.warning(
                 "Authentication is OFF (FERRY_AUTH=off): every request, whatever its "

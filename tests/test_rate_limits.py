@@ -56,7 +56,8 @@ class Replicas:
         token = "sk-limits-" + secrets.token_hex(8)
         async with self.apps[0].app.state.ferry.db.transaction() as session:
             [row] = await api_keys.ensure_keys(session, [token])
-            # ensure_keys revokes unlisted env keys: these are admin-made.
+            # Made as the admin API makes them (an env key is revoked at a restart
+            # whose FERRY_API_KEYS does not list it).
             row.source = "admin"
             row.limits = limits
         return token, row.id

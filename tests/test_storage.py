@@ -56,6 +56,23 @@ async def test_api_keys_store_only_a_hash(sessions: Sessions) -> None:
         assert (await api_keys.find_key(session, token + "x")) is None
 
 
+async def test_only_env_keys_missing_from_the_list_in_force_are_revoked(
+    sessions: Sessions,
+) -> None:
+    kept, dropped = f"sk-kept-{secrets.token_hex(6)}", f"sk-dropped-{secrets.token_hex(6)}"
+    async with sessions.begin() as session:
+        await api_keys.ensure_keys(session, [kept, dropped])
+        made, _ = await api_keys.create_admin_key(session, "made", None)
+        # Making keys revokes nothing; only the list in force at a start does.
+        assert (await api_keys.find_key(session, dropped)).revoked_at is None  # type: ignore[union-attr]
+        assert await api_keys.revoke_unlisted(session, [kept]) >= 1
+    async with sessions() as session:
+        found = {t: await api_keys.find_key(session, t) for t in (kept, dropped)}
+        assert found[kept] is not None and found[kept].revoked_at is None
+        assert found[dropped] is not None and found[dropped].revoked_at is not None
+        assert (await api_keys.get_key(session, made.id)).revoked_at is None  # type: ignore[union-attr]
+
+
 async def test_claim_is_exclusive_until_the_lease_expires(sessions: Sessions) -> None:
     job = await _job(sessions)
     async with sessions.begin() as session:

@@ -21,13 +21,11 @@ def hash_key(token: str) -> str:
 
 async def ensure_keys(session: AsyncSession, tokens: Iterable[str]) -> list[ApiKey]:
     """Store the given tokens' hashes as `env` keys (idempotent; several API processes may
-    start at once) and return their rows. A listed key that was revoked is not revived:
-    revocation is for good. `env` keys no longer listed are revoked."""
+    start at once) and return their rows. A listed key that was revoked stays revoked:
+    revocation is for good."""
     rows = []
-    digests = []
     for token in tokens:
         digest = hash_key(token)
-        digests.append(digest)
         row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
         if row is None:
             try:
@@ -40,15 +38,23 @@ async def ensure_keys(session: AsyncSession, tokens: Iterable[str]) -> list[ApiK
                 row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
         if row is not None:
             rows.append(row)
+    return rows
+
+
+async def revoke_unlisted(session: AsyncSession, tokens: Iterable[str]) -> int:
+    """Revoke the `env` keys (from FERRY_API_KEYS) whose token is not among `tokens`, the
+    list now in force; admin-made keys are untouched. How many were revoked."""
+    digests = [hash_key(token) for token in tokens]
     unlisted = (
         update(ApiKey)
         .where(ApiKey.source == "env", ApiKey.revoked_at.is_(None))
         .values(revoked_at=utcnow(), updated_at=utcnow())
+        .execution_options(synchronize_session=False)
     )
     if digests:
         unlisted = unlisted.where(ApiKey.key_hash.not_in(digests))
-    await session.execute(unlisted)
-    return rows
+    result = await session.execute(unlisted)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def new_key_id() -> str:
