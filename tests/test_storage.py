@@ -65,6 +65,7 @@ async def test_only_env_keys_missing_from_the_list_in_force_are_revoked(
     async with sessions() as session:
         await api_keys.ensure_keys(session, [kept, dropped])
         made, _ = await api_keys.create_admin_key(session, "made", None)
+        made_id = made.id
         # Making keys revokes nothing; only the list in force at a start does.
         found = await api_keys.find_key(session, dropped)
         assert found is not None and found.revoked_at is None
@@ -72,7 +73,7 @@ async def test_only_env_keys_missing_from_the_list_in_force_are_revoked(
         session.expire_all()
         kept_row = await api_keys.find_key(session, kept)
         dropped_row = await api_keys.find_key(session, dropped)
-        made_row = await api_keys.get_key(session, made.id)
+        made_row = await api_keys.get_key(session, made_id)
         assert kept_row is not None and kept_row.revoked_at is None
         assert dropped_row is not None and dropped_row.revoked_at is not None
         assert made_row is not None and made_row.revoked_at is None
