@@ -456,7 +456,9 @@ async def test_record_queries_on_both_backends(sessions: Sessions) -> None:
     now = utcnow()
     lease, expiry = now + timedelta(seconds=60), now + timedelta(hours=24)
     claim = {"route": "POST /v1/jobs", "body_hash": "h1", "now": now}
-    async with sessions.begin() as session:
+    # Never committed: the session's PostgreSQL database holds other tests' records, which
+    # the deletes below would take with them.
+    async with sessions() as session:
         args = {**claim, "locked_until": lease, "expires_at": expiry}
         assert await records.insert_claim(session, owner.id, "k", **args)
         assert not await records.insert_claim(session, owner.id, "k", **args)
@@ -486,8 +488,14 @@ async def test_record_queries_on_both_backends(sessions: Sessions) -> None:
         assert await records.get_record(session, owner.id, "other") is not None
         await records.release(session, owner.id, "other", lease)
         assert await records.get_record(session, owner.id, "other") is None
-        # Expired rows go in bounded batches.
-        assert await records.delete_expired(session, expiry, limit=10) == 0
+        # Expired rows go in bounded batches; a row not yet expired stays.
+        expiring = select(func.count()).select_from(IdempotencyRecord)
+        due = await session.scalar(expiring.where(IdempotencyRecord.expires_at < expiry))
+        assert await records.delete_expired(session, expiry, limit=1_000_000) == due
+        assert await records.get_record(session, owner.id, "k") is not None
         far = expiry + timedelta(days=2)
-        assert await records.delete_expired(session, far, limit=10) == 1
+        assert await records.delete_expired(session, far, limit=1) == 1
+        while await records.delete_expired(session, far, limit=1):
+            pass
         assert await records.get_record(session, owner.id, "k") is None
+        await session.rollback()
