@@ -83,13 +83,16 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"  # finished; result, usage and timings are final
     FAILED = "failed"  # the engine or the request failed; `error` says why
     CANCELLED = "cancelled"  # cancelled by its owner; partial output is kept
+    EXPIRED = "expired"  # still queued at its deadline: it never ran
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+)
 
 
 class ApiKey(Base):
@@ -124,6 +127,8 @@ INTERACTIVE_OPEN = "lane = 'interactive' AND status IN ('queued', 'running')"
 INTERACTIVE_HELD = "lane = 'interactive' AND status = 'queued' AND enqueued_at IS NULL"
 # A key's interactive jobs waiting (sent to the workers or not): its max_queued_jobs.
 INTERACTIVE_QUEUED = "lane = 'interactive' AND status = 'queued'"
+# Queued jobs with a deadline: the expiry sweep reads them by deadline.
+QUEUED_WITH_DEADLINE = "status = 'queued' AND deadline_at IS NOT NULL"
 
 
 class Job(Base):
@@ -172,6 +177,13 @@ class Job(Base):
             "owner_id",
             postgresql_where=text(INTERACTIVE_QUEUED),
             sqlite_where=text(INTERACTIVE_QUEUED),
+        ),
+        # Queued jobs by deadline, for the expiry sweep.
+        Index(
+            "ix_jobs_queued_deadline",
+            "deadline_at",
+            postgresql_where=text(QUEUED_WITH_DEADLINE),
+            sqlite_where=text(QUEUED_WITH_DEADLINE),
         ),
     )
 
@@ -235,6 +247,11 @@ class Job(Base):
     # in webhook_events ("start", "completed"); NULL: none.
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
+    # A job still queued at this time never runs: it ends `expired`.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # W3C `traceparent` of the request that made the job (when tracing is on), so the
+    # worker's spans join the API's trace.
+    traceparent: Mapped[str | None] = mapped_column(String(64))
 
 
 class Conversation(Base):
