@@ -137,7 +137,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 cache_seconds=settings.key_cache_seconds,
             ),
             catalog=ModelCatalog(
-                registry, default_model=settings.default_model, aliases=settings.model_aliases
+                registry,
+                default_model=settings.default_model,
+                aliases=settings.model_aliases,
+                declared=settings.models,
+                grace_seconds=settings.model_grace_seconds,
             ),
             objects=objects,
             cancels=CancelChannel(redis),

@@ -26,8 +26,10 @@ import redis
 from api.jobs.enqueue import BULK_LINES_PER_MESSAGE
 from bench.stack import KEY, bench_logs, bench_stack
 from storage.broker import priority_lists
-from storage.keys import MODELS_HASH, queue_name, worker_key
+from storage.keys import queue_name
 from storage.pending import SyncPendingJobs
+from storage.registry import ServedModel, WorkerBeat
+from storage.registry import announce as announce_model
 from worker.settings import WorkerSettings
 
 MODEL = "bench-model"
@@ -61,27 +63,17 @@ def batch_file(path: Path, lines: int) -> int:
 
 def announce(r: redis.Redis) -> None:
     """The model and a live worker, as a worker's heartbeat would write them."""
-    r.hset(
-        MODELS_HASH,
+    beat = WorkerBeat(
+        "bench",
         MODEL,
-        json.dumps({"name": MODEL, "max_model_len": 2048, "engine": "vllm", "created": 0}),
+        "vllm",
+        0,
+        time.time(),
+        concurrency=WORKER.concurrency,
+        bulk_window=WORKER.bulk_window,
+        bulk_window_busy=WORKER.bulk_window_busy,
     )
-    r.set(
-        worker_key("bench"),
-        json.dumps(
-            {
-                "worker_id": "bench",
-                "model": MODEL,
-                "engine": "vllm",
-                "in_flight": 0,
-                "at": time.time(),
-                "concurrency": WORKER.concurrency,
-                "bulk_window": WORKER.bulk_window,
-                "bulk_window_busy": WORKER.bulk_window_busy,
-            }
-        ),
-        ex=600,
-    )
+    announce_model(r, ServedModel(MODEL, 2048, "vllm"), worker=beat, ttl_seconds=600)
 
 
 def bulk_messages(r: redis.Redis) -> int:

@@ -15,6 +15,7 @@ import redis
 
 from ferry_testing.procs import Proc, start_api, start_worker
 from storage.migrate import upgrade
+from storage.registry import live_worker_ids
 
 PG_ADMIN = os.environ.get("FERRY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("FERRY_BENCH_REDIS", "redis://127.0.0.1:6379/9")
@@ -39,7 +40,7 @@ class BenchStack:
         r = redis.Redis.from_url(self.env["FERRY_REDIS_URL"])
 
         def registered(marker: str) -> bool:
-            return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
+            return any(marker in w for w in live_worker_ids(r))
 
         proc = start_worker(
             f"worker-{engine}", model, served_name or model, engine, self.env, self.logs, registered

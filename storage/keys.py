@@ -46,10 +46,14 @@ RECONCILER_LOCK = "ferry:reconciler:lock"
 # Channel on which the API asks workers to abort a running job (payload: job id).
 CANCEL_CHANNEL = "ferry:cancel"
 
-# Model registry: hash model name -> ModelInfo JSON (kept across worker restarts),
-# and one expiring key per live worker.
+# Model registry: hash model name -> ModelInfo JSON (kept across worker restarts); the
+# live workers, a sorted set of worker ids scored by when their last heartbeat expires
+# (Redis TIME) beside a hash of their beats; and per model when its last beat expires
+# (the start of its grace period once its workers are gone). Never found by SCAN.
 MODELS_HASH = "ferry:models"
-WORKER_KEY_PREFIX = "ferry:worker:"
+WORKERS_LIVE = "ferry:workers"
+WORKER_BEATS = "ferry:workers:beats"
+MODELS_SEEN = "ferry:models:seen"
 
 
 def job_stream(job_id: str) -> str:
@@ -60,10 +64,6 @@ def job_stream(job_id: str) -> str:
 def job_channel(job_id: str) -> str:
     """Pub/sub channel carrying a job's events live."""
     return f"ferry:job:{job_id}:live"
-
-
-def worker_key(worker_id: str) -> str:
-    return f"{WORKER_KEY_PREFIX}{worker_id}"
 
 
 def queue_name(model: str, lane: Lane) -> str:

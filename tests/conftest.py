@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ferry_testing.procs import Proc, free_port, start_api, start_worker, wait_until
 from storage.db import create_db_engine, create_session_factory
+from storage.registry import live_worker_ids
 from storage.settings import StorageSettings
 from tests import services
 from tests.imaging import ImageStack, start_image_stack
@@ -196,8 +197,7 @@ class Stack:
         return redis.Redis.from_url(self.redis_url)
 
     def worker_registered(self, marker: str) -> bool:
-        r = self.redis()
-        return any(marker in k.decode() for k in r.scan_iter("ferry:worker:*"))
+        return any(marker in w for w in live_worker_ids(self.redis()))
 
     def add_worker(
         self,

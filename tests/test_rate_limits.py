@@ -25,10 +25,9 @@ from sqlalchemy import func, select
 from api.core.ratelimit import reset_text
 from api.core.settings import ApiSettings
 from ferry_testing.procs import free_port
-from storage.keys import MODELS_HASH
 from storage.models import Batch, BatchLineError, Job, JobStatus
 from storage.ratelimit import Limits, RateLimiter, unused_tokens
-from storage.registry import ServedModel, now_epoch
+from storage.registry import ServedModel, WorkerBeat, announce, now_epoch
 from storage.repositories import api_keys
 from storage.settings import StorageSettings
 from tests.conftest import REDIS_BASE, TINY, new_database
@@ -93,7 +92,8 @@ async def replicas(
             created=now_epoch(),
             root=TINY,
         )
-        client.hset(MODELS_HASH, tiny.name, tiny.to_json())
+        # ...with a live worker (no process): synchronous routes do not wait for one.
+        announce(client, tiny, worker=WorkerBeat("limits", TINY, "vllm", 0, time.time()))
     objects = tmp_path_factory.mktemp("limits-objects")
     settings = ApiSettings(api_keys=["sk-limits-boot"], reconcile_interval_seconds=3600)
     async with (

@@ -59,6 +59,8 @@ class BatchSupervisor:
             cooldown_seconds=settings.batch_interactive_cooldown_seconds,
         )
         self._wake = asyncio.Event()
+        # A model's lines wait for a live worker: one that appears is fed at once.
+        state.registry.on_new_worker(self.wake)
         self._full_due = True
         self._tasks: list[asyncio.Task[None]] = []
         # Expansions and finalisations this process is running, by batch id.

@@ -109,6 +109,17 @@ class ServiceUnavailable(FerryError):
     code = "service_unavailable"
 
 
+class ModelUnavailable(ServiceUnavailable):
+    """No live worker serves the model (`model_unavailable`), or its backlog is full
+    (`model_overloaded`): 503 with `Retry-After`, nothing stored."""
+
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class Answered(Exception):
     """Raised by a dependency that already has the request's whole answer (a replay of
     an `Idempotency-Key`'s first answer): the route does not run, this is sent."""
@@ -146,7 +157,9 @@ _ERROR_DESCRIPTIONS = {
     429: "Over one of the API key's limits (requests or tokens per minute, batch lines "
     "per day, queued jobs): retry after `Retry-After` seconds",
     500: "The job failed for a reason on the server's side",
-    503: "No worker serves the model yet, or the answer did not come in time",
+    503: "No live worker serves the model (`model_unavailable`), its backlog is full "
+    "(`model_overloaded`), or the answer did not come in time: retry after `Retry-After` "
+    "seconds where given",
 }
 
 
@@ -173,6 +186,10 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
     if 429 in answers:
         answers[429]["headers"] = RATE_LIMIT_HEADERS
+    if 503 in answers:
+        answers[503]["headers"] = {
+            "Retry-After": _header("Seconds to wait before retrying", "integer")
+        }
     return answers
 
 
@@ -197,7 +214,7 @@ ACCEPTED_RATE_HEADERS = {k: v for k, v in RATE_LIMIT_HEADERS.items() if k != "Re
 
 def error_response(exc: FerryError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | ModelUnavailable):
         headers = exc.headers
     return JSONResponse(
         error_body(exc.message, exc.type, exc.param, exc.code),

@@ -34,6 +34,14 @@ class ApiSettings(BaseSettings):
     sse_max_seconds: float = 3600.0
     # How long a non-streaming chat completion waits for its job.
     sync_timeout_seconds: float = 600.0
+    # Liveness (docs/operations.md): models listed and accepted although no worker serves
+    # them (scale from zero), comma-separated; how long a model whose last worker is gone
+    # stays listed; how long a synchronous request waits for a worker before a 503; a
+    # model's held backlog beyond which new interactive work gets a 503 (0: no limit).
+    models: Annotated[list[str], NoDecode] = []
+    model_grace_seconds: float = Field(60.0, ge=0)
+    sync_wait_seconds: float = Field(30.0, ge=0)
+    max_queued_per_model: int = Field(10_000, ge=0)
     # Authentication: "on" (API keys, the default) or "off": every request, whatever its
     # Authorization header, runs as one built-in owner (a warning is logged at start).
     auth: Literal["on", "off"] = "on"
@@ -122,6 +130,7 @@ class ApiSettings(BaseSettings):
         "image_fetch_allow_networks",
         "webhook_allow_networks",
         "model_aliases",
+        "models",
         mode="before",
     )
     @classmethod

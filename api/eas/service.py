@@ -75,6 +75,9 @@ async def build_job(
     `past` is the history (prompt messages; `past_tokens` their token counts where
     known); with a `conversation_id` the turn and its reply are appended to that
     conversation when the job succeeds."""
+    # Every EAS route waits for its answer: a worker must serve the model (and the
+    # model as that worker announced it, for its context).
+    model = await jobs_service.admit(state, model, sync=True)
     messages = []
     if turn.system_prompt:
         messages.append(ChatMessage(role="system", content=turn.system_prompt))
@@ -87,7 +90,7 @@ async def build_job(
         top_k=turn.top_k,
         max_tokens=max(1, min(turn.max_tokens, model.max_model_len - 1)),
     )
-    job = await jobs_service.build_chat_job(state, owner_id, body)
+    job = await jobs_service.build_chat_job(state, owner_id, body, admitted=True)
     request = StoredRequest.load(job.request)
     if turn.image is not None and request.messages:
         request.messages[-1]["content"] = [image_part(turn.image), text_part(turn.prompt)]

@@ -12,7 +12,13 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.conversations import history
-from api.core.errors import Conflict, InvalidRequest, ServiceUnavailable, job_failure
+from api.core.errors import (
+    Conflict,
+    InvalidRequest,
+    ModelUnavailable,
+    ServiceUnavailable,
+    job_failure,
+)
 from api.core.state import AppState
 from api.images import ImageIntake
 from api.images.chat import chat_messages
@@ -37,6 +43,8 @@ from storage.repositories import jobs as jobs_repo
 from storage.stored_request import StoredRequest
 
 log = logging.getLogger(__name__)
+# What a 503 for a model whose backlog is full says to wait before retrying.
+_OVERLOAD_RETRY_AFTER_SECONDS = 10
 
 # Jobs one completions request may start (its prompts x n).
 MAX_CHOICES = 64
@@ -50,9 +58,11 @@ def sampling_request(
     the completion the rest of the context, as vLLM and OpenAI do."""
     check_fields(body, model)
     max_tokens = body.requested_max_tokens
+    # 0: a declared model no worker has announced yet; its engine checks the length.
+    known = model.max_model_len or None
     if max_tokens is None and default_max_tokens is not None:
-        max_tokens = min(default_max_tokens, model.max_model_len - 1)
-    if max_tokens is not None and max_tokens >= model.max_model_len:
+        max_tokens = default_max_tokens if known is None else min(default_max_tokens, known - 1)
+    if max_tokens is not None and known is not None and max_tokens >= known:
         raise InvalidRequest(
             f"max_tokens={max_tokens} does not fit the model's context of "
             f"{model.max_model_len} tokens.",
@@ -94,14 +104,37 @@ def sampling_request(
     return {"model": model.name, **fields}
 
 
-async def build_chat_jobs(state: AppState, owner_id: str, body: ChatCompletionRequest) -> list[Job]:
+async def admit(state: AppState, model: ServedModel, *, sync: bool) -> ServedModel:
+    """New interactive work for `model`: 503 `model_overloaded` when its backlog is at
+    FERRY_MAX_QUEUED_PER_MODEL; for a synchronous request (its answer is awaited), the
+    model once a worker serves it live (`ModelCatalog.with_worker`: waits up to
+    FERRY_SYNC_WAIT_SECONDS, then 503 `model_unavailable`). Checked before anything is
+    stored."""
+    most = state.settings.max_queued_per_model
+    if most:
+        async with state.db.read() as session:
+            backlog = await jobs_repo.count_held_for_model(session, model.name, most)
+        if backlog >= most:
+            raise ModelUnavailable(
+                f"The model `{model.name}` has {most} jobs waiting already; retry later.",
+                retry_after=_OVERLOAD_RETRY_AFTER_SECONDS,
+                code="model_overloaded",
+            )
+    if sync:
+        return await state.catalog.with_worker(model, state.settings.sync_wait_seconds)
+    return model
+
+
+async def build_chat_jobs(
+    state: AppState, owner_id: str, body: ChatCompletionRequest, *, sync: bool = True
+) -> list[Job]:
     """`/v1/chat/completions`: one job per choice (`n`), the same request each (with a
     seed, choice i samples with seed + i, so choices differ and each is reproducible)."""
     if body.n > 1 and body.conversation_id is not None:
         raise InvalidRequest(
             "n > 1 cannot continue a conversation (which reply would be its next turn?).", param="n"
         )
-    job = await _chat_job(state, owner_id, body, Lane.INTERACTIVE)
+    job = await _chat_job(state, owner_id, body, Lane.INTERACTIVE, sync=sync)
     request = StoredRequest.load(job.request)
     return [job] + [
         _queued_job(owner_id, body, job.model, "chat", Lane.INTERACTIVE, _nth(request, i))
@@ -122,19 +155,32 @@ async def build_chat_job(
     body: ChatCompletionRequest,
     *,
     lane: Lane = Lane.INTERACTIVE,
+    sync: bool = False,
+    admitted: bool = False,
 ) -> Job:
-    """One job: `/v1/jobs`, EAS and batch lines (one answer each: n is 1)."""
+    """One job: `/v1/jobs`, EAS and batch lines (one answer each: n is 1). `admitted`: the
+    caller has run `admit` for its model already."""
     if body.n != 1:
         raise InvalidRequest(
             "A job has one choice: n must be 1 here (n > 1 is for "
             "/v1/chat/completions and /v1/completions).",
             param="n",
         )
-    return await _chat_job(state, owner_id, body, lane)
+    return await _chat_job(state, owner_id, body, lane, sync=sync, admitted=admitted)
 
 
-async def _chat_job(state: AppState, owner_id: str, body: ChatCompletionRequest, lane: Lane) -> Job:
+async def _chat_job(
+    state: AppState,
+    owner_id: str,
+    body: ChatCompletionRequest,
+    lane: Lane,
+    *,
+    sync: bool,
+    admitted: bool = False,
+) -> Job:
     model = await state.catalog.resolve(body.model, body.carries_images)
+    if lane == Lane.INTERACTIVE and not admitted:
+        model = await admit(state, model, sync=sync)
     refuse_unsupported_parts(body, model)
     fields = sampling_request(body, model, state.settings.default_max_tokens)
     images = ImageIntake.for_state(state, owner_id)
@@ -219,6 +265,7 @@ async def build_completion_jobs(
     body: CompletionRequest,
     *,
     lane: Lane = Lane.INTERACTIVE,
+    sync: bool = True,
 ) -> list[Job]:
     """One job per prompt and choice (kind "completion": the prompt goes to the model as
     is), prompt by prompt: choice index = prompt index x n + i, as in vLLM."""
@@ -235,6 +282,8 @@ async def build_completion_jobs(
         raise InvalidRequest("A batch line has one choice: n must be 1.", param="n")
     wants_images = any("<img>" in prompt for prompt in body.prompts)
     model = await state.catalog.resolve(body.model, wants_images)
+    if lane == Lane.INTERACTIVE:
+        model = await admit(state, model, sync=sync)
     base = sampling_request(body, model, state.settings.default_max_tokens)
     # One intake for all prompts: the request's image limits span them, and nothing is
     # stored unless every prompt passed.

@@ -7,10 +7,20 @@ import asyncio
 import time
 from collections.abc import Iterable
 
-from api.core.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, served_sentence
+from api.core.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    ServiceUnavailable,
+    served_sentence,
+)
 from storage.registry import ModelRegistry, ServedModel
 
 _MODELS_CACHE_SECONDS = 2.0
+# A synchronous request waiting for a worker looks this often (a cached registry read).
+_WAIT_POLL_SECONDS = 0.5
+# What a 503 for a model with no worker (or with too long a backlog) says to wait.
+_RETRY_AFTER_SECONDS = 5
 
 
 class ModelCatalog:
@@ -29,9 +39,13 @@ class ModelCatalog:
         *,
         default_model: str | None = None,
         aliases: Iterable[str] = (),
+        declared: Iterable[str] = (),
+        grace_seconds: float = 60.0,
     ) -> None:
         self._registry = registry
         self._models: dict[str, ServedModel] = {}
+        self.declared = tuple(declared)
+        self.grace_seconds = grace_seconds
         self._expires = 0.0
         self._reading: asyncio.Task[None] | None = None
         self.default_model = default_model or None
@@ -119,9 +133,35 @@ class ModelCatalog:
         await asyncio.shield(self._reading)
         return joined
 
+    async def live_workers(self, name: str) -> int:
+        """The model's live workers, as this process last read them (a moment ago)."""
+        return (await self._registry.snapshot()).live_count(name)
+
+    async def with_worker(self, model: ServedModel, wait_seconds: float) -> ServedModel:
+        """The model once at least one worker serves it live, waiting up to
+        `wait_seconds` for one (a synchronous request's answer needs it now); then 503
+        `model_unavailable` with Retry-After. The model as its worker announced it (a
+        declared model may not have been announced before)."""
+        deadline = time.monotonic() + wait_seconds
+        while not await self.live_workers(model.name):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ModelUnavailable(
+                    f"No worker serves the model `{model.name}` now; retry later.",
+                    retry_after=_RETRY_AFTER_SECONDS,
+                )
+            await asyncio.sleep(min(_WAIT_POLL_SECONDS, left))
+        if model.max_model_len:
+            return model
+        self._expires = 0.0
+        return await self.get(model.name)
+
     async def _read(self) -> None:
         try:
-            self._models = await self._registry.models()
+            states = await self._registry.served(
+                grace_seconds=self.grace_seconds, declared=self.declared, fresh=True
+            )
+            self._models = {name: state.model for name, state in states.items()}
             self._expires = time.monotonic() + _MODELS_CACHE_SECONDS
         finally:
             self._reading = None

@@ -14,9 +14,13 @@ router = APIRouter(tags=["openai"])
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
     """Models served by this deployment, as OpenAI's list, with vLLM's `max_model_len`
-    and Ferry's `engine`, `supports_images` and live `workers` count."""
-    models = await state.registry.models()
-    beats = await state.registry.live_workers()
+    and Ferry's `engine`, `supports_images` and `live_workers` (also `workers`): those with
+    a live worker, those whose last worker went less than FERRY_MODEL_GRACE_SECONDS ago,
+    and those declared in FERRY_MODELS (with no worker yet: `live_workers` 0)."""
+    catalog = state.catalog
+    served = await state.registry.served(
+        grace_seconds=catalog.grace_seconds, declared=catalog.declared
+    )
     return ModelList(
         data=[
             ModelCard(
@@ -26,11 +30,14 @@ async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
                 engine=m.engine,
                 supports_images=m.supports_images,
                 supports_structured_output=m.supports_structured_output,
-                workers=sum(beat.serves(m.name) for beat in beats),
+                workers=live,
+                live_workers=live,
                 root=m.root or m.name,
                 parent=m.base_model,
             )
-            for m in sorted(models.values(), key=lambda m: m.name)
+            for m, live in sorted(
+                ((s.model, s.live_workers) for s in served.values()), key=lambda p: p[0].name
+            )
         ]
     )
 

@@ -520,6 +520,8 @@ class ModelCard(BaseModel):
     supports_images: bool
     supports_structured_output: bool
     workers: int
+    # The same count (FERRY_MODELS lists a model with none: 0).
+    live_workers: int
     # vLLM's: what the model was loaded from, and a LoRA adapter's base model (else None).
     root: str | None = None
     parent: str | None = None

@@ -1,4 +1,5 @@
-"""Operations: `/health` and `/metrics` (no API key: for load balancers and Prometheus)."""
+"""Operations: `/health`, `/ready` and `/metrics` (no API key: for load balancers,
+orchestrators' probes and Prometheus)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from api.core.deps import StateDep
+from api.core.state import AppState
 from api.ops.metrics import render_metrics
+from storage.registry import Snapshot
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get(
-    "/health",
-    responses={
-        503: {
-            "description": "SQL or Redis does not answer (the same report)",
-            "content": {"application/json": {}},
-        }
-    },
-)
-async def health(state: StateDep) -> JSONResponse:
-    """200 when SQL and Redis answer, 503 otherwise; lists the live workers."""
+async def _checks(state: AppState) -> tuple[dict[str, Any], Snapshot | None]:
+    """SQL and Redis, each answering or not; the registry as Redis has it."""
     checks: dict[str, Any] = {}
     try:
         async with state.db.read() as session:
@@ -33,20 +27,58 @@ async def health(state: StateDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {exc.__class__.__name__}"
+    snap = None
     try:
         await state.redis.ping()
-        workers = await state.registry.live_workers()
+        snap = await state.registry.snapshot()
         checks["redis"] = "ok"
-        checks["workers"] = [
-            {"id": w.worker_id, "model": w.model, "engine": w.engine, "in_flight": w.in_flight}
-            for w in workers
-        ]
     except Exception as exc:
         checks["redis"] = f"error: {exc.__class__.__name__}"
-        checks["workers"] = []
-    healthy = checks["database"] == "ok" and checks["redis"] == "ok"
-    checks["status"] = "ok" if healthy else "unavailable"
-    return JSONResponse(checks, status_code=200 if healthy else 503)
+    checks["workers"] = [
+        {"id": w.worker_id, "model": w.model, "engine": w.engine, "in_flight": w.in_flight}
+        for w in (snap.workers if snap else ())
+    ]
+    return checks, snap
+
+
+def _answer(checks: dict[str, Any], ok: bool) -> JSONResponse:
+    checks["status"] = "ok" if ok else "unavailable"
+    return JSONResponse(checks, status_code=200 if ok else 503)
+
+
+_REPORT: dict[str, Any] = {"content": {"application/json": {}}}
+
+
+@router.get(
+    "/health",
+    responses={503: {"description": "SQL or Redis does not answer (the same report)", **_REPORT}},
+)
+async def health(state: StateDep) -> JSONResponse:
+    """Liveness, for a load balancer: 200 when this process, SQL and Redis answer, 503
+    (naming what failed) otherwise. No worker is needed; the live ones are listed."""
+    checks, _ = await _checks(state)
+    return _answer(checks, checks["database"] == "ok" and checks["redis"] == "ok")
+
+
+@router.get(
+    "/ready",
+    responses={
+        503: {
+            "description": "SQL or Redis does not answer, or a model of FERRY_MODELS has no "
+            "live worker (the same report)",
+            **_REPORT,
+        }
+    },
+)
+async def ready(state: StateDep) -> JSONResponse:
+    """Readiness: `/health`, and at least one live worker for every model declared in
+    FERRY_MODELS (`models` gives each one's count). With none declared, ready when SQL
+    and Redis answer."""
+    checks, snap = await _checks(state)
+    declared = state.catalog.declared
+    checks["models"] = {name: snap.live_count(name) if snap else 0 for name in declared}
+    ok = checks["database"] == "ok" and checks["redis"] == "ok" and all(checks["models"].values())
+    return _answer(checks, ok)
 
 
 @router.get(

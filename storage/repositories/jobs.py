@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.keys import Lane
-from storage.models import INTERACTIVE_QUEUED, Job, JobStatus, utcnow
+from storage.models import INTERACTIVE_HELD, INTERACTIVE_QUEUED, Job, JobStatus, utcnow
 from storage.repositories import conversations, webhooks
 
 
@@ -324,6 +324,22 @@ async def count_queued(session: AsyncSession, owner_id: str, up_to: int) -> int:
         .subquery()
     )
     return int(await session.scalar(select(func.count()).select_from(queued)) or 0)
+
+
+async def count_held_for_model(session: AsyncSession, model: str, up_to: int) -> int:
+    """The model's interactive jobs accepted and not yet released to its workers (its
+    backlog), counted up to `up_to`: through ix_jobs_interactive_held, whose predicate
+    this is word for word, so a backlog of millions costs what one of `up_to` does."""
+    if up_to <= 0:
+        return 0
+    held = (
+        select(literal(1))
+        .select_from(Job)
+        .where(Job.model == model, text(INTERACTIVE_HELD))
+        .limit(up_to)
+        .subquery()
+    )
+    return int(await session.scalar(select(func.count()).select_from(held)) or 0)
 
 
 async def is_cancelled(session: AsyncSession, job_id: str) -> bool:
