@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from api.core.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from api.models.catalog import ModelCatalog
 from storage.keys import MODELS_HASH
-from storage.registry import ModelRegistry, ServedModel
+from storage.registry import ModelRegistry, ServedModel, Snapshot
 from tests.conftest import REDIS_BASE
 from tests.helpers import empty_redis_db
 
@@ -22,13 +22,13 @@ REDIS_URL = f"{REDIS_BASE}/6"  # no test stack uses db 6
 
 
 class CountingRegistry(ModelRegistry):
-    """The real registry, counting its reads of the models hash."""
+    """The real registry, counting its reads of Redis."""
 
     reads = 0
 
-    async def models(self) -> dict[str, ServedModel]:
+    async def _read(self) -> Snapshot:
         self.reads += 1
-        return await super().models()
+        return await super()._read()
 
 
 @pytest.fixture
