@@ -24,7 +24,8 @@ import pytest
 from ferry_testing.procs import start_api
 from storage.content import split_reasoning
 from storage.keys import MODELS_HASH
-from storage.registry import ServedModel, now_epoch
+from storage.registry import ServedModel, WorkerBeat, now_epoch
+from storage.registry import announce as announce_model
 from tests.conftest import KEY_A, TINY, Stack, open_stack
 from tests.helpers import assert_error, read_events
 from tests.routing import HUB_ID, TEXT_A, TEXT_B, VISION, chat
@@ -36,7 +37,10 @@ THINK = "think-tiny"
 
 
 def announce(stack: Stack, model: ServedModel) -> None:
-    stack.redis().hset(MODELS_HASH, model.name, model.to_json())
+    """As its worker would, with a live worker (no process: no job here is answered, but a
+    synchronous request must not wait for a worker, FERRY_SYNC_WAIT_SECONDS)."""
+    beat = WorkerBeat(f"announced-{model.name}", model.name, model.engine, 0, time.time())
+    announce_model(stack.redis(), model, worker=beat)
 
 
 class Routing:

@@ -8,6 +8,7 @@ resolved to, which is all routing decides."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,7 @@ import pytest
 from redis import Redis
 
 from api.core.settings import ApiSettings
-from storage.keys import MODELS_HASH
-from storage.registry import ServedModel, now_epoch
+from storage.registry import ServedModel, WorkerBeat, announce, now_epoch
 from tests.conftest import KEY_A, KEY_B, REDIS_BASE, new_database
 from tests.fixtures.api import InProcessApi, running_api
 from tests.helpers import assert_error
@@ -50,11 +50,13 @@ async def apps(
     redis_url = f"{REDIS_BASE}/{ROUTING_REDIS_DB}"
     with Redis.from_url(redis_url) as client:
         client.flushdb()
+        # As workers would, each with a live worker (no process): synchronous requests do
+        # not wait for one.
         for name in (TEXT_A, TEXT_B, HUB_ID):
             model = ServedModel(name, 2048, "vllm", created=now_epoch())
-            client.hset(MODELS_HASH, name, model.to_json())
+            announce(client, model, worker=WorkerBeat(name, name, "vllm", 0, time.time()))
         vision = ServedModel(VISION, 2048, "vllm", supports_images=True, created=now_epoch())
-        client.hset(MODELS_HASH, VISION, vision.to_json())
+        announce(client, vision, worker=WorkerBeat(VISION, VISION, "vllm", 0, time.time()))
     objects = tmp_path_factory.mktemp("routing-objects")
     default = ApiSettings(api_keys=[KEY_A, KEY_B], default_model=TEXT_B)
     async with (

@@ -179,10 +179,15 @@ async def _chat_job(
     admitted: bool = False,
 ) -> Job:
     model = await state.catalog.resolve(body.model, body.carries_images)
-    if lane == Lane.INTERACTIVE and not admitted:
-        model = await admit(state, model, sync=sync)
     refuse_unsupported_parts(body, model)
     fields = sampling_request(body, model, state.settings.default_max_tokens)
+    # After the request's own checks: a bad request is a 400 at once, not after a wait.
+    if lane == Lane.INTERACTIVE and not admitted:
+        announced = await admit(state, model, sync=sync)
+        if announced is not model:  # a declared model, announced by its first worker
+            model = announced
+            refuse_unsupported_parts(body, model)
+            fields = sampling_request(body, model, state.settings.default_max_tokens)
     images = ImageIntake.for_state(state, owner_id)
     messages = with_tool_turns(body, await chat_messages(images, body, model))
     template_kwargs = dict(body.chat_template_kwargs or {})
@@ -282,9 +287,13 @@ async def build_completion_jobs(
         raise InvalidRequest("A batch line has one choice: n must be 1.", param="n")
     wants_images = any("<img>" in prompt for prompt in body.prompts)
     model = await state.catalog.resolve(body.model, wants_images)
-    if lane == Lane.INTERACTIVE:
-        model = await admit(state, model, sync=sync)
     base = sampling_request(body, model, state.settings.default_max_tokens)
+    # After the request's own checks: a bad request is a 400 at once, not after a wait.
+    if lane == Lane.INTERACTIVE:
+        announced = await admit(state, model, sync=sync)
+        if announced is not model:  # a declared model, announced by its first worker
+            model = announced
+            base = sampling_request(body, model, state.settings.default_max_tokens)
     # One intake for all prompts: the request's image limits span them, and nothing is
     # stored unless every prompt passed.
     images = ImageIntake.for_state(state, owner_id)
