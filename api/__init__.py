@@ -19,7 +19,8 @@ the routes call:
 - `batches/`        `/v1/files`, `/v1/batches` and the supervisor that runs them.
 - `images/`         image intake (fetch behind an SSRF guard, verify, store) and
                     `/v1/images/{sha256}`.
-- `ops/`            `/health`, `/metrics`.
+- `ops/`            `/health` (liveness), `/ready` (a worker for each declared model),
+                    `/metrics`.
 - `admin/`          `/v1/admin/keys` (the admin key only; 404 to any other) and
                     `/v1/webhooks/secret`.
 - `webhooks/`       signed webhooks: URL checks (`urls.py`) and the deliverer that sends

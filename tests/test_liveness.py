@@ -263,9 +263,17 @@ async def test_ready_waits_for_a_worker_of_each_declared_model(
         assert cards[declared]["live_workers"] == 0 and cards[declared]["workers"] == 0
         assert (await http.post("/v1/jobs", json=chat_body(declared))).status_code == 202
         before = await _jobs(sql, declared)
-        response = await http.post("/v1/chat/completions", json=chat_body(declared))
-        assert_error(response, 503, "model_unavailable")
-        assert int(response.headers["Retry-After"]) > 0
+        # Every route that waits for its answer (the EAS ones pick the only model).
+        for method, path, kwargs in [
+            ("POST", "/v1/chat/completions", {"json": chat_body(declared)}),
+            ("POST", "/v1/chat/completions", {"json": chat_body(declared, stream=True)}),
+            ("POST", "/v1/completions", {"json": {"model": declared, "prompt": "Once"}}),
+            ("POST", "/infer_forward", {"json": {"prompt": "Hi"}}),
+            ("POST", "/", {"content": "Hello", "headers": {"Content-Type": "text/plain"}}),
+        ]:
+            response = await http.request(method, path, **kwargs)  # type: ignore[arg-type]
+            assert_error(response, 503, "model_unavailable")
+            assert int(response.headers["Retry-After"]) > 0
         assert await _jobs(sql, declared) == before
         # Neither served nor declared: 404, as any unknown model.
         assert_error(
