@@ -261,21 +261,29 @@ def test_keda_query_counts_the_models_unfinished_jobs(migrated_pg: str) -> None:
 
 
 @pytest.mark.parametrize("database", ["in-chart", "external"])
-def test_migrate_job_is_a_hook_before_the_api(database: str) -> None:
+def test_migrations_run_once_before_the_api(database: str) -> None:
     values = multi_model_values() if database == "external" else None
     objects = render(values)
     [job] = of_kind(objects, "Job")
     hook = job["metadata"]["annotations"]["helm.sh/hook"]
-    # An external database is migrated before anything starts; the in-chart one exists
-    # only once the release's objects do, so its first migration comes after install.
-    expected = "pre-install,pre-upgrade" if database == "external" else "post-install,pre-upgrade"
-    assert hook == expected
     assert container(job)["command"] == ["ferry", "migrate"]
-    # Hooks run before the release's own Secret exists: the Job reads a hook Secret
-    # created just before it (a lower weight), holding the same database URL.
+    api = named(objects, "Deployment", "ferry-api")
+    assert env(api)["FERRY_MIGRATE_ON_START"] == "false"
+    init = api["spec"]["template"]["spec"].get("initContainers", [])
+    if database == "external":
+        # Migrated before anything of the release starts, on install and upgrade.
+        assert hook == "pre-install,pre-upgrade"
+        assert init == []
+    else:
+        # The in-chart PostgreSQL exists only once the release's objects do: a first
+        # install migrates from the API pods' init container, upgrades from the hook.
+        assert hook == "pre-upgrade"
+        assert [c["command"] for c in init] == [["ferry", "migrate"]]
+    # Hooks run before the release's own Secret exists on a first install: the Job reads
+    # a hook Secret created just before it (a lower weight), holding the same URL.
     ref = env(job)["FERRY_DATABASE_URL"]["secretKeyRef"]
     secret = named(objects, "Secret", ref["name"])
-    assert secret["metadata"]["annotations"]["helm.sh/hook"] == expected
+    assert secret["metadata"]["annotations"]["helm.sh/hook"] == hook
     weights = [int(o["metadata"]["annotations"]["helm.sh/hook-weight"]) for o in (secret, job)]
     assert weights[0] < weights[1]
     assert (
@@ -289,10 +297,12 @@ def secret_refs(objects: list[Obj]) -> list[tuple[str, str, bool]]:
     refs = []
     for obj in objects:
         if obj["kind"] in {"Deployment", "StatefulSet", "Job"}:
-            for variable in container(obj).get("env", []):
-                ref = variable.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    refs.append((ref["name"], ref["key"], ref.get("optional", False)))
+            pod = obj["spec"]["template"]["spec"]
+            for each in pod["containers"] + pod.get("initContainers", []):
+                for variable in each.get("env", []):
+                    ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        refs.append((ref["name"], ref["key"], ref.get("optional", False)))
         if obj["kind"] == "TriggerAuthentication":
             refs.extend((r["name"], r["key"], False) for r in obj["spec"]["secretTargetRef"])
     return refs
@@ -353,3 +363,16 @@ def test_invalid_values_fail_validation() -> None:
 def test_a_missing_database_is_a_render_error_naming_the_value() -> None:
     with pytest.raises(helm.HelmError, match=r"secrets\.databaseUrl"):
         render({"postgresql": {"enabled": False}})
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ([{"name": "Qwen_Small", "model": "Qwen/Qwen2.5-0.5B-Instruct"}], "/models/0/name"),
+        ([{"name": "qwen"}], "missing property 'model'"),
+        ([{"name": "a", "model": "x"}, {"name": "a", "model": "y"}], "the name a is used twice"),
+    ],
+)
+def test_bad_models_are_refused_by_name(models: list[Obj], message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render({"models": models})

@@ -105,8 +105,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- include "ferry.envMap" .Values.env }}
 {{- end -}}
 
-{{/* The in-chart PostgreSQL only exists after install, so there the first migration
-runs post-install; an external database is migrated before anything starts. */}}
+{{/* An external database is migrated before anything starts. The in-chart PostgreSQL
+only exists once the release's objects do, so on a first install the API pods migrate it
+themselves (an init container, see api.yaml); upgrades migrate first either way. */}}
 {{- define "ferry.migrateHook" -}}
-{{- ternary "post-install,pre-upgrade" "pre-install,pre-upgrade" .Values.postgresql.enabled -}}
+{{- ternary "pre-upgrade" "pre-install,pre-upgrade" .Values.postgresql.enabled -}}
 {{- end -}}
