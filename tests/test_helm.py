@@ -344,9 +344,10 @@ def test_invalid_values_fail_validation() -> None:
         validate(api)
 
     values = multi_model_values()
-    values["api"]["replicas"] = "three"
+    values["api"]["livenessProbe"] = {"httpGet": {"path": "/health", "port": "http"}}
+    values["api"]["livenessProbe"]["periodSeconds"] = "ten"
     api = named(render(values), "Deployment", "ferry-api")
-    with pytest.raises(kubernetes_validate.ValidationError, match="three"):
+    with pytest.raises(kubernetes_validate.ValidationError, match="ten"):
         validate(api)
 
     [scaled, *_] = of_kind(render(multi_model_values()), "ScaledObject")
