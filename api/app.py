@@ -49,6 +49,7 @@ from storage.objects import ObjectStoreSettings, build_object_store
 from storage.registry import ModelRegistry
 from storage.repositories import api_keys
 from storage.settings import StorageSettings, get_storage_settings
+from storage.telemetry import TraceRequests
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,8 @@ def create_app(
     # A batch file may be far larger than a request: the route checks its own limit, this
     # one only bounds the multipart body around it.
     upload_limit = settings.batch_max_file_bytes + 1024 * 1024
+    # A span per request when tracing is on (storage/telemetry.py); one check when off.
+    app.add_middleware(TraceRequests)
     app.add_middleware(RefuseNul)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits={"/v1/files": upload_limit}

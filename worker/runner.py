@@ -28,6 +28,7 @@ import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from storage import telemetry
 from storage.channels import BatchWakeChannel, CancelChannel, JobWakeChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -226,10 +227,13 @@ class JobRunner:
             if job is None:
                 return "skipped"  # not ours to run: it held no bulk slot here either
             try:
-                return await self._tracked(run_claimed(self._ctx, job))
-            except Exception:
-                log.exception("job %s was given back to the queue", job_id)
-                return "released"
+                # Its log lines name the job (and trace); its spans join the job's trace.
+                with telemetry.job_attempt(job):
+                    try:
+                        return await self._tracked(run_claimed(self._ctx, job))
+                    except Exception:
+                        log.exception("job %s was given back to the queue", job_id)
+                        return "released"
             finally:
                 # Interactive jobs likewise wake the API's dispatcher (api/jobs/dispatch.py).
                 wake = self._batch_wake if job.lane == "bulk" else self._job_wake
