@@ -230,7 +230,9 @@ class JobRunner:
                 # Its log lines name the job (and trace); its spans join the job's trace.
                 with telemetry.job_attempt(job):
                     try:
-                        return await self._tracked(run_claimed(self._ctx, job))
+                        outcome = await self._tracked(run_claimed(self._ctx, job))
+                        log.debug("job %s attempt %d: %s", job_id, job.attempts, outcome)
+                        return outcome
                     except Exception:
                         log.exception("job %s was given back to the queue", job_id)
                         return "released"
