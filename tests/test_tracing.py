@@ -28,12 +28,15 @@ from redis import Redis
 
 from api.core.settings import ApiSettings
 from storage import telemetry
+from storage.keys import MODELS_HASH
 from storage.logs import JobContextFilter, JsonFormatter
 from storage.models import Job
+from storage.registry import ServedModel, now_epoch
 from storage.settings import StorageSettings
 from tests.conftest import KEY_A, REDIS_BASE, TINY, new_database
 from tests.fixtures.api import InProcessApi, running_api
 from tests.helpers import chat_body
+from tests.imaging import data_url, image_bytes
 from worker.engines import build_engine
 from worker.runner import JobRunner
 from worker.settings import WorkerSettings
@@ -278,3 +281,25 @@ def test_tracing_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert telemetry.tracing_mode(telemetry.TelemetrySettings()) == "otlp"
     monkeypatch.setenv("FERRY_TRACING", "off")
     assert telemetry.tracing_mode(telemetry.TelemetrySettings()) == "off"
+
+
+async def test_image_intake_spans(site: Site, spans: InMemorySpanExporter) -> None:
+    """A request with an image: its intake (decode, verify) and its store are spans of the
+    request's validation."""
+    vision = ServedModel(
+        "ferry-tracing-vision", 2048, "vllm", supports_images=True, created=now_epoch()
+    )
+    with Redis.from_url(site.api.redis_url) as client:
+        client.hset(MODELS_HASH, vision.name, vision.to_json())
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": data_url(image_bytes())}},
+    ]
+    async with site.api.client() as client:
+        accepted = await client.post("/v1/jobs", json=chat_body(vision.name, content))  # type: ignore[arg-type]
+    assert accepted.status_code == 202, accepted.text
+    trace_id = int(accepted.json()["trace_id"], 16)
+    named = {s.name: s for s in spans.get_finished_spans() if s.context.trace_id == trace_id}
+    validate = named["ferry.validate"].context.span_id
+    assert parent_of(named["ferry.image.intake"]) == validate
+    assert parent_of(named["ferry.image.store"]) == validate
