@@ -185,6 +185,22 @@ def span(name: str, **attributes: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def trace_root(name: str) -> Iterator[None]:
+    """The current span, else (tracing on) a new trace's root span: work that no traced
+    request carries (an EAS WebSocket turn) still gets a trace of its own."""
+    if _tracer is None:
+        yield
+        return
+    from opentelemetry.trace import get_current_span
+
+    if get_current_span().get_span_context().is_valid:
+        yield
+        return
+    with _tracer.start_as_current_span(name):
+        yield
+
+
 def traced(name: str) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[_R]]]:
     """An async function run inside a span of its own (when tracing is on)."""
 

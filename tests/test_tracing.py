@@ -27,11 +27,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from redis import Redis
 
 from api.core.settings import ApiSettings
+from api.jobs import service as jobs_service
+from api.openai.schemas import ChatCompletionRequest
 from storage import telemetry
 from storage.keys import MODELS_HASH
 from storage.logs import JobContextFilter, JsonFormatter
 from storage.models import Job
 from storage.registry import ServedModel, now_epoch
+from storage.repositories import api_keys
 from storage.settings import StorageSettings
 from tests.conftest import KEY_A, REDIS_BASE, TINY, new_database
 from tests.fixtures.api import InProcessApi, running_api
@@ -303,3 +306,25 @@ async def test_image_intake_spans(site: Site, spans: InMemorySpanExporter) -> No
     validate = named["ferry.validate"].context.span_id
     assert parent_of(named["ferry.image.intake"]) == validate
     assert parent_of(named["ferry.image.store"]) == validate
+
+
+async def test_submit_outside_a_request_starts_a_trace(
+    site: Site, spans: InMemorySpanExporter
+) -> None:
+    """Jobs submitted where no request span is current (an EAS WebSocket turn) get a
+    trace of their own, rooted at `ferry.submit`."""
+    state = site.api.app.state.ferry
+    async with state.db.transaction() as session:
+        [key] = await api_keys.ensure_keys(session, [KEY_A])
+    body = ChatCompletionRequest.model_validate(chat_body(TINY, "Hi", max_tokens=2))
+    job = await jobs_service.build_chat_job(state, key.id, body)
+    await jobs_service.submit(state.intake, [job])
+    trace_id = telemetry.trace_id_of(job.traceparent)
+    assert trace_id is not None
+    named = {
+        s.name: s for s in spans.get_finished_spans() if s.context.trace_id == int(trace_id, 16)
+    }
+    root = named["ferry.submit"]
+    assert root.parent is None
+    assert parent_of(named["ferry.sql_commit"]) == root.context.span_id
+    await asyncio.to_thread(site.worker.run_jobs, [job.id])

@@ -36,7 +36,7 @@ from storage.ratelimit import RateLimiter, unused_tokens
 from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
 from storage.stored_request import StoredRequest
-from storage.telemetry import current_traceparent, span, trace_id_of, traced
+from storage.telemetry import current_traceparent, span, trace_id_of, trace_root, traced
 
 log = logging.getLogger(__name__)
 
@@ -272,16 +272,17 @@ async def submit(intake: JobIntake, jobs: list[Job]) -> None:
     """Commit the rows (grouped with concurrent submits), then queue them: an accepted
     job is always in SQL before its message is sent. With tracing on, the jobs carry
     the request's trace (`traceparent`) for their workers to join."""
-    traceparent = current_traceparent()
-    # The rest of the request's log lines name its jobs (and trace).
-    bind_job(",".join(j.id for j in jobs), trace_id_of(traceparent))
-    if traceparent is None:
-        await intake.accept(jobs)
-        return
-    for job in jobs:
-        job.traceparent = traceparent
-    with span("ferry.sql_commit", **{"ferry.jobs": len(jobs)}):
-        await intake.accept(jobs)
+    with trace_root("ferry.submit"):
+        traceparent = current_traceparent()
+        # The rest of the request's log lines name its jobs (and trace).
+        bind_job(",".join(j.id for j in jobs), trace_id_of(traceparent))
+        if traceparent is None:
+            await intake.accept(jobs)
+            return
+        for job in jobs:
+            job.traceparent = traceparent
+        with span("ferry.sql_commit", **{"ferry.jobs": len(jobs)}):
+            await intake.accept(jobs)
 
 
 async def cancel(
