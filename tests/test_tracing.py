@@ -13,6 +13,9 @@ import contextvars
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -328,3 +331,44 @@ async def test_submit_outside_a_request_starts_a_trace(
     assert root.parent is None
     assert parent_of(named["ferry.sql_commit"]) == root.context.span_id
     await asyncio.to_thread(site.worker.run_jobs, [job.id])
+
+
+_WITHOUT_OTEL = """
+import importlib.abc, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "opentelemetry":
+            raise ImportError(f"no module named {name}")
+        return None
+
+sys.meta_path.insert(0, Absent())
+import cli.main, worker.runner
+from api.app import create_app
+from api.core.settings import ApiSettings
+from storage import telemetry
+
+create_app(ApiSettings(api_keys=["sk-test"]))
+assert not telemetry.configure_tracing("ferry-api", telemetry.TelemetrySettings())
+try:
+    telemetry.configure_tracing("ferry-api", telemetry.TelemetrySettings(tracing="otlp"))
+except ValueError as exc:
+    print(exc)
+"""
+
+
+def test_runs_without_opentelemetry() -> None:
+    """Without the `otel` extra Ferry imports and builds its app (tracing off); asking
+    for tracing then is an error naming the setting and the extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FERRY_TRACING"))}
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OTEL],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "FERRY_TRACING=otlp needs OpenTelemetry" in done.stdout
+    assert "ferry[otel]" in done.stdout
