@@ -41,6 +41,7 @@ from api.ui import docs
 from api.ui.routes import mount_page
 from api.ui.security import DOCS_CSP, PAGE_CSP, SecurityHeaders
 from api.webhooks.deliverer import WebhookDeliverer
+from storage import telemetry
 from storage.channels import CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -61,6 +62,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
     storage: StorageSettings = app.state.storage
     async with AsyncExitStack() as stack:
+        # Last out: buffered spans are written before uvicorn ends the process by signal.
+        stack.callback(telemetry.flush)
         if settings.migrate_on_start:
             await upgrade_async(storage.database_url)
         engine = create_db_engine(storage)

@@ -31,8 +31,13 @@ def telemetry_settings(command: str, service: str) -> TelemetrySettings:
     try:
         settings = TelemetrySettings()
         configure_tracing(service, settings)
-    except (ValidationError, ValueError) as exc:
-        raise SystemExit(f"ferry {command}: cannot start: {exc}") from None
+    except ValidationError as exc:
+        bad = "; ".join(f"FERRY_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"ferry {command}: cannot start: {bad}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as exc:
+        print(f"ferry {command}: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return settings
 
 

@@ -137,8 +137,8 @@ def use_provider(provider: TracerProvider | None) -> None:
     _publications.clear()
 
 
-def shutdown() -> None:
-    """Flush what is buffered (at a process's end)."""
+def flush() -> None:
+    """Write what is buffered (at a process's end: one ended by a signal runs no atexit)."""
     if _provider is not None:
         _provider.force_flush()
 

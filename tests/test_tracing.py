@@ -372,3 +372,21 @@ def test_runs_without_opentelemetry() -> None:
     assert done.returncode == 0, done.stderr
     assert "FERRY_TRACING=otlp needs OpenTelemetry" in done.stdout
     assert "ferry[otel]" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("FERRY_TRACING", "jaeger"), ("FERRY_LOG_FORMAT", "xml")]
+)
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_bad_setting_stops_the_command(command: str, variable: str, value: str) -> None:
+    env = {**os.environ, variable: value}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", command],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"ferry {command}: cannot start: {variable}:" in done.stderr
