@@ -175,10 +175,17 @@ def _ns(moment: datetime) -> int:
     return int(moment.timestamp() * 1e9)
 
 
+def _in_trace() -> bool:
+    from opentelemetry.trace import get_current_span
+
+    return bool(get_current_span().get_span_context().is_valid)
+
+
 @contextlib.contextmanager
 def span(name: str, **attributes: Any) -> Iterator[None]:
-    """A child of the current span (nothing when tracing is off)."""
-    if _tracer is None:
+    """A child of the current span (nothing when tracing is off, or outside a trace: a
+    step is never a trace of its own)."""
+    if _tracer is None or not _in_trace():
         yield
         return
     with _tracer.start_as_current_span(name, attributes=attributes):
@@ -189,12 +196,7 @@ def span(name: str, **attributes: Any) -> Iterator[None]:
 def trace_root(name: str) -> Iterator[None]:
     """The current span, else (tracing on) a new trace's root span: work that no traced
     request carries (an EAS WebSocket turn) still gets a trace of its own."""
-    if _tracer is None:
-        yield
-        return
-    from opentelemetry.trace import get_current_span
-
-    if get_current_span().get_span_context().is_valid:
+    if _tracer is None or _in_trace():
         yield
         return
     with _tracer.start_as_current_span(name):
@@ -207,7 +209,7 @@ def traced(name: str) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Aw
     def wrap(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
         @functools.wraps(fn)
         async def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            if _tracer is None:
+            if _tracer is None or not _in_trace():
                 return await fn(*args, **kwargs)
             with _tracer.start_as_current_span(name):
                 return await fn(*args, **kwargs)
@@ -366,13 +368,8 @@ class _Generation(Protocol):
 def engine_spans(state: _Generation) -> Iterator[None]:
     """Around the engine's generation of an attempt (`state`: its JobAttempt): prefill (to
     the first token) and decode (the rest) spans, made when it ends."""
-    if _tracer is None:
-        yield
-        return
-    from opentelemetry.trace import get_current_span
-
-    if not get_current_span().get_span_context().is_valid:
-        yield  # a job without a trace
+    if _tracer is None or not _in_trace():
+        yield  # off, or a job without a trace
         return
     start = time.time_ns()
     try:

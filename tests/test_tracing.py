@@ -321,6 +321,8 @@ async def test_submit_outside_a_request_starts_a_trace(
         [key] = await api_keys.ensure_keys(session, [KEY_A])
     body = ChatCompletionRequest.model_validate(chat_body(TINY, "Hi", max_tokens=2))
     job = await jobs_service.build_chat_job(state, key.id, body)
+    # Outside a trace, a step (validation) is no trace of its own.
+    assert spans.get_finished_spans() == ()
     await jobs_service.submit(state.intake, [job])
     trace_id = telemetry.trace_id_of(job.traceparent)
     assert trace_id is not None
