@@ -51,6 +51,12 @@ CANCEL_CHANNEL = "ferry:cancel"
 MODELS_HASH = "ferry:models"
 WORKER_KEY_PREFIX = "ferry:worker:"
 
+# Cluster-wide job metrics (storage/job_metrics.py): hashes of counters, and each
+# worker's engine stats (an expiring key per worker, indexed by a sorted set).
+JOB_METRICS_PREFIX = "ferry:metrics:"
+ENGINE_STATS_INDEX = "ferry:engine-stats"
+ENGINE_STATS_PREFIX = "ferry:engine-stats:"
+
 
 def job_stream(job_id: str) -> str:
     """Redis Stream holding a job's events (replay source)."""
