@@ -107,6 +107,18 @@ E2E_LATENCY = Histogram(
 HISTOGRAMS = (TTFT, QUEUE_TIME, E2E_LATENCY)
 
 
+# Jobs that were open before their acceptance was counted (an upgrade, Redis emptied)
+# must not drive the open count below zero for good: it stops at zero and heals once
+# the backlog drains.
+_DECREMENT_TO_ZERO = """
+local v = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
+if v < 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], 0)
+end
+return 0
+"""
+
+
 def _field(*labels: str) -> str:
     return json.dumps(labels)
 
@@ -148,7 +160,7 @@ async def record_job_end(
     pipe, own = _pipeline(pipe_or_redis)
     if ended:
         pipe.hincrby(JOBS_ENDED, _field(model, status), count)
-        pipe.hincrby(JOBS_OPEN, model, -count)
+        pipe.eval(_DECREMENT_TO_ZERO, 1, JOBS_OPEN, model, count)
     if prompt_tokens:
         pipe.hincrby(TOKENS, _field(model, "prompt"), prompt_tokens)
     if completion_tokens:

@@ -19,10 +19,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 
 from api.core.settings import ApiSettings
+from storage.job_metrics import read_job_metrics, record_job_end, record_jobs_created
 from storage.keys import MODELS_HASH
 from storage.registry import ServedModel, now_epoch
 from storage.settings import StorageSettings
@@ -116,7 +118,8 @@ async def _insert_finished_jobs(api: InProcessApi, first: int, last: int) -> Non
                 " prompt_tokens, completion_tokens, ttft_ms)"
                 " SELECT 'job_bulk_' || lpad(g::text, 8, '0'), :owner, :model, 'chat',"
                 " 'interactive', 'succeeded', 0, CAST('{}' AS jsonb), 1, now(), now(), now(),"
-                " now(), 10, 5, 100 FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS g"
+                " now(), 10, 5, 100"
+                " FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS g"
             ),
             {"owner": owner, "model": TINY, "first": first, "last": last},
         )
@@ -315,3 +318,26 @@ def test_a_live_vllm_worker_reports_vllm_gauges(stack: Stack) -> None:
     assert [value(p, "ferry_jobs_ended_total", model=TINY, status="succeeded") for p in pages] == [
         value(pages[0], "ferry_jobs_ended_total", model=TINY, status="succeeded")
     ] * len(pages)
+
+
+async def test_record_job_end_in_a_callers_pipeline(api: InProcessApi) -> None:
+    """What other ends (an expiry) call: queued in the caller's pipeline, written with it;
+    an end whose acceptance was never counted leaves the open count at zero, not below."""
+    model = "ferry-metrics-unit"
+    redis = AsyncRedis.from_url(api.redis_url)
+    try:
+        await record_jobs_created(redis, {model: 1})
+        pipe = redis.pipeline(transaction=True)
+        await record_job_end(pipe, model, "expired", None, None, None, 2.5, 2.5)
+        await record_job_end(pipe, model, "expired", None, None, None, 7000.0, 7000.0)
+        assert (await read_job_metrics(redis)).jobs_ended.get((model, "expired")) is None
+        await pipe.execute()
+        metrics = await read_job_metrics(redis)
+    finally:
+        await redis.aclose()
+    assert metrics.jobs_ended[(model, "expired")] == 2
+    assert metrics.jobs_open[model] == 0
+    queue = metrics.histograms["ferry_request_queue_time_seconds"][model]
+    assert dict(queue.buckets)["2.5"] == 1 and dict(queue.buckets)["5.0"] == 1
+    assert dict(queue.buckets)["+Inf"] == 2 and queue.total == 7002.5
+    assert model not in metrics.histograms["ferry_time_to_first_token_seconds"]
