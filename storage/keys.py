@@ -1,7 +1,8 @@
 """Every Redis key, channel, Celery task and queue name Ferry uses, in one place.
 
 Only storage/ reads and writes the Redis structures: each has one owner (`events.py`,
-`registry.py`, `pending.py`, `channels.py`, `locks.py`) that every caller goes through.
+`registry.py`, `pending.py`, `channels.py`, `locks.py`, `job_metrics.py`) that every
+caller goes through.
 """
 
 from __future__ import annotations
