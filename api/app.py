@@ -36,6 +36,7 @@ from api.models import routes as models
 from api.models.catalog import ModelCatalog
 from api.openai import chat, completions
 from api.ops import routes as ops
+from api.ops.http_metrics import HttpMetrics, HttpMetricsMiddleware
 from api.streaming.event_hub import JobEventHub
 from api.ui import docs
 from api.ui.routes import mount_page
@@ -104,7 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             interval_seconds=settings.dispatch_interval_seconds,
         )
         app.state.dispatcher = dispatcher
-        intake = JobIntake(db, queue, on_held=dispatcher.wake)
+        intake = JobIntake(db, queue, on_held=dispatcher.wake, metrics=redis)
         objects = await asyncio.to_thread(build_object_store, app.state.object_store)
         queue.start()
         intake.start()
@@ -271,4 +272,7 @@ def create_app(
         SecurityHeaders,
         policies={"/docs": DOCS_CSP, "/redoc": DOCS_CSP, "/ui/docs": DOCS_CSP, "/ui": PAGE_CSP},
     )
+    # Outermost of all: every answer is counted, whichever layer gave it.
+    app.state.http_metrics = HttpMetrics()
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics, routes=app.routes)
     return app

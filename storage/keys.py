@@ -1,7 +1,8 @@
 """Every Redis key, channel, Celery task and queue name Ferry uses, in one place.
 
 Only storage/ reads and writes the Redis structures: each has one owner (`events.py`,
-`registry.py`, `pending.py`, `channels.py`, `locks.py`) that every caller goes through.
+`registry.py`, `pending.py`, `channels.py`, `locks.py`, `job_metrics.py`) that every
+caller goes through.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ CANCEL_CHANNEL = "ferry:cancel"
 # and one expiring key per live worker.
 MODELS_HASH = "ferry:models"
 WORKER_KEY_PREFIX = "ferry:worker:"
+
+# Cluster-wide job metrics (storage/job_metrics.py): hashes of counters, and each
+# worker's engine stats (an expiring key per worker, indexed by a sorted set).
+JOB_METRICS_PREFIX = "ferry:metrics:"
+ENGINE_STATS_INDEX = "ferry:engine-stats"
+ENGINE_STATS_PREFIX = "ferry:engine-stats:"
 
 
 def job_stream(job_id: str) -> str:

@@ -106,7 +106,9 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
 
     Its event stream ends with a `cancelled` event. A finished job answers 409.
     """
-    cancelled = await jobs_service.cancel(state.events, state.cancels, session, job, state.limiter)
+    cancelled = await jobs_service.cancel(
+        state.events, state.cancels, session, job, state.limiter, state.redis
+    )
     return JobPublic.from_row(cancelled)
 
 

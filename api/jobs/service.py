@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.conversations import history
@@ -29,6 +30,7 @@ from api.streaming.job_events import job_event_batches, job_events
 from storage.channels import CancelChannel
 from storage.content import ReasoningMode
 from storage.events import FIRST_UNCLAIMED, JobEvent, JobEventStream, terminal_events
+from storage.job_metrics import record_job_end
 from storage.keys import Lane
 from storage.logs import bind_job
 from storage.models import Job, JobStatus
@@ -291,9 +293,11 @@ async def cancel(
     session: AsyncSession,
     job: Job,
     limiter: RateLimiter | None = None,
+    metrics: Redis | None = None,
 ) -> Job:
     """Queued: it will never run (its reserved tokens go back to its key at once).
-    Running: its worker aborts it in the engine (and settles its tokens)."""
+    Running: its worker aborts it in the engine (and settles its tokens). The end is
+    counted here, in `metrics` (the worker counts a running job's tokens)."""
     previous = await jobs_repo.cancel_job(session, job.id)
     if previous is None:
         raise Conflict(
@@ -302,6 +306,11 @@ async def cancel(
             code="job_finished",
         )
     await session.commit()
+    if metrics is not None:
+        try:
+            await record_job_end(metrics, job.model, JobStatus.CANCELLED.value)
+        except Exception:
+            log.warning("could not count the cancel of job %s", job.id, exc_info=True)
     if previous == JobStatus.QUEUED:
         # No worker will ever touch it: the API ends its stream itself.
         [(kind, data)] = terminal_events(JobStatus.CANCELLED, job)
@@ -420,5 +429,5 @@ async def cancel_quietly(state: AppState, job_id: str) -> None:
         async with state.db.transaction() as session:
             job = await jobs_repo.get_job(session, job_id)
             if job is not None and not job.status.is_terminal:
-                await cancel(state.events, state.cancels, session, job, state.limiter)
+                await cancel(state.events, state.cancels, session, job, state.limiter, state.redis)
                 log.info("client left: cancelled job %s", job_id)

@@ -17,7 +17,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    case,
     func,
     insert,
     inspect,
@@ -400,40 +399,3 @@ async def find_stranded_jobs(
     )
     rows = (await session.execute(query)).all()
     return [StrandedJob(r.id, r.model, r.lane, r.priority, r.status) for r in rows]
-
-
-async def count_by_status(session: AsyncSession) -> dict[JobStatus, int]:
-    rows = (await session.execute(select(Job.status, func.count()).group_by(Job.status))).all()
-    return {status: count for status, count in rows}
-
-
-@dataclass(frozen=True, slots=True)
-class TokenTotals:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-async def token_totals(session: AsyncSession) -> TokenTotals:
-    row = (
-        await session.execute(
-            select(
-                func.coalesce(func.sum(Job.prompt_tokens), 0),
-                func.coalesce(func.sum(Job.completion_tokens), 0),
-            )
-        )
-    ).one()
-    return TokenTotals(int(row[0] or 0), int(row[1] or 0))
-
-
-async def ttft_histogram(
-    session: AsyncSession, bounds_ms: Sequence[int]
-) -> tuple[list[int], int, int]:
-    """Cumulative counts of jobs with ttft <= each bound, plus total count and sum (ms)."""
-    columns = [func.sum(case((Job.ttft_ms <= bound, 1), else_=0)) for bound in bounds_ms]
-    row = (
-        await session.execute(
-            select(*columns, func.count(Job.ttft_ms), func.coalesce(func.sum(Job.ttft_ms), 0))
-        )
-    ).one()
-    values = [int(v or 0) for v in row]
-    return values[: len(bounds_ms)], values[-2], values[-1]
