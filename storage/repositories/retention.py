@@ -80,15 +80,12 @@ async def delete_idle_conversations(
     )
     if not candidates:
         return ConversationSweep(0, 0)
-    counts = dict(
-        (
-            await session.execute(
-                select(Message.conversation_id, func.count())
-                .where(Message.conversation_id.in_(candidates))
-                .group_by(Message.conversation_id)
-            )
-        ).tuples()
+    counted = await session.execute(
+        select(Message.conversation_id, func.count())
+        .where(Message.conversation_id.in_(candidates))
+        .group_by(Message.conversation_id)
     )
+    counts = {conversation_id: n for conversation_id, n in counted.tuples()}
     taken: list[str] = []
     rows = 0
     for conversation_id in candidates:

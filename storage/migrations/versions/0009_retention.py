@@ -41,10 +41,11 @@ INDEXES = [
 def upgrade() -> None:
     # Uses before this revision are unknown, so an image counts as used now: every job or
     # message already referring to it was made before that, as the sweep assumes.
-    op.add_column(
-        "image_owners",
-        sa.Column("last_used_at", UTC_COLUMN, nullable=False, server_default=sa.func.now()),
-    )
+    # (Batch mode: SQLite adds such a column only by copying the table.)
+    with op.batch_alter_table("image_owners") as batch:
+        batch.add_column(
+            sa.Column("last_used_at", UTC_COLUMN, nullable=False, server_default=sa.func.now())
+        )
     for name, table, columns, where in INDEXES:
         predicate = sa.text(where) if where else None
         op.create_index(
