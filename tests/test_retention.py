@@ -457,7 +457,7 @@ def sweeping_stack(model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack
             logs,
             FERRY_RETENTION_INTERVAL_SECONDS="0.5",
             FERRY_RETENTION_BATCH_SIZE="10",
-            FERRY_RETENTION_PAUSE_SECONDS="0",
+            FERRY_RETENTION_PAUSE_SECONDS="0.02",
             FERRY_RETAIN_JOBS_SECONDS=str(30 * DAY),
         )
         s.add_worker("worker-sweeping", TINY, "transformers", logs)
@@ -467,12 +467,13 @@ def sweeping_stack(model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack
 def test_the_sweep_runs_while_jobs_run(sweeping_stack: Stack) -> None:
     """Old finished jobs are swept by the API process while a worker runs new ones: every
     new one completes (and stays), every old one goes."""
-    old = asyncio.run(_insert_old_jobs(sweeping_stack.database_url, 300))
     with sweeping_stack.client(KEY_A) as client:
         new = [
             submit(client, chat_body(TINY, f"Count to {n}.", max_tokens=24))["id"]
             for n in range(12)
         ]
+        # Inserted while those run: the next sweep deletes them beside them.
+        old = asyncio.run(_insert_old_jobs(sweeping_stack.database_url, 300))
         finished = [wait_job(client, job_id) for job_id in new]
         assert {j["status"] for j in finished} == {"succeeded"}
         deadline = time.monotonic() + 60
