@@ -508,3 +508,40 @@ async def _remaining(url: str, job_ids: list[str]) -> set[str]:
             return set(await session.scalars(select(Job.id).where(Job.id.in_(job_ids))))
     finally:
         await engine.dispose()
+
+
+async def test_a_job_that_takes_images_from_its_conversation_marks_them_used(
+    in_process_api: InProcessApi, api_client: httpx.AsyncClient
+) -> None:
+    """The reference check reads only jobs made up to an image's last use: a job that takes
+    an image from stored history (not from its own request) must count as a use."""
+    sha = os.urandom(32).hex()
+    conversation = (await api_client.post("/v1/conversations", json={})).json()["id"]
+    engine = create_db_engine(StorageSettings(database_url=in_process_api.database_url))
+    sessions = create_session_factory(engine)
+    try:
+        async with sessions() as session:
+            owner = await session.scalar(
+                select(Conversation.owner_id).where(Conversation.id == conversation)
+            )
+            session.add(
+                Message(
+                    conversation_id=conversation,
+                    role="user",
+                    content="look",
+                    images=[{"sha256": sha, "mime": "image/png", "width": 1, "height": 1}],
+                )
+            )
+            session.add(Message(conversation_id=conversation, role="assistant", content="ok"))
+            session.add(ImageOwner(sha256=sha, owner_id=owner, last_used_at=ago(100)))
+            await session.commit()
+        body = {**chat_body(TINY, "And now?"), "conversation_id": conversation}
+        created = await api_client.post("/v1/jobs", json=body)
+        assert created.status_code == 202, created.text
+        async with sessions() as session:
+            used = await session.scalar(
+                select(ImageOwner.last_used_at).where(ImageOwner.sha256 == sha)
+            )
+        assert used is not None and used > utcnow() - timedelta(minutes=5)
+    finally:
+        await engine.dispose()
