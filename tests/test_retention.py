@@ -41,6 +41,7 @@ from storage.models import (
     utcnow,
 )
 from storage.objects import LocalObjectStore, file_key, image_key
+from storage.repositories import images as images_repo
 from storage.settings import StorageSettings
 from tests.conftest import KEY_A, REDIS_BASE, TINY, Stack, new_database, open_stack
 from tests.fixtures.api import InProcessApi
@@ -376,6 +377,26 @@ async def test_images_go_once_nothing_remaining_refers_to_them(
     # The ones found referenced count as used now: the next sweep does not check them again.
     again = await sweeper(sessions, objects, policy()).sweep_once(NOW)
     assert again.kept["images"] == 0 and again.deleted["images"] == 0
+
+
+async def test_an_image_an_intake_is_storing_is_left_alone(
+    sessions: async_sessionmaker[AsyncSession], objects: LocalObjectStore
+) -> None:
+    """Intake holds an image's lock from recording its use until its bytes are stored: a
+    sweep meanwhile leaves the image (bytes and rows) for a later sweep."""
+    if sessions.kw["bind"].dialect.name != "postgresql":
+        pytest.skip("advisory locks are PostgreSQL's; SQLite runs one process")
+    async with sessions() as session:
+        session.add(ImageOwner(sha256=SHA_GONE, owner_id=OWNER, last_used_at=ago(40)))
+        await session.commit()
+    objects.put_bytes(image_key(SHA_GONE), b"png", "image/png")
+    async with sessions() as intake:
+        await images_repo.hold_for_use(intake, [SHA_GONE])
+        report = await sweeper(sessions, objects, policy()).sweep_once(NOW)
+        assert report.deleted["images"] == 0 and objects.exists(image_key(SHA_GONE))
+        await intake.rollback()
+    report = await sweeper(sessions, objects, policy()).sweep_once(NOW)
+    assert report.deleted["images"] == 1 and not objects.exists(image_key(SHA_GONE))
 
 
 async def test_an_age_of_zero_keeps_rows_for_good(
