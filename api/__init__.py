@@ -19,7 +19,7 @@ the routes call:
 - `batches/`        `/v1/files`, `/v1/batches` and the supervisor that runs them.
 - `images/`         image intake (fetch behind an SSRF guard, verify, store) and
                     `/v1/images/{sha256}`.
-- `ops/`            `/health`, `/metrics`.
+- `ops/`            `/health`, `/metrics`, and the retention sweep (`retention.py`).
 - `admin/`          `/v1/admin/keys` (the admin key only; 404 to any other) and
                     `/v1/webhooks/secret`.
 - `webhooks/`       signed webhooks: URL checks (`urls.py`) and the deliverer that sends
@@ -45,6 +45,6 @@ Transactions: SQL is reached in one of three ways, each for its own reason.
 - Everything else opens short units through `state.db` (`core/db.py`): `db.read()`
   (nothing committed) or `db.transaction()` (committed when the block ends). That is
   background work (the reconciler, the batch supervisor, feeder, expansion,
-  finalisation, `/metrics`), and routes that stream or wait for a job, which must not
+  finalisation, the retention sweep, `/metrics`), and routes that stream or wait for a job, which must not
   hold a pooled connection meanwhile. Nothing opens a session from the factory itself.
 """
