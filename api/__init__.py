@@ -45,6 +45,7 @@ Transactions: SQL is reached in one of three ways, each for its own reason.
 - Everything else opens short units through `state.db` (`core/db.py`): `db.read()`
   (nothing committed) or `db.transaction()` (committed when the block ends). That is
   background work (the reconciler, the batch supervisor, feeder, expansion,
-  finalisation, the retention sweep, `/metrics`), and routes that stream or wait for a job, which must not
-  hold a pooled connection meanwhile. Nothing opens a session from the factory itself.
+  finalisation, the retention sweep, `/metrics`), and routes that stream or wait for a
+  job, which must not hold a pooled connection meanwhile. Nothing opens a session from
+  the factory itself.
 """
