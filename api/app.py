@@ -37,6 +37,7 @@ from api.models.catalog import ModelCatalog
 from api.openai import chat, completions
 from api.ops import routes as ops
 from api.ops.http_metrics import HttpMetrics, HttpMetricsMiddleware
+from api.ops.retention import RetentionPolicy, RetentionSweeper
 from api.streaming.event_hub import JobEventHub
 from api.ui import docs
 from api.ui.routes import mount_page
@@ -165,6 +166,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.webhook_deliverer = webhook_deliverer
         webhook_deliverer.start()
         stack.push_async_callback(webhook_deliverer.stop)
+        retention = RetentionSweeper(
+            db,
+            redis,
+            objects,
+            RetentionPolicy.from_settings(settings),
+            interval_seconds=settings.retention_interval_seconds,
+        )
+        app.state.retention = retention
+        retention.start()
+        stack.push_async_callback(retention.stop)
         # What start-up imported and built lives as long as the process: out of the garbage
         # collector's sight, a full collection no longer walks it (a pause every request
         # in flight would wait out).

@@ -37,6 +37,10 @@ JOB_WAKE_CHANNEL = "ferry:jobs:wake"
 # Held by the API process doing a batch supervisor pass (expand, feed, expire, finalise).
 BATCH_SUPERVISOR_LOCK = "ferry:batches:lock"
 
+# Held by the API process doing a retention sweep (expires after one interval, renewed
+# while the sweep runs).
+RETENTION_LOCK = "ferry:retention:lock"
+
 # Sorted set of job ids whose Celery message has been sent and not yet claimed
 # (score = send time). If Redis loses it, the reconciler knows to send again.
 PENDING_JOBS = "ferry:jobs:pending"

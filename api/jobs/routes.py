@@ -13,7 +13,7 @@ from api.core.idempotency import IdempotentCreate
 from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
-from api.jobs.schemas import JobCreate, JobList, JobPublic
+from api.jobs.schemas import JobCreate, JobDeleted, JobList, JobPublic
 from api.streaming import sse
 from api.streaming.job_events import job_event_batches
 from api.webhooks import urls as webhook_urls
@@ -110,6 +110,17 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
         state.events, state.cancels, session, job, state.limiter, state.redis
     )
     return JobPublic.from_row(cancelled)
+
+
+@router.delete("/{job_id}", response_model=JobDeleted, responses=error_responses(401, 404, 409))
+async def delete_job(job: OwnedJob, state: StateDep, session: SessionDep) -> JobDeleted:
+    """Delete a finished job: its row (result, deltas, usage) and its event stream.
+
+    A job still queued or running answers 409 (cancel it first); so does a batch line,
+    which goes with its batch. Deleting it again is a 404.
+    """
+    await jobs_service.delete(state.events, session, job)
+    return JobDeleted(id=job.id)
 
 
 # What `EventId.parse` takes (empty: from the start); checked there, with its own message.

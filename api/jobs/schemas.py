@@ -66,6 +66,12 @@ class JobTimings(BaseModel):
     total_seconds: float | None = Field(description="created -> finished")
 
 
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["job.deleted"] = "job.deleted"
+    deleted: bool = True
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"

@@ -324,6 +324,25 @@ async def cancel(
     return refreshed
 
 
+async def delete(events: JobEventStream, session: AsyncSession, job: Job) -> None:
+    """Delete a finished job and its event stream. An unfinished job must be cancelled
+    first; a batch line goes with its batch."""
+    if job.batch_id is not None:
+        raise Conflict(
+            f"Job `{job.id}` is a line of batch `{job.batch_id}`: it is deleted with its batch.",
+            param="job_id",
+            code="job_in_batch",
+        )
+    if not await jobs_repo.delete_finished_job(session, job.id):
+        raise Conflict(
+            f"Job `{job.id}` has not finished: cancel it first.",
+            param="job_id",
+            code="job_not_finished",
+        )
+    await session.commit()
+    await events.forget(job.id)
+
+
 async def wait_for_end(state: AppState, job_id: str) -> Job:
     """Wait (on the job's events, not by polling SQL) until the job ends; its final row.
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    delete,
     func,
     insert,
     inspect,
@@ -29,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.keys import Lane
-from storage.models import INTERACTIVE_QUEUED, Job, JobStatus, utcnow
+from storage.models import INTERACTIVE_QUEUED, TERMINAL_STATUSES, Job, JobStatus, utcnow
 from storage.repositories import conversations, webhooks
 
 
@@ -357,6 +358,16 @@ async def cancel_job(session: AsyncSession, job_id: str) -> JobStatus | None:
                 )
             return previous
     return None
+
+
+async def delete_finished_job(session: AsyncSession, job_id: str) -> bool:
+    """Delete a finished job outside any batch; False if it is not (or no longer) one."""
+    result = await session.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.status.in_(TERMINAL_STATUSES), Job.batch_id.is_(None))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
