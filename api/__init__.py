@@ -20,7 +20,9 @@ the routes call:
 - `images/`         image intake (fetch behind an SSRF guard, verify, store) and
                     `/v1/images/{sha256}`.
 - `ops/`            `/health` (liveness), `/ready` (a worker for each declared model),
-                    `/metrics`.
+                    `/metrics` (job metrics read from Redis, never SQL), the per-process
+                    HTTP metrics middleware (`http_metrics.py`), and the retention sweep
+                    (`retention.py`).
 - `admin/`          `/v1/admin/keys` (the admin key only; 404 to any other) and
                     `/v1/webhooks/secret`.
 - `webhooks/`       signed webhooks: URL checks (`urls.py`) and the deliverer that sends
@@ -46,6 +48,7 @@ Transactions: SQL is reached in one of three ways, each for its own reason.
 - Everything else opens short units through `state.db` (`core/db.py`): `db.read()`
   (nothing committed) or `db.transaction()` (committed when the block ends). That is
   background work (the reconciler, the batch supervisor, feeder, expansion,
-  finalisation, `/metrics`), and routes that stream or wait for a job, which must not
-  hold a pooled connection meanwhile. Nothing opens a session from the factory itself.
+  finalisation, the retention sweep, `/metrics`), and routes that stream or wait for a
+  job, which must not hold a pooled connection meanwhile. Nothing opens a session from
+  the factory itself.
 """

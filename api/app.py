@@ -36,11 +36,14 @@ from api.models import routes as models
 from api.models.catalog import ModelCatalog
 from api.openai import chat, completions
 from api.ops import routes as ops
+from api.ops.http_metrics import HttpMetrics, HttpMetricsMiddleware
+from api.ops.retention import RetentionPolicy, RetentionSweeper
 from api.streaming.event_hub import JobEventHub
 from api.ui import docs
 from api.ui.routes import mount_page
 from api.ui.security import DOCS_CSP, PAGE_CSP, SecurityHeaders
 from api.webhooks.deliverer import WebhookDeliverer
+from storage import telemetry
 from storage.channels import CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -49,6 +52,7 @@ from storage.objects import ObjectStoreSettings, build_object_store
 from storage.registry import ModelRegistry
 from storage.repositories import api_keys
 from storage.settings import StorageSettings, get_storage_settings
+from storage.telemetry import TraceRequests
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
     storage: StorageSettings = app.state.storage
     async with AsyncExitStack() as stack:
+        # Last out: buffered spans are written before uvicorn ends the process by signal.
+        stack.callback(telemetry.flush)
         if settings.migrate_on_start:
             await upgrade_async(storage.database_url)
         engine = create_db_engine(storage)
@@ -100,7 +106,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             interval_seconds=settings.dispatch_interval_seconds,
         )
         app.state.dispatcher = dispatcher
-        intake = JobIntake(db, queue, on_held=dispatcher.wake)
+        intake = JobIntake(db, queue, on_held=dispatcher.wake, metrics=redis)
         objects = await asyncio.to_thread(build_object_store, app.state.object_store)
         queue.start()
         intake.start()
@@ -164,6 +170,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.webhook_deliverer = webhook_deliverer
         webhook_deliverer.start()
         stack.push_async_callback(webhook_deliverer.stop)
+        retention = RetentionSweeper(
+            db,
+            redis,
+            objects,
+            RetentionPolicy.from_settings(settings),
+            interval_seconds=settings.retention_interval_seconds,
+        )
+        app.state.retention = retention
+        retention.start()
+        stack.push_async_callback(retention.stop)
         # What start-up imported and built lives as long as the process: out of the garbage
         # collector's sight, a full collection no longer walks it (a pause every request
         # in flight would wait out).
@@ -260,6 +276,8 @@ def create_app(
     # A batch file may be far larger than a request: the route checks its own limit, this
     # one only bounds the multipart body around it.
     upload_limit = settings.batch_max_file_bytes + 1024 * 1024
+    # A span per request when tracing is on (storage/telemetry.py); one check when off.
+    app.add_middleware(TraceRequests)
     app.add_middleware(RefuseNul)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits={"/v1/files": upload_limit}
@@ -269,4 +287,7 @@ def create_app(
         SecurityHeaders,
         policies={"/docs": DOCS_CSP, "/redoc": DOCS_CSP, "/ui/docs": DOCS_CSP, "/ui": PAGE_CSP},
     )
+    # Outermost of all: every answer is counted, whichever layer gave it.
+    app.state.http_metrics = HttpMetrics()
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics, routes=app.routes)
     return app

@@ -201,6 +201,10 @@ class JobEventStream:
             # there (e.g. a cancel racing a worker). Replays stay consistent.
             log.debug("%d event appends refused (already in their streams)", refused)
 
+    async def forget(self, job_id: str) -> None:
+        """Drop a deleted job's stream (it would otherwise expire on its own)."""
+        await self._redis.delete(job_stream(job_id))
+
     async def read_after(self, job_id: str, after: EventId) -> list[JobEvent] | None:
         """Events after `after` (exclusive) from the stream; None if there is no stream."""
         stream = job_stream(job_id)

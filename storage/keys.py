@@ -1,7 +1,8 @@
 """Every Redis key, channel, Celery task and queue name Ferry uses, in one place.
 
 Only storage/ reads and writes the Redis structures: each has one owner (`events.py`,
-`registry.py`, `pending.py`, `channels.py`, `locks.py`) that every caller goes through.
+`registry.py`, `pending.py`, `channels.py`, `locks.py`, `job_metrics.py`) that every
+caller goes through.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ JOB_WAKE_CHANNEL = "ferry:jobs:wake"
 # Held by the API process doing a batch supervisor pass (expand, feed, expire, finalise).
 BATCH_SUPERVISOR_LOCK = "ferry:batches:lock"
 
+# Held by the API process doing a retention sweep (expires after one interval, renewed
+# while the sweep runs).
+RETENTION_LOCK = "ferry:retention:lock"
+
 # Sorted set of job ids whose Celery message has been sent and not yet claimed
 # (score = send time). If Redis loses it, the reconciler knows to send again.
 PENDING_JOBS = "ferry:jobs:pending"
@@ -54,6 +59,12 @@ MODELS_HASH = "ferry:models"
 WORKERS_LIVE = "ferry:workers"
 WORKER_BEATS = "ferry:workers:beats"
 MODELS_SEEN = "ferry:models:seen"
+
+# Cluster-wide job metrics (storage/job_metrics.py): hashes of counters, and each
+# worker's engine stats (an expiring key per worker, indexed by a sorted set).
+JOB_METRICS_PREFIX = "ferry:metrics:"
+ENGINE_STATS_INDEX = "ferry:engine-stats"
+ENGINE_STATS_PREFIX = "ferry:engine-stats:"
 
 
 def job_stream(job_id: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 
-from storage.keys import BATCH_SUPERVISOR_LOCK, RECONCILER_LOCK
+from storage.keys import BATCH_SUPERVISOR_LOCK, RECONCILER_LOCK, RETENTION_LOCK
 
 
 async def take_reconciler_turn(redis: Redis, hold_ms: int) -> bool:
@@ -18,3 +18,10 @@ def batch_supervisor_lock(redis: Redis, timeout: float) -> Lock:
     """The lock of a batch supervisor pass: `acquire` does not wait, it answers whether
     this process has it; `release` when the pass is done (`timeout`: if it never is)."""
     return redis.lock(BATCH_SUPERVISOR_LOCK, timeout=timeout, blocking=False)
+
+
+def retention_lock(redis: Redis, interval_seconds: float) -> Lock:
+    """The retention sweep's turn: `acquire` does not wait. Never released, it expires
+    after one interval, so processes ticking together sweep once between them; a sweep
+    still running renews it (`reacquire`)."""
+    return redis.lock(RETENTION_LOCK, timeout=interval_seconds, blocking=False)

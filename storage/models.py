@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -129,6 +130,13 @@ INTERACTIVE_HELD = "lane = 'interactive' AND status = 'queued' AND enqueued_at I
 INTERACTIVE_QUEUED = "lane = 'interactive' AND status = 'queued'"
 # Queued jobs with a deadline: the expiry sweep reads them by deadline.
 QUEUED_WITH_DEADLINE = "status = 'queued' AND deadline_at IS NOT NULL"
+# Finished jobs not part of a batch (batch lines go with their batch): the retention
+# sweep reads them by finished_at (api/ops/retention.py).
+UNBATCHED_FINISHED = (
+    "batch_id IS NULL AND status IN ('succeeded', 'failed', 'cancelled', 'expired')"
+)
+# Jobs that continue a conversation: deleting a conversation sets theirs to NULL.
+IN_CONVERSATION = "conversation_id IS NOT NULL"
 
 
 class Job(Base):
@@ -184,6 +192,20 @@ class Job(Base):
             "deadline_at",
             postgresql_where=text(QUEUED_WITH_DEADLINE),
             sqlite_where=text(QUEUED_WITH_DEADLINE),
+        ),
+        # Finished interactive jobs by age, for the retention sweep.
+        Index(
+            "ix_jobs_unbatched_finished",
+            "finished_at",
+            postgresql_where=text(UNBATCHED_FINISHED),
+            sqlite_where=text(UNBATCHED_FINISHED),
+        ),
+        # Without it, every conversation deleted scans the jobs table for its ON DELETE.
+        Index(
+            "ix_jobs_conversation_id",
+            "conversation_id",
+            postgresql_where=text(IN_CONVERSATION),
+            sqlite_where=text(IN_CONVERSATION),
         ),
     )
 
@@ -258,7 +280,11 @@ class Conversation(Base):
     """Chat history owned by one API key (OpenAI-style jobs, PAI-EAS /infer_forward)."""
 
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_owner_id_id", "owner_id", "id"),)
+    __table_args__ = (
+        Index("ix_conversations_owner_id_id", "owner_id", "id"),
+        # Idle conversations by age, for the retention sweep.
+        Index("ix_conversations_updated_at", "updated_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
@@ -270,11 +296,23 @@ class Conversation(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+WITH_IMAGES = "images IS NOT NULL"
+
+
 class Message(Base):
     """One turn of a conversation; images are object-store references, never bytes."""
 
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
+    __table_args__ = (
+        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        # Messages that carry images: the retention sweep's reference check reads them.
+        Index(
+            "ix_messages_with_images",
+            "conversation_id",
+            postgresql_where=text(WITH_IMAGES),
+            sqlite_where=text(WITH_IMAGES),
+        ),
+    )
 
     # Autoincrement: a conversation's messages in insertion order are ORDER BY id.
     id: Mapped[int] = mapped_column(
@@ -297,7 +335,10 @@ class File(Base):
     object store under `storage.objects.file_key(id)`."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_owner_id_id", "owner_id", "id"),)
+    __table_args__ = (
+        Index("ix_files_owner_id_id", "owner_id", "id"),
+        Index("ix_files_created_at", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
@@ -332,6 +373,9 @@ class BatchStatus(StrEnum):
         )
 
 
+BATCH_ENDED = "status IN ('failed', 'completed', 'expired', 'cancelled')"
+
+
 class Batch(Base):
     """An OpenAI-style batch: one input file, one job per valid line."""
 
@@ -339,6 +383,13 @@ class Batch(Base):
     __table_args__ = (
         Index("ix_batches_owner_id_id", "owner_id", "id"),
         Index("ix_batches_status", "status"),
+        # Ended batches by age, for the retention sweep.
+        Index(
+            "ix_batches_ended_created_at",
+            "created_at",
+            postgresql_where=text(BATCH_ENDED),
+            sqlite_where=text(BATCH_ENDED),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -425,6 +476,7 @@ class IdempotencyRecord(Base):
 
 
 WEBHOOK_DUE = "delivered_at IS NULL AND failed_at IS NULL"
+WEBHOOK_DONE = "delivered_at IS NOT NULL OR failed_at IS NOT NULL"
 
 
 class WebhookDelivery(Base):
@@ -440,6 +492,13 @@ class WebhookDelivery(Base):
             sqlite_where=text(WEBHOOK_DUE),
         ),
         Index("ix_webhook_deliveries_object", "object_id"),
+        # Delivered or given-up messages by age, for the retention sweep.
+        Index(
+            "ix_webhook_deliveries_done",
+            "created_at",
+            postgresql_where=text(WEBHOOK_DONE),
+            sqlite_where=text(WEBHOOK_DONE),
+        ),
     )
 
     # `msg_...`: sent as `webhook-id`, the same on every attempt.
@@ -470,7 +529,14 @@ class ImageOwner(Base):
     that sent the image may read it back."""
 
     __tablename__ = "image_owners"
+    __table_args__ = (Index("ix_image_owners_last_used_at", "last_used_at"),)
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Last time this key put the image in a job or a stored message: every job or message
+    # of this key that refers to the image was made at or before it (the retention sweep
+    # relies on that to check references cheaply).
+    last_used_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now()
+    )

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
+from prometheus_client.parser import text_string_to_metric_families
 
 from ferry_testing.procs import wait_until
 from tests.batching import CHAT, chat_line, job_rows, jsonl, read_jsonl, sdk, upload, wait_batch
@@ -212,6 +214,7 @@ def test_cancel_mid_run_keeps_finished_lines_and_never_runs_queued_ones(stack: S
         )
         for i in range(160)
     ]
+    before = _ended(stack)
     batch_id = client.batches.create(
         input_file_id=upload(client, jsonl(lines)), endpoint=CHAT, completion_window="24h"
     ).id
@@ -243,6 +246,22 @@ def test_cancel_mid_run_keeps_finished_lines_and_never_runs_queued_ones(stack: S
     )
     with stack.client() as http:
         assert_error(http.post(f"/v1/batches/{batch_id}/cancel"), 409, "batch_not_cancellable")
+    # Each line's end counted once in /metrics: by the cancel, or by its worker.
+    after = _ended(stack)
+    cancelled = sum(1 for status, _, _ in rows.values() if status == "cancelled")
+    assert after["cancelled"] - before["cancelled"] == cancelled
+    assert after["succeeded"] - before["succeeded"] == len(done)
+
+
+def _ended(stack: Stack) -> dict[str, float]:
+    """`ferry_jobs_ended_total` of the tiny model by status, from an API's /metrics."""
+    page = httpx.get(f"{stack.url}/metrics", timeout=30).text
+    ended = {"cancelled": 0.0, "succeeded": 0.0}
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name == "ferry_jobs_ended_total" and sample.labels["model"] == TINY:
+                ended[sample.labels["status"]] = sample.value
+    return ended
 
 
 def test_completion_window_passes_and_the_batch_expires(stack: Stack) -> None:

@@ -108,6 +108,7 @@ async def owned(in_process_api: InProcessApi) -> AsyncIterator[Owned]:
 ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/jobs/{job_id}", None),
     ("POST", "/v1/jobs/{job_id}/cancel", None),
+    ("DELETE", "/v1/jobs/{job_id}", None),
     ("GET", "/v1/jobs/{job_id}/events", None),
     ("GET", "/v1/conversations/{conversation_id}", None),
     ("DELETE", "/v1/conversations/{conversation_id}", None),

@@ -54,3 +54,21 @@ def test_images_sent_before_owners_were_recorded_stay_readable_by_their_senders(
         assert owners == {(SHA_JOB, "key_a"), (SHA_TURN, "key_b")}
     finally:
         _admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_the_migrations_build_the_schema_the_models_describe(migrated_pg: str) -> None:
+    """Every column and index of storage/models.py, and nothing else, after `upgrade`."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from storage.models import Base
+
+    engine = create_engine(migrated_pg.replace("+asyncpg", "+psycopg"))
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn)
+            differences = compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []

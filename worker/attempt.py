@@ -9,10 +9,13 @@ import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage import telemetry
 from storage.content import ImageRef, image_refs
 from storage.events import INVALID_REQUEST, SERVER_ERROR, EventType, JobEvent, terminal_events
+from storage.job_metrics import record_job_end
 from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, image_key
@@ -172,6 +175,8 @@ class AttemptContext:
     tool_parser: ToolCallParser | None = None
     # Settlement: a job's unused reserved tokens go back to its key's tokens_per_minute.
     limiter: RateLimiter | None = None
+    # Where job ends are counted (storage/job_metrics.py); None: not counted.
+    metrics: Redis | None = None
 
 
 async def run_claimed(ctx: AttemptContext, job: Job) -> str:
@@ -180,6 +185,7 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
     job_id = job.id
     state = JobAttempt(job_id, job.attempts, f"{job_id}:{job.attempts}", started_at=job.started_at)
     state.owner_id, state.reserved_tokens = job.owner_id, job.reserved_tokens
+    state.model, state.created_at = job.model, job.created_at
     body = _stored_request(job)
     if isinstance(body, StoredRequest):
         if body.logprobs is not None:
@@ -259,11 +265,13 @@ async def _admitted(
     """Generate once the engine admits the job (bulk jobs may wait for a slot)."""
     if lane != Lane.BULK:
         async with admission.interactive():
-            return await _generate(engine, request, state, publisher)
+            with telemetry.engine_spans(state):
+                return await _generate(engine, request, state, publisher)
     async with admission.bulk(lambda: state.cancel_requested) as admitted:
         if not admitted:
             return JobStatus.CANCELLED, None
-        return await _generate(engine, request, state, publisher)
+        with telemetry.engine_spans(state):
+            return await _generate(engine, request, state, publisher)
 
 
 async def _generate(
@@ -347,8 +355,41 @@ async def _record_end(
         return "lost"
     for event_type, data in terminal_events(recorded, outcome):
         ctx.publisher.emit(state.job_id, JobEvent(state.next_id(), event_type, data))
+    await _count_end(ctx, state, recorded, outcome)
     await _settle(ctx, state, outcome)
     return recorded.value
+
+
+async def _count_end(
+    ctx: AttemptContext, state: JobAttempt, status: JobStatus, outcome: jobs_repo.JobOutcome
+) -> None:
+    """Count the end that landed (storage/job_metrics.py). A cancelled job's end was
+    counted by the cancel that made it terminal; its tokens and timings are counted here.
+    Best effort, as settlement: a lost increment must not fail the job."""
+    if ctx.metrics is None:
+        return
+    now = utcnow()
+    ttft = queue_wait = e2e = None
+    if state.started_at is not None and state.first_token_at is not None:
+        ttft = (state.first_token_at - state.started_at).total_seconds()
+    if state.created_at is not None:
+        e2e = (now - state.created_at).total_seconds()
+        if state.started_at is not None:
+            queue_wait = (state.started_at - state.created_at).total_seconds()
+    try:
+        await record_job_end(
+            ctx.metrics,
+            state.model,
+            status.value,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+            ttft,
+            queue_wait,
+            e2e,
+            ended=status != JobStatus.CANCELLED,
+        )
+    except Exception:
+        log.warning("could not count the end of job %s", state.job_id, exc_info=True)
 
 
 async def _settle(ctx: AttemptContext, state: JobAttempt, outcome: jobs_repo.JobOutcome) -> None:

@@ -18,6 +18,9 @@ class JobAttempt:
     attempt: int
     request_id: str
     started_at: datetime | None = None
+    # For the job metrics (storage/job_metrics.py): its model and when it was accepted.
+    model: str = ""
+    created_at: datetime | None = None
     deltas: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int | None = None

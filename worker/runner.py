@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -28,9 +29,11 @@ import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from storage import telemetry
 from storage.channels import BatchWakeChannel, CancelChannel, JobWakeChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
+from storage.job_metrics import EngineStats, forget_engine_stats, publish_engine_stats
 from storage.objects import get_object_store
 from storage.pending import PendingJobs
 from storage.ratelimit import RateLimiter
@@ -39,7 +42,7 @@ from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
 from worker.attempt import AttemptContext, run_claimed
-from worker.engines.base import Engine
+from worker.engines.base import Engine, ReportsLoad
 from worker.errors import EngineBroken, StartupError
 from worker.group_commit import claim_committer, outcome_committer
 from worker.job_state import JobAttempt
@@ -167,10 +170,17 @@ class JobRunner:
             adapters=frozenset(m.name for m in s.lora_modules),
             tool_parser=tool_parser,
             limiter=RateLimiter(self._redis),
+            metrics=self._redis,
         )
         self._registry = ModelRegistry(self._redis)
         await self._heartbeat_once()
-        for loop_fn in (self._heartbeat_loop, self._lease_loop, self._cancel_listener):
+        await self._engine_stats_once()
+        for loop_fn in (
+            self._heartbeat_loop,
+            self._engine_stats_loop,
+            self._lease_loop,
+            self._cancel_listener,
+        ):
             self._background.append(asyncio.create_task(loop_fn(), name=loop_fn.__name__))
 
     async def _stop(self) -> None:
@@ -186,6 +196,10 @@ class JobRunner:
         await self._claims.stop()
         await self._publisher.stop()
         await self._registry.forget_worker(self.worker_id)
+        try:
+            await forget_engine_stats(self._redis, self.worker_id)
+        except RedisError:
+            log.warning("could not remove this worker's engine stats (they expire)")
         await self.engine.stop()
         await self._redis.aclose()
         await self._db.dispose()
@@ -226,10 +240,15 @@ class JobRunner:
             if job is None:
                 return "skipped"  # not ours to run: it held no bulk slot here either
             try:
-                return await self._tracked(run_claimed(self._ctx, job))
-            except Exception:
-                log.exception("job %s was given back to the queue", job_id)
-                return "released"
+                # Its log lines name the job (and trace); its spans join the job's trace.
+                with telemetry.job_attempt(job):
+                    try:
+                        outcome = await self._tracked(run_claimed(self._ctx, job))
+                        log.debug("job %s attempt %d: %s", job_id, job.attempts, outcome)
+                        return outcome
+                    except Exception:
+                        log.exception("job %s was given back to the queue", job_id)
+                        return "released"
             finally:
                 # Interactive jobs likewise wake the API's dispatcher (api/jobs/dispatch.py).
                 wake = self._batch_wake if job.lane == "bulk" else self._job_wake
@@ -281,6 +300,29 @@ class JobRunner:
                 await self._heartbeat_once()
             except Exception:
                 log.exception("heartbeat failed")
+
+    async def _engine_stats_once(self) -> None:
+        """The engine's load (and this worker's jobs in flight) for the API's /metrics,
+        expiring as the heartbeat does."""
+        load = self.engine.load() if isinstance(self.engine, ReportsLoad) else None
+        stats = EngineStats(
+            worker_id=self.worker_id,
+            model=self.settings.model_name,
+            engine=self.engine.info.engine,
+            running=load.running if load else None,
+            waiting=load.waiting if load else None,
+            kv_cache_usage=load.kv_cache_usage if load else None,
+            jobs_in_flight=dict(Counter(s.model for s in self._in_flight.values())),
+        )
+        await publish_engine_stats(self._redis, stats, 3 * self.settings.heartbeat_seconds)
+
+    async def _engine_stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                await self._engine_stats_once()
+            except Exception:
+                log.exception("writing engine stats failed")
 
     async def _lease_loop(self) -> None:
         """Renew the leases of every job in flight, and abort those cancelled meanwhile."""

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from api.batches.lines import LineChecker, LineError, RawLine, split_lines
 from api.core.state import AppState
+from storage.job_metrics import record_jobs_created
 from storage.models import Batch, BatchStatus, File, Job
 from storage.objects import ObjectNotFound, file_key
 from storage.repositories import batch_results as batch_results_repo
@@ -85,6 +87,7 @@ async def _store_lines(state: AppState, batch: Batch) -> None:
     shown: list[dict[str, Any]] = []
     total = invalid = 0
     models: set[str] = set()
+    per_model: Counter[str] = Counter()
     async with state.db.transaction() as session:
         async for raw in _input_lines(state, batch.input_file_id):
             total += 1
@@ -97,6 +100,7 @@ async def _store_lines(state: AppState, batch: Batch) -> None:
             else:
                 result.batch_id = batch.id
                 models.add(result.model)
+                per_model[result.model] += 1
                 jobs.append(result)
             if len(jobs) >= _INSERT_ROWS:
                 await jobs_repo.insert_jobs(session, jobs)
@@ -138,6 +142,10 @@ async def _store_lines(state: AppState, batch: Batch) -> None:
             )
         if not moved:
             raise _Superseded  # rolls the whole transaction back
+    try:
+        await record_jobs_created(state.redis, per_model)
+    except Exception:
+        log.warning("batch %s: could not count its jobs", batch.id, exc_info=True)
     log.info("batch %s: %d lines, %d invalid", batch.id, total, invalid)
 
 

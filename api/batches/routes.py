@@ -106,5 +106,5 @@ async def cancel_batch(
     """Cancel: queued lines never run, running ones are aborted, finished ones keep their
     results. The batch is `cancelling`, then `cancelled` with its output and error files.
     A batch that has already ended (or is finalizing) answers 409."""
-    cancelled = await service.cancel_batch(state.cancels, session, batch, supervisor)
+    cancelled = await service.cancel_batch(state.cancels, session, batch, supervisor, state.redis)
     return (await service.public(session, [cancelled]))[0]

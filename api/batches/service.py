@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.batches.schemas import ENDPOINTS, BatchCreate, BatchPublic
@@ -13,13 +15,16 @@ from api.core.errors import Conflict, InvalidRequest, NotFound
 from api.core.settings import ApiSettings
 from api.webhooks import urls as webhook_urls
 from storage.channels import CancelChannel
-from storage.models import Batch, BatchStatus, utcnow
+from storage.job_metrics import record_jobs_ended
+from storage.models import Batch, BatchStatus, JobStatus, utcnow
 from storage.repositories import batch_jobs as batch_jobs_repo
 from storage.repositories import batches as batches_repo
 from storage.repositories import files as files_repo
 
 if TYPE_CHECKING:
     from api.batches.supervisor import BatchSupervisor
+
+log = logging.getLogger(__name__)
 
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -105,7 +110,11 @@ async def create_batch(
 
 
 async def cancel_batch(
-    cancels: CancelChannel, session: AsyncSession, batch: Batch, supervisor: BatchSupervisor
+    cancels: CancelChannel,
+    session: AsyncSession,
+    batch: Batch,
+    supervisor: BatchSupervisor,
+    redis: Redis | None = None,
 ) -> Batch:
     """Queued lines never run; running ones are aborted in their engines; lines that
     finished keep their results. The batch is `cancelling` until its running lines have
@@ -121,14 +130,27 @@ async def cancel_batch(
             param="batch_id",
             code="batch_not_cancellable",
         )
-    running = await batch_jobs_repo.cancel_open_jobs(session, batch.id)
+    cancelled = await batch_jobs_repo.cancel_open_jobs(session, batch.id)
     await session.commit()
-    for job_id in running:
+    await count_cancelled(redis, batch.id, cancelled)
+    for job_id in cancelled.running:
         await cancels.publish(job_id)
     supervisor.wake(full=True)
     refreshed = await batches_repo.get_batch(session, batch.id)
     assert refreshed is not None
     return refreshed
+
+
+async def count_cancelled(
+    redis: Redis | None, batch_id: str, cancelled: batch_jobs_repo.CancelledLines
+) -> None:
+    """Count the lines a cancel (or an expiry) ended, after its commit (best effort)."""
+    if redis is None:
+        return
+    try:
+        await record_jobs_ended(redis, JobStatus.CANCELLED.value, cancelled.by_model)
+    except Exception:
+        log.warning("batch %s: could not count its cancelled lines", batch_id, exc_info=True)
 
 
 async def public(session: AsyncSession, batches: list[Batch]) -> list[BatchPublic]:

@@ -31,6 +31,7 @@ from redis.exceptions import LockError, RedisError
 from api.batches.expansion import expand_batch
 from api.batches.feeder import BatchFeeder
 from api.batches.output import finalize_batch
+from api.batches.service import count_cancelled
 from api.core.state import AppState
 from storage.channels import BatchWakeChannel, CancelChannel
 from storage.locks import batch_supervisor_lock
@@ -185,7 +186,9 @@ class BatchSupervisor:
             async with state.db.transaction() as session:
                 if not await batches_repo.begin_expiry(session, batch_id):
                     continue
-                running = await batch_jobs_repo.cancel_open_jobs(session, batch_id)
+                cancelled = await batch_jobs_repo.cancel_open_jobs(session, batch_id)
+            await count_cancelled(state.redis, batch_id, cancelled)
+            running = cancelled.running
             log.info("batch %s expired; aborting %d running lines", batch_id, len(running))
             cancels = CancelChannel(state.redis)
             for job_id in running:

@@ -17,6 +17,7 @@ from api.core.errors import InvalidRequest, NotFound
 from storage.content import ImageRef, image_part, image_refs, plain_text, text_part
 from storage.models import Message
 from storage.repositories import conversations as conversations_repo
+from storage.repositories import images as images_repo
 from storage.repositories.conversations import INSTRUCTION_ROLES
 from storage.stored_request import StoredRequest
 
@@ -33,7 +34,17 @@ async def prepend_history(
         if conversation is None:
             raise NotFound(f"No conversation with id `{conversation_id}`.", param="conversation_id")
         stored = await conversations_repo.messages_of(session, conversation_id)
+    await record_image_use(db, owner_id, stored)
     splice(request, prompt_messages(stored))
+
+
+async def record_image_use(db: Database, owner_id: str, stored: Sequence[Message]) -> None:
+    """The stored turns' images are about to be in a new job: mark them used now (the
+    retention sweep's reference check reads only jobs made before an image's last use)."""
+    shas = {ref["sha256"] for m in stored for ref in m.images or []}
+    if shas:
+        async with db.transaction() as session:
+            await images_repo.add_owner(session, owner_id, shas)
 
 
 def splice(request: StoredRequest, history: Sequence[dict[str, Any]]) -> None:

@@ -106,6 +106,19 @@ class ApiSettings(BaseSettings):
     idempotency_lease_seconds: float = Field(60.0, gt=0)
     idempotency_wait_seconds: float = Field(10.0, ge=0)
 
+    # Retention (api/ops/retention.py): rows older than these ages are deleted; 0 keeps
+    # them for good. The sweep runs this often, deleting at most `batch_size` rows per
+    # statement and pausing between statements.
+    retention_interval_seconds: float = Field(600.0, gt=0)
+    retention_batch_size: int = Field(1000, ge=1, le=100_000)
+    retention_pause_seconds: float = Field(0.05, ge=0, le=60)
+    retain_jobs_seconds: float = Field(30 * 86400, ge=0)
+    retain_conversations_seconds: float = Field(90 * 86400, ge=0)
+    retain_files_seconds: float = Field(30 * 86400, ge=0)
+    retain_batches_seconds: float = Field(30 * 86400, ge=0)
+    retain_images_seconds: float = Field(30 * 86400, ge=0)
+    retain_webhook_deliveries_seconds: float = Field(7 * 86400, ge=0)
+
     # The admin key: the only one that reaches /v1/admin/* (keys, limits, secrets).
     # Unset: no admin API (every /v1/admin route is a 404).
     admin_key: str | None = None

@@ -97,6 +97,7 @@ async def infer_forward(
     # The EAS client sends back what /get_history gave it: then the stored history
     # (images included) is the one to use; any other history replaces it for this prompt.
     if not pairs or [list(pair) for pair in pairs] == history.pairs_of(stored):
+        await history.record_image_use(state.db, key, stored)
         past, known = history.prompt_messages(stored), history.known_tokens(stored, counted)
     else:
         past, known = history.messages_from_pairs(pairs), []

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
+
+from redis.asyncio import Redis
 
 from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob
+from storage.job_metrics import record_jobs_created
 from storage.keys import Lane
 from storage.models import Job
 from storage.repositories import jobs as jobs_repo
@@ -27,10 +31,16 @@ _MAX_BATCH = 500
 
 class JobIntake:
     def __init__(
-        self, db: Database, queue: JobQueue, on_held: Callable[[], None] | None = None
+        self,
+        db: Database,
+        queue: JobQueue,
+        on_held: Callable[[], None] | None = None,
+        metrics: Redis | None = None,
     ) -> None:
         self._db = db
         self._queue = queue
+        # Where new jobs are counted (storage/job_metrics.py); None: not counted.
+        self._metrics = metrics
         # Wakes the dispatcher; None: interactive jobs are sent at once too.
         self._on_held = on_held
         self._waiting: list[tuple[Sequence[Job], asyncio.Future[None]]] = []
@@ -74,10 +84,19 @@ class JobIntake:
             _settle(batch, exc)
             return
         _settle(batch, None)
+        await self._count(rows)
         if self._on_held is not None and any(j.lane == Lane.INTERACTIVE for j in rows):
             self._on_held()
             rows = [j for j in rows if j.lane != Lane.INTERACTIVE]
         self._queue.enqueue([QueuedJob(j.id, j.model, j.lane, j.priority) for j in rows])
+
+    async def _count(self, rows: list[Job]) -> None:
+        if self._metrics is None:
+            return
+        try:
+            await record_jobs_created(self._metrics, Counter(j.model for j in rows))
+        except Exception:
+            log.warning("could not count %d new jobs", len(rows), exc_info=True)
 
 
 def _settle(batch: list[tuple[Sequence[Job], asyncio.Future[None]]], exc: Exception | None) -> None:

@@ -13,7 +13,7 @@ from api.core.idempotency import IdempotentCreate
 from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
-from api.jobs.schemas import JobCreate, JobList, JobPublic
+from api.jobs.schemas import JobCreate, JobDeleted, JobList, JobPublic
 from api.streaming import sse
 from api.streaming.job_events import job_event_batches
 from api.webhooks import urls as webhook_urls
@@ -106,8 +106,21 @@ async def cancel_job(job: OwnedJob, state: StateDep, session: SessionDep) -> Job
 
     Its event stream ends with a `cancelled` event. A finished job answers 409.
     """
-    cancelled = await jobs_service.cancel(state.events, state.cancels, session, job, state.limiter)
+    cancelled = await jobs_service.cancel(
+        state.events, state.cancels, session, job, state.limiter, state.redis
+    )
     return JobPublic.from_row(cancelled)
+
+
+@router.delete("/{job_id}", response_model=JobDeleted, responses=error_responses(401, 404, 409))
+async def delete_job(job: OwnedJob, state: StateDep, session: SessionDep) -> JobDeleted:
+    """Delete a finished job: its row (result, deltas, usage) and its event stream.
+
+    A job still queued or running answers 409 (cancel it first); so does a batch line,
+    which goes with its batch. Deleting it again is a 404.
+    """
+    await jobs_service.delete(state.events, session, job)
+    return JobDeleted(id=job.id)
 
 
 # What `EventId.parse` takes (empty: from the start); checked there, with its own message.
@@ -170,5 +183,6 @@ async def job_event_stream(
         after,
         keepalive_seconds=settings.sse_keepalive_seconds,
         max_seconds=settings.sse_max_seconds,
+        traceparent=job.traceparent,
     )
     return sse.EventStreamResponse(sse.job_event_writes(batches), headers=sse.HEADERS)

@@ -18,6 +18,7 @@ from api.openai.schemas import (
 from api.openai.tools import reply_message
 from storage.keys import Lane
 from storage.models import Job, JobStatus
+from storage.telemetry import trace_id_of
 
 # Which of a job's states its webhook announces (Replicate's names); all by default.
 JobWebhookEvent = Literal["start", "completed"]
@@ -65,6 +66,12 @@ class JobTimings(BaseModel):
     total_seconds: float | None = Field(description="created -> finished")
 
 
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["job.deleted"] = "job.deleted"
+    deleted: bool = True
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -90,6 +97,9 @@ class JobPublic(BaseModel):
     # Its webhook (null: none) and the events it gets (null: all).
     webhook: str | None = None
     webhook_events_filter: list[str] | None = None
+    trace_id: str | None = Field(
+        None, description="The job's OpenTelemetry trace id (null when tracing is off)"
+    )
 
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:
@@ -129,6 +139,7 @@ class JobPublic(BaseModel):
             ),
             webhook=job.webhook_url,
             webhook_events_filter=job.webhook_events,
+            trace_id=trace_id_of(job.traceparent),
         )
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.conversations import history
@@ -35,12 +36,15 @@ from api.streaming.job_events import job_event_batches, job_events
 from storage.channels import CancelChannel
 from storage.content import ReasoningMode
 from storage.events import FIRST_UNCLAIMED, JobEvent, JobEventStream, terminal_events
+from storage.job_metrics import record_job_end
 from storage.keys import Lane
+from storage.logs import bind_job
 from storage.models import Job, JobStatus
 from storage.ratelimit import RateLimiter, unused_tokens
 from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
 from storage.stored_request import StoredRequest
+from storage.telemetry import current_traceparent, span, trace_id_of, trace_root, traced
 
 log = logging.getLogger(__name__)
 # What a 503 for a model whose backlog is full says to wait before retrying.
@@ -169,6 +173,7 @@ async def build_chat_job(
     return await _chat_job(state, owner_id, body, lane, sync=sync, admitted=admitted)
 
 
+@traced("ferry.validate")
 async def _chat_job(
     state: AppState,
     owner_id: str,
@@ -264,6 +269,7 @@ def _queued_job(
     )
 
 
+@traced("ferry.validate")
 async def build_completion_jobs(
     state: AppState,
     owner_id: str,
@@ -324,8 +330,19 @@ async def completion_prompt(
 
 async def submit(intake: JobIntake, jobs: list[Job]) -> None:
     """Commit the rows (grouped with concurrent submits), then queue them: an accepted
-    job is always in SQL before its message is sent."""
-    await intake.accept(jobs)
+    job is always in SQL before its message is sent. With tracing on, the jobs carry
+    the request's trace (`traceparent`) for their workers to join."""
+    with trace_root("ferry.submit"):
+        traceparent = current_traceparent()
+        # The rest of the request's log lines name its jobs (and trace).
+        bind_job(",".join(j.id for j in jobs), trace_id_of(traceparent))
+        if traceparent is None:
+            await intake.accept(jobs)
+            return
+        for job in jobs:
+            job.traceparent = traceparent
+        with span("ferry.sql_commit", **{"ferry.jobs": len(jobs)}):
+            await intake.accept(jobs)
 
 
 async def cancel(
@@ -334,9 +351,11 @@ async def cancel(
     session: AsyncSession,
     job: Job,
     limiter: RateLimiter | None = None,
+    metrics: Redis | None = None,
 ) -> Job:
     """Queued: it will never run (its reserved tokens go back to its key at once).
-    Running: its worker aborts it in the engine (and settles its tokens)."""
+    Running: its worker aborts it in the engine (and settles its tokens). The end is
+    counted here, in `metrics` (the worker counts a running job's tokens)."""
     previous = await jobs_repo.cancel_job(session, job.id)
     if previous is None:
         raise Conflict(
@@ -345,6 +364,11 @@ async def cancel(
             code="job_finished",
         )
     await session.commit()
+    if metrics is not None:
+        try:
+            await record_job_end(metrics, job.model, JobStatus.CANCELLED.value)
+        except Exception:
+            log.warning("could not count the cancel of job %s", job.id, exc_info=True)
     if previous == JobStatus.QUEUED:
         # No worker will ever touch it: the API ends its stream itself.
         [(kind, data)] = terminal_events(JobStatus.CANCELLED, job)
@@ -356,6 +380,25 @@ async def cancel(
     refreshed = await jobs_repo.get_job(session, job.id)
     assert refreshed is not None
     return refreshed
+
+
+async def delete(events: JobEventStream, session: AsyncSession, job: Job) -> None:
+    """Delete a finished job and its event stream. An unfinished job must be cancelled
+    first; a batch line goes with its batch."""
+    if job.batch_id is not None:
+        raise Conflict(
+            f"Job `{job.id}` is a line of batch `{job.batch_id}`: it is deleted with its batch.",
+            param="job_id",
+            code="job_in_batch",
+        )
+    if not await jobs_repo.delete_finished_job(session, job.id):
+        raise Conflict(
+            f"Job `{job.id}` has not finished: cancel it first.",
+            param="job_id",
+            code="job_not_finished",
+        )
+    await session.commit()
+    await events.forget(job.id)
 
 
 async def wait_for_end(state: AppState, job_id: str) -> Job:
@@ -411,6 +454,7 @@ async def merged_event_batches(
             None,
             keepalive_seconds=state.settings.sse_keepalive_seconds,
             max_seconds=state.settings.sse_max_seconds,
+            traceparent=job.traceparent,
         )
 
     if len(jobs) == 1:  # the common case: no tasks, no queue
@@ -462,5 +506,5 @@ async def cancel_quietly(state: AppState, job_id: str) -> None:
         async with state.db.transaction() as session:
             job = await jobs_repo.get_job(session, job_id)
             if job is not None and not job.status.is_terminal:
-                await cancel(state.events, state.cancels, session, job, state.limiter)
+                await cancel(state.events, state.cancels, session, job, state.limiter, state.redis)
                 log.info("client left: cancelled job %s", job_id)

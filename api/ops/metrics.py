@@ -1,13 +1,16 @@
-"""Prometheus metrics, read from SQL and Redis at scrape time.
+"""Prometheus metrics: counters kept as work happens, read from Redis at scrape time.
 
-Jobs run on workers, not in the API process, so counters kept in API memory would see
-little. Instead every scrape asks the source of truth: job counts by status, token totals
-and the time-to-first-token histogram from SQL (identical on every API replica), queue
-depth from the broker's lists.
+Jobs end in workers (and in API processes: cancels, expiries), so their counters and
+histograms live in Redis (storage/job_metrics.py), written by whoever ends the job; every
+API replica exports the same cluster-wide values. Rows deleted by retention do not take
+their counts with them, and a scrape never reads the jobs table: its cost grows with
+models, queues and workers, never with jobs. HTTP request metrics are this process's own
+(api/ops/http_metrics.py).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -19,15 +22,24 @@ from prometheus_client.core import (
 )
 from redis.asyncio import Redis
 
-from api.core.db import Database
+from api.ops.http_metrics import HttpMetrics
 from storage.broker import PRIORITY_STEPS, priority_lists
+from storage.job_metrics import (
+    HISTOGRAMS,
+    EngineStats,
+    JobMetrics,
+    read_engine_stats,
+    read_job_metrics,
+)
 from storage.keys import Lane, queue_name
-from storage.models import JobStatus
 from storage.pending import PendingJobs
 from storage.registry import ModelRegistry
-from storage.repositories import jobs as jobs_repo
 
-TTFT_BOUNDS_MS = [25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+_HISTOGRAM_HELP = {
+    "ferry_time_to_first_token_seconds": "Job start to its first token (final attempt)",
+    "ferry_request_queue_time_seconds": "Job accepted to started (final attempt)",
+    "ferry_e2e_request_latency_seconds": "Job accepted to ended",
+}
 
 
 class _Snapshot:
@@ -40,31 +52,89 @@ class _Snapshot:
         return self._metrics
 
 
-async def render_metrics(db: Database, redis: Redis, registry: ModelRegistry) -> bytes:
-    async with db.read() as session:
-        by_status = await jobs_repo.count_by_status(session)
-        tokens = await jobs_repo.token_totals(session)
-        buckets, count, total_ms = await jobs_repo.ttft_histogram(session, TTFT_BOUNDS_MS)
+async def render_metrics(
+    redis: Redis, registry: ModelRegistry, http: HttpMetrics | None = None
+) -> bytes:
+    jobs = await read_job_metrics(redis)
+    engines = await read_engine_stats(redis)
+    metrics = [*_job_families(jobs, engines), *_engine_families(engines)]
+    metrics += await _queue_families(redis, registry)
+    workers = GaugeMetricFamily("ferry_live_workers", "Workers reporting (live heartbeat)")
+    workers.add_metric([], len(engines))
+    metrics.append(workers)
 
-    jobs = GaugeMetricFamily("ferry_jobs", "Jobs by status", labels=["status"])
-    for status in JobStatus:
-        jobs.add_metric([status.value], by_status.get(status, 0))
+    collector_registry = CollectorRegistry(auto_describe=False)
+    collector_registry.register(_Snapshot(metrics))
+    body = bytes(generate_latest(collector_registry))
+    if http is not None:
+        body += bytes(generate_latest(http.registry))
+    return body
 
-    generated = CounterMetricFamily("ferry_tokens_generated", "Completion tokens generated")
-    generated.add_metric([], tokens.completion_tokens)
-    prompt = CounterMetricFamily("ferry_prompt_tokens", "Prompt tokens processed")
-    prompt.add_metric([], tokens.prompt_tokens)
 
-    ttft = HistogramMetricFamily(
-        "ferry_time_to_first_token_seconds", "Job start to first token (final attempt)"
+def _job_families(jobs: JobMetrics, engines: list[EngineStats]) -> list[Metric]:
+    ended = CounterMetricFamily(
+        "ferry_jobs_ended", "Jobs that ended, by model and status", labels=["model", "status"]
     )
-    ttft.add_metric(
-        [],
-        [(str(b / 1000), c) for b, c in zip(TTFT_BOUNDS_MS, buckets, strict=True)]
-        + [("+Inf", count)],
-        sum_value=total_ms / 1000,
-    )
+    for (model, status), n in sorted(jobs.jobs_ended.items()):
+        ended.add_metric([model, status], n)
 
+    # Running: the jobs live workers hold. Queued: the rest of those accepted and not ended.
+    running: dict[str, int] = defaultdict(int)
+    for stats in engines:
+        for model, n in stats.jobs_in_flight.items():
+            running[model] += n
+    queued_g = GaugeMetricFamily("ferry_jobs_queued", "Jobs waiting to run", labels=["model"])
+    running_g = GaugeMetricFamily(
+        "ferry_jobs_running", "Jobs held by live workers", labels=["model"]
+    )
+    for model in sorted(set(jobs.jobs_open) | set(running)):
+        queued_g.add_metric([model], max(jobs.jobs_open.get(model, 0) - running[model], 0))
+        running_g.add_metric([model], running[model])
+
+    generated = CounterMetricFamily(
+        "ferry_tokens_generated", "Completion tokens generated", labels=["model"]
+    )
+    for model, n in sorted(jobs.completion_tokens.items()):
+        generated.add_metric([model], n)
+    prompt = CounterMetricFamily("ferry_prompt_tokens", "Prompt tokens processed", labels=["model"])
+    for model, n in sorted(jobs.prompt_tokens.items()):
+        prompt.add_metric([model], n)
+
+    families: list[Metric] = [ended, queued_g, running_g, generated, prompt]
+    for histogram in HISTOGRAMS:
+        family = HistogramMetricFamily(
+            histogram.name, _HISTOGRAM_HELP[histogram.name], labels=["model"]
+        )
+        for model, values in sorted(jobs.histograms[histogram.name].items()):
+            family.add_metric([model], values.buckets, sum_value=values.total)
+        families.append(family)
+    return families
+
+
+def _engine_families(engines: list[EngineStats]) -> list[Metric]:
+    """Each worker's engine, under vLLM's own names (and its `model_name` label)."""
+    labels = ["model_name", "worker_id"]
+    running = GaugeMetricFamily(
+        "vllm:num_requests_running", "Requests in the engine's running batch", labels=labels
+    )
+    waiting = GaugeMetricFamily(
+        "vllm:num_requests_waiting", "Requests waiting in the engine", labels=labels
+    )
+    kv_cache = GaugeMetricFamily(
+        "vllm:kv_cache_usage_perc", "KV-cache usage (1 means 100 percent)", labels=labels
+    )
+    for stats in sorted(engines, key=lambda s: s.worker_id):
+        values = [stats.model, stats.worker_id]
+        if stats.running is not None:
+            running.add_metric(values, stats.running)
+        if stats.waiting is not None:
+            waiting.add_metric(values, stats.waiting)
+        if stats.kv_cache_usage is not None:
+            kv_cache.add_metric(values, stats.kv_cache_usage)
+    return [running, waiting, kv_cache]
+
+
+async def _queue_families(redis: Redis, registry: ModelRegistry) -> list[Metric]:
     depth = GaugeMetricFamily(
         "ferry_queue_depth", "Messages waiting on the broker", labels=["queue"]
     )
@@ -83,12 +153,4 @@ async def render_metrics(db: Database, redis: Redis, registry: ModelRegistry) ->
         "ferry_jobs_sent_unclaimed", "Jobs whose message was sent and not yet claimed"
     )
     unclaimed.add_metric([], pending)
-
-    workers = GaugeMetricFamily("ferry_live_workers", "Workers with a live heartbeat")
-    workers.add_metric([], len(await registry.live_workers()))
-
-    collector_registry = CollectorRegistry(auto_describe=False)
-    collector_registry.register(
-        _Snapshot([jobs, generated, prompt, ttft, depth, unclaimed, workers])
-    )
-    return bytes(generate_latest(collector_registry))
+    return [depth, unclaimed]

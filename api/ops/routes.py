@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
@@ -91,7 +91,8 @@ async def ready(state: StateDep) -> JSONResponse:
         }
     },
 )
-async def metrics(state: StateDep) -> Response:
-    """Prometheus text format: jobs by status, queue depth, time to first token, tokens."""
-    body = await render_metrics(state.db, state.redis, state.registry)
+async def metrics(state: StateDep, request: Request) -> Response:
+    """Prometheus text format: jobs, tokens and latencies per model (cluster-wide, the
+    same on every replica), queue depth, workers' engines, this process's HTTP requests."""
+    body = await render_metrics(state.redis, state.registry, request.app.state.http_metrics)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -3,6 +3,7 @@ bulk queue a window at a time, cancelling those still open, counting them by sta
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,24 +15,34 @@ from storage.keys import Lane
 from storage.models import BATCH_OUTSTANDING, BATCH_UNSENT, INTERACTIVE_OPEN, Job, JobStatus, utcnow
 
 
-async def cancel_open_jobs(session: AsyncSession, batch_id: str) -> list[str]:
-    """Cancel the batch's queued jobs (they will never run) and running ones; returns the
-    ids of those that were running, for their workers to abort."""
+@dataclass(frozen=True, slots=True)
+class CancelledLines:
+    running: list[str]  # for their workers to abort
+    by_model: Counter[str]  # every line cancelled here, for the job metrics
+
+
+async def cancel_open_jobs(session: AsyncSession, batch_id: str) -> CancelledLines:
+    """Cancel the batch's queued jobs (they will never run) and running ones."""
     now = utcnow()
-    await session.execute(
+    queued = await session.execute(
         update(Job)
         .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, finished_at=now)
+        .returning(Job.model)
         .execution_options(synchronize_session=False)
     )
-    running = await session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
-        .values(status=JobStatus.CANCELLED, finished_at=now)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    return list(running.scalars().all())
+    by_model = Counter(queued.scalars().all())
+    running = (
+        await session.execute(
+            update(Job)
+            .where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
+            .values(status=JobStatus.CANCELLED, finished_at=now)
+            .returning(Job.id, Job.model)
+            .execution_options(synchronize_session=False)
+        )
+    ).all()
+    by_model.update(row.model for row in running)
+    return CancelledLines([row.id for row in running], by_model)
 
 
 # -- progress ----------------------------------------------------------------------------

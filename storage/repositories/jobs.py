@@ -17,7 +17,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    case,
+    delete,
     func,
     insert,
     inspect,
@@ -30,7 +30,14 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.keys import Lane
-from storage.models import INTERACTIVE_HELD, INTERACTIVE_QUEUED, Job, JobStatus, utcnow
+from storage.models import (
+    INTERACTIVE_HELD,
+    INTERACTIVE_QUEUED,
+    TERMINAL_STATUSES,
+    Job,
+    JobStatus,
+    utcnow,
+)
 from storage.repositories import conversations, webhooks
 
 
@@ -376,6 +383,16 @@ async def cancel_job(session: AsyncSession, job_id: str) -> JobStatus | None:
     return None
 
 
+async def delete_finished_job(session: AsyncSession, job_id: str) -> bool:
+    """Delete a finished job outside any batch; False if it is not (or no longer) one."""
+    result = await session.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.status.in_(TERMINAL_STATUSES), Job.batch_id.is_(None))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
 class StrandedJob:
     id: str
@@ -416,40 +433,3 @@ async def find_stranded_jobs(
     )
     rows = (await session.execute(query)).all()
     return [StrandedJob(r.id, r.model, r.lane, r.priority, r.status) for r in rows]
-
-
-async def count_by_status(session: AsyncSession) -> dict[JobStatus, int]:
-    rows = (await session.execute(select(Job.status, func.count()).group_by(Job.status))).all()
-    return {status: count for status, count in rows}
-
-
-@dataclass(frozen=True, slots=True)
-class TokenTotals:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-async def token_totals(session: AsyncSession) -> TokenTotals:
-    row = (
-        await session.execute(
-            select(
-                func.coalesce(func.sum(Job.prompt_tokens), 0),
-                func.coalesce(func.sum(Job.completion_tokens), 0),
-            )
-        )
-    ).one()
-    return TokenTotals(int(row[0] or 0), int(row[1] or 0))
-
-
-async def ttft_histogram(
-    session: AsyncSession, bounds_ms: Sequence[int]
-) -> tuple[list[int], int, int]:
-    """Cumulative counts of jobs with ttft <= each bound, plus total count and sum (ms)."""
-    columns = [func.sum(case((Job.ttft_ms <= bound, 1), else_=0)) for bound in bounds_ms]
-    row = (
-        await session.execute(
-            select(*columns, func.count(Job.ttft_ms), func.coalesce(func.sum(Job.ttft_ms), 0))
-        )
-    ).one()
-    values = [int(v or 0) for v in row]
-    return values[: len(bounds_ms)], values[-2], values[-1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -110,6 +110,23 @@ class ModelInfo:
     supports_images: bool = False
     # Can constrain output with `SamplingOptions.structured_output` (JSON / JSON schema).
     supports_structured_output: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """Requests inside the engine now, as it counts them, and its KV-cache use (0..1;
+    None where the engine has no such figure)."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float | None = None
+
+
+@runtime_checkable
+class ReportsLoad(Protocol):
+    """An engine that reports its load (the worker exports it through Redis)."""
+
+    def load(self) -> EngineLoad: ...
 
 
 class Engine(Protocol):

@@ -45,6 +45,7 @@ from typing import Any
 
 from worker.engines.base import (
     Delta,
+    EngineLoad,
     GenerationRequest,
     ModelInfo,
     SamplingOptions,
@@ -113,6 +114,8 @@ class _RequestStream:
         # With logprobs: those of the tokens not yet handed out (None: not asked for).
         self._logprobs: list[TokenLogprob] | None = [] if logprobs else None
         self.finished = False
+        # Output has come from the batch (the request is generating, not waiting).
+        self.started = False
 
     def _delta(self, text: str, finish: str | None) -> Delta:
         logprobs = None
@@ -227,6 +230,11 @@ class TransformersEngine:
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    def load(self) -> EngineLoad:
+        """Requests generating (output seen) and waiting (none yet, prefill included)."""
+        running = sum(1 for s in self._streams.values() if s.started)
+        return EngineLoad(running, len(self._streams) - running)
 
     @property
     def tokenizer(self) -> Any:
@@ -512,6 +520,7 @@ class TransformersEngine:
             running = True  # in the batch, from transformers' point of view
             while not stream.finished:
                 item = await stream.queue.get()
+                stream.started = True
                 if item is _ABORT:  # abort() already cancelled it in the batch
                     running = False
                     yield stream.abort()

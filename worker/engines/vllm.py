@@ -21,6 +21,7 @@ from typing import Any
 
 from worker.engines.base import (
     Delta,
+    EngineLoad,
     GenerationRequest,
     ModelInfo,
     SamplingOptions,
@@ -73,10 +74,21 @@ class VllmEngine:
         # --lora-modules: adapter name -> vllm LoRARequest (built in start()).
         self._adapters: list[LoraAdapter] = []
         self._lora_requests: dict[str, Any] = {}
+        # The scheduler's last report (vLLM's stat-logger interface, `_load_logger`).
+        self._load = EngineLoad(0, 0, 0.0)
 
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    def load(self) -> EngineLoad:
+        """Running and waiting requests and KV-cache use, as vLLM's own gauges
+        (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
+        `vllm:kv_cache_usage_perc`) read them."""
+        return self._load
+
+    def _record_load(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        self._load = EngineLoad(running, waiting, kv_cache_usage)
 
     @property
     def tokenizer(self) -> Any:
@@ -98,7 +110,7 @@ class VllmEngine:
             # Lower `priority` value runs first; bulk work uses a larger number.
             "scheduling_policy": "priority",
             # Per-request stats logging costs time and floods worker logs; Ferry keeps its
-            # own metrics.
+            # own metrics (its stat logger, `_load_logger`, still gets the scheduler's).
             "disable_log_stats": True,
             "enable_log_requests": False,
             # response_format: compact JSON unless the settings allow free whitespace (an
@@ -138,7 +150,9 @@ class VllmEngine:
         # and ZMQ sockets belong to that loop.
         try:
             with environment(child_env):
-                self._llm = AsyncLLM.from_engine_args(args)
+                self._llm = AsyncLLM.from_engine_args(
+                    args, stat_loggers=[_load_logger(self._record_load)]
+                )
         except Exception as exc:
             hint = remote_code_hint(exc, self._settings)
             if hint is not None:
@@ -337,6 +351,34 @@ class VllmEngine:
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+
+def _load_logger(record: Any) -> Any:
+    """A vLLM stat logger (its public `StatLoggerBase`) that hands each scheduler report's
+    running and waiting requests and KV-cache use to `record`, on the engine's loop."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self._engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is None:
+                return
+            # Waiting as vLLM's `vllm:num_requests_waiting` counts it.
+            waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            record(scheduler_stats.num_running_reqs, waiting, scheduler_stats.kv_cache_usage)
+
+        def log_engine_initialized(self) -> None:
+            return None
+
+    return LoadLogger
 
 
 def _token_logprobs(token_ids: Any, per_token: Any, k: int) -> list[TokenLogprob]:
