@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from storage.channels import BatchWakeChannel, CancelChannel, JobWakeChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
+from storage.models import JobStatus
 from storage.objects import get_object_store
 from storage.pending import PendingJobs
 from storage.ratelimit import RateLimiter
@@ -38,7 +39,7 @@ from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
-from worker.attempt import AttemptContext, run_claimed
+from worker.attempt import AttemptContext, announce_expired, run_claimed
 from worker.engines.base import Engine
 from worker.errors import EngineBroken, StartupError
 from worker.group_commit import claim_committer, outcome_committer
@@ -225,6 +226,8 @@ class JobRunner:
             job = claimed.get(job_id)
             if job is None:
                 return "skipped"  # not ours to run: it held no bulk slot here either
+            if job.status == JobStatus.EXPIRED:
+                return await announce_expired(self._ctx, job)
             try:
                 return await self._tracked(run_claimed(self._ctx, job))
             except Exception:

@@ -223,6 +223,16 @@ class SamplingFields(BaseModel):
         description="Up to 16 pairs, kept with the job (FastDeploy flags such as "
         "`enable_thinking` are read from here too)",
     )
+    deadline_seconds: float | None = Field(
+        None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Ferry extension: a job still queued this many seconds after it was "
+        "made ends `expired` and never runs (a running one is not cut). Also the "
+        "`Cancel-After` header. Default: the deployment's (FERRY_DEADLINE_INTERACTIVE_SECONDS; "
+        "a batch line: its batch's completion window); at most FERRY_MAX_DEADLINE_SECONDS.",
+    )
 
     @model_validator(mode="after")
     def _stop_list(self) -> SamplingFields:
