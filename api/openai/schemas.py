@@ -25,7 +25,7 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
         ),
         "headers": ACCEPTED_RATE_HEADERS,
     },
-    **error_responses(400, 401, 404, 413, 429, 500, 503),
+    **error_responses(400, 401, 404, 413, 429, 500, 503, 504),
 }
 
 
