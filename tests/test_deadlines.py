@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,8 @@ async def deadline_api(
     settings = ApiSettings(
         api_keys=[KEY_A, KEY_B],
         deadline_sweep_seconds=0.2,
+        # One released job per key at a time: a second one is held (api/jobs/dispatch.py).
+        default_max_concurrent_jobs=1,
         deadline_interactive_seconds=1800,
         max_deadline_seconds=7200,
     )
@@ -195,13 +198,19 @@ async def deadline_api(
 
 
 async def _job_count(api: InProcessApi) -> int:
-    from storage.db import create_db_engine
+    async with _rows(api) as sessions, sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+@asynccontextmanager
+async def _rows(api: InProcessApi) -> AsyncIterator[Sessions]:
+    """Sessions on the API's database, to read rows as SQL has them."""
+    from storage.db import create_db_engine, create_session_factory
     from storage.settings import StorageSettings
 
     engine = create_db_engine(StorageSettings(database_url=api.database_url))
     try:
-        async with engine.connect() as conn:
-            return int(await conn.scalar(select(func.count()).select_from(Job)) or 0)
+        yield create_session_factory(engine)
     finally:
         await engine.dispose()
 
@@ -223,6 +232,22 @@ async def test_a_queued_job_past_its_deadline_ends_expired_with_its_stream(
     assert final["started_at"] is None and final["attempts"] == 0
     assert final["finished_at"] >= final["deadline_at"]
     assert final["error"]["code"] == "expired"
+
+
+async def test_a_held_job_that_expires_is_never_released(deadline_api: InProcessApi) -> None:
+    async with deadline_api.client(KEY_B) as client:
+        first = await client.post("/v1/jobs", json=chat_body(TINY))
+        assert first.status_code == 202, first.text
+        held = await client.post("/v1/jobs", json=chat_body(TINY, deadline_seconds=0.3))
+        assert held.status_code == 202, held.text
+        await client.get(f"/v1/jobs/{held.json()['id']}/events")  # ends when it expires
+        await client.post(f"/v1/jobs/{first.json()['id']}/cancel")
+    async with _rows(deadline_api) as sessions, sessions() as session:
+        released = await session.get(Job, first.json()["id"])
+        row = await session.get(Job, held.json()["id"])
+    assert released is not None and released.enqueued_at is not None
+    assert row is not None and row.status == JobStatus.EXPIRED
+    assert row.enqueued_at is None  # the dispatcher never sent it to the workers
 
 
 async def test_deadline_from_header_field_or_default(deadline_api: InProcessApi) -> None:
@@ -306,6 +331,25 @@ async def test_a_bad_cancel_after_is_a_400_naming_it(
             assert error["param"] == "Cancel-After", error
             assert "Cancel-After" in error["message"]
     assert await _job_count(deadline_api) == before
+
+
+def test_a_batch_line_past_its_deadline_is_an_error_line_of_code_expired() -> None:
+    from types import SimpleNamespace
+
+    from api.batches.output import _result_line
+    from storage.models import BatchStatus
+
+    row = SimpleNamespace(
+        id="job_1",
+        custom_id="line-1",
+        status=JobStatus.EXPIRED,
+        error=jobs.EXPIRED_MESSAGE,
+        error_code="expired",
+    )
+    target, line = _result_line(row, BatchStatus.COMPLETED)  # type: ignore[arg-type]
+    assert target == "errors"
+    assert line["error"] == {"code": "expired", "message": jobs.EXPIRED_MESSAGE}
+    assert line["response"]["status_code"] == 504
 
 
 # -- real processes: a worker's claim, a running job -------------------------------------

@@ -130,12 +130,13 @@ def claim_committer(
 
     async def write(session: AsyncSession, job_ids: Sequence[str]) -> list[Job | None]:
         distinct = list(dict.fromkeys(job_ids))
-        expired = {
-            job.id: job
-            for job in await jobs_repo.expire_due(session, limit=len(distinct), job_ids=distinct)
-        }
         claimed = await jobs_repo.claim_jobs(session, distinct, worker_id, lease_seconds)
-        claimed.update(expired)
+        # Only what the claim refused can be past its deadline: a group claimed whole (the
+        # usual case) costs no second statement.
+        refused = [job_id for job_id in distinct if job_id not in claimed]
+        if refused:
+            expired = await jobs_repo.expire_due(session, limit=len(refused), job_ids=refused)
+            claimed.update((job.id, job) for job in expired)
         return [claimed.pop(job_id, None) for job_id in job_ids]
 
     # A failed claim is not retried alone: the job stays queued and its message (or the
