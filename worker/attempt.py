@@ -249,14 +249,15 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
 async def announce_expired(ctx: AttemptContext, job: Job) -> str:
     """A job the claim found past its deadline (and ended `expired`, never run): end its
     stream as the API's expiry sweep would, and give its reserved tokens back."""
-    for event_type, data in terminal_events(JobStatus.EXPIRED, job):
-        ctx.publisher.emit(job.id, JobEvent(FIRST_UNCLAIMED, event_type, data))
     unused = unused_tokens(job.reserved_tokens, 0, 0)
     if ctx.limiter is not None and unused:
         try:
             await ctx.limiter.give_back(job.owner_id, unused)
         except Exception:
             log.warning("could not give back %d tokens of job %s", unused, job.id, exc_info=True)
+    # After the tokens: a client that sees `expired` may spend them at once.
+    for event_type, data in terminal_events(JobStatus.EXPIRED, job):
+        ctx.publisher.emit(job.id, JobEvent(FIRST_UNCLAIMED, event_type, data))
     return JobStatus.EXPIRED.value
 
 

@@ -66,13 +66,7 @@ async def announce(state: AppState, jobs: Sequence[Job]) -> None:
     """End expired jobs' event streams (no worker will) and give back what they reserved."""
     if not jobs:
         return
-    await state.events.publish(
-        [
-            (job.id, JobEvent(FIRST_UNCLAIMED, kind, data))
-            for job in jobs
-            for kind, data in terminal_events(JobStatus.EXPIRED, job)
-        ]
-    )
+    # Tokens first: a client that sees `expired` may spend them at once.
     for job in jobs:
         unused = unused_tokens(job.reserved_tokens, 0, 0)
         if not unused:
@@ -81,3 +75,10 @@ async def announce(state: AppState, jobs: Sequence[Job]) -> None:
             await state.limiter.give_back(job.owner_id, unused)
         except Exception:
             log.warning("could not give back %d tokens of job %s", unused, job.id, exc_info=True)
+    await state.events.publish(
+        [
+            (job.id, JobEvent(FIRST_UNCLAIMED, kind, data))
+            for job in jobs
+            for kind, data in terminal_events(JobStatus.EXPIRED, job)
+        ]
+    )
