@@ -42,6 +42,7 @@ from api.ui import docs
 from api.ui.routes import mount_page
 from api.ui.security import DOCS_CSP, PAGE_CSP, SecurityHeaders
 from api.webhooks.deliverer import WebhookDeliverer
+from storage import telemetry
 from storage.channels import CancelChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -50,6 +51,7 @@ from storage.objects import ObjectStoreSettings, build_object_store
 from storage.registry import ModelRegistry
 from storage.repositories import api_keys
 from storage.settings import StorageSettings, get_storage_settings
+from storage.telemetry import TraceRequests
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
     storage: StorageSettings = app.state.storage
     async with AsyncExitStack() as stack:
+        # Last out: buffered spans are written before uvicorn ends the process by signal.
+        stack.callback(telemetry.flush)
         if settings.migrate_on_start:
             await upgrade_async(storage.database_url)
         engine = create_db_engine(storage)
@@ -260,6 +264,8 @@ def create_app(
     # A batch file may be far larger than a request: the route checks its own limit, this
     # one only bounds the multipart body around it.
     upload_limit = settings.batch_max_file_bytes + 1024 * 1024
+    # A span per request when tracing is on (storage/telemetry.py); one check when off.
+    app.add_middleware(TraceRequests)
     app.add_middleware(RefuseNul)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits={"/v1/files": upload_limit}

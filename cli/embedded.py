@@ -95,10 +95,15 @@ def _default_engine() -> str:
 
 def serve(args: argparse.Namespace) -> int:
     from api.core.settings import ApiSettings
+    from cli.main import log_config, telemetry_settings
+    from storage.logs import configure as configure_logs
+    from storage.logs import uvicorn_config
     from storage.objects import ObjectStoreSettings
     from storage.settings import StorageSettings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    # The workers it starts read the same variables (`ferry worker`).
+    telemetry = telemetry_settings("serve", "ferry-api")
+    configure_logs(args.log_level, telemetry.log_format)
     settings, api = CliSettings(), ApiSettings()
     # The flags, else FERRY_HOST and FERRY_PORT.
     host = api.host if args.host is None else args.host
@@ -156,6 +161,7 @@ def serve(args: argparse.Namespace) -> int:
             port=port,
             log_level=args.log_level,
             timeout_graceful_shutdown=5,
+            **log_config(uvicorn_config(args.log_level, telemetry.log_format)),
         )
     finally:
         _stop_workers(workers)

@@ -13,16 +13,41 @@ from typing import TYPE_CHECKING, Any
 
 from cli import batch, client, embedded, keys
 from cli.settings import CliSettings
+from storage.logs import TEXT_FORMAT, LogFormat, use_format
+from storage.logs import configure as configure_logs
 
 if TYPE_CHECKING:
+    from storage.telemetry import TelemetrySettings
     from worker.settings import WorkerSettings
+
+
+def telemetry_settings(command: str, service: str) -> TelemetrySettings:
+    """FERRY_LOG_FORMAT and the tracing settings, with this process's spans exported as
+    `service` when tracing is on; a bad value ends the command naming it."""
+    from pydantic import ValidationError
+
+    from storage.telemetry import TelemetrySettings, configure_tracing
+
+    try:
+        settings = TelemetrySettings()
+        configure_tracing(service, settings)
+    except ValidationError as exc:
+        bad = "; ".join(f"FERRY_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"ferry {command}: cannot start: {bad}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as exc:
+        print(f"ferry {command}: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings
 
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.core.settings import get_api_settings
+    from storage.logs import uvicorn_config
 
+    telemetry = telemetry_settings("api", "ferry-api")
     # FERRY_HOST and FERRY_PORT unless the flags say otherwise.
     settings = get_api_settings()
     host = settings.host if args.host is None else args.host
@@ -34,8 +59,14 @@ def _api(args: argparse.Namespace) -> int:
         port=port,
         log_level=args.log_level,
         timeout_graceful_shutdown=5,
+        **log_config(uvicorn_config(args.log_level, telemetry.log_format)),
     )
     return 0
+
+
+def log_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """uvicorn.run's log_config argument: left out (uvicorn's own) unless given."""
+    return {} if config is None else {"log_config": config}
 
 
 # `ferry worker` flags named as vLLM names them, each the WorkerSettings field of its name.
@@ -104,6 +135,8 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.errors import StartupError
     from worker.settings import use_worker_settings
 
+    telemetry = telemetry_settings("worker", "ferry-worker")
+    _log_format(args.log_level, telemetry.log_format)
     try:
         settings = _worker_settings(args)
         # The Celery worker below (this process) runs with these.
@@ -148,11 +181,26 @@ def _build_model(model: str, cache_dir: Path, log_level: str) -> None:
 
     if not is_built_model(model):
         return
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format=TEXT_FORMAT)
     try:
         ensure_model(model, cache_dir)
     except ModelBuildError as exc:
         sys.exit(f"ferry worker: {exc}")
+
+
+def _log_format(level: str, log_format: LogFormat) -> None:
+    """The worker's lines in this format: its own handler now, and Celery's once Celery
+    has set up its loggers (it replaces the root logger's handlers)."""
+    from celery.signals import after_setup_logger, after_setup_task_logger
+
+    configure_logs(level, log_format)
+
+    def reformat(logger: logging.Logger, **_: Any) -> None:
+        for handler in logger.handlers:
+            use_format(handler, log_format)
+
+    after_setup_logger.connect(reformat, weak=False)
+    after_setup_task_logger.connect(reformat, weak=False)
 
 
 def _migrate(_: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from storage import telemetry
 from storage.content import ImageRef, image_refs
 from storage.events import (
     FIRST_UNCLAIMED,
@@ -281,11 +282,13 @@ async def _admitted(
     """Generate once the engine admits the job (bulk jobs may wait for a slot)."""
     if lane != Lane.BULK:
         async with admission.interactive():
-            return await _generate(engine, request, state, publisher)
+            with telemetry.engine_spans(state):
+                return await _generate(engine, request, state, publisher)
     async with admission.bulk(lambda: state.cancel_requested) as admitted:
         if not admitted:
             return JobStatus.CANCELLED, None
-        return await _generate(engine, request, state, publisher)
+        with telemetry.engine_spans(state):
+            return await _generate(engine, request, state, publisher)
 
 
 async def _generate(

@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any
 
+from storage import telemetry
 from storage.events import JobEvent, JobEventStream
 from worker.job_state import JobAttempt
 
@@ -91,8 +92,12 @@ class EventPublisher:
             for state in list(self._dirty.values()):
                 self.settle(state)
             batch, self._buffer = self._buffer, []
+            # Traced jobs' publication spans (storage/telemetry.py): per write, not per token.
+            started = time.time_ns() if telemetry.enabled() else 0
             try:
                 await self._stream.publish(batch)
+                if started:
+                    telemetry.published(batch, started)
             except Exception:
                 # Redis is transport: a lost event is recovered from SQL on replay, and
                 # must never fail the job that produced it.

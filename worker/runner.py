@@ -28,6 +28,7 @@ import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from storage import telemetry
 from storage.channels import BatchWakeChannel, CancelChannel, JobWakeChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
@@ -229,10 +230,15 @@ class JobRunner:
             if job.status == JobStatus.EXPIRED:
                 return await announce_expired(self._ctx, job)
             try:
-                return await self._tracked(run_claimed(self._ctx, job))
-            except Exception:
-                log.exception("job %s was given back to the queue", job_id)
-                return "released"
+                # Its log lines name the job (and trace); its spans join the job's trace.
+                with telemetry.job_attempt(job):
+                    try:
+                        outcome = await self._tracked(run_claimed(self._ctx, job))
+                        log.debug("job %s attempt %d: %s", job_id, job.attempts, outcome)
+                        return outcome
+                    except Exception:
+                        log.exception("job %s was given back to the queue", job_id)
+                        return "released"
             finally:
                 # Interactive jobs likewise wake the API's dispatcher (api/jobs/dispatch.py).
                 wake = self._batch_wake if job.lane == "bulk" else self._job_wake

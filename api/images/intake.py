@@ -26,6 +26,7 @@ from api.images.verify import VerifiedImage, verify_image
 from storage.content import ImageRef, image_part, text_part
 from storage.objects import ObjectStore, image_key
 from storage.repositories import images as images_repo
+from storage.telemetry import span, traced
 
 if TYPE_CHECKING:
     from api.core.db import Database
@@ -98,6 +99,7 @@ class ImageIntake:
                 param=param,
             )
 
+    @traced("ferry.image.intake")
     async def add(self, source: str, *, param: str) -> ImageRef:
         """Decode or fetch one image and verify it; its reference (nothing stored yet)."""
         self.expect(1, param=param)
@@ -142,11 +144,12 @@ class ImageIntake:
         without the owner who can read it)."""
         if not self._pending:
             return
-        if self._owner is not None:
-            owner_id, db = self._owner
-            async with db.transaction() as session:
-                await images_repo.add_owner(session, owner_id, list(self._pending))
-        await asyncio.to_thread(self._store_all)
+        with span("ferry.image.store", **{"ferry.images": len(self._pending)}):
+            if self._owner is not None:
+                owner_id, db = self._owner
+                async with db.transaction() as session:
+                    await images_repo.add_owner(session, owner_id, list(self._pending))
+            await asyncio.to_thread(self._store_all)
 
     def _store_all(self) -> None:
         for sha, image in self._pending.items():

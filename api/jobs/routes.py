@@ -176,5 +176,6 @@ async def job_event_stream(
         after,
         keepalive_seconds=settings.sse_keepalive_seconds,
         max_seconds=settings.sse_max_seconds,
+        traceparent=job.traceparent,
     )
     return sse.EventStreamResponse(sse.job_event_writes(batches), headers=sse.HEADERS)

@@ -18,6 +18,7 @@ from api.openai.schemas import (
 from api.openai.tools import reply_message
 from storage.keys import Lane
 from storage.models import Job, JobStatus
+from storage.telemetry import trace_id_of
 
 # Which of a job's states its webhook announces (Replicate's names); all by default.
 JobWebhookEvent = Literal["start", "completed"]
@@ -94,6 +95,9 @@ class JobPublic(BaseModel):
     # Its webhook (null: none) and the events it gets (null: all).
     webhook: str | None = None
     webhook_events_filter: list[str] | None = None
+    trace_id: str | None = Field(
+        None, description="The job's OpenTelemetry trace id (null when tracing is off)"
+    )
 
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:
@@ -134,6 +138,7 @@ class JobPublic(BaseModel):
             deadline_at=_ts(job.deadline_at),
             webhook=job.webhook_url,
             webhook_events_filter=job.webhook_events,
+            trace_id=trace_id_of(job.traceparent),
         )
 
 

@@ -32,11 +32,13 @@ from storage.channels import CancelChannel
 from storage.content import ReasoningMode
 from storage.events import FIRST_UNCLAIMED, JobEvent, JobEventStream, terminal_events
 from storage.keys import Lane
+from storage.logs import bind_job
 from storage.models import Job, JobStatus
 from storage.ratelimit import RateLimiter, unused_tokens
 from storage.registry import ServedModel
 from storage.repositories import jobs as jobs_repo
 from storage.stored_request import StoredRequest
+from storage.telemetry import current_traceparent, span, trace_id_of, trace_root, traced
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ async def build_chat_job(
     return await _chat_job(state, owner_id, body, lane)
 
 
+@traced("ferry.validate")
 async def _chat_job(state: AppState, owner_id: str, body: ChatCompletionRequest, lane: Lane) -> Job:
     deadline_at = deadline_for(state.settings, body, lane)
     model = await state.catalog.resolve(body.model, body.carries_images)
@@ -233,6 +236,7 @@ def _queued_job(
     )
 
 
+@traced("ferry.validate")
 async def build_completion_jobs(
     state: AppState,
     owner_id: str,
@@ -295,8 +299,19 @@ async def completion_prompt(
 
 async def submit(intake: JobIntake, jobs: list[Job]) -> None:
     """Commit the rows (grouped with concurrent submits), then queue them: an accepted
-    job is always in SQL before its message is sent."""
-    await intake.accept(jobs)
+    job is always in SQL before its message is sent. With tracing on, the jobs carry
+    the request's trace (`traceparent`) for their workers to join."""
+    with trace_root("ferry.submit"):
+        traceparent = current_traceparent()
+        # The rest of the request's log lines name its jobs (and trace).
+        bind_job(",".join(j.id for j in jobs), trace_id_of(traceparent))
+        if traceparent is None:
+            await intake.accept(jobs)
+            return
+        for job in jobs:
+            job.traceparent = traceparent
+        with span("ferry.sql_commit", **{"ferry.jobs": len(jobs)}):
+            await intake.accept(jobs)
 
 
 async def cancel(
@@ -384,6 +399,7 @@ async def merged_event_batches(
             None,
             keepalive_seconds=state.settings.sse_keepalive_seconds,
             max_seconds=state.settings.sse_max_seconds,
+            traceparent=job.traceparent,
         )
 
     if len(jobs) == 1:  # the common case: no tasks, no queue

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from api.core.db import Database
 from api.streaming.event_hub import JobEventHub
+from storage import telemetry
 from storage.events import NO_EVENT, EventId, JobEvent, JobEventStream, events_from_job
 from storage.models import JobStatus
 from storage.repositories import jobs as jobs_repo
@@ -53,7 +54,26 @@ async def job_events(
             yield event
 
 
-async def job_event_batches(
+def job_event_batches(
+    sources: EventSources,
+    job_id: str,
+    after: EventId | None,
+    *,
+    keepalive_seconds: float,
+    max_seconds: float,
+    traceparent: str | None = None,
+) -> AsyncIterator[list[JobEvent] | None]:
+    """`_job_event_batches`; given the job's `traceparent` (and tracing on), its delivery
+    is a `ferry.sse` span of the job's trace."""
+    batches = _job_event_batches(
+        sources, job_id, after, keepalive_seconds=keepalive_seconds, max_seconds=max_seconds
+    )
+    if traceparent is None or not telemetry.enabled():
+        return batches
+    return telemetry.traced_batches(batches, job_id, traceparent)
+
+
+async def _job_event_batches(
     sources: EventSources,
     job_id: str,
     after: EventId | None,
