@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import httpx
 import psutil
 import pytest
 
+from cli import embedded
+from cli.embedded import WorkerSupervisor
 from ferry_testing.procs import ROOT, free_port, wait_until
 
 MODEL = "ferry-tiny-vision"  # as FERRY_MODEL, the one model: `ferry serve` starts one worker
@@ -75,6 +78,69 @@ def test_unarmed_children_outlive_a_killed_parent() -> None:
         proc.wait(10)
         time.sleep(1)
         assert not any(_gone(pid) for pid in pids)
+
+
+def _python(code: str) -> Callable[[], subprocess.Popen[bytes]]:
+    """A stand-in worker: this Python code, in a process group of its own."""
+    return lambda: subprocess.Popen([sys.executable, "-c", code], process_group=0)
+
+
+def _restarts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
+
+
+def test_supervisor_restarts_a_worker_with_back_off(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "ferry.serve")
+    supervisor = WorkerSupervisor({"m": _python("raise SystemExit(3)")})
+    supervisor.start()
+    try:
+        wait_until(lambda: len(_restarts(caplog)) >= 3, 30, "three restarts")
+    finally:
+        supervisor.stop()
+    assert _restarts(caplog)[:3] == [
+        f"worker for m exited with status 3; restarting in {n} s" for n in (1, 2, 4)
+    ]
+
+
+def test_supervisor_sweeps_an_exited_workers_group(tmp_path: Path) -> None:
+    """What a worker leaves in its process group (an engine core that escaped its own
+    parent-death signal) is killed when the worker is reaped."""
+    pid_file = tmp_path / "pid"
+    code = (
+        "import subprocess, pathlib\n"
+        "child = subprocess.Popen(['sleep', '60'])\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(child.pid))\n"
+    )
+    supervisor = WorkerSupervisor({"m": _python(code)})
+    supervisor.start()
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 30, "the child")
+        orphan = int(pid_file.read_text())
+        wait_until(lambda: _gone(orphan), 10, "the worker's group to be killed")
+    finally:
+        supervisor.stop()
+
+
+def test_supervisor_stop_kills_a_worker_that_ignores_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(embedded, "WORKER_STOP_SECONDS", 1.0)
+    caplog.set_level(logging.WARNING, "ferry.serve")
+    pid_file = tmp_path / "pid"
+    code = (
+        "import os, pathlib, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    supervisor = WorkerSupervisor({"m": _python(code)})
+    supervisor.start()
+    wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 30, "the worker")
+    started = time.monotonic()
+    supervisor.stop()
+    assert time.monotonic() - started < 10
+    assert not psutil.pid_exists(int(pid_file.read_text()))  # killed and reaped
+    assert _restarts(caplog) == []  # stopping is not a death to recover from
 
 
 @dataclass
