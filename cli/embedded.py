@@ -273,11 +273,10 @@ class WorkerSupervisor:
 
     def _run(self) -> None:
         try:
-            for slot in self._slots:
-                slot.launch()
-            while not self._stopping.wait(self._poll):
+            while not self._stopping.is_set():
                 for slot in self._slots:
                     self._check(slot)
+                self._stopping.wait(self._poll)
         except Exception:
             log.exception("the worker supervisor failed")
         finally:
@@ -287,7 +286,11 @@ class WorkerSupervisor:
         now = time.monotonic()
         if slot.popen is None:
             if now >= slot.restart_at:
-                slot.launch()
+                try:
+                    slot.launch()
+                except OSError as exc:
+                    slot.restart_at = now + slot.next_delay(now)
+                    log.warning("worker for %s did not start: %s", slot.name, exc)
             return
         status = _exit_status(slot.popen.pid)
         if status is None:
