@@ -30,6 +30,7 @@ from api.images import routes as images
 from api.jobs import routes as jobs
 from api.jobs.dispatch import Dispatcher
 from api.jobs.enqueue import JobQueue, create_producer
+from api.jobs.expiry import ExpirySweep
 from api.jobs.intake import JobIntake
 from api.jobs.reconciler import Reconciler
 from api.models import routes as models
@@ -162,6 +163,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         reconciler.start()
         stack.push_async_callback(reconciler.stop)
+        expiry = ExpirySweep(state)
+        expiry.start()
+        stack.push_async_callback(expiry.stop)
         batch_supervisor = BatchSupervisor(state)
         app.state.batch_supervisor = batch_supervisor
         batch_supervisor.start()

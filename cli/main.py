@@ -11,10 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli import batch, client, embedded, keys
+from cli import batch, client, embedded, keys, lifetime
 from cli.settings import CliSettings
 from storage.logs import TEXT_FORMAT, LogFormat, use_format
 from storage.logs import configure as configure_logs
+
+if __name__ == "__mp_main__":
+    # A process `ferry worker` spawned (vLLM's engine core under the spawn start method)
+    # dies with the worker: see cli/lifetime.py.
+    lifetime.arm_spawned_child()
 
 if TYPE_CHECKING:
     from storage.telemetry import TelemetrySettings
@@ -150,6 +155,9 @@ def _worker(args: argparse.Namespace) -> int:
     from storage.keys import Lane, queue_name
     from worker.celery_app import app
 
+    # The engine core (which the runner's loop thread starts at worker_init) must not
+    # outlive this process, however it ends.
+    lifetime.children_die_with_this_process()
     name = settings.model_name
     # An adapter's jobs come on its own queues, which only workers that serve it read.
     queues = [queue_name(n, lane) for n in [name, *(a.name for a in adapters)] for lane in Lane]

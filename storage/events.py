@@ -37,6 +37,8 @@ class EventType(StrEnum):
     DONE = "done"
     ERROR = "error"  # the job failed: {"message", "code"} (code: Job.error_code)
     CANCELLED = "cancelled"  # the job was cancelled
+    # the job was still queued at its deadline and never ran: {"message", "code"}
+    EXPIRED = "expired"
     RETRY = "retry"  # a new attempt starts over: discard text received so far
 
     @property
@@ -44,7 +46,7 @@ class EventType(StrEnum):
         return self in _TERMINAL
 
 
-_TERMINAL = frozenset((EventType.DONE, EventType.ERROR, EventType.CANCELLED))
+_TERMINAL = frozenset((EventType.DONE, EventType.ERROR, EventType.CANCELLED, EventType.EXPIRED))
 
 
 class EventId(NamedTuple):
@@ -75,7 +77,8 @@ class EventId(NamedTuple):
 # Before every event (ids start at 0-1 or 1-1; Redis refuses the stream entry id 0-0).
 NO_EVENT = EventId(0, 0)
 # The first event of a job no worker claimed (attempt 0): the `cancelled` the API writes
-# when it cancels a queued job, as events_from_job rebuilds it.
+# when it cancels a queued job (or the `expired` of one past its deadline), as
+# events_from_job rebuilds it.
 FIRST_UNCLAIMED = EventId(0, 1)
 
 
@@ -272,6 +275,8 @@ def done_data(
 # Job.error_code values: the request's fault (answered 400) or Ferry's (5xx).
 INVALID_REQUEST = "invalid_request"
 SERVER_ERROR = "server_error"
+# A job still queued at its deadline (Job.error_code of an `expired` job).
+EXPIRED = "expired"
 
 
 def error_data(message: str | None, code: str | None) -> dict[str, Any]:
@@ -293,6 +298,8 @@ def terminal_events(status: JobStatus, end: JobEnd) -> list[tuple[EventType, dic
         return [(EventType.ERROR, error_data(end.error, end.error_code))]
     if status == JobStatus.CANCELLED:
         return [(EventType.CANCELLED, {})]
+    if status == JobStatus.EXPIRED:
+        return [(EventType.EXPIRED, {"message": end.error or "deadline passed", "code": EXPIRED})]
     return []
 
 

@@ -48,6 +48,9 @@ PENDING_JOBS = "ferry:jobs:pending"
 # Held by the API process doing a reconciler pass (short expiry).
 RECONCILER_LOCK = "ferry:reconciler:lock"
 
+# Held by the API process doing an expiry sweep (jobs past their deadline; short expiry).
+EXPIRY_LOCK = "ferry:expiry:lock"
+
 # Channel on which the API asks workers to abort a running job (payload: job id).
 CANCEL_CHANNEL = "ferry:cancel"
 

@@ -18,7 +18,7 @@ from worker.engines import build_engine
 from worker.engines.base import Delta, Engine, GenerationRequest
 from worker.settings import WorkerSettings
 
-TERMINAL = {"done", "error", "cancelled"}
+TERMINAL = {"done", "error", "cancelled", "expired"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[st
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in ("succeeded", "failed", "cancelled", "expired"):
             return job
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} did not finish")

@@ -395,6 +395,22 @@ async def test_cancelled_queued_job_gives_its_tokens_back(replicas: Replicas) ->
         assert again.headers["x-ratelimit-remaining-tokens"] == str(2000 - 1505)
 
 
+async def test_expired_queued_job_gives_its_tokens_back(replicas: Replicas) -> None:
+    """Settled as a cancel is: the expiry sweep gives back what the job reserved."""
+    replicas.freeze()
+    token, _ = await replicas.key(tokens_per_minute=2000)
+    async with replicas.client(token) as client:
+        job = await client.post("/v1/jobs", json=chat("Hi", max_tokens=1500, deadline_seconds=0.3))
+        assert job.headers["x-ratelimit-remaining-tokens"] == str(2000 - 1505)
+        assert_429(await client.post("/v1/jobs", json=chat("Hi", max_tokens=1500)), "tokens")
+        await client.get(f"/v1/jobs/{job.json()['id']}/events")  # ends once it has expired
+        expired = await client.get(f"/v1/jobs/{job.json()['id']}")
+        assert expired.json()["status"] == JobStatus.EXPIRED
+        again = await client.post("/v1/jobs", json=chat("Hi", max_tokens=1500))
+        assert again.status_code == 202, again.text
+        assert again.headers["x-ratelimit-remaining-tokens"] == str(2000 - 1505)
+
+
 async def test_openapi_declares_429_with_the_headers(replicas: Replicas) -> None:
     async with replicas.client("unused") as client:
         document = (await client.get("/openapi.json")).json()

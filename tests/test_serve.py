@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from ferry_testing.procs import ROOT, Proc, free_port, running, start, wait_until
@@ -114,23 +116,28 @@ def test_ferry_serve_answers_with_a_real_model(tmp_path: Path, model_cache: Path
             "serving `SmolLM2-135M-Instruct` (default, text), `ferry-tiny-vision` (images)"
         ) in log_text
     finally:
+        # Its workers, their engines' processes and the embedded Redis, each in a process
+        # group of its own.
+        started = psutil.Process(proc.pid).children(recursive=True)
+        commands = [" ".join(p.cmdline()) for p in started]
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(90)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for child in [proc, *started]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
             raise
     assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert any("redis-server" in c for c in commands), commands
 
-    def group_gone() -> bool:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
+    def gone(process: psutil.Process) -> bool:
+        try:  # a zombie is dead: reaping an orphan is init's business
+            return process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
             return True
-        return False
 
-    # Its workers (and the engines' processes) and the embedded Redis went with it.
-    wait_until(group_gone, 30, "the worker and Redis to exit")
+    wait_until(lambda: all(gone(p) for p in started), 10, "what ferry serve started to exit")
 
 
 def _answers(url: str, proc: Proc | None = None) -> bool:

@@ -14,7 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage import telemetry
 from storage.content import ImageRef, image_refs
-from storage.events import INVALID_REQUEST, SERVER_ERROR, EventType, JobEvent, terminal_events
+from storage.events import (
+    FIRST_UNCLAIMED,
+    INVALID_REQUEST,
+    SERVER_ERROR,
+    EventType,
+    JobEvent,
+    terminal_events,
+)
 from storage.job_metrics import record_job_end
 from storage.keys import Lane
 from storage.models import Job, JobStatus, utcnow
@@ -243,6 +250,26 @@ async def run_claimed(ctx: AttemptContext, job: Job) -> str:
             return await _record_end(ctx, state, JobStatus.FAILED, Failure(message, SERVER_ERROR))
     finally:
         ctx.in_flight.pop(job_id, None)
+
+
+async def announce_expired(ctx: AttemptContext, job: Job) -> str:
+    """A job the claim found past its deadline (and ended `expired`, never run): end its
+    stream as the API's expiry sweep would, and give its reserved tokens back."""
+    unused = unused_tokens(job.reserved_tokens, 0, 0)
+    if ctx.limiter is not None and unused:
+        try:
+            await ctx.limiter.give_back(job.owner_id, unused)
+        except Exception:
+            log.warning("could not give back %d tokens of job %s", unused, job.id, exc_info=True)
+    if ctx.metrics is not None:
+        try:
+            await record_job_end(ctx.metrics, job.model, JobStatus.EXPIRED.value)
+        except Exception:
+            log.warning("could not count the end of job %s", job.id, exc_info=True)
+    # After the tokens: a client that sees `expired` may spend them at once.
+    for event_type, data in terminal_events(JobStatus.EXPIRED, job):
+        ctx.publisher.emit(job.id, JobEvent(FIRST_UNCLAIMED, event_type, data))
+    return JobStatus.EXPIRED.value
 
 
 def _stored_request(job: Job) -> StoredRequest | Failure:

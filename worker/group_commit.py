@@ -124,12 +124,19 @@ def claim_committer(
     sessions: async_sessionmaker[AsyncSession], worker_id: str, lease_seconds: float
 ) -> GroupCommit[str, Job | None]:
     """Claims by job id, one UPDATE per group (`jobs_repo.claim_jobs`): the job, or None
-    when it is not ours to run (a job asked for twice in a group is claimed once)."""
+    when it is not ours to run (a job asked for twice in a group is claimed once). A job
+    still queued past its deadline is not claimed but ended in the same transaction: it
+    comes back with status `expired`, for the caller to announce (it never runs)."""
 
     async def write(session: AsyncSession, job_ids: Sequence[str]) -> list[Job | None]:
-        claimed = await jobs_repo.claim_jobs(
-            session, list(dict.fromkeys(job_ids)), worker_id, lease_seconds
-        )
+        distinct = list(dict.fromkeys(job_ids))
+        claimed = await jobs_repo.claim_jobs(session, distinct, worker_id, lease_seconds)
+        # Only what the claim refused can be past its deadline: a group claimed whole (the
+        # usual case) costs no second statement.
+        refused = [job_id for job_id in distinct if job_id not in claimed]
+        if refused:
+            expired = await jobs_repo.expire_due(session, limit=len(refused), job_ids=refused)
+            claimed.update((job.id, job) for job in expired)
         return [claimed.pop(job_id, None) for job_id in job_ids]
 
     # A failed claim is not retried alone: the job stays queued and its message (or the

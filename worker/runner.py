@@ -34,6 +34,7 @@ from storage.channels import BatchWakeChannel, CancelChannel, JobWakeChannel
 from storage.db import create_db_engine, create_session_factory
 from storage.events import JobEventStream
 from storage.job_metrics import EngineStats, forget_engine_stats, publish_engine_stats
+from storage.models import JobStatus
 from storage.objects import get_object_store
 from storage.pending import PendingJobs
 from storage.ratelimit import RateLimiter
@@ -41,7 +42,7 @@ from storage.registry import ModelRegistry, ServedModel, WorkerBeat, now_epoch
 from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
 from worker.admission import EngineAdmission
-from worker.attempt import AttemptContext, run_claimed
+from worker.attempt import AttemptContext, announce_expired, run_claimed
 from worker.engines.base import Engine, ReportsLoad
 from worker.errors import EngineBroken, StartupError
 from worker.group_commit import claim_committer, outcome_committer
@@ -239,6 +240,8 @@ class JobRunner:
             job = claimed.get(job_id)
             if job is None:
                 return "skipped"  # not ours to run: it held no bulk slot here either
+            if job.status == JobStatus.EXPIRED:
+                return await announce_expired(self._ctx, job)
             try:
                 # Its log lines name the job (and trace); its spans join the job's trace.
                 with telemetry.job_attempt(job):

@@ -139,8 +139,9 @@ def _result_line(row: Row[Any], final: BatchStatus) -> tuple[str, dict[str, Any]
     if row.status == JobStatus.SUCCEEDED:
         response = {"status_code": 200, "request_id": row.id, "body": _body(row)}
         return "output", {**base, "response": response, "error": None}
-    if row.status == JobStatus.FAILED:
-        failure = job_failure(row.error, row.error_code)  # 400 or 500, as the route answers
+    if row.status in (JobStatus.FAILED, JobStatus.EXPIRED):
+        # 400, 500 or (past its deadline, never run) 504, as the route answers
+        failure = job_failure(row.error, row.error_code)
         body = error_body(failure.message, failure.type, failure.param, failure.code)
         response = {"status_code": failure.status_code, "request_id": row.id, "body": body}
         return "errors", {

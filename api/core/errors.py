@@ -88,12 +88,24 @@ class GenerationFailed(FerryError):
     code = "generation_failed"
 
 
+class DeadlineExpired(FerryError):
+    """The job was still queued at its deadline and never ran: a gateway timeout (504),
+    which OpenAI's SDKs treat as a timeout and retry (a retry makes a new job)."""
+
+    status_code = 504
+    type = "timeout_error"
+    code = "expired"
+
+
 def job_failure(message: str | None, code: str | None) -> FerryError:
     """The error a failed job answers with: 400 when the engine refused the request
-    (`invalid_request`), 500 for anything else (storage.events.error_data's codes)."""
+    (`invalid_request`), 504 for one that expired unrun (`expired`), 500 for anything
+    else (storage.events.error_data's codes)."""
     text = message or "generation failed"
     if code == "invalid_request":
         return InvalidRequest(text, code="generation_failed")
+    if code == "expired":
+        return DeadlineExpired(text)
     return GenerationFailed(text)
 
 
@@ -160,6 +172,8 @@ _ERROR_DESCRIPTIONS = {
     503: "No live worker serves the model (`model_unavailable`), its backlog is full "
     "(`model_overloaded`), or the answer did not come in time: retry after `Retry-After` "
     "seconds where given",
+    504: "The job was still queued at its deadline (`deadline_seconds`, `Cancel-After`) "
+    "and never ran (code `expired`)",
 }
 
 

@@ -6,7 +6,7 @@ import ipaddress
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.core.limits import KeyLimits
@@ -137,6 +137,17 @@ class ApiSettings(BaseSettings):
     # How long a key looked up stays trusted in one process: a revoked key is refused by
     # every replica within this time.
     key_cache_seconds: float = Field(2.0, ge=0, le=5)
+    # Deadlines (docs/api.md): a job still queued this long after it was made ends
+    # `expired` and never runs, unless its request (`deadline_seconds`, `Cancel-After`)
+    # asks for another. Batch lines (lane `bulk`) have none of their own unless a line
+    # asks: their batch's completion window ends them.
+    deadline_interactive_seconds: float = Field(3600.0, gt=0)
+    # The longest deadline a request may ask for.
+    max_deadline_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    # How often the expiry sweep ends queued jobs past their deadline (one process at a
+    # time), and how many it ends per statement.
+    deadline_sweep_seconds: float = Field(1.0, gt=0)
+    deadline_sweep_batch: int = Field(500, ge=1)
 
     @field_validator(
         "api_keys",
@@ -158,6 +169,15 @@ class ApiSettings(BaseSettings):
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
         return value
+
+    @model_validator(mode="after")
+    def _deadlines_within_max(self) -> ApiSettings:
+        if self.deadline_interactive_seconds > self.max_deadline_seconds:
+            raise ValueError(
+                f"FERRY_DEADLINE_INTERACTIVE_SECONDS ({self.deadline_interactive_seconds}) "
+                f"is above FERRY_MAX_DEADLINE_SECONDS ({self.max_deadline_seconds})"
+            )
+        return self
 
     def default_limits(self) -> KeyLimits:
         return KeyLimits(

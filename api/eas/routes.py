@@ -69,7 +69,7 @@ _MAX_WRITE_BYTES = 100
             },
             "headers": ACCEPTED_RATE_HEADERS,
         },
-        **error_responses(400, 401, 404, 413, 429, 500, 503),
+        **error_responses(400, 401, 404, 413, 429, 500, 503, 504),
     },
 )
 async def infer_forward(
@@ -222,7 +222,7 @@ _TRANSFORMERS_BODY = {
             },
             "headers": ACCEPTED_RATE_HEADERS,
         },
-        **error_responses(400, 401, 413, 429, 500, 503),
+        **error_responses(400, 401, 413, 429, 500, 503, 504),
     },
 )
 async def transformers_chat(

@@ -103,8 +103,8 @@ async def build_job(
 
 async def text_deltas(state: AppState, job_id: str) -> AsyncGenerator[str, None]:
     """The job's text as it is generated. Ends when the job ends; a failed job raises
-    its error (`api.core.errors.job_failure`). A client that goes away (this generator closed or
-    cancelled before the end) cancels the job."""
+    its error (`api.core.errors.job_failure`), as does one that expired unrun. A client
+    that goes away (this generator closed or cancelled before the end) cancels the job."""
     finished = False
     try:
         async for event in job_events(
@@ -118,7 +118,7 @@ async def text_deltas(state: AppState, job_id: str) -> AsyncGenerator[str, None]
                 continue
             if event.type == EventType.DELTA and event.data["text"]:
                 yield event.data["text"]
-            elif event.type == EventType.ERROR:
+            elif event.type in (EventType.ERROR, EventType.EXPIRED):
                 finished = True
                 raise job_failure(event.data.get("message"), event.data.get("code"))
             elif event.type.is_terminal:

@@ -13,6 +13,7 @@ from api.core.idempotency import IdempotentCreate
 from api.core.idempotency import responses as idempotent_responses
 from api.core.pages import NO_NUL, After, split_page
 from api.jobs import service as jobs_service
+from api.jobs.deadlines import CancelAfter, with_cancel_after
 from api.jobs.schemas import JobCreate, JobDeleted, JobList, JobPublic
 from api.streaming import sse
 from api.streaming.job_events import job_event_batches
@@ -39,6 +40,7 @@ async def create_job(
     caller: CurrentCaller,
     state: StateDep,
     response: Response,
+    cancel_after: CancelAfter,
     idempotency: IdempotentCreate,
 ) -> JobPublic:
     """Accept an OpenAI chat-completions request to run asynchronously.
@@ -48,11 +50,14 @@ async def create_job(
     the model it went to).
     Poll `GET /v1/jobs/{id}` or stream `GET /v1/jobs/{id}/events`, or give a `webhook`
     to be called when it starts and completes (see Webhooks in docs/api.md).
+    A job still queued at its deadline (`deadline_seconds` or the `Cancel-After` header;
+    by default FERRY_DEADLINE_INTERACTIVE_SECONDS) ends `expired` and never runs.
     """
     # Before the job is built: a refused webhook stores nothing (not even its images).
     hook = await webhook_urls.check_subscription(
         body.webhook, body.webhook_events_filter, state.settings
     )
+    with_cancel_after(state.settings, body, cancel_after)
     tokens = ratelimit.chat_tokens(body, state.settings)
     async with ratelimit.admission(state, caller, tokens=tokens, body=body) as admitted:
         [job] = admitted.reserve([await jobs_service.build_chat_job(state, caller.id, body)])
@@ -168,7 +173,8 @@ async def job_event_stream(
     state: StateDep,
     after: LastEventId,
 ) -> sse.EventStreamResponse:
-    """Server-Sent Events: `delta`, `usage`, then one of `done`, `error`, `cancelled`.
+    """Server-Sent Events: `delta`, `usage`, then one of `done`, `error`, `cancelled`,
+    `expired` (still queued at its deadline: it never ran).
 
     Every event has an `id:`. Reconnect with `Last-Event-ID` (header, or the
     `last_event_id` query parameter) to any API process, also after the job has finished,

@@ -56,7 +56,8 @@ class JobResult(BaseModel):
 class JobError(BaseModel):
     message: str
     # "invalid_request": the request's fault (the engine refused it); "server_error":
-    # Ferry's (chat and completions answer these 400 and 500).
+    # Ferry's (chat and completions answer these 400 and 500); "expired": still queued
+    # at its deadline, never run (504).
     code: str = "server_error"
 
 
@@ -94,6 +95,9 @@ class JobPublic(BaseModel):
     batch_id: str | None = None
     custom_id: str | None = None
     timings: JobTimings
+    # Still queued at this time (Unix seconds), the job ends `expired` and never runs
+    # (null: none, as for a batch line, which its batch's window ends).
+    deadline_at: float | None = None
     # Its webhook (null: none) and the events it gets (null: all).
     webhook: str | None = None
     webhook_events_filter: list[str] | None = None
@@ -137,6 +141,7 @@ class JobPublic(BaseModel):
                 ttft_seconds=job.ttft_ms / 1000 if job.ttft_ms is not None else None,
                 total_seconds=_between(job.created_at, job.finished_at),
             ),
+            deadline_at=_ts(job.deadline_at),
             webhook=job.webhook_url,
             webhook_events_filter=job.webhook_events,
             trace_id=trace_id_of(job.traceparent),

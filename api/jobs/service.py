@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from api.core.errors import (
 from api.core.state import AppState
 from api.images import ImageIntake
 from api.images.chat import chat_messages
+from api.jobs.deadlines import deadline_for
 from api.jobs.intake import JobIntake
 from api.openai.request_fields import check_fields
 from api.openai.schemas import (
@@ -141,7 +143,15 @@ async def build_chat_jobs(
     job = await _chat_job(state, owner_id, body, Lane.INTERACTIVE, sync=sync)
     request = StoredRequest.load(job.request)
     return [job] + [
-        _queued_job(owner_id, body, job.model, "chat", Lane.INTERACTIVE, _nth(request, i))
+        _queued_job(
+            owner_id,
+            body,
+            job.model,
+            "chat",
+            Lane.INTERACTIVE,
+            _nth(request, i),
+            deadline_at=job.deadline_at,
+        )
         for i in range(1, body.n)
     ]
 
@@ -183,6 +193,7 @@ async def _chat_job(
     sync: bool,
     admitted: bool = False,
 ) -> Job:
+    deadline_at = deadline_for(state.settings, body, lane)
     model = await state.catalog.resolve(body.model, body.carries_images)
     refuse_unsupported_parts(body, model)
     fields = sampling_request(body, model, state.settings.default_max_tokens)
@@ -213,7 +224,14 @@ async def _chat_job(
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
     return _queued_job(
-        owner_id, body, model.name, "chat", lane, request, conversation_id=body.conversation_id
+        owner_id,
+        body,
+        model.name,
+        "chat",
+        lane,
+        request,
+        conversation_id=body.conversation_id,
+        deadline_at=deadline_at,
     )
 
 
@@ -252,6 +270,7 @@ def _queued_job(
     kind: str,
     lane: Lane,
     request: StoredRequest,
+    deadline_at: datetime | None = None,
     conversation_id: str | None = None,
 ) -> Job:
     return Job(
@@ -266,6 +285,7 @@ def _queued_job(
         metadata_=body.metadata,
         attempts=0,
         conversation_id=conversation_id,
+        deadline_at=deadline_at,
     )
 
 
@@ -291,6 +311,7 @@ async def build_completion_jobs(
         raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts x n).", param="n")
     if body.n > 1 and lane == Lane.BULK:
         raise InvalidRequest("A batch line has one choice: n must be 1.", param="n")
+    deadline_at = deadline_for(state.settings, body, lane)
     wants_images = any("<img>" in prompt for prompt in body.prompts)
     model = await state.catalog.resolve(body.model, wants_images)
     base = sampling_request(body, model, state.settings.default_max_tokens)
@@ -311,7 +332,15 @@ async def build_completion_jobs(
     ]
     await images.store()
     return [
-        _queued_job(owner_id, body, model.name, "completion", lane, _nth(request, i))
+        _queued_job(
+            owner_id,
+            body,
+            model.name,
+            "completion",
+            lane,
+            _nth(request, i),
+            deadline_at=deadline_at,
+        )
         for request in requests
         for i in range(body.n)
     ]
@@ -404,7 +433,8 @@ async def delete(events: JobEventStream, session: AsyncSession, job: Job) -> Non
 async def wait_for_end(state: AppState, job_id: str) -> Job:
     """Wait (on the job's events, not by polling SQL) until the job ends; its final row.
 
-    A failed job raises its error (`api.core.errors.job_failure`: 400 or 500); one that outlives
+    A failed or expired job raises its error (`api.core.errors.job_failure`: 400, 500 or
+    504); one that outlives
     `sync_timeout_seconds` raises `ServiceUnavailable` (the job itself goes on)."""
     async for event in job_events(
         state.event_sources,
@@ -420,8 +450,9 @@ async def wait_for_end(state: AppState, job_id: str) -> Job:
     async with state.db.read() as read:
         final = await jobs_repo.get_job(read, job_id)
     assert final is not None
-    if final.status == JobStatus.FAILED:
-        # The request's fault (the engine refused it) is a 400; anything else is ours.
+    if final.status in (JobStatus.FAILED, JobStatus.EXPIRED):
+        # The request's fault (the engine refused it) is a 400; a deadline that passed
+        # before the job ran a 504; anything else is ours.
         raise job_failure(final.error, final.error_code)
     return final
 

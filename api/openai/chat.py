@@ -16,6 +16,7 @@ from api.core.idempotency import IdempotentJobs
 from api.core.idempotency import responses as idempotent_responses
 from api.core.state import AppState
 from api.jobs import service as jobs_service
+from api.jobs.deadlines import CancelAfter, with_cancel_after
 from api.openai.schemas import (
     GENERATION_RESPONSES,
     ChatChoice,
@@ -47,6 +48,7 @@ async def create_chat_completion(
     caller: CurrentCaller,
     state: StateDep,
     response: Response,
+    cancel_after: CancelAfter,
     idempotency: IdempotentJobs,
 ) -> Any:
     """OpenAI chat completions, through the same queue and workers as `/v1/jobs`.
@@ -82,6 +84,7 @@ async def create_chat_completion(
     jobs = idempotency.replayed_jobs  # a retry with the same Idempotency-Key: its jobs
     rate_headers: dict[str, str] = {}
     if jobs is None:
+        with_cancel_after(state.settings, body, cancel_after)
         tokens = ratelimit.chat_tokens(body, state.settings)
         sync = not body.stream
         async with ratelimit.admission(
@@ -224,7 +227,7 @@ def _chunks_for(choice: _Choice, event: JobEvent) -> list[dict[str, Any]]:
         held = _split_delta(choice, *choice.splitter.finish()) if choice.splitter else []
         reason = event.data.get("finish_reason") if event.type == EventType.DONE else "abort"
         return [*held, *_held_content(choice, event), _chunk(choice, {}, reason)]
-    if event.type == EventType.ERROR:
+    if event.type in (EventType.ERROR, EventType.EXPIRED):
         return [stream_error(event.data.get("message"), event.data.get("code"))]
     # RETRY: the job restarted after its worker died; an OpenAI stream cannot take back
     # text, so it is not announced here (the job's own event stream does). Text held

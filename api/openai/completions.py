@@ -19,6 +19,7 @@ from api.core.idempotency import IdempotentJobs
 from api.core.idempotency import responses as idempotent_responses
 from api.core.state import AppState
 from api.jobs import service as jobs_service
+from api.jobs.deadlines import CancelAfter, with_cancel_after
 from api.openai.schemas import (
     GENERATION_RESPONSES,
     Completion,
@@ -45,6 +46,7 @@ async def create_completion(
     caller: CurrentCaller,
     state: StateDep,
     response: Response,
+    cancel_after: CancelAfter,
     idempotency: IdempotentJobs,
 ) -> Any:
     """OpenAI completions: `prompt` (a string or up to 16 strings) continued by the model.
@@ -61,6 +63,7 @@ async def create_completion(
     jobs = idempotency.replayed_jobs  # a retry with the same Idempotency-Key: its jobs
     rate_headers: dict[str, str] = {}
     if jobs is None:
+        with_cancel_after(state.settings, body, cancel_after)
         tokens = ratelimit.completion_tokens(body, state.settings)
         sync = not body.stream
         async with ratelimit.admission(
@@ -191,7 +194,7 @@ async def _stream(
                     )
                 elif event.type == EventType.CANCELLED:
                     out.append(_chunk(completion_id, created, model, index, "", "abort"))
-                elif event.type == EventType.ERROR:
+                elif event.type in (EventType.ERROR, EventType.EXPIRED):
                     out.append(stream_error(event.data.get("message"), event.data.get("code")))
                 if event.type.is_terminal:
                     ended.add(index)

@@ -25,7 +25,7 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
         ),
         "headers": ACCEPTED_RATE_HEADERS,
     },
-    **error_responses(400, 401, 404, 413, 429, 500, 503),
+    **error_responses(400, 401, 404, 413, 429, 500, 503, 504),
 }
 
 
@@ -222,6 +222,16 @@ class SamplingFields(BaseModel):
         None,
         description="Up to 16 pairs, kept with the job (FastDeploy flags such as "
         "`enable_thinking` are read from here too)",
+    )
+    deadline_seconds: float | None = Field(
+        None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Ferry extension: a job still queued this many seconds after it was "
+        "made ends `expired` and never runs (a running one is not cut). Also the "
+        "`Cancel-After` header. Default: the deployment's (FERRY_DEADLINE_INTERACTIVE_SECONDS; "
+        "a batch line: its batch's completion window); at most FERRY_MAX_DEADLINE_SECONDS.",
     )
 
     @model_validator(mode="after")

@@ -83,7 +83,8 @@ async def progress(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str,
     return {
         batch_id: BatchProgress(
             succeeded=c.get(JobStatus.SUCCEEDED, 0),
-            failed=c.get(JobStatus.FAILED, 0),
+            # A line past its own deadline (`deadline_seconds`) never ran: it failed.
+            failed=c.get(JobStatus.FAILED, 0) + c.get(JobStatus.EXPIRED, 0),
             cancelled=c.get(JobStatus.CANCELLED, 0),
             open=c.get(JobStatus.QUEUED, 0) + c.get(JobStatus.RUNNING, 0),
             prompt_tokens=c["prompt"],

@@ -29,10 +29,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.events import EXPIRED
 from storage.keys import Lane
 from storage.models import (
     INTERACTIVE_HELD,
     INTERACTIVE_QUEUED,
+    QUEUED_WITH_DEADLINE,
     TERMINAL_STATUSES,
     Job,
     JobStatus,
@@ -123,7 +125,11 @@ async def claim_jobs(
         return {}
     now = utcnow()
     claimable = or_(
-        Job.status == JobStatus.QUEUED,
+        # A queued job past its deadline is never run (`expire_due` ends it instead).
+        and_(
+            Job.status == JobStatus.QUEUED,
+            or_(Job.deadline_at.is_(None), Job.deadline_at > now),
+        ),
         and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
     )
     # One statement: the updated rows come back with RETURNING. The session holds none of
@@ -391,6 +397,49 @@ async def delete_finished_job(session: AsyncSession, job_id: str) -> bool:
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+EXPIRED_MESSAGE = "The job was still queued at its deadline (deadline_at), so it never ran."
+
+
+async def expire_due(
+    session: AsyncSession, *, limit: int, job_ids: Sequence[str] | None = None
+) -> list[Job]:
+    """End queued jobs whose deadline has passed (`expired`), oldest deadline first, at
+    most `limit` (or only those among `job_ids`: a worker's claim); the rows ended.
+
+    A conditional update, so a job claimed, cancelled or expired meanwhile by another
+    process is left alone; rows another transaction holds are skipped, not waited for.
+    Each ended job that wants it gets its webhook's `completed` delivery, as a cancel does.
+    """
+    now = utcnow()
+    due = select(Job.id).where(text(QUEUED_WITH_DEADLINE), Job.deadline_at <= now)
+    # A claim's few ids are found by key; the sweep reads the index in deadline order.
+    due = due.where(Job.id.in_(job_ids)) if job_ids is not None else due.order_by(Job.deadline_at)
+    due = due.limit(limit).with_for_update(skip_locked=True)
+    ended = await session.scalars(
+        update(Job)
+        .where(Job.id.in_(due.scalar_subquery()), Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.EXPIRED,
+            finished_at=now,
+            error=EXPIRED_MESSAGE,
+            error_code=EXPIRED,
+            lease_expires_at=None,
+        )
+        .returning(Job),
+        execution_options={"populate_existing": True, "synchronize_session": False},
+    )
+    jobs = list(ended)
+    await webhooks.record(
+        session,
+        [
+            _announce(job.owner_id, job.webhook_url, job.id, "completed")
+            for job in jobs
+            if webhooks.wanted(job.webhook_url, job.webhook_events, "completed")
+        ],
+    )
+    return jobs
 
 
 @dataclass(frozen=True, slots=True)

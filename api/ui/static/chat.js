@@ -407,6 +407,7 @@ async function follow(state, reply) {
         if (type === "delta") state.text += data.text;
         else if (type === "retry") state.text = "";
         else if (type === "error") reply.dataset.error = data.message || "The job failed.";
+        else if (type === "expired") reply.dataset.error = data.message || "The job expired unrun.";
         if (id) state.lastEventId = id;
         renderSoon();
       },
@@ -423,7 +424,7 @@ async function follow(state, reply) {
   controller = null;
   setBusy(false);
   reply.dataset.state = end;
-  if (end === "error") {
+  if (end === "error" || end === "expired") {
     reply.append(el("p", { class: "error", role: "alert" }, reply.dataset.error || "Failed."));
   } else if (end === "cancelled") {
     reply.append(el("p", { class: "meta" }, "Stopped."));

@@ -4,7 +4,7 @@
 
 import { errorOf, headers } from "./api.js";
 
-export const TERMINAL = new Set(["done", "error", "cancelled"]);
+export const TERMINAL = new Set(["done", "error", "cancelled", "expired"]);
 const FIRST_DELAY_MS = 500;
 const MAX_DELAY_MS = 5000;
 
