@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -19,9 +20,8 @@ from sqlalchemy import func, select
 
 from api.core.settings import ApiSettings
 from api.jobs.deadlines import parse_duration
-from storage.keys import MODELS_HASH
 from storage.models import Job, JobStatus, WebhookDelivery, utcnow
-from storage.registry import ServedModel, now_epoch
+from storage.registry import ServedModel, WorkerBeat, announce, now_epoch
 from storage.repositories import api_keys, jobs
 from tests.conftest import KEY_A, KEY_B, REDIS_BASE, TINY, Sessions, Stack, new_database
 from tests.fixtures.api import InProcessApi, running_api
@@ -181,7 +181,9 @@ async def deadline_api(
     with Redis.from_url(redis_url) as client:
         client.flushdb()
         tiny = ServedModel(TINY, 2048, "vllm", created=now_epoch(), root=TINY)
-        client.hset(MODELS_HASH, tiny.name, tiny.to_json())
+        # ...as live (a heartbeat, no process): synchronous requests do not wait for a
+        # worker (FERRY_SYNC_WAIT_SECONDS), and no worker ever claims the jobs.
+        announce(client, tiny, worker=WorkerBeat("deadline", TINY, "vllm", 0, time.time()))
     settings = ApiSettings(
         api_keys=[KEY_A, KEY_B],
         deadline_sweep_seconds=0.2,
