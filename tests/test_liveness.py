@@ -289,6 +289,40 @@ async def test_ready_waits_for_a_worker_of_each_declared_model(
         assert ready.json()["models"] == {declared: 1}
 
 
+async def test_a_synchronous_request_runs_once_a_worker_appears_within_the_wait(
+    redis_client: Redis, live_database: str, sql: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    """A declared model no worker has announced: a chat completion waits, a worker
+    announces it (context 2,048) meanwhile, and the job is made for it then, checked
+    against that context. No worker answers here, so the wait for the answer itself
+    (FERRY_SYNC_TIMEOUT_SECONDS) ends in its own 503, with the job stored."""
+    declared = "scaled-from-zero"
+    settings = ApiSettings(
+        api_keys=[KEY_A, KEY_B],
+        models=[declared],
+        sync_wait_seconds=20,
+        sync_timeout_seconds=0.5,
+    )
+    async with (
+        running_api(live_database, REDIS_URL, tmp_path, settings) as api,
+        api.client() as http,
+    ):
+        too_long = asyncio.create_task(
+            http.post("/v1/chat/completions", json=chat_body(declared, max_tokens=4096))
+        )
+        fits = asyncio.create_task(
+            http.post("/v1/chat/completions", json=chat_body(declared, max_tokens=8))
+        )
+        await asyncio.sleep(1.0)
+        assert not fits.done() and not too_long.done()  # waiting for a worker
+        with SyncRedis.from_url(REDIS_URL) as client:
+            announce(client, served(declared), worker=beat("first-worker", declared))
+        assert_error(await too_long, 400, "context_length_exceeded")
+        answer = await fits
+        assert_error(answer, 503, "service_unavailable")  # the job's answer did not come
+        assert await _jobs(sql, declared) == 1
+
+
 async def test_health_is_503_naming_redis_when_redis_is_gone(
     live_database: str, tmp_path: Path
 ) -> None:

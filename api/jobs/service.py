@@ -131,6 +131,15 @@ async def admit(state: AppState, model: ServedModel, *, sync: bool) -> ServedMod
     return model
 
 
+def _with_context(
+    request: StoredRequest, body: SamplingFields, model: ServedModel, default: int | None
+) -> StoredRequest:
+    """A request built before its model's context was known, checked against it (400 if
+    its max_tokens does not fit) and with the default max_tokens that context gives."""
+    fields = sampling_request(body, model, default)
+    return request.model_copy(update={"max_tokens": fields.get("max_tokens")})
+
+
 async def build_chat_jobs(
     state: AppState, owner_id: str, body: ChatCompletionRequest, *, sync: bool = True
 ) -> list[Job]:
@@ -197,13 +206,6 @@ async def _chat_job(
     model = await state.catalog.resolve(body.model, body.carries_images)
     refuse_unsupported_parts(body, model)
     fields = sampling_request(body, model, state.settings.default_max_tokens)
-    # After the request's own checks: a bad request is a 400 at once, not after a wait.
-    if lane == Lane.INTERACTIVE and not admitted:
-        announced = await admit(state, model, sync=sync)
-        if announced is not model:  # a declared model, announced by its first worker
-            model = announced
-            refuse_unsupported_parts(body, model)
-            fields = sampling_request(body, model, state.settings.default_max_tokens)
     images = ImageIntake.for_state(state, owner_id)
     messages = with_tool_turns(body, await chat_messages(images, body, model))
     template_kwargs = dict(body.chat_template_kwargs or {})
@@ -221,6 +223,14 @@ async def _chat_job(
     )
     if body.conversation_id is not None:
         await history.prepend_history(state.db, owner_id, body.conversation_id, request)
+    # After the request's own checks (a bad request is a 400 at once, not after a wait),
+    # before anything is stored.
+    if lane == Lane.INTERACTIVE and not admitted:
+        announced = await admit(state, model, sync=sync)
+        if announced is not model:  # a declared model, announced by its first worker
+            model = announced
+            refuse_unsupported_parts(body, model)
+            request = _with_context(request, body, model, state.settings.default_max_tokens)
     # Last, once every check has passed: a refused request stores no image.
     await images.store()
     return _queued_job(
@@ -315,12 +325,6 @@ async def build_completion_jobs(
     wants_images = any("<img>" in prompt for prompt in body.prompts)
     model = await state.catalog.resolve(body.model, wants_images)
     base = sampling_request(body, model, state.settings.default_max_tokens)
-    # After the request's own checks: a bad request is a 400 at once, not after a wait.
-    if lane == Lane.INTERACTIVE:
-        announced = await admit(state, model, sync=sync)
-        if announced is not model:  # a declared model, announced by its first worker
-            model = announced
-            base = sampling_request(body, model, state.settings.default_max_tokens)
     # One intake for all prompts: the request's image limits span them, and nothing is
     # stored unless every prompt passed.
     images = ImageIntake.for_state(state, owner_id)
@@ -330,6 +334,14 @@ async def build_completion_jobs(
         StoredRequest(**base, prompt=await completion_prompt(images, model, prompt))
         for prompt in body.prompts
     ]
+    # After the request's own checks (a bad request is a 400 at once, not after a wait),
+    # before anything is stored.
+    if lane == Lane.INTERACTIVE:
+        announced = await admit(state, model, sync=sync)
+        if announced is not model:  # a declared model, announced by its first worker
+            model = announced
+            limit = state.settings.default_max_tokens
+            requests = [_with_context(r, body, model, limit) for r in requests]
     await images.store()
     return [
         _queued_job(
