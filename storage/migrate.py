@@ -19,8 +19,9 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the schema to `revision`. Safe to call from several processes at start-up
-    on PostgreSQL only if they are serialised; `ferry serve` runs it once, first."""
+    """Bring the schema to `revision`. Several processes may call it at once: on PostgreSQL
+    they queue on an advisory lock (env.py), so one migrates and the later ones find the
+    schema current. SQLite has no such lock: `ferry serve` migrates once, first."""
     command.upgrade(alembic_config(database_url), revision)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -11,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from httpx_sse import connect_sse
 from redis.asyncio import Redis
 
+from storage.broker import priority_lists
+from storage.keys import RUN_JOBS_TASK
 from worker.engines import build_engine
 from worker.engines.base import Delta, Engine, GenerationRequest
 from worker.settings import WorkerSettings
@@ -139,3 +143,16 @@ async def empty_redis_db(url: str) -> AsyncIterator[Redis]:
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+def sent_job_ids(client: redis.Redis, queue: str) -> list[str]:
+    """Job ids in the Celery messages waiting on `queue` (every priority list); each
+    message is the one task, its one argument the list of its jobs' ids."""
+    ids: list[str] = []
+    for name in priority_lists(queue):
+        for raw in client.lrange(name, 0, -1):
+            message = json.loads(raw)
+            assert message["headers"]["task"] == RUN_JOBS_TASK
+            (job_ids,) = json.loads(base64.b64decode(message["body"]))[0]
+            ids.extend(job_ids)
+    return ids

@@ -5,8 +5,6 @@ the one task with a list of job ids; and the thread that sends them."""
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Iterator
 
@@ -14,9 +12,9 @@ import pytest
 import redis
 
 from api.jobs.enqueue import BULK_LINES_PER_MESSAGE, JobQueue, QueuedJob, _messages, create_producer
-from storage.broker import priority_lists
-from storage.keys import PENDING_JOBS, RUN_JOBS_TASK, queue_name
+from storage.keys import PENDING_JOBS, queue_name
 from tests.conftest import REDIS_BASE
+from tests.helpers import sent_job_ids
 
 
 def test_batch_lines_share_messages_by_model_and_priority() -> None:
@@ -85,19 +83,6 @@ def test_interactive_jobs_of_other_models_or_priorities_never_share_a_message() 
 QUEUE_REDIS_URL = f"{REDIS_BASE}/7"  # no test stack uses db 7
 
 
-def _sent_job_ids(client: redis.Redis, queue: str) -> list[str]:
-    """Job ids in the Celery messages waiting on `queue` (every priority list); each
-    message is the one task, its one argument the list of its jobs' ids."""
-    ids: list[str] = []
-    for name in priority_lists(queue):
-        for raw in client.lrange(name, 0, -1):
-            message = json.loads(raw)
-            assert message["headers"]["task"] == RUN_JOBS_TASK
-            (job_ids,) = json.loads(base64.b64decode(message["body"]))[0]
-            ids.extend(job_ids)
-    return ids
-
-
 @pytest.fixture
 def broker() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(QUEUE_REDIS_URL)
@@ -119,11 +104,11 @@ async def test_messages_go_out_while_the_event_loop_is_busy(broker: redis.Redis)
         # the sender needs nothing from it.
         deadline = time.monotonic() + 20
         while (
-            len(_sent_job_ids(broker, queue_name("m1", "interactive"))) < len(jobs)
+            len(sent_job_ids(broker, queue_name("m1", "interactive"))) < len(jobs)
             and time.monotonic() < deadline
         ):
             time.sleep(0.01)  # noqa: ASYNC251 (the point of the test)
-        assert sorted(_sent_job_ids(broker, queue_name("m1", "interactive"))) == sorted(
+        assert sorted(sent_job_ids(broker, queue_name("m1", "interactive"))) == sorted(
             j.id for j in jobs
         )
         # Each job was marked pending (for the reconciler) before its message went out.
@@ -138,11 +123,11 @@ async def test_send_now_waits_for_its_messages_and_stop_sends_what_is_left(
     queue = JobQueue(create_producer(QUEUE_REDIS_URL), QUEUE_REDIS_URL)
     queue.start()
     await queue.send_now([QueuedJob("b1", "m1", "bulk", 3), QueuedJob("b2", "m1", "bulk", 3)])
-    assert sorted(_sent_job_ids(broker, queue_name("m1", "bulk"))) == ["b1", "b2"]
+    assert sorted(sent_job_ids(broker, queue_name("m1", "bulk"))) == ["b1", "b2"]
 
     queue.enqueue([QueuedJob("late", "m1", "interactive", 0)])
     await queue.stop()
-    assert _sent_job_ids(broker, queue_name("m1", "interactive")) == ["late"]
+    assert sent_job_ids(broker, queue_name("m1", "interactive")) == ["late"]
 
 
 async def test_a_send_that_fails_raises_to_send_now_and_the_sender_lives_on() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
+from alembic.script import ScriptDirectory
 
-from storage.migrate import upgrade
+from ferry_testing.procs import start
+from storage.migrate import alembic_config, upgrade
 from tests.conftest import PG_ADMIN, _admin_sql
 
 SHA_JOB = "a" * 64
@@ -72,3 +75,23 @@ def test_the_migrations_build_the_schema_the_models_describe(migrated_pg: str) -
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_migrations_started_at_once_on_an_empty_database_run_once(tmp_path: Path) -> None:
+    """`ferry migrate` (what each API replica runs at start) in several processes at once:
+    they queue on PostgreSQL's advisory lock, the first migrates, the later ones find the
+    schema at head. (Processes, not threads: Alembic's `context` is one per process.)"""
+    name = f"ferry_test_upgrade_{secrets.token_hex(3)}"
+    _admin_sql(f"CREATE DATABASE {name}")
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    env = {"FERRY_DATABASE_URL": f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"}
+    try:
+        procs = [start(f"migrate-{i}", ["migrate"], env, tmp_path) for i in range(4)]
+        for proc in procs:
+            assert proc.popen.wait(120) == 0, proc.log_tail()
+        head = ScriptDirectory.from_config(alembic_config(env["FERRY_DATABASE_URL"]))
+        with psycopg.connect(f"{base}/{name}") as conn:
+            versions = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+        assert versions == [(head.get_current_head(),)]
+    finally:
+        _admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

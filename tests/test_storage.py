@@ -56,6 +56,33 @@ async def test_api_keys_store_only_a_hash(sessions: Sessions) -> None:
         assert (await api_keys.find_key(session, token + "x")) is None
 
 
+async def test_keys_inserted_by_starters_at_once_are_stored_once(sessions: Sessions) -> None:
+    """Two API processes starting on the same FERRY_API_KEYS (and with authentication off):
+    the second inserts while the first's rows are not committed yet, and neither fails."""
+    tokens = [f"sk-race-{secrets.token_hex(6)}" for _ in range(3)]
+    async with sessions.begin() as first:
+        mine = await api_keys.ensure_keys(first, tokens)
+        await api_keys.ensure_builtin_owner(first)
+
+        async def second_start() -> list[str]:
+            async with sessions.begin() as second:
+                rows = await api_keys.ensure_keys(second, [*reversed(tokens), tokens[0]])
+                assert await api_keys.ensure_builtin_owner(second) == api_keys.BUILTIN_OWNER_ID
+                return [row.id for row in rows]
+
+        # It waits on the first transaction's rows; they are committed meanwhile.
+        theirs = asyncio.create_task(second_start())
+        await asyncio.sleep(0.5)
+        assert not theirs.done()
+    assert await theirs == [row.id for row in reversed(mine)]
+    async with sessions() as session:
+        for token, row in zip(tokens, mine, strict=True):
+            found = await api_keys.find_key(session, token)
+            assert found is not None and found.id == row.id and found.source == "env"
+        owner = await api_keys.get_key(session, api_keys.BUILTIN_OWNER_ID)
+        assert owner is not None and owner.source == "builtin"
+
+
 async def test_only_env_keys_missing_from_the_list_in_force_are_revoked(
     sessions: Sessions,
 ) -> None:

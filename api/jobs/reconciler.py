@@ -4,14 +4,16 @@ SQL is the source of truth: a job accepted with 2xx is in SQL before its message
 If Redis loses the message (flushed, restarted without persistence), the job sits in
 `queued` with no mark in the pending set; if its worker dies, it sits in `running` with an
 expired lease. Both are sent again; the worker's conditional claim makes any duplicate
-message a no-op. One API process at a time does the work (a short Redis lock).
+message a no-op. One API process at a time does the work (a short Redis lock). A pass
+pages through every stranded job, so the marked ones of a long backlog never hide a lost one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 
 from redis.asyncio import Redis
 
@@ -23,9 +25,12 @@ from storage.locks import take_reconciler_turn
 from storage.models import utcnow
 from storage.pending import PendingJobs
 from storage.repositories import jobs as jobs_repo
+from storage.repositories.jobs import StrandedJob
 
 log = logging.getLogger(__name__)
-_BATCH = 500
+_PAGE = 500
+# The share of its interval a pass may spend reading pages.
+_PASS_SHARE = 0.5
 
 
 class Reconciler:
@@ -45,6 +50,7 @@ class Reconciler:
         self._interval = interval_seconds
         self._grace = grace_seconds
         self._task: asyncio.Task[None] | None = None
+        self._resume_after: str | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconciler")
@@ -65,11 +71,31 @@ class Reconciler:
                 log.exception("reconciler pass failed")
 
     async def reconcile_once(self) -> int:
+        """One pass over the stranded jobs, a page at a time in id order, so a lost message
+        is found behind any number of jobs whose messages are still queued. How many jobs
+        it sent again."""
         cutoff = utcnow() - timedelta(seconds=self._grace)
-        async with self._db.read() as session:
-            stranded = await jobs_repo.find_stranded_jobs(
-                session, queued_before=cutoff, lease_expired_before=cutoff, limit=_BATCH
-            )
+        # A pass ends well within its turn; a backlog it could not finish is taken up
+        # where it stopped by this process's next pass.
+        stop_at = time.monotonic() + self._interval * _PASS_SHARE
+        after, resent = self._resume_after, 0
+        while True:
+            async with self._db.read() as session:
+                page = await jobs_repo.find_stranded_jobs(
+                    session,
+                    queued_before=cutoff,
+                    lease_expired_before=cutoff,
+                    limit=_PAGE,
+                    after=after,
+                )
+            resent += await self._resend_lost(page, cutoff)
+            after = page[-1].id if len(page) == _PAGE else None
+            if after is None or time.monotonic() >= stop_at:
+                break
+        self._resume_after = after
+        return resent
+
+    async def _resend_lost(self, stranded: list[StrandedJob], cutoff: datetime) -> int:
         if not stranded:
             return 0
         marks = await self._pending.marked_at([job.id for job in stranded])

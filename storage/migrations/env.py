@@ -15,7 +15,8 @@ config = context.config
 target_metadata = Base.metadata
 
 
-# Several API processes may start at once: PostgreSQL serialises them on this lock.
+# Several API processes may start at once: PostgreSQL serialises them on this lock, held
+# until their migration transaction ends, so the later ones read the version it wrote.
 _MIGRATION_LOCK_ID = 7_413_001
 
 

@@ -8,8 +8,9 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import literal, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Insert, literal, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import ApiKey, utcnow
@@ -20,25 +21,27 @@ def hash_key(token: str) -> str:
 
 
 async def ensure_keys(session: AsyncSession, tokens: Iterable[str]) -> list[ApiKey]:
-    """Store the given tokens' hashes as `env` keys (idempotent; several API processes may
-    start at once) and return their rows. A listed key that was revoked stays revoked:
-    revocation is for good."""
-    rows = []
-    for token in tokens:
-        digest = hash_key(token)
-        row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-        if row is None:
-            try:
-                async with session.begin_nested():
-                    row = ApiKey(
-                        id=new_key_id(), key_hash=digest, name=token[:4] + "…", source="env"
-                    )
-                    session.add(row)
-            except IntegrityError:  # another process made it first
-                row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-        if row is not None:
-            rows.append(row)
-    return rows
+    """Store the given tokens' hashes as `env` keys and return their rows, in the tokens'
+    order. An upsert: API processes starting at once on the same list all succeed. A
+    listed key that was revoked stays revoked: revocation is for good."""
+    digests = {hash_key(token): token for token in tokens}
+    if not digests:
+        return []
+    now = utcnow()
+    rows = [
+        {
+            "id": new_key_id(),
+            "key_hash": digest,
+            "name": token[:4] + "…",
+            "source": "env",
+            "created_at": now,
+        }
+        for digest, token in digests.items()
+    ]
+    await session.execute(_insert_new(session, rows))
+    found = await session.scalars(select(ApiKey).where(ApiKey.key_hash.in_(digests)))
+    by_hash = {row.key_hash: row for row in found}
+    return [by_hash[digest] for digest in digests]
 
 
 async def revoke_unlisted(session: AsyncSession, tokens: Iterable[str]) -> int:
@@ -78,21 +81,24 @@ _BUILTIN_OWNER_HASH = "auth-off: no token matches this"
 
 async def ensure_builtin_owner(session: AsyncSession) -> str:
     """The built-in owner's row (jobs, files, conversations reference an api_keys row),
-    created once; several API processes may start at once."""
-    if await session.get(ApiKey, BUILTIN_OWNER_ID) is None:
-        try:
-            async with session.begin_nested():
-                session.add(
-                    ApiKey(
-                        id=BUILTIN_OWNER_ID,
-                        key_hash=_BUILTIN_OWNER_HASH,
-                        name="built-in owner (authentication off)",
-                        source="builtin",
-                    )
-                )
-        except IntegrityError:
-            pass  # another process made it first
+    created once: an upsert, as several API processes may start at once."""
+    row = {
+        "id": BUILTIN_OWNER_ID,
+        "key_hash": _BUILTIN_OWNER_HASH,
+        "name": "built-in owner (authentication off)",
+        "source": "builtin",
+        "created_at": utcnow(),
+    }
+    await session.execute(_insert_new(session, [row]))
     return BUILTIN_OWNER_ID
+
+
+def _insert_new(session: AsyncSession, rows: list[dict[str, Any]]) -> Insert:
+    """INSERT of the rows whose id and hash are not taken yet (ON CONFLICT DO NOTHING, which
+    both backends have in their own dialect)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return pg_insert(ApiKey).values(rows).on_conflict_do_nothing()
+    return sqlite_insert(ApiKey).values(rows).on_conflict_do_nothing()
 
 
 async def find_key(session: AsyncSession, token: str) -> ApiKey | None:

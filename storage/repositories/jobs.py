@@ -452,10 +452,16 @@ class StrandedJob:
 
 
 async def find_stranded_jobs(
-    session: AsyncSession, *, queued_before: datetime, lease_expired_before: datetime, limit: int
+    session: AsyncSession,
+    *,
+    queued_before: datetime,
+    lease_expired_before: datetime,
+    limit: int,
+    after: str | None = None,
 ) -> list[StrandedJob]:
     """Jobs that may have lost their Celery message: old `queued` ones, and `running` ones
-    whose worker stopped renewing its lease."""
+    whose worker stopped renewing its lease. A page in id order: `after` is the last id of
+    the page before."""
     query = (
         select(Job.id, Job.model, Job.lane, Job.priority, Job.status)
         .where(
@@ -480,5 +486,7 @@ async def find_stranded_jobs(
         .order_by(Job.id)
         .limit(limit)
     )
+    if after is not None:
+        query = query.where(Job.id > after)
     rows = (await session.execute(query)).all()
     return [StrandedJob(r.id, r.model, r.lane, r.priority, r.status) for r in rows]
