@@ -59,8 +59,9 @@ async def render_metrics(
     engines = await read_engine_stats(redis)
     metrics = [*_job_families(jobs, engines), *_engine_families(engines)]
     metrics += await _queue_families(redis, registry)
-    workers = GaugeMetricFamily("ferry_live_workers", "Workers reporting (live heartbeat)")
-    workers.add_metric([], len(engines))
+    workers = GaugeMetricFamily("ferry_live_workers", "Workers with a live heartbeat")
+    # The registry's shared read (storage/registry.py): one sorted-set range, no SCAN.
+    workers.add_metric([], len(await registry.live_workers()))
     metrics.append(workers)
 
     collector_registry = CollectorRegistry(auto_describe=False)
