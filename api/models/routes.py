@@ -18,8 +18,9 @@ async def list_models(_: CurrentKey, state: StateDep) -> ModelList:
     a live worker, those whose last worker went less than FERRY_MODEL_GRACE_SECONDS ago,
     and those declared in FERRY_MODELS (with no worker yet: `live_workers` 0)."""
     catalog = state.catalog
+    # Read now, not the shared snapshot: a client that just started a worker asks this.
     served = await state.registry.served(
-        grace_seconds=catalog.grace_seconds, declared=catalog.declared
+        grace_seconds=catalog.grace_seconds, declared=catalog.declared, fresh=True
     )
     return ModelList(
         data=[
