@@ -256,7 +256,11 @@ def stack_env(
 @contextmanager
 def open_stack(database_url: str, redis_db: int, model_cache: Path, s3_url: str) -> Iterator[Stack]:
     """An empty deployment on its own (flushed) Redis database and its own S3 bucket; its
-    processes stop on exit."""
+    processes stop on exit.
+
+    Give each deployment a database no other one uses: API processes that share SQL must
+    share Redis too, or one deployment's dispatcher and reconciler send another's jobs to
+    their own queues, where workers that cannot read its bucket take them."""
     redis_url = f"{REDIS_BASE}/{redis_db}"
     redis.Redis.from_url(redis_url).flushdb()
     bucket = f"ferry-{redis_db}-{secrets.token_hex(3)}"
@@ -279,12 +283,10 @@ def stack(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Itera
 
 
 @pytest.fixture(scope="session")
-def image_stack(
-    migrated_pg: str, model_cache: Path, logs: Path, s3_url: str
-) -> Iterator[ImageStack]:
+def image_stack(model_cache: Path, logs: Path, s3_url: str) -> Iterator[ImageStack]:
     """API processes for image intake (safe and 127.0.0.1-allowing fetch policies) with a
-    model announced as taking images, on Redis database 13 and their own bucket."""
-    with open_stack(migrated_pg, 13, model_cache, s3_url) as s:
+    model announced as taking images, on Redis database 13, their own database and bucket."""
+    with new_database("ferry_test_images") as url, open_stack(url, 13, model_cache, s3_url) as s:
         yield start_image_stack(s, logs)
 
 

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 from storage.repositories.jobs import new_job_id
-from tests.conftest import KEY_A, VISION, Stack, open_stack
+from tests.conftest import KEY_A, VISION, Stack, new_database, open_stack
 from tests.imaging import RecordingServer, Route, image_bytes
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.engine]
@@ -249,15 +249,16 @@ def test_fastdeploy_python_client(
 
 
 @pytest.fixture(scope="module")
-def swift(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
+def swift(model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
     """A deployment like `swift deploy`'s: one model (the image model), authentication
     off, image URLs on 127.0.0.1 allowed; on Redis database 5.
 
     The clients send no max_tokens, and the tiny model's random text rarely ends by
     itself: it would fill the context, and the follow-up turn that carries it would no
     longer fit. The operator's cap for such requests (FERRY_DEFAULT_MAX_TOKENS) keeps
-    each answer short, as a real model's would be."""
-    with open_stack(migrated_pg, 5, model_cache, s3_url) as s:
+    each answer short, as a real model's would be. Its own database: the session stack's
+    dispatcher would otherwise release its jobs to the session stack's image worker."""
+    with new_database("ferry_test_swift") as url, open_stack(url, 5, model_cache, s3_url) as s:
         s.add_api(
             "api-swift",
             logs,
