@@ -7,7 +7,7 @@ its workers restart) and when that model's beat expires (`MODELS_SEEN`). A read 
 members whose beat has not expired and prunes the others: no key is ever found by SCAN.
 
 One read per process at a time, cached for a moment (`snapshot`): the dispatcher, the
-batch feeder, `/v1/models` and the model catalog share it.
+batch feeder, `/health` and the model catalog share it; `/v1/models` reads afresh.
 """
 
 from __future__ import annotations
