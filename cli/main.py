@@ -219,6 +219,38 @@ def _migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def _check_worker(_: argparse.Namespace) -> int:
+    """A container health check: 0 while a worker on this host has a live heartbeat in the
+    registry, 1 when none has. Redis out of reach is 0, said on stderr: a probe that
+    restarted every worker whenever Redis blinked would turn an outage into a reload of
+    every model."""
+    import socket
+
+    import redis
+
+    from storage.registry import live_worker_ids
+    from storage.settings import get_storage_settings
+
+    host = socket.gethostname()
+    url = get_storage_settings().redis_url
+    try:
+        with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) as r:
+            ids = live_worker_ids(r)
+    except redis.RedisError as exc:
+        print(
+            f"check-worker: Redis cannot be reached ({exc}); not held against the worker",
+            file=sys.stderr,
+        )
+        return 0
+    # Worker ids are `host:pid:suffix` (worker/runner.py).
+    mine = [worker_id for worker_id in ids if worker_id.split(":", 1)[0] == host]
+    if mine:
+        print(f"check-worker: live: {', '.join(mine)}")
+        return 0
+    print(f"check-worker: no worker on {host} has a live heartbeat", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     settings = CliSettings()
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
@@ -310,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.set_defaults(func=_migrate)
+
+    check = commands.add_parser(
+        "check-worker",
+        help="exit 0 while a worker on this host has a live heartbeat (health checks)",
+    )
+    check.set_defaults(func=_check_worker)
 
     submit = commands.add_parser("submit", help="send a prompt as a job and print the answer")
     submit.add_argument("prompt")

@@ -23,6 +23,8 @@ import yaml
 from cloudcoil.models.keda import v1alpha1 as keda
 from pydantic import ValidationError
 
+from cli.main import build_parser
+
 CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "ferry"
 MULTI_MODEL = CHART / "ci" / "multi-model-values.yaml"
 # A recent Kubernetes: the newest release whose schemas kubernetes-validate ships.
@@ -118,6 +120,11 @@ def test_defaults_are_a_trial_with_one_gpu_worker() -> None:
     ]
     assert container(worker)["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert worker["spec"]["replicas"] == 1
+    # Probed by its heartbeat, through a command the image's `ferry` has.
+    for probe in ("startupProbe", "livenessProbe"):
+        command = container(worker)[probe]["exec"]["command"]
+        assert command == ["ferry", "check-worker"]
+        build_parser().parse_args(command[1:])
     # The in-chart PostgreSQL, Redis and MinIO, and the URLs that reach them.
     assert {s["metadata"]["name"] for s in of_kind(objects, "StatefulSet")} == {
         "ferry-postgresql",

@@ -7,6 +7,10 @@ a model's full backlog is a 503 `model_overloaded`; `/health` is SQL and Redis."
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -353,6 +357,38 @@ async def test_health_is_503_naming_redis_when_redis_is_gone(
 # -- real workers ------------------------------------------------------------------------
 
 
+def check_worker(redis_url: str) -> subprocess.CompletedProcess[str]:
+    """`ferry check-worker`, as a container runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "check-worker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FERRY_REDIS_URL": redis_url},
+    )
+
+
+async def test_check_worker_counts_only_this_hosts_live_workers(redis_client: Redis) -> None:
+    """A live beat of a worker on another host is not this container's; Redis out of reach
+    is not held against the worker (exit 0, said on stderr)."""
+    sync = SyncRedis.from_url(REDIS_URL)
+    try:
+        other = f"{socket.gethostname()}x:1:abcdef"
+        announce(sync, served("tiny-elsewhere"), worker=beat(other, "tiny-elsewhere"))
+        assert check_worker(REDIS_URL).returncode == 1
+        mine = f"{socket.gethostname()}:2:abcdef"
+        announce(sync, served("tiny-here"), worker=beat(mine, "tiny-here"), ttl_seconds=1)
+        here = check_worker(REDIS_URL)
+        assert here.returncode == 0 and mine in here.stdout and other not in here.stdout
+        await asyncio.sleep(1.2)
+        assert check_worker(REDIS_URL).returncode == 1
+    finally:
+        sync.close()
+    unreachable = check_worker("redis://127.0.0.1:1/0")
+    assert unreachable.returncode == 0
+    assert "Redis cannot be reached" in unreachable.stderr
+
+
 def _cards(client: httpx.Client) -> dict[str, dict[str, object]]:
     return {m["id"]: m for m in client.get("/v1/models").json()["data"]}
 
@@ -379,10 +415,17 @@ def test_last_worker_killed_model_leaves_and_a_declared_models_job_waits_for_its
         waiting = client.post("/v1/jobs", json=chat_body(declared, "Hello.", max_tokens=4))
         assert waiting.status_code == 202, waiting.text
 
+        # The worker's container health check (compose, the Helm chart's probes).
+        alive = check_worker(own.redis_url)
+        assert alive.returncode == 0, alive.stderr
+        assert f"live: {socket.gethostname()}:" in alive.stdout
+
         worker.kill()
         killed = time.monotonic()
         # Its beat expires (3 heartbeats): still listed, with no live worker...
         wait_until(lambda: _cards(client)[served_model]["live_workers"] == 0, 30, "expiry")
+        gone = check_worker(own.redis_url)
+        assert gone.returncode == 1 and "no worker on" in gone.stderr, gone
         response = client.post("/v1/chat/completions", json=chat_body(served_model, "Hi."))
         assert_error(response, 503, "model_unavailable")
         assert int(response.headers["Retry-After"]) > 0
