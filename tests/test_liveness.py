@@ -7,6 +7,7 @@ a model's full backlog is a 503 `model_overloaded`; `/health` is SQL and Redis."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websocket
 from pydantic import ValidationError
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
@@ -404,6 +406,7 @@ def test_last_worker_killed_model_leaves_and_a_declared_models_job_waits_for_its
             FERRY_MODELS=declared,
             FERRY_MODEL_GRACE_SECONDS="6",
             FERRY_SYNC_WAIT_SECONDS="1",
+            FERRY_EAS_MODEL=declared,
         )
         worker = own.add_worker("live-worker", served_model, "transformers", logs)
         anonymous = httpx.Client(base_url=own.url, timeout=60)
@@ -411,6 +414,18 @@ def test_last_worker_killed_model_leaves_and_a_declared_models_job_waits_for_its
         wait_until(lambda: _cards(client).get(served_model, {}).get("live_workers") == 1, 30, "")
         assert _cards(client)[declared]["live_workers"] == 0
         assert anonymous.get("/ready").status_code == 503
+        # The EAS WebSocket, which has no status code: the 503's error as its message, then
+        # <EOS>; nothing stored.
+        ws = websocket.create_connection(
+            own.url.replace("http://", "ws://"), header=[f"Authorization: {KEY_A}"], timeout=60
+        )
+        try:
+            ws.send(json.dumps({"prompt": "Hello."}))
+            assert json.loads(ws.recv())["error"]["code"] == "model_unavailable"
+            assert ws.recv() == "<EOS>"
+        finally:
+            ws.close()
+        assert client.get("/v1/jobs").json()["data"] == []
         # A declared model's job is accepted with no worker, and waits.
         waiting = client.post("/v1/jobs", json=chat_body(declared, "Hello.", max_tokens=4))
         assert waiting.status_code == 202, waiting.text
