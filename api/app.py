@@ -160,6 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             queue,
             interval_seconds=settings.reconcile_interval_seconds,
             grace_seconds=settings.reconcile_grace_seconds,
+            metrics_resync_seconds=settings.metrics_resync_seconds,
         )
         reconciler.start()
         stack.push_async_callback(reconciler.stop)

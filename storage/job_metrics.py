@@ -187,6 +187,35 @@ async def record_jobs_ended(
         await pipe.execute()
 
 
+async def read_jobs_open(redis: Redis) -> dict[str, int]:
+    return {_text(k): int(v) for k, v in (await redis.hgetall(JOBS_OPEN)).items()}
+
+
+async def correct_jobs_open(
+    redis: Redis,
+    counted: Mapping[str, int],
+    read_before: Mapping[str, int],
+    read_after: Mapping[str, int],
+) -> dict[str, int]:
+    """Bring the open-job counts to `counted` (SQL's count, made between the two reads),
+    for the models whose count did not move from `read_before` to `read_after`: a job
+    committed around SQL's count but counted in Redis after it would otherwise be counted
+    twice or not at all. A model whose jobs never pause waits for a correction. Applied as
+    differences, so what is counted meanwhile stays. The corrections made, per model."""
+    deltas = {
+        model: counted.get(model, 0) - read_before.get(model, 0)
+        for model in set(counted) | set(read_before)
+        if read_before.get(model, 0) == read_after.get(model, 0)
+    }
+    deltas = {model: delta for model, delta in deltas.items() if delta}
+    if deltas:
+        pipe = redis.pipeline(transaction=False)
+        for model, delta in sorted(deltas.items()):
+            pipe.eval(_DECREMENT_TO_ZERO, 1, JOBS_OPEN, model, -delta)
+        await pipe.execute()
+    return deltas
+
+
 def _pipeline(pipe_or_redis: Redis | Pipeline) -> tuple[Pipeline, bool]:
     if isinstance(pipe_or_redis, Pipeline):
         return pipe_or_redis, False

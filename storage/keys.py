@@ -48,6 +48,10 @@ PENDING_JOBS = "ferry:jobs:pending"
 # Held by the API process doing a reconciler pass (short expiry).
 RECONCILER_LOCK = "ferry:reconciler:lock"
 
+# Taken (and left to expire) by the API process that corrects the open-job counts of
+# /metrics from SQL: once per FERRY_METRICS_RESYNC_SECONDS across all processes.
+METRICS_RESYNC_LOCK = "ferry:metrics:resync"
+
 # Held by the API process doing an expiry sweep (jobs past their deadline; short expiry).
 EXPIRY_LOCK = "ferry:expiry:lock"
 

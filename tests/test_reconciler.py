@@ -3,6 +3,7 @@ messages are still queued (api/jobs/reconciler.py), on real PostgreSQL and Redis
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,8 +17,10 @@ from redis.asyncio import Redis as AsyncRedis
 from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob, create_producer
 from api.jobs.reconciler import Reconciler
+from storage import job_metrics
 from storage.db import create_db_engine, create_session_factory
-from storage.keys import PENDING_JOBS, queue_name
+from storage.job_metrics import JOBS_OPEN
+from storage.keys import METRICS_RESYNC_LOCK, PENDING_JOBS, queue_name
 from storage.models import Job, JobStatus, utcnow
 from storage.repositories import api_keys, jobs
 from storage.settings import StorageSettings
@@ -103,6 +106,7 @@ def _reconciler(backlog: Backlog, interval_seconds: float) -> Reconciler:
         backlog.queue,
         interval_seconds=interval_seconds,
         grace_seconds=30,
+        settle_seconds=0.1,
     )
 
 
@@ -135,3 +139,69 @@ async def test_a_pass_out_of_time_goes_on_where_it_stopped(backlog: Backlog) -> 
     assert await reconciler.reconcile_once() == 0  # the first page: all on their way
     assert await reconciler.reconcile_once() == 1
     assert sorted(sent_job_ids(backlog.broker, QUEUE)) == sorted([*backlog.queued, backlog.lost])
+
+
+# -- /metrics' open-job counts, corrected from SQL ---------------------------------------
+
+
+async def test_open_job_counts_that_drifted_are_corrected_from_sql(backlog: Backlog) -> None:
+    """Counts Redis lost or a dead process left off: set to what SQL counts (the backlog's
+    jobs are all open), a model with none open back to 0; correct counts are left alone."""
+    total = BACKLOG + 2
+    backlog.broker.hset(JOBS_OPEN, mapping={MODEL: 5, "m-gone": 7})
+    reconciler = _reconciler(backlog, interval_seconds=10)
+    assert await reconciler.resync_open_counts() == {MODEL: total - 5, "m-gone": -7}
+    assert await job_metrics.read_jobs_open(backlog.client) == {MODEL: total, "m-gone": 0}
+    assert await reconciler.resync_open_counts() == {}
+
+
+async def test_a_count_that_moves_while_sql_counts_is_left_for_the_next_pass(
+    backlog: Backlog,
+) -> None:
+    """A job counted in Redis around SQL's count may or may not be in it: only the models
+    whose count held still are corrected; a correction keeps what was counted after it."""
+    backlog.broker.hset(JOBS_OPEN, mapping={MODEL: 10, "m-still": 2})
+    before = await job_metrics.read_jobs_open(backlog.client)
+    backlog.broker.hincrby(JOBS_OPEN, MODEL, 1)  # a job accepted while SQL counted
+    after = await job_metrics.read_jobs_open(backlog.client)
+    counted = {MODEL: 11, "m-still": 4}
+    assert await job_metrics.correct_jobs_open(backlog.client, counted, before, after) == {
+        "m-still": 2
+    }
+    assert await job_metrics.read_jobs_open(backlog.client) == {MODEL: 11, "m-still": 4}
+
+    backlog.broker.hset(JOBS_OPEN, "m-still", 9)
+    before = after = await job_metrics.read_jobs_open(backlog.client)
+    backlog.broker.hincrby(JOBS_OPEN, "m-still", 3)  # after the second read
+    assert await job_metrics.correct_jobs_open(backlog.client, counted, before, after) == {
+        "m-still": -5
+    }
+    assert (await job_metrics.read_jobs_open(backlog.client))["m-still"] == 7
+
+
+async def test_the_running_reconciler_corrects_the_counts_once_per_period(
+    backlog: Backlog,
+) -> None:
+    backlog.broker.hset(JOBS_OPEN, MODEL, 1)
+    reconciler = Reconciler(
+        backlog.db,
+        backlog.client,
+        backlog.queue,
+        interval_seconds=0.1,
+        grace_seconds=30,
+        metrics_resync_seconds=60,
+        settle_seconds=0.1,
+    )
+    reconciler.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (await job_metrics.read_jobs_open(backlog.client)).get(MODEL) != BACKLOG + 2:
+            assert time.monotonic() < deadline, "not corrected"
+            await asyncio.sleep(0.1)
+        # Its turn lasts the period: a count that drifts again waits for the next one.
+        backlog.broker.hset(JOBS_OPEN, MODEL, 1)
+        await asyncio.sleep(1)
+        assert (await job_metrics.read_jobs_open(backlog.client))[MODEL] == 1
+        assert 0 < backlog.broker.pttl(METRICS_RESYNC_LOCK) <= 60_000
+    finally:
+        await reconciler.stop()

@@ -29,6 +29,9 @@ class ApiSettings(BaseSettings):
     # Reconciler: how often it looks, and how long a job may sit before it is re-sent.
     reconcile_interval_seconds: float = 10.0
     reconcile_grace_seconds: float = 30.0
+    # How often /metrics' open-job counts are corrected from SQL (one count per model of the
+    # jobs not ended; one process in all).
+    metrics_resync_seconds: float = Field(300.0, gt=0)
     # SSE: keep-alive comment interval and the longest a connection is held open.
     sse_keepalive_seconds: float = 15.0
     sse_max_seconds: float = 3600.0

@@ -6,6 +6,10 @@ If Redis loses the message (flushed, restarted without persistence), the job sit
 expired lease. Both are sent again; the worker's conditional claim makes any duplicate
 message a no-op. One API process at a time does the work (a short Redis lock). A pass
 pages through every stranded job, so the marked ones of a long backlog never hide a lost one.
+
+Once per `metrics_resync_seconds` (one process in all) it also corrects /metrics' open-job
+counts from SQL: kept as jobs come and go, they drift when Redis loses them or a process
+dies between a commit and its count.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from redis.asyncio import Redis
 
 from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob
+from storage import job_metrics
 from storage.broker import priority_lists
 from storage.keys import Lane, queue_name
-from storage.locks import take_reconciler_turn
+from storage.locks import take_metrics_resync_turn, take_reconciler_turn
 from storage.models import utcnow
 from storage.pending import PendingJobs
 from storage.repositories import jobs as jobs_repo
@@ -42,6 +47,8 @@ class Reconciler:
         *,
         interval_seconds: float,
         grace_seconds: float,
+        metrics_resync_seconds: float = 300.0,
+        settle_seconds: float = 1.0,
     ) -> None:
         self._db = db
         self._redis = redis
@@ -49,6 +56,8 @@ class Reconciler:
         self._queue = queue
         self._interval = interval_seconds
         self._grace = grace_seconds
+        self._resync_seconds = metrics_resync_seconds
+        self._settle_seconds = settle_seconds
         self._task: asyncio.Task[None] | None = None
         self._resume_after: str | None = None
 
@@ -69,6 +78,25 @@ class Reconciler:
                         log.warning("reconciler re-sent %d jobs", resent)
             except Exception:
                 log.exception("reconciler pass failed")
+            try:
+                if await take_metrics_resync_turn(self._redis, int(self._resync_seconds * 1000)):
+                    await self.resync_open_counts()
+            except Exception:
+                log.exception("correcting the open-job counts failed")
+
+    async def resync_open_counts(self) -> dict[str, int]:
+        """Set /metrics' open-job counts to what SQL counts; the corrections made."""
+        before = await job_metrics.read_jobs_open(self._redis)
+        async with self._db.read() as session:
+            counted = await jobs_repo.open_jobs_by_model(session)
+        # A job committed before the count is counted in Redis a moment later: a count that
+        # holds still this long had no job between its commit and its count.
+        await asyncio.sleep(self._settle_seconds)
+        after = await job_metrics.read_jobs_open(self._redis)
+        corrected = await job_metrics.correct_jobs_open(self._redis, counted, before, after)
+        if corrected:
+            log.warning("open-job counts corrected from SQL: %s", corrected)
+        return corrected
 
     async def reconcile_once(self) -> int:
         """One pass over the stranded jobs, a page at a time in id order, so a lost message

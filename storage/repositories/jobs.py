@@ -339,6 +339,17 @@ async def count_queued(session: AsyncSession, owner_id: str, up_to: int) -> int:
     return int(await session.scalar(select(func.count()).select_from(queued)) or 0)
 
 
+async def open_jobs_by_model(session: AsyncSession) -> dict[str, int]:
+    """Jobs not ended (queued or running), per model: what the `jobs_open` counter of
+    /metrics should read (the reconciler corrects it from this now and then)."""
+    rows = await session.execute(
+        select(Job.model, func.count())
+        .where(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+        .group_by(Job.model)
+    )
+    return {model: int(count) for model, count in rows.tuples()}
+
+
 async def count_held_for_model(session: AsyncSession, model: str, up_to: int) -> int:
     """The model's interactive jobs accepted and not yet released to its workers (its
     backlog), counted up to `up_to`: through ix_jobs_interactive_held, whose predicate
