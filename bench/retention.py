@@ -1,5 +1,6 @@
 """The retention sweep over many old jobs: rows deleted per second, and how long each
-bounded DELETE takes (the longest any row lock of the sweep is held).
+bounded DELETE takes (the longest any row lock of the sweep is held). First, how long the
+reconciler's count of open jobs per model takes over the same table (a tenth queued).
 
     .venv/bin/python bench/retention.py [rows] [batch size]
 
@@ -26,6 +27,7 @@ from bench.stack import PG_ADMIN, REDIS_URL, percentile
 from storage.db import create_db_engine, create_session_factory
 from storage.migrate import upgrade
 from storage.objects import LocalObjectStore
+from storage.repositories import jobs as jobs_repo
 from storage.settings import StorageSettings
 
 # A tenth of the jobs are still queued and half of the rest are younger than the age.
@@ -67,6 +69,14 @@ async def sweep(database_url: str, batch_size: int) -> None:
         policy,
         interval_seconds=60,
     )
+    sessions = create_session_factory(engine)
+    counts: list[float] = []
+    for _ in range(5):
+        started_at = time.perf_counter()
+        async with sessions() as session:
+            open_jobs = await jobs_repo.open_jobs_by_model(session)
+        counts.append((time.perf_counter() - started_at) * 1000)
+    print(f"open jobs {open_jobs}: count p50 {percentile(counts, 50):.1f} ms of 5")
     begun = time.perf_counter()
     report = await sweeper.sweep_once()
     took = time.perf_counter() - begun
