@@ -5,29 +5,14 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 
-from storage.keys import (
-    BATCH_SUPERVISOR_LOCK,
-    EXPIRY_LOCK,
-    METRICS_RESYNC_LOCK,
-    RECONCILER_LOCK,
-    RETENTION_LOCK,
-)
+from storage.keys import BATCH_SUPERVISOR_LOCK, RETENTION_LOCK
 
 
-async def take_reconciler_turn(redis: Redis, hold_ms: int) -> bool:
-    """True when this process does the reconciler pass now. The turn is never released:
-    it expires, so that processes ticking at once do the pass once between them."""
-    return bool(await redis.set(RECONCILER_LOCK, "1", nx=True, px=hold_ms))
-
-
-async def take_expiry_turn(redis: Redis, hold_ms: int) -> bool:
-    """The expiry sweep's turn, taken and left to expire as the reconciler's is."""
-    return bool(await redis.set(EXPIRY_LOCK, "1", nx=True, px=hold_ms))
-
-
-async def take_metrics_resync_turn(redis: Redis, hold_ms: int) -> bool:
-    """The open-job count correction's turn: taken by one process, left to expire."""
-    return bool(await redis.set(METRICS_RESYNC_LOCK, "1", nx=True, px=hold_ms))
+async def take_turn(redis: Redis, key: str, hold_ms: int) -> bool:
+    """True when this process does the pass guarded by `key` (RECONCILER_LOCK, EXPIRY_LOCK,
+    METRICS_RESYNC_LOCK) now. The turn is never released: it expires, so that processes
+    ticking at once do the pass once between them."""
+    return bool(await redis.set(key, "1", nx=True, px=hold_ms))
 
 
 def batch_supervisor_lock(redis: Redis, timeout: float) -> Lock:

@@ -260,7 +260,7 @@ def open_stack(database_url: str, redis_db: int, model_cache: Path, s3_url: str)
 
     Give each deployment a database no other one uses: API processes that share SQL must
     share Redis too, or one deployment's dispatcher and reconciler send another's jobs to
-    their own queues, where workers that cannot read its bucket take them."""
+    their own queues, where workers that cannot read its bucket take them (`open_own_stack`)."""
     redis_url = f"{REDIS_BASE}/{redis_db}"
     redis.Redis.from_url(redis_url).flushdb()
     bucket = f"ferry-{redis_db}-{secrets.token_hex(3)}"
@@ -270,6 +270,13 @@ def open_stack(database_url: str, redis_db: int, model_cache: Path, s3_url: str)
         yield s
     finally:
         s.close()
+
+
+@contextmanager
+def open_own_stack(prefix: str, redis_db: int, model_cache: Path, s3_url: str) -> Iterator[Stack]:
+    """`open_stack` on a database made for it (`new_database(prefix)`) and dropped after."""
+    with new_database(prefix) as url, open_stack(url, redis_db, model_cache, s3_url) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
@@ -286,7 +293,7 @@ def stack(migrated_pg: str, model_cache: Path, logs: Path, s3_url: str) -> Itera
 def image_stack(model_cache: Path, logs: Path, s3_url: str) -> Iterator[ImageStack]:
     """API processes for image intake (safe and 127.0.0.1-allowing fetch policies) with a
     model announced as taking images, on Redis database 13, their own database and bucket."""
-    with new_database("ferry_test_images") as url, open_stack(url, 13, model_cache, s3_url) as s:
+    with open_own_stack("ferry_test_images", 13, model_cache, s3_url) as s:
         yield start_image_stack(s, logs)
 
 

@@ -16,7 +16,7 @@ import pytest
 from ferry_testing.procs import wait_until
 from storage.models import Job, JobStatus
 from storage.repositories import api_keys, conversations, jobs
-from tests.conftest import KEY_A, TINY, Sessions, Stack, new_database, open_stack
+from tests.conftest import KEY_A, TINY, Sessions, Stack, open_own_stack
 from tests.helpers import assert_error, chat_body, submit, wait_job
 
 pytestmark = pytest.mark.timeout(600)
@@ -182,7 +182,7 @@ MODEL = "tiny-history"
 def own_stack(model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
     """One API process that the test restarts, and a transformers worker, on their own
     Redis database and SQL database."""
-    with new_database("ferry_test_history") as url, open_stack(url, 14, model_cache, s3_url) as s:
+    with open_own_stack("ferry_test_history", 14, model_cache, s3_url) as s:
         s.add_api("history-api", logs)
         s.add_worker("history-worker", MODEL, "transformers", logs)
         yield s

@@ -19,7 +19,7 @@ from api.jobs.enqueue import create_producer
 from ferry_testing.procs import wait_until
 from storage.broker import priority_lists
 from storage.keys import LEGACY_RUN_BULK_JOBS_TASK, LEGACY_RUN_JOB_TASK, PENDING_JOBS, queue_name
-from tests.conftest import Stack, new_database, open_stack
+from tests.conftest import Stack, open_own_stack
 from tests.helpers import chat_body, read_events, submit, text_of, wait_job
 
 pytestmark = pytest.mark.timeout(900)
@@ -28,7 +28,7 @@ MODEL = "tiny-recovery"
 
 @pytest.fixture(scope="module")
 def own_stack(model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
-    with new_database("ferry_test_recovery") as url, open_stack(url, 12, model_cache, s3_url) as s:
+    with open_own_stack("ferry_test_recovery", 12, model_cache, s3_url) as s:
         s.add_api("recovery-api", logs)
         yield s
 

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from storage.channels import BatchWakeChannel, CancelChannel
 from storage.keys import BATCH_SUPERVISOR_LOCK, CANCEL_CHANNEL, PENDING_JOBS, RECONCILER_LOCK
-from storage.locks import batch_supervisor_lock, take_reconciler_turn
+from storage.locks import batch_supervisor_lock, take_turn
 from storage.pending import PendingJobs, SyncPendingJobs
 from tests.conftest import REDIS_BASE
 from tests.helpers import empty_redis_db
@@ -111,12 +111,12 @@ async def _subscribed_connections(client: Redis, name: str) -> int:
 
 async def test_reconciler_turn_goes_to_one_process_until_it_expires() -> None:
     async with empty_redis_db(URL) as client:
-        assert await take_reconciler_turn(client, 5000)
-        assert not await take_reconciler_turn(client, 5000)
+        assert await take_turn(client, RECONCILER_LOCK, 5000)
+        assert not await take_turn(client, RECONCILER_LOCK, 5000)
         assert 0 < await client.pttl(RECONCILER_LOCK) <= 5000
         await client.pexpire(RECONCILER_LOCK, 1)
         await asyncio.sleep(0.05)
-        assert await take_reconciler_turn(client, 5000)
+        assert await take_turn(client, RECONCILER_LOCK, 5000)
 
 
 async def test_batch_supervisor_lock_is_held_by_one_until_released() -> None:

@@ -43,7 +43,7 @@ from storage.models import (
 from storage.objects import LocalObjectStore, file_key, image_key
 from storage.repositories import images as images_repo
 from storage.settings import StorageSettings
-from tests.conftest import KEY_A, REDIS_BASE, TINY, Stack, new_database, open_stack
+from tests.conftest import KEY_A, REDIS_BASE, TINY, Stack, new_database, open_own_stack
 from tests.fixtures.api import InProcessApi
 from tests.helpers import assert_error, chat_body, submit, wait_job
 
@@ -472,7 +472,7 @@ def sweeping_stack(model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack
     """One API process sweeping every half second, ten rows a statement, and a
     transformers worker serving the tiny model, on a database of their own."""
     # No other test stack uses Redis db 0.
-    with new_database("ferry_test_sweeping") as url, open_stack(url, 0, model_cache, s3_url) as s:
+    with open_own_stack("ferry_test_sweeping", 0, model_cache, s3_url) as s:
         s.add_api(
             "api-sweeping",
             logs,

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 from storage.repositories.jobs import new_job_id
-from tests.conftest import KEY_A, VISION, Stack, new_database, open_stack
+from tests.conftest import KEY_A, VISION, Stack, open_own_stack
 from tests.imaging import RecordingServer, Route, image_bytes
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.engine]
@@ -258,7 +258,7 @@ def swift(model_cache: Path, logs: Path, s3_url: str) -> Iterator[Stack]:
     longer fit. The operator's cap for such requests (FERRY_DEFAULT_MAX_TOKENS) keeps
     each answer short, as a real model's would be. Its own database: the session stack's
     dispatcher would otherwise release its jobs to the session stack's image worker."""
-    with new_database("ferry_test_swift") as url, open_stack(url, 5, model_cache, s3_url) as s:
+    with open_own_stack("ferry_test_swift", 5, model_cache, s3_url) as s:
         s.add_api(
             "api-swift",
             logs,

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from api.core.state import AppState
 from storage.events import FIRST_UNCLAIMED, JobEvent, terminal_events
 from storage.job_metrics import record_jobs_ended
-from storage.locks import take_expiry_turn
+from storage.keys import EXPIRY_LOCK
+from storage.locks import take_turn
 from storage.models import Job, JobStatus
 from storage.ratelimit import unused_tokens
 from storage.repositories import jobs as jobs_repo
@@ -44,7 +45,7 @@ class ExpirySweep:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                if await take_expiry_turn(self._state.redis, int(self._interval * 900)):
+                if await take_turn(self._state.redis, EXPIRY_LOCK, int(self._interval * 900)):
                     expired = await self.sweep_once()
                     if expired:
                         log.info("expired %d queued jobs past their deadline", expired)

@@ -25,8 +25,8 @@ from api.core.db import Database
 from api.jobs.enqueue import JobQueue, QueuedJob
 from storage import job_metrics
 from storage.broker import priority_lists
-from storage.keys import Lane, queue_name
-from storage.locks import take_metrics_resync_turn, take_reconciler_turn
+from storage.keys import METRICS_RESYNC_LOCK, RECONCILER_LOCK, Lane, queue_name
+from storage.locks import take_turn
 from storage.models import utcnow
 from storage.pending import PendingJobs
 from storage.repositories import jobs as jobs_repo
@@ -72,14 +72,16 @@ class Reconciler:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                if await take_reconciler_turn(self._redis, int(self._interval * 900)):
+                if await take_turn(self._redis, RECONCILER_LOCK, int(self._interval * 900)):
                     resent = await self.reconcile_once()
                     if resent:
                         log.warning("reconciler re-sent %d jobs", resent)
             except Exception:
                 log.exception("reconciler pass failed")
             try:
-                if await take_metrics_resync_turn(self._redis, int(self._resync_seconds * 1000)):
+                if await take_turn(
+                    self._redis, METRICS_RESYNC_LOCK, int(self._resync_seconds * 1000)
+                ):
                     await self.resync_open_counts()
             except Exception:
                 log.exception("correcting the open-job counts failed")
